@@ -1,0 +1,81 @@
+"""Child processes: forking with a clean signal state, dying with the parent, killing a whole process tree."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+
+import psutil
+
+from .errors import SpawnForkError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def fork(child: Callable[[], int], close: Iterable[object] = (), new_group: bool = False) -> int:
+    """Fork; the child runs ``child()`` and exits with its return code, never returning into the caller."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        raise SpawnForkError(f"failed to fork: {exc}") from exc
+    if pid:
+        return pid
+    code = 1
+    try:
+        if new_group:
+            os.setpgrp()  # the job and its own children form one group: killpg ends them all
+        die_with_parent()
+        for handle in close:
+            with contextlib.suppress(Exception):
+                handle.close()  # type: ignore[attr-defined]
+        code = child()
+    except BaseException:  # the child must never unwind into the parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a child, its process group and every descendant that left the group."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+
+
+def exit_signal(status: int) -> int | None:
+    """The signal that ended a child, from its ``waitpid`` status (None for a normal exit)."""
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+
+
+def reset_signals() -> None:
+    """Default dispositions in a fresh child (the parent's Python handlers must not run there)."""
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)

@@ -1,0 +1,300 @@
+"""The command line: ``taskscheduler queue|server|add|jobs|show|cancel|flush|watch|demo``.
+
+Every flag can also come from ``TASKSCHEDULER_<FLAG>`` (shown in ``--help``). Bad input prints one line on
+stderr and exits 2; an unreachable server exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import click
+from bson import ObjectId, json_util
+
+from . import options as o
+from .constants import JobStatus
+from .errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError, TaskSchedulerError
+
+EXIT_OK = 0
+EXIT_UNAVAILABLE = 1
+EXIT_USAGE = 2
+
+DEFAULT_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
+DEFAULT_DATABASE = "taskscheduler"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env(flag: str) -> str:
+    return "TASKSCHEDULER_" + flag.upper().replace("-", "_")
+
+
+def common(func: F) -> F:
+    """The connection options every command takes."""
+    func = click.option(
+        "--database", default=DEFAULT_DATABASE, show_default=True, envvar=_env("database"), show_envvar=True,
+        help="Database holding the job and event collections.",
+    )(func)
+    func = click.option(
+        "--mongodb-uri", default=DEFAULT_URI, show_default=True, envvar=_env("mongodb-uri"), show_envvar=True,
+        help="MongoDB replica set (or single node) URI.",
+    )(func)
+    return func
+
+
+def _scheduler(mongodb_uri: str, database: str, timeout_ms: int = 5_000) -> Any:
+    from .scheduler import Scheduler
+    from .store import connect
+
+    db = connect(mongodb_uri, database, timeout_ms=timeout_ms)
+    scheduler = Scheduler(db)
+    scheduler._store.ping()
+    return scheduler
+
+
+def _object_id(value: str) -> ObjectId:
+    if not ObjectId.is_valid(value):
+        raise click.BadParameter(f"{value!r} is not a job id (24 hex digits)")
+    return ObjectId(value)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(json.loads(json_util.dumps(value)), indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="mongodb-task-scheduler")
+@click.option("--log-level", default="INFO", envvar=_env("log-level"), show_envvar=True, show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def cli(log_level: str) -> None:
+    """Run jobs in parallel across processes and machines, with MongoDB as the only infrastructure."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@cli.command()
+@common
+@click.option("--import", "imports", multiple=True, envvar=_env("import"), show_envvar=True,
+              help="Module to import in workers (defines job classes); repeatable.")
+@click.option("--pm", type=click.Choice(list(o.PM_MODES)), default="dynamic", show_default=True,
+              envvar=_env("pm"), show_envvar=True, help="Worker process management mode.")
+@click.option("--min-children", type=click.IntRange(min=0), default=1, show_default=True,
+              envvar=_env("min-children"), show_envvar=True)
+@click.option("--max-children", type=click.IntRange(min=1), default=2, show_default=True,
+              envvar=_env("max-children"), show_envvar=True)
+@click.option("--orphaned-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              envvar=_env("orphaned-timeout"), show_envvar=True,
+              help="Seconds without heartbeat after which a running job is orphaned.")
+def queue(mongodb_uri: str, database: str, imports: Sequence[str], pm: str, min_children: int, max_children: int,
+          orphaned_timeout: float) -> None:
+    """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
+    from .factory import DefaultWorkerFactory
+    from .queue import Queue
+
+    factory = DefaultWorkerFactory(
+        mongodb_uri, database,
+        manager_options={o.PM: pm, o.MIN_CHILDREN: min_children, o.MAX_CHILDREN: max_children},
+        imports=imports,
+    )
+    factory.import_modules()
+    scheduler = _scheduler(mongodb_uri, database)
+    node = Queue(scheduler, scheduler._db, factory, options={o.ORPHANED_TIMEOUT: orphaned_timeout})
+    node.process()
+    sys.exit(node.exit_code)
+
+
+def _parse_at(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither unix seconds nor an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+@cli.command()
+@common
+@click.argument("job_class")
+@click.option("--data", default=None, help="Job data as JSON (extended JSON for ObjectIds and dates).")
+@click.option("--at", default=None, help="Earliest start: unix seconds or ISO 8601 time.")
+@click.option("--interval", type=int, default=None, help="Seconds between runs (-1: again at once).")
+@click.option("--retry", type=int, default=None, help="Retries after a failure or timeout (-1: endless).")
+@click.option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
+@click.option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
+@click.option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
+def add(mongodb_uri: str, database: str, job_class: str, data: str | None, at: str | None, interval: int | None,
+        retry: int | None, retry_interval: int | None, timeout: int | None, force_spawn: bool,
+        as_json: bool) -> None:
+    """Add a job of JOB_CLASS ("module:QualName"); prints its id."""
+    payload: Any = None
+    if data is not None:
+        try:
+            payload = json_util.loads(data)
+        except ValueError as exc:
+            raise click.BadParameter(f"--data is not valid JSON: {exc}") from None
+    given: dict[str, Any] = {
+        o.AT: _parse_at(at), o.INTERVAL: interval, o.RETRY: retry, o.RETRY_INTERVAL: retry_interval,
+        o.TIMEOUT: timeout, o.FORCE_SPAWN: force_spawn or None,
+    }
+    job_options = {k: v for k, v in given.items() if v is not None}
+    process = _scheduler(mongodb_uri, database).add_job(job_class, payload, job_options)
+    if as_json:
+        _print_json(process.to_dict())
+    else:
+        click.echo(str(process.id))
+
+
+def _status_names() -> list[str]:
+    return [s.name.lower() for s in JobStatus]
+
+
+@cli.command()
+@common
+@click.option("--status", "statuses", multiple=True, type=click.Choice(_status_names(), case_sensitive=False),
+              help="Only jobs in this status (repeatable). Default: waiting, postponed, processing.")
+@click.option("--all", "show_all", is_flag=True, help="Jobs in every status.")
+@click.option("--class", "job_class", default=None, help="Only jobs of this class.")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
+def jobs(mongodb_uri: str, database: str, statuses: Sequence[str], show_all: bool, job_class: str | None,
+         limit: int, as_json: bool) -> None:
+    """List jobs."""
+    from .display import jobs_table
+
+    query: dict[str, Any] = {}
+    if statuses:
+        query["status"] = {"$in": [int(JobStatus[s.upper()]) for s in statuses]}
+    elif not show_all:
+        query["status"] = {"$lt": int(JobStatus.DONE)}
+    if job_class:
+        query["class"] = job_class
+    found = []
+    for process in _scheduler(mongodb_uri, database).get_jobs(query or {"_id": {"$exists": True}}):
+        found.append(process)
+        if len(found) >= limit:
+            break
+    if as_json:
+        _print_json([p.to_dict() for p in found])
+    else:
+        from rich.console import Console
+
+        Console().print(jobs_table(found))
+
+
+@cli.command()
+@common
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def show(mongodb_uri: str, database: str, job_id: str, as_json: bool) -> None:
+    """Show one job, with its error or result."""
+    process = _scheduler(mongodb_uri, database).get_job(_object_id(job_id))
+    doc = process.to_dict()
+    doc["error"] = process.error
+    doc["result"] = process.result
+    doc["status_name"] = process.status.name
+    _print_json(doc) if as_json else _print_details(doc)
+
+
+def _print_details(doc: dict[str, Any]) -> None:
+    for key in ("_id", "class", "status_name", "progress", "created", "started", "ended", "worker", "data",
+                "options", "result", "error"):
+        value = doc.get(key)
+        if key == "error" and value:
+            click.echo(f"error: {value.get('class')}: {value.get('message')}")
+            if value.get("traceback"):
+                click.echo(value["traceback"].rstrip())
+            continue
+        click.echo(f"{key.replace('_name', '')}: {json_util.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@cli.command()
+@common
+@click.argument("job_id")
+def cancel(mongodb_uri: str, database: str, job_id: str) -> None:
+    """Cancel a job (a running one is killed)."""
+    _scheduler(mongodb_uri, database).cancel_job(_object_id(job_id))
+    click.echo(f"canceled {job_id}")
+
+
+@cli.command()
+@common
+@click.option("--yes", is_flag=True, help="Confirm: drop every job and event.")
+def flush(mongodb_uri: str, database: str, yes: bool) -> None:
+    """Drop every job and event (running queue nodes keep working)."""
+    if not yes:
+        raise click.UsageError("flush drops every job and event; pass --yes to confirm")
+    _scheduler(mongodb_uri, database).flush()
+    click.echo("flushed")
+
+
+@cli.command()
+@common
+@click.option("--interval", type=click.FloatRange(min=0.05), default=0.5, show_default=True,
+              help="Seconds between screen refreshes.")
+@click.option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
+def watch(mongodb_uri: str, database: str, interval: float, once: bool) -> None:
+    """Live view of jobs and their progress, driven by change streams, until Ctrl-C."""
+    from .display import watch_jobs
+
+    watch_jobs(_scheduler(mongodb_uri, database), interval=interval, once=once)
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=27017, show_default=True, envvar=_env("port"),
+              show_envvar=True)
+@click.option("--data-dir", default=".taskscheduler/data", show_default=True, envvar=_env("data-dir"),
+              show_envvar=True, help="Where the embedded server keeps its data (':memory:' for none).")
+def server(port: int, data_dir: str) -> None:
+    """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C."""
+    from .embedded import EmbeddedServer
+
+    with EmbeddedServer(port=port, data_dir=data_dir) as srv:
+        click.echo(f"embedded server listening: {srv.uri}", err=False)
+        srv.wait()
+
+
+@cli.command()
+@click.option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True,
+              help="Longest the demo runs.")
+@click.option("--plain", is_flag=True, help="Plain text output instead of the live display.")
+def demo(seconds: float, plain: bool) -> None:
+    """Start an embedded server and a queue node, run example jobs, show them live, print a summary."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(limit=seconds, plain=plain))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point with our exit codes: 2 for bad input, 1 for an unreachable server."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="taskscheduler")
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ServerUnavailableError as exc:
+        click.echo(f"Error: cannot reach MongoDB ({_first_line(exc)}); is the server running?", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except (InvalidArgumentError, JobNotFoundError, TaskSchedulerError) as exc:
+        click.echo(f"Error: {_first_line(exc)}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(EXIT_OK)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,71 @@
+"""Job statuses, stored field values and every default, each documented where it is defined."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import IntEnum
+
+from bson import ObjectId
+
+
+class JobStatus(IntEnum):
+    """Status of a job; the integer is what MongoDB stores. ``status >= DONE`` means finished."""
+
+    WAITING = 0
+    POSTPONED = 1
+    PROCESSING = 2
+    DONE = 3
+    FAILED = 4
+    CANCELED = 5
+    TIMEOUT = 6
+
+    @property
+    def is_terminal(self) -> bool:
+        return self >= JobStatus.DONE
+
+
+#: Statuses of a job that has not finished (upstream ``PENDING_JOBS``).
+ACTIVE_STATUSES: tuple[int, ...] = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.PROCESSING)
+#: Statuses that end a job.
+TERMINAL_STATUSES: tuple[int, ...] = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
+
+#: Stored in ``started``/``ended`` while unset. A capped collection forbids updates that change a document's
+#: size, so the field holds a datetime from insert on; :class:`~taskscheduler.Process` shows it as ``None``.
+UNSET_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: Stored in ``worker`` while no worker owns the job (same reason as :data:`UNSET_TIME`).
+NO_WORKER = ObjectId("000000000000000000000000")
+
+#: Default job collection.
+DEFAULT_JOB_QUEUE = "taskscheduler.jobs"
+#: Default size in bytes of the capped job collection (0 makes it an ordinary collection).
+DEFAULT_JOB_QUEUE_SIZE = 100_000_000
+#: Default event collection (one document per status change).
+DEFAULT_EVENT_QUEUE = "taskscheduler.events"
+#: Default size in bytes of the capped event collection (0 makes it an ordinary collection).
+DEFAULT_EVENT_QUEUE_SIZE = 500_000_000
+#: Seconds a finished job (and its events) is kept when the collection is not capped (TTL index).
+DEFAULT_JOB_RETENTION = 604_800
+#: Minimum milliseconds between two progress writes of one job from one process.
+DEFAULT_PROGRESS_RATE_LIMIT = 500
+
+#: Job option defaults (the scheduler's ``default_*`` options start from these).
+DEFAULT_AT = 0
+DEFAULT_INTERVAL = 0
+DEFAULT_INTERVAL_REFERENCE = "end"
+DEFAULT_RETRY = 0
+DEFAULT_RETRY_INTERVAL = 300
+DEFAULT_TIMEOUT = 0
+
+#: Seconds without a heartbeat after which a PROCESSING job is orphaned.
+DEFAULT_ORPHANED_TIMEOUT = 30
+#: The orphaning that ends a job FAILED instead of resetting it to WAITING.
+MAX_ORPHANINGS = 3
+
+#: Worker manager defaults.
+DEFAULT_PM = "dynamic"
+DEFAULT_MIN_CHILDREN = 1
+DEFAULT_MAX_CHILDREN = 2
+#: Seconds an extra worker of a ``dynamic`` pool may stay idle before it is stopped (shrink back to min).
+DYNAMIC_IDLE_SECONDS = 5.0
+#: Seconds a worker (and its process group) gets after SIGTERM before it is killed with SIGKILL.
+KILL_GRACE_SECONDS = 0.5

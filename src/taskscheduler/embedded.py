@@ -1,0 +1,123 @@
+"""The embedded MongoDB-compatible server: SecantusDB as a single-node replica set, in a child process.
+
+SecantusDB is GPL-2.0 and therefore an optional extra: ``pip install mongodb-task-scheduler[embedded]``.
+It always runs as a subprocess (never in-process), because queue nodes fork.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .errors import ServerUnavailableError, TaskSchedulerError
+
+#: Seconds to wait for the server to answer after it was started.
+START_SECONDS = 30.0
+
+
+class EmbeddedServerError(TaskSchedulerError):
+    """Raised when the embedded server is not installed or does not start."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def uri_for(port: int, host: str = "127.0.0.1") -> str:
+    return f"mongodb://{host}:{port}/?directConnection=true"
+
+
+class EmbeddedServer:
+    """Start with ``with EmbeddedServer(port=0) as srv: srv.uri``; port 0 picks a free one."""
+
+    def __init__(self, port: int = 27017, data_dir: str | os.PathLike[str] = ".taskscheduler/data",
+                 test_commands: bool = False, log_path: str | None = None) -> None:
+        if importlib.util.find_spec("secantus") is None:
+            raise EmbeddedServerError(
+                "the embedded server needs SecantusDB: pip install 'mongodb-task-scheduler[embedded]'"
+            )
+        self.port = port or free_port()
+        self.data_dir = str(data_dir)
+        self.test_commands = test_commands
+        self.log_path = log_path
+        self.uri = uri_for(self.port)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> EmbeddedServer:
+        if self.data_dir != ":memory:":
+            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
+                "--storage-path", self.data_dir, "--log-level", "WARNING"]
+        if self.test_commands:
+            args.append("--enable-test-commands")
+        if self.log_path:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        else:
+            self._proc = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        from .store import connect
+
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise EmbeddedServerError(f"embedded server exited with code {self._proc.returncode} on port {self.port}")
+            try:
+                db = connect(self.uri, "admin", timeout_ms=500)
+                try:
+                    db.command("ping")
+                    return
+                finally:
+                    db.client.close()
+            except (ServerUnavailableError, Exception):
+                time.sleep(0.1)
+        self.stop()
+        raise EmbeddedServerError(f"embedded server did not answer on port {self.port} within {START_SECONDS} s")
+
+    def wait(self) -> None:
+        """Block until the server exits or Ctrl-C/SIGTERM arrives (then stop it)."""
+        stop = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        previous = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            while not stop and self._proc is not None and self._proc.poll() is None:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,57 @@
+"""One error hierarchy. Each class's docstring says when it is raised and is its default message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .process import Process
+
+
+class TaskSchedulerError(Exception):
+    """Base class of every error raised by taskscheduler."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class InvalidArgumentError(TaskSchedulerError, ValueError):
+    """Raised when an option, argument or value is invalid; nothing is written."""
+
+
+class JobNotFoundError(TaskSchedulerError, LookupError):
+    """Raised when no job has the given id."""
+
+
+class InvalidJobError(TaskSchedulerError):
+    """Raised when a job class cannot be imported or does not implement JobInterface."""
+
+
+class ChildJobFailedError(TaskSchedulerError):
+    """Recorded as a parent job's error when one of its children ended FAILED or TIMEOUT."""
+
+
+class QueueFullError(TaskSchedulerError):
+    """Raised when the capped job collection has no room without evicting an unfinished job."""
+
+
+class JobFailedError(TaskSchedulerError):
+    """Raised by wait_for with OPTION_THROW_EXCEPTION when a job ended FAILED."""
+
+    def __init__(self, process: Process, error: dict[str, Any] | None) -> None:
+        self.process = process
+        self.error = error
+        detail = f"{error.get('class')}: {error.get('message')}" if error else "no error recorded"
+        super().__init__(f"job {process.id} failed: {detail}")
+
+
+class WaitTimeoutError(TaskSchedulerError, TimeoutError):
+    """Raised when wait_for or listen did not finish within its timeout."""
+
+
+class SpawnForkError(TaskSchedulerError, RuntimeError):
+    """Raised when a worker manager or worker process could not be forked."""
+
+
+class ServerUnavailableError(TaskSchedulerError, ConnectionError):
+    """Raised when the MongoDB server cannot be reached."""

@@ -1,0 +1,107 @@
+"""What a job is: JobInterface, AbstractJob, and how a job class is named and imported."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+
+from .errors import InvalidArgumentError, InvalidJobError
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+
+class JobInterface(ABC):
+    """The contract of a job: the worker sets ``data``, ``id`` and ``scheduler``, then calls ``start()``."""
+
+    data: Any
+    id: ObjectId
+    scheduler: Scheduler
+
+    @abstractmethod
+    def start(self) -> Any:
+        """Do the work. An uncaught exception fails the job; a BSON-encodable return value is its result."""
+
+    @abstractmethod
+    def update_progress(self, progress: float | None = None) -> None:
+        """Record progress (0..100) and show the job is alive; ``None`` keeps the stored progress."""
+
+
+class AbstractJob(JobInterface):
+    """Base class for jobs: subclass it and implement ``start()``."""
+
+    def __init__(self) -> None:
+        self.data: Any = None
+        self.id: ObjectId = ObjectId()
+        self.scheduler: Scheduler  # set by the worker before start()
+
+    def update_progress(self, progress: float | None = None) -> None:
+        self.scheduler.update_progress(self.id, progress)
+
+    # Upstream-style accessors, so code ported from the PHP library reads the same.
+    def set_data(self, data: Any) -> AbstractJob:
+        self.data = data
+        return self
+
+    def get_data(self) -> Any:
+        return self.data
+
+    def set_id(self, job_id: ObjectId) -> AbstractJob:
+        self.id = job_id
+        return self
+
+    def get_id(self) -> ObjectId:
+        return self.id
+
+    def set_scheduler(self, scheduler: Scheduler) -> AbstractJob:
+        self.scheduler = scheduler
+        return self
+
+
+def class_path(job_class: type | str) -> str:
+    """The stored name of a job class: ``"module:QualName"`` (a string is kept, dotted ones normalised)."""
+    if isinstance(job_class, type):
+        if not issubclass(job_class, JobInterface):
+            raise InvalidArgumentError(f"job class {job_class.__qualname__} must implement taskscheduler.JobInterface")
+        if "<locals>" in job_class.__qualname__:
+            raise InvalidArgumentError(f"job class {job_class.__qualname__} must be importable, not defined in a function")
+        return f"{job_class.__module__}:{job_class.__qualname__}"
+    if not isinstance(job_class, str) or not job_class.strip() or job_class != job_class.strip():
+        raise InvalidArgumentError(f"job class must be a class or a 'module:QualName' string, got {job_class!r}")
+    if ":" not in job_class and "." in job_class:
+        try:
+            return class_path(load_job_class(job_class))
+        except (InvalidJobError, InvalidArgumentError):
+            return job_class  # not importable here; the worker decides
+    return job_class
+
+
+def load_job_class(path: str) -> type[JobInterface]:
+    """Import ``"module:QualName"`` or ``"module.QualName"``; InvalidJobError when that fails."""
+    candidates: list[tuple[str, str]]
+    if ":" in path:
+        module, _, qualname = path.partition(":")
+        candidates = [(module, qualname)]
+    else:
+        parts = path.split(".")
+        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+    problem = "it names no module"
+    for module_name, qualname in candidates:
+        try:
+            target: Any = importlib.import_module(module_name)
+        except Exception as exc:  # a broken module must fail the job, not the worker
+            problem = f"{type(exc).__name__}: {exc}"
+            continue
+        try:
+            for attr in qualname.split("."):
+                target = getattr(target, attr)
+        except AttributeError:
+            problem = f"module {module_name!r} has no attribute {qualname!r}"
+            continue
+        if not isinstance(target, type) or not issubclass(target, JobInterface):
+            raise InvalidJobError(f"job class {path!r} does not implement taskscheduler.JobInterface")
+        return target
+    raise InvalidJobError(f"job class {path!r} cannot be imported: {problem}")

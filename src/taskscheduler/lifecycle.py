@@ -1,0 +1,129 @@
+"""How a job leaves PROCESSING: finishing it, and the retry and interval runs that follow; orphans and resets.
+
+Every write here is conditional on the writer's view of ownership (status PROCESSING and ``worker`` = the id that
+ran it), so a worker or node that lost a job can never overwrite what its new owner wrote. For FAILED, DONE and
+TIMEOUT the event document (error or result) is written first and withdrawn if the status write loses, so a
+reader who sees the final status always finds its error or result.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+
+from . import options as o
+from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
+from .process import Process
+from .store import OnceConflict, utcnow
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+
+def describe_error(exc: BaseException) -> dict[str, str]:
+    """The stored form of an exception: class, message and traceback text."""
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return {
+        "class": name,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+    }
+
+
+def finish(
+    scheduler: Scheduler,
+    doc: Mapping[str, Any],
+    worker: ObjectId,
+    status: JobStatus,
+    *,
+    error: Mapping[str, Any] | None = None,
+    result: Any = None,
+    has_result: bool = False,
+) -> bool:
+    """Record the end of a run owned by ``worker``; then cancel children or add the follow-up run."""
+    store = scheduler._store
+    now = utcnow()
+    event_id = store.insert_event(doc, status, worker, error, result, has_result)
+    owned = {"status": int(JobStatus.PROCESSING), "worker": worker}
+    if not store.set_status(doc["_id"], status, owned, {"ended": now, "progress": 100.0}):
+        store.delete_event(event_id)
+        scheduler.logger.warning("lost ownership of job before recording it", extra={"job_id": doc["_id"]})
+        return False
+    final = dict(doc, status=int(status), ended=now, progress=100.0, worker=worker)
+    scheduler.logger.info(
+        "job ended", extra={"job_id": doc["_id"], "status": status.name, "worker": worker, "job_class": doc["class"]}
+    )
+    scheduler._emitter.emit_status(status, Process(final, scheduler))
+    if status in (JobStatus.TIMEOUT, JobStatus.CANCELED):
+        scheduler.cancel_children(doc["_id"])
+    follow_up(scheduler, final, status)
+    return True
+
+
+def follow_up(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -> ObjectId | None:
+    """Add the next run of a finished job: a retry after FAILED/TIMEOUT, else the next interval run."""
+    opts = dict(doc.get("options") or {})
+    now = time.time()
+    retry = int(opts.get(o.RETRY, 0))
+    if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
+        opts[o.RETRY] = retry - 1 if retry > 0 else retry
+        opts[o.AT] = int(now) + int(opts.get(o.RETRY_INTERVAL, 0))
+    elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
+        interval = int(opts.get(o.INTERVAL, 0))
+        if interval > 0:
+            started = doc.get("started")
+            from_start = opts.get(o.INTERVAL_REFERENCE) == "start" and status != JobStatus.TIMEOUT
+            reference = started.timestamp() if from_start and isinstance(started, datetime) else now
+            opts[o.AT] = int(reference) + interval
+        elif interval == -1:
+            opts[o.AT] = 0
+        else:
+            return None
+    else:
+        return None
+    next_doc = scheduler._prepare(doc["class"], doc.get("data"), opts)
+    if "once" in doc:
+        next_doc["once"] = doc["once"]
+    try:
+        scheduler._insert(next_doc)
+    except OnceConflict:
+        scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
+        return None
+    return ObjectId(next_doc["_id"])
+
+
+def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str) -> bool:
+    """Put a job its worker can no longer run back to WAITING (same id), conditional on ownership.
+
+    ``orphaned`` counts the release; the :data:`MAX_ORPHANINGS`-th one ends the job FAILED instead.
+    """
+    count = int(doc.get("orphaned", 0)) + (1 if orphaned else 0)
+    if orphaned and count >= MAX_ORPHANINGS:
+        error = {"class": "OrphanedJobError", "message": f"job orphaned {count} times; last: {reason}", "traceback": ""}
+        return finish(scheduler, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error)
+    store = scheduler._store
+    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
+    if orphaned and "alive" in doc:
+        expect["alive"] = doc["alive"]  # a heartbeat since the check means it is not orphaned
+    if not store.set_status(doc["_id"], JobStatus.WAITING, expect, {"worker": NO_WORKER, "orphaned": count}):
+        return False
+    reset = dict(doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count)
+    store.insert_event(reset, JobStatus.WAITING, worker, {"class": "JobReleased", "message": reason, "traceback": ""})
+    scheduler.logger.warning("job put back to waiting", extra={"job_id": doc["_id"], "reason": reason})
+    scheduler._emitter.emit_status(JobStatus.WAITING, Process(reset, scheduler))
+    return True
+
+
+def unpostpone(scheduler: Scheduler, doc: Mapping[str, Any]) -> bool:
+    """POSTPONED -> WAITING once its time has come; of all nodes racing, exactly one wins."""
+    store = scheduler._store
+    if not store.set_status(doc["_id"], JobStatus.WAITING, {"status": int(JobStatus.POSTPONED)}):
+        return False
+    store.insert_event(doc, JobStatus.WAITING)
+    return True

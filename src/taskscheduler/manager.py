@@ -1,0 +1,353 @@
+"""WorkerManager: forks and supervises the workers of one queue node; it never touches MongoDB itself.
+
+It runs in its own process (forked by the Queue), receives job documents over a pipe, hands each to an idle
+worker (or forks one, by ``pm``), enforces hard timeouts and cancels by killing a worker's whole process group,
+and reports every claim, end and death back to the queue node, which records them in MongoDB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+
+from . import children
+from . import options as o
+from .constants import DYNAMIC_IDLE_SECONDS
+from .errors import InvalidArgumentError, SpawnForkError
+
+if TYPE_CHECKING:
+    from .factory import WorkerFactory
+
+#: Longest the manager sleeps before looking at timers again.
+TICK_SECONDS = 0.25
+#: Seconds to wait before forking again after a worker could not start.
+SPAWN_BACKOFF_SECONDS = 1.0
+
+
+@dataclass
+class _Child:
+    """One worker process as the manager sees it."""
+
+    id: ObjectId
+    pid: int
+    conn: Connection
+    dedicated: bool  # force_spawn or ondemand: runs one job, then exits
+    forced: bool = False  # force_spawn: not counted against max_children
+    job: ObjectId | None = None
+    doc: dict[str, Any] | None = None  # the job handed over, until it ends (put back if the worker dies first)
+    claimed: bool = False
+    deadline: float | None = None
+    timeout: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+    kill_reason: str | None = None  # "timeout", "cancel", "stop" or "shrink": why the manager ended it
+
+
+class WorkerManager:
+    """Process manager of a queue node: ``pm`` dynamic, static or ondemand, between min and max children."""
+
+    OPTION_PM = o.PM
+    OPTION_MIN_CHILDREN = o.MIN_CHILDREN
+    OPTION_MAX_CHILDREN = o.MAX_CHILDREN
+    PM_DYNAMIC = o.PM_DYNAMIC
+    PM_STATIC = o.PM_STATIC
+    PM_ONDEMAND = o.PM_ONDEMAND
+
+    def __init__(
+        self,
+        worker_factory: WorkerFactory,
+        logger: logging.Logger | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from .factory import WorkerFactory
+
+        if not isinstance(worker_factory, WorkerFactory):
+            raise InvalidArgumentError(
+                f"worker_factory must be a taskscheduler.WorkerFactory, got {type(worker_factory).__name__}"
+            )
+        self.factory = worker_factory
+        self.logger = logger or logging.getLogger("taskscheduler.manager")
+        self.options = o.manager_options(options)
+        self._children: dict[int, _Child] = {}
+        self._pending: OrderedDict[ObjectId, dict[str, Any]] = OrderedDict()
+        self._queue: Connection | None = None
+        self._stopping = False
+        self._spawn_blocked_until = 0.0
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def set_options(self, options: Mapping[str, Any]) -> WorkerManager:
+        merged = dict(self.options)
+        merged.update(options)
+        self.options = o.manager_options(merged)
+        return self
+
+    def get_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def count(self) -> int:
+        """Live worker processes (force_spawn ones included)."""
+        return len(self._children)
+
+    # -- main loop -------------------------------------------------------------------------------------------------
+
+    def process(self, connection: Connection) -> None:
+        """Serve the queue node on ``connection`` until it says stop, goes away, or SIGTERM/SIGINT arrives."""
+        self._queue = connection
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno())
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        try:
+            while not self._stopping:
+                self._reap()
+                self._keep_minimum()
+                self._dispatch()
+                self._enforce_deadlines()
+                self._shrink()
+                conns = [c.conn for c in self._children.values() if not c.conn.closed]
+                ready = wait([connection, self._wake_r, *conns], TICK_SECONDS)
+                for handle in ready:
+                    self._receive(handle)
+        finally:
+            self._stop_all()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _receive(self, handle: Any) -> None:
+        if handle is self._wake_r:
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+            return
+        if handle is self._queue:
+            try:
+                kind, payload = handle.recv()
+            except (EOFError, OSError):
+                self.logger.error("queue node went away; stopping workers")
+                self._stopping = True
+                return
+            self._on_queue_message(kind, payload)
+            return
+        child = next((c for c in self._children.values() if c.conn is handle), None)
+        if child is None:
+            return
+        try:
+            message = handle.recv()
+        except (EOFError, OSError):
+            self._forget_connection(child)
+            return
+        self._on_worker_message(child, message)
+
+    def _on_queue_message(self, kind: str, payload: Any) -> None:
+        if kind == "job":
+            self._add(payload)
+        elif kind == "drop":
+            self._pending.pop(payload, None)
+        elif kind == "cancel":
+            self._pending.pop(payload, None)
+            for child in self._children.values():
+                if child.job == payload and child.kill_reason is None:
+                    self._kill(child, "cancel")
+        elif kind == "stop":
+            self._stopping = True
+
+    def _on_worker_message(self, child: _Child, message: tuple[Any, ...]) -> None:
+        kind, job_id = message[0], message[1]
+        if kind == "claimed":
+            child.job, child.claimed, child.timeout = job_id, True, int(message[2])
+            child.deadline = time.monotonic() + child.timeout if child.timeout > 0 else None
+            self._report("claimed", {"job": job_id, "worker": child.id})
+        elif kind in ("finished", "lost"):
+            if child.claimed:
+                self._report("released", {"job": job_id, "worker": child.id})
+            child.job, child.doc, child.claimed, child.deadline = None, None, False, None
+            child.idle_since = time.monotonic()
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+
+    def _add(self, doc: dict[str, Any]) -> None:
+        job_id = doc["_id"]
+        if any(c.job == job_id for c in self._children.values()):
+            return
+        if (doc.get("options") or {}).get(o.FORCE_SPAWN):
+            self._spawn(doc)  # its own worker, whatever max_children says
+            return
+        self._pending[job_id] = doc
+
+    def _dispatch(self) -> None:
+        while self._pending and not self._stopping:
+            idle = next((c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None)
+            if idle is not None:
+                job_id, doc = self._pending.popitem(last=False)
+                idle.job, idle.doc = job_id, doc
+                try:
+                    idle.conn.send(("run", doc))
+                except (OSError, ValueError):
+                    self._pending[job_id] = doc
+                    self._pending.move_to_end(job_id, last=False)
+                    idle.job, idle.doc = None, None
+                    self._forget_connection(idle)
+                continue
+            pm = self.options[o.PM]
+            if pm == o.PM_STATIC or self._pool_size() >= self.options[o.MAX_CHILDREN]:
+                return
+            if pm == o.PM_ONDEMAND:
+                job_id, doc = self._pending.popitem(last=False)
+                if self._spawn(doc, dedicated=True) is None:
+                    self._pending[job_id] = doc
+                    return
+            elif self._spawn() is None:
+                return
+
+    def _pool_size(self) -> int:
+        return sum(1 for c in self._children.values() if not c.kill_reason and not c.forced)
+
+    def _keep_minimum(self) -> None:
+        if self._stopping or self.options[o.PM] == o.PM_ONDEMAND:
+            return
+        while self._pool_size() < self.options[o.MIN_CHILDREN]:
+            if self._spawn() is None:
+                return
+
+    def _shrink(self) -> None:
+        if self.options[o.PM] != o.PM_DYNAMIC:
+            return
+        now = time.monotonic()
+        spare = self._pool_size() - self.options[o.MIN_CHILDREN]
+        for child in list(self._children.values()):
+            if spare <= 0:
+                return
+            if child.job is None and not child.dedicated and not child.kill_reason:
+                if now - child.idle_since >= DYNAMIC_IDLE_SECONDS:
+                    child.kill_reason = "shrink"
+                    with contextlib.suppress(OSError, ValueError):
+                        child.conn.send(("exit", None))
+                    spare -= 1
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for child in self._children.values():
+            if child.deadline is not None and now >= child.deadline and child.kill_reason is None:
+                self.logger.warning("job timed out; killing its worker", extra={"job_id": child.job, "pid": child.pid})
+                self._kill(child, "timeout")
+
+    # -- processes -------------------------------------------------------------------------------------------------
+
+    def _spawn(self, job: dict[str, Any] | None = None, dedicated: bool = False) -> _Child | None:
+        if time.monotonic() < self._spawn_blocked_until:
+            return None
+        worker_id = ObjectId()
+        parent_end, child_end = Pipe()
+        others = [c.conn for c in self._children.values()] + [self._queue, parent_end, self._wake_r, self._wake_w]
+        factory = self.factory
+
+        def run() -> int:
+            children.reset_signals()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the manager's to handle
+            worker = factory.build_worker(worker_id)
+            worker.serve(child_end, job)
+            return 0
+
+        try:
+            pid = children.fork(run, close=others, new_group=True)
+        except SpawnForkError as exc:
+            self.logger.error("cannot spawn worker", extra={"error": str(exc)})
+            self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
+            parent_end.close()
+            child_end.close()
+            return None
+        child_end.close()
+        child = _Child(worker_id, pid, parent_end, dedicated=dedicated or job is not None)
+        if job is not None:
+            child.job, child.doc = job["_id"], job
+            child.forced = bool((job.get("options") or {}).get(o.FORCE_SPAWN))
+        self._children[pid] = child
+        self.logger.info("worker spawned", extra={"worker": worker_id, "pid": pid})
+        self._report("spawn", {"_id": worker_id, "pid": pid, "signal": None})
+        return child
+
+    def _kill(self, child: _Child, reason: str) -> None:
+        child.kill_reason = reason
+        child.deadline = None
+        children.kill_tree(child.pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self._children.pop(pid, None)
+            if child is not None:
+                self._drain(child)
+                self._on_exit(child, children.exit_signal(status), status)
+
+    def _drain(self, child: _Child) -> None:
+        """Read what a dead worker said before it died (its claim, most of all)."""
+        while not child.conn.closed:
+            try:
+                if not child.conn.poll():
+                    return
+                message = child.conn.recv()
+            except (EOFError, OSError):
+                return
+            self._on_worker_message(child, message)
+
+    def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
+        child.conn.close()
+        self._report("kill", {"_id": child.id, "pid": child.pid, "signal": sig})
+        if child.claimed and child.job is not None:
+            kind = {"timeout": "timeout", "cancel": "canceled", "stop": "interrupted"}.get(child.kill_reason or "", "died")
+            self._report(kind, {"job": child.job, "worker": child.id, "signal": sig, "timeout": child.timeout})
+        elif child.doc is not None and child.kill_reason not in ("cancel", "stop"):
+            # Handed over but never claimed: it is still WAITING, and no change event will announce it again.
+            self._pending[child.doc["_id"]] = child.doc
+            self._pending.move_to_end(child.doc["_id"], last=False)
+        if child.kill_reason is None and status != 0 and not child.claimed:
+            self.logger.error("worker exited unexpectedly", extra={"pid": child.pid, "status": status})
+            self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
+
+    def _forget_connection(self, child: _Child) -> None:
+        """The worker's end of the pipe closed: it is exiting; the reaper reports the rest."""
+        with contextlib.suppress(OSError):
+            child.conn.close()
+
+    def _report(self, kind: str, payload: dict[str, Any]) -> None:
+        if self._queue is None:
+            return
+        try:
+            self._queue.send((kind, payload))
+        except (OSError, ValueError):
+            self._stopping = True
+
+    def _stop_all(self) -> None:
+        """Kill every worker group, wait for each, and report the jobs they were running."""
+        for child in self._children.values():
+            if child.kill_reason not in ("timeout", "cancel"):
+                child.kill_reason = "stop"
+            children.kill_tree(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while self._children and time.monotonic() < deadline:
+            self._reap()
+            if self._children:
+                time.sleep(0.02)
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+

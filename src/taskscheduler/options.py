@@ -1,0 +1,216 @@
+"""Option names, defaults and strict validation: the one place Scheduler, Queue and WorkerManager use.
+
+Validation never coerces: ``"10"`` or ``True`` for an int option is an error, as is an unknown name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+
+from . import constants as c
+from .errors import InvalidArgumentError
+
+# Job options.
+AT = "at"
+INTERVAL = "interval"
+INTERVAL_REFERENCE = "interval_reference"
+RETRY = "retry"
+RETRY_INTERVAL = "retry_interval"
+FORCE_SPAWN = "force_spawn"
+TIMEOUT = "timeout"
+ID = "id"
+IGNORE_DATA = "ignore_data"
+
+# Scheduler options.
+JOB_QUEUE = "job_queue"
+JOB_QUEUE_SIZE = "job_queue_size"
+EVENT_QUEUE = "event_queue"
+EVENT_QUEUE_SIZE = "event_queue_size"
+DEFAULT_AT = "default_at"
+DEFAULT_INTERVAL = "default_interval"
+DEFAULT_INTERVAL_REFERENCE = "default_interval_reference"
+DEFAULT_RETRY = "default_retry"
+DEFAULT_RETRY_INTERVAL = "default_retry_interval"
+DEFAULT_TIMEOUT = "default_timeout"
+JOB_RETENTION = "job_retention"
+PROGRESS_RATE_LIMIT = "progress_rate_limit"
+
+# Queue node options.
+ORPHANED_TIMEOUT = "orphaned_timeout"
+
+# Worker manager options.
+PM = "pm"
+MIN_CHILDREN = "min_children"
+MAX_CHILDREN = "max_children"
+PM_DYNAMIC = "dynamic"
+PM_STATIC = "static"
+PM_ONDEMAND = "ondemand"
+PM_MODES = (PM_DYNAMIC, PM_STATIC, PM_ONDEMAND)
+
+INTERVAL_REFERENCES = ("start", "end")
+
+Check = Callable[[str, Any], Any]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_at_least(minimum: int) -> Check:
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value):
+            raise InvalidArgumentError(f"option {name} must be an integer, got {value!r}")
+        if value < minimum:
+            raise InvalidArgumentError(f"option {name} must be >= {minimum}, got {value!r}")
+        return int(value)
+
+    return check
+
+
+def positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"option {name} must be a positive number, got {value!r}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"option {name} must be a boolean, got {value!r}")
+    return value
+
+
+def non_empty_string(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or "$" in value or "\0" in value:
+        raise InvalidArgumentError(f"option {name} must be a valid collection name, got {value!r}")
+    return value
+
+
+def timestamp(name: str, value: Any) -> int | float:
+    """Unix seconds (int or float) or an aware datetime, stored as unix seconds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidArgumentError(f"option {name} must be an aware datetime (with tzinfo), got {value!r}")
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"option {name} must be unix seconds >= 0 or an aware datetime, got {value!r}")
+    return value
+
+
+def interval_reference(name: str, value: Any) -> str:
+    if value not in INTERVAL_REFERENCES or not isinstance(value, str):
+        raise InvalidArgumentError(f'option {name} must be "start" or "end", got {value!r}')
+    return str(value)
+
+
+def object_id(name: str, value: Any) -> ObjectId:
+    if not isinstance(value, ObjectId):
+        raise InvalidArgumentError(f"option {name} must be a bson.ObjectId, got {value!r}")
+    return value
+
+
+def pm_mode(name: str, value: Any) -> str:
+    if value not in PM_MODES or not isinstance(value, str):
+        raise InvalidArgumentError(f"option {name} must be one of {', '.join(PM_MODES)}, got {value!r}")
+    return str(value)
+
+
+#: Job options: name -> check. Order is the stored order of ``options``.
+JOB_OPTIONS: dict[str, Check] = {
+    AT: timestamp,
+    INTERVAL: int_at_least(-1),
+    INTERVAL_REFERENCE: interval_reference,
+    RETRY: int_at_least(-1),
+    RETRY_INTERVAL: int_at_least(0),
+    FORCE_SPAWN: boolean,
+    TIMEOUT: int_at_least(0),
+    IGNORE_DATA: boolean,
+    ID: object_id,
+}
+
+SCHEDULER_OPTIONS: dict[str, Check] = {
+    JOB_QUEUE: non_empty_string,
+    JOB_QUEUE_SIZE: int_at_least(0),
+    EVENT_QUEUE: non_empty_string,
+    EVENT_QUEUE_SIZE: int_at_least(0),
+    DEFAULT_AT: timestamp,
+    DEFAULT_INTERVAL: int_at_least(-1),
+    DEFAULT_INTERVAL_REFERENCE: interval_reference,
+    DEFAULT_RETRY: int_at_least(-1),
+    DEFAULT_RETRY_INTERVAL: int_at_least(0),
+    DEFAULT_TIMEOUT: int_at_least(0),
+    JOB_RETENTION: int_at_least(1),
+    PROGRESS_RATE_LIMIT: int_at_least(0),
+}
+
+SCHEDULER_DEFAULTS: dict[str, Any] = {
+    JOB_QUEUE: c.DEFAULT_JOB_QUEUE,
+    JOB_QUEUE_SIZE: c.DEFAULT_JOB_QUEUE_SIZE,
+    EVENT_QUEUE: c.DEFAULT_EVENT_QUEUE,
+    EVENT_QUEUE_SIZE: c.DEFAULT_EVENT_QUEUE_SIZE,
+    DEFAULT_AT: c.DEFAULT_AT,
+    DEFAULT_INTERVAL: c.DEFAULT_INTERVAL,
+    DEFAULT_INTERVAL_REFERENCE: c.DEFAULT_INTERVAL_REFERENCE,
+    DEFAULT_RETRY: c.DEFAULT_RETRY,
+    DEFAULT_RETRY_INTERVAL: c.DEFAULT_RETRY_INTERVAL,
+    DEFAULT_TIMEOUT: c.DEFAULT_TIMEOUT,
+    JOB_RETENTION: c.DEFAULT_JOB_RETENTION,
+    PROGRESS_RATE_LIMIT: c.DEFAULT_PROGRESS_RATE_LIMIT,
+}
+
+QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: positive_number}
+QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT}
+
+MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}
+MANAGER_DEFAULTS: dict[str, Any] = {
+    PM: c.DEFAULT_PM,
+    MIN_CHILDREN: c.DEFAULT_MIN_CHILDREN,
+    MAX_CHILDREN: c.DEFAULT_MAX_CHILDREN,
+}
+
+
+def validate(options: Mapping[str, Any] | None, checks: Mapping[str, Check], kind: str) -> dict[str, Any]:
+    """Checked copy of ``options``; raises InvalidArgumentError for an unknown name or a bad value."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InvalidArgumentError(f"{kind} options must be a mapping, got {type(options).__name__}")
+    checked: dict[str, Any] = {}
+    for name, value in options.items():
+        check = checks.get(name) if isinstance(name, str) else None
+        if check is None:
+            raise InvalidArgumentError(f"invalid {kind} option {name!r} given; valid: {', '.join(checks)}")
+        checked[name] = check(name, value)
+    return checked
+
+
+def job_options(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated job options merged over the scheduler defaults, in stored order (``id`` kept last)."""
+    checked = validate(given, JOB_OPTIONS, "job")
+    merged: dict[str, Any] = {
+        AT: defaults[DEFAULT_AT],
+        INTERVAL: defaults[DEFAULT_INTERVAL],
+        INTERVAL_REFERENCE: defaults[DEFAULT_INTERVAL_REFERENCE],
+        RETRY: defaults[DEFAULT_RETRY],
+        RETRY_INTERVAL: defaults[DEFAULT_RETRY_INTERVAL],
+        FORCE_SPAWN: False,
+        TIMEOUT: defaults[DEFAULT_TIMEOUT],
+        IGNORE_DATA: False,
+    }
+    merged.update(checked)
+    return merged
+
+
+def manager_options(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    merged = dict(MANAGER_DEFAULTS)
+    merged.update(validate(given, MANAGER_OPTIONS, "worker manager"))
+    if merged[MIN_CHILDREN] > merged[MAX_CHILDREN]:
+        raise InvalidArgumentError(
+            f"option min_children ({merged[MIN_CHILDREN]}) must not be greater than "
+            f"option max_children ({merged[MAX_CHILDREN]})"
+        )
+    return merged

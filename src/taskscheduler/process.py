@@ -1,0 +1,126 @@
+"""Process: the handle of one job, as returned by the Scheduler (not an OS process: those are "child"/"pid")."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+
+from .constants import NO_WORKER, UNSET_TIME, JobStatus
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+_UNLOADED = object()
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, datetime) or value == UNSET_TIME:
+        return None
+    return value
+
+
+class Process:
+    """A read-only view of a stored job, with ``refresh()``, ``wait()`` and ``to_dict()``."""
+
+    def __init__(self, document: dict[str, Any], scheduler: Scheduler) -> None:
+        self._doc = document
+        self._scheduler = scheduler
+        self._outcome: Any = _UNLOADED
+
+    def __repr__(self) -> str:
+        return f"<Process {self.id} {self.job_class} {self.status.name}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Process) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def id(self) -> ObjectId:
+        job_id: ObjectId = self._doc["_id"]
+        return job_id
+
+    @property
+    def job_class(self) -> str:
+        return str(self._doc.get("class", ""))
+
+    @property
+    def data(self) -> Any:
+        return self._doc.get("data")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self._doc.get("options") or {})
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus(int(self._doc.get("status", JobStatus.WAITING)))
+
+    @property
+    def progress(self) -> float:
+        return float(self._doc.get("progress", 0.0))
+
+    @property
+    def worker(self) -> ObjectId | None:
+        worker = self._doc.get("worker")
+        return None if worker is None or worker == NO_WORKER else worker  # type: ignore[no-any-return]
+
+    @property
+    def created(self) -> datetime | None:
+        return _time(self._doc.get("created"))
+
+    @property
+    def started(self) -> datetime | None:
+        return _time(self._doc.get("started"))
+
+    @property
+    def ended(self) -> datetime | None:
+        return _time(self._doc.get("ended"))
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The recorded error of a FAILED (or TIMEOUT, or orphaned) job: ``class``, ``message``, ``traceback``."""
+        event = self._event()
+        error = event.get("error") if event else None
+        return dict(error) if error else None
+
+    @property
+    def result(self) -> Any:
+        """What ``start()`` returned, for a DONE job (``None`` when it was not BSON-encodable)."""
+        event = self._event()
+        return event.get("result") if event else None
+
+    def _event(self) -> dict[str, Any] | None:
+        if self._outcome is _UNLOADED:
+            if not self.status.is_terminal:
+                return None
+            self._outcome = self._scheduler._outcome(self._doc)
+        return self._outcome  # type: ignore[no-any-return]
+
+    def refresh(self) -> Process:
+        """Reload the job from MongoDB (JobNotFoundError if it is gone)."""
+        self._replace(self._scheduler._load(self.id))
+        return self
+
+    def wait(self, timeout: float | None = None, throw: bool = False) -> Process:
+        """Block until the job has finished; with ``throw``, JobFailedError if it FAILED."""
+        options = self._scheduler.OPTION_THROW_EXCEPTION if throw else 0
+        self._scheduler.wait_for([self], options, timeout=timeout)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as stored, with unset timestamps and worker shown as ``None``."""
+        doc = copy.deepcopy(self._doc)
+        for field in ("started", "ended"):
+            doc[field] = _time(doc.get(field))
+        doc["worker"] = self.worker
+        return doc
+
+    def _replace(self, document: dict[str, Any]) -> None:
+        if document.get("status") != self._doc.get("status"):
+            self._outcome = _UNLOADED
+        self._doc = document

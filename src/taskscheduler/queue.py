@@ -1,0 +1,341 @@
+"""Queue: a queue node. It watches the job collection and feeds its forked WorkerManager over a pipe.
+
+The node is the only process of the three that writes on behalf of its workers after they die or are killed:
+it records timeouts, puts interrupted and orphaned jobs back to WAITING, keeps its running jobs alive
+(heartbeat), and moves POSTPONED jobs to WAITING when their time has come.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+from blinker import Namespace
+from bson import ObjectId
+from pymongo.database import Database
+
+from . import children, lifecycle
+from . import options as o
+from .constants import JobStatus
+from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError, TaskSchedulerError
+from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
+from .factory import WorkerFactory
+from .process import Process
+from .scheduler import Scheduler
+from .store import StatusChange, utcnow
+
+#: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
+STOP_SECONDS = 8.0
+#: Manager restarts allowed within :data:`RESTART_WINDOW` seconds before the node gives up (exit non-zero).
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: Longest the node waits on the change stream before looking at its timers.
+TICK_SECONDS = 0.2
+
+
+class Queue:
+    """A queue node: ``process()`` blocks, running jobs through a forked WorkerManager until SIGTERM/SIGINT."""
+
+    OPTION_ORPHANED_TIMEOUT = o.ORPHANED_TIMEOUT
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        db: Database[dict[str, Any]],
+        worker_factory: WorkerFactory,
+        logger: logging.Logger | None = None,
+        emitter: Namespace | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(scheduler, Scheduler):
+            raise InvalidArgumentError(f"scheduler must be a taskscheduler.Scheduler, got {type(scheduler).__name__}")
+        if not isinstance(worker_factory, WorkerFactory):
+            raise InvalidArgumentError(
+                f"worker_factory must be a taskscheduler.WorkerFactory, got {type(worker_factory).__name__}"
+            )
+        self.scheduler = scheduler
+        self.db = db
+        self.factory = worker_factory
+        self.logger = logger or logging.getLogger("taskscheduler.queue")
+        self._emitter = Emitter(emitter)
+        self.options: dict[str, Any] = dict(o.QUEUE_DEFAULTS)
+        self.options.update(o.validate(options, o.QUEUE_OPTIONS, "queue"))
+        self._stopping = False
+        self._manager_pid: int | None = None
+        self._conn: Connection | None = None
+        self._running: dict[ObjectId, ObjectId] = {}  # job -> worker, for jobs this node's workers claimed
+        self._worker_pids: dict[ObjectId, int] = {}
+        self._postponed: list[tuple[float, ObjectId]] = []
+        self._postponed_docs: dict[ObjectId, dict[str, Any]] = {}
+        self._restarts: list[float] = []
+        self.exit_code = 0
+
+    def on(self, event: str, handler: Handler) -> Queue:
+        """``handler(event_name, payload)`` for every status change in the cluster and this node's worker events."""
+        self._emitter.on(event, handler)
+        return self
+
+    def set_options(self, options: Mapping[str, Any]) -> Queue:
+        self.options.update(o.validate(options, o.QUEUE_OPTIONS, "queue"))
+        return self
+
+    def get_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    # -- main loop -------------------------------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Run the node until SIGTERM/SIGINT (then stop gracefully: interrupted jobs go back to WAITING)."""
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            store = self.scheduler._store
+            store.ensure()
+            self._start_manager()
+            with store.status_feed() as feed:  # opened before the scan: nothing added in between is missed
+                self._scan()
+                gaps = feed.gaps
+                timers = _Timers(self.options[o.ORPHANED_TIMEOUT])
+                while not self._stopping:
+                    change = feed.poll(min(TICK_SECONDS, self._next_due()))
+                    if change is not None:
+                        self._on_change(change)
+                    self._read_manager()
+                    self._release_due()
+                    if feed.gaps != gaps:
+                        gaps = feed.gaps
+                        self._scan()
+                    self._periodic(timers)
+        except ServerUnavailableError as exc:
+            self.logger.error("queue node lost MongoDB", extra={"error": str(exc)})
+            self.exit_code = 1
+        finally:
+            self._stop_manager()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self.logger.info("stopping queue node", extra={"signal": signum})
+        self._stopping = True
+
+    def _periodic(self, timers: _Timers) -> None:
+        now = time.monotonic()
+        if now >= timers.heartbeat:
+            timers.heartbeat = now + timers.heartbeat_every
+            self.scheduler._store.heartbeat(self._running, utcnow())
+        if now >= timers.orphans:
+            timers.orphans = now + timers.orphans_every
+            self._reschedule_orphans()
+        self._check_manager()
+
+    # -- change stream ---------------------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        for doc in self.scheduler._store.scan((JobStatus.WAITING, JobStatus.POSTPONED)):
+            self._route(doc["_id"], int(doc["status"]), doc)
+
+    def _on_change(self, change: StatusChange) -> None:
+        doc = change.document
+        if doc is not None:
+            self._emitter.emit_status(change.status, Process(dict(doc), self.scheduler))
+        self._route(change.job_id, change.status, doc)
+
+    def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
+        if status == JobStatus.WAITING and doc is not None:
+            self._send("job", doc)
+        elif status == JobStatus.POSTPONED and doc is not None:
+            at = float((doc.get("options") or {}).get(o.AT) or 0)
+            if job_id not in self._postponed_docs:
+                heapq.heappush(self._postponed, (at, job_id))
+            self._postponed_docs[job_id] = doc
+        elif status == JobStatus.CANCELED:
+            self._send("cancel", job_id)
+        else:
+            self._send("drop", job_id)
+
+    def _next_due(self) -> float:
+        if not self._postponed:
+            return TICK_SECONDS
+        return max(0.0, self._postponed[0][0] - time.time())
+
+    def _release_due(self) -> None:
+        while self._postponed and self._postponed[0][0] <= time.time():
+            _, job_id = heapq.heappop(self._postponed)
+            doc = self._postponed_docs.pop(job_id, None)
+            if doc is not None:
+                lifecycle.unpostpone(self.scheduler, doc)
+
+    def _reschedule_orphans(self) -> None:
+        threshold = utcnow() - timedelta(seconds=self.options[o.ORPHANED_TIMEOUT])
+        for doc in self.scheduler._store.orphans(threshold):
+            if doc["_id"] in self._running:
+                continue
+            lifecycle.release(self.scheduler, doc, doc["worker"], orphaned=True, reason="no heartbeat from its node")
+
+    # -- the manager -----------------------------------------------------------------------------------------------
+
+    def _start_manager(self) -> None:
+        parent_end, child_end = Pipe()
+        factory = self.factory
+
+        def run() -> int:
+            children.reset_signals()
+            manager = factory.build_manager()
+            manager.process(child_end)
+            return 0
+
+        try:
+            self._manager_pid = children.fork(run, close=[parent_end])
+        except SpawnForkError:
+            parent_end.close()
+            child_end.close()
+            raise
+        child_end.close()
+        self._conn = parent_end
+        self.logger.info("worker manager started", extra={"pid": self._manager_pid})
+
+    def _send(self, kind: str, payload: Any) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.send((kind, payload))
+        except (OSError, ValueError):
+            self.logger.warning("worker manager pipe closed")
+
+    def _read_manager(self) -> None:
+        conn = self._conn
+        while conn is not None and not conn.closed:
+            try:
+                if not conn.poll():
+                    return
+                kind, payload = conn.recv()
+            except (EOFError, OSError):
+                conn.close()
+                return
+            self._on_manager_message(kind, payload)
+
+    def _on_manager_message(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "spawn":
+            self._worker_pids[payload["_id"]] = payload["pid"]
+            self._emitter.emit(WORKER_SPAWN, payload)
+        elif kind == "kill":
+            self._worker_pids.pop(payload["_id"], None)
+            self._emitter.emit(WORKER_KILL, payload)
+        elif kind == "claimed":
+            self._running[payload["job"]] = payload["worker"]
+        elif kind in ("released", "canceled"):
+            self._running.pop(payload["job"], None)
+        elif kind in ("timeout", "died", "interrupted"):
+            self._running.pop(payload["job"], None)
+            self._after_kill(kind, payload)
+
+    def _after_kill(self, kind: str, payload: dict[str, Any]) -> None:
+        """Record what happened to a job whose worker is now dead (so it can no longer write)."""
+        doc = self.scheduler._store.find_job(payload["job"])
+        if doc is None:
+            return
+        worker = payload["worker"]
+        if kind == "timeout":
+            error = {
+                "class": "JobTimeoutError",
+                "message": f"job exceeded its timeout of {payload.get('timeout')} s and was killed",
+                "traceback": "",
+            }
+            lifecycle.finish(self.scheduler, doc, worker, JobStatus.TIMEOUT, error=error)
+        elif kind == "interrupted":
+            lifecycle.release(self.scheduler, doc, worker, orphaned=False, reason="queue node stopped")
+        else:
+            reason = f"worker process died (signal {payload.get('signal')})"
+            lifecycle.release(self.scheduler, doc, worker, orphaned=True, reason=reason)
+
+    def _check_manager(self) -> None:
+        pid = self._manager_pid
+        if pid is None:
+            return
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if not done:
+            return
+        self.logger.error("worker manager died", extra={"pid": pid, "status": status})
+        self._manager_pid = None
+        self._read_manager()
+        self._abandon_running("worker manager died")
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self._restarts) > MAX_RESTARTS:
+            self.logger.critical("worker manager keeps dying; queue node exits")
+            self.exit_code = 1
+            self._stopping = True
+            return
+        self._start_manager()
+        self._scan()
+
+    def _abandon_running(self, reason: str, orphaned: bool = True) -> None:
+        for job_id, worker in list(self._running.items()):
+            pid = self._worker_pids.pop(worker, None)
+            if pid:
+                children.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
+            doc = self.scheduler._store.find_job(job_id)
+            if doc is not None:
+                lifecycle.release(self.scheduler, doc, worker, orphaned=orphaned, reason=reason)
+        self._running.clear()
+
+    def _stop_manager(self) -> None:
+        """Stop the manager and its workers; every job they were running goes back to WAITING (same id)."""
+        pid = self._manager_pid
+        if pid is not None:
+            self._send("stop", None)
+            deadline = time.monotonic() + STOP_SECONDS
+            exited = False
+            while time.monotonic() < deadline:
+                self._read_manager_safely()
+                done, _ = _waitpid(pid)
+                if done:
+                    exited = True
+                    break
+                time.sleep(0.02)
+            if not exited:
+                self.logger.error("worker manager did not stop in time; killing it", extra={"pid": pid})
+                children.kill_tree(pid)
+                _waitpid(pid, block=True)
+            self._read_manager_safely()
+            self._manager_pid = None
+        try:
+            self._abandon_running("queue node stopped", orphaned=False)
+        except TaskSchedulerError as exc:
+            self.logger.error("could not put interrupted jobs back", extra={"error": str(exc)})
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _read_manager_safely(self) -> None:
+        try:
+            self._read_manager()
+        except TaskSchedulerError as exc:
+            self.logger.error("could not record a worker's end", extra={"error": str(exc)})
+
+
+class _Timers:
+    def __init__(self, orphaned_timeout: float) -> None:
+        self.heartbeat_every = max(0.2, min(orphaned_timeout / 4, 10.0))
+        self.orphans_every = max(0.5, min(orphaned_timeout / 2, 15.0))
+        now = time.monotonic()
+        self.heartbeat = now + self.heartbeat_every
+        self.orphans = now
+
+
+def _waitpid(pid: int, block: bool = False) -> tuple[int, int]:
+    try:
+        return os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:
+        return pid, 0
+

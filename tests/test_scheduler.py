@@ -1,0 +1,415 @@
+"""Scheduler on the real server: SPEC section 2 and the upstream SchedulerTest cases that still apply."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from blinker import Namespace
+from bson import ObjectId
+
+from taskscheduler import JobStatus, Process, Scheduler
+from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, WaitTimeoutError
+
+NOOP = "sample_jobs:Noop"
+
+
+def count_collections(db: Any) -> dict[str, int]:
+    return {name: db[name].count_documents({}) for name in db.list_collection_names()}
+
+
+def test_add_job_returns_waiting_process(scheduler: Scheduler) -> None:
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    p = scheduler.add_job("test", {"foo": "bar"})
+    assert isinstance(p, Process)
+    assert isinstance(p.id, ObjectId)
+    assert p.status == JobStatus.WAITING
+    assert p.job_class == "test"
+    assert p.data == {"foo": "bar"}
+    assert p.created is not None and p.created >= before
+    assert p.started is None and p.ended is None and p.worker is None
+    assert p.progress == 0.0
+    stored = scheduler.get_job(p.id)
+    assert stored.status == JobStatus.WAITING and stored.data == {"foo": "bar"}
+    assert stored.created == p.created
+
+
+def test_add_job_accepts_class_object_and_dotted_name(scheduler: Scheduler) -> None:
+    import sample_jobs
+
+    assert scheduler.add_job(sample_jobs.Noop).job_class == NOOP
+    assert scheduler.add_job("sample_jobs.Noop").job_class == NOOP
+
+
+def test_add_job_rejects_non_job_class(scheduler: Scheduler, db: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="JobInterface"):
+        scheduler.add_job(dict)
+    with pytest.raises(InvalidArgumentError):
+        scheduler.add_job("")
+    assert scheduler._store.jobs.count_documents({}) == 0
+
+
+def test_options_and_keywords_merge_keywords_win(scheduler: Scheduler) -> None:
+    p = scheduler.add_job(NOOP, None, {"retry": 1, "interval": 60}, retry=3)
+    assert p.options["retry"] == 3 and p.options["interval"] == 60
+
+
+def test_add_job_advanced_options_stored_exactly(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test", None, {"retry": 10, "interval": 60, "retry_interval": 10})
+    opts = scheduler.get_job(p.id).options
+    assert (opts["retry"], opts["interval"], opts["retry_interval"]) == (10, 60, 10)
+    assert all(type(opts[k]) is int for k in ("retry", "interval", "retry_interval"))
+    assert opts["interval_reference"] == "end" and opts["force_spawn"] is False and opts["timeout"] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("at", "10"), ("at", True), ("at", -1), ("at", float("nan")), ("at", datetime(2030, 1, 1)),
+        ("interval", "10"), ("interval", True), ("interval", 1.5), ("interval", -2),
+        ("interval_reference", "middle"), ("interval_reference", 1),
+        ("retry", "10"), ("retry", False), ("retry", -5),
+        ("retry_interval", "1"), ("retry_interval", -1),
+        ("force_spawn", 1), ("force_spawn", "yes"),
+        ("timeout", "10"), ("timeout", -1), ("timeout", 2.5),
+        ("id", "foobar"), ("id", 123),
+        ("ignore_data", "foobar"), ("ignore_data", 0),
+        ("foobar", 1),
+    ],
+)
+def test_invalid_job_option_writes_nothing(scheduler: Scheduler, db: Any, name: str, value: Any) -> None:
+    before = count_collections(db)
+    with pytest.raises(InvalidArgumentError, match=name):
+        scheduler.add_job("test", None, {name: value})
+    with pytest.raises(InvalidArgumentError):
+        scheduler.add_job_once("test", None, {name: value})
+    assert count_collections(db) == before
+
+
+def test_unencodable_data_is_a_clear_error(scheduler: Scheduler, db: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="BSON"):
+        scheduler.add_job("test", {"x": object()})
+    assert scheduler._store.jobs.count_documents({}) == 0
+
+
+def test_custom_id(scheduler: Scheduler) -> None:
+    job_id = ObjectId()
+    p = scheduler.add_job("test", None, {"id": job_id})
+    assert p.id == job_id and scheduler.get_job(job_id).id == job_id
+    assert "id" not in p.options
+    with pytest.raises(InvalidArgumentError, match="already exists"):
+        scheduler.add_job("test", None, {"id": job_id})
+    assert scheduler._store.jobs.count_documents({}) == 1
+
+
+def test_future_at_is_postponed_and_datetime_accepted(scheduler: Scheduler) -> None:
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    p = scheduler.add_job("test", None, at=later)
+    assert p.status == JobStatus.POSTPONED
+    assert p.options["at"] == pytest.approx(later.timestamp())
+    assert scheduler.add_job("test", None, at=int(time.time()) - 10).status == JobStatus.WAITING
+
+
+def test_get_job_missing_and_bad_id(scheduler: Scheduler) -> None:
+    with pytest.raises(JobNotFoundError):
+        scheduler.get_job(ObjectId())
+    with pytest.raises(InvalidArgumentError):
+        scheduler.get_job("not-an-id")  # type: ignore[arg-type]
+
+
+def test_get_jobs_default_and_query(scheduler: Scheduler) -> None:
+    a = scheduler.add_job("a")
+    b = scheduler.add_job("b")
+    scheduler.cancel_job(b.id)
+    assert [p.id for p in scheduler.get_jobs()] == [a.id]
+    assert list(scheduler.get_jobs({"status": JobStatus.DONE})) == []
+    assert [p.id for p in scheduler.get_jobs({"status": JobStatus.CANCELED})] == [b.id]
+    assert [p.id for p in scheduler.get_jobs({"$or": [{"class": "a"}, {"class": "b"}]})] == [a.id, b.id]
+    with pytest.raises(InvalidArgumentError):
+        list(scheduler.get_jobs({"status": {"$bogus": 1}}))
+
+
+def test_cancel_waiting_job(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    scheduler.cancel_job(p.id)
+    canceled = scheduler.get_job(p.id)
+    assert canceled.status == JobStatus.CANCELED and canceled.ended is not None
+    scheduler.cancel_job(p.id)  # a no-op
+    assert scheduler.get_job(p.id).ended == canceled.ended
+
+
+def test_cancel_missing_job(scheduler: Scheduler) -> None:
+    with pytest.raises(JobNotFoundError):
+        scheduler.cancel_job(ObjectId())
+
+
+@pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT])
+def test_cancel_finished_job_is_refused(scheduler: Scheduler, status: JobStatus) -> None:
+    p = scheduler.add_job("test")
+    assert scheduler._store.set_status(p.id, status, {"status": 0})
+    with pytest.raises(InvalidArgumentError, match=status.name):
+        scheduler.cancel_job(p.id)
+    assert scheduler.get_job(p.id).status == status
+
+
+def test_cancel_cancels_unfinished_children(scheduler: Scheduler) -> None:
+    parent = scheduler.add_job("test")
+    kid = scheduler.add_job("test", {"parent": parent.id})
+    done_kid = scheduler.add_job("test", {"parent": parent.id})
+    scheduler._store.set_status(done_kid.id, JobStatus.DONE, {"status": 0})
+    scheduler.cancel_job(parent.id)
+    assert scheduler.get_job(kid.id).status == JobStatus.CANCELED
+    assert scheduler.get_job(done_kid.id).status == JobStatus.DONE
+
+
+def test_flush(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    scheduler.flush()
+    with pytest.raises(JobNotFoundError):
+        scheduler.get_job(p.id)
+    assert scheduler.add_job("test").status == JobStatus.WAITING
+
+
+def test_add_job_once_returns_existing(scheduler: Scheduler) -> None:
+    data = {"n": str(ObjectId())}
+    a = scheduler.add_job_once("test", data)
+    b = scheduler.add_job_once("test", data)
+    assert a.id == b.id and b.status == JobStatus.WAITING
+    assert len(list(scheduler.get_jobs())) == 1
+
+
+def test_add_job_once_reschedules_when_options_change(scheduler: Scheduler) -> None:
+    a = scheduler.add_job_once("test", "x", {"interval": 1})
+    b = scheduler.add_job_once("test", "x", {"interval": 2})
+    assert a.id != b.id
+    assert scheduler.get_job(a.id).status == JobStatus.CANCELED
+    assert [p.id for p in scheduler.get_jobs()] == [b.id]
+
+
+def test_add_job_once_compares_only_submitted_options(scheduler: Scheduler) -> None:
+    a = scheduler.add_job_once("test", "x", {"interval": 1, "at": int(time.time()) + 3600})
+    b = scheduler.add_job_once("test", "x", {"interval": 1})
+    assert a.id == b.id
+
+
+def test_add_job_once_ignores_option_key_order(scheduler: Scheduler) -> None:
+    a = scheduler.add_job_once("test", {"a": 1, "b": 2}, {"retry": 2, "interval": 5})
+    b = scheduler.add_job_once("test", {"a": 1, "b": 2}, {"interval": 5, "retry": 2})
+    assert a.id == b.id
+
+
+def test_add_job_once_different_data_adds_second_job(scheduler: Scheduler) -> None:
+    a = scheduler.add_job_once("test", "foo")
+    b = scheduler.add_job_once("test", "bar")
+    assert a.id != b.id
+    assert {p.id for p in scheduler.get_jobs()} == {a.id, b.id}
+
+
+def test_add_job_once_ignore_data_replaces(scheduler: Scheduler) -> None:
+    a = scheduler.add_job_once("test", "foo", {"ignore_data": True})
+    b = scheduler.add_job_once("test", "bar", {"ignore_data": True})
+    assert a.id != b.id
+    assert scheduler.get_job(a.id).status == JobStatus.CANCELED
+    assert [p.id for p in scheduler.get_jobs()] == [b.id]
+    assert scheduler.add_job_once("test", "bar", {"ignore_data": True}).id == b.id
+
+
+def test_add_job_once_is_race_free(scheduler: Scheduler, db: Any) -> None:
+    results: list[ObjectId] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(10)
+
+    def call() -> None:
+        own = Scheduler(db)
+        barrier.wait()
+        try:
+            results.append(own.add_job_once("test", {"k": 1}, {"retry": 1}).id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(results)) == 1
+    assert len(list(scheduler.get_jobs())) == 1
+
+
+def test_update_progress(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    scheduler.update_progress(p.id, 50.5)
+    assert scheduler.get_job(p.id).progress == 50.5
+    scheduler.update_progress(p.id, 50.6)  # within the 500 ms rate limit: dropped
+    assert scheduler.get_job(p.id).progress == 50.5
+    scheduler.update_progress(p.id, 100)  # the final 100 always writes
+    assert scheduler.get_job(p.id).progress == 100.0
+
+
+def test_update_progress_none_keeps_progress_and_pings(scheduler: Scheduler) -> None:
+    s = Scheduler(scheduler._db, options={"progress_rate_limit": 0})
+    p = s.add_job("test")
+    s.update_progress(p.id, 42)
+    alive = s._store.find_job(p.id)["alive"]
+    time.sleep(0.01)
+    s.update_progress(p.id)
+    doc = s._store.find_job(p.id)
+    assert doc["progress"] == 42.0 and doc["alive"] > alive
+
+
+def test_update_progress_without_rate_limit(scheduler: Scheduler) -> None:
+    scheduler.set_options({"progress_rate_limit": 0})
+    p = scheduler.add_job("test")
+    scheduler.update_progress(p.id, 50.5)
+    scheduler.update_progress(p.id, 50.6)
+    assert scheduler.get_job(p.id).progress == 50.6
+
+
+@pytest.mark.parametrize("value", [-0.1, 100.1, 101, "50", True, float("nan")])
+def test_update_progress_out_of_range(scheduler: Scheduler, value: Any) -> None:
+    p = scheduler.add_job("test")
+    with pytest.raises(InvalidArgumentError):
+        scheduler.update_progress(p.id, value)
+    assert scheduler.get_job(p.id).progress == 0.0
+
+
+def test_update_progress_unknown_job(scheduler: Scheduler) -> None:
+    with pytest.raises(JobNotFoundError):
+        scheduler.update_progress(ObjectId(), 10)
+
+
+def test_default_job_options_from_constructor(db: Any, size_guard: Any) -> None:
+    s = Scheduler(db, options={
+        "default_retry": 1, "default_at": 1000000, "default_retry_interval": 1,
+        "default_interval_reference": "start", "default_interval": 300, "default_timeout": 1,
+    })
+    opts = s.add_job("test").options
+    assert opts["retry"] == 1 and opts["at"] == 1000000 and opts["retry_interval"] == 1
+    assert opts["interval_reference"] == "start" and opts["interval"] == 300 and opts["timeout"] == 1
+
+
+def test_set_options_changes_defaults_and_get_options(scheduler: Scheduler) -> None:
+    assert scheduler.set_options({"default_retry": 2, "progress_rate_limit": 100}) is scheduler
+    assert scheduler.add_job("test").options["retry"] == 2
+    got = scheduler.get_options()
+    assert got["progress_rate_limit"] == 100 and got["job_queue"] == "taskscheduler.jobs"
+    assert got["job_queue_size"] == 100_000_000 and got["event_queue_size"] == 500_000_000
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"foo": "bar"}, {"job_queue_size": "1"}, {"job_queue": ""}, {"default_interval_reference": "x"},
+     {"progress_rate_limit": -1}, {"job_retention": 0}, {"default_retry": "1"}],
+)
+def test_invalid_scheduler_options(db: Any, options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        Scheduler(db, options=options)
+    s = Scheduler(db)
+    with pytest.raises(InvalidArgumentError):
+        s.set_options(options)
+    assert s.get_options()["job_queue"] == "taskscheduler.jobs"
+
+
+def test_events_on_add_and_cancel(scheduler: Scheduler) -> None:
+    seen: list[tuple[str, Any]] = []
+    scheduler.on("waiting", lambda name, p: seen.append((name, p.id)))
+    scheduler.on("taskscheduler.onCancel", lambda name, p: seen.append((name, p.id)))
+    scheduler.on("*", lambda name, p: seen.append(("*" + name, p.id)))
+    p = scheduler.add_job("test")
+    scheduler.cancel_job(p.id)
+    assert seen == [
+        ("taskscheduler.onWaiting", p.id), ("*taskscheduler.onWaiting", p.id),
+        ("taskscheduler.onCancel", p.id), ("*taskscheduler.onCancel", p.id),
+    ]
+
+
+def test_on_rejects_unknown_event(scheduler: Scheduler) -> None:
+    with pytest.raises(InvalidArgumentError):
+        scheduler.on("exploded", lambda *a: None)
+
+
+def test_custom_emitter_namespace(db: Any, size_guard: Any) -> None:
+    ns = Namespace()
+    got: list[Any] = []
+    ns.signal("taskscheduler.onPostponed").connect(lambda sender, **kw: got.append((sender, kw["payload"].id)), weak=False)
+    p = Scheduler(db, emitter=ns).add_job("test", at=time.time() + 60)
+    assert got == [("taskscheduler.onPostponed", p.id)]
+
+
+def test_wait_for_already_finished(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    scheduler.cancel_job(p.id)
+    stale = Process(dict(p._doc), scheduler)
+    scheduler.wait_for([stale], timeout=5)
+    assert stale.status == JobStatus.CANCELED
+
+
+def test_wait_for_sees_changes_and_updates_in_place(scheduler: Scheduler, db: Any) -> None:
+    a, b = scheduler.add_job("test"), scheduler.add_job("test")
+    other = Scheduler(db)
+
+    def finish() -> None:
+        time.sleep(0.3)
+        other.cancel_job(a.id)
+        time.sleep(0.2)
+        other.cancel_job(b.id)
+
+    seen: list[str] = []
+    scheduler.on("cancel", lambda name, p: seen.append(str(p.id)))
+    t = threading.Thread(target=finish)
+    t.start()
+    scheduler.wait_for([a, b, a], timeout=10)
+    t.join()
+    assert a.status == JobStatus.CANCELED and b.status == JobStatus.CANCELED
+    assert seen == [str(a.id), str(b.id)]
+
+
+def test_wait_for_timeout(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    started = time.monotonic()
+    with pytest.raises(WaitTimeoutError):
+        scheduler.wait_for([p], timeout=0.5)
+    assert time.monotonic() - started < 3
+    with pytest.raises(TimeoutError):
+        p.wait(timeout=0.2)
+
+
+def test_wait_for_rejects_non_process(scheduler: Scheduler) -> None:
+    with pytest.raises(InvalidArgumentError):
+        scheduler.wait_for([ObjectId()])  # type: ignore[list-item]
+
+
+def test_listen_by_id(scheduler: Scheduler, db: Any) -> None:
+    p = scheduler.add_job("test")
+    q = scheduler.add_job("test")
+    calls: list[tuple[ObjectId, JobStatus]] = []
+
+    def cancel_later() -> None:
+        time.sleep(0.3)
+        Scheduler(db).cancel_job(q.id)
+        Scheduler(db).cancel_job(p.id)
+
+    t = threading.Thread(target=cancel_later)
+    t.start()
+    scheduler.listen(lambda proc: calls.append((proc.id, proc.status)) or True, {"_id": p.id}, timeout=10)
+    t.join()
+    assert calls == [(p.id, JobStatus.CANCELED)]
+
+
+def test_listen_timeout(scheduler: Scheduler) -> None:
+    with pytest.raises(WaitTimeoutError):
+        scheduler.listen(lambda proc: True, {"class": "nothing"}, timeout=0.3)
+
+
+def test_process_refresh_and_to_dict(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test", {"a": 1})
+    scheduler.cancel_job(p.id)
+    assert p.status == JobStatus.WAITING
+    assert p.refresh() is p and p.status == JobStatus.CANCELED
+    d = p.to_dict()
+    assert d["_id"] == p.id and d["worker"] is None and d["started"] is None and d["status"] == 5
+    assert p.error is None and p.result is None
