@@ -157,8 +157,23 @@ def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator
     def start(*args: str, orphaned_timeout: float = 2.0) -> Node:
         log = tmp_path / f"node{len(nodes)}.log"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "taskscheduler", "--log-level", "DEBUG", "queue", "--mongodb-uri", server.uri,
-               "--database", db_name, "--import", "sample_jobs", "--orphaned-timeout", str(orphaned_timeout), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "taskscheduler",
+            "--log-level",
+            "DEBUG",
+            "queue",
+            "--mongodb-uri",
+            server.uri,
+            "--database",
+            db_name,
+            "--import",
+            "sample_jobs",
+            "--orphaned-timeout",
+            str(orphaned_timeout),
+            *args,
+        ]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         node = Node(proc, log)

@@ -68,15 +68,31 @@ def test_add_job_advanced_options_stored_exactly(scheduler: Scheduler) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("at", "10"), ("at", True), ("at", -1), ("at", float("nan")), ("at", datetime(2030, 1, 1)),
-        ("interval", "10"), ("interval", True), ("interval", 1.5), ("interval", -2),
-        ("interval_reference", "middle"), ("interval_reference", 1),
-        ("retry", "10"), ("retry", False), ("retry", -5),
-        ("retry_interval", "1"), ("retry_interval", -1),
-        ("force_spawn", 1), ("force_spawn", "yes"),
-        ("timeout", "10"), ("timeout", -1), ("timeout", 2.5),
-        ("id", "foobar"), ("id", 123),
-        ("ignore_data", "foobar"), ("ignore_data", 0),
+        ("at", "10"),
+        ("at", True),
+        ("at", -1),
+        ("at", float("nan")),
+        ("at", datetime(2030, 1, 1)),
+        ("interval", "10"),
+        ("interval", True),
+        ("interval", 1.5),
+        ("interval", -2),
+        ("interval_reference", "middle"),
+        ("interval_reference", 1),
+        ("retry", "10"),
+        ("retry", False),
+        ("retry", -5),
+        ("retry_interval", "1"),
+        ("retry_interval", -1),
+        ("force_spawn", 1),
+        ("force_spawn", "yes"),
+        ("timeout", "10"),
+        ("timeout", -1),
+        ("timeout", 2.5),
+        ("id", "foobar"),
+        ("id", 123),
+        ("ignore_data", "foobar"),
+        ("ignore_data", 0),
         ("foobar", 1),
     ],
 )
@@ -283,10 +299,17 @@ def test_update_progress_unknown_job(scheduler: Scheduler) -> None:
 
 
 def test_default_job_options_from_constructor(db: Any, size_guard: Any) -> None:
-    s = Scheduler(db, options={
-        "default_retry": 1, "default_at": 1000000, "default_retry_interval": 1,
-        "default_interval_reference": "start", "default_interval": 300, "default_timeout": 1,
-    })
+    s = Scheduler(
+        db,
+        options={
+            "default_retry": 1,
+            "default_at": 1000000,
+            "default_retry_interval": 1,
+            "default_interval_reference": "start",
+            "default_interval": 300,
+            "default_timeout": 1,
+        },
+    )
     opts = s.add_job("test").options
     assert opts["retry"] == 1 and opts["at"] == 1000000 and opts["retry_interval"] == 1
     assert opts["interval_reference"] == "start" and opts["interval"] == 300 and opts["timeout"] == 1
@@ -302,8 +325,15 @@ def test_set_options_changes_defaults_and_get_options(scheduler: Scheduler) -> N
 
 @pytest.mark.parametrize(
     "options",
-    [{"foo": "bar"}, {"job_queue_size": "1"}, {"job_queue": ""}, {"default_interval_reference": "x"},
-     {"progress_rate_limit": -1}, {"job_retention": 0}, {"default_retry": "1"}],
+    [
+        {"foo": "bar"},
+        {"job_queue_size": "1"},
+        {"job_queue": ""},
+        {"default_interval_reference": "x"},
+        {"progress_rate_limit": -1},
+        {"job_retention": 0},
+        {"default_retry": "1"},
+    ],
 )
 def test_invalid_scheduler_options(db: Any, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgumentError):
@@ -322,8 +352,10 @@ def test_events_on_add_and_cancel(scheduler: Scheduler) -> None:
     p = scheduler.add_job("test")
     scheduler.cancel_job(p.id)
     assert seen == [
-        ("taskscheduler.onWaiting", p.id), ("*taskscheduler.onWaiting", p.id),
-        ("taskscheduler.onCancel", p.id), ("*taskscheduler.onCancel", p.id),
+        ("taskscheduler.onWaiting", p.id),
+        ("*taskscheduler.onWaiting", p.id),
+        ("taskscheduler.onCancel", p.id),
+        ("*taskscheduler.onCancel", p.id),
     ]
 
 
@@ -335,7 +367,9 @@ def test_on_rejects_unknown_event(scheduler: Scheduler) -> None:
 def test_custom_emitter_namespace(db: Any, size_guard: Any) -> None:
     ns = Namespace()
     got: list[Any] = []
-    ns.signal("taskscheduler.onPostponed").connect(lambda sender, **kw: got.append((sender, kw["payload"].id)), weak=False)
+    ns.signal("taskscheduler.onPostponed").connect(
+        lambda sender, **kw: got.append((sender, kw["payload"].id)), weak=False
+    )
     p = Scheduler(db, emitter=ns).add_job("test", at=time.time() + 60)
     assert got == [("taskscheduler.onPostponed", p.id)]
 

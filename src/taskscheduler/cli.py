@@ -37,11 +37,19 @@ def _env(flag: str) -> str:
 def common(func: F) -> F:
     """The connection options every command takes."""
     func = click.option(
-        "--database", default=DEFAULT_DATABASE, show_default=True, envvar=_env("database"), show_envvar=True,
+        "--database",
+        default=DEFAULT_DATABASE,
+        show_default=True,
+        envvar=_env("database"),
+        show_envvar=True,
         help="Database holding the job and event collections.",
     )(func)
     func = click.option(
-        "--mongodb-uri", default=DEFAULT_URI, show_default=True, envvar=_env("mongodb-uri"), show_envvar=True,
+        "--mongodb-uri",
+        default=DEFAULT_URI,
+        show_default=True,
+        envvar=_env("mongodb-uri"),
+        show_envvar=True,
         help="MongoDB replica set (or single node) URI.",
     )(func)
     return func
@@ -69,8 +77,14 @@ def _print_json(value: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mongodb-task-scheduler")
-@click.option("--log-level", default="INFO", envvar=_env("log-level"), show_envvar=True, show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    envvar=_env("log-level"),
+    show_envvar=True,
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def cli(log_level: str) -> None:
     """Run jobs in parallel across processes and machines, with MongoDB as the only infrastructure."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -78,25 +92,64 @@ def cli(log_level: str) -> None:
 
 @cli.command()
 @common
-@click.option("--import", "imports", multiple=True, envvar=_env("import"), show_envvar=True,
-              help="Module to import in workers (defines job classes); repeatable.")
-@click.option("--pm", type=click.Choice(list(o.PM_MODES)), default="dynamic", show_default=True,
-              envvar=_env("pm"), show_envvar=True, help="Worker process management mode.")
-@click.option("--min-children", type=click.IntRange(min=0), default=1, show_default=True,
-              envvar=_env("min-children"), show_envvar=True)
-@click.option("--max-children", type=click.IntRange(min=1), default=2, show_default=True,
-              envvar=_env("max-children"), show_envvar=True)
-@click.option("--orphaned-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
-              envvar=_env("orphaned-timeout"), show_envvar=True,
-              help="Seconds without heartbeat after which a running job is orphaned.")
-def queue(mongodb_uri: str, database: str, imports: Sequence[str], pm: str, min_children: int, max_children: int,
-          orphaned_timeout: float) -> None:
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    envvar=_env("import"),
+    show_envvar=True,
+    help="Module to import in workers (defines job classes); repeatable.",
+)
+@click.option(
+    "--pm",
+    type=click.Choice(list(o.PM_MODES)),
+    default="dynamic",
+    show_default=True,
+    envvar=_env("pm"),
+    show_envvar=True,
+    help="Worker process management mode.",
+)
+@click.option(
+    "--min-children",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    envvar=_env("min-children"),
+    show_envvar=True,
+)
+@click.option(
+    "--max-children",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    envvar=_env("max-children"),
+    show_envvar=True,
+)
+@click.option(
+    "--orphaned-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30,
+    show_default=True,
+    envvar=_env("orphaned-timeout"),
+    show_envvar=True,
+    help="Seconds without heartbeat after which a running job is orphaned.",
+)
+def queue(
+    mongodb_uri: str,
+    database: str,
+    imports: Sequence[str],
+    pm: str,
+    min_children: int,
+    max_children: int,
+    orphaned_timeout: float,
+) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
     from .factory import DefaultWorkerFactory
     from .queue import Queue
 
     factory = DefaultWorkerFactory(
-        mongodb_uri, database,
+        mongodb_uri,
+        database,
         manager_options={o.PM: pm, o.MIN_CHILDREN: min_children, o.MAX_CHILDREN: max_children},
         imports=imports,
     )
@@ -134,9 +187,19 @@ def _parse_at(value: str | None) -> float | None:
 @click.option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
 @click.option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
-def add(mongodb_uri: str, database: str, job_class: str, data: str | None, at: str | None, interval: int | None,
-        retry: int | None, retry_interval: int | None, timeout: int | None, force_spawn: bool,
-        as_json: bool) -> None:
+def add(
+    mongodb_uri: str,
+    database: str,
+    job_class: str,
+    data: str | None,
+    at: str | None,
+    interval: int | None,
+    retry: int | None,
+    retry_interval: int | None,
+    timeout: int | None,
+    force_spawn: bool,
+    as_json: bool,
+) -> None:
     """Add a job of JOB_CLASS ("module:QualName"); prints its id."""
     payload: Any = None
     if data is not None:
@@ -145,8 +208,12 @@ def add(mongodb_uri: str, database: str, job_class: str, data: str | None, at: s
         except ValueError as exc:
             raise click.BadParameter(f"--data is not valid JSON: {exc}") from None
     given: dict[str, Any] = {
-        o.AT: _parse_at(at), o.INTERVAL: interval, o.RETRY: retry, o.RETRY_INTERVAL: retry_interval,
-        o.TIMEOUT: timeout, o.FORCE_SPAWN: force_spawn or None,
+        o.AT: _parse_at(at),
+        o.INTERVAL: interval,
+        o.RETRY: retry,
+        o.RETRY_INTERVAL: retry_interval,
+        o.TIMEOUT: timeout,
+        o.FORCE_SPAWN: force_spawn or None,
     }
     job_options = {k: v for k, v in given.items() if v is not None}
     process = _scheduler(mongodb_uri, database).add_job(job_class, payload, job_options)
@@ -162,14 +229,26 @@ def _status_names() -> list[str]:
 
 @cli.command()
 @common
-@click.option("--status", "statuses", multiple=True, type=click.Choice(_status_names(), case_sensitive=False),
-              help="Only jobs in this status (repeatable). Default: waiting, postponed, processing.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(_status_names(), case_sensitive=False),
+    help="Only jobs in this status (repeatable). Default: waiting, postponed, processing.",
+)
 @click.option("--all", "show_all", is_flag=True, help="Jobs in every status.")
 @click.option("--class", "job_class", default=None, help="Only jobs of this class.")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
-def jobs(mongodb_uri: str, database: str, statuses: Sequence[str], show_all: bool, job_class: str | None,
-         limit: int, as_json: bool) -> None:
+def jobs(
+    mongodb_uri: str,
+    database: str,
+    statuses: Sequence[str],
+    show_all: bool,
+    job_class: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List jobs."""
     from .display import jobs_table
 
@@ -208,15 +287,29 @@ def show(mongodb_uri: str, database: str, job_id: str, as_json: bool) -> None:
 
 
 def _print_details(doc: dict[str, Any]) -> None:
-    for key in ("_id", "class", "status_name", "progress", "created", "started", "ended", "worker", "data",
-                "options", "result", "error"):
+    for key in (
+        "_id",
+        "class",
+        "status_name",
+        "progress",
+        "created",
+        "started",
+        "ended",
+        "worker",
+        "data",
+        "options",
+        "result",
+        "error",
+    ):
         value = doc.get(key)
         if key == "error" and value:
             click.echo(f"error: {value.get('class')}: {value.get('message')}")
             if value.get("traceback"):
                 click.echo(value["traceback"].rstrip())
             continue
-        click.echo(f"{key.replace('_name', '')}: {json_util.dumps(value) if isinstance(value, (dict, list)) else value}")
+        click.echo(
+            f"{key.replace('_name', '')}: {json_util.dumps(value) if isinstance(value, (dict, list)) else value}"
+        )
 
 
 @cli.command()
@@ -241,8 +334,13 @@ def flush(mongodb_uri: str, database: str, yes: bool) -> None:
 
 @cli.command()
 @common
-@click.option("--interval", type=click.FloatRange(min=0.05), default=0.5, show_default=True,
-              help="Seconds between screen refreshes.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=0.5,
+    show_default=True,
+    help="Seconds between screen refreshes.",
+)
 @click.option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
 def watch(mongodb_uri: str, database: str, interval: float, once: bool) -> None:
     """Live view of jobs and their progress, driven by change streams, until Ctrl-C."""
@@ -252,10 +350,17 @@ def watch(mongodb_uri: str, database: str, interval: float, once: bool) -> None:
 
 
 @cli.command()
-@click.option("--port", type=click.IntRange(0, 65535), default=27017, show_default=True, envvar=_env("port"),
-              show_envvar=True)
-@click.option("--data-dir", default=".taskscheduler/data", show_default=True, envvar=_env("data-dir"),
-              show_envvar=True, help="Where the embedded server keeps its data (':memory:' for none).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=27017, show_default=True, envvar=_env("port"), show_envvar=True
+)
+@click.option(
+    "--data-dir",
+    default=".taskscheduler/data",
+    show_default=True,
+    envvar=_env("data-dir"),
+    show_envvar=True,
+    help="Where the embedded server keeps its data (':memory:' for none).",
+)
 def server(port: int, data_dir: str) -> None:
     """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C."""
     from .embedded import EmbeddedServer
@@ -266,8 +371,7 @@ def server(port: int, data_dir: str) -> None:
 
 
 @cli.command()
-@click.option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True,
-              help="Longest the demo runs.")
+@click.option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
 @click.option("--plain", is_flag=True, help="Plain text output instead of the live display.")
 def demo(seconds: float, plain: bool) -> None:
     """Start an embedded server and a queue node, run example jobs, show them live, print a summary."""

@@ -39,8 +39,13 @@ def uri_for(port: int, host: str = "127.0.0.1") -> str:
 class EmbeddedServer:
     """Start with ``with EmbeddedServer(port=0) as srv: srv.uri``; port 0 picks a free one."""
 
-    def __init__(self, port: int = 27017, data_dir: str | os.PathLike[str] = ".taskscheduler/data",
-                 test_commands: bool = False, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 27017,
+        data_dir: str | os.PathLike[str] = ".taskscheduler/data",
+        test_commands: bool = False,
+        log_path: str | None = None,
+    ) -> None:
         if importlib.util.find_spec("secantus") is None:
             raise EmbeddedServerError(
                 "the embedded server needs SecantusDB: pip install 'mongodb-task-scheduler[embedded]'"
@@ -55,8 +60,19 @@ class EmbeddedServer:
     def start(self) -> EmbeddedServer:
         if self.data_dir != ":memory:":
             Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage-path", self.data_dir, "--log-level", "WARNING"]
+        args = [
+            sys.executable,
+            "-m",
+            "secantus",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--storage-path",
+            self.data_dir,
+            "--log-level",
+            "WARNING",
+        ]
         if self.test_commands:
             args.append("--enable-test-commands")
         if self.log_path:
@@ -75,7 +91,9 @@ class EmbeddedServer:
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise EmbeddedServerError(f"embedded server exited with code {self._proc.returncode} on port {self.port}")
+                raise EmbeddedServerError(
+                    f"embedded server exited with code {self._proc.returncode} on port {self.port}"
+                )
             try:
                 db = connect(self.uri, "admin", timeout_ms=500)
                 try:
@@ -119,5 +137,7 @@ class EmbeddedServer:
     def __enter__(self) -> EmbeddedServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -67,7 +67,9 @@ def class_path(job_class: type | str) -> str:
         if not issubclass(job_class, JobInterface):
             raise InvalidArgumentError(f"job class {job_class.__qualname__} must implement taskscheduler.JobInterface")
         if "<locals>" in job_class.__qualname__:
-            raise InvalidArgumentError(f"job class {job_class.__qualname__} must be importable, not defined in a function")
+            raise InvalidArgumentError(
+                f"job class {job_class.__qualname__} must be importable, not defined in a function"
+            )
         return f"{job_class.__module__}:{job_class.__qualname__}"
     if not isinstance(job_class, str) or not job_class.strip() or job_class != job_class.strip():
         raise InvalidArgumentError(f"job class must be a class or a 'module:QualName' string, got {job_class!r}")

@@ -19,6 +19,7 @@ from bson import ObjectId
 from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
 from .process import Process
+from .errors import TaskSchedulerError
 from .store import OnceConflict, utcnow
 
 if TYPE_CHECKING:
@@ -46,13 +47,23 @@ def finish(
     result: Any = None,
     has_result: bool = False,
 ) -> bool:
-    """Record the end of a run owned by ``worker``; then cancel children or add the follow-up run."""
+    """Record the end of a run owned by ``worker``; cancel its children or add its next run.
+
+    The next run (retry or interval) is inserted before the final status is written, so whoever sees the job
+    finished also finds its next run; it is withdrawn if this worker turns out to have lost the job.
+    """
     store = scheduler._store
     now = utcnow()
     event_id = store.insert_event(doc, status, worker, error, result, has_result)
+    next_doc = next_run(scheduler, doc, status)
+    early = next_doc is not None and "once" not in next_doc  # a once-key may exist only once while active
+    if early and next_doc is not None:
+        _insert_quietly(scheduler, next_doc, announce=False)
     owned = {"status": int(JobStatus.PROCESSING), "worker": worker}
     if not store.set_status(doc["_id"], status, owned, {"ended": now, "progress": 100.0}):
         store.delete_event(event_id)
+        if early and next_doc is not None:
+            store.delete_job(next_doc["_id"])
         scheduler.logger.warning("lost ownership of job before recording it", extra={"job_id": doc["_id"]})
         return False
     final = dict(doc, status=int(status), ended=now, progress=100.0, worker=worker)
@@ -62,12 +73,18 @@ def finish(
     scheduler._emitter.emit_status(status, Process(final, scheduler))
     if status in (JobStatus.TIMEOUT, JobStatus.CANCELED):
         scheduler.cancel_children(doc["_id"])
-    follow_up(scheduler, final, status)
+    if next_doc is not None:
+        if early:
+            store.insert_event(next_doc, next_doc["status"])
+            scheduler._emitter.emit_status(next_doc["status"], Process(next_doc, scheduler))
+        else:
+            _insert_quietly(scheduler, next_doc, announce=True)
     return True
 
 
-def follow_up(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -> ObjectId | None:
-    """Add the next run of a finished job: a retry after FAILED/TIMEOUT, else the next interval run."""
+def next_run(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -> dict[str, Any] | None:
+    """The next run of a finished job, prepared but not stored: a retry after FAILED/TIMEOUT, else the next
+    interval run (measured from the end, the start, or for a timeout from now)."""
     opts = dict(doc.get("options") or {})
     now = time.time()
     retry = int(opts.get(o.RETRY, 0))
@@ -87,15 +104,22 @@ def follow_up(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -
             return None
     else:
         return None
-    next_doc = scheduler._prepare(doc["class"], doc.get("data"), opts)
+    prepared = scheduler._prepare(doc["class"], doc.get("data"), opts)
     if "once" in doc:
-        next_doc["once"] = doc["once"]
+        prepared["once"] = doc["once"]
+    return prepared
+
+
+def _insert_quietly(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> None:
     try:
-        scheduler._insert(next_doc)
+        if announce:
+            scheduler._insert(doc)
+        else:
+            scheduler._store.insert_job(doc)
     except OnceConflict:
         scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
-        return None
-    return ObjectId(next_doc["_id"])
+    except TaskSchedulerError as exc:
+        scheduler.logger.error("next run could not be added", extra={"job_id": doc["_id"], "error": str(exc)})
 
 
 def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str) -> bool:

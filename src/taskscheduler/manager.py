@@ -133,9 +133,9 @@ class WorkerManager:
                 while self._wake_r.recv(4096):
                     pass
             return
-        if handle is self._queue:
+        if handle is self._queue and self._queue is not None:
             try:
-                kind, payload = handle.recv()
+                kind, payload = self._queue.recv()
             except (EOFError, OSError):
                 self.logger.error("queue node went away; stopping workers")
                 self._stopping = True
@@ -190,7 +190,9 @@ class WorkerManager:
 
     def _dispatch(self) -> None:
         while self._pending and not self._stopping:
-            idle = next((c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None)
+            idle = next(
+                (c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None
+            )
             if idle is not None:
                 job_id, doc = self._pending.popitem(last=False)
                 idle.job, idle.doc = job_id, doc
@@ -313,7 +315,9 @@ class WorkerManager:
         child.conn.close()
         self._report("kill", {"_id": child.id, "pid": child.pid, "signal": sig})
         if child.claimed and child.job is not None:
-            kind = {"timeout": "timeout", "cancel": "canceled", "stop": "interrupted"}.get(child.kill_reason or "", "died")
+            kind = {"timeout": "timeout", "cancel": "canceled", "stop": "interrupted"}.get(
+                child.kill_reason or "", "died"
+            )
             self._report(kind, {"job": child.job, "worker": child.id, "signal": sig, "timeout": child.timeout})
         elif child.doc is not None and child.kill_reason not in ("cancel", "stop"):
             # Handed over but never claimed: it is still WAITING, and no change event will announce it again.
@@ -349,5 +353,3 @@ class WorkerManager:
                 time.sleep(0.02)
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
-
-

@@ -67,7 +67,7 @@ class Process:
     @property
     def worker(self) -> ObjectId | None:
         worker = self._doc.get("worker")
-        return None if worker is None or worker == NO_WORKER else worker  # type: ignore[no-any-return]
+        return None if worker is None or worker == NO_WORKER else worker
 
     @property
     def created(self) -> datetime | None:

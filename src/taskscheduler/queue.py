@@ -338,4 +338,3 @@ def _waitpid(pid: int, block: bool = False) -> tuple[int, int]:
         return os.waitpid(pid, 0 if block else os.WNOHANG)
     except ChildProcessError:
         return pid, 0
-

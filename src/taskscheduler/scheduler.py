@@ -208,7 +208,8 @@ class Scheduler:
                 return
             if status.is_terminal:
                 raise InvalidArgumentError(
-                    f"job {doc['_id']} has already ended with status {status.name}; only unfinished jobs can be canceled"
+                    f"job {doc['_id']} has already ended with status {status.name}; "
+                    "only unfinished jobs can be canceled"
                 )
             now = utcnow()
             if self._store.set_status(doc["_id"], JobStatus.CANCELED, {"status": int(status)}, {"ended": now}):

@@ -10,6 +10,7 @@ fixed-size fields with values of the same BSON type: ``status`` (int32), ``start
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -32,7 +33,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from .constants import NO_WORKER, UNSET_TIME, JobStatus
+from .constants import NO_WORKER, JobStatus
 from .errors import InvalidArgumentError, QueueFullError, ServerUnavailableError
 
 logger = logging.getLogger("taskscheduler.store")
@@ -136,7 +137,7 @@ class Store:
         job_retention: int,
     ) -> None:
         # Aware UTC datetimes whatever the caller's client was configured with.
-        self.db = db.with_options(codec_options=CodecOptions(tz_aware=True, tzinfo=timezone.utc))
+        self.db: Database[Document] = db.with_options(codec_options=CodecOptions(tz_aware=True, tzinfo=timezone.utc))
         self.job_queue = job_queue
         self.job_queue_size = job_queue_size
         self.event_queue = event_queue
@@ -180,7 +181,9 @@ class Store:
             )
         event_indexes = [IndexModel([("job", ASCENDING), ("_id", ASCENDING)], name="job")]
         if not self.event_queue_size:
-            event_indexes.append(IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention))
+            event_indexes.append(
+                IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention)
+            )
         with _server_errors():
             self.jobs.create_indexes(job_indexes)
             self.events.create_indexes(event_indexes)
@@ -259,6 +262,11 @@ class Store:
                 if freed >= overflow:
                     return
         raise QueueFullError(f"a {size} byte job does not fit in job collection {self.job_queue!r} of {limit} bytes")
+
+    def delete_job(self, job_id: ObjectId) -> None:
+        """Withdraw a job nobody has seen run (a next run whose predecessor's end was not recorded)."""
+        with _server_errors():
+            self.jobs.delete_one({"_id": job_id, "status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}})
 
     def find_job(self, job_id: Any) -> Document | None:
         with _server_errors():
@@ -414,7 +422,9 @@ class StatusFeed:
             {"$match": match},
             {
                 "$set": {
-                    "fullDocument.status": {"$ifNull": ["$updateDescription.updatedFields.status", "$fullDocument.status"]}
+                    "fullDocument.status": {
+                        "$ifNull": ["$updateDescription.updatedFields.status", "$fullDocument.status"]
+                    }
                 }
             },
         ]
@@ -511,13 +521,10 @@ def _encode_document(doc: Mapping[str, Any]) -> bytes:
         raise InvalidArgumentError(f"job data cannot be stored in MongoDB (not BSON-encodable): {exc}") from exc
 
 
-class _server_errors:
+@contextlib.contextmanager
+def _server_errors() -> Iterator[None]:
     """Turns 'cannot reach the server' into ServerUnavailableError; other driver errors pass through."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is not None and isinstance(exc, (ServerSelectionTimeoutError, ConnectionFailure)):
-            raise ServerUnavailableError(f"cannot reach MongoDB: {exc}") from exc
-        return False
+    try:
+        yield
+    except (ServerSelectionTimeoutError, ConnectionFailure) as exc:
+        raise ServerUnavailableError(f"cannot reach MongoDB: {exc}") from exc

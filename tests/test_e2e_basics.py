@@ -1,0 +1,132 @@
+"""End to end: real queue nodes (``taskscheduler queue`` processes), their managers and workers, a real server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import Node, wait_until
+from taskscheduler import JobStatus, Scheduler
+from taskscheduler.errors import JobFailedError
+
+pytestmark = pytest.mark.e2e
+
+
+def test_job_runs_and_stores_result(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    node = start_node()
+    p = scheduler.add_job("sample_jobs:Echo", {"hello": "world"})
+    p.wait(timeout=30)
+    assert p.status == JobStatus.DONE
+    assert p.result == {"hello": "world"}
+    assert p.progress == 100.0 and p.started is not None and p.ended is not None and p.ended >= p.started
+    assert p.worker is not None and p.error is None
+    assert node.stop() == 0
+
+
+def test_failure_records_error_and_wait_for_throws(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    p = scheduler.add_job("sample_jobs:Fail", "x")
+    with pytest.raises(JobFailedError) as info:
+        scheduler.wait_for([p], Scheduler.OPTION_THROW_EXCEPTION, timeout=30)
+    assert info.value.process.status == JobStatus.FAILED
+    assert info.value.error is not None
+    assert info.value.error["class"] == "ValueError"
+    assert info.value.error["message"] == "boom: x"
+    assert "Traceback" in info.value.error["traceback"] and "sample_jobs.py" in info.value.error["traceback"]
+    assert p.status == JobStatus.FAILED and p.error == info.value.error
+    q = scheduler.add_job("sample_jobs:Fail", "y")
+    q.wait(timeout=30)  # without throw: returns with the status
+    assert q.status == JobStatus.FAILED
+
+
+def test_unimportable_class_fails_with_invalid_job_error(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    p = scheduler.add_job("no_such_module:Job").wait(timeout=30)
+    assert p.status == JobStatus.FAILED
+    assert p.error is not None and p.error["class"] == "taskscheduler.errors.InvalidJobError"
+
+
+def test_unencodable_result_still_done(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    p = scheduler.add_job("sample_jobs:Unencodable").wait(timeout=30)
+    assert p.status == JobStatus.DONE and p.result is None
+
+
+def test_retry_chain_runs_three_times(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    first = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
+    wait_until(lambda: scheduler._store.jobs.count_documents({"status": JobStatus.FAILED}) == 3, 30, what="3 runs")
+    runs = list(scheduler.get_jobs({"class": "sample_jobs:Fail"}))
+    assert [r.options["retry"] for r in runs] == [2, 1, 0]
+    assert runs[0].id == first.id and len({r.id for r in runs}) == 3
+    assert all(r.status == JobStatus.FAILED for r in runs)
+    assert list(scheduler.get_jobs()) == []
+
+
+def test_timeout_kills_job_blocked_in_c(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 3600}, timeout=1)
+    p.wait(timeout=30)
+    assert p.status == JobStatus.TIMEOUT
+    assert p.error is not None and "timeout" in p.error["message"]
+    assert p.ended is not None and p.started is not None
+    assert (p.ended - p.started).total_seconds() < 5
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+
+
+def test_cancel_running_job_kills_it(scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node()
+    pid_file = tmp_path / "pid"
+    p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 3600})
+    wait_until(pid_file.exists, 30, what="job start")
+    pid = int(wait_until(pid_file.read_text, 5))
+    scheduler.cancel_job(p.id)
+    canceled_at = time.monotonic()
+    wait_until(lambda: not _alive(pid), 5, what="worker killed")
+    assert time.monotonic() - canceled_at < 2.5
+    assert scheduler.get_job(p.id).status == JobStatus.CANCELED
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    assert node.stop() == 0
+
+
+def test_postponed_job_starts_within_a_second(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    time.sleep(1)  # let the node reach its loop, so the measurement is about scheduling only
+    at = time.time() + 2
+    p = scheduler.add_job("sample_jobs:Noop", at=at)
+    assert p.status == JobStatus.POSTPONED
+    p.wait(timeout=30)
+    assert p.status == JobStatus.DONE and p.started is not None
+    assert at <= p.started.timestamp() + 0.05 < at + 1.0
+
+
+def test_interval_adds_next_run(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    first = scheduler.add_job("sample_jobs:Noop", interval=100)
+    first.wait(timeout=30)
+    assert first.status == JobStatus.DONE
+    (nxt,) = list(scheduler.get_jobs())
+    assert nxt.id != first.id and nxt.status == JobStatus.POSTPONED
+    assert nxt.options["interval"] == 100 and nxt.options["at"] > time.time() + 90
+
+
+def test_progress_reaches_100(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    p = scheduler.add_job("sample_jobs:Progress").wait(timeout=30)
+    assert p.status == JobStatus.DONE and p.progress == 100.0
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def unused(*_: Any) -> None:
+    pass
