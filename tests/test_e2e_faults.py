@@ -1,0 +1,149 @@
+"""End to end under faults: several nodes, killed nodes, SIGTERM, orphans, a server that drops connections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from pymongo import MongoClient
+
+from conftest import Node, wait_until
+from taskscheduler import JobStatus, Scheduler
+
+pytestmark = pytest.mark.e2e
+
+
+def runs(path: Path) -> Counter[str]:
+    if not path.exists():
+        return Counter()
+    return Counter(line.split()[0] for line in path.read_text().splitlines() if line.strip())
+
+
+def test_two_nodes_run_each_job_exactly_once(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    nodes = [start_node("--max-children", "3"), start_node("--max-children", "3")]
+    jobs = [scheduler.add_job("sample_jobs:CountRun", {"path": str(log)}) for _ in range(150)]
+    scheduler.wait_for(jobs, timeout=240)
+    assert all(p.status == JobStatus.DONE for p in jobs)
+    counted = runs(log)
+    assert len(counted) == 150 and set(counted.values()) == {1}
+    assert counted.keys() == {str(p.id) for p in jobs}
+    pids = {line.split()[1] for line in log.read_text().splitlines()}
+    assert len(pids) >= 2  # the work really was spread over workers
+    assert [n.stop() for n in nodes] == [0, 0]
+
+
+def test_sigkill_of_a_node_group_reruns_job_elsewhere(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    victim = start_node(orphaned_timeout=2)
+    p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 2})
+    wait_until(pid_file.exists, 30, what="first run")
+    first_pid = wait_until(pid_file.read_text, 5)
+    victim.kill_group()
+    assert scheduler.get_job(p.id).status == JobStatus.PROCESSING
+    start_node(orphaned_timeout=2)
+    p.wait(timeout=60)
+    assert p.status == JobStatus.DONE
+    assert pid_file.read_text() != first_pid
+    doc = scheduler._store.find_job(p.id)
+    assert doc["orphaned"] == 1
+    assert [e["status"] for e in scheduler._store.job_events(p.id)] == [0, 2, 0, 2, 3]
+
+
+def test_sigterm_puts_running_job_back_and_exits_zero(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    node = start_node()
+    p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 3600})
+    wait_until(pid_file.exists, 30, what="job start")
+    worker_pid = int(wait_until(pid_file.read_text, 5))
+    started = time.monotonic()
+    assert node.stop(signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - started < 10
+    back = scheduler.get_job(p.id)
+    assert back.status == JobStatus.WAITING and back.worker is None
+    assert not _alive(worker_pid)
+    assert scheduler._store.jobs.count_documents({"status": JobStatus.PROCESSING}) == 0
+
+
+def test_sigint_stops_gracefully_too(scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    node = start_node()
+    p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 3600})
+    wait_until(pid_file.exists, 30, what="job start")
+    assert node.stop(signal.SIGINT, timeout=15) == 0
+    assert scheduler.get_job(p.id).status == JobStatus.WAITING
+
+
+def test_long_job_without_progress_is_not_orphaned(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node(orphaned_timeout=1)
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 3.5}).wait(timeout=30)
+    assert p.status == JobStatus.DONE
+    assert scheduler._store.find_job(p.id)["orphaned"] == 0
+
+
+def test_worker_crash_three_times_ends_failed(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    start_node(orphaned_timeout=1)
+    pid_file = tmp_path / "pid"
+    p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 3600})
+    for attempt in range(3):
+        pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, what=f"run {attempt}"))
+        pid_file.unlink()
+        os.kill(pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert p.status == JobStatus.FAILED
+    assert p.error is not None and "orphaned" in p.error["message"]
+
+
+def test_orphan_of_a_dead_node_is_reset_by_another(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    # A job claimed by a node that died before doing anything else: alive goes stale.
+    from bson import ObjectId
+
+    from taskscheduler.store import utcnow
+
+    assert scheduler._store.claim(p.id, ObjectId(), utcnow())
+    start_node(orphaned_timeout=1)
+    p.wait(timeout=30)
+    assert p.status == JobStatus.DONE
+    assert scheduler._store.find_job(p.id)["orphaned"] == 1
+
+
+def test_node_recovers_after_server_closes_connections(
+    scheduler: Scheduler, start_node: Callable[..., Node], client: MongoClient[dict[str, Any]]
+) -> None:
+    start_node()
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    client.admin.command(
+        "configureFailPoint", "failCommand",
+        mode={"times": 50},
+        data={"failCommands": ["getMore", "aggregate", "update", "insert", "find"], "closeConnection": True},
+    )
+    try:
+        time.sleep(2)
+    finally:
+        client.admin.command("configureFailPoint", "failCommand", mode="off")
+    p = scheduler.add_job("sample_jobs:Noop")
+    p.wait(timeout=60)
+    assert p.status == JobStatus.DONE
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
