@@ -6,8 +6,9 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from pymongo import MongoClient
@@ -127,7 +128,8 @@ def test_node_recovers_after_server_closes_connections(
     start_node()
     assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
     client.admin.command(
-        "configureFailPoint", "failCommand",
+        "configureFailPoint",
+        "failCommand",
         mode={"times": 50},
         data={"failCommands": ["getMore", "aggregate", "update", "insert", "find"], "closeConnection": True},
     )

@@ -6,8 +6,9 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -92,7 +93,9 @@ def _queue_node(uri: str, database: str, record: str, manager: dict[str, Any]) -
 
     db = connect(uri, database)
     node = Queue(
-        Scheduler(db), db, DefaultWorkerFactory(uri, database, manager_options=manager, imports=["sample_jobs"]),
+        Scheduler(db),
+        db,
+        DefaultWorkerFactory(uri, database, manager_options=manager, imports=["sample_jobs"]),
         options={"orphaned_timeout": 2},
     )
 

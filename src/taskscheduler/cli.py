@@ -186,6 +186,7 @@ def _parse_at(value: str | None) -> float | None:
 @click.option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
 @click.option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
 @click.option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
+@click.option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
 def add(
     mongodb_uri: str,
@@ -198,9 +199,14 @@ def add(
     retry_interval: int | None,
     timeout: int | None,
     force_spawn: bool,
+    no_import_check: bool,
     as_json: bool,
 ) -> None:
     """Add a job of JOB_CLASS ("module:QualName"); prints its id."""
+    if not no_import_check:
+        from .job import load_job_class
+
+        load_job_class(job_class)
     payload: Any = None
     if data is not None:
         try:
@@ -267,9 +273,9 @@ def jobs(
     if as_json:
         _print_json([p.to_dict() for p in found])
     else:
-        from rich.console import Console
+        from .display import console
 
-        Console().print(jobs_table(found))
+        console().print(jobs_table(found))
 
 
 @cli.command()

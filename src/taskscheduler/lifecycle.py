@@ -18,8 +18,8 @@ from bson import ObjectId
 
 from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
-from .process import Process
 from .errors import TaskSchedulerError
+from .process import Process
 from .store import OnceConflict, utcnow
 
 if TYPE_CHECKING:

@@ -159,9 +159,8 @@ class Store:
         job_indexes = [
             IndexModel([("status", ASCENDING), ("alive", ASCENDING)], name="status_alive"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
-            IndexModel(
-                [("data.parent", ASCENDING)], name="parent", partialFilterExpression={"data.parent": {"$exists": True}}
-            ),
+            IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
+            IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
             # At most one active job per add_job_once key: what makes add_job_once race-free.
             IndexModel(
                 [("once", ASCENDING)],
@@ -179,7 +178,7 @@ class Store:
                     partialFilterExpression={"status": {"$gte": int(JobStatus.DONE)}},
                 )
             )
-        event_indexes = [IndexModel([("job", ASCENDING), ("_id", ASCENDING)], name="job")]
+        event_indexes = [IndexModel([("job", ASCENDING), ("status", ASCENDING), ("worker", ASCENDING)], name="job")]
         if not self.event_queue_size:
             event_indexes.append(
                 IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention)

@@ -1,0 +1,192 @@
+"""``taskscheduler demo``: an embedded server, a queue node and example jobs that show the features live."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from .constants import JobStatus
+from .job import AbstractJob
+
+
+class Countdown(AbstractJob):
+    """Counts down ``data["steps"]`` steps, reporting progress."""
+
+    def start(self) -> str:
+        steps = int(self.data.get("steps", 10))
+        for step in range(1, steps + 1):
+            time.sleep(float(self.data.get("pause", 0.3)))
+            self.update_progress(step * 100 / steps)
+        return f"counted {steps} steps"
+
+
+class Flaky(AbstractJob):
+    """Always fails: shows the error record and the retry chain."""
+
+    def start(self) -> None:
+        raise RuntimeError("the mail server said no")
+
+
+class Slow(AbstractJob):
+    """Sleeps far longer than its timeout (or until canceled)."""
+
+    def start(self) -> None:
+        time.sleep(float(self.data.get("seconds", 60)))
+
+
+class Tick(AbstractJob):
+    """A tiny interval job."""
+
+    def start(self) -> str:
+        return time.strftime("%H:%M:%S")
+
+
+def run_demo(limit: float = 45.0, plain: bool = False) -> int:
+    """Run the demo; 0 when every example ended as expected."""
+    from .embedded import EmbeddedServer, EmbeddedServerError
+    from .scheduler import Scheduler
+    from .store import connect
+
+    console = Console(force_terminal=None if not plain else False)
+    try:
+        server = EmbeddedServer(port=0, data_dir=":memory:")
+    except EmbeddedServerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
+    with server, tempfile.TemporaryDirectory() as tmp:
+        console.print(f"embedded server: {server.uri}")
+        node = _start_node(server.uri, os.path.join(tmp, "node.log"))
+        try:
+            scheduler = Scheduler(connect(server.uri, "demo"))
+            jobs = _spool(scheduler)
+            ok = _show(scheduler, jobs, console, limit, plain)
+        finally:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(5)
+        console.print(f"queue node stopped (exit code {node.returncode})")
+    return 0 if ok and node.returncode == 0 else 1
+
+
+def _start_node(uri: str, log: str) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "taskscheduler",
+        "--log-level",
+        "WARNING",
+        "queue",
+        "--mongodb-uri",
+        uri,
+        "--database",
+        "demo",
+        "--import",
+        "taskscheduler.demo",
+        "--max-children",
+        "4",
+        "--orphaned-timeout",
+        "5",
+    ]
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _spool(scheduler: Any) -> dict[str, Any]:
+    here = "taskscheduler.demo:"
+    jobs = {f"countdown {n}": scheduler.add_job(here + "Countdown", {"steps": 8 + 2 * n}) for n in range(3)}
+    jobs["flaky (retry 2)"] = scheduler.add_job(here + "Flaky", None, retry=2, retry_interval=1)
+    jobs["slow (timeout 2s)"] = scheduler.add_job(here + "Slow", {"seconds": 60}, timeout=2)
+    jobs["slow (canceled)"] = scheduler.add_job(here + "Slow", {"seconds": 60})
+    jobs["postponed 3s"] = scheduler.add_job(here + "Countdown", {"steps": 3}, at=time.time() + 3)
+    jobs["tick (interval 2s)"] = scheduler.add_job(here + "Tick", None, interval=2)
+    return jobs
+
+
+def _show(scheduler: Any, jobs: dict[str, Any], console: Console, limit: float, plain: bool) -> bool:
+    from .display import jobs_table
+
+    deadline = time.monotonic() + limit
+    canceled = False
+    live = Live(console=console, refresh_per_second=4, transient=False) if not plain else None
+    if live is not None:
+        live.start()
+    try:
+        seen: dict[Any, JobStatus] = {}
+        while time.monotonic() < deadline:
+            everything = list(scheduler.get_jobs({"class": {"$regex": "^taskscheduler.demo:"}}))
+            cancel_target = jobs["slow (canceled)"]
+            if not canceled and scheduler.get_job(cancel_target.id).status == JobStatus.PROCESSING:
+                time.sleep(1)
+                scheduler.cancel_job(cancel_target.id)
+                canceled = True
+            if live is not None:
+                live.update(jobs_table(everything, title="demo jobs"))
+            else:
+                for p in everything:
+                    if seen.get(p.id) != p.status:
+                        seen[p.id] = p.status
+                        note = f" ({p.progress:.0f}%)" if p.status == JobStatus.PROCESSING else ""
+                        console.print(f"{p.job_class.split(':')[-1]:<10} {p.id} {p.status.name.lower()}{note}")
+            if _finished(scheduler, jobs):
+                break
+            time.sleep(0.25)
+    finally:
+        if live is not None:
+            live.stop()
+    for p in scheduler.get_jobs():  # stop the interval chain and anything left
+        scheduler.cancel_job(p.id)
+    return _summary(scheduler, jobs, console)
+
+
+def _runs(scheduler: Any, job_class: str) -> list[Any]:
+    return list(scheduler.get_jobs({"class": job_class}))
+
+
+def _finished(scheduler: Any, jobs: dict[str, Any]) -> bool:
+    named = [scheduler.get_job(p.id) for name, p in jobs.items() if not name.startswith(("tick", "flaky"))]
+    ticks = [p for p in _runs(scheduler, "taskscheduler.demo:Tick") if p.status == JobStatus.DONE]
+    flaky = [p for p in _runs(scheduler, "taskscheduler.demo:Flaky") if p.status == JobStatus.FAILED]
+    return all(p.status.is_terminal for p in named) and len(ticks) >= 3 and len(flaky) >= 3
+
+
+def _summary(scheduler: Any, jobs: dict[str, Any], console: Console) -> bool:
+    from rich.table import Table
+
+    expected = {
+        "countdown 0": JobStatus.DONE,
+        "countdown 1": JobStatus.DONE,
+        "countdown 2": JobStatus.DONE,
+        "flaky (retry 2)": JobStatus.FAILED,
+        "slow (timeout 2s)": JobStatus.TIMEOUT,
+        "slow (canceled)": JobStatus.CANCELED,
+        "postponed 3s": JobStatus.DONE,
+        "tick (interval 2s)": JobStatus.DONE,
+    }
+    table = Table(title="summary")
+    for column in ("example", "status", "expected", "runs", "result / error"):
+        table.add_column(column)
+    ok = True
+    for name, process in jobs.items():
+        p = scheduler.get_job(process.id)
+        runs = len(_runs(scheduler, p.job_class)) if name.startswith(("flaky", "tick")) else 1
+        detail = p.error["message"] if p.error else (str(p.result) if p.result is not None else "")
+        good = p.status == expected[name]
+        ok = ok and good
+        mark = "[green]yes[/green]" if good else "[red]no[/red]"
+        table.add_row(name, p.status.name.lower(), f"{expected[name].name.lower()} {mark}", str(runs), detail[:50])
+    console.print(table)
+    console.print(
+        "[green]demo finished: every example behaved as expected[/green]" if ok else "[red]demo: surprises[/red]"
+    )
+    return ok

@@ -1,0 +1,189 @@
+"""The command line, run as a real subprocess against the test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from conftest import TESTS_DIR, Node, wait_until
+from taskscheduler import JobStatus, Scheduler
+from taskscheduler.embedded import EmbeddedServer
+
+
+@pytest.fixture
+def run(server: EmbeddedServer, db_name: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        full_env = dict(
+            os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name
+        )
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "taskscheduler", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+        )
+
+    return call
+
+
+def test_add_jobs_show_cancel_flush(run: Any, scheduler: Scheduler) -> None:
+    added = run("add", "sample_jobs:Echo", "--data", '{"n": 1}', "--retry", "2", "--timeout", "5")
+    assert added.returncode == 0, added.stderr
+    job_id = ObjectId(added.stdout.strip())
+    p = scheduler.get_job(job_id)
+    assert p.data == {"n": 1} and p.options["retry"] == 2 and p.options["timeout"] == 5
+    listed = run("jobs", "--json")
+    assert listed.returncode == 0
+    assert [j["_id"]["$oid"] for j in json.loads(listed.stdout)] == [str(job_id)]
+    table = run("jobs")
+    assert "sample_jobs:Echo" in table.stdout and "waiting" in table.stdout
+    shown = run("show", str(job_id), "--json")
+    assert json.loads(shown.stdout)["status_name"] == "WAITING"
+    assert run("cancel", str(job_id)).returncode == 0
+    assert scheduler.get_job(job_id).status == JobStatus.CANCELED
+    assert json.loads(run("jobs", "--json", "--status", "canceled").stdout)[0]["status"] == 5
+    assert run("flush", "--yes").returncode == 0
+    assert list(scheduler.get_jobs({})) == []
+
+
+def test_postponed_add_with_iso_time(run: Any, scheduler: Scheduler) -> None:
+    out = run("add", "sample_jobs:Noop", "--at", "2099-01-01T00:00:00+00:00")
+    assert out.returncode == 0, out.stderr
+    assert scheduler.get_job(ObjectId(out.stdout.strip())).status == JobStatus.POSTPONED
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("add", "sample_jobs:Noop", "--data", "{not json"),
+        ("add", "sample_jobs:Noop", "--retry", "abc"),
+        ("add", "sample_jobs:Noop", "--retry", "-7"),
+        ("add", "sample_jobs:Noop", "--at", "tomorrow"),
+        ("add", "no_such_module:Job"),
+        ("show", "nope"),
+        ("show", str(ObjectId())),
+        ("cancel", "123"),
+        ("flush",),
+        ("queue", "--pm", "weird"),
+        ("queue", "--min-children", "3", "--max-children", "2"),
+        ("jobs", "--status", "sleepy"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: tuple[str, ...]) -> None:
+    out = run(*args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.startswith("Error:")
+    assert scheduler._store.jobs.count_documents({}) == 0
+
+
+def test_cancel_finished_job_is_exit_2(run: Any, scheduler: Scheduler) -> None:
+    p = scheduler.add_job("test")
+    scheduler._store.set_status(p.id, JobStatus.DONE, {"status": 0})
+    out = run("cancel", str(p.id))
+    assert out.returncode == 2 and "DONE" in out.stderr
+
+
+def test_unreachable_server_exit_1(run: Any) -> None:
+    out = run("jobs", "--mongodb-uri", "mongodb://127.0.0.1:1/?directConnection=true")
+    assert out.returncode == 1
+    assert "cannot reach MongoDB" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_shows_env_vars(run: Any) -> None:
+    out = run("queue", "--help")
+    assert out.returncode == 0
+    for var in (
+        "TASKSCHEDULER_MONGODB_URI",
+        "TASKSCHEDULER_PM",
+        "TASKSCHEDULER_MAX_CHILDREN",
+        "TASKSCHEDULER_ORPHANED_TIMEOUT",
+        "TASKSCHEDULER_IMPORT",
+    ):
+        assert var in out.stdout
+
+
+def test_env_var_sets_flag(run: Any, scheduler: Scheduler) -> None:
+    out = run("add", "sample_jobs:Noop", env={"TASKSCHEDULER_DATABASE": "otherdb_" + ObjectId().__str__()})
+    assert out.returncode == 0
+    assert scheduler._store.jobs.count_documents({}) == 0  # it went to the other database
+
+
+def test_watch_once_prints_jobs(run: Any, scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    out = run("watch", "--once")
+    assert out.returncode == 0 and str(p.id) in out.stdout and "waiting" in out.stdout
+
+
+def test_watch_live_under_a_pty(server: EmbeddedServer, db_name: str, scheduler: Scheduler) -> None:
+    import pty
+
+    p = scheduler.add_job("sample_jobs:Noop")
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        os.environ.update(TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name, COLUMNS="200")
+        os.execv(sys.executable, [sys.executable, "-m", "taskscheduler", "watch", "--interval", "0.2"])
+    seen = b""
+    deadline = time.monotonic() + 20
+    try:
+        while str(p.id).encode() not in seen and time.monotonic() < deadline:
+            import select
+
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 65536)
+        scheduler.cancel_job(p.id)
+        while b"canceled" not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 65536)
+    finally:
+        os.kill(pid, 2)
+        _, status = os.waitpid(pid, 0)
+    assert str(p.id).encode() in seen and b"canceled" in seen
+    assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.e2e
+def test_queue_command_runs_jobs(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    node = start_node("--pm", "static", "--min-children", "2")
+    p = scheduler.add_job("sample_jobs:Echo", 7).wait(timeout=30)
+    assert p.result == 7
+    assert node.stop() == 0
+
+
+@pytest.mark.e2e
+def test_demo_runs_and_exits_zero(tmp_path: Path) -> None:
+    before = _python_children()
+    out = subprocess.run(
+        [sys.executable, "-m", "taskscheduler", "demo", "--plain"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every example behaved as expected" in out.stdout
+    for name in ("countdown", "flaky", "timeout", "canceled", "postponed", "interval"):
+        assert name in out.stdout
+    wait_until(lambda: _python_children() <= before, 10, what="no process left behind")
+
+
+def _python_children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
