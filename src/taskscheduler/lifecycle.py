@@ -57,8 +57,8 @@ def finish(
     event_id = store.insert_event(doc, status, worker, error, result, has_result)
     next_doc = next_run(scheduler, doc, status)
     early = next_doc is not None and "once" not in next_doc  # a once-key may exist only once while active
-    if early and next_doc is not None:
-        _insert_quietly(scheduler, next_doc, announce=False)
+    if early and next_doc is not None and not _insert_quietly(scheduler, next_doc, announce=False):
+        early, next_doc = False, None
     owned = {"status": int(JobStatus.PROCESSING), "worker": worker}
     if not store.set_status(doc["_id"], status, owned, {"ended": now, "progress": 100.0}):
         store.delete_event(event_id)
@@ -75,7 +75,6 @@ def finish(
         scheduler.cancel_children(doc["_id"])
     if next_doc is not None:
         if early:
-            store.insert_event(next_doc, next_doc["status"])
             scheduler._emitter.emit_status(next_doc["status"], Process(next_doc, scheduler))
         else:
             _insert_quietly(scheduler, next_doc, announce=True)
@@ -110,16 +109,24 @@ def next_run(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) ->
     return prepared
 
 
-def _insert_quietly(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> None:
+def _insert_quietly(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> bool:
+    """Store a next run (its event first, like every insert); a failure is logged, never raised."""
     try:
         if announce:
             scheduler._insert(doc)
         else:
-            scheduler._store.insert_job(doc)
+            event_id = scheduler._store.insert_event(doc, doc["status"])
+            try:
+                scheduler._store.insert_job(doc)
+            except BaseException:
+                scheduler._store.delete_event(event_id)
+                raise
+        return True
     except OnceConflict:
         scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
     except TaskSchedulerError as exc:
         scheduler.logger.error("next run could not be added", extra={"job_id": doc["_id"], "error": str(exc)})
+    return False
 
 
 def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str) -> bool:

@@ -214,11 +214,16 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
-    def insert_job(self, doc: Document) -> None:
-        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error."""
+    def check_job(self, doc: Document) -> int:
+        """BSON size of a new job document; InvalidArgumentError when MongoDB could not store it."""
         size = len(_encode_document(doc))
         if size > MAX_DOCUMENT_SIZE:
             raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
+        return size
+
+    def insert_job(self, doc: Document) -> None:
+        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error."""
+        size = self.check_job(doc)
         self.ensure()
         self._check_room(size)
         try:
@@ -386,11 +391,11 @@ class Store:
         if worker is not None and worker != NO_WORKER:
             query["worker"] = worker
         with _server_errors():
-            return self.events.find_one(query, sort=[("_id", DESCENDING)])
+            return self.events.find_one(query, sort=[("time", DESCENDING), ("_id", DESCENDING)])
 
     def job_events(self, job_id: ObjectId) -> list[Document]:
         with _server_errors():
-            return list(self.events.find({"job": job_id}).sort("_id", ASCENDING))
+            return list(self.events.find({"job": job_id}).sort([("time", ASCENDING), ("_id", ASCENDING)]))
 
     # -- change streams --------------------------------------------------------------------------------------------
 

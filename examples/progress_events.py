@@ -1,0 +1,35 @@
+"""Progress and events: watch a job's status changes while it reports progress.
+
+`taskscheduler queue --import examples.progress_events`, then `python -m examples.progress_events`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from taskscheduler import AbstractJob, Process, Scheduler
+from taskscheduler.store import connect
+
+
+class Steps(AbstractJob):
+    def start(self) -> None:
+        for step in range(1, 6):
+            time.sleep(0.3)
+            self.update_progress(step * 20)
+
+
+def main() -> None:
+    uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
+    scheduler = Scheduler(connect(uri, "taskscheduler"))
+    scheduler.on("*", lambda name, p: print(f"{name:<28} {p.id} progress={p.progress:.0f}"))
+    job = scheduler.add_job(Steps)
+
+    def until_done(process: Process) -> bool:
+        return process.status.is_terminal
+
+    scheduler.listen(until_done, {"_id": job.id}, timeout=60)
+
+
+if __name__ == "__main__":
+    main()

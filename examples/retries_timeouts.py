@@ -1,0 +1,38 @@
+"""Retries and timeouts: a failing job retried twice, and a job killed by its timeout.
+
+`taskscheduler queue --import examples.retries_timeouts`, then `python -m examples.retries_timeouts`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from taskscheduler import AbstractJob, Scheduler
+from taskscheduler.store import connect
+
+
+class Unlucky(AbstractJob):
+    def start(self) -> None:
+        raise RuntimeError("no luck today")
+
+
+class TooSlow(AbstractJob):
+    def start(self) -> None:
+        time.sleep(3600)
+
+
+def main() -> None:
+    uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
+    scheduler = Scheduler(connect(uri, "taskscheduler"))
+    slow = scheduler.add_job(TooSlow, timeout=2)
+    scheduler.add_job(Unlucky, retry=2, retry_interval=1)
+    slow.wait(timeout=30)
+    print("slow job:", slow.status.name, slow.error["message"] if slow.error else "")
+    time.sleep(5)
+    for run in scheduler.get_jobs({"class": "examples.retries_timeouts:Unlucky"}):
+        print("unlucky run:", run.id, run.status.name, run.options["retry"])
+
+
+if __name__ == "__main__":
+    main()
