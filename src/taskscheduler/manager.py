@@ -84,7 +84,8 @@ class WorkerManager:
         self._queue: Connection | None = None
         self._stopping = False
         self._spawn_blocked_until = 0.0
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None  # signals wake the loop through this pair (set in process())
+        self._wake_w: socket.socket | None = None
 
     def set_options(self, options: Mapping[str, Any]) -> WorkerManager:
         merged = dict(self.options)
@@ -104,6 +105,7 @@ class WorkerManager:
     def process(self, connection: Connection) -> None:
         """Serve the queue node on ``connection`` until it says stop, goes away, or SIGTERM/SIGINT arrives."""
         self._queue = connection
+        self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno())
@@ -128,7 +130,7 @@ class WorkerManager:
         self._stopping = True
 
     def _receive(self, handle: Any) -> None:
-        if handle is self._wake_r:
+        if handle is self._wake_r and self._wake_r is not None:
             with contextlib.suppress(OSError):
                 while self._wake_r.recv(4096):
                     pass
@@ -254,7 +256,8 @@ class WorkerManager:
             return None
         worker_id = ObjectId()
         parent_end, child_end = Pipe()
-        others = [c.conn for c in self._children.values()] + [self._queue, parent_end, self._wake_r, self._wake_w]
+        others: list[object] = [c.conn for c in self._children.values()] + [parent_end]
+        others += [h for h in (self._queue, self._wake_r, self._wake_w) if h is not None]
         factory = self.factory
 
         def run() -> int:

@@ -1,0 +1,192 @@
+"""Benchmarks (``make bench``): each prints one summary line; the run exits non-zero when a target is missed.
+
+Targets are ratios or counts measured side by side in one run, never absolute times (shared 2-core machines).
+Implemented so far: throughput ratio (1), latency (2), round trips per job (3). Scale (4) and process cost (5)
+are still to come (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from taskscheduler import JobStatus, Scheduler
+from taskscheduler.constants import DEFAULT_JOB_QUEUE_SIZE
+from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.store import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+NOOP = "benchmarks.jobs:Noop"
+
+
+def start_node(uri: str, database: str, *args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable,
+        "-m",
+        "taskscheduler",
+        "--log-level",
+        "WARNING",
+        "queue",
+        "--mongodb-uri",
+        uri,
+        "--database",
+        database,
+        "--import",
+        "benchmarks.jobs",
+        *args,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_node(node: subprocess.Popen[bytes]) -> None:
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(5)
+
+
+def raw_rate(uri: str, n: int) -> float:
+    """insert + conditional claim + final update on a capped collection of the default size."""
+    db = connect(uri, f"raw_{n}")
+    db.drop_collection("raw")
+    db.create_collection("raw", capped=True, size=DEFAULT_JOB_QUEUE_SIZE)
+    col = db["raw"]
+    started = time.perf_counter()
+    for _ in range(n):
+        job_id = col.insert_one({"status": 0, "worker": None, "progress": 0.0, "data": None}).inserted_id
+        col.update_one({"_id": job_id, "status": 0}, {"$set": {"status": 2}})
+        col.update_one({"_id": job_id, "status": 2}, {"$set": {"status": 3, "progress": 100.0}})
+    elapsed = time.perf_counter() - started
+    db.client.drop_database(f"raw_{n}")
+    return n / elapsed
+
+
+def library_rate(uri: str, n: int) -> float:
+    database = f"lib_{n}"
+    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2")
+    scheduler = Scheduler(connect(uri, database))
+    try:
+        warm = scheduler.add_job(NOOP).wait(timeout=60)
+        assert warm.status == JobStatus.DONE
+        started = time.perf_counter()
+        jobs = [scheduler.add_job(NOOP) for _ in range(n)]
+        scheduler.wait_for(jobs, timeout=600)
+        elapsed = time.perf_counter() - started
+        assert all(p.status == JobStatus.DONE for p in jobs)
+    finally:
+        stop_node(node)
+        scheduler._db.client.drop_database(database)
+    return n / elapsed
+
+
+def latency(uri: str, count: int = 50) -> dict[str, float]:
+    database = "latency"
+    node = start_node(uri, database, "--pm", "dynamic", "--min-children", "2", "--max-children", "2")
+    scheduler = Scheduler(connect(uri, database))
+    ping_ms: list[float] = []
+    to_start: list[float] = []
+    to_wait: list[float] = []
+    try:
+        scheduler.add_job(NOOP).wait(timeout=60)
+        for _ in range(count):
+            t0 = time.perf_counter()
+            scheduler._db.command("ping")
+            ping_ms.append((time.perf_counter() - t0) * 1000)
+            added_at = time.time()
+            t1 = time.perf_counter()
+            p = scheduler.add_job(NOOP)
+            p.wait(timeout=60)
+            to_wait.append((time.perf_counter() - t1) * 1000)
+            assert p.started is not None
+            to_start.append((p.started.timestamp() - added_at) * 1000)
+    finally:
+        stop_node(node)
+        scheduler._db.client.drop_database(database)
+    return {
+        "rtt": statistics.median(ping_ms),
+        "start_p50": _pct(to_start, 50),
+        "start_p99": _pct(to_start, 99),
+        "wait_p50": _pct(to_wait, 50),
+        "wait_p99": _pct(to_wait, 99),
+    }
+
+
+def round_trips(uri: str, n: int = 100) -> dict[str, float]:
+    database = "roundtrips"
+    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2")
+    scheduler = Scheduler(connect(uri, database))
+    admin = scheduler._db.client.admin
+    try:
+        scheduler.add_job(NOOP).wait(timeout=60)
+        time.sleep(1)
+        before = admin.command("serverStatus")["opcounters"]
+        jobs = [scheduler.add_job(NOOP) for _ in range(n)]
+        scheduler.wait_for(jobs, timeout=600)
+        after = admin.command("serverStatus")["opcounters"]
+    finally:
+        stop_node(node)
+        scheduler._db.client.drop_database(database)
+    delta = {k: after[k] - before[k] for k in after}
+    writes_reads = sum(delta[k] for k in ("insert", "query", "update", "delete"))
+    return {
+        "per_job": writes_reads / n,
+        "getmore_per_job": delta["getmore"] / n,
+        "commands_per_job": delta["command"] / n,
+        **{k: v / n for k, v in delta.items()},
+    }
+
+
+def _pct(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="300,2000")
+    args = parser.parse_args()
+    failed = False
+    results: dict[str, Any] = {}
+    with EmbeddedServer(port=0, data_dir=":memory:") as server:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            raw = raw_rate(server.uri, n)
+            lib = library_rate(server.uri, n)
+            ok = lib >= 0.5 * raw
+            failed |= not ok
+            results[f"throughput_{n}"] = (raw, lib)
+            print(
+                f"throughput N={n}: raw {raw:.0f} jobs/s, library {lib:.0f} jobs/s, ratio {lib / raw:.2f} "
+                f"(target >= 0.5) {'OK' if ok else 'MISSED'}"
+            )
+        lat = latency(server.uri)
+        ok = lat["start_p50"] <= 20 + lat["rtt"] and lat["start_p99"] <= 100
+        failed |= not ok
+        print(
+            f"latency: add->start p50 {lat['start_p50']:.1f} ms p99 {lat['start_p99']:.1f} ms, add->wait_for "
+            f"p50 {lat['wait_p50']:.1f} ms p99 {lat['wait_p99']:.1f} ms, rtt {lat['rtt']:.2f} ms "
+            f"(target p50 <= 20 ms + rtt, p99 <= 100 ms) {'OK' if ok else 'MISSED'}"
+        )
+        rt = round_trips(server.uri)
+        ok = rt["per_job"] <= 6
+        failed |= not ok
+        print(
+            f"round trips: {rt['per_job']:.2f} reads/writes per job (insert {rt['insert']:.2f}, query "
+            f"{rt['query']:.2f}, update {rt['update']:.2f}, delete {rt['delete']:.2f}); change-stream getMore "
+            f"{rt['getmore_per_job']:.2f}, other commands {rt['commands_per_job']:.2f} per job "
+            f"(target <= 6) {'OK' if ok else 'MISSED'}"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""WorkerManager options (upstream WorkerManagerTest) and pool behaviour driven over its pipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+from multiprocessing import Pipe
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from conftest import wait_until
+from taskscheduler import DefaultWorkerFactory, WorkerManager
+from taskscheduler.errors import InvalidArgumentError
+
+
+def factory(**manager: Any) -> DefaultWorkerFactory:
+    return DefaultWorkerFactory("mongodb://127.0.0.1:1/?directConnection=true", "x", manager_options=manager or None)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"min_children": 3, "max_children": 2},
+        {"pm": "foo"},
+        {"pm": "STATIC"},
+        {"min_children": "foo"},
+        {"max_children": "foo"},
+        {"max_children": 0},
+        {"min_children": True},
+        {"bar": 1},
+    ],
+)
+def test_invalid_options(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        WorkerManager(factory(), options=options)
+    with pytest.raises(InvalidArgumentError):
+        factory(**options)
+
+
+def test_defaults_and_constants() -> None:
+    m = WorkerManager(factory())
+    assert m.get_options() == {"pm": "dynamic", "min_children": 1, "max_children": 2}
+    assert (WorkerManager.PM_DYNAMIC, WorkerManager.PM_STATIC, WorkerManager.PM_ONDEMAND) == (
+        "dynamic",
+        "static",
+        "ondemand",
+    )
+    assert m.set_options({"pm": "static", "min_children": 2}).get_options()["min_children"] == 2
+    with pytest.raises(InvalidArgumentError):
+        WorkerManager(object())  # type: ignore[arg-type]
+
+
+def test_manager_forks_min_children_and_stops_them() -> None:
+    """A manager in its own process: static pool of 2, then 'stop' kills both and reports their ends."""
+    parent, child = Pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the manager process
+        code = 0
+        try:
+            parent.close()
+            WorkerManager(_SleepyFactory(), options={"pm": "static", "min_children": 2}).process(child)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    child.close()
+    messages: list[tuple[str, Any]] = []
+
+    def read(kind: str, count: int) -> bool:
+        try:
+            while parent.poll(0.1):
+                messages.append(parent.recv())
+        except EOFError:
+            pass  # the manager has exited
+        return sum(1 for k, _ in messages if k == kind) >= count
+
+    wait_until(lambda: read("spawn", 2), 10, what="two workers")
+    spawned = [p for k, p in messages if k == "spawn"]
+    assert len({p["_id"] for p in spawned}) == 2 and all(p["signal"] is None for p in spawned)
+    parent.send(("stop", None))
+    wait_until(lambda: read("kill", 2), 10, what="two kills")
+    kills = [p for k, p in messages if k == "kill"]
+    assert {k["pid"] for k in kills} == {s["pid"] for s in spawned}
+    assert all(k["signal"] == signal.SIGKILL for k in kills)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+class _SleepyFactory(DefaultWorkerFactory):
+    def __init__(self) -> None:
+        super().__init__("mongodb://127.0.0.1:1/?directConnection=true", "x")
+
+    def build_worker(self, worker_id: ObjectId) -> Any:
+        class Idle:
+            def serve(self, connection: Any, job: Any = None) -> None:
+                connection.recv()
+
+        return Idle()

@@ -1,0 +1,108 @@
+"""Worker in-process (upstream WorkerTest cases that still apply): claim, run, record, retry, interval."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from taskscheduler import JobStatus, Scheduler, Worker
+from taskscheduler.errors import InvalidArgumentError
+
+
+@pytest.fixture
+def worker(scheduler: Scheduler, db: Any) -> Worker:
+    return Worker(ObjectId(), Scheduler(db), db)
+
+
+def test_success_job(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Echo", {"x": 1})
+    done = worker.process_one(p.id)
+    assert done.status == JobStatus.DONE and done.result == {"x": 1} and done.ended is not None
+    assert done.progress == 100.0 and done.worker == worker.id
+
+
+def test_error_job(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Fail", "w")
+    failed = worker.process_one(p.id)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error["message"] == "boom: w"
+
+
+def test_invalid_job_class(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("test")
+    failed = worker.process_one(p.id)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert "InvalidJobError" in failed.error["class"]
+
+
+def test_already_claimed_job_is_not_run_twice(scheduler: Scheduler, worker: Worker, db: Any) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    other = Worker(ObjectId(), Scheduler(db), db)
+    assert other.run(scheduler._store.find_job(p.id))
+    assert not worker.run(scheduler._store.find_job(p.id))
+    assert scheduler.get_job(p.id).worker == other.id
+
+
+def test_retry_after_error(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Fail", "r", retry=1)
+    worker.process_one(p.id)
+    (retry,) = list(scheduler.get_jobs())
+    assert retry.id != p.id and retry.options["retry"] == 0
+    assert retry.status == JobStatus.POSTPONED
+    assert retry.options["at"] == pytest.approx(time.time() + 300, abs=5)
+
+
+def test_endless_retry_stays_endless(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Fail", "r", retry=-1, retry_interval=0)
+    worker.process_one(p.id)
+    (retry,) = list(scheduler.get_jobs())
+    assert retry.options["retry"] == -1 and retry.status == JobStatus.WAITING
+
+
+@pytest.mark.parametrize("reference", ["start", "end"])
+def test_interval_keeps_reference(scheduler: Scheduler, worker: Worker, reference: str) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", interval=100, interval_reference=reference)
+    worker.process_one(p.id)
+    (nxt,) = list(scheduler.get_jobs())
+    assert nxt.options["interval_reference"] == reference and nxt.options["at"] > time.time() + 90
+
+
+def test_endless_interval(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    worker.process_one(p.id)
+    (nxt,) = list(scheduler.get_jobs())
+    assert nxt.status == JobStatus.WAITING and nxt.id != p.id
+
+
+def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
+    own = Scheduler(db)
+    seen: list[str] = []
+    own.on("*", lambda name, p: seen.append(name.removeprefix("taskscheduler.on")))
+    p = scheduler.add_job("sample_jobs:Noop")
+    Worker(ObjectId(), own, db).process_one(p.id)
+    assert seen == ["Processing", "Done"]
+
+
+def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
+    import sample_jobs
+
+    calls: list[type] = []
+
+    class Container:
+        def get(self, cls: type) -> Any:
+            calls.append(cls)
+            return sample_jobs.Echo()
+
+    p = scheduler.add_job("sample_jobs:Noop", "from container")
+    done = Worker(ObjectId(), Scheduler(db), db, container=Container()).process_one(p.id)
+    assert calls == [sample_jobs.Noop] and done.result == "from container"
+
+
+def test_constructor_validation(db: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        Worker("nope", Scheduler(db), db)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        Worker(ObjectId(), object(), db)  # type: ignore[arg-type]
