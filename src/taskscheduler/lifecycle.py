@@ -20,7 +20,7 @@ from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
 from .errors import TaskSchedulerError
 from .process import Process
-from .store import OnceConflict, utcnow
+from .store import OnceConflict, Store, utcnow
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -54,7 +54,9 @@ def finish(
     """
     store = scheduler._store
     now = utcnow()
-    event_id = store.insert_event(doc, status, worker, error, result, has_result)
+    # One write for the run's two events (its PROCESSING and how it ended): capped writes are the costly ones.
+    events = [run_event(doc, worker), store.event(doc, status, worker, error, result, has_result, now)]
+    event_id = store.insert_events(events)[-1]
     next_doc = next_run(scheduler, doc, status)
     early = next_doc is not None and "once" not in next_doc  # a once-key may exist only once while active
     if early and next_doc is not None and not _insert_quietly(scheduler, next_doc, announce=False):
@@ -115,12 +117,7 @@ def _insert_quietly(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -
         if announce:
             scheduler._insert(doc)
         else:
-            event_id = scheduler._store.insert_event(doc, doc["status"])
-            try:
-                scheduler._store.insert_job(doc)
-            except BaseException:
-                scheduler._store.delete_event(event_id)
-                raise
+            scheduler._store.insert_job(doc)
         return True
     except OnceConflict:
         scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
@@ -145,10 +142,17 @@ def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, o
     if not store.set_status(doc["_id"], JobStatus.WAITING, expect, {"worker": NO_WORKER, "orphaned": count}):
         return False
     reset = dict(doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count)
-    store.insert_event(reset, JobStatus.WAITING, worker, {"class": "JobReleased", "message": reason, "traceback": ""})
+    note = {"class": "JobReleased", "message": reason, "traceback": ""}
+    store.insert_events([run_event(doc, worker), store.event(reset, JobStatus.WAITING, worker, note)])
     scheduler.logger.warning("job put back to waiting", extra={"job_id": doc["_id"], "reason": reason})
     scheduler._emitter.emit_status(JobStatus.WAITING, Process(reset, scheduler))
     return True
+
+
+def run_event(doc: Mapping[str, Any], worker: ObjectId) -> dict[str, Any]:
+    """The PROCESSING event of a run, written when the run ends (timed at its start)."""
+    started = doc.get("started")
+    return Store.event(doc, JobStatus.PROCESSING, worker, time=started if isinstance(started, datetime) else None)
 
 
 def unpostpone(scheduler: Scheduler, doc: Mapping[str, Any]) -> bool:

@@ -230,8 +230,13 @@ class Queue:
             self._emitter.emit(WORKER_KILL, payload)
         elif kind == "claimed":
             self._running[payload["job"]] = payload["worker"]
-        elif kind in ("released", "canceled"):
+        elif kind == "released":
             self._running.pop(payload["job"], None)
+        elif kind == "canceled":
+            self._running.pop(payload["job"], None)
+            doc = self.scheduler._store.find_job(payload["job"])
+            if doc is not None:  # the canceler recorded CANCELED; the run's own event is ours to write
+                self.scheduler._store.insert_events([lifecycle.run_event(doc, payload["worker"])])
         elif kind in ("timeout", "died", "interrupted"):
             self._running.pop(payload["job"], None)
             self._after_kill(kind, payload)

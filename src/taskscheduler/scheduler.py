@@ -162,14 +162,8 @@ class Scheduler:
         }
 
     def _insert(self, doc: dict[str, Any]) -> Process:
-        # The event first: a worker may claim the job the moment it is stored, and its events must come after.
-        self._store.check_job(doc)
-        event_id = self._store.insert_event(doc, doc["status"])
-        try:
-            self._store.insert_job(doc)
-        except BaseException:
-            self._store.delete_event(event_id)
-            raise
+        # The job document itself records its creation: events start with its first status change.
+        self._store.insert_job(doc)
         process = Process(doc, self)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         self._emitter.emit_status(doc["status"], process)

@@ -358,29 +358,38 @@ class Store:
 
     # -- events ----------------------------------------------------------------------------------------------------
 
-    def insert_event(
-        self,
+    @staticmethod
+    def event(
         job: Mapping[str, Any],
         status: int,
         worker: ObjectId | None = None,
         error: Mapping[str, Any] | None = None,
         result: Any = None,
         has_result: bool = False,
-    ) -> ObjectId:
+        time: datetime | None = None,
+    ) -> Document:
+        """An event document: one status change of a job (with its error or result)."""
         event: Document = {
             "job": job["_id"],
             "class": job.get("class"),
             "status": int(status),
-            "time": utcnow(),
+            "time": time or utcnow(),
             "worker": worker,
         }
         if error is not None:
             event["error"] = dict(error)
         if has_result:
             event["result"] = result
+        return event
+
+    def insert_events(self, events: list[Document]) -> list[ObjectId]:
+        """Insert events in one round trip."""
         self.ensure()
         with _server_errors():
-            return ObjectId(self.events.insert_one(event).inserted_id)
+            return [ObjectId(i) for i in self.events.insert_many(events, ordered=True).inserted_ids]
+
+    def insert_event(self, job: Mapping[str, Any], status: int, worker: ObjectId | None = None) -> ObjectId:
+        return self.insert_events([self.event(job, status, worker)])[0]
 
     def delete_event(self, event_id: ObjectId) -> None:
         with _server_errors():

@@ -85,7 +85,6 @@ class Worker:
         doc.update(status=int(JobStatus.PROCESSING), worker=self.id, started=started, alive=started, progress=0.0)
         timeout = int((doc.get("options") or {}).get("timeout", 0))
         _send(connection, ("claimed", doc["_id"], timeout))
-        self.scheduler._store.insert_event(doc, JobStatus.PROCESSING, self.id)
         self.logger.info("claimed job", extra={"job_id": doc["_id"], "worker": self.id, "job_class": doc["class"]})
         self.scheduler._emitter.emit_status(JobStatus.PROCESSING, Process(dict(doc), self.scheduler))
         try:
