@@ -89,6 +89,11 @@ class Emitter:
         self._receivers.append(receiver)
         self.namespace.signal(name).connect(receiver, weak=False)
 
+    def wants_status(self) -> bool:
+        """Whether anything listens to status events (so they are worth building)."""
+        names = [*STATUS_EVENTS.values(), ALL]
+        return any(bool(self.namespace.signal(name).receivers) for name in names)
+
     def emit(self, name: str, payload: Any) -> None:
         self.namespace.signal(name).send(name, payload=payload)
         self.namespace.signal(ALL).send(name, payload=payload)

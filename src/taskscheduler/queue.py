@@ -99,7 +99,9 @@ class Queue:
             store = self.scheduler._store
             store.ensure()
             self._start_manager()
-            with store.status_feed() as feed:  # opened before the scan: nothing added in between is missed
+            # Opened before the scan, so nothing added in between is missed. Documents of updates are looked up
+            # only when someone listens to this node's status events: the change stream is the costly part.
+            with store.status_feed(lookup=self._emitter.wants_status()) as feed:
                 self._scan()
                 gaps = feed.gaps
                 timers = _Timers(self.options[o.ORPHANED_TIMEOUT])
@@ -148,8 +150,10 @@ class Queue:
         self._route(change.job_id, change.status, doc)
 
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
-        if status == JobStatus.WAITING and doc is not None:
-            self._send("job", doc)
+        if status == JobStatus.WAITING:
+            doc = doc or self.scheduler._store.find_job(job_id)  # released or due: fetch what the worker needs
+            if doc is not None and doc.get("status") == JobStatus.WAITING:
+                self._send("job", doc)
         elif status == JobStatus.POSTPONED and doc is not None:
             at = float((doc.get("options") or {}).get(o.AT) or 0)
             if job_id not in self._postponed_docs:

@@ -280,13 +280,14 @@ class Scheduler:
             return
         pending = set(by_id)
         # Watch first, then read: a change between the two is seen at least once, never missed.
-        with self._store.status_feed(ids=list(by_id)) as feed:
+        with self._store.status_feed(ids=list(by_id), lookup=False) as feed:
             found = {doc["_id"]: doc for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}})}
             missing = [str(i) for i in by_id if i not in found]
             if missing:
                 raise JobNotFoundError(f"job {', '.join(missing)} was not found")
             for job_id, doc in found.items():
                 self._settle(by_id[job_id], doc, pending, throw)
+            seen_changes = bool(pending)
             while pending:
                 change = feed.poll(
                     _poll_time(deadline, lambda: f"{len(pending)} of {len(by_id)} job(s) unfinished after {timeout} s")
@@ -295,8 +296,14 @@ class Scheduler:
                     continue
                 doc = dict(change.document or by_id[change.job_id][0]._doc)
                 doc["status"] = change.status
+                if throw and change.status == JobStatus.FAILED:
+                    doc = self._store.find_job(change.job_id) or doc  # JobFailedError carries the final job
                 self._emitter.emit_status(change.status, Process(dict(doc), self))
                 self._settle(by_id[change.job_id], doc, pending, throw)
+        if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
+            for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}}):
+                for p in by_id[doc["_id"]]:
+                    p._replace(doc)
 
     def _settle(self, procs: list[Process], doc: dict[str, Any], pending: set[ObjectId], throw: bool) -> None:
         if procs[0].id not in pending:

@@ -408,8 +408,12 @@ class Store:
 
     # -- change streams --------------------------------------------------------------------------------------------
 
-    def status_feed(self, ids: list[ObjectId] | None = None, query: Mapping[str, Any] | None = None) -> StatusFeed:
-        return StatusFeed(self, ids, query)
+    def status_feed(
+        self, ids: list[ObjectId] | None = None, query: Mapping[str, Any] | None = None, lookup: bool = True
+    ) -> StatusFeed:
+        """Status changes of jobs; ``lookup=False`` skips fetching the document of each update (cheaper: then
+        only inserts carry a document)."""
+        return StatusFeed(self, ids, query, lookup or bool(query))
 
 
 class StatusFeed:
@@ -420,8 +424,11 @@ class StatusFeed:
     rest of the document comes from ``updateLookup`` (as it is when the server looks it up).
     """
 
-    def __init__(self, store: Store, ids: list[ObjectId] | None, query: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, store: Store, ids: list[ObjectId] | None, query: Mapping[str, Any] | None, lookup: bool
+    ) -> None:
         self.store = store
+        self.lookup = lookup
         match: Document = {
             "ns.coll": store.job_queue,
             "$or": [
@@ -453,7 +460,7 @@ class StatusFeed:
         with _server_errors():
             self._stream = self.store.db.watch(
                 self.pipeline,
-                full_document="updateLookup",
+                full_document="updateLookup" if self.lookup else None,
                 resume_after=self.token,
                 max_await_time_ms=STREAM_AWAIT_MS,
             )
