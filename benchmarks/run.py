@@ -8,8 +8,6 @@ are still to come (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from typing import Any
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE_SIZE
 from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.nodeproc import spawn_node, stop_node
 from taskscheduler.store import connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,32 +26,7 @@ NOOP = "benchmarks.jobs:Noop"
 
 
 def start_node(uri: str, database: str, *args: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "taskscheduler",
-        "--log-level",
-        "WARNING",
-        "queue",
-        "--mongodb-uri",
-        uri,
-        "--database",
-        database,
-        "--import",
-        "benchmarks.jobs",
-        *args,
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop_node(node: subprocess.Popen[bytes]) -> None:
-    node.send_signal(signal.SIGTERM)
-    try:
-        node.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait(5)
+    return spawn_node(uri, database, ["benchmarks.jobs"], args, env={"PYTHONPATH": str(ROOT)})
 
 
 def raw_rate(uri: str, n: int) -> float:

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from pymongo.database import Database
 from taskscheduler import Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.nodeproc import spawn_node
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -156,26 +156,16 @@ def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator
 
     def start(*args: str, orphaned_timeout: float = 2.0) -> Node:
         log = tmp_path / f"node{len(nodes)}.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-        cmd = [
-            sys.executable,
-            "-m",
-            "taskscheduler",
-            "--log-level",
-            "DEBUG",
-            "queue",
-            "--mongodb-uri",
+        pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
+        proc = spawn_node(
             server.uri,
-            "--database",
             db_name,
-            "--import",
-            "sample_jobs",
-            "--orphaned-timeout",
-            str(orphaned_timeout),
-            *args,
-        ]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            ["sample_jobs"],
+            ["--orphaned-timeout", str(orphaned_timeout), *args],
+            log=str(log),
+            env={"PYTHONPATH": pythonpath},
+            log_level="DEBUG",
+        )
         node = Node(proc, log)
         nodes.append(node)
         return node

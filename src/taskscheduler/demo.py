@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -15,6 +12,7 @@ from rich.live import Live
 
 from .constants import JobStatus
 from .job import AbstractJob
+from .nodeproc import spawn_node, stop_node
 
 
 class Countdown(AbstractJob):
@@ -63,43 +61,21 @@ def run_demo(limit: float = 45.0, plain: bool = False) -> int:
         return 1
     with server, tempfile.TemporaryDirectory() as tmp:
         console.print(f"embedded server: {server.uri}")
-        node = _start_node(server.uri, os.path.join(tmp, "node.log"))
+        node = spawn_node(
+            server.uri,
+            "demo",
+            ["taskscheduler.demo"],
+            ["--max-children", "4", "--orphaned-timeout", "5"],
+            log=os.path.join(tmp, "node.log"),
+        )
         try:
             scheduler = Scheduler(connect(server.uri, "demo"))
             jobs = _spool(scheduler)
             ok = _show(scheduler, jobs, console, limit, plain)
         finally:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(5)
+            stop_node(node, timeout=15)
         console.print(f"queue node stopped (exit code {node.returncode})")
     return 0 if ok and node.returncode == 0 else 1
-
-
-def _start_node(uri: str, log: str) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "taskscheduler",
-        "--log-level",
-        "WARNING",
-        "queue",
-        "--mongodb-uri",
-        uri,
-        "--database",
-        "demo",
-        "--import",
-        "taskscheduler.demo",
-        "--max-children",
-        "4",
-        "--orphaned-timeout",
-        "5",
-    ]
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _spool(scheduler: Any) -> dict[str, Any]:

@@ -265,17 +265,11 @@ class Scheduler:
         With ``options & OPTION_THROW_EXCEPTION``, raise JobFailedError as soon as one ended FAILED.
         WaitTimeoutError after ``timeout`` seconds.
         """
-        procs = list(processes) if not isinstance(processes, Process) else [processes]
-        for p in procs:
-            if not isinstance(p, Process):
-                raise InvalidArgumentError(f"wait_for() requires Process objects, got {type(p).__name__}")
+        by_id = _group_by_id(processes)
         if isinstance(options, bool) or not isinstance(options, int):
             raise InvalidArgumentError(f"options must be an int bit mask, got {options!r}")
         deadline = _deadline(timeout)
         throw = bool(options & self.OPTION_THROW_EXCEPTION)
-        by_id: dict[ObjectId, list[Process]] = {}
-        for p in procs:
-            by_id.setdefault(p.id, []).append(p)
         if not by_id:
             return
         pending = set(by_id)
@@ -301,9 +295,12 @@ class Scheduler:
                 self._emitter.emit_status(change.status, Process(dict(doc), self))
                 self._settle(by_id[change.job_id], doc, pending, throw)
         if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
-            for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}}):
-                for p in by_id[doc["_id"]]:
-                    p._replace(doc)
+            self._refresh_all(by_id)
+
+    def _refresh_all(self, by_id: Mapping[ObjectId, list[Process]]) -> None:
+        for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}}):
+            for p in by_id[doc["_id"]]:
+                p._replace(doc)
 
     def _settle(self, procs: list[Process], doc: dict[str, Any], pending: set[ObjectId], throw: bool) -> None:
         if procs[0].id not in pending:
@@ -335,6 +332,16 @@ class Scheduler:
                 self._emitter.emit_status(change.status, process)
                 if callback(process) is True:
                     return
+
+
+def _group_by_id(processes: Iterable[Process]) -> dict[ObjectId, list[Process]]:
+    procs = list(processes) if not isinstance(processes, Process) else [processes]
+    by_id: dict[ObjectId, list[Process]] = {}
+    for p in procs:
+        if not isinstance(p, Process):
+            raise InvalidArgumentError(f"wait_for() requires Process objects, got {type(p).__name__}")
+        by_id.setdefault(p.id, []).append(p)
+    return by_id
 
 
 def _merge(options: Mapping[str, Any] | None, kw: Mapping[str, Any]) -> dict[str, Any]:

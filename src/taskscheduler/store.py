@@ -424,9 +424,7 @@ class StatusFeed:
     rest of the document comes from ``updateLookup`` (as it is when the server looks it up).
     """
 
-    def __init__(
-        self, store: Store, ids: list[ObjectId] | None, query: Mapping[str, Any] | None, lookup: bool
-    ) -> None:
+    def __init__(self, store: Store, ids: list[ObjectId] | None, query: Mapping[str, Any] | None, lookup: bool) -> None:
         self.store = store
         self.lookup = lookup
         match: Document = {

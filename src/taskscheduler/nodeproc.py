@@ -1,0 +1,54 @@
+"""A queue node run as its own ``taskscheduler queue`` process (the demo and the benchmarks use it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+
+
+def spawn_node(
+    uri: str,
+    database: str,
+    imports: Iterable[str] = (),
+    args: Iterable[str] = (),
+    log: str | None = None,
+    env: Mapping[str, str] | None = None,
+    log_level: str = "WARNING",
+) -> subprocess.Popen[bytes]:
+    """Start a queue node in a new session (its own process group), output to ``log`` or nowhere."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "taskscheduler",
+        "--log-level",
+        log_level,
+        "queue",
+        "--mongodb-uri",
+        uri,
+        "--database",
+        database,
+    ]
+    for module in imports:
+        cmd += ["--import", module]
+    cmd += list(args)
+    full_env = dict(os.environ, **(env or {}))
+    if log is None:
+        return subprocess.Popen(
+            cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_node(node: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM (a graceful stop), then SIGKILL to the whole group if it does not exit in time."""
+    if node.poll() is None:
+        node.send_signal(signal.SIGTERM)
+    try:
+        return node.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        return node.wait(5)
