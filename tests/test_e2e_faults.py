@@ -149,3 +149,29 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_node_keeps_working_after_flush(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    start_node()
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    scheduler.flush()
+    assert scheduler._store.jobs.count_documents({}) == 0
+    p = scheduler.add_job("sample_jobs:Echo", "after flush").wait(timeout=30)
+    assert p.status == JobStatus.DONE and p.result == "after flush"
+
+
+def test_node_restarts_a_dead_manager(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    import psutil
+
+    node = start_node()
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    (manager,) = psutil.Process(node.pid).children()
+    manager.kill()
+    wait_until(
+        lambda: [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+        not in ([], [manager.pid]),
+        20,
+        what="a new manager",
+    )
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    assert node.stop() == 0
