@@ -168,8 +168,10 @@ def test_node_restarts_a_dead_manager(scheduler: Scheduler, start_node: Callable
     (manager,) = psutil.Process(node.pid).children()
     manager.kill()
     wait_until(
-        lambda: [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
-        not in ([], [manager.pid]),
+        lambda: (
+            [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+            not in ([], [manager.pid])
+        ),
         20,
         what="a new manager",
     )

@@ -6,10 +6,12 @@ stderr and exits 2; an unreachable server exits 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -17,7 +19,13 @@ import click
 from bson import ObjectId, json_util
 
 from . import options as o
-from .constants import JobStatus
+from .constants import (
+    DEFAULT_EVENT_QUEUE,
+    DEFAULT_EVENT_QUEUE_SIZE,
+    DEFAULT_JOB_QUEUE,
+    DEFAULT_JOB_QUEUE_SIZE,
+    JobStatus,
+)
 from .errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError, TaskSchedulerError
 
 EXIT_OK = 0
@@ -34,35 +42,62 @@ def _env(flag: str) -> str:
     return "TASKSCHEDULER_" + flag.upper().replace("-", "_")
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where the jobs are: what every command's connection options say."""
+
+    uri: str
+    database: str
+    scheduler_options: dict[str, Any]
+
+    def scheduler(self, timeout_ms: int = 5_000) -> Any:
+        from .scheduler import Scheduler
+        from .store import connect
+
+        scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
+        scheduler._store.ping()
+        return scheduler
+
+
+_CONNECTION_OPTIONS = [
+    ("--mongodb-uri", DEFAULT_URI, str, "MongoDB replica set (or single node) URI."),
+    ("--database", DEFAULT_DATABASE, str, "Database holding the job and event collections."),
+    ("--job-queue", DEFAULT_JOB_QUEUE, str, "Job collection."),
+    (
+        "--job-queue-size",
+        DEFAULT_JOB_QUEUE_SIZE,
+        click.IntRange(min=0),
+        "Job collection size in bytes (0: not capped).",
+    ),
+    ("--event-queue", DEFAULT_EVENT_QUEUE, str, "Event collection."),
+    ("--event-queue-size", DEFAULT_EVENT_QUEUE_SIZE, click.IntRange(min=0), "Event collection size (0: not capped)."),
+]
+
+
 def common(func: F) -> F:
-    """The connection options every command takes."""
-    func = click.option(
-        "--database",
-        default=DEFAULT_DATABASE,
-        show_default=True,
-        envvar=_env("database"),
-        show_envvar=True,
-        help="Database holding the job and event collections.",
-    )(func)
-    func = click.option(
-        "--mongodb-uri",
-        default=DEFAULT_URI,
-        show_default=True,
-        envvar=_env("mongodb-uri"),
-        show_envvar=True,
-        help="MongoDB replica set (or single node) URI.",
-    )(func)
-    return func
+    """The connection options every command takes, handed to it as ``conn``."""
 
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {flag: kwargs.pop(flag[2:].replace("-", "_")) for flag, *_ in _CONNECTION_OPTIONS}
+        conn = Connection(
+            uri=values["--mongodb-uri"],
+            database=values["--database"],
+            scheduler_options={
+                o.JOB_QUEUE: values["--job-queue"],
+                o.JOB_QUEUE_SIZE: values["--job-queue-size"],
+                o.EVENT_QUEUE: values["--event-queue"],
+                o.EVENT_QUEUE_SIZE: values["--event-queue-size"],
+            },
+        )
+        return func(*args, conn=conn, **kwargs)
 
-def _scheduler(mongodb_uri: str, database: str, timeout_ms: int = 5_000) -> Any:
-    from .scheduler import Scheduler
-    from .store import connect
-
-    db = connect(mongodb_uri, database, timeout_ms=timeout_ms)
-    scheduler = Scheduler(db)
-    scheduler._store.ping()
-    return scheduler
+    decorated: Any = wrapper
+    for flag, default, kind, text in reversed(_CONNECTION_OPTIONS):
+        decorated = click.option(
+            flag, default=default, type=kind, show_default=True, envvar=_env(flag[2:]), show_envvar=True, help=text
+        )(decorated)
+    return decorated  # type: ignore[no-any-return]
 
 
 def _object_id(value: str) -> ObjectId:
@@ -135,8 +170,7 @@ def cli(log_level: str) -> None:
     help="Seconds without heartbeat after which a running job is orphaned.",
 )
 def queue(
-    mongodb_uri: str,
-    database: str,
+    conn: Connection,
     imports: Sequence[str],
     pm: str,
     min_children: int,
@@ -148,13 +182,14 @@ def queue(
     from .queue import Queue
 
     factory = DefaultWorkerFactory(
-        mongodb_uri,
-        database,
+        conn.uri,
+        conn.database,
+        scheduler_options=conn.scheduler_options,
         manager_options={o.PM: pm, o.MIN_CHILDREN: min_children, o.MAX_CHILDREN: max_children},
         imports=imports,
     )
     factory.import_modules()
-    scheduler = _scheduler(mongodb_uri, database)
+    scheduler = conn.scheduler()
     node = Queue(scheduler, scheduler._db, factory, options={o.ORPHANED_TIMEOUT: orphaned_timeout})
     node.process()
     sys.exit(node.exit_code)
@@ -189,8 +224,7 @@ def _parse_at(value: str | None) -> float | None:
 @click.option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
 def add(
-    mongodb_uri: str,
-    database: str,
+    conn: Connection,
     job_class: str,
     data: str | None,
     at: str | None,
@@ -222,7 +256,7 @@ def add(
         o.FORCE_SPAWN: force_spawn or None,
     }
     job_options = {k: v for k, v in given.items() if v is not None}
-    process = _scheduler(mongodb_uri, database).add_job(job_class, payload, job_options)
+    process = conn.scheduler().add_job(job_class, payload, job_options)
     if as_json:
         _print_json(process.to_dict())
     else:
@@ -247,8 +281,7 @@ def _status_names() -> list[str]:
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
 def jobs(
-    mongodb_uri: str,
-    database: str,
+    conn: Connection,
     statuses: Sequence[str],
     show_all: bool,
     job_class: str | None,
@@ -266,7 +299,7 @@ def jobs(
     if job_class:
         query["class"] = job_class
     found = []
-    for process in _scheduler(mongodb_uri, database).get_jobs(query or {"_id": {"$exists": True}}):
+    for process in conn.scheduler().get_jobs(query or {"_id": {"$exists": True}}):
         found.append(process)
         if len(found) >= limit:
             break
@@ -282,9 +315,9 @@ def jobs(
 @common
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-def show(mongodb_uri: str, database: str, job_id: str, as_json: bool) -> None:
+def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its error or result."""
-    process = _scheduler(mongodb_uri, database).get_job(_object_id(job_id))
+    process = conn.scheduler().get_job(_object_id(job_id))
     doc = process.to_dict()
     doc["error"] = process.error
     doc["result"] = process.result
@@ -321,20 +354,20 @@ def _print_details(doc: dict[str, Any]) -> None:
 @cli.command()
 @common
 @click.argument("job_id")
-def cancel(mongodb_uri: str, database: str, job_id: str) -> None:
+def cancel(conn: Connection, job_id: str) -> None:
     """Cancel a job (a running one is killed)."""
-    _scheduler(mongodb_uri, database).cancel_job(_object_id(job_id))
+    conn.scheduler().cancel_job(_object_id(job_id))
     click.echo(f"canceled {job_id}")
 
 
 @cli.command()
 @common
 @click.option("--yes", is_flag=True, help="Confirm: drop every job and event.")
-def flush(mongodb_uri: str, database: str, yes: bool) -> None:
+def flush(conn: Connection, yes: bool) -> None:
     """Drop every job and event (running queue nodes keep working)."""
     if not yes:
         raise click.UsageError("flush drops every job and event; pass --yes to confirm")
-    _scheduler(mongodb_uri, database).flush()
+    conn.scheduler().flush()
     click.echo("flushed")
 
 
@@ -348,11 +381,11 @@ def flush(mongodb_uri: str, database: str, yes: bool) -> None:
     help="Seconds between screen refreshes.",
 )
 @click.option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
-def watch(mongodb_uri: str, database: str, interval: float, once: bool) -> None:
+def watch(conn: Connection, interval: float, once: bool) -> None:
     """Live view of jobs and their progress, driven by change streams, until Ctrl-C."""
     from .display import watch_jobs
 
-    watch_jobs(_scheduler(mongodb_uri, database), interval=interval, once=once)
+    watch_jobs(conn.scheduler(), interval=interval, once=once)
 
 
 @cli.command()
