@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 from taskscheduler import AbstractJob
 
 
 class Noop(AbstractJob):
     def start(self) -> None:
         return None
+
+
+class Nap(AbstractJob):
+    """50 ms of waiting: long enough to sample the worker's memory, short enough to count process overhead."""
+
+    def start(self) -> None:
+        time.sleep(0.05)

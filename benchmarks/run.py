@@ -1,8 +1,8 @@
 """Benchmarks (``make bench``): each prints one summary line; the run exits non-zero when a target is missed.
 
 Targets are ratios or counts measured side by side in one run, never absolute times (shared 2-core machines).
-Implemented so far: throughput ratio (1), latency (2), round trips per job (3). Scale (4) and process cost (5)
-are still to come (see docs/performance.md).
+1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode.
+Results go to docs/performance.md (with docs/performance.png).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,62 @@ def round_trips(uri: str, n: int = 100) -> dict[str, float]:
     }
 
 
+def scale_rate(uri: str, queued: int, capped: bool) -> float:
+    """Jobs/s when ``queued`` jobs wait before the node starts (first claim to last DONE)."""
+    database = f"scale_{queued}_{int(capped)}"
+    sizes = {} if capped else {"job_queue_size": 0, "event_queue_size": 0}
+    flags = [] if capped else ["--job-queue-size", "0", "--event-queue-size", "0"]
+    scheduler = Scheduler(connect(uri, database), options=sizes)
+    jobs = [scheduler.add_job(NOOP) for _ in range(queued)]
+    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2", *flags)
+    try:
+        scheduler.wait_for(jobs, timeout=1800)
+        docs = list(scheduler._store.jobs.find({}, {"started": 1, "ended": 1}))
+    finally:
+        stop_node(node)
+        scheduler._db.client.drop_database(database)
+    first = min(d["started"] for d in docs)
+    last = max(d["ended"] for d in docs)
+    return queued / max(1e-6, (last - first).total_seconds())
+
+
+def process_cost(uri: str, n: int = 120) -> dict[str, tuple[float, float]]:
+    """No-op jobs/s and mean unique memory (MiB) of a worker process, per pm mode."""
+    import psutil
+
+    out: dict[str, tuple[float, float]] = {}
+    for pm in ("ondemand", "dynamic", "static"):
+        database = f"pm_{pm}"
+        node = start_node(uri, database, "--pm", pm, "--min-children", "2", "--max-children", "2")
+        scheduler = Scheduler(connect(uri, database))
+        memory: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.02):
+                for manager in psutil.Process(node.pid).children():
+                    for worker in manager.children():
+                        try:
+                            memory.append(worker.memory_full_info().uss / 2**20)
+                        except psutil.Error:
+                            pass
+
+        try:
+            scheduler.add_job(NOOP).wait(timeout=60)
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            started = time.perf_counter()
+            jobs = [scheduler.add_job("benchmarks.jobs:Nap") for _ in range(n)]
+            scheduler.wait_for(jobs, timeout=300)
+            rate = n / (time.perf_counter() - started)
+        finally:
+            done.set()
+            stop_node(node)
+            scheduler._db.client.drop_database(database)
+        out[pm] = (rate, statistics.mean(memory) if memory else 0.0)
+    return out
+
+
 def _pct(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
@@ -128,6 +185,7 @@ def _pct(values: list[float], pct: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="300,2000")
+    parser.add_argument("--scale", default="10000,1000", help="deep,shallow queue for the scale benchmark")
     args = parser.parse_args()
     failed = False
     results: dict[str, Any] = {}
@@ -159,7 +217,54 @@ def main() -> int:
             f"{rt['getmore_per_job']:.2f}, other commands {rt['commands_per_job']:.2f} per job "
             f"(target <= 6) {'OK' if ok else 'MISSED'}"
         )
+        big, small = (int(x) for x in args.scale.split(","))
+        plain = {q: scale_rate(server.uri, q, capped=False) for q in (small, big)}
+        ok = plain[big] >= 0.8 * plain[small]
+        failed |= not ok
+        capped_small = scale_rate(server.uri, small, capped=True)
+        results["scale"] = (plain, capped_small)
+        print(
+            f"scale (job_queue_size=0): {plain[small]:.0f} jobs/s with {small} queued, {plain[big]:.0f} jobs/s with "
+            f"{big} queued, ratio {plain[big] / plain[small]:.2f} (target >= 0.8) {'OK' if ok else 'MISSED'}; "
+            f"capped: {capped_small:.0f} jobs/s with {small} queued"
+        )
+        cost = process_cost(server.uri)
+        results["pm"] = cost
+        print("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
+    results["latency"] = lat
+    results["round_trips"] = rt
+    write_report(results)
     return 1 if failed else 0
+
+
+def write_report(results: dict[str, Any]) -> None:
+    """Plot the throughput figures next to docs/performance.md (which embeds the image)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels, raw, lib = [], [], []
+    for key, value in results.items():
+        if key.startswith("throughput_"):
+            labels.append(f"N={key.split('_')[1]}")
+            raw.append(value[0])
+            lib.append(value[1])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(labels))
+    axes[0].bar([x - 0.2 for x in xs], raw, width=0.4, label="raw insert+claim+finish")
+    axes[0].bar([x + 0.2 for x in xs], lib, width=0.4, label="library, 1 node, 2 workers")
+    axes[0].set_xticks(list(xs), labels)
+    axes[0].set_ylabel("jobs/s (capped collections, test server)")
+    axes[0].legend()
+    pm = results.get("pm", {})
+    axes[1].bar(list(pm), [v[0] for v in pm.values()])
+    axes[1].set_ylabel("jobs/s (50 ms jobs, 2 workers)")
+    axes[1].set_title("pm modes")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "performance.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,11 @@ class Queue:
             self._start_manager()
             # Opened before the scan, so nothing added in between is missed. Documents of updates are looked up
             # only when someone listens to this node's status events: the change stream is the costly part.
-            with store.status_feed(lookup=self._emitter.wants_status()) as feed:
+            # Without listeners, only changes that concern the manager are sent: new, released, due and canceled
+            # jobs (a job another node claimed is simply lost by our worker's claim).
+            listening = self._emitter.wants_status()
+            routed = None if listening else (int(JobStatus.WAITING), int(JobStatus.CANCELED))
+            with store.status_feed(lookup=listening, statuses=routed) as feed:
                 self._scan()
                 gaps = feed.gaps
                 timers = _Timers(self.options[o.ORPHANED_TIMEOUT])

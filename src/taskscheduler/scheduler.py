@@ -274,7 +274,9 @@ class Scheduler:
             return
         pending = set(by_id)
         # Watch first, then read: a change between the two is seen at least once, never missed.
-        with self._store.status_feed(ids=list(by_id), lookup=False) as feed:
+        # Without listeners only the end of each job matters: the server sends nothing else.
+        ends = None if self._emitter.wants_status() else tuple(int(s) for s in JobStatus if s.is_terminal)
+        with self._store.status_feed(ids=list(by_id), lookup=False, statuses=ends) as feed:
             found = {doc["_id"]: doc for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}})}
             missing = [str(i) for i in by_id if i not in found]
             if missing:

@@ -42,6 +42,8 @@ logger = logging.getLogger("taskscheduler.store")
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
 #: Seconds a cached figure of the capped job collection's used bytes is trusted while far from full.
 ROOM_CACHE_SECONDS = 1.0
+#: Up to this many job ids, a change stream filters them on the server; above, the client filters.
+MAX_SERVER_ID_FILTER = 50
 #: Server-side wait of one change-stream getMore; bounds how late a poll notices its own deadline.
 STREAM_AWAIT_MS = 200
 
@@ -409,11 +411,15 @@ class Store:
     # -- change streams --------------------------------------------------------------------------------------------
 
     def status_feed(
-        self, ids: list[ObjectId] | None = None, query: Mapping[str, Any] | None = None, lookup: bool = True
+        self,
+        ids: list[ObjectId] | None = None,
+        query: Mapping[str, Any] | None = None,
+        lookup: bool = True,
+        statuses: tuple[int, ...] | None = None,
     ) -> StatusFeed:
-        """Status changes of jobs; ``lookup=False`` skips fetching the document of each update (cheaper: then
-        only inserts carry a document)."""
-        return StatusFeed(self, ids, query, lookup or bool(query))
+        """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
+        skips fetching the document of each update (cheaper: then only inserts carry a document)."""
+        return StatusFeed(self, ids, query, lookup or bool(query), statuses)
 
 
 class StatusFeed:
@@ -424,18 +430,27 @@ class StatusFeed:
     rest of the document comes from ``updateLookup`` (as it is when the server looks it up).
     """
 
-    def __init__(self, store: Store, ids: list[ObjectId] | None, query: Mapping[str, Any] | None, lookup: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ids: list[ObjectId] | None,
+        query: Mapping[str, Any] | None,
+        lookup: bool,
+        statuses: tuple[int, ...] | None = None,
+    ) -> None:
         self.store = store
         self.lookup = lookup
+        changed: Any = {"$exists": True} if statuses is None else {"$in": [int(x) for x in statuses]}
         match: Document = {
             "ns.coll": store.job_queue,
             "$or": [
                 {"operationType": {"$in": ["insert", "replace"]}},
-                {"operationType": "update", "updateDescription.updatedFields.status": {"$exists": True}},
+                {"operationType": "update", "updateDescription.updatedFields.status": changed},
             ],
         }
-        if ids is not None:
-            match["documentKey._id"] = {"$in": list(ids)}
+        if ids is not None and len(ids) <= MAX_SERVER_ID_FILTER:
+            match["documentKey._id"] = {"$in": list(ids)}  # a long $in costs the server on every change: filter here
+        self.ids = frozenset(ids) if ids is not None else None
         self.pipeline: list[Document] = [
             {"$match": match},
             {
@@ -487,7 +502,7 @@ class StatusFeed:
                 backoff = min(backoff * 2, 1.0)
             if change is not None:
                 parsed = _parse_change(change)
-                if parsed is not None:
+                if parsed is not None and (self.ids is None or parsed.job_id in self.ids):
                     return parsed
                 continue
             if time.monotonic() >= deadline:
