@@ -142,8 +142,6 @@ def scale_rate(uri: str, queued: int, capped: bool) -> float:
 
 def process_cost(uri: str, n: int = 120) -> dict[str, tuple[float, float]]:
     """No-op jobs/s and mean unique memory (MiB) of a worker process, per pm mode."""
-    import psutil
-
     out: dict[str, tuple[float, float]] = {}
     for pm in ("ondemand", "dynamic", "static"):
         database = f"pm_{pm}"
@@ -152,18 +150,9 @@ def process_cost(uri: str, n: int = 120) -> dict[str, tuple[float, float]]:
         memory: list[float] = []
         done = threading.Event()
 
-        def sample() -> None:
-            while not done.wait(0.02):
-                for manager in psutil.Process(node.pid).children():
-                    for worker in manager.children():
-                        try:
-                            memory.append(worker.memory_full_info().uss / 2**20)
-                        except psutil.Error:
-                            pass
-
         try:
             scheduler.add_job(NOOP).wait(timeout=60)
-            sampler = threading.Thread(target=sample)
+            sampler = threading.Thread(target=_sample_worker_memory, args=(node.pid, done, memory))
             sampler.start()
             started = time.perf_counter()
             jobs = [scheduler.add_job("benchmarks.jobs:Nap") for _ in range(n)]
@@ -175,6 +164,23 @@ def process_cost(uri: str, n: int = 120) -> dict[str, tuple[float, float]]:
             scheduler._db.client.drop_database(database)
         out[pm] = (rate, statistics.mean(memory) if memory else 0.0)
     return out
+
+
+def _sample_worker_memory(node_pid: int, done: threading.Event, out: list[float]) -> None:
+    """Unique memory (MiB) of each worker process of a node, every 20 ms until ``done``."""
+    import psutil
+
+    while not done.wait(0.02):
+        try:
+            managers = psutil.Process(node_pid).children()
+        except psutil.Error:
+            return
+        for manager in managers:
+            for worker in manager.children():
+                try:
+                    out.append(worker.memory_full_info().uss / 2**20)
+                except psutil.Error:
+                    pass
 
 
 def _pct(values: list[float], pct: int) -> float:
