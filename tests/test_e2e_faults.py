@@ -125,21 +125,27 @@ def test_orphan_of_a_dead_node_is_reset_by_another(scheduler: Scheduler, start_n
 def test_node_recovers_after_server_closes_connections(
     scheduler: Scheduler, start_node: Callable[..., Node], client: MongoClient[dict[str, Any]]
 ) -> None:
-    start_node()
-    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
+    node = start_node(orphaned_timeout=1)  # orphan checks every 0.5 s: the node's own reads hit the failpoint
+    busy = scheduler.add_job("sample_jobs:Sleep", {"seconds": 4})
+    wait_until(lambda: scheduler.get_job(busy.id).status == JobStatus.PROCESSING, 30, what="running")
     client.admin.command(
         "configureFailPoint",
         "failCommand",
-        mode={"times": 50},
+        mode={"times": 200},
         data={"failCommands": ["getMore", "aggregate", "update", "insert", "find"], "closeConnection": True},
     )
     try:
-        time.sleep(2)
+        time.sleep(3)
     finally:
         client.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert node.proc.poll() is None, node.output()
     p = scheduler.add_job("sample_jobs:Noop")
     p.wait(timeout=60)
     assert p.status == JobStatus.DONE
+    busy.wait(timeout=30)
+    assert busy.status == JobStatus.DONE
+    log = node.output()
+    assert "round failed" in log or "interrupted" in log, log[-2000:]
 
 
 def _alive(pid: int) -> bool:

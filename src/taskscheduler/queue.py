@@ -25,18 +25,20 @@ from pymongo.database import Database
 from . import children, lifecycle
 from . import options as o
 from .constants import JobStatus
-from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError, TaskSchedulerError
+from .errors import InvalidArgumentError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
 from .process import Process
 from .scheduler import Scheduler
-from .store import StatusChange, utcnow
+from .store import StatusChange, StatusFeed, utcnow
 
 #: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
 STOP_SECONDS = 8.0
 #: Manager restarts allowed within :data:`RESTART_WINDOW` seconds before the node gives up (exit non-zero).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: Pause after a failed round of the node's loop (e.g. MongoDB unreachable) before the next one.
+ERROR_BACKOFF_SECONDS = 0.5
 #: Longest the node waits on the change stream before looking at its timers.
 TICK_SECONDS = 0.2
 
@@ -76,6 +78,7 @@ class Queue:
         self._postponed: list[tuple[float, ObjectId]] = []
         self._postponed_docs: dict[ObjectId, dict[str, Any]] = {}
         self._restarts: list[float] = []
+        self._unrecorded: list[tuple[str, dict[str, Any]]] = []  # ends of killed workers' jobs, to record
         self.exit_code = 0
 
     def on(self, event: str, handler: Handler) -> Queue:
@@ -106,26 +109,32 @@ class Queue:
             listening = self._emitter.wants_status()
             routed = None if listening else (int(JobStatus.WAITING), int(JobStatus.CANCELED))
             with store.status_feed(lookup=listening, statuses=routed) as feed:
-                self._scan()
-                gaps = feed.gaps
                 timers = _Timers(self.options[o.ORPHANED_TIMEOUT])
+                gaps = -1  # forces the first scan
                 while not self._stopping:
-                    change = feed.poll(min(TICK_SECONDS, self._next_due()))
-                    if change is not None:
-                        self._on_change(change)
-                    self._read_manager()
-                    self._release_due()
-                    if feed.gaps != gaps:
-                        gaps = feed.gaps
-                        self._scan()
-                    self._periodic(timers)
-        except ServerUnavailableError as exc:
-            self.logger.error("queue node lost MongoDB", extra={"error": str(exc)})
-            self.exit_code = 1
+                    try:
+                        gaps = self._iterate(feed, timers, gaps)
+                    except Exception:  # a daemon outlives one bad round: log it, back off, go on
+                        self.logger.exception("queue node round failed; retrying")
+                        time.sleep(ERROR_BACKOFF_SECONDS)
         finally:
             self._stop_manager()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _iterate(self, feed: StatusFeed, timers: _Timers, gaps: int) -> int:
+        """One round of the node's loop; returns the stream's gap count it has caught up with."""
+        if feed.gaps != gaps:  # at start, and whenever the stream restarted without its resume token
+            gaps = feed.gaps
+            self._scan()
+        change = feed.poll(min(TICK_SECONDS, self._next_due()))
+        if change is not None:
+            self._on_change(change)
+        self._read_manager()
+        self._record_kills()
+        self._release_due()
+        self._periodic(timers)
+        return gaps
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
@@ -247,7 +256,14 @@ class Queue:
                 self.scheduler._store.insert_events([lifecycle.run_event(doc, payload["worker"])])
         elif kind in ("timeout", "died", "interrupted"):
             self._running.pop(payload["job"], None)
+            self._unrecorded.append((kind, payload))
+
+    def _record_kills(self) -> None:
+        """Record the ends of killed workers' jobs; what fails stays queued for the next round."""
+        while self._unrecorded:
+            kind, payload = self._unrecorded[0]
             self._after_kill(kind, payload)
+            self._unrecorded.pop(0)
 
     def _after_kill(self, kind: str, payload: dict[str, Any]) -> None:
         """Record what happened to a job whose worker is now dead (so it can no longer write)."""
@@ -265,42 +281,38 @@ class Queue:
         elif kind == "interrupted":
             lifecycle.release(self.scheduler, doc, worker, orphaned=False, reason="queue node stopped")
         else:
-            reason = f"worker process died (signal {payload.get('signal')})"
+            reason = f"worker process died (signal {payload.get('signal')})" if "signal" in payload else "manager died"
             lifecycle.release(self.scheduler, doc, worker, orphaned=True, reason=reason)
 
     def _check_manager(self) -> None:
         pid = self._manager_pid
-        if pid is None:
-            return
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done, status = pid, 0
-        if not done:
-            return
-        self.logger.error("worker manager died", extra={"pid": pid, "status": status})
-        self._manager_pid = None
-        self._read_manager()
-        self._abandon_running("worker manager died")
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
-        if len(self._restarts) > MAX_RESTARTS:
-            self.logger.critical("worker manager keeps dying; queue node exits")
-            self.exit_code = 1
-            self._stopping = True
-            return
-        self._start_manager()
-        self._scan()
+        if pid is not None:
+            done, status = _waitpid(pid)
+            if not done:
+                return
+            self.logger.error("worker manager died", extra={"pid": pid, "status": status})
+            self._manager_pid = None
+            self._read_manager()
+            self._abandon_running(orphaned=True)
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+            if len(self._restarts) > MAX_RESTARTS:
+                self.logger.critical("worker manager keeps dying; queue node exits")
+                self.exit_code = 1
+                self._stopping = True
+        if self._manager_pid is None and not self._stopping:
+            self._start_manager()
+            self._scan()  # the new manager knows no waiting job yet
 
-    def _abandon_running(self, reason: str, orphaned: bool = True) -> None:
+    def _abandon_running(self, orphaned: bool) -> None:
+        """The manager is gone: make sure its workers are too, and queue their jobs' ends for recording."""
         for job_id, worker in list(self._running.items()):
             pid = self._worker_pids.pop(worker, None)
             if pid:
                 children.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
-            doc = self.scheduler._store.find_job(job_id)
-            if doc is not None:
-                lifecycle.release(self.scheduler, doc, worker, orphaned=orphaned, reason=reason)
+            self._unrecorded.append(("died" if orphaned else "interrupted", {"job": job_id, "worker": worker}))
         self._running.clear()
+        self._record_kills()
 
     def _stop_manager(self) -> None:
         """Stop the manager and its workers; every job they were running goes back to WAITING (same id)."""
@@ -323,8 +335,8 @@ class Queue:
             self._read_manager_safely()
             self._manager_pid = None
         try:
-            self._abandon_running("queue node stopped", orphaned=False)
-        except TaskSchedulerError as exc:
+            self._abandon_running(orphaned=False)
+        except Exception as exc:
             self.logger.error("could not put interrupted jobs back", extra={"error": str(exc)})
         if self._conn is not None:
             self._conn.close()
@@ -333,7 +345,8 @@ class Queue:
     def _read_manager_safely(self) -> None:
         try:
             self._read_manager()
-        except TaskSchedulerError as exc:
+            self._record_kills()
+        except Exception as exc:
             self.logger.error("could not record a worker's end", extra={"error": str(exc)})
 
 
