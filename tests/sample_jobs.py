@@ -74,3 +74,12 @@ class SpawnChildren(AbstractJob):
         ]
         self.scheduler.wait_for(kids, timeout=30)
         return [str(k.id) for k in kids]
+
+
+class Exits(AbstractJob):
+    """Calls sys.exit(): the job fails, the worker lives on."""
+
+    def start(self) -> None:
+        import sys
+
+        sys.exit(3)

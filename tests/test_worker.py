@@ -106,3 +106,10 @@ def test_constructor_validation(db: Any) -> None:
         Worker("nope", Scheduler(db), db)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         Worker(ObjectId(), object(), db)  # type: ignore[arg-type]
+
+
+def test_sys_exit_fails_the_job_not_the_worker(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:Exits")
+    failed = worker.process_one(p.id)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error["class"] == "SystemExit" and failed.error["message"] == "3"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -12,12 +13,14 @@ from pymongo.database import Database
 
 from . import lifecycle
 from .constants import JobStatus
-from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError
+from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from .job import JobInterface, load_job_class
 from .process import Process
 from .scheduler import Scheduler
 from .store import is_encodable, utcnow
 
+#: Attempts at recording a job's end while MongoDB is unreachable (about 6 s in all).
+RECORD_ATTEMPTS = 6
 #: Statuses of a parent that cancel its waiting children instead of running them.
 PARENT_ENDED_BADLY = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -115,9 +118,10 @@ class Worker:
             instance = self._instantiate(doc)
             result = instance.start()
             self._check_children(doc)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
             self.logger.error("job failed", extra={"job_id": doc["_id"], "error": repr(exc)}, exc_info=True)
-            lifecycle.finish(self.scheduler, doc, self.id, JobStatus.FAILED, error=lifecycle.describe_error(exc))
+            error = lifecycle.describe_error(exc)
+            self._record(lambda: lifecycle.finish(self.scheduler, doc, self.id, JobStatus.FAILED, error=error))
             return
         has_result = result is not None and is_encodable(result)
         if result is not None and not has_result:
@@ -125,9 +129,22 @@ class Worker:
                 "job result is not BSON-encodable and is not stored",
                 extra={"job_id": doc["_id"], "result_type": type(result).__name__},
             )
-        lifecycle.finish(
-            self.scheduler, doc, self.id, JobStatus.DONE, result=result if has_result else None, has_result=has_result
+        stored = result if has_result else None
+        self._record(
+            lambda: lifecycle.finish(self.scheduler, doc, self.id, JobStatus.DONE, result=stored, has_result=has_result)
         )
+
+    def _record(self, write: Callable[[], bool]) -> None:
+        """Record a job's end, riding out a short MongoDB outage (the job's work is done: keep it)."""
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                write()
+                return
+            except ServerUnavailableError:
+                if attempt == RECORD_ATTEMPTS - 1:
+                    raise
+                self.logger.warning("cannot record job end yet; retrying", extra={"attempt": attempt + 1})
+                time.sleep(min(2.0, 0.2 * 2**attempt))
 
     def _instantiate(self, doc: Mapping[str, Any]) -> JobInterface:
         cls = load_job_class(str(doc.get("class")))
