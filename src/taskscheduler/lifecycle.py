@@ -18,9 +18,9 @@ from bson import ObjectId
 
 from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
-from .errors import TaskSchedulerError
+from .errors import QueueFullError
 from .process import Process
-from .store import OnceConflict, Store, utcnow
+from .store import DuplicateJobError, OnceConflict, Store, utcnow
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -47,40 +47,72 @@ def finish(
     result: Any = None,
     has_result: bool = False,
 ) -> bool:
-    """Record the end of a run owned by ``worker``; cancel its children or add its next run.
+    """Record the end of a run owned by ``worker`` (see :class:`RunEnd`)."""
+    return RunEnd(scheduler, doc, worker, status, error=error, result=result, has_result=has_result).record()
 
-    The next run (retry or interval) is inserted before the final status is written, so whoever sees the job
-    finished also finds its next run; it is withdrawn if this worker turns out to have lost the job.
+
+class RunEnd:
+    """The end of one run, prepared once so that recording it can be retried after an outage.
+
+    The run's two events (its PROCESSING and how it ended) go in one write: capped writes are the costly ones.
+    The next run (retry or interval) is inserted before the final status, so whoever sees the job finished also
+    finds its next run; both are withdrawn if this worker turns out to have lost the job. Every id is fixed here,
+    so a retried ``record()`` never writes an event or a next run twice.
     """
-    store = scheduler._store
-    now = utcnow()
-    # One write for the run's two events (its PROCESSING and how it ended): capped writes are the costly ones.
-    events = [run_event(doc, worker), store.event(doc, status, worker, error, result, has_result, now)]
-    event_id = store.insert_events(events)[-1]
-    next_doc = next_run(scheduler, doc, status)
-    early = next_doc is not None and "once" not in next_doc  # a once-key may exist only once while active
-    if early and next_doc is not None and not _insert_quietly(scheduler, next_doc, announce=False):
-        early, next_doc = False, None
-    owned = {"status": int(JobStatus.PROCESSING), "worker": worker}
-    if not store.set_status(doc["_id"], status, owned, {"ended": now, "progress": 100.0}):
-        store.delete_event(event_id)
-        if early and next_doc is not None:
-            store.delete_job(next_doc["_id"])
-        scheduler.logger.warning("lost ownership of job before recording it", extra={"job_id": doc["_id"]})
-        return False
-    final = dict(doc, status=int(status), ended=now, progress=100.0, worker=worker)
-    scheduler.logger.info(
-        "job ended", extra={"job_id": doc["_id"], "status": status.name, "worker": worker, "job_class": doc["class"]}
-    )
-    scheduler._emitter.emit_status(status, Process(final, scheduler))
-    if status in (JobStatus.TIMEOUT, JobStatus.CANCELED):
-        scheduler.cancel_children(doc["_id"])
-    if next_doc is not None:
-        if early:
-            scheduler._emitter.emit_status(next_doc["status"], Process(next_doc, scheduler))
-        else:
-            _insert_quietly(scheduler, next_doc, announce=True)
-    return True
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        doc: Mapping[str, Any],
+        worker: ObjectId,
+        status: JobStatus,
+        *,
+        error: Mapping[str, Any] | None = None,
+        result: Any = None,
+        has_result: bool = False,
+    ) -> None:
+        self.scheduler = scheduler
+        self.doc = doc
+        self.worker = worker
+        self.status = status
+        self.now = utcnow()
+        store = scheduler._store
+        self.events = [run_event(doc, worker), store.event(doc, status, worker, error, result, has_result, self.now)]
+        self.next_doc = next_run(scheduler, doc, status)
+        # A once-key may exist only once while active: such a next run waits for the final status.
+        self.early = self.next_doc is not None and "once" not in self.next_doc
+        self._next_stored = False
+
+    def record(self) -> bool:
+        scheduler, store, doc = self.scheduler, self.scheduler._store, self.doc
+        store.insert_events(self.events)
+        if self.early and self.next_doc is not None and not self._next_stored:
+            self._next_stored = _insert_next(scheduler, self.next_doc, announce=False)
+        owned = {"status": int(JobStatus.PROCESSING), "worker": self.worker}
+        if not store.set_status(doc["_id"], self.status, owned, {"ended": self.now, "progress": 100.0}):
+            stored = store.find_job(doc["_id"]) or {}
+            mine = (int(self.status), self.now, self.worker)
+            if (stored.get("status"), stored.get("ended"), stored.get("worker")) == mine:
+                return True  # an earlier attempt wrote it before the connection dropped
+            store.delete_event(self.events[-1]["_id"])
+            if self._next_stored and self.next_doc is not None:
+                store.delete_job(self.next_doc["_id"])
+            scheduler.logger.warning("lost ownership of job before recording it", extra={"job_id": doc["_id"]})
+            return False
+        final = dict(doc, status=int(self.status), ended=self.now, progress=100.0, worker=self.worker)
+        scheduler.logger.info(
+            "job ended",
+            extra={"job_id": doc["_id"], "status": self.status.name, "worker": self.worker, "job_class": doc["class"]},
+        )
+        scheduler._emitter.emit_status(self.status, Process(final, scheduler))
+        if self.status in (JobStatus.TIMEOUT, JobStatus.CANCELED):
+            scheduler.cancel_children(doc["_id"])
+        if self.next_doc is not None:
+            if self._next_stored:
+                scheduler._emitter.emit_status(self.next_doc["status"], Process(self.next_doc, scheduler))
+            elif not self.early:
+                _insert_next(scheduler, self.next_doc, announce=True)
+        return True
 
 
 def next_run(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -> dict[str, Any] | None:
@@ -111,19 +143,22 @@ def next_run(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) ->
     return prepared
 
 
-def _insert_quietly(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> bool:
-    """Store a next run (its event first, like every insert); a failure is logged, never raised."""
+def _insert_next(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> bool:
+    """Store a next run; True when it is stored (also by an earlier attempt). An outage propagates."""
     try:
         if announce:
             scheduler._insert(doc)
         else:
             scheduler._store.insert_job(doc)
-        return True
+    except DuplicateJobError:
+        return True  # stored by an earlier attempt whose answer was lost
     except OnceConflict:
         scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
-    except TaskSchedulerError as exc:
+        return False
+    except QueueFullError as exc:
         scheduler.logger.error("next run could not be added", extra={"job_id": doc["_id"], "error": str(exc)})
-    return False
+        return False
+    return True
 
 
 def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str) -> bool:

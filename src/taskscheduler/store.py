@@ -25,6 +25,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import (
+    BulkWriteError,
     CollectionInvalid,
     ConnectionFailure,
     DuplicateKeyError,
@@ -110,6 +111,10 @@ def with_prefix(query: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+class DuplicateJobError(InvalidArgumentError):
+    """A job with this id exists already."""
 
 
 class OnceConflict(Exception):
@@ -216,16 +221,11 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
-    def check_job(self, doc: Document) -> int:
-        """BSON size of a new job document; InvalidArgumentError when MongoDB could not store it."""
+    def insert_job(self, doc: Document) -> None:
+        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error."""
         size = len(_encode_document(doc))
         if size > MAX_DOCUMENT_SIZE:
             raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
-        return size
-
-    def insert_job(self, doc: Document) -> None:
-        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error."""
-        size = self.check_job(doc)
         self.ensure()
         self._check_room(size)
         try:
@@ -234,7 +234,7 @@ class Store:
         except DuplicateKeyError as exc:
             if "once" in ((exc.details or {}).get("keyPattern") or {}) or "once_active" in str(exc):
                 raise OnceConflict(str(exc)) from exc
-            raise InvalidArgumentError(f"a job with id {doc['_id']} already exists") from exc
+            raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
         if self._used is not None:
             self._used = (self._used[0], self._used[1] + size)
 
@@ -372,6 +372,7 @@ class Store:
     ) -> Document:
         """An event document: one status change of a job (with its error or result)."""
         event: Document = {
+            "_id": ObjectId(),
             "job": job["_id"],
             "class": job.get("class"),
             "status": int(status),
@@ -385,10 +386,15 @@ class Store:
         return event
 
     def insert_events(self, events: list[Document]) -> list[ObjectId]:
-        """Insert events in one round trip."""
+        """Insert events in one round trip; events whose ``_id`` is stored already (a retry) are skipped."""
         self.ensure()
-        with _server_errors():
-            return [ObjectId(i) for i in self.events.insert_many(events, ordered=True).inserted_ids]
+        try:
+            with _server_errors():
+                self.events.insert_many(events, ordered=False)
+        except BulkWriteError as exc:
+            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+                raise
+        return [ObjectId(e["_id"]) for e in events]
 
     def insert_event(self, job: Mapping[str, Any], status: int, worker: ObjectId | None = None) -> ObjectId:
         return self.insert_events([self.event(job, status, worker)])[0]
@@ -490,22 +496,15 @@ class StatusFeed:
                 change = self._stream.try_next()
                 self.token = self._stream.resume_token
                 backoff = 0.05
-            except PyMongoError as exc:
+            except (PyMongoError, ServerUnavailableError) as exc:
                 self._recover(exc)
                 change = None
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 1.0)
-            except ServerUnavailableError as exc:
-                self._recover(exc)
-                change = None
-                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, 1.0)
-            if change is not None:
-                parsed = _parse_change(change)
-                if parsed is not None and (self.ids is None or parsed.job_id in self.ids):
-                    return parsed
-                continue
-            if time.monotonic() >= deadline:
+            parsed = _parse_change(change) if change is not None else None
+            if parsed is not None and (self.ids is None or parsed.job_id in self.ids):
+                return parsed
+            if time.monotonic() >= deadline:  # also when busy with changes the caller does not want
                 return None
 
     def _recover(self, exc: Exception) -> None:
@@ -516,7 +515,7 @@ class StatusFeed:
                 stream.close()
             except PyMongoError:
                 pass
-        if isinstance(exc, OperationFailure) and exc.code in (280, 286):  # token no longer usable / history lost
+        if isinstance(exc, OperationFailure) and exc.code in (260, 280, 286):  # the token can no longer resume
             self.token = None
             self.gaps += 1
 

@@ -120,8 +120,8 @@ class Worker:
             self._check_children(doc)
         except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
             self.logger.error("job failed", extra={"job_id": doc["_id"], "error": repr(exc)}, exc_info=True)
-            error = lifecycle.describe_error(exc)
-            self._record(lambda: lifecycle.finish(self.scheduler, doc, self.id, JobStatus.FAILED, error=error))
+            end = lifecycle.RunEnd(self.scheduler, doc, self.id, JobStatus.FAILED, error=lifecycle.describe_error(exc))
+            self._record(end.record)
             return
         has_result = result is not None and is_encodable(result)
         if result is not None and not has_result:
@@ -131,7 +131,7 @@ class Worker:
             )
         stored = result if has_result else None
         self._record(
-            lambda: lifecycle.finish(self.scheduler, doc, self.id, JobStatus.DONE, result=stored, has_result=has_result)
+            lifecycle.RunEnd(self.scheduler, doc, self.id, JobStatus.DONE, result=stored, has_result=has_result).record
         )
 
     def _record(self, write: Callable[[], bool]) -> None:
