@@ -202,3 +202,35 @@ def test_queue_and_add_use_custom_collections(run: Any, db: Any, start_node: Cal
     assert not db["my.jobs"].options().get("capped")
     assert "taskscheduler.jobs" not in db.list_collection_names() or db["taskscheduler.jobs"].count_documents({}) == 0
     assert node.stop() == 0
+
+
+def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal as sig
+
+    import psutil
+
+    from taskscheduler.embedded import free_port
+    from taskscheduler.store import connect
+
+    port = free_port()
+    with subprocess.Popen(
+        [sys.executable, "-m", "taskscheduler", "server", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert f"mongodb://127.0.0.1:{port}/" in line
+            db = connect(f"mongodb://127.0.0.1:{port}/?directConnection=true", "x", timeout_ms=5000)
+            assert db.command("ping")["ok"] == 1.0
+            db.client.close()
+            servers = psutil.Process(proc.pid).children(recursive=True)
+            assert servers
+            proc.send_signal(sig.SIGTERM)
+            assert proc.wait(20) == 0
+            wait_until(lambda: not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers), 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
