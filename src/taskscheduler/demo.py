@@ -49,11 +49,12 @@ class Tick(AbstractJob):
 
 def run_demo(limit: float = 45.0, plain: bool = False) -> int:
     """Run the demo; 0 when every example ended as expected."""
+    from .display import console as make_console
     from .embedded import EmbeddedServer, EmbeddedServerError
     from .scheduler import Scheduler
     from .store import connect
 
-    console = Console(force_terminal=None if not plain else False)
+    console = make_console()
     try:
         server = EmbeddedServer(port=0, data_dir=":memory:")
     except EmbeddedServerError as exc:
