@@ -7,78 +7,36 @@ from .constants import JobStatus
 from .factory import DefaultWorkerFactory, WorkerFactory
 from .job import AbstractJob, JobInterface
 from .manager import WorkerManager
-from .options import (
-    AT as OPTION_AT,
-)
-from .options import (
-    DEFAULT_AT as OPTION_DEFAULT_AT,
-)
-from .options import (
-    DEFAULT_INTERVAL as OPTION_DEFAULT_INTERVAL,
-)
-from .options import (
-    DEFAULT_INTERVAL_REFERENCE as OPTION_DEFAULT_INTERVAL_REFERENCE,
-)
-from .options import (
-    DEFAULT_RETRY as OPTION_DEFAULT_RETRY,
-)
-from .options import (
-    DEFAULT_RETRY_INTERVAL as OPTION_DEFAULT_RETRY_INTERVAL,
-)
-from .options import (
-    DEFAULT_TIMEOUT as OPTION_DEFAULT_TIMEOUT,
-)
-from .options import (
-    EVENT_QUEUE as OPTION_EVENT_QUEUE,
-)
-from .options import (
-    EVENT_QUEUE_SIZE as OPTION_EVENT_QUEUE_SIZE,
-)
-from .options import (
-    FORCE_SPAWN as OPTION_FORCE_SPAWN,
-)
-from .options import (
-    ID as OPTION_ID,
-)
-from .options import (
-    IGNORE_DATA as OPTION_IGNORE_DATA,
-)
-from .options import (
-    INTERVAL as OPTION_INTERVAL,
-)
-from .options import (
-    INTERVAL_REFERENCE as OPTION_INTERVAL_REFERENCE,
-)
-from .options import (
-    JOB_QUEUE as OPTION_JOB_QUEUE,
-)
-from .options import (
-    JOB_QUEUE_SIZE as OPTION_JOB_QUEUE_SIZE,
-)
-from .options import (
-    JOB_RETENTION as OPTION_JOB_RETENTION,
-)
-from .options import (
-    PROGRESS_RATE_LIMIT as OPTION_PROGRESS_RATE_LIMIT,
-)
-from .options import (
-    RETRY as OPTION_RETRY,
-)
-from .options import (
-    RETRY_INTERVAL as OPTION_RETRY_INTERVAL,
-)
-from .options import (
-    TIMEOUT as OPTION_TIMEOUT,
-)
 from .process import Process
 from .queue import Queue
 from .scheduler import Scheduler
 from .worker import Worker
 
-#: wait_for() flag: raise JobFailedError when a job ends FAILED.
-OPTION_THROW_EXCEPTION = Scheduler.OPTION_THROW_EXCEPTION
-
 __version__ = "0.1.0"
+
+# The option names, also at package level (the same strings as the Scheduler.OPTION_* attributes).
+OPTION_AT = Scheduler.OPTION_AT
+OPTION_INTERVAL = Scheduler.OPTION_INTERVAL
+OPTION_INTERVAL_REFERENCE = Scheduler.OPTION_INTERVAL_REFERENCE
+OPTION_RETRY = Scheduler.OPTION_RETRY
+OPTION_RETRY_INTERVAL = Scheduler.OPTION_RETRY_INTERVAL
+OPTION_FORCE_SPAWN = Scheduler.OPTION_FORCE_SPAWN
+OPTION_TIMEOUT = Scheduler.OPTION_TIMEOUT
+OPTION_ID = Scheduler.OPTION_ID
+OPTION_IGNORE_DATA = Scheduler.OPTION_IGNORE_DATA
+OPTION_THROW_EXCEPTION = Scheduler.OPTION_THROW_EXCEPTION
+OPTION_JOB_QUEUE = Scheduler.OPTION_JOB_QUEUE
+OPTION_JOB_QUEUE_SIZE = Scheduler.OPTION_JOB_QUEUE_SIZE
+OPTION_EVENT_QUEUE = Scheduler.OPTION_EVENT_QUEUE
+OPTION_EVENT_QUEUE_SIZE = Scheduler.OPTION_EVENT_QUEUE_SIZE
+OPTION_DEFAULT_AT = Scheduler.OPTION_DEFAULT_AT
+OPTION_DEFAULT_INTERVAL = Scheduler.OPTION_DEFAULT_INTERVAL
+OPTION_DEFAULT_INTERVAL_REFERENCE = Scheduler.OPTION_DEFAULT_INTERVAL_REFERENCE
+OPTION_DEFAULT_RETRY = Scheduler.OPTION_DEFAULT_RETRY
+OPTION_DEFAULT_RETRY_INTERVAL = Scheduler.OPTION_DEFAULT_RETRY_INTERVAL
+OPTION_DEFAULT_TIMEOUT = Scheduler.OPTION_DEFAULT_TIMEOUT
+OPTION_JOB_RETENTION = Scheduler.OPTION_JOB_RETENTION
+OPTION_PROGRESS_RATE_LIMIT = Scheduler.OPTION_PROGRESS_RATE_LIMIT
 
 __all__ = [
     "AbstractJob",
