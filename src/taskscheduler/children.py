@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
 
 import psutil
 
@@ -66,6 +67,25 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     for proc in descendants:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
+
+
+def writable(connection: Connection, timeout: float = 0.0) -> bool:
+    """Whether a pipe end has room to send (a blocked send to a peer that is itself blocked sending would
+    never return)."""
+    import select
+
+    try:
+        return bool(select.select([], [connection], [], timeout)[1])
+    except (OSError, ValueError):
+        return True  # closed: let send() raise and the caller handle it
+
+
+def running(pid: int) -> bool:
+    """Whether a child process still runs (a zombie does not)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def exit_signal(status: int) -> int | None:

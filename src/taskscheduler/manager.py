@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import Pipe
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Longest the manager sleeps before looking at timers again.
 TICK_SECONDS = 0.25
+#: Longest the manager sleeps while reports wait for room in the pipe to the node.
+OUTBOX_TICK_SECONDS = 0.01
 #: Seconds to wait before forking again after a worker could not start.
 SPAWN_BACKOFF_SECONDS = 1.0
 
@@ -82,6 +84,7 @@ class WorkerManager:
         self._children: dict[int, _Child] = {}
         self._pending: OrderedDict[ObjectId, dict[str, Any]] = OrderedDict()
         self._queue: Connection | None = None
+        self._outbox: deque[tuple[str, dict[str, Any]]] = deque()  # reports waiting for room in the pipe
         self._stopping = False
         self._spawn_blocked_until = 0.0
         self._wake_r: socket.socket | None = None  # signals wake the loop through this pair (set in process())
@@ -119,8 +122,9 @@ class WorkerManager:
                 self._dispatch()
                 self._enforce_deadlines()
                 self._shrink()
+                self._flush_reports()
                 conns = [c.conn for c in self._children.values() if not c.conn.closed]
-                ready = wait([connection, self._wake_r, *conns], TICK_SECONDS)
+                ready = wait([connection, self._wake_r, *conns], OUTBOX_TICK_SECONDS if self._outbox else TICK_SECONDS)
                 for handle in ready:
                     self._receive(handle)
         finally:
@@ -338,10 +342,23 @@ class WorkerManager:
     def _report(self, kind: str, payload: dict[str, Any]) -> None:
         if self._queue is None:
             return
-        try:
-            self._queue.send((kind, payload))
-        except (OSError, ValueError):
-            self._stopping = True
+        self._outbox.append((kind, payload))
+        self._flush_reports()
+
+    def _flush_reports(self, block: bool = False) -> None:
+        """Send queued reports while the pipe has room. The node may be busy sending us a backlog of jobs: if
+        both sides blocked sending to each other, neither would ever read again."""
+        conn = self._queue
+        while self._outbox and conn is not None:
+            if not block and not children.writable(conn):
+                return
+            try:
+                conn.send(self._outbox[0])
+            except (OSError, ValueError):
+                self._stopping = True
+                self._outbox.clear()
+                return
+            self._outbox.popleft()
 
     def _stop_all(self) -> None:
         """Kill every worker group, wait for each, and report the jobs they were running."""
@@ -354,5 +371,6 @@ class WorkerManager:
             self._reap()
             if self._children:
                 time.sleep(0.02)
+        self._flush_reports(block=True)  # the node reads until we exit
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)

@@ -219,10 +219,16 @@ class Queue:
         self.logger.info("worker manager started", extra={"pid": self._manager_pid})
 
     def _send(self, kind: str, payload: Any) -> None:
-        if self._conn is None:
-            return
+        conn = self._conn
         try:
-            self._conn.send((kind, payload))
+            # While the pipe is full, read what the manager says: it may be blocked sending to us, and two
+            # processes blocked sending to each other would never read again.
+            while conn is not None and not conn.closed and not children.writable(conn, 0.05):
+                self._read_manager()
+                if self._manager_pid is None or not children.running(self._manager_pid):
+                    return  # the manager is gone: its restart rescans the waiting jobs
+            if conn is not None and not conn.closed:
+                conn.send((kind, payload))
         except (OSError, ValueError):
             self.logger.warning("worker manager pipe closed")
 
