@@ -144,7 +144,12 @@ def test_event_order_success_failure_timeout_cancel(scheduler: Scheduler, observ
     retry = wait_until(lambda: list(scheduler.get_jobs({"options.retry": 0, "class": "sample_jobs:Fail"})), 10)[0]
     retry.wait(timeout=30)
     wait_until(lambda: "Cancel" in job_events(observed_node(), running.id), 10, what="cancel event")
-    time.sleep(0.5)
+    sigkill = str(int(signal.SIGKILL))
+    wait_until(
+        lambda: sum(1 for line in observed_node() if line[0].endswith("WorkerKill") and line[2] == sigkill) >= 2,
+        10,
+        what="the kills of the timed-out and the canceled worker",
+    )
     lines = observed_node()
     assert job_events(lines, ok.id) == ["Waiting", "Processing", "Done"]
     assert job_events(lines, failed.id) == ["Waiting", "Processing", "Failed"]

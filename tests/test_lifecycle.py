@@ -44,7 +44,8 @@ def test_recording_an_end_twice_after_a_lost_answer_writes_it_once(
 def test_lost_ownership_withdraws_the_end_and_the_next_run(scheduler: Scheduler) -> None:
     doc, worker = claimed(scheduler, retry=1, retry_interval=0)
     assert lifecycle.release(scheduler, doc, worker, orphaned=True, reason="test")  # someone else took it back
-    assert lifecycle.finish(scheduler, doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}) is False
+    end = lifecycle.RunEnd(scheduler, doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"})
+    assert end.record() is False
     assert scheduler.get_job(doc["_id"]).status == JobStatus.WAITING
     assert [p.id for p in scheduler.get_jobs()] == [doc["_id"]]  # no retry added
     assert JobStatus.FAILED not in [e["status"] for e in scheduler._store.job_events(doc["_id"])]

@@ -37,20 +37,6 @@ def describe_error(exc: BaseException) -> dict[str, str]:
     }
 
 
-def finish(
-    scheduler: Scheduler,
-    doc: Mapping[str, Any],
-    worker: ObjectId,
-    status: JobStatus,
-    *,
-    error: Mapping[str, Any] | None = None,
-    result: Any = None,
-    has_result: bool = False,
-) -> bool:
-    """Record the end of a run owned by ``worker`` (see :class:`RunEnd`)."""
-    return RunEnd(scheduler, doc, worker, status, error=error, result=result, has_result=has_result).record()
-
-
 class RunEnd:
     """The end of one run, prepared once so that recording it can be retried after an outage.
 
@@ -169,7 +155,7 @@ def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, o
     count = int(doc.get("orphaned", 0)) + (1 if orphaned else 0)
     if orphaned and count >= MAX_ORPHANINGS:
         error = {"class": "OrphanedJobError", "message": f"job orphaned {count} times; last: {reason}", "traceback": ""}
-        return finish(scheduler, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error)
+        return RunEnd(scheduler, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error).record()
     store = scheduler._store
     expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
     if orphaned and "alive" in doc:

@@ -283,7 +283,7 @@ class Queue:
                 "message": f"job exceeded its timeout of {payload.get('timeout')} s and was killed",
                 "traceback": "",
             }
-            lifecycle.finish(self.scheduler, doc, worker, JobStatus.TIMEOUT, error=error)
+            lifecycle.RunEnd(self.scheduler, doc, worker, JobStatus.TIMEOUT, error=error).record()
         elif kind == "interrupted":
             lifecycle.release(self.scheduler, doc, worker, orphaned=False, reason="queue node stopped")
         else:
