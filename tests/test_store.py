@@ -12,7 +12,7 @@ from pymongo import MongoClient, monitoring
 from conftest import SizeGuard
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import QueueFullError
-from taskscheduler.store import fingerprint, same_value, utcnow, with_prefix
+from taskscheduler.store import ID_BATCH, fingerprint, same_value, utcnow, with_prefix
 
 
 def test_collections_are_capped_by_default_with_named_indexes(scheduler: Scheduler, db: Any) -> None:
@@ -175,6 +175,22 @@ def test_steady_state_queries_are_served_by_indexes(server: Any, db_name: str) -
             if not _uses_index(plan):
                 unindexed.append((coll, query))
         assert unindexed == [], "\n".join(map(str, unindexed))
+    finally:
+        client.drop_database(db_name)
+        client.close()
+
+
+def test_many_jobs_are_read_by_id_in_batches(server: Any, db_name: str) -> None:
+    recorder = Recorder()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        s = Scheduler(client[db_name], options={"job_queue_size": 0, "event_queue_size": 0})
+        added = [s.add_job("test") for _ in range(ID_BATCH * 2 + 5)]
+        recorder.commands.clear()
+        found = list(s._store.find_by_ids([p.id for p in added] + [ObjectId()]))
+        assert sorted(d["_id"] for d in found) == sorted(p.id for p in added)
+        sizes = [len(cmd["filter"]["_id"]["$in"]) for name, cmd in recorder.commands if name == "find"]
+        assert sizes == [ID_BATCH, ID_BATCH, 6]
     finally:
         client.drop_database(db_name)
         client.close()

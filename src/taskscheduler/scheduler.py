@@ -277,7 +277,7 @@ class Scheduler:
         # Without listeners only the end of each job matters: the server sends nothing else.
         ends = None if self._emitter.wants_status() else tuple(int(s) for s in JobStatus if s.is_terminal)
         with self._store.status_feed(ids=list(by_id), lookup=False, statuses=ends) as feed:
-            found = {doc["_id"]: doc for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}})}
+            found = {doc["_id"]: doc for doc in self._store.find_by_ids(by_id)}
             missing = [str(i) for i in by_id if i not in found]
             if missing:
                 raise JobNotFoundError(f"job {', '.join(missing)} was not found")
@@ -300,7 +300,7 @@ class Scheduler:
             self._refresh_all(by_id)
 
     def _refresh_all(self, by_id: Mapping[ObjectId, list[Process]]) -> None:
-        for doc in self._store.find_jobs({"_id": {"$in": list(by_id)}}):
+        for doc in self._store.find_by_ids(by_id):
             for p in by_id[doc["_id"]]:
                 p._replace(doc)
 

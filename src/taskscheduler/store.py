@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +45,8 @@ MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
 ROOM_CACHE_SECONDS = 1.0
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
 MAX_SERVER_ID_FILTER = 50
+#: Ids per ``$in`` when reading many jobs by id: some servers match a long ``$in`` against every candidate.
+ID_BATCH = 100
 #: Server-side wait of one change-stream getMore; bounds how late a poll notices its own deadline.
 STREAM_AWAIT_MS = 200
 
@@ -277,6 +279,13 @@ class Store:
     def find_job(self, job_id: Any) -> Document | None:
         with _server_errors():
             return self.jobs.find_one({"_id": job_id})
+
+    def find_by_ids(self, ids: Iterable[ObjectId]) -> Iterator[Document]:
+        """The jobs with these ids (unknown ids are left out), read ``ID_BATCH`` ids per query."""
+        wanted = list(ids)
+        for start in range(0, len(wanted), ID_BATCH):
+            with _server_errors():
+                yield from self.jobs.find({"_id": {"$in": wanted[start : start + ID_BATCH]}})
 
     def find_jobs(self, query: Mapping[str, Any]) -> Iterator[Document]:
         try:
