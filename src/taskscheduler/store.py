@@ -313,12 +313,21 @@ class Store:
     def set_status(
         self, job_id: ObjectId, status: int, expect: Mapping[str, Any], fields: Mapping[str, Any] | None = None
     ) -> bool:
-        """Set ``status`` (and fixed-size ``fields``) if the job still matches ``expect``; True when it did."""
+        """Set ``status`` (and fixed-size ``fields``) if the job still has the values in ``expect``; True when it
+        did. ``status`` must differ from the expected one: "changed nothing" is how a lost race shows.
+
+        The update is addressed by ``_id`` alone and checks ``expect`` inside an update pipeline. A filter of
+        ``_id`` plus ``status`` lets a planner take its candidates from the status index (every job in that
+        status) instead of the primary key; some servers do, and then each claim costs O(waiting jobs). A job
+        that no longer matches is left untouched: nothing modified, nothing written to the oplog.
+        """
         update: Document = {"status": int(status)}
         if fields:
             update.update(fields)
+        matches = {"$and": [{"$eq": [f"${name}", {"$literal": value}]} for name, value in expect.items()]}
+        stage = {name: {"$cond": [matches, {"$literal": value}, f"${name}"]} for name, value in update.items()}
         with _server_errors():
-            result = self.jobs.update_one({"_id": job_id, **expect}, {"$set": update})
+            result = self.jobs.update_one({"_id": job_id}, [{"$set": stage}])
         return result.modified_count == 1
 
     def claim(self, job_id: ObjectId, worker: ObjectId, now: datetime) -> bool:
