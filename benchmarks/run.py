@@ -8,11 +8,13 @@ Results go to docs/performance.md (with docs/performance.png).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,30 +200,42 @@ def _pct(values: list[float], pct: int) -> float:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
-def bench_uri(server: EmbeddedServer) -> str:
-    """The server's URI for every benchmark client (raw and library alike): without retryable writes.
+@contextlib.contextmanager
+def fresh_server(uri: str | None) -> Iterator[str]:
+    """The URI every client of one benchmark uses: ``uri`` when given (a real deployment), else a fresh
+    embedded server, so that one benchmark's leftovers do not weigh on the next.
 
-    SecantusDB keeps up to 10,000 retryable-write records and scans (past the cap: sorts) all of them on every
-    write, so each write gets slower with the writes before it; real MongoDB keeps one record per session. With
-    retryable writes on, that server cost would dominate every figure below.
+    Retryable writes are off for raw and library clients alike on the embedded server: SecantusDB keeps up to
+    10,000 retryable-write records and scans (past the cap: sorts) all of them on every write, so each write
+    would get slower with the writes before it; real MongoDB keeps one record per session. With retryable
+    writes on, that server cost would dominate every figure below.
     """
-    return server.uri + "&retryWrites=false"
+    if uri is not None:
+        yield uri
+        return
+    with EmbeddedServer(port=0, data_dir=":memory:") as server:
+        yield server.uri + "&retryWrites=false"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="300,2000")
     parser.add_argument("--scale", default="10000,1000", help="deep,shallow queue for the scale benchmark")
+    parser.add_argument(
+        "--mongodb-uri",
+        default=None,
+        help="measure this deployment (e.g. a replica set) instead of fresh embedded servers; its databases "
+        "raw_*, lib_*, latency, roundtrips, scale_* and pm_* are dropped after use",
+    )
     args = parser.parse_args()
     failed = False
     results: dict[str, Any] = {}
-    # A fresh server for each benchmark: the test server slows down as its oplog grows, and one benchmark's
-    # leftovers must not weigh on the next.
+    # A fresh server for each benchmark: the test server slows down as its oplog grows.
     for n in [int(x) for x in args.sizes.split(",")]:
-        with EmbeddedServer(port=0, data_dir=":memory:") as server:
-            raw = raw_rate(bench_uri(server), n)
-        with EmbeddedServer(port=0, data_dir=":memory:") as server:
-            lib = library_rate(bench_uri(server), n)
+        with fresh_server(args.mongodb_uri) as uri:
+            raw = raw_rate(uri, n)
+        with fresh_server(args.mongodb_uri) as uri:
+            lib = library_rate(uri, n)
         ok = lib >= 0.5 * raw
         failed |= not ok
         results[f"throughput_{n}"] = (raw, lib)
@@ -230,8 +244,8 @@ def main() -> int:
             f"(target >= 0.5) {'OK' if ok else 'MISSED'}",
             flush=True,
         )
-    with EmbeddedServer(port=0, data_dir=":memory:") as server:
-        lat = latency(bench_uri(server))
+    with fresh_server(args.mongodb_uri) as uri:
+        lat = latency(uri)
     ok = lat["start_p50"] <= 20 + lat["rtt"] and lat["start_p99"] <= 100
     failed |= not ok
     print(
@@ -240,8 +254,8 @@ def main() -> int:
         f"(target p50 <= 20 ms + rtt, p99 <= 100 ms) {'OK' if ok else 'MISSED'}",
         flush=True,
     )
-    with EmbeddedServer(port=0, data_dir=":memory:") as server:
-        rt = round_trips(bench_uri(server))
+    with fresh_server(args.mongodb_uri) as uri:
+        rt = round_trips(uri)
     ok = rt["per_job"] <= 6
     failed |= not ok
     print(
@@ -254,12 +268,12 @@ def main() -> int:
     big, small = (int(x) for x in args.scale.split(","))
     plain = {}
     for q in (small, big):
-        with EmbeddedServer(port=0, data_dir=":memory:") as server:
-            plain[q] = scale_rate(bench_uri(server), q, capped=False)
+        with fresh_server(args.mongodb_uri) as uri:
+            plain[q] = scale_rate(uri, q, capped=False)
     ok = plain[big] >= 0.8 * plain[small]
     failed |= not ok
-    with EmbeddedServer(port=0, data_dir=":memory:") as server:
-        capped_small = scale_rate(bench_uri(server), CAPPED_SCALE, capped=True)
+    with fresh_server(args.mongodb_uri) as uri:
+        capped_small = scale_rate(uri, CAPPED_SCALE, capped=True)
     results["scale"] = (plain, capped_small)
     print(
         f"scale (job_queue_size=0): {plain[small]:.0f} jobs/s with {small} queued, {plain[big]:.0f} jobs/s with "
@@ -267,8 +281,8 @@ def main() -> int:
         f"capped: {capped_small:.0f} jobs/s with {CAPPED_SCALE} queued",
         flush=True,
     )
-    with EmbeddedServer(port=0, data_dir=":memory:") as server:
-        cost = process_cost(bench_uri(server))
+    with fresh_server(args.mongodb_uri) as uri:
+        cost = process_cost(uri)
     results["pm"] = cost
     print("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
     results["latency"] = lat

@@ -56,6 +56,24 @@ def test_one_event_document_per_status_change(scheduler: Scheduler) -> None:
     assert all(e["class"] == "test" for e in events)
 
 
+def test_a_status_change_that_lost_its_race_changes_nothing(scheduler: Scheduler) -> None:
+    store = scheduler._store
+    p = scheduler.add_job("test")
+    winner, loser = ObjectId(), ObjectId()
+    assert store.claim(p.id, winner, utcnow())
+    before = store.find_job(p.id)
+    with store.status_feed(ids=[p.id]) as feed:
+        assert not store.claim(p.id, loser, utcnow())  # no longer WAITING
+        owned_by_loser = {"status": int(JobStatus.PROCESSING), "worker": loser}
+        assert not store.set_status(p.id, JobStatus.DONE, owned_by_loser, {"ended": utcnow(), "progress": 100.0})
+        assert store.find_job(p.id) == before
+        owned_by_winner = {"status": int(JobStatus.PROCESSING), "worker": winner}
+        assert store.set_status(p.id, JobStatus.DONE, owned_by_winner, {"ended": utcnow(), "progress": 100.0})
+        change = feed.poll(5)
+    assert change is not None and change.status == JobStatus.DONE  # the first status change the feed saw
+    assert store.find_job(p.id)["worker"] == winner
+
+
 def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
     s = Scheduler(db, options={"job_queue": "small.jobs", "job_queue_size": 4096})
     added = []
