@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE_SIZE
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOOP = "benchmarks.jobs:Noop"
 #: Queue depth of the capped figure of the scale benchmark (capped writes cost O(documents) on the test server).
 CAPPED_SCALE = 300
+
+T = TypeVar("T")
 
 
 def start_node(uri: str, database: str, *args: str) -> subprocess.Popen[bytes]:
@@ -228,67 +230,58 @@ def main() -> int:
         "raw_*, lib_*, latency, roundtrips, scale_* and pm_* are dropped after use",
     )
     args = parser.parse_args()
+    uri = args.mongodb_uri
     failed = False
     results: dict[str, Any] = {}
-    # A fresh server for each benchmark: the test server slows down as its oplog grows.
     for n in [int(x) for x in args.sizes.split(",")]:
-        with fresh_server(args.mongodb_uri) as uri:
-            raw = raw_rate(uri, n)
-        with fresh_server(args.mongodb_uri) as uri:
-            lib = library_rate(uri, n)
-        ok = lib >= 0.5 * raw
-        failed |= not ok
+        raw = measure(uri, raw_rate, n)
+        lib = measure(uri, library_rate, n)
         results[f"throughput_{n}"] = (raw, lib)
-        print(
-            f"throughput N={n}: raw {raw:.0f} jobs/s, library {lib:.0f} jobs/s, ratio {lib / raw:.2f} "
-            f"(target >= 0.5) {'OK' if ok else 'MISSED'}",
-            flush=True,
+        failed |= summary(
+            f"throughput N={n}: raw {raw:.0f} jobs/s, library {lib:.0f} jobs/s, ratio {lib / raw:.2f} (target >= 0.5)",
+            lib >= 0.5 * raw,
         )
-    with fresh_server(args.mongodb_uri) as uri:
-        lat = latency(uri)
-    ok = lat["start_p50"] <= 20 + lat["rtt"] and lat["start_p99"] <= 100
-    failed |= not ok
-    print(
+    lat = results["latency"] = measure(uri, latency)
+    failed |= summary(
         f"latency: add->start p50 {lat['start_p50']:.1f} ms p99 {lat['start_p99']:.1f} ms, add->wait_for "
         f"p50 {lat['wait_p50']:.1f} ms p99 {lat['wait_p99']:.1f} ms, rtt {lat['rtt']:.2f} ms "
-        f"(target p50 <= 20 ms + rtt, p99 <= 100 ms) {'OK' if ok else 'MISSED'}",
-        flush=True,
+        f"(target p50 <= 20 ms + rtt, p99 <= 100 ms)",
+        lat["start_p50"] <= 20 + lat["rtt"] and lat["start_p99"] <= 100,
     )
-    with fresh_server(args.mongodb_uri) as uri:
-        rt = round_trips(uri)
-    ok = rt["per_job"] <= 6
-    failed |= not ok
-    print(
+    rt = results["round_trips"] = measure(uri, round_trips)
+    failed |= summary(
         f"round trips: {rt['per_job']:.2f} reads/writes per job (insert {rt['insert']:.2f}, query "
         f"{rt['query']:.2f}, update {rt['update']:.2f}, delete {rt['delete']:.2f}); change-stream getMore "
-        f"{rt['getmore_per_job']:.2f}, other commands {rt['commands_per_job']:.2f} per job "
-        f"(target <= 6) {'OK' if ok else 'MISSED'}",
-        flush=True,
+        f"{rt['getmore_per_job']:.2f}, other commands {rt['commands_per_job']:.2f} per job (target <= 6)",
+        rt["per_job"] <= 6,
     )
     big, small = (int(x) for x in args.scale.split(","))
-    plain = {}
-    for q in (small, big):
-        with fresh_server(args.mongodb_uri) as uri:
-            plain[q] = scale_rate(uri, q, capped=False)
-    ok = plain[big] >= 0.8 * plain[small]
-    failed |= not ok
-    with fresh_server(args.mongodb_uri) as uri:
-        capped_small = scale_rate(uri, CAPPED_SCALE, capped=True)
+    plain = {q: measure(uri, scale_rate, q, False) for q in (small, big)}
+    capped_small = measure(uri, scale_rate, CAPPED_SCALE, True)
     results["scale"] = (plain, capped_small)
-    print(
-        f"scale (job_queue_size=0): {plain[small]:.0f} jobs/s with {small} queued, {plain[big]:.0f} jobs/s with "
-        f"{big} queued, ratio {plain[big] / plain[small]:.2f} (target >= 0.8) {'OK' if ok else 'MISSED'}; "
-        f"capped: {capped_small:.0f} jobs/s with {CAPPED_SCALE} queued",
-        flush=True,
+    failed |= summary(
+        f"scale: capped {capped_small:.0f} jobs/s with {CAPPED_SCALE} queued; job_queue_size=0: {plain[small]:.0f} "
+        f"jobs/s with {small} queued, {plain[big]:.0f} jobs/s with {big} queued, ratio "
+        f"{plain[big] / plain[small]:.2f} (target >= 0.8)",
+        plain[big] >= 0.8 * plain[small],
     )
-    with fresh_server(args.mongodb_uri) as uri:
-        cost = process_cost(uri)
-    results["pm"] = cost
-    print("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
-    results["latency"] = lat
-    results["round_trips"] = rt
+    cost = results["pm"] = measure(uri, process_cost)
+    summary("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
     write_report(results)
     return 1 if failed else 0
+
+
+def measure(uri: str | None, benchmark: Callable[..., T], *args: Any) -> T:
+    """Run one benchmark against ``uri``, or against a fresh embedded server: the test server slows down as its
+    oplog grows, and one benchmark's leftovers must not weigh on the next."""
+    with fresh_server(uri) as target:
+        return benchmark(target, *args)
+
+
+def summary(line: str, ok: bool | None = None) -> bool:
+    """Print a benchmark's summary line, with its verdict when it has a target; True when the target was missed."""
+    print(line if ok is None else f"{line} {'OK' if ok else 'MISSED'}", flush=True)
+    return ok is False
 
 
 def write_report(results: dict[str, Any]) -> None:
