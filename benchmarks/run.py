@@ -205,7 +205,7 @@ def _pct(values: list[float], pct: int) -> float:
 @contextlib.contextmanager
 def fresh_server(uri: str | None) -> Iterator[str]:
     """The URI every client of one benchmark uses: ``uri`` when given (a real deployment), else a fresh
-    embedded server, so that one benchmark's leftovers do not weigh on the next.
+    embedded server's.
 
     Retryable writes are off for raw and library clients alike on the embedded server: SecantusDB keeps up to
     10,000 retryable-write records and scans (past the cap: sorts) all of them on every write, so each write
