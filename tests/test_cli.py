@@ -120,6 +120,15 @@ def test_env_var_sets_flag(run: Any, scheduler: Scheduler) -> None:
     assert scheduler._store.jobs.count_documents({}) == 0  # it went to the other database
 
 
+def test_every_flag_reads_its_env_var(run: Any, scheduler: Scheduler) -> None:
+    out = run("add", "sample_jobs:Noop", env={"TASKSCHEDULER_TIMEOUT": "7", "TASKSCHEDULER_RETRY": "2"})
+    assert out.returncode == 0, out.stderr
+    p = scheduler.get_job(ObjectId(out.stdout.strip()))
+    assert (p.options["timeout"], p.options["retry"]) == (7, 2)
+    for command, var in (("add", "TASKSCHEDULER_AT"), ("jobs", "TASKSCHEDULER_LIMIT"), ("demo", "TASKSCHEDULER_PLAIN")):
+        assert var in run(command, "--help").stdout
+
+
 def test_watch_once_prints_jobs(run: Any, scheduler: Scheduler) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     out = run("watch", "--once")

@@ -42,6 +42,13 @@ def _env(flag: str) -> str:
     return "TASKSCHEDULER_" + flag.upper().replace("-", "_")
 
 
+def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A click option that can also come from ``TASKSCHEDULER_<FLAG>`` (shown in ``--help``), as every flag can."""
+    flag = next(d for d in decls if d.startswith("--"))
+    decorator: Callable[[F], F] = click.option(*decls, envvar=_env(flag[2:]), show_envvar=True, **attrs)
+    return decorator
+
+
 @dataclass(frozen=True)
 class Connection:
     """Where the jobs are: what every command's connection options say."""
@@ -94,9 +101,7 @@ def common(func: F) -> F:
 
     decorated: Any = wrapper
     for flag, default, kind, text in reversed(_CONNECTION_OPTIONS):
-        decorated = click.option(
-            flag, default=default, type=kind, show_default=True, envvar=_env(flag[2:]), show_envvar=True, help=text
-        )(decorated)
+        decorated = _option(flag, default=default, type=kind, show_default=True, help=text)(decorated)
     return decorated  # type: ignore[no-any-return]
 
 
@@ -112,11 +117,9 @@ def _print_json(value: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mongodb-task-scheduler")
-@click.option(
+@_option(
     "--log-level",
     default="INFO",
-    envvar=_env("log-level"),
-    show_envvar=True,
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
@@ -127,46 +130,36 @@ def cli(log_level: str) -> None:
 
 @cli.command()
 @common
-@click.option(
+@_option(
     "--import",
     "imports",
     multiple=True,
-    envvar=_env("import"),
-    show_envvar=True,
     help="Module to import in workers (defines job classes); repeatable.",
 )
-@click.option(
+@_option(
     "--pm",
     type=click.Choice(list(o.PM_MODES)),
     default="dynamic",
     show_default=True,
-    envvar=_env("pm"),
-    show_envvar=True,
     help="Worker process management mode.",
 )
-@click.option(
+@_option(
     "--min-children",
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
-    envvar=_env("min-children"),
-    show_envvar=True,
 )
-@click.option(
+@_option(
     "--max-children",
     type=click.IntRange(min=1),
     default=2,
     show_default=True,
-    envvar=_env("max-children"),
-    show_envvar=True,
 )
-@click.option(
+@_option(
     "--orphaned-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=30,
     show_default=True,
-    envvar=_env("orphaned-timeout"),
-    show_envvar=True,
     help="Seconds without heartbeat after which a running job is orphaned.",
 )
 def queue(
@@ -214,15 +207,15 @@ def _parse_at(value: str | None) -> float | None:
 @cli.command()
 @common
 @click.argument("job_class")
-@click.option("--data", default=None, help="Job data as JSON (extended JSON for ObjectIds and dates).")
-@click.option("--at", default=None, help="Earliest start: unix seconds or ISO 8601 time.")
-@click.option("--interval", type=int, default=None, help="Seconds between runs (-1: again at once).")
-@click.option("--retry", type=int, default=None, help="Retries after a failure or timeout (-1: endless).")
-@click.option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
-@click.option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
-@click.option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
-@click.option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
+@_option("--data", default=None, help="Job data as JSON (extended JSON for ObjectIds and dates).")
+@_option("--at", default=None, help="Earliest start: unix seconds or ISO 8601 time.")
+@_option("--interval", type=int, default=None, help="Seconds between runs (-1: again at once).")
+@_option("--retry", type=int, default=None, help="Retries after a failure or timeout (-1: endless).")
+@_option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
+@_option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
+@_option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
+@_option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
+@_option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
 def add(
     conn: Connection,
     job_class: str,
@@ -269,17 +262,17 @@ def _status_names() -> list[str]:
 
 @cli.command()
 @common
-@click.option(
+@_option(
     "--status",
     "statuses",
     multiple=True,
     type=click.Choice(_status_names(), case_sensitive=False),
     help="Only jobs in this status (repeatable). Default: waiting, postponed, processing.",
 )
-@click.option("--all", "show_all", is_flag=True, help="Jobs in every status.")
-@click.option("--class", "job_class", default=None, help="Only jobs of this class.")
-@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
+@_option("--all", "show_all", is_flag=True, help="Jobs in every status.")
+@_option("--class", "job_class", default=None, help="Only jobs of this class.")
+@_option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
+@_option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
 def jobs(
     conn: Connection,
     statuses: Sequence[str],
@@ -314,7 +307,7 @@ def jobs(
 @cli.command()
 @common
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
+@_option("--json", "as_json", is_flag=True)
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its error or result."""
     process = conn.scheduler().get_job(_object_id(job_id))
@@ -362,7 +355,7 @@ def cancel(conn: Connection, job_id: str) -> None:
 
 @cli.command()
 @common
-@click.option("--yes", is_flag=True, help="Confirm: drop every job and event.")
+@_option("--yes", is_flag=True, help="Confirm: drop every job and event.")
 def flush(conn: Connection, yes: bool) -> None:
     """Drop every job and event (running queue nodes keep working)."""
     if not yes:
@@ -373,14 +366,14 @@ def flush(conn: Connection, yes: bool) -> None:
 
 @cli.command()
 @common
-@click.option(
+@_option(
     "--interval",
     type=click.FloatRange(min=0.05),
     default=0.5,
     show_default=True,
     help="Seconds between screen refreshes.",
 )
-@click.option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
+@_option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
 def watch(conn: Connection, interval: float, once: bool) -> None:
     """Live view of jobs and their progress, driven by change streams, until Ctrl-C."""
     from .display import watch_jobs
@@ -389,15 +382,11 @@ def watch(conn: Connection, interval: float, once: bool) -> None:
 
 
 @cli.command()
-@click.option(
-    "--port", type=click.IntRange(0, 65535), default=27017, show_default=True, envvar=_env("port"), show_envvar=True
-)
-@click.option(
+@_option("--port", type=click.IntRange(0, 65535), default=27017, show_default=True)
+@_option(
     "--data-dir",
     default=".taskscheduler/data",
     show_default=True,
-    envvar=_env("data-dir"),
-    show_envvar=True,
     help="Where the embedded server keeps its data (':memory:' for none).",
 )
 def server(port: int, data_dir: str) -> None:
@@ -410,8 +399,8 @@ def server(port: int, data_dir: str) -> None:
 
 
 @cli.command()
-@click.option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
-@click.option("--plain", is_flag=True, help="Plain text output instead of the live display.")
+@_option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
+@_option("--plain", is_flag=True, help="Plain text output instead of the live display.")
 def demo(seconds: float, plain: bool) -> None:
     """Start an embedded server and a queue node, run example jobs, show them live, print a summary."""
     from .demo import run_demo
