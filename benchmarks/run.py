@@ -145,7 +145,7 @@ def scale_rate(uri: str, queued: int, capped: bool) -> float:
     node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2", *flags)
     try:
         scheduler.wait_for(jobs, timeout=1800)
-        docs = list(scheduler._store.jobs.find({}, {"started": 1, "ended": 1}))
+        docs = list(scheduler.store.jobs.find({}, {"started": 1, "ended": 1}))
     finally:
         stop_node(node)
         scheduler._db.client.drop_database(database)

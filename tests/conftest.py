@@ -63,7 +63,7 @@ class SizeGuard:
     def __init__(self, db: Database[dict[str, Any]], collection: str) -> None:
         self.db = db
         self.collection = collection
-        Scheduler(db)._store.ensure()
+        Scheduler(db).store.ensure()
         db.command("collMod", collection, changeStreamPreAndPostImages={"enabled": True})
         self.start = db.command("ping")["operationTime"]
         self.checked_updates = 0

@@ -85,12 +85,12 @@ def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: 
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr and out.stderr.startswith("Error:")
-    assert scheduler._store.jobs.count_documents({}) == 0
+    assert scheduler.store.jobs.count_documents({}) == 0
 
 
 def test_cancel_finished_job_is_exit_2(run: Any, scheduler: Scheduler) -> None:
     p = scheduler.add_job("test")
-    scheduler._store.set_status(p.id, JobStatus.DONE, {"status": 0})
+    scheduler.store.set_status(p.id, JobStatus.DONE, {"status": 0})
     out = run("cancel", str(p.id))
     assert out.returncode == 2 and "DONE" in out.stderr
 
@@ -117,7 +117,7 @@ def test_help_shows_env_vars(run: Any) -> None:
 def test_env_var_sets_flag(run: Any, scheduler: Scheduler) -> None:
     out = run("add", "sample_jobs:Noop", env={"TASKSCHEDULER_DATABASE": "otherdb_" + ObjectId().__str__()})
     assert out.returncode == 0
-    assert scheduler._store.jobs.count_documents({}) == 0  # it went to the other database
+    assert scheduler.store.jobs.count_documents({}) == 0  # it went to the other database
 
 
 def test_every_flag_reads_its_env_var(run: Any, scheduler: Scheduler) -> None:

@@ -59,7 +59,7 @@ def test_unencodable_result_still_done(scheduler: Scheduler, start_node: Callabl
 def test_retry_chain_runs_three_times(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     start_node()
     first = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
-    wait_until(lambda: scheduler._store.jobs.count_documents({"status": JobStatus.FAILED}) == 3, 30, what="3 runs")
+    wait_until(lambda: scheduler.store.jobs.count_documents({"status": JobStatus.FAILED}) == 3, 30, what="3 runs")
     runs = list(scheduler.get_jobs({"class": "sample_jobs:Fail"}))
     assert [r.options["retry"] for r in runs] == [2, 1, 0]
     assert runs[0].id == first.id and len({r.id for r in runs}) == 3

@@ -55,9 +55,9 @@ def test_sigkill_of_a_node_group_reruns_job_elsewhere(
     p.wait(timeout=60)
     assert p.status == JobStatus.DONE
     assert pid_file.read_text() != first_pid
-    doc = scheduler._store.find_job(p.id)
+    doc = scheduler.store.find_job(p.id)
     assert doc["orphaned"] == 1
-    assert [e["status"] for e in scheduler._store.job_events(p.id)] == [2, 0, 2, 3]
+    assert [e["status"] for e in scheduler.store.job_events(p.id)] == [2, 0, 2, 3]
 
 
 def test_sigterm_puts_running_job_back_and_exits_zero(
@@ -74,7 +74,7 @@ def test_sigterm_puts_running_job_back_and_exits_zero(
     back = scheduler.get_job(p.id)
     assert back.status == JobStatus.WAITING and back.worker is None
     assert not _alive(worker_pid)
-    assert scheduler._store.jobs.count_documents({"status": JobStatus.PROCESSING}) == 0
+    assert scheduler.store.jobs.count_documents({"status": JobStatus.PROCESSING}) == 0
 
 
 def test_sigint_stops_gracefully_too(scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_long_job_without_progress_is_not_orphaned(scheduler: Scheduler, start_n
     start_node(orphaned_timeout=1)
     p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 3.5}).wait(timeout=30)
     assert p.status == JobStatus.DONE
-    assert scheduler._store.find_job(p.id)["orphaned"] == 0
+    assert scheduler.store.find_job(p.id)["orphaned"] == 0
 
 
 def test_worker_crash_three_times_ends_failed(
@@ -115,11 +115,11 @@ def test_orphan_of_a_dead_node_is_reset_by_another(scheduler: Scheduler, start_n
 
     from taskscheduler.store import utcnow
 
-    assert scheduler._store.claim(p.id, ObjectId(), utcnow())
+    assert scheduler.store.claim(p.id, ObjectId(), utcnow())
     start_node(orphaned_timeout=1)
     p.wait(timeout=30)
     assert p.status == JobStatus.DONE
-    assert scheduler._store.find_job(p.id)["orphaned"] == 1
+    assert scheduler.store.find_job(p.id)["orphaned"] == 1
 
 
 def test_node_recovers_after_server_closes_connections(
@@ -161,7 +161,7 @@ def test_node_keeps_working_after_flush(scheduler: Scheduler, start_node: Callab
     start_node()
     assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
     scheduler.flush()
-    assert scheduler._store.jobs.count_documents({}) == 0
+    assert scheduler.store.jobs.count_documents({}) == 0
     p = scheduler.add_job("sample_jobs:Echo", "after flush").wait(timeout=30)
     assert p.status == JobStatus.DONE and p.result == "after flush"
 

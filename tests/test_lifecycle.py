@@ -15,8 +15,8 @@ from taskscheduler.store import utcnow
 def claimed(scheduler: Scheduler, **options: Any) -> tuple[dict[str, Any], ObjectId]:
     p = scheduler.add_job("sample_jobs:Fail", "x", options)
     worker = ObjectId()
-    assert scheduler._store.claim(p.id, worker, utcnow())
-    return scheduler._store.find_job(p.id), worker
+    assert scheduler.store.claim(p.id, worker, utcnow())
+    return scheduler.store.find_job(p.id), worker
 
 
 def test_recording_an_end_twice_after_a_lost_answer_writes_it_once(
@@ -24,19 +24,19 @@ def test_recording_an_end_twice_after_a_lost_answer_writes_it_once(
 ) -> None:
     doc, worker = claimed(scheduler, retry=1, retry_interval=0)
     end = lifecycle.RunEnd(scheduler, doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"})
-    real = scheduler._store.set_status
+    real = scheduler.store.set_status
 
     def applied_then_lost(*args: Any, **kw: Any) -> bool:
         real(*args, **kw)
         raise ServerUnavailableError("connection closed")
 
-    monkeypatch.setattr(scheduler._store, "set_status", applied_then_lost)
+    monkeypatch.setattr(scheduler.store, "set_status", applied_then_lost)
     with pytest.raises(ServerUnavailableError):
         end.record()
-    monkeypatch.setattr(scheduler._store, "set_status", real)
+    monkeypatch.setattr(scheduler.store, "set_status", real)
     assert end.record() is True
     assert scheduler.get_job(doc["_id"]).status == JobStatus.FAILED
-    assert [e["status"] for e in scheduler._store.job_events(doc["_id"])] == [JobStatus.PROCESSING, JobStatus.FAILED]
+    assert [e["status"] for e in scheduler.store.job_events(doc["_id"])] == [JobStatus.PROCESSING, JobStatus.FAILED]
     retries = list(scheduler.get_jobs())
     assert len(retries) == 1 and retries[0].options["retry"] == 0
 
@@ -48,18 +48,18 @@ def test_lost_ownership_withdraws_the_end_and_the_next_run(scheduler: Scheduler)
     assert end.record() is False
     assert scheduler.get_job(doc["_id"]).status == JobStatus.WAITING
     assert [p.id for p in scheduler.get_jobs()] == [doc["_id"]]  # no retry added
-    assert JobStatus.FAILED not in [e["status"] for e in scheduler._store.job_events(doc["_id"])]
+    assert JobStatus.FAILED not in [e["status"] for e in scheduler.store.job_events(doc["_id"])]
 
 
 def test_third_orphaning_fails_the_job(scheduler: Scheduler) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     for _ in range(2):
         worker = ObjectId()
-        assert scheduler._store.claim(p.id, worker, utcnow())
-        assert lifecycle.release(scheduler, scheduler._store.find_job(p.id), worker, orphaned=True, reason="gone")
+        assert scheduler.store.claim(p.id, worker, utcnow())
+        assert lifecycle.release(scheduler, scheduler.store.find_job(p.id), worker, orphaned=True, reason="gone")
     worker = ObjectId()
-    assert scheduler._store.claim(p.id, worker, utcnow())
-    assert lifecycle.release(scheduler, scheduler._store.find_job(p.id), worker, orphaned=True, reason="gone")
+    assert scheduler.store.claim(p.id, worker, utcnow())
+    assert lifecycle.release(scheduler, scheduler.store.find_job(p.id), worker, orphaned=True, reason="gone")
     failed = scheduler.get_job(p.id)
     assert failed.status == JobStatus.FAILED and failed.error is not None
     assert failed.error["class"] == "OrphanedJobError"

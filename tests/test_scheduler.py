@@ -49,7 +49,7 @@ def test_add_job_rejects_non_job_class(scheduler: Scheduler, db: Any) -> None:
         scheduler.add_job(dict)
     with pytest.raises(InvalidArgumentError):
         scheduler.add_job("")
-    assert scheduler._store.jobs.count_documents({}) == 0
+    assert scheduler.store.jobs.count_documents({}) == 0
 
 
 def test_options_and_keywords_merge_keywords_win(scheduler: Scheduler) -> None:
@@ -108,7 +108,7 @@ def test_invalid_job_option_writes_nothing(scheduler: Scheduler, db: Any, name: 
 def test_unencodable_data_is_a_clear_error(scheduler: Scheduler, db: Any) -> None:
     with pytest.raises(InvalidArgumentError, match="BSON"):
         scheduler.add_job("test", {"x": object()})
-    assert scheduler._store.jobs.count_documents({}) == 0
+    assert scheduler.store.jobs.count_documents({}) == 0
 
 
 def test_custom_id(scheduler: Scheduler) -> None:
@@ -118,7 +118,7 @@ def test_custom_id(scheduler: Scheduler) -> None:
     assert "id" not in p.options
     with pytest.raises(InvalidArgumentError, match="already exists"):
         scheduler.add_job("test", None, {"id": job_id})
-    assert scheduler._store.jobs.count_documents({}) == 1
+    assert scheduler.store.jobs.count_documents({}) == 1
 
 
 def test_future_at_is_postponed_and_datetime_accepted(scheduler: Scheduler) -> None:
@@ -165,7 +165,7 @@ def test_cancel_missing_job(scheduler: Scheduler) -> None:
 @pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT])
 def test_cancel_finished_job_is_refused(scheduler: Scheduler, status: JobStatus) -> None:
     p = scheduler.add_job("test")
-    assert scheduler._store.set_status(p.id, status, {"status": 0})
+    assert scheduler.store.set_status(p.id, status, {"status": 0})
     with pytest.raises(InvalidArgumentError, match=status.name):
         scheduler.cancel_job(p.id)
     assert scheduler.get_job(p.id).status == status
@@ -175,7 +175,7 @@ def test_cancel_cancels_unfinished_children(scheduler: Scheduler) -> None:
     parent = scheduler.add_job("test")
     kid = scheduler.add_job("test", {"parent": parent.id})
     done_kid = scheduler.add_job("test", {"parent": parent.id})
-    scheduler._store.set_status(done_kid.id, JobStatus.DONE, {"status": 0})
+    scheduler.store.set_status(done_kid.id, JobStatus.DONE, {"status": 0})
     scheduler.cancel_job(parent.id)
     assert scheduler.get_job(kid.id).status == JobStatus.CANCELED
     assert scheduler.get_job(done_kid.id).status == JobStatus.DONE
@@ -270,10 +270,10 @@ def test_update_progress_none_keeps_progress_and_pings(scheduler: Scheduler) -> 
     s = Scheduler(scheduler._db, options={"progress_rate_limit": 0})
     p = s.add_job("test")
     s.update_progress(p.id, 42)
-    alive = s._store.find_job(p.id)["alive"]
+    alive = s.store.find_job(p.id)["alive"]
     time.sleep(0.01)
     s.update_progress(p.id)
-    doc = s._store.find_job(p.id)
+    doc = s.store.find_job(p.id)
     assert doc["progress"] == 42.0 and doc["alive"] > alive
 
 

@@ -24,8 +24,8 @@ def test_collections_are_capped_by_default_with_named_indexes(scheduler: Schedul
     names = set(db["taskscheduler.jobs"].index_information())
     assert {"status_alive", "class_status", "class_key_status", "parent_status", "once_active"} <= names
     assert "ended_ttl" not in names
-    scheduler._store._ready = False
-    scheduler._store.ensure()  # idempotent
+    scheduler.store._ready = False
+    scheduler.store.ensure()  # idempotent
     assert set(db["taskscheduler.jobs"].index_information()) == names
 
 
@@ -51,13 +51,13 @@ def test_size_zero_means_ordinary_collections_with_ttl(db: Any) -> None:
 def test_one_event_document_per_status_change(scheduler: Scheduler) -> None:
     p = scheduler.add_job("test")
     scheduler.cancel_job(p.id)
-    events = scheduler._store.job_events(p.id)
+    events = scheduler.store.job_events(p.id)
     assert [e["status"] for e in events] == [JobStatus.CANCELED]  # creation is the job document itself
     assert all(e["class"] == "test" for e in events)
 
 
 def test_a_status_change_that_lost_its_race_changes_nothing(scheduler: Scheduler) -> None:
-    store = scheduler._store
+    store = scheduler.store
     p = scheduler.add_job("test")
     winner, loser = ObjectId(), ObjectId()
     assert store.claim(p.id, winner, utcnow())
@@ -100,7 +100,7 @@ def test_size_guard_catches_a_size_change(db: Any) -> None:
 def test_lifecycle_updates_keep_the_document_size(scheduler: Scheduler, size_guard: SizeGuard) -> None:
     p = scheduler.add_job("test", {"k": [1, 2, 3]})
     worker = ObjectId()
-    store = scheduler._store
+    store = scheduler.store
     assert store.claim(p.id, worker, utcnow())
     assert not store.claim(p.id, ObjectId(), utcnow())  # already owned
     assert store.set_progress(p.id, 12.5, utcnow(), worker)
@@ -150,7 +150,7 @@ def test_steady_state_queries_are_served_by_indexes(server: Any, db_name: str) -
     try:
         db = client[db_name]
         s = Scheduler(db, options={"progress_rate_limit": 0})
-        store = s._store
+        store = s.store
         parent = s.add_job("test")
         child = s.add_job("test", {"parent": parent.id})
         once = s.add_job_once("test", {"a": 1}, {"retry": 1})
@@ -205,7 +205,7 @@ def test_many_jobs_are_read_by_id_in_batches(server: Any, db_name: str) -> None:
         s = Scheduler(client[db_name], options={"job_queue_size": 0, "event_queue_size": 0})
         added = [s.add_job("test") for _ in range(ID_BATCH * 2 + 5)]
         recorder.commands.clear()
-        found = list(s._store.find_by_ids([p.id for p in added] + [ObjectId()]))
+        found = list(s.store.find_by_ids([p.id for p in added] + [ObjectId()]))
         assert sorted(d["_id"] for d in found) == sorted(p.id for p in added)
         sizes = [len(cmd["filter"]["_id"]["$in"]) for name, cmd in recorder.commands if name == "find"]
         assert sizes == [ID_BATCH, ID_BATCH, 6]

@@ -41,8 +41,8 @@ def test_invalid_job_class(scheduler: Scheduler, worker: Worker) -> None:
 def test_already_claimed_job_is_not_run_twice(scheduler: Scheduler, worker: Worker, db: Any) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     other = Worker(ObjectId(), Scheduler(db), db)
-    assert other.run(scheduler._store.find_job(p.id))
-    assert not worker.run(scheduler._store.find_job(p.id))
+    assert other.run(scheduler.store.find_job(p.id))
+    assert not worker.run(scheduler.store.find_job(p.id))
     assert scheduler.get_job(p.id).worker == other.id
 
 

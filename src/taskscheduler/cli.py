@@ -62,7 +62,7 @@ class Connection:
         from .store import connect
 
         scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
-        scheduler._store.ping()
+        scheduler.store.ping()
         return scheduler
 
 

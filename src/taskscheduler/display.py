@@ -78,7 +78,7 @@ def watch_jobs(scheduler: Scheduler, interval: float = 0.5, once: bool = False, 
     if once:
         out.print(jobs_table(jobs.values(), title="jobs"))
         return
-    feed = scheduler._store.status_feed()
+    feed = scheduler.store.status_feed()
     try:
         with Live(jobs_table(jobs.values(), title="jobs"), console=out, refresh_per_second=4) as live:
             next_refresh = 0.0

@@ -31,6 +31,18 @@ class ChildJobFailedError(TaskSchedulerError):
     """Recorded as a parent job's error when one of its children ended FAILED or TIMEOUT."""
 
 
+class JobTimeoutError(TaskSchedulerError):
+    """Recorded as a job's error when it ran past its ``timeout`` and its worker process was killed."""
+
+
+class OrphanedJobError(TaskSchedulerError):
+    """Recorded as a job's error when it was orphaned too often (its worker or node died, again and again)."""
+
+
+class JobReleasedError(TaskSchedulerError):
+    """Recorded with a run that was interrupted and put back to WAITING (node stopped, worker died, lease lost)."""
+
+
 class QueueFullError(TaskSchedulerError):
     """Raised when the capped job collection has no room without evicting an unfinished job."""
 

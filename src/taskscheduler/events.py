@@ -7,7 +7,8 @@ status events and ``{"_id": ObjectId, "pid": int, "signal": int | None}`` for wo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from blinker import Namespace
@@ -69,14 +70,28 @@ def resolve(event: str) -> str:
     raise InvalidArgumentError(f"unknown event {event!r}; use one of {sorted(SHORT_NAMES)} or their full names")
 
 
+#: Status changes remembered per namespace to fire each once, however many emitters (a Scheduler and a Queue
+#: sharing one, as upstream's README shows) observe it.
+SEEN_CHANGES = 10_000
+
+
 class Emitter:
-    """Connects handlers to a blinker namespace and fires events on it (the specific signal, then ``*``)."""
+    """Connects handlers to a blinker namespace and fires events on it (the specific signal, then ``*``).
+
+    Every Emitter on one namespace shares one memory of the status changes fired, so each change fires once per
+    observer even when the Scheduler that made it and a Queue that saw it in its change stream share handlers.
+    """
 
     def __init__(self, namespace: Namespace | None = None) -> None:
         if namespace is not None and not isinstance(namespace, Namespace):
             raise InvalidArgumentError(f"emitter must be a blinker.Namespace, got {type(namespace).__name__}")
         self.namespace = namespace if namespace is not None else Namespace()
         self._receivers: list[Callable[..., Any]] = []  # blinker holds receivers weakly; keep them alive
+        seen = getattr(self.namespace, "_taskscheduler_seen", None)
+        if not isinstance(seen, OrderedDict):
+            seen = OrderedDict()
+            setattr(self.namespace, "_taskscheduler_seen", seen)  # noqa: B010 - shared by all emitters on it
+        self._seen: OrderedDict[Hashable, None] = seen
 
     def on(self, event: str, handler: Handler) -> None:
         if not callable(handler):
@@ -99,4 +114,22 @@ class Emitter:
         self.namespace.signal(ALL).send(name, payload=payload)
 
     def emit_status(self, status: int, payload: Any) -> None:
+        """Fire the event of ``status`` for a Process, unless this change was fired on this namespace already."""
+        key = _change_key(status, payload)
+        if key is not None:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return
+            self._seen[key] = None
+            if len(self._seen) > SEEN_CHANGES:
+                self._seen.popitem(last=False)
         self.emit(STATUS_EVENTS[JobStatus(status)], payload)
+
+
+def _change_key(status: int, payload: Any) -> Hashable | None:
+    """What tells one status change of a job from another: the job, the status, its run and when that run
+    started (a job passes through a status once per run and start)."""
+    doc = getattr(payload, "_doc", None)
+    if not isinstance(doc, dict) or "_id" not in doc:
+        return None
+    return (doc["_id"], int(status), doc.get("run"), doc.get("started"))

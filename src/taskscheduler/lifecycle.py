@@ -1,13 +1,20 @@
-"""How a job leaves PROCESSING: finishing it, and the retry and interval runs that follow; orphans and resets.
+"""The one owner of job state changes: add, claim, the end of a run (and the next run), release, cancel, requeue.
 
-Every write here is conditional on the writer's view of ownership (status PROCESSING and ``worker`` = the id that
-ran it), so a worker or node that lost a job can never overwrite what its new owner wrote. For FAILED, DONE and
-TIMEOUT the event document (error or result) is written first and withdrawn if the status write loses, so a
-reader who sees the final status always finds its error or result.
+A job keeps one document and one id for its whole life. Every change of its status is one conditional update
+of that document (:meth:`Store.transition`), so a run's end and the next run that follows it are one atomic
+write: no kill, pause or outage can lose the next run or make a second one.
+
+A change that records details (an error, a result, the reason of a release) writes its event documents first,
+with ids fixed when the change is prepared, and marks the job document with the id of its first event
+(``change``). Recording it again after an outage is therefore safe: the events are not written twice, and a
+transition that finds its own mark already in place knows that its earlier attempt succeeded. A transition that
+lost (another worker or node owns the job now) withdraws its events.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 import traceback
 from collections.abc import Mapping
@@ -15,40 +22,316 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from . import options as o
-from .constants import MAX_ORPHANINGS, NO_WORKER, JobStatus
-from .errors import QueueFullError
+from .constants import MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
+from .errors import (
+    InvalidArgumentError,
+    JobNotFoundError,
+    JobReleasedError,
+    JobTimeoutError,
+    OrphanedJobError,
+    ServerUnavailableError,
+    TaskSchedulerError,
+)
+from .events import Emitter
+from .job import class_path
 from .process import Process
-from .store import DuplicateJobError, OnceConflict, Store, utcnow
+from .store import (
+    MAX_DOCUMENT_SIZE,
+    OnceConflict,
+    StatusChange,
+    Store,
+    encoded_size,
+    fields_equal,
+    fingerprint,
+    literal,
+    same_value,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
+#: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store`).
+NO_EVENT = NO_WORKER
+#: How often add_job_once retries when concurrent callers keep replacing each other's job.
+ONCE_ATTEMPTS = 20
+#: Longest stored error message and traceback (characters): an error is recorded whatever its size.
+MAX_ERROR_TEXT = 64 * 1024
+#: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
+MAX_RESULT_SIZE = MAX_DOCUMENT_SIZE - 256 * 1024
+#: Statuses an ended run can have.
+RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
+
+Document = dict[str, Any]
+
 
 def describe_error(exc: BaseException) -> dict[str, str]:
-    """The stored form of an exception: class, message and traceback text."""
+    """The stored form of an exception: class, message and traceback text (truncated to fit)."""
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return {
-        "class": name,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
-    }
+    return fit_error(
+        {
+            "class": name,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+        }
+    )
 
 
-class RunEnd:
-    """The end of one run, prepared once so that recording it can be retried after an outage.
+def library_error(cls: type[TaskSchedulerError], message: str) -> dict[str, str]:
+    """An error the library records itself (timeout, orphaned, released), named by its class in errors.py."""
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": ""}
 
-    The run's two events (its PROCESSING and how it ended) go in one write: capped writes are the costly ones.
-    The next run (retry or interval) is inserted before the final status, so whoever sees the job finished also
-    finds its next run; both are withdrawn if this worker turns out to have lost the job. Every id is fixed here,
-    so a retried ``record()`` never writes an event or a next run twice.
-    """
 
-    def __init__(
+def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    """An error whose texts fit in an event document: long ones keep their start and end."""
+    fitted = dict(error)
+    for key in ("message", "traceback"):
+        text = fitted.get(key)
+        if isinstance(text, str) and len(text) > MAX_ERROR_TEXT:
+            half = MAX_ERROR_TEXT // 2
+            fitted[key] = f"{text[:half]}\n... [{len(text) - MAX_ERROR_TEXT} characters cut] ...\n{text[-half:]}"
+    return fitted
+
+
+def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId) -> ObjectId:
+    """The id of a run's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node)."""
+    digest = hashlib.sha1(job_id.binary + run.to_bytes(8, "big", signed=True) + worker.binary).digest()
+    return ObjectId(digest[:12])
+
+
+def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> dict[str, Any]:
+    """Expression: the job is PROCESSING, owned by ``worker`` (in that run, with that lease end)."""
+    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
+    if run is not None:
+        expect["run"] = run
+    if expires is not None:
+        expect["expires"] = expires
+    return fields_equal(expect)
+
+
+class Lifecycle:
+    """Every state change of a job, used alike by the client API, queue nodes and workers."""
+
+    def __init__(self, scheduler: Scheduler, store: Store, emitter: Emitter, logger: logging.Logger) -> None:
+        self.scheduler = scheduler
+        self.store = store
+        self.emitter = emitter
+        self.logger = logger
+
+    def process(self, doc: Mapping[str, Any]) -> Process:
+        return Process(dict(doc), self.scheduler)
+
+    def emit(self, status: int, doc: Mapping[str, Any]) -> None:
+        self.emitter.emit_status(status, self.process(dict(doc, status=int(status))))
+
+    def observe(self, change: StatusChange, doc: Mapping[str, Any], emitter: Emitter) -> None:
+        """Emit on ``emitter`` what a change seen in a change stream means: a run's end, when the same update
+        scheduled the next run (its outcome is read from its event), then the status it set."""
+        if change.ended_run is not None and emitter.wants_status():
+            event = self.store.find_event(change.ended_run)
+            if event is not None:
+                ended = dict(doc, status=int(event["status"]), run=event.get("run"), worker=event.get("worker"))
+                ended.update(outcome=change.ended_run, ended=event.get("time"))
+                emitter.emit_status(int(event["status"]), self.process(ended))
+        emitter.emit_status(change.status, self.process(dict(doc, status=change.status)))
+
+    # -- adding ----------------------------------------------------------------------------------------------------
+
+    def prepare(self, job_class: Any, data: Any, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> Document:
+        """A new job document, validated; nothing is written."""
+        opts = o.job_options(given, defaults)
+        job_id = opts.pop(o.ID, None) or ObjectId()
+        path = class_path(job_class)
+        encoded_size(data)
+        opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place
+        now = utcnow()
+        status = JobStatus.POSTPONED if opts[o.AT] > time.time() else JobStatus.WAITING
+        # Every field a later update writes is here from the start, with its final BSON type (see store.py).
+        return {
+            "_id": job_id,
+            "class": path,
+            "status": int(status),
+            "run": 1,
+            "created": now,
+            "started": UNSET_TIME,
+            "ended": UNSET_TIME,
+            "alive": UNSET_TIME,
+            "expires": UNSET_TIME,
+            "lease": 0.0,
+            "worker": NO_WORKER,
+            "progress": 0.0,
+            "orphaned": 0,
+            "outcome": NO_EVENT,
+            "change": NO_EVENT,
+            "key": fingerprint(path, data),
+            "data": data,
+            "options": opts,
+        }
+
+    def add(self, doc: Document) -> Process:
+        self.store.insert_job(doc)
+        self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
+        process = self.process(doc)
+        self.emitter.emit_status(doc["status"], process)
+        return process
+
+    def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Process:
+        """Add ``doc`` unless an active job of its class (and data) has the same options; replace one that
+        differs. Concurrent callers leave exactly one active job (the unique ``once`` index decides)."""
+        ignore_data = bool(doc["options"][o.IGNORE_DATA])
+        doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
+        for _ in range(ONCE_ATTEMPTS):
+            existing = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
+            for found in existing:
+                if not _changed(found, requested, data, ignore_data):
+                    return self.process(found)
+            for found in existing:
+                self.cancel(found)
+            try:
+                return self.add(dict(doc, created=utcnow()))
+            except OnceConflict:
+                continue  # a concurrent caller inserted first: compare with theirs
+        raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+
+    def load(self, job_id: ObjectId) -> Document:
+        doc = self.store.find_job(job_id)
+        if doc is None:
+            raise JobNotFoundError(f"job {job_id} was not found")
+        return doc
+
+    def outcome(self, doc: Mapping[str, Any]) -> Document | None:
+        """The event of the job's last ended run (with its error or result), if a run ended."""
+        event_id = doc.get("outcome")
+        if not isinstance(event_id, ObjectId) or event_id == NO_EVENT:
+            return None
+        return self.store.find_event(event_id)
+
+    def runs(self, doc: Mapping[str, Any]) -> list[Document]:
+        """Every ended run of a job, oldest first: one event per run number."""
+        ended = [e for e in self.store.job_events(doc["_id"]) if e.get("status") in RUN_END_STATUSES]
+        by_run: dict[int, Document] = {}
+        for event in ended:
+            run = int(event.get("run", 0))
+            if run not in by_run or event["_id"] == doc.get("outcome"):
+                by_run[run] = event
+        return [by_run[run] for run in sorted(by_run)]
+
+    # -- operator actions ------------------------------------------------------------------------------------------
+
+    def cancel(self, doc: Document) -> None:
+        """Cancel a job for good: a waiting one never runs, a running one is killed by its node."""
+        while True:
+            status = JobStatus(doc["status"])
+            if status == JobStatus.CANCELED:
+                return
+            if status.is_terminal:
+                raise InvalidArgumentError(
+                    f"job {doc['_id']} has already ended with status {status.name}; "
+                    "only unfinished jobs can be canceled"
+                )
+            now = utcnow()
+            event_id = ObjectId()
+            fields = {
+                "status": literal(int(JobStatus.CANCELED)),
+                "ended": literal(now),
+                "outcome": literal(event_id),
+                "change": literal(event_id),
+            }
+            when = fields_equal({"status": int(status), "run": doc.get("run", 1)})
+            if self.store.transition(doc["_id"], when, fields):
+                doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
+                running = status == JobStatus.PROCESSING
+                worker = doc.get("worker") if running else None
+                started = doc.get("started") if running else None
+                self.store.insert_events(
+                    [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
+                )
+                self.logger.info("job canceled", extra={"job_id": doc["_id"], "job_class": doc.get("class")})
+                self.emit(JobStatus.CANCELED, doc)
+                self.cancel_children(doc["_id"])
+                return
+            doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
+
+    def cancel_children(self, parent_id: ObjectId) -> None:
+        """Cancel the unfinished children (``data.parent``) of a job."""
+        for child in self.store.children(parent_id, active_only=True):
+            try:
+                self.cancel(child)
+            except InvalidArgumentError:
+                pass  # it finished meanwhile
+
+    def requeue(self, doc: Document) -> Document:
+        """A FAILED, TIMEOUT or CANCELED job back to WAITING: same id, next run number."""
+        status = JobStatus(doc["status"])
+        if status not in (JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED):
+            raise InvalidArgumentError(
+                f"job {doc['_id']} is {status.name}; only FAILED, TIMEOUT or CANCELED jobs can be requeued"
+            )
+        run = int(doc.get("run", 1)) + 1
+        event_id = ObjectId()
+        fields = {
+            "status": literal(int(JobStatus.WAITING)),
+            "run": literal(run),
+            "worker": literal(NO_WORKER),
+            "progress": literal(0.0),
+            "orphaned": literal(0),
+            "options.at": literal(0.0),
+            "change": literal(event_id),
+        }
+        try:
+            moved = self.store.transition(doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields)
+        except DuplicateKeyError as exc:
+            raise InvalidArgumentError(
+                f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
+            ) from exc
+        if not moved:
+            raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
+        options = dict(doc.get("options") or {}, at=0.0)
+        requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
+        requeued.update(options=options, change=event_id)
+        self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
+        self.logger.info("job requeued", extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run})
+        self.emit(JobStatus.WAITING, requeued)
+        return requeued
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+
+    def claim(self, job_id: ObjectId, worker: ObjectId, lease: float) -> Document | None:
+        """WAITING -> PROCESSING, owned by ``worker`` with a lease of ``lease`` seconds on the server's clock."""
+        doc = self.store.claim(job_id, worker, lease)
+        if doc is not None:
+            self.logger.info(
+                "claimed job",
+                extra={"job_id": job_id, "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
+            )
+            self.emit(JobStatus.PROCESSING, doc)
+        return doc
+
+    def unpostpone(self, doc: Mapping[str, Any]) -> bool:
+        """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins."""
+        when = fields_equal({"status": int(JobStatus.POSTPONED), "run": doc.get("run", 1)})
+        if not self.store.transition(doc["_id"], when, {"status": literal(int(JobStatus.WAITING))}):
+            return False
+        self.store.insert_events([Store.event(doc, JobStatus.WAITING)])
+        self.emit(JobStatus.WAITING, doc)
+        return True
+
+    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> set[ObjectId]:
+        """Renew the leases of running jobs; returns those no longer owned by the given worker."""
+        return self.store.heartbeat(owners)
+
+    def orphans(self) -> list[Document]:
+        """Running jobs whose lease has ended on the server's clock (their node stopped renewing it)."""
+        return self.store.orphans(self.store.server_time())
+
+    def end(
         self,
-        scheduler: Scheduler,
         doc: Mapping[str, Any],
         worker: ObjectId,
         status: JobStatus,
@@ -56,130 +339,296 @@ class RunEnd:
         error: Mapping[str, Any] | None = None,
         result: Any = None,
         has_result: bool = False,
-    ) -> None:
-        self.scheduler = scheduler
-        self.doc = doc
+        expires: datetime | None = None,
+    ) -> RunEnd:
+        return RunEnd(self, doc, worker, status, error=error, result=result, has_result=has_result, expires=expires)
+
+    def release(
+        self, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str, expires: datetime | None = None
+    ) -> Change:
+        """Put a job its worker can no longer run back to WAITING (same id and run), conditional on ownership.
+        ``orphaned`` counts the release; the :data:`MAX_ORPHANINGS`-th one ends the run FAILED instead."""
+        count = int(doc.get("orphaned", 0)) + (1 if orphaned else 0)
+        if orphaned and count >= MAX_ORPHANINGS:
+            error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {reason}")
+            return RunEnd(self, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error, expires=expires)
+        return Release(self, doc, worker, count, reason, expires)
+
+    def after_kill(self, job_id: ObjectId, worker: ObjectId, run: int, reason: str, timeout: int) -> AfterKill:
+        return AfterKill(self, job_id, worker, run, reason, timeout)
+
+    # -- progress --------------------------------------------------------------------------------------------------
+
+    def progress(self, job_id: ObjectId, progress: float, owner: ObjectId | None, wait: float | None) -> bool:
+        """Store progress. Inside a worker (``owner`` set) an outage never reaches the job: the write is dropped
+        with a warning (the run goes on, and its end is recorded once the server is back)."""
+        try:
+            return self.store.set_progress(job_id, progress, owner, wait)
+        except (ServerUnavailableError, PyMongoError) as exc:
+            if owner is None:
+                raise
+            self.logger.warning("progress not stored: %s", exc, extra={"job_id": job_id, "progress": progress})
+            return True
+
+
+class Change:
+    """A prepared state change of one job: events with fixed ids, then one conditional update. ``record()`` may
+    be called again after an outage: it writes nothing twice and announces the change once."""
+
+    def __init__(self, life: Lifecycle, doc: Mapping[str, Any], worker: ObjectId) -> None:
+        self.life = life
+        self.doc = dict(doc)
         self.worker = worker
-        self.status = status
-        self.now = utcnow()
-        store = scheduler._store
-        self.events = [run_event(doc, worker), store.event(doc, status, worker, error, result, has_result, self.now)]
-        self.next_doc = next_run(scheduler, doc, status)
-        # A once-key may exist only once while active: such a next run waits for the final status.
-        self.early = self.next_doc is not None and "once" not in self.next_doc
-        self._next_stored = False
+        self.run = int(doc.get("run", 1))
+        self.events: list[Document] = []
+        self.when: dict[str, Any] = {}
+        self.fields: dict[str, Any] = {}
+        self.recorded = False
+
+    @property
+    def marker(self) -> ObjectId:
+        mark: ObjectId = self.events[-1]["_id"]
+        return mark
 
     def record(self) -> bool:
-        scheduler, store, doc = self.scheduler, self.scheduler._store, self.doc
+        """Write it; True when it is written (now or by an earlier attempt), False when the job was lost."""
+        if self.recorded:
+            return True
+        store = self.life.store
         store.insert_events(self.events)
-        if self.early and self.next_doc is not None and not self._next_stored:
-            self._next_stored = _insert_next(scheduler, self.next_doc, announce=False)
-        owned = {"status": int(JobStatus.PROCESSING), "worker": self.worker}
-        if not store.set_status(doc["_id"], self.status, owned, {"ended": self.now, "progress": 100.0}):
-            stored = store.find_job(doc["_id"]) or {}
-            mine = (int(self.status), self.now, self.worker)
-            if (stored.get("status"), stored.get("ended"), stored.get("worker")) == mine:
-                return True  # an earlier attempt wrote it before the connection dropped
-            store.delete_event(self.events[-1]["_id"])
-            if self._next_stored and self.next_doc is not None:
-                store.delete_job(self.next_doc["_id"])
-            scheduler.logger.warning("lost ownership of job before recording it", extra={"job_id": doc["_id"]})
-            return False
-        final = dict(doc, status=int(self.status), ended=self.now, progress=100.0, worker=self.worker)
-        scheduler.logger.info(
-            "job ended",
-            extra={"job_id": doc["_id"], "status": self.status.name, "worker": self.worker, "job_class": doc["class"]},
-        )
-        scheduler._emitter.emit_status(self.status, Process(final, scheduler))
-        if self.status in (JobStatus.TIMEOUT, JobStatus.CANCELED):
-            scheduler.cancel_children(doc["_id"])
-        if self.next_doc is not None:
-            if self._next_stored:
-                scheduler._emitter.emit_status(self.next_doc["status"], Process(self.next_doc, scheduler))
-            elif not self.early:
-                _insert_next(scheduler, self.next_doc, announce=True)
+        fields = dict(self.fields, change=literal(self.marker))
+        if not store.transition(self.doc["_id"], self.when, fields):
+            stored = store.find_job(self.doc["_id"]) or {}
+            if stored.get("change") != self.marker:  # not our earlier attempt whose answer was lost: we lost it
+                store.delete_events([e["_id"] for e in self.events[1:]])
+                self.life.logger.warning(
+                    "lost ownership of job before recording its change",
+                    extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
+                )
+                return False
+        self.recorded = True
+        self.announce()
         return True
 
+    def announce(self) -> None:
+        """Log and emit the change (once it is written)."""
 
-def next_run(scheduler: Scheduler, doc: Mapping[str, Any], status: JobStatus) -> dict[str, Any] | None:
-    """The next run of a finished job, prepared but not stored: a retry after FAILED/TIMEOUT, else the next
-    interval run (measured from the end, the start, or for a timeout from now)."""
-    opts = dict(doc.get("options") or {})
-    now = time.time()
+    def processing_event(self) -> Document:
+        started = self.doc.get("started")
+        return Store.event(
+            self.doc,
+            JobStatus.PROCESSING,
+            self.worker,
+            time=started if isinstance(started, datetime) else None,
+            event_id=processing_event_id(self.doc["_id"], self.run, self.worker),
+        )
+
+
+class RunEnd(Change):
+    """The end of one run: its terminal status, or, when a retry or the next interval run follows, straight to
+    POSTPONED/WAITING for that run (same document, ``run`` + 1). One atomic update either way."""
+
+    def __init__(
+        self,
+        life: Lifecycle,
+        doc: Mapping[str, Any],
+        worker: ObjectId,
+        status: JobStatus,
+        *,
+        error: Mapping[str, Any] | None = None,
+        result: Any = None,
+        has_result: bool = False,
+        expires: datetime | None = None,
+    ) -> None:
+        super().__init__(life, doc, worker)
+        self.status = status
+        self.fallback = False  # set when this records that the real outcome could not be stored
+        self.now = now = utcnow()
+        if has_result and not _fits(result):
+            life.logger.warning(
+                "job result is too large or not BSON-encodable and is not stored", extra={"job_id": self.doc["_id"]}
+            )
+            result, has_result = None, True
+        started = self.doc.get("started") if isinstance(self.doc.get("started"), datetime) else None
+        end = Store.event(
+            self.doc,
+            status,
+            worker,
+            error=fit_error(error) if error is not None else None,
+            result=result,
+            has_result=has_result,
+            time=now,
+            started=started,
+        )
+        self.events = [self.processing_event(), end]
+        self.when = owned_by(worker, self.run, expires)
+        self.fields = {
+            "status": literal(int(status)),
+            "ended": literal(now),
+            "progress": literal(100.0),
+            "outcome": literal(end["_id"]),
+        }
+        self.ended_doc = dict(self.doc, status=int(status), ended=now, progress=100.0, outcome=end["_id"])
+        self.next_doc: Document | None = None
+        follow = next_start(self.doc, status, now.timestamp())
+        if follow is not None:
+            next_status, at, retry = follow
+            options = dict(self.doc.get("options") or {}, at=at, retry=retry)
+            self.next_doc = dict(self.ended_doc, status=int(next_status), run=self.run + 1, worker=NO_WORKER)
+            self.next_doc.update(progress=0.0, orphaned=0, options=options)
+            self.fields.update(
+                {
+                    "status": literal(int(next_status)),
+                    "run": literal(self.run + 1),
+                    "worker": literal(NO_WORKER),
+                    "progress": literal(0.0),
+                    "orphaned": literal(0),
+                    "options.at": literal(at),
+                    "options.retry": literal(retry),
+                }
+            )
+            self.events.append(Store.event(self.next_doc, next_status, worker, time=now))
+
+    def announce(self) -> None:
+        doc, life = self.doc, self.life
+        life.logger.info(
+            "job ended",
+            extra={
+                "job_id": doc["_id"],
+                "job_class": doc.get("class"),
+                "status": self.status.name,
+                "run": self.run,
+                "worker": self.worker,
+                "next_run": self.next_doc["status"] if self.next_doc else None,
+            },
+        )
+        life.emit(self.status, dict(self.ended_doc, worker=self.worker))
+        if self.status == JobStatus.TIMEOUT:
+            life.cancel_children(doc["_id"])
+        if self.next_doc is not None:
+            life.emit(self.next_doc["status"], self.next_doc)
+
+
+class Release(Change):
+    """A run that did not end (its worker or node died, stopped, or lost the lease) goes back to WAITING."""
+
+    def __init__(
+        self,
+        life: Lifecycle,
+        doc: Mapping[str, Any],
+        worker: ObjectId,
+        count: int,
+        reason: str,
+        expires: datetime | None,
+    ) -> None:
+        super().__init__(life, doc, worker)
+        self.reason = reason
+        self.released = dict(self.doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
+        note = library_error(JobReleasedError, reason)
+        self.events = [self.processing_event(), Store.event(self.released, JobStatus.WAITING, worker, error=note)]
+        self.when = owned_by(worker, self.run, expires)
+        self.fields = {
+            "status": literal(int(JobStatus.WAITING)),
+            "worker": literal(NO_WORKER),
+            "orphaned": literal(count),
+            "progress": literal(0.0),
+        }
+
+    def announce(self) -> None:
+        self.life.logger.warning(
+            "job put back to waiting",
+            extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
+        )
+        self.life.emit(JobStatus.WAITING, self.released)
+
+
+class AfterKill:
+    """What a node records for a job whose worker it saw die before the worker recorded the job's end.
+
+    Prepared on first use and kept, so that a retry after an outage records the same change. A dead worker may
+    have written the events of an end it never recorded: those are withdrawn first.
+    """
+
+    def __init__(self, life: Lifecycle, job_id: ObjectId, worker: ObjectId, run: int, reason: str, timeout: int):
+        self.life = life
+        self.job_id = job_id
+        self.worker = worker
+        self.run = run
+        self.reason = reason
+        self.timeout = timeout
+        self.change: Change | None = None
+        self.done = False
+
+    def record(self) -> None:
+        if self.done:
+            return
+        store = self.life.store
+        if self.change is None:
+            doc = store.find_job(self.job_id)
+            if doc is None or int(doc.get("run", 1)) != self.run:
+                self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
+                return
+            store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
+            status = doc.get("status")
+            if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
+                if status == JobStatus.CANCELED:  # the canceler recorded CANCELED; the run's start is ours
+                    store.insert_events([Change(self.life, doc, self.worker).processing_event()])
+                self.done = True
+                return
+            self.change = self._prepare(doc)
+        self.change.record()
+        self.done = True
+
+    def _prepare(self, doc: Document) -> Change:
+        life = self.life
+        if self.reason == "timeout":
+            message = f"job exceeded its timeout of {self.timeout} s and was killed"
+            return life.end(doc, self.worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
+        if self.reason == "stop":
+            return life.release(doc, self.worker, orphaned=False, reason="queue node stopped")
+        if self.reason == "lost":
+            return life.release(doc, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
+        return life.release(doc, self.worker, orphaned=True, reason=self.reason)
+
+
+def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
+    """The run that follows an ended one: a retry after FAILED/TIMEOUT, else the next interval run (measured
+    from the end, the start, or for a timeout from now). Returns (status, at, retry left), or None."""
+    opts = doc.get("options") or {}
     retry = int(opts.get(o.RETRY, 0))
     if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
-        opts[o.RETRY] = retry - 1 if retry > 0 else retry
-        opts[o.AT] = int(now) + int(opts.get(o.RETRY_INTERVAL, 0))
+        at = now + int(opts.get(o.RETRY_INTERVAL, 0))
+        retry = retry - 1 if retry > 0 else retry
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
         interval = int(opts.get(o.INTERVAL, 0))
         if interval > 0:
             started = doc.get("started")
             from_start = opts.get(o.INTERVAL_REFERENCE) == "start" and status != JobStatus.TIMEOUT
             reference = started.timestamp() if from_start and isinstance(started, datetime) else now
-            opts[o.AT] = int(reference) + interval
+            at = reference + interval
         elif interval == -1:
-            opts[o.AT] = 0
+            at = 0.0
         else:
             return None
     else:
         return None
-    prepared = scheduler._prepare(doc["class"], doc.get("data"), opts)
-    if "once" in doc:
-        prepared["once"] = doc["once"]
-    return prepared
+    at = round(float(at), 3)
+    return (JobStatus.POSTPONED if at > time.time() else JobStatus.WAITING), at, retry
 
 
-def _insert_next(scheduler: Scheduler, doc: dict[str, Any], announce: bool) -> bool:
-    """Store a next run; True when it is stored (also by an earlier attempt). An outage propagates."""
+def _fits(result: Any) -> bool:
     try:
-        if announce:
-            scheduler._insert(doc)
-        else:
-            scheduler._store.insert_job(doc)
-    except DuplicateJobError:
-        return True  # stored by an earlier attempt whose answer was lost
-    except OnceConflict:
-        scheduler.logger.info("next run not added: add_job_once added one meanwhile", extra={"job_id": doc["_id"]})
+        return encoded_size(result) <= MAX_RESULT_SIZE
+    except InvalidArgumentError:
         return False
-    except QueueFullError as exc:
-        scheduler.logger.error("next run could not be added", extra={"job_id": doc["_id"], "error": str(exc)})
-        return False
-    return True
 
 
-def release(scheduler: Scheduler, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str) -> bool:
-    """Put a job its worker can no longer run back to WAITING (same id), conditional on ownership.
-
-    ``orphaned`` counts the release; the :data:`MAX_ORPHANINGS`-th one ends the job FAILED instead.
-    """
-    count = int(doc.get("orphaned", 0)) + (1 if orphaned else 0)
-    if orphaned and count >= MAX_ORPHANINGS:
-        error = {"class": "OrphanedJobError", "message": f"job orphaned {count} times; last: {reason}", "traceback": ""}
-        return RunEnd(scheduler, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error).record()
-    store = scheduler._store
-    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
-    if orphaned and "alive" in doc:
-        expect["alive"] = doc["alive"]  # a heartbeat since the check means it is not orphaned
-    if not store.set_status(doc["_id"], JobStatus.WAITING, expect, {"worker": NO_WORKER, "orphaned": count}):
-        return False
-    reset = dict(doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count)
-    note = {"class": "JobReleased", "message": reason, "traceback": ""}
-    store.insert_events([run_event(doc, worker), store.event(reset, JobStatus.WAITING, worker, note)])
-    scheduler.logger.warning("job put back to waiting", extra={"job_id": doc["_id"], "reason": reason})
-    scheduler._emitter.emit_status(JobStatus.WAITING, Process(reset, scheduler))
-    return True
-
-
-def run_event(doc: Mapping[str, Any], worker: ObjectId) -> dict[str, Any]:
-    """The PROCESSING event of a run, written when the run ends (timed at its start)."""
-    started = doc.get("started")
-    return Store.event(doc, JobStatus.PROCESSING, worker, time=started if isinstance(started, datetime) else None)
-
-
-def unpostpone(scheduler: Scheduler, doc: Mapping[str, Any]) -> bool:
-    """POSTPONED -> WAITING once its time has come; of all nodes racing, exactly one wins."""
-    store = scheduler._store
-    if not store.set_status(doc["_id"], JobStatus.WAITING, {"status": int(JobStatus.POSTPONED)}):
-        return False
-    store.insert_event(doc, JobStatus.WAITING)
-    return True
+def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:
+    stored = existing.get("options") or {}
+    for name, value in requested.items():
+        if name == o.ID:
+            if existing["_id"] != value:
+                return True
+        elif name not in stored or not same_value(stored[name], value):
+            return True
+    return ignore_data and not same_value(existing.get("data"), data)

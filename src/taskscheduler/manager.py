@@ -26,6 +26,23 @@ from . import children
 from . import options as o
 from .constants import DYNAMIC_IDLE_SECONDS
 from .errors import InvalidArgumentError, SpawnForkError
+from .protocol import (
+    CancelJob,
+    Claimed,
+    DropJob,
+    Exit,
+    Fence,
+    Finished,
+    JobClaimed,
+    JobFinished,
+    JobKilled,
+    KillJob,
+    KillReason,
+    RunJob,
+    Stop,
+    WorkerExited,
+    WorkerSpawned,
+)
 
 if TYPE_CHECKING:
     from .factory import WorkerFactory
@@ -48,12 +65,14 @@ class _Child:
     dedicated: bool  # force_spawn or ondemand: runs one job, then exits
     forced: bool = False  # force_spawn: not counted against max_children
     job: ObjectId | None = None
-    doc: dict[str, Any] | None = None  # the job handed over, until it ends (put back if the worker dies first)
+    task: RunJob | None = None  # the job handed over, until it ends (put back if the worker dies first)
     claimed: bool = False
-    deadline: float | None = None
+    run: int = 0
+    deadline: float | None = None  # the job's timeout
+    fence: float = 0.0  # the lease its claim took runs this long on our side (see Fence)
     timeout: int = 0
     idle_since: float = field(default_factory=time.monotonic)
-    kill_reason: str | None = None  # "timeout", "cancel", "stop" or "shrink": why the manager ended it
+    kill_reason: KillReason | None = None  # why the manager ended it
 
 
 class WorkerManager:
@@ -82,9 +101,11 @@ class WorkerManager:
         self.logger = logger or logging.getLogger("taskscheduler.manager")
         self.options = o.manager_options(options)
         self._children: dict[int, _Child] = {}
-        self._pending: OrderedDict[ObjectId, dict[str, Any]] = OrderedDict()
+        self._pending: OrderedDict[ObjectId, RunJob] = OrderedDict()
+        self._forced: deque[RunJob] = deque()  # force_spawn jobs waiting for a fork to succeed
+        self._fence = 0.0  # running jobs may run until this monotonic time unless their own claim says later
         self._queue: Connection | None = None
-        self._outbox: deque[tuple[str, dict[str, Any]]] = deque()  # reports waiting for room in the pipe
+        self._outbox: deque[Any] = deque()  # reports waiting for room in the pipe
         self._stopping = False
         self._spawn_blocked_until = 0.0
         self._wake_r: socket.socket | None = None  # signals wake the loop through this pair (set in process())
@@ -118,9 +139,10 @@ class WorkerManager:
         try:
             while not self._stopping:
                 self._reap()
+                self._enforce_deadlines()  # first: after a pause, fence before anything else
                 self._keep_minimum()
+                self._spawn_forced()
                 self._dispatch()
-                self._enforce_deadlines()
                 self._shrink()
                 self._flush_reports()
                 conns = [c.conn for c in self._children.values() if not c.conn.closed]
@@ -141,12 +163,12 @@ class WorkerManager:
             return
         if handle is self._queue and self._queue is not None:
             try:
-                kind, payload = self._queue.recv()
+                message = self._queue.recv()
             except (EOFError, OSError):
                 self.logger.error("queue node went away; stopping workers")
                 self._stopping = True
                 return
-            self._on_queue_message(kind, payload)
+            self._on_queue_message(message)
             return
         child = next((c for c in self._children.values() if c.conn is handle), None)
         if child is None:
@@ -158,41 +180,59 @@ class WorkerManager:
             return
         self._on_worker_message(child, message)
 
-    def _on_queue_message(self, kind: str, payload: Any) -> None:
-        if kind == "job":
-            self._add(payload)
-        elif kind == "drop":
-            self._pending.pop(payload, None)
-        elif kind == "cancel":
-            self._pending.pop(payload, None)
-            for child in self._children.values():
-                if child.job == payload and child.kill_reason is None:
-                    self._kill(child, "cancel")
-        elif kind == "stop":
-            self._stopping = True
+    def _on_queue_message(self, message: Any) -> None:
+        match message:
+            case RunJob():
+                self._add(message)
+            case DropJob(job_id=job_id):
+                self._pending.pop(job_id, None)
+            case CancelJob(job_id=job_id):
+                self._pending.pop(job_id, None)
+                self._kill_job(job_id, KillReason.CANCEL)
+            case KillJob(job_id=job_id, reason=reason):
+                self._kill_job(job_id, reason)
+            case Fence(deadline=deadline):
+                self._fence = max(self._fence, deadline)
+            case Stop():
+                self._stopping = True
 
-    def _on_worker_message(self, child: _Child, message: tuple[Any, ...]) -> None:
-        kind, job_id = message[0], message[1]
-        if kind == "claimed":
-            child.job, child.claimed, child.timeout = job_id, True, int(message[2])
-            child.deadline = time.monotonic() + child.timeout if child.timeout > 0 else None
-            self._report("claimed", {"job": job_id, "worker": child.id})
-        elif kind in ("finished", "lost"):
-            if child.claimed:
-                self._report("released", {"job": job_id, "worker": child.id})
-            child.job, child.doc, child.claimed, child.deadline = None, None, False, None
-            child.idle_since = time.monotonic()
+    def _kill_job(self, job_id: ObjectId, reason: KillReason) -> None:
+        for child in self._children.values():
+            if child.job == job_id and child.claimed and child.kill_reason is None:
+                self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": child.pid})
+                self._kill(child, reason)
+
+    def _on_worker_message(self, child: _Child, message: Any) -> None:
+        match message:
+            case Claimed(job_id=job_id, timeout=timeout, run=run):
+                child.job, child.claimed, child.timeout, child.run = job_id, True, timeout, run
+                now = time.monotonic()
+                child.deadline = now + timeout if timeout > 0 else None
+                child.fence = now + (child.task.lease if child.task else 0.0) / 2
+                self._report(JobClaimed(job_id, child.id, run))
+            case Finished(job_id=job_id, claimed=claimed):
+                if claimed and child.claimed:
+                    self._report(JobFinished(job_id, child.id))
+                child.job, child.task, child.claimed, child.deadline = None, None, False, None
+                child.idle_since = time.monotonic()
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
-    def _add(self, doc: dict[str, Any]) -> None:
-        job_id = doc["_id"]
-        if any(c.job == job_id for c in self._children.values()):
+    def _add(self, task: RunJob) -> None:
+        # Even when a worker still runs this job: a WAITING job is the next run (or a released one), and a claim
+        # decides who runs it. Dropping it here could leave it waiting until the next scan.
+        if (task.doc.get("options") or {}).get(o.FORCE_SPAWN):
+            self._forced.append(task)  # its own worker, whatever max_children says
+            self._spawn_forced()
             return
-        if (doc.get("options") or {}).get(o.FORCE_SPAWN):
-            self._spawn(doc)  # its own worker, whatever max_children says
-            return
-        self._pending[job_id] = doc
+        self._pending[task.doc["_id"]] = task
+
+    def _spawn_forced(self) -> None:
+        """Fork a worker for each force_spawn job; one that cannot be forked now is kept and tried again."""
+        while self._forced and not self._stopping:
+            if self._spawn(self._forced[0]) is None:
+                return
+            self._forced.popleft()
 
     def _dispatch(self) -> None:
         while self._pending and not self._stopping:
@@ -200,23 +240,24 @@ class WorkerManager:
                 (c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None
             )
             if idle is not None:
-                job_id, doc = self._pending.popitem(last=False)
-                idle.job, idle.doc = job_id, doc
+                job_id, task = self._pending.popitem(last=False)
+                idle.job, idle.task = job_id, task
                 try:
-                    idle.conn.send(("run", doc))
+                    idle.conn.send(task)
                 except (OSError, ValueError):
-                    self._pending[job_id] = doc
+                    self._pending[job_id] = task
                     self._pending.move_to_end(job_id, last=False)
-                    idle.job, idle.doc = None, None
+                    idle.job, idle.task = None, None
                     self._forget_connection(idle)
                 continue
             pm = self.options[o.PM]
             if pm == o.PM_STATIC or self._pool_size() >= self.options[o.MAX_CHILDREN]:
                 return
             if pm == o.PM_ONDEMAND:
-                job_id, doc = self._pending.popitem(last=False)
-                if self._spawn(doc, dedicated=True) is None:
-                    self._pending[job_id] = doc
+                job_id, task = self._pending.popitem(last=False)
+                if self._spawn(task, dedicated=True) is None:
+                    self._pending[job_id] = task
+                    self._pending.move_to_end(job_id, last=False)
                     return
             elif self._spawn() is None:
                 return
@@ -241,21 +282,31 @@ class WorkerManager:
                 return
             if child.job is None and not child.dedicated and not child.kill_reason:
                 if now - child.idle_since >= DYNAMIC_IDLE_SECONDS:
-                    child.kill_reason = "shrink"
+                    child.kill_reason = KillReason.SHRINK
                     with contextlib.suppress(OSError, ValueError):
-                        child.conn.send(("exit", None))
+                        child.conn.send(Exit())
                     spare -= 1
 
     def _enforce_deadlines(self) -> None:
+        """Kill workers past their job's timeout, and those whose lease the node could not renew in time."""
         now = time.monotonic()
         for child in self._children.values():
-            if child.deadline is not None and now >= child.deadline and child.kill_reason is None:
+            if child.kill_reason is not None or not child.claimed:
+                continue
+            if child.deadline is not None and now >= child.deadline:
                 self.logger.warning("job timed out; killing its worker", extra={"job_id": child.job, "pid": child.pid})
-                self._kill(child, "timeout")
+                self._kill(child, KillReason.TIMEOUT)
+            elif now >= max(child.fence, self._fence):
+                self.logger.error(
+                    "lease of a running job not renewed in time (MongoDB or the queue node unresponsive); "
+                    "killing its worker so that no other node runs it beside us",
+                    extra={"job_id": child.job, "pid": child.pid},
+                )
+                self._kill(child, KillReason.LOST)
 
     # -- processes -------------------------------------------------------------------------------------------------
 
-    def _spawn(self, job: dict[str, Any] | None = None, dedicated: bool = False) -> _Child | None:
+    def _spawn(self, job: RunJob | None = None, dedicated: bool = False) -> _Child | None:
         if time.monotonic() < self._spawn_blocked_until:
             return None
         worker_id = ObjectId()
@@ -282,14 +333,14 @@ class WorkerManager:
         child_end.close()
         child = _Child(worker_id, pid, parent_end, dedicated=dedicated or job is not None)
         if job is not None:
-            child.job, child.doc = job["_id"], job
-            child.forced = bool((job.get("options") or {}).get(o.FORCE_SPAWN))
+            child.job, child.task = job.doc["_id"], job
+            child.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
         self._children[pid] = child
         self.logger.info("worker spawned", extra={"worker": worker_id, "pid": pid})
-        self._report("spawn", {"_id": worker_id, "pid": pid, "signal": None})
+        self._report(WorkerSpawned(worker_id, pid))
         return child
 
-    def _kill(self, child: _Child, reason: str) -> None:
+    def _kill(self, child: _Child, reason: KillReason) -> None:
         child.kill_reason = reason
         child.deadline = None
         children.kill_tree(child.pid, signal.SIGKILL)
@@ -320,16 +371,17 @@ class WorkerManager:
 
     def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
         child.conn.close()
-        self._report("kill", {"_id": child.id, "pid": child.pid, "signal": sig})
+        self._report(WorkerExited(child.id, child.pid, sig))
         if child.claimed and child.job is not None:
-            kind = {"timeout": "timeout", "cancel": "canceled", "stop": "interrupted"}.get(
-                child.kill_reason or "", "died"
-            )
-            self._report(kind, {"job": child.job, "worker": child.id, "signal": sig, "timeout": child.timeout})
-        elif child.doc is not None and child.kill_reason not in ("cancel", "stop"):
+            reason = child.kill_reason or KillReason.DIED
+            self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))
+        elif child.task is not None and child.kill_reason not in (KillReason.CANCEL, KillReason.STOP):
             # Handed over but never claimed: it is still WAITING, and no change event will announce it again.
-            self._pending[child.doc["_id"]] = child.doc
-            self._pending.move_to_end(child.doc["_id"], last=False)
+            if (child.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
+                self._forced.appendleft(child.task)
+            else:
+                self._pending[child.task.doc["_id"]] = child.task
+                self._pending.move_to_end(child.task.doc["_id"], last=False)
         if child.kill_reason is None and status != 0 and not child.claimed:
             self.logger.error("worker exited unexpectedly", extra={"pid": child.pid, "status": status})
             self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
@@ -339,10 +391,10 @@ class WorkerManager:
         with contextlib.suppress(OSError):
             child.conn.close()
 
-    def _report(self, kind: str, payload: dict[str, Any]) -> None:
+    def _report(self, message: Any) -> None:
         if self._queue is None:
             return
-        self._outbox.append((kind, payload))
+        self._outbox.append(message)
         self._flush_reports()
 
     def _flush_reports(self, block: bool = False) -> None:
@@ -363,8 +415,8 @@ class WorkerManager:
     def _stop_all(self) -> None:
         """Kill every worker group, wait for each, and report the jobs they were running."""
         for child in self._children.values():
-            if child.kill_reason not in ("timeout", "cancel"):
-                child.kill_reason = "stop"
+            if child.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
+                child.kill_reason = KillReason.STOP
             children.kill_tree(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5.0
         while self._children and time.monotonic() < deadline:

@@ -61,12 +61,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def int_at_least(minimum: int) -> Check:
+#: Largest value of a job's integer options: they are stored as int32, so updating them in place (``retry``
+#: counts down) never changes a capped document's size.
+INT32_MAX = 2**31 - 1
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Check:
     def check(name: str, value: Any) -> int:
         if not _is_int(value):
             raise InvalidArgumentError(f"option {name} must be an integer, got {value!r}")
         if value < minimum:
             raise InvalidArgumentError(f"option {name} must be >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise InvalidArgumentError(f"option {name} must be <= {maximum}, got {value!r}")
         return int(value)
 
     return check
@@ -122,12 +129,12 @@ def pm_mode(name: str, value: Any) -> str:
 #: Job options: name -> check. Order is the stored order of ``options``.
 JOB_OPTIONS: dict[str, Check] = {
     AT: timestamp,
-    INTERVAL: int_at_least(-1),
+    INTERVAL: int_at_least(-1, INT32_MAX),
     INTERVAL_REFERENCE: interval_reference,
-    RETRY: int_at_least(-1),
-    RETRY_INTERVAL: int_at_least(0),
+    RETRY: int_at_least(-1, INT32_MAX),
+    RETRY_INTERVAL: int_at_least(0, INT32_MAX),
     FORCE_SPAWN: boolean,
-    TIMEOUT: int_at_least(0),
+    TIMEOUT: int_at_least(0, INT32_MAX),
     IGNORE_DATA: boolean,
     ID: object_id,
 }
@@ -138,11 +145,11 @@ SCHEDULER_OPTIONS: dict[str, Check] = {
     EVENT_QUEUE: non_empty_string,
     EVENT_QUEUE_SIZE: int_at_least(0),
     DEFAULT_AT: timestamp,
-    DEFAULT_INTERVAL: int_at_least(-1),
+    DEFAULT_INTERVAL: int_at_least(-1, INT32_MAX),
     DEFAULT_INTERVAL_REFERENCE: interval_reference,
-    DEFAULT_RETRY: int_at_least(-1),
-    DEFAULT_RETRY_INTERVAL: int_at_least(0),
-    DEFAULT_TIMEOUT: int_at_least(0),
+    DEFAULT_RETRY: int_at_least(-1, INT32_MAX),
+    DEFAULT_RETRY_INTERVAL: int_at_least(0, INT32_MAX),
+    DEFAULT_TIMEOUT: int_at_least(0, INT32_MAX),
     JOB_RETENTION: int_at_least(1),
     PROGRESS_RATE_LIMIT: int_at_least(0),
 }

@@ -82,28 +82,36 @@ class Process:
         return _time(self._doc.get("ended"))
 
     @property
+    def run(self) -> int:
+        """The current run's number (1 for the first), or the last run's when the job has ended."""
+        return int(self._doc.get("run", 1))
+
+    @property
     def error(self) -> dict[str, Any] | None:
-        """The recorded error of a FAILED (or TIMEOUT, or orphaned) job: ``class``, ``message``, ``traceback``."""
+        """The error of the last ended run (FAILED, TIMEOUT, orphaned): ``class``, ``message``, ``traceback``."""
         event = self._event()
         error = event.get("error") if event else None
         return dict(error) if error else None
 
     @property
     def result(self) -> Any:
-        """What ``start()`` returned, for a DONE job (``None`` when it was not BSON-encodable)."""
+        """What ``start()`` returned in the last ended run (``None`` when it could not be stored)."""
         event = self._event()
         return event.get("result") if event else None
 
     def _event(self) -> dict[str, Any] | None:
         if self._outcome is _UNLOADED:
-            if not self.status.is_terminal:
-                return None
-            self._outcome = self._scheduler._outcome(self._doc)
+            self._outcome = self._scheduler.lifecycle.outcome(self._doc)
         return self._outcome  # type: ignore[no-any-return]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every ended run, oldest first: ``run``, ``status``, ``worker``, ``started``, ``ended`` and ``error``
+        or ``result``."""
+        return self._scheduler.lifecycle.runs(self._doc)
 
     def refresh(self) -> Process:
         """Reload the job from MongoDB (JobNotFoundError if it is gone)."""
-        self._replace(self._scheduler._load(self.id))
+        self._replace(self._scheduler.lifecycle.load(self.id))
         return self
 
     def wait(self, timeout: float | None = None, throw: bool = False) -> Process:
@@ -115,12 +123,13 @@ class Process:
     def to_dict(self) -> dict[str, Any]:
         """The job as stored, with unset timestamps and worker shown as ``None``."""
         doc = copy.deepcopy(self._doc)
-        for field in ("started", "ended"):
-            doc[field] = _time(doc.get(field))
+        for field in ("started", "ended", "alive", "expires"):
+            if field in doc:
+                doc[field] = _time(doc.get(field))
         doc["worker"] = self.worker
         return doc
 
     def _replace(self, document: dict[str, Any]) -> None:
-        if document.get("status") != self._doc.get("status"):
+        if document.get("outcome") != self._doc.get("outcome") or document.get("status") != self._doc.get("status"):
             self._outcome = _UNLOADED
         self._doc = document

@@ -12,8 +12,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Callable, Mapping
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any
@@ -22,15 +21,32 @@ from blinker import Namespace
 from bson import ObjectId
 from pymongo.database import Database
 
-from . import children, lifecycle
+from . import children
 from . import options as o
 from .constants import JobStatus
-from .errors import InvalidArgumentError, SpawnForkError
+from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
-from .process import Process
+from .lifecycle import AfterKill
+from .protocol import (
+    CancelJob,
+    DropJob,
+    Fence,
+    JobClaimed,
+    JobFinished,
+    JobKilled,
+    KillJob,
+    KillReason,
+    RunJob,
+    Stop,
+    WorkerExited,
+    WorkerSpawned,
+)
 from .scheduler import Scheduler
-from .store import StatusChange, StatusFeed, utcnow
+from .store import StatusChange, StatusFeed
+
+#: Statuses a node's change stream needs when nobody listens to its status events.
+ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED)
 
 #: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
 STOP_SECONDS = 8.0
@@ -73,12 +89,15 @@ class Queue:
         self._stopping = False
         self._manager_pid: int | None = None
         self._conn: Connection | None = None
+        self.life = scheduler.lifecycle
+        self.store = scheduler.store
         self._running: dict[ObjectId, ObjectId] = {}  # job -> worker, for jobs this node's workers claimed
+        self._runs: dict[ObjectId, int] = {}  # job -> the run number its worker claimed
         self._worker_pids: dict[ObjectId, int] = {}
-        self._postponed: list[tuple[float, ObjectId]] = []
-        self._postponed_docs: dict[ObjectId, dict[str, Any]] = {}
+        self._postponed: list[tuple[float, ObjectId, int]] = []  # (at, job, run): runs to move to WAITING
+        self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
         self._restarts: list[float] = []
-        self._unrecorded: list[tuple[str, dict[str, Any]]] = []  # ends of killed workers' jobs, to record
+        self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self.exit_code = 0
 
     def on(self, event: str, handler: Handler) -> Queue:
@@ -99,83 +118,110 @@ class Queue:
         """Run the node until SIGTERM/SIGINT (then stop gracefully: interrupted jobs go back to WAITING)."""
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            store = self.scheduler._store
-            store.ensure()
+            self.store.ensure()
             self._start_manager()
             # Opened before the scan, so nothing added in between is missed. Documents of updates are looked up
             # only when someone listens to this node's status events: the change stream is the costly part.
-            # Without listeners, only changes that concern the manager are sent: new, released, due and canceled
-            # jobs (a job another node claimed is simply lost by our worker's claim).
+            # Without listeners, only changes that concern the manager are sent: new, released, due, canceled
+            # and postponed (a next run) jobs; a job another node claimed is simply lost by our worker's claim.
             listening = self._emitter.wants_status()
-            routed = None if listening else (int(JobStatus.WAITING), int(JobStatus.CANCELED))
-            with store.status_feed(lookup=listening, statuses=routed) as feed:
+            routed = None if listening else tuple(int(s) for s in ROUTED)
+            with self.store.status_feed(lookup=listening, statuses=routed) as feed:
                 timers = _Timers(self.options[o.ORPHANED_TIMEOUT])
                 gaps = -1  # forces the first scan
                 while not self._stopping:
-                    try:
-                        gaps = self._iterate(feed, timers, gaps)
-                    except Exception:  # a daemon outlives one bad round: log it, back off, go on
-                        self.logger.exception("queue node round failed; retrying")
-                        time.sleep(ERROR_BACKOFF_SECONDS)
+                    gaps = self._iterate(feed, timers, gaps)
         finally:
             self._stop_manager()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _iterate(self, feed: StatusFeed, timers: _Timers, gaps: int) -> int:
-        """One round of the node's loop; returns the stream's gap count it has caught up with."""
+        """One round of the node's loop; returns the stream's gap count it has caught up with. Each step fails
+        alone: one that cannot reach MongoDB is logged and tried again next round, and skips nothing else."""
+        failed = False
         if feed.gaps != gaps:  # at start, and whenever the stream restarted without its resume token
-            gaps = feed.gaps
-            self._scan()
+            if self._step(self._scan):
+                gaps = feed.gaps
+            else:
+                failed = True
+        for step in (lambda: self._poll(feed), self._read_manager, self._record_kills, self._release_due):
+            failed = not self._step(step) or failed
+        now = time.monotonic()
+        if now >= timers.heartbeat:
+            timers.heartbeat = now + timers.heartbeat_every
+            failed = not self._step(self._heartbeat) or failed
+        if now >= timers.orphans:
+            timers.orphans = now + timers.orphans_every
+            failed = not self._step(self._reschedule_orphans) or failed
+        failed = not self._step(self._check_manager) or failed
+        if failed:
+            time.sleep(ERROR_BACKOFF_SECONDS)
+        return gaps
+
+    def _step(self, step: Callable[[], None]) -> bool:
+        try:
+            step()
+        except ServerUnavailableError as exc:
+            self.logger.warning("MongoDB unreachable; retrying: %s", _first_line(exc))
+            return False
+        except Exception:  # a daemon outlives one bad step: log it, go on with the others
+            self.logger.exception("queue node step failed; retrying")
+            return False
+        return True
+
+    def _poll(self, feed: StatusFeed) -> None:
         change = feed.poll(min(TICK_SECONDS, self._next_due()))
         if change is not None:
             self._on_change(change)
-        self._read_manager()
-        self._record_kills()
-        self._release_due()
-        self._periodic(timers)
-        return gaps
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
         self._stopping = True
 
-    def _periodic(self, timers: _Timers) -> None:
-        now = time.monotonic()
-        if now >= timers.heartbeat:
-            timers.heartbeat = now + timers.heartbeat_every
-            self.scheduler._store.heartbeat(self._running, utcnow())
-        if now >= timers.orphans:
-            timers.orphans = now + timers.orphans_every
-            self._reschedule_orphans()
-        self._check_manager()
+    def _heartbeat(self) -> None:
+        """Renew our leases; a job found owned by someone else has its worker killed at once. After a renewal
+        the manager may let our jobs run for half a lease more (it fences them itself past that)."""
+        if not self._running:
+            return
+        sent = time.monotonic()
+        lost = self.life.heartbeat(self._running)
+        for job_id in lost:
+            self.logger.error(
+                "job is no longer ours (its lease ran out and another node took it over); killing its worker",
+                extra={"job_id": job_id},
+            )
+            self._send(KillJob(job_id, KillReason.LOST))
+        self._send(Fence(sent + self.options[o.ORPHANED_TIMEOUT] / 2))
 
     # -- change stream ---------------------------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        for doc in self.scheduler._store.scan((JobStatus.WAITING, JobStatus.POSTPONED)):
+        for doc in self.store.scan((JobStatus.WAITING, JobStatus.POSTPONED)):
             self._route(doc["_id"], int(doc["status"]), doc)
 
     def _on_change(self, change: StatusChange) -> None:
         doc = change.document
         if doc is not None:
-            self._emitter.emit_status(change.status, Process(dict(doc), self.scheduler))
+            self.life.observe(change, doc, self._emitter)
         self._route(change.job_id, change.status, doc)
 
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
         if status == JobStatus.WAITING:
-            doc = doc or self.scheduler._store.find_job(job_id)  # released or due: fetch what the worker needs
+            doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
             if doc is not None and doc.get("status") == JobStatus.WAITING:
-                self._send("job", doc)
-        elif status == JobStatus.POSTPONED and doc is not None:
+                self._send(RunJob(doc, float(self.options[o.ORPHANED_TIMEOUT])))
+        elif status == JobStatus.POSTPONED:
+            doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
+            if doc is None or doc.get("status") != JobStatus.POSTPONED:
+                return
             at = float((doc.get("options") or {}).get(o.AT) or 0)
-            if job_id not in self._postponed_docs:
-                heapq.heappush(self._postponed, (at, job_id))
-            self._postponed_docs[job_id] = doc
+            heapq.heappush(self._postponed, (at, job_id, int(doc.get("run", 1))))
+            self._postponed_docs[(job_id, int(doc.get("run", 1)))] = doc
         elif status == JobStatus.CANCELED:
-            self._send("cancel", job_id)
+            self._send(CancelJob(job_id))
         else:
-            self._send("drop", job_id)
+            self._send(DropJob(job_id))
 
     def _next_due(self) -> float:
         if not self._postponed:
@@ -184,17 +230,21 @@ class Queue:
 
     def _release_due(self) -> None:
         while self._postponed and self._postponed[0][0] <= time.time():
-            _, job_id = heapq.heappop(self._postponed)
-            doc = self._postponed_docs.pop(job_id, None)
+            _, job_id, run = self._postponed[0]
+            doc = self._postponed_docs.get((job_id, run))
             if doc is not None:
-                lifecycle.unpostpone(self.scheduler, doc)
+                self.life.unpostpone(doc)  # an outage raises here and the entry stays for the next round
+            heapq.heappop(self._postponed)
+            self._postponed_docs.pop((job_id, run), None)
 
     def _reschedule_orphans(self) -> None:
-        threshold = utcnow() - timedelta(seconds=self.options[o.ORPHANED_TIMEOUT])
-        for doc in self.scheduler._store.orphans(threshold):
+        for doc in self.life.orphans():
             if doc["_id"] in self._running:
-                continue
-            lifecycle.release(self.scheduler, doc, doc["worker"], orphaned=True, reason="no heartbeat from its node")
+                continue  # ours: our manager fences it, and then we record it
+            change = self.life.release(
+                doc, doc["worker"], orphaned=True, reason="its node stopped renewing the lease", expires=doc["expires"]
+            )
+            change.record()
 
     # -- the manager -----------------------------------------------------------------------------------------------
 
@@ -218,7 +268,7 @@ class Queue:
         self._conn = parent_end
         self.logger.info("worker manager started", extra={"pid": self._manager_pid})
 
-    def _send(self, kind: str, payload: Any) -> None:
+    def _send(self, message: Any) -> None:
         conn = self._conn
         try:
             # While the pipe is full, read what the manager says: it may be blocked sending to us, and two
@@ -228,7 +278,7 @@ class Queue:
                 if self._manager_pid is None or not children.running(self._manager_pid):
                     return  # the manager is gone: its restart rescans the waiting jobs
             if conn is not None and not conn.closed:
-                conn.send((kind, payload))
+                conn.send(message)
         except (OSError, ValueError):
             self.logger.warning("worker manager pipe closed")
 
@@ -238,57 +288,37 @@ class Queue:
             try:
                 if not conn.poll():
                     return
-                kind, payload = conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
                 conn.close()
                 return
-            self._on_manager_message(kind, payload)
+            self._on_manager_message(message)
 
-    def _on_manager_message(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == "spawn":
-            self._worker_pids[payload["_id"]] = payload["pid"]
-            self._emitter.emit(WORKER_SPAWN, payload)
-        elif kind == "kill":
-            self._worker_pids.pop(payload["_id"], None)
-            self._emitter.emit(WORKER_KILL, payload)
-        elif kind == "claimed":
-            self._running[payload["job"]] = payload["worker"]
-        elif kind == "released":
-            self._running.pop(payload["job"], None)
-        elif kind == "canceled":
-            self._running.pop(payload["job"], None)
-            doc = self.scheduler._store.find_job(payload["job"])
-            if doc is not None:  # the canceler recorded CANCELED; the run's own event is ours to write
-                self.scheduler._store.insert_events([lifecycle.run_event(doc, payload["worker"])])
-        elif kind in ("timeout", "died", "interrupted"):
-            self._running.pop(payload["job"], None)
-            self._unrecorded.append((kind, payload))
+    def _on_manager_message(self, message: Any) -> None:
+        match message:
+            case WorkerSpawned(worker_id=worker_id, pid=pid):
+                self._worker_pids[worker_id] = pid
+                self._emitter.emit(WORKER_SPAWN, {"_id": worker_id, "pid": pid, "signal": None})
+            case WorkerExited(worker_id=worker_id, pid=pid, signal=sig):
+                self._worker_pids.pop(worker_id, None)
+                self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
+            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run):
+                self._running[job_id] = worker_id
+                self._runs[job_id] = run
+            case JobFinished(job_id=job_id):
+                self._running.pop(job_id, None)
+                self._runs.pop(job_id, None)
+            case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
+                self._running.pop(job_id, None)
+                self._runs.pop(job_id, None)
+                why = reason.value if reason != KillReason.DIED else f"worker process died (signal {sig})"
+                self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, why, timeout))
 
     def _record_kills(self) -> None:
-        """Record the ends of killed workers' jobs; what fails stays queued for the next round."""
+        """Record the ends of killed workers' jobs; what fails stays queued (prepared as it is) for the next round."""
         while self._unrecorded:
-            kind, payload = self._unrecorded[0]
-            self._after_kill(kind, payload)
+            self._unrecorded[0].record()
             self._unrecorded.pop(0)
-
-    def _after_kill(self, kind: str, payload: dict[str, Any]) -> None:
-        """Record what happened to a job whose worker is now dead (so it can no longer write)."""
-        doc = self.scheduler._store.find_job(payload["job"])
-        if doc is None:
-            return
-        worker = payload["worker"]
-        if kind == "timeout":
-            error = {
-                "class": "JobTimeoutError",
-                "message": f"job exceeded its timeout of {payload.get('timeout')} s and was killed",
-                "traceback": "",
-            }
-            lifecycle.RunEnd(self.scheduler, doc, worker, JobStatus.TIMEOUT, error=error).record()
-        elif kind == "interrupted":
-            lifecycle.release(self.scheduler, doc, worker, orphaned=False, reason="queue node stopped")
-        else:
-            reason = f"worker process died (signal {payload.get('signal')})" if "signal" in payload else "manager died"
-            lifecycle.release(self.scheduler, doc, worker, orphaned=True, reason=reason)
 
     def _check_manager(self) -> None:
         pid = self._manager_pid
@@ -296,7 +326,8 @@ class Queue:
             done, status = _waitpid(pid)
             if not done:
                 return
-            self.logger.error("worker manager died", extra={"pid": pid, "status": status})
+            if not self._stopping:
+                self.logger.error("worker manager died", extra={"pid": pid, "status": status})
             self._manager_pid = None
             self._read_manager()
             self._abandon_running(orphaned=True)
@@ -316,15 +347,17 @@ class Queue:
             pid = self._worker_pids.pop(worker, None)
             if pid:
                 children.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
-            self._unrecorded.append(("died" if orphaned else "interrupted", {"job": job_id, "worker": worker}))
+            why = "worker manager died" if orphaned else KillReason.STOP.value
+            self._unrecorded.append(self.life.after_kill(job_id, worker, self._runs.get(job_id, 1), why, 0))
         self._running.clear()
+        self._runs.clear()
         self._record_kills()
 
     def _stop_manager(self) -> None:
         """Stop the manager and its workers; every job they were running goes back to WAITING (same id)."""
         pid = self._manager_pid
         if pid is not None:
-            self._send("stop", None)
+            self._send(Stop())
             deadline = time.monotonic() + STOP_SECONDS
             exited = False
             while time.monotonic() < deadline:
@@ -370,3 +403,7 @@ def _waitpid(pid: int, block: bool = False) -> tuple[int, int]:
         return os.waitpid(pid, 0 if block else os.WNOHANG)
     except ChildProcessError:
         return pid, 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

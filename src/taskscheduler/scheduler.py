@@ -13,23 +13,17 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from . import options as o
-from .constants import NO_WORKER, UNSET_TIME, JobStatus
-from .errors import (
-    InvalidArgumentError,
-    JobFailedError,
-    JobNotFoundError,
-    TaskSchedulerError,
-    WaitTimeoutError,
-)
+from .constants import JobStatus
+from .errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
 from .events import Emitter, Handler
-from .job import class_path
+from .lifecycle import Lifecycle
 from .process import Process
-from .store import OnceConflict, Store, encoded_size, fingerprint, same_value, utcnow
+from .store import Store
 
-#: How often add_job_once retries when concurrent callers keep replacing each other's job.
-ONCE_ATTEMPTS = 20
 #: Longest a single change-stream poll waits before wait_for/listen look at their deadline again.
 POLL_SECONDS = 1.0
+#: Longest a worker's progress write may wait for the server; during an outage it is dropped, never raised.
+PROGRESS_WAIT_SECONDS = 2.0
 
 
 class Scheduler:
@@ -72,10 +66,11 @@ class Scheduler:
         self._emitter = Emitter(emitter)
         self._options: dict[str, Any] = dict(o.SCHEDULER_DEFAULTS)
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
-        self._store = self._build_store()
+        #: The one owner of job state changes; queue nodes and workers use it through their Scheduler.
+        self.lifecycle = Lifecycle(self, self._build_store(), self._emitter, self.logger)
         self._progress_writes: dict[ObjectId, float] = {}
         #: Set inside a worker: progress writes then require that this worker still owns the job.
-        self._owner: ObjectId | None = None
+        self.owner: ObjectId | None = None
 
     def _build_store(self) -> Store:
         return Store(
@@ -87,12 +82,21 @@ class Scheduler:
             job_retention=self._options[o.JOB_RETENTION],
         )
 
+    @property
+    def store(self) -> Store:
+        """Where jobs and events are kept (the only object that talks to pymongo)."""
+        return self.lifecycle.store
+
+    @property
+    def emitter(self) -> Emitter:
+        return self._emitter
+
     # -- options ---------------------------------------------------------------------------------------------------
 
     def set_options(self, options: Mapping[str, Any]) -> Scheduler:
         """Change scheduler options; changed defaults apply to jobs added from now on."""
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
-        self._store = self._build_store()
+        self.lifecycle.store = self._build_store()
         return self
 
     def get_options(self) -> dict[str, Any]:
@@ -109,8 +113,8 @@ class Scheduler:
         self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
     ) -> Process:
         """Spool a job; returns its Process. Nothing is written when any argument is invalid."""
-        doc = self._prepare(job_class, data, _merge(options, kw))
-        return self._insert(doc)
+        doc = self.lifecycle.prepare(job_class, data, _merge(options, kw), self._options)
+        return self.lifecycle.add(doc)
 
     def add_job_once(
         self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
@@ -121,59 +125,14 @@ class Scheduler:
         canceled and replaced. Concurrent calls leave exactly one active job.
         """
         requested = _merge(options, kw)
-        doc = self._prepare(job_class, data, requested)
-        checked = o.validate(requested, o.JOB_OPTIONS, "job")
-        ignore_data = bool(doc["options"][o.IGNORE_DATA])
-        doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
-        for _ in range(ONCE_ATTEMPTS):
-            existing = self._store.find_active(doc["class"], None if ignore_data else doc["key"])
-            for found in existing:
-                if not _changed(found, checked, data, ignore_data):
-                    return Process(found, self)
-            for found in existing:
-                self._cancel_document(found)
-            try:
-                return self._insert(dict(doc, created=utcnow()))
-            except OnceConflict:
-                continue  # a concurrent caller inserted first: compare with theirs
-        raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
-
-    def _prepare(self, job_class: type | str, data: Any, given: Mapping[str, Any]) -> dict[str, Any]:
-        opts = o.job_options(given, self._options)
-        job_id = opts.pop(o.ID, None) or ObjectId()
-        path = class_path(job_class)
-        encoded_size(data)
-        now = utcnow()
-        status = JobStatus.POSTPONED if opts[o.AT] and opts[o.AT] > time.time() else JobStatus.WAITING
-        return {
-            "_id": job_id,
-            "class": path,
-            "status": int(status),
-            "created": now,
-            "started": UNSET_TIME,
-            "ended": UNSET_TIME,
-            "alive": now,
-            "worker": NO_WORKER,
-            "progress": 0.0,
-            "orphaned": 0,
-            "key": fingerprint(path, data),
-            "data": data,
-            "options": opts,
-        }
-
-    def _insert(self, doc: dict[str, Any]) -> Process:
-        # The job document itself records its creation: events start with its first status change.
-        self._store.insert_job(doc)
-        process = Process(doc, self)
-        self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
-        self._emitter.emit_status(doc["status"], process)
-        return process
+        doc = self.lifecycle.prepare(job_class, data, requested, self._options)
+        return self.lifecycle.add_once(doc, o.validate(requested, o.JOB_OPTIONS, "job"), data)
 
     # -- reading jobs ----------------------------------------------------------------------------------------------
 
     def get_job(self, job_id: ObjectId) -> Process:
         """The job with this id; JobNotFoundError if there is none."""
-        return Process(self._load(job_id), self)
+        return Process(self.lifecycle.load(_object_id(job_id)), self)
 
     def get_jobs(self, query: Mapping[str, Any] | None = None) -> Iterator[Process]:
         """Jobs matching a MongoDB filter on the job document (default: WAITING, POSTPONED, PROCESSING)."""
@@ -181,62 +140,30 @@ class Scheduler:
             query = {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED), int(JobStatus.PROCESSING)]}}
         if not isinstance(query, Mapping):
             raise InvalidArgumentError(f"query must be a mapping (a MongoDB filter), got {type(query).__name__}")
-        for doc in self._store.find_jobs(query):
+        for doc in self.store.find_jobs(query):
             yield Process(doc, self)
 
-    def _load(self, job_id: Any) -> dict[str, Any]:
-        job_id = _object_id(job_id)
-        doc = self._store.find_job(job_id)
-        if doc is None:
-            raise JobNotFoundError(f"job {job_id} was not found")
-        return doc
-
-    def _outcome(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The event that recorded how a finished job ended (error or result)."""
-        return self._store.last_event(doc["_id"], doc["status"], doc.get("worker"))
-
-    # -- cancel and flush ------------------------------------------------------------------------------------------
+    # -- cancel, requeue and flush ---------------------------------------------------------------------------------
 
     def cancel_job(self, job_id: ObjectId) -> None:
-        """Cancel a job: a waiting one never runs, a running one is killed; its unfinished children too."""
-        self._cancel_document(self._load(job_id))
+        """Cancel a job for good: a waiting one never runs, a running one is killed, no further run follows;
+        its unfinished children are canceled too."""
+        self.lifecycle.cancel(self.lifecycle.load(_object_id(job_id)))
 
-    def _cancel_document(self, doc: dict[str, Any]) -> None:
-        while True:
-            status = JobStatus(doc["status"])
-            if status == JobStatus.CANCELED:
-                return
-            if status.is_terminal:
-                raise InvalidArgumentError(
-                    f"job {doc['_id']} has already ended with status {status.name}; "
-                    "only unfinished jobs can be canceled"
-                )
-            now = utcnow()
-            if self._store.set_status(doc["_id"], JobStatus.CANCELED, {"status": int(status)}, {"ended": now}):
-                doc.update(status=int(JobStatus.CANCELED), ended=now)
-                self._store.insert_event(doc, JobStatus.CANCELED)
-                self._emitter.emit_status(JobStatus.CANCELED, Process(doc, self))
-                self.cancel_children(doc["_id"])
-                return
-            doc = self._load(doc["_id"])  # it changed meanwhile: decide again on its new status
-
-    def cancel_children(self, parent_id: ObjectId) -> None:
-        """Cancel the unfinished children (``data.parent``) of a job."""
-        for child in self._store.children(parent_id, active_only=True):
-            try:
-                self._cancel_document(child)
-            except InvalidArgumentError:
-                pass  # it finished meanwhile
+    def requeue_job(self, job_id: ObjectId) -> Process:
+        """Run a FAILED, TIMEOUT or CANCELED job again: back to WAITING with the same id and the next run number."""
+        return Process(self.lifecycle.requeue(self.lifecycle.load(_object_id(job_id))), self)
 
     def flush(self) -> None:
         """Drop all jobs and events. Running queue nodes keep working and pick up jobs added afterwards."""
-        self._store.flush()
+        self.store.flush()
         self._progress_writes.clear()
 
     # -- progress --------------------------------------------------------------------------------------------------
 
     def update_progress(self, job_id: ObjectId, progress: float | None = None) -> None:
-        """Store a job's progress (0..100) and mark it alive; ``None`` only marks it alive. Rate limited."""
+        """Store a job's progress (0..100); ``None`` keeps the stored progress. Rate limited per job by
+        ``progress_rate_limit`` ms: the first call and the final 100 always write."""
         if progress is not None and (
             isinstance(progress, bool)
             or not isinstance(progress, (int, float))
@@ -245,14 +172,18 @@ class Scheduler:
         ):
             raise InvalidArgumentError(f"progress must be a number from 0 to 100, got {progress!r}")
         job_id = _object_id(job_id)
+        if progress is None:
+            if self.owner is None:
+                self.lifecycle.load(job_id)  # JobNotFoundError for an unknown id
+            return
         now = time.monotonic()
         limit = self._options[o.PROGRESS_RATE_LIMIT] / 1000
         last = self._progress_writes.get(job_id)
         if limit and last is not None and now - last < limit and progress != 100:
             return
-        value = round(float(progress), 2) if progress is not None else None
-        if not self._store.set_progress(job_id, value, utcnow(), self._owner) and self._owner is None:
-            self._load(job_id)  # JobNotFoundError for an unknown id; a finished job is left as it is
+        wait = PROGRESS_WAIT_SECONDS if self.owner is not None else None
+        if not self.lifecycle.progress(job_id, round(float(progress), 2), self.owner, wait) and self.owner is None:
+            self.lifecycle.load(job_id)  # JobNotFoundError for an unknown id; a finished job is left as it is
         if len(self._progress_writes) > 10_000:
             self._progress_writes = {k: t for k, t in self._progress_writes.items() if now - t < limit}
         self._progress_writes[job_id] = now
@@ -260,80 +191,105 @@ class Scheduler:
     # -- waiting ---------------------------------------------------------------------------------------------------
 
     def wait_for(self, processes: Iterable[Process], options: int = 0, timeout: float | None = None) -> None:
-        """Block until every listed job has finished, updating the Process objects in place.
+        """Block until every listed job has finished, updating the Process objects in place. A recurring job
+        (interval) counts as finished once the run its Process shows has ended (it then shows that run's outcome).
 
-        With ``options & OPTION_THROW_EXCEPTION``, raise JobFailedError as soon as one ended FAILED.
+        With ``options & OPTION_THROW_EXCEPTION``, raise JobFailedError as soon as one ended FAILED for good.
         WaitTimeoutError after ``timeout`` seconds.
         """
         by_id = _group_by_id(processes)
         if isinstance(options, bool) or not isinstance(options, int):
             raise InvalidArgumentError(f"options must be an int bit mask, got {options!r}")
         deadline = _deadline(timeout)
-        throw = bool(options & self.OPTION_THROW_EXCEPTION)
         if not by_id:
             return
-        pending = set(by_id)
-        # Watch first, then read: a change between the two is seen at least once, never missed.
-        # Without listeners only the end of each job matters: the server sends nothing else.
-        ends = None if self._emitter.wants_status() else tuple(int(s) for s in JobStatus if s.is_terminal)
-        with self._store.status_feed(ids=list(by_id), lookup=False, statuses=ends) as feed:
-            found = {doc["_id"]: doc for doc in self._store.find_by_ids(by_id)}
-            missing = [str(i) for i in by_id if i not in found]
-            if missing:
-                raise JobNotFoundError(f"job {', '.join(missing)} was not found")
-            for job_id, doc in found.items():
-                self._settle(by_id[job_id], doc, pending, throw)
-            seen_changes = bool(pending)
-            while pending:
+        wait = _Wait(by_id, bool(options & self.OPTION_THROW_EXCEPTION))
+        # Watch first, then read: a change between the two is seen at least once, never missed. Without
+        # listeners the server sends no claims (PROCESSING): only what can end a job or one of its runs.
+        listening = self._emitter.wants_status()
+        wanted = None if listening else tuple(int(s) for s in JobStatus if s != JobStatus.PROCESSING)
+        with self.store.status_feed(ids=list(by_id), lookup=False, statuses=wanted) as feed:
+            gaps = feed.gaps
+            self._read_pending(wait, list(by_id))
+            seen_changes = bool(wait.pending)
+            while wait.pending:
                 change = feed.poll(
-                    _poll_time(deadline, lambda: f"{len(pending)} of {len(by_id)} job(s) unfinished after {timeout} s")
+                    _poll_time(
+                        deadline, lambda: f"{len(wait.pending)} of {len(by_id)} job(s) unfinished after {timeout} s"
+                    )
                 )
+                if feed.gaps != gaps:  # the stream restarted without its resume token: changes may be lost
+                    gaps = feed.gaps
+                    self._read_pending(wait, list(wait.pending))
+                    continue
                 if change is None or change.job_id not in by_id:
                     continue
                 doc = dict(change.document or by_id[change.job_id][0]._doc)
                 doc["status"] = change.status
-                if throw and change.status == JobStatus.FAILED:
-                    doc = self._store.find_job(change.job_id) or doc  # JobFailedError carries the final job
-                self._emitter.emit_status(change.status, Process(dict(doc), self))
-                self._settle(by_id[change.job_id], doc, pending, throw)
+                if change.run is not None:
+                    doc["run"] = change.run
+                if listening:
+                    self.lifecycle.observe(change, doc, self._emitter)
+                if wait.throw and change.status == JobStatus.FAILED:
+                    doc = self.store.find_job(change.job_id) or doc  # JobFailedError carries the final job
+                wait.settle(doc)
         if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
-            self._refresh_all(by_id)
+            for doc in self.store.find_by_ids(by_id):
+                for p in by_id[doc["_id"]]:
+                    p._replace(doc)
 
-    def _refresh_all(self, by_id: Mapping[ObjectId, list[Process]]) -> None:
-        for doc in self._store.find_by_ids(by_id):
-            for p in by_id[doc["_id"]]:
-                p._replace(doc)
-
-    def _settle(self, procs: list[Process], doc: dict[str, Any], pending: set[ObjectId], throw: bool) -> None:
-        if procs[0].id not in pending:
-            return  # already finished: a late, older change must not move it back
-        for p in procs:
-            p._replace(doc)
-        status = JobStatus(doc["status"])
-        if status.is_terminal:
-            pending.discard(doc["_id"])
-            if throw and status == JobStatus.FAILED:
-                raise JobFailedError(procs[0], procs[0].error)
+    def _read_pending(self, wait: _Wait, ids: list[ObjectId]) -> None:
+        found = {doc["_id"]: doc for doc in self.store.find_by_ids(ids)}
+        missing = [str(i) for i in ids if i not in found]
+        if missing:
+            raise JobNotFoundError(f"job {', '.join(missing)} was not found")
+        for doc in found.values():
+            wait.settle(doc)
 
     def listen(
         self, callback: Callable[[Process], Any], query: Mapping[str, Any] | None = None, timeout: float | None = None
     ) -> None:
-        """Call ``callback(process)`` once per status change of a job matching ``query`` (a job filter),
-        until it returns True. WaitTimeoutError after ``timeout`` seconds."""
+        """Call ``callback(process)`` once per status change of a job matching ``query`` (a job filter, as for
+        ``get_jobs``), until it returns True. WaitTimeoutError after ``timeout`` seconds."""
         if not callable(callback):
             raise InvalidArgumentError(f"callback must be callable, got {callback!r}")
         if query is not None and not isinstance(query, Mapping):
             raise InvalidArgumentError(f"query must be a mapping (a MongoDB filter), got {type(query).__name__}")
         deadline = _deadline(timeout)
-        with self._store.status_feed(query=query) as feed:
+        with self.store.status_feed(query=query) as feed:
             while True:
                 change = feed.poll(_poll_time(deadline, lambda: f"listen() got no final answer within {timeout} s"))
                 if change is None or change.document is None:
                     continue
                 process = Process(change.document, self)
-                self._emitter.emit_status(change.status, process)
+                self.lifecycle.observe(change, change.document, self._emitter)
                 if callback(process) is True:
                     return
+
+
+class _Wait:
+    """The jobs a wait_for call still waits for, and what counts as finished for each."""
+
+    def __init__(self, by_id: Mapping[ObjectId, list[Process]], throw: bool) -> None:
+        self.by_id = by_id
+        self.throw = throw
+        self.pending = set(by_id)
+        #: A recurring job is finished for this wait once its run number passes the one its Process showed.
+        self.run = {job_id: min(p.run for p in procs) for job_id, procs in by_id.items()}
+
+    def settle(self, doc: dict[str, Any]) -> None:
+        job_id = doc["_id"]
+        if job_id not in self.pending:
+            return  # already finished: a late, older change must not move it back
+        procs = self.by_id[job_id]
+        for p in procs:
+            p._replace(doc)
+        status = JobStatus(doc["status"])
+        recurring = bool((doc.get("options") or {}).get("interval"))
+        if status.is_terminal or (recurring and int(doc.get("run", 1)) > self.run[job_id]):
+            self.pending.discard(job_id)
+            if self.throw and status == JobStatus.FAILED:
+                raise JobFailedError(procs[0], procs[0].error)
 
 
 def _group_by_id(processes: Iterable[Process]) -> dict[ObjectId, list[Process]]:
@@ -352,17 +308,6 @@ def _merge(options: Mapping[str, Any] | None, kw: Mapping[str, Any]) -> dict[str
     merged = dict(options or {})
     merged.update(kw)
     return merged
-
-
-def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:
-    stored = existing.get("options") or {}
-    for name, value in requested.items():
-        if name == o.ID:
-            if existing["_id"] != value:
-                return True
-        elif name not in stored or not same_value(stored[name], value):
-            return True
-    return ignore_data and not same_value(existing.get("data"), data)
 
 
 def _object_id(job_id: Any) -> ObjectId:

@@ -20,8 +20,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import bson
+import pymongo
 from bson import CodecOptions, ObjectId
-from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
+from bson.raw_bson import RawBSONDocument
+from pymongo import ASCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import (
@@ -34,15 +36,15 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from .constants import NO_WORKER, JobStatus
+from .constants import JobStatus
 from .errors import InvalidArgumentError, QueueFullError, ServerUnavailableError
 
 logger = logging.getLogger("taskscheduler.store")
 
 #: Largest BSON document MongoDB accepts.
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
-#: Seconds a cached figure of the capped job collection's used bytes is trusted while far from full.
-ROOM_CACHE_SECONDS = 1.0
+#: Finished jobs looked at per attempt to make room in a full capped job collection.
+ROOM_FREE_BATCH = 100
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
 MAX_SERVER_ID_FILTER = 50
 #: Ids per ``$in`` when reading many jobs by id: some servers match a long ``$in`` against every candidate.
@@ -103,16 +105,32 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def with_prefix(query: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """A job-document filter rewritten for change events (``status`` -> ``fullDocument.status``)."""
+    """A job-document filter rewritten for change events (``status`` -> ``fullDocument.status``), operators and
+    ``$expr`` field paths (``"$status"`` -> ``"$fullDocument.status"``) included."""
     out: dict[str, Any] = {}
     for key, value in query.items():
         if key in ("$and", "$or", "$nor") and isinstance(value, list):
-            out[key] = [with_prefix(v, prefix) for v in value]
+            out[key] = [with_prefix(v, prefix) if isinstance(v, Mapping) else v for v in value]
+        elif key == "$expr":
+            out[key] = _prefix_paths(value, prefix)
         elif key.startswith("$"):
             out[key] = value
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _prefix_paths(expr: Any, prefix: str) -> Any:
+    """Field paths of an aggregation expression moved under ``prefix`` (variables such as ``$$NOW`` kept)."""
+    if isinstance(expr, str) and expr.startswith("$") and not expr.startswith("$$"):
+        return f"${prefix}{expr[1:]}"
+    if isinstance(expr, Mapping):
+        if "$literal" in expr:
+            return expr
+        return {k: _prefix_paths(v, prefix) for k, v in expr.items()}
+    if isinstance(expr, (list, tuple)):
+        return [_prefix_paths(v, prefix) for v in expr]
+    return expr
 
 
 class DuplicateJobError(InvalidArgumentError):
@@ -125,11 +143,35 @@ class OnceConflict(Exception):
 
 @dataclass(frozen=True)
 class StatusChange:
-    """One status change seen on the job collection: the status it was set to, and the document."""
+    """One status change seen on the job collection: the status it was set to, the run number when the change
+    carried it, and the document (as looked up, when looked up)."""
 
     job_id: ObjectId
     status: int
     document: Document | None
+    run: int | None = None
+    #: Set when the change ended a run and scheduled the next: the id of the event that recorded the ended run.
+    ended_run: ObjectId | None = None
+
+
+def literal(value: Any) -> Document:
+    """An aggregation expression that is exactly ``value`` (never read as a field path or operator)."""
+    return {"$literal": value}
+
+
+#: Server-side expression of "now" on the server's clock (leases never use a client's clock).
+SERVER_NOW = "$$NOW"
+
+
+def lease_end(seconds: float | None = None) -> Document:
+    """Server-side expression: the server's now plus a lease (``seconds``, or the job's stored ``lease``)."""
+    length: Any = float(seconds) * 1000.0 if seconds is not None else {"$multiply": ["$lease", 1000.0]}
+    return {"$add": [SERVER_NOW, length]}
+
+
+def fields_equal(expect: Mapping[str, Any]) -> Document:
+    """Expression: every field has the given value."""
+    return {"$and": [{"$eq": [f"${name}", literal(value)]} for name, value in expect.items()]}
 
 
 class Store:
@@ -154,8 +196,9 @@ class Store:
         self.job_retention = job_retention
         self.jobs = self.db.get_collection(job_queue)
         self.events = self.db.get_collection(event_queue)
+        #: The room ledger of a capped job collection: bytes its documents use, reserved before each insert.
+        self.room = self.db.get_collection(f"{job_queue}.room")
         self._ready = False
-        self._used: tuple[float, int] | None = None  # (monotonic time, used bytes) of the capped job collection
 
     # -- collections and indexes -------------------------------------------------------------------------------
 
@@ -166,7 +209,7 @@ class Store:
         self._create(self.job_queue, self.job_queue_size)
         self._create(self.event_queue, self.event_queue_size)
         job_indexes = [
-            IndexModel([("status", ASCENDING), ("alive", ASCENDING)], name="status_alive"),
+            IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
             IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
             IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
@@ -187,7 +230,7 @@ class Store:
                     partialFilterExpression={"status": {"$gte": int(JobStatus.DONE)}},
                 )
             )
-        event_indexes = [IndexModel([("job", ASCENDING), ("status", ASCENDING), ("worker", ASCENDING)], name="job")]
+        event_indexes = [IndexModel([("job", ASCENDING), ("run", ASCENDING)], name="job_run")]
         if not self.event_queue_size:
             event_indexes.append(
                 IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention)
@@ -213,13 +256,20 @@ class Store:
         with _server_errors():
             self.jobs.drop()
             self.events.drop()
+            self.room.drop()
         self._ready = False
-        self._used = None
         self.ensure()
 
     def ping(self) -> None:
         with _server_errors():
             self.db.client.admin.command("ping")
+
+    def server_time(self) -> datetime:
+        """The server's clock (what leases are measured on)."""
+        with _server_errors():
+            reply = self.db.command("hello")
+        now = reply.get("localTime")
+        return now if isinstance(now, datetime) else utcnow()
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
@@ -229,52 +279,72 @@ class Store:
         if size > MAX_DOCUMENT_SIZE:
             raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
         self.ensure()
-        self._check_room(size)
+        self._reserve(size)
         try:
             with _server_errors():
                 self.jobs.insert_one(doc)
         except DuplicateKeyError as exc:
+            self._unreserve(size)
             if "once" in ((exc.details or {}).get("keyPattern") or {}) or "once_active" in str(exc):
                 raise OnceConflict(str(exc)) from exc
             raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
-        if self._used is not None:
-            self._used = (self._used[0], self._used[1] + size)
+        # Any other error leaves it unknown whether the job was written: keeping the reservation errs on the
+        # safe side (a few bytes too many, never an eviction).
 
-    def _check_room(self, size: int) -> None:
+    # The ledger: a capped collection evicts its oldest documents once the next insert does not fit, and with one
+    # document per job for its whole life the oldest may be a recurring job that never ends. So every insert
+    # first reserves its bytes with one conditional $inc (atomic with any number of producers): while the ledger
+    # stays within the cap, the server never evicts anything. When it would not fit, finished jobs are deleted to
+    # make room (each freed byte is given back by the one producer whose delete removed it). A producer killed
+    # between reserving and inserting leaves a few bytes reserved: an error on the safe side only.
+
+    def _reserve(self, size: int) -> None:
         if not self.job_queue_size:
             return
         limit = self.job_queue_size
-        now = time.monotonic()
-        cached = self._used
-        near = cached is not None and cached[1] + size > limit // 2
-        if cached is None or near or now - cached[0] > ROOM_CACHE_SECONDS:
+        for _ in range(3):
             with _server_errors():
-                stats = self.db.command("collStats", self.job_queue)
-            cached = self._used = (now, int(stats.get("size", 0)))
-        overflow = cached[1] + size - limit
-        if overflow <= 0:
-            return
-        # Inserting evicts the oldest documents (natural order) until the new one fits: all must be finished.
-        freed = 0
-        pipeline: list[Document] = [
-            {"$project": {"status": 1, "size": {"$bsonSize": "$$ROOT"}}},
-        ]
-        with _server_errors():
-            for doc in self.jobs.aggregate(pipeline):
-                if doc.get("status", 0) < JobStatus.DONE:
-                    raise QueueFullError(
-                        f"job collection {self.job_queue!r} is full ({cached[1]} of {limit} bytes): adding a "
-                        f"{size} byte job would evict unfinished job {doc['_id']}; raise job_queue_size"
-                    )
-                freed += int(doc["size"])
-                if freed >= overflow:
-                    return
-        raise QueueFullError(f"a {size} byte job does not fit in job collection {self.job_queue!r} of {limit} bytes")
+                done = self.room.update_one({"_id": "used", "bytes": {"$lte": limit - size}}, {"$inc": {"bytes": size}})
+            if done.modified_count == 1:
+                return
+            with _server_errors():
+                ledger = self.room.find_one({"_id": "used"})
+            if ledger is None:
+                self._open_ledger()
+                continue
+            if not self._free(int(ledger["bytes"]) + size - limit):
+                raise QueueFullError(
+                    f"job collection {self.job_queue!r} is full ({ledger['bytes']} of {limit} bytes used by "
+                    f"unfinished jobs): a {size} byte job would evict one; raise job_queue_size"
+                )
+        raise QueueFullError(f"job collection {self.job_queue!r} has no room for a {size} byte job (busy producers)")
 
-    def delete_job(self, job_id: ObjectId) -> None:
-        """Withdraw a job nobody has seen run (a next run whose predecessor's end was not recorded)."""
+    def _unreserve(self, size: int) -> None:
+        if self.job_queue_size:
+            with contextlib.suppress(PyMongoError, ServerUnavailableError), _server_errors():
+                self.room.update_one({"_id": "used"}, {"$inc": {"bytes": -size}})
+
+    def _open_ledger(self) -> None:
+        """Start the ledger from what the collection holds (a collection created by an older version)."""
         with _server_errors():
-            self.jobs.delete_one({"_id": job_id, "status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}})
+            used = int(self.db.command("collStats", self.job_queue).get("size", 0))
+            with contextlib.suppress(DuplicateKeyError):
+                self.room.update_one({"_id": "used"}, {"$setOnInsert": {"bytes": used}}, upsert=True)
+
+    def _free(self, needed: int) -> bool:
+        """Delete finished jobs until ``needed`` bytes are free; False when there are not enough of them."""
+        raw = self.jobs.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+        finished = {"status": {"$in": [int(s) for s in JobStatus if s.is_terminal]}}
+        freed = 0
+        with _server_errors():
+            for doc in raw.find(finished).limit(ROOM_FREE_BATCH):
+                size = len(doc.raw)
+                if self.jobs.delete_one({"_id": doc["_id"], **finished}).deleted_count == 1:
+                    self.room.update_one({"_id": "used"}, {"$inc": {"bytes": -size}})
+                    freed += size
+                if freed >= needed:
+                    return True
+        return freed > 0
 
     def find_job(self, job_id: Any) -> Document | None:
         with _server_errors():
@@ -310,71 +380,79 @@ class Store:
         with _server_errors():
             return list(self.jobs.find(query))
 
-    def set_status(
-        self, job_id: ObjectId, status: int, expect: Mapping[str, Any], fields: Mapping[str, Any] | None = None
-    ) -> bool:
-        """Set ``status`` (and fixed-size ``fields``) if the job still has the values in ``expect``; True when it
-        did. ``status`` must differ from the expected one: "changed nothing" is how a lost race shows.
+    def transition(self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
+        """Set ``fields`` (aggregation expressions: wrap plain values in :func:`literal`) if the job matches the
+        expression ``when``; True when it did. ``fields`` must change something: "changed nothing" is how a lost
+        race shows.
 
-        The update is addressed by ``_id`` alone and checks ``expect`` inside an update pipeline. A filter of
+        The update is addressed by ``_id`` alone and checks ``when`` inside an update pipeline. A filter of
         ``_id`` plus ``status`` lets a planner take its candidates from the status index (every job in that
         status) instead of the primary key; some servers do, and then each claim costs O(waiting jobs). A job
         that no longer matches is left untouched: nothing modified, nothing written to the oplog.
         """
-        update: Document = {"status": int(status)}
-        if fields:
-            update.update(fields)
-        matches = {"$and": [{"$eq": [f"${name}", {"$literal": value}]} for name, value in expect.items()]}
-        stage = {name: {"$cond": [matches, {"$literal": value}, f"${name}"]} for name, value in update.items()}
+        stage = {name: {"$cond": [when, value, f"${name}"]} for name, value in fields.items()}
         with _server_errors():
             result = self.jobs.update_one({"_id": job_id}, [{"$set": stage}])
         return result.modified_count == 1
 
-    def claim(self, job_id: ObjectId, worker: ObjectId, now: datetime) -> bool:
-        """The atomic claim: WAITING and unowned -> PROCESSING owned by ``worker``. One round trip."""
-        return self.set_status(
-            job_id,
-            JobStatus.PROCESSING,
-            {"status": int(JobStatus.WAITING)},
-            {"worker": worker, "started": now, "alive": now, "progress": 0.0},
-        )
+    def claim(self, job_id: ObjectId, worker: ObjectId, lease: float) -> Document | None:
+        """The atomic claim, in one round trip: WAITING -> PROCESSING owned by ``worker`` with a lease on the
+        server's clock. Returns the claimed document, or None when another worker had it first."""
+        when = {"$eq": ["$status", int(JobStatus.WAITING)]}
+        fields = {
+            "status": literal(int(JobStatus.PROCESSING)),
+            "worker": literal(worker),
+            "started": SERVER_NOW,
+            "alive": SERVER_NOW,
+            "expires": lease_end(lease),
+            "lease": literal(float(lease)),
+            "progress": literal(0.0),
+        }
+        stage = {name: {"$cond": [when, value, f"${name}"]} for name, value in fields.items()}
+        with _server_errors():
+            doc = self.jobs.find_one_and_update(
+                {"_id": job_id}, [{"$set": stage}], return_document=ReturnDocument.AFTER
+            )
+        if doc is None or doc.get("status") != JobStatus.PROCESSING or doc.get("worker") != worker:
+            return None
+        return doc
 
-    def heartbeat(self, owners: Mapping[ObjectId, ObjectId], now: datetime) -> int:
-        """Refresh ``alive`` of running jobs (job id -> owning worker); returns how many are still owned."""
+    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> set[ObjectId]:
+        """Renew the leases of running jobs (job id -> owning worker) on the server's clock, each for its own
+        recorded lease; returns the jobs that are no longer owned by the given worker."""
         if not owners:
-            return 0
+            return set()
+        query = {"_id": {"$in": list(owners)}, "status": int(JobStatus.PROCESSING)}
         with _server_errors():
             result = self.jobs.update_many(
-                {
-                    "_id": {"$in": list(owners)},
-                    "status": int(JobStatus.PROCESSING),
-                    "worker": {"$in": list(set(owners.values()))},
-                },
-                {"$set": {"alive": now}},
+                dict(query, worker={"$in": list(set(owners.values()))}),
+                [{"$set": {"alive": SERVER_NOW, "expires": lease_end()}}],
             )
-        return result.modified_count
+            if result.matched_count == len(owners):
+                return set()
+            held = {d["_id"]: d.get("worker") for d in self.jobs.find(query, {"worker": 1})}
+        return {job for job, worker in owners.items() if held.get(job) != worker}
 
-    def set_progress(self, job_id: ObjectId, progress: float | None, now: datetime, owner: ObjectId | None) -> bool:
+    def set_progress(self, job_id: ObjectId, progress: float, owner: ObjectId | None, wait: float | None) -> bool:
+        """Store progress; with ``owner`` only while that worker owns the job. ``wait`` bounds the call (seconds)."""
         expect: Document
         if owner is not None:
             expect = {"status": int(JobStatus.PROCESSING), "worker": owner}
         else:
             expect = {"status": {"$lt": int(JobStatus.DONE)}}
-        update: Document = {"alive": now}
-        if progress is not None:
-            update["progress"] = float(progress)
-        with _server_errors():
-            result = self.jobs.update_one({"_id": job_id, **expect}, {"$set": update})
+        with _server_errors(), pymongo.timeout(wait):
+            result = self.jobs.update_one({"_id": job_id, **expect}, {"$set": {"progress": float(progress)}})
         return result.matched_count == 1
 
-    def orphans(self, alive_before: datetime) -> list[Document]:
+    def orphans(self, now: datetime) -> list[Document]:
+        """PROCESSING jobs whose lease ended before ``now`` (the server's time)."""
         with _server_errors():
-            return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "alive": {"$lt": alive_before}}))
+            return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "expires": {"$lt": now}}))
 
     def scan(self, statuses: tuple[int, ...]) -> Iterator[Document]:
-        """Jobs in the given statuses, oldest first (queue start-up and resync)."""
+        """Jobs in the given statuses (queue start-up and resync)."""
         with _server_errors():
-            yield from self.jobs.find({"status": {"$in": [int(s) for s in statuses]}}).sort("_id", ASCENDING)
+            yield from self.jobs.find({"status": {"$in": [int(s) for s in statuses]}})
 
     # -- events ----------------------------------------------------------------------------------------------------
 
@@ -383,20 +461,27 @@ class Store:
         job: Mapping[str, Any],
         status: int,
         worker: ObjectId | None = None,
+        *,
         error: Mapping[str, Any] | None = None,
         result: Any = None,
         has_result: bool = False,
         time: datetime | None = None,
+        started: datetime | None = None,
+        event_id: ObjectId | None = None,
     ) -> Document:
         """An event document: one status change of a job (with its error or result)."""
         event: Document = {
-            "_id": ObjectId(),
+            "_id": event_id or ObjectId(),
             "job": job["_id"],
             "class": job.get("class"),
+            "run": int(job.get("run", 1)),
             "status": int(status),
             "time": time or utcnow(),
             "worker": worker,
         }
+        if started is not None:
+            event["started"] = started
+            event["ended"] = event["time"]
         if error is not None:
             event["error"] = dict(error)
         if has_result:
@@ -414,23 +499,23 @@ class Store:
                 raise
         return [ObjectId(e["_id"]) for e in events]
 
-    def insert_event(self, job: Mapping[str, Any], status: int, worker: ObjectId | None = None) -> ObjectId:
-        return self.insert_events([self.event(job, status, worker)])[0]
-
-    def delete_event(self, event_id: ObjectId) -> None:
+    def delete_events(self, ids: Iterable[ObjectId]) -> None:
         with _server_errors():
-            self.events.delete_one({"_id": event_id})
+            self.events.delete_many({"_id": {"$in": list(ids)}})
 
-    def last_event(self, job_id: ObjectId, status: int, worker: ObjectId | None = None) -> Document | None:
-        query: Document = {"job": job_id, "status": int(status)}
-        if worker is not None and worker != NO_WORKER:
-            query["worker"] = worker
+    def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> None:
+        """Events a dead worker wrote for a run end it could not record (all but ``keep``)."""
         with _server_errors():
-            return self.events.find_one(query, sort=[("time", DESCENDING), ("_id", DESCENDING)])
+            self.events.delete_many({"job": job_id, "run": run, "worker": worker, "_id": {"$ne": keep}})
+
+    def find_event(self, event_id: ObjectId) -> Document | None:
+        with _server_errors():
+            return self.events.find_one({"_id": event_id})
 
     def job_events(self, job_id: ObjectId) -> list[Document]:
+        """Every event of a job, oldest first."""
         with _server_errors():
-            return list(self.events.find({"job": job_id}).sort([("time", ASCENDING), ("_id", ASCENDING)]))
+            return list(self.events.find({"job": job_id}).sort([("run", ASCENDING), ("time", ASCENDING)]))
 
     # -- change streams --------------------------------------------------------------------------------------------
 
@@ -481,7 +566,8 @@ class StatusFeed:
                 "$set": {
                     "fullDocument.status": {
                         "$ifNull": ["$updateDescription.updatedFields.status", "$fullDocument.status"]
-                    }
+                    },
+                    "fullDocument.run": {"$ifNull": ["$updateDescription.updatedFields.run", "$fullDocument.run"]},
                 }
             },
         ]
@@ -561,7 +647,17 @@ def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
     if status is None or "_id" not in key:
         return None
     document = dict(doc) if isinstance(doc, Mapping) and "_id" in doc else None
-    return StatusChange(job_id=key["_id"], status=int(status), document=document)
+    run = doc.get("run") if isinstance(doc, Mapping) else None
+    updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
+    outcome = updated.get("outcome")
+    ended_run = outcome if isinstance(outcome, ObjectId) and status < JobStatus.PROCESSING else None
+    return StatusChange(
+        job_id=key["_id"],
+        status=int(status),
+        document=document,
+        run=run if isinstance(run, int) else None,
+        ended_run=ended_run,
+    )
 
 
 def _encode_document(doc: Mapping[str, Any]) -> bytes:

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from bson import ObjectId
+from bson.errors import InvalidDocument
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
-from . import lifecycle
-from .constants import JobStatus
+from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from .job import JobInterface, load_job_class
+from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
+from .protocol import Claimed, Exit, Finished, RunJob
 from .scheduler import Scheduler
-from .store import is_encodable, utcnow
 
-#: Attempts at recording a job's end while MongoDB is unreachable (about 6 s in all).
-RECORD_ATTEMPTS = 6
+#: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
+#: the lease meanwhile, the node kills it first: the job then runs again elsewhere.)
+RECORD_PATIENCE_SECONDS = 600.0
+#: Reads that look whether a claim whose answer was lost was written.
+CLAIM_CHECKS = 4
 #: Statuses of a parent that cancel its waiting children instead of running them.
 PARENT_ENDED_BADLY = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -50,53 +55,71 @@ class Worker:
             raise InvalidArgumentError("container must have a get(cls) method")
         self.id = worker_id
         self.scheduler = scheduler
+        self.life = scheduler.lifecycle
         self.db = db
         self.logger = logger or logging.getLogger("taskscheduler.worker")
         self.container = container
-        scheduler._owner = worker_id
+        scheduler.owner = worker_id
 
     # -- entry points ----------------------------------------------------------------------------------------------
 
-    def process_one(self, job_id: ObjectId) -> Process:
-        """Claim and run one job in this process (no hard timeout here: that is the manager's job)."""
-        doc = self.scheduler._load(job_id)
-        self.run(doc)
+    def process_one(self, job_id: ObjectId, lease: float = DEFAULT_ORPHANED_TIMEOUT) -> Process:
+        """Claim and run one job in this process (no hard timeout and no lease renewal: those are a node's)."""
+        doc = self.life.load(job_id)
+        self.run(doc, lease=lease)
         return self.scheduler.get_job(doc["_id"])
 
-    def serve(self, connection: Connection, job: Mapping[str, Any] | None = None) -> None:
+    def serve(self, connection: Connection, job: RunJob | None = None) -> None:
         """The worker process's loop: run what the manager sends until told to exit (one job if ``job``)."""
         if job is not None:
-            self.run(job, connection)
+            self.run(job.doc, connection, job.lease)
             return
         while True:
             try:
-                kind, payload = connection.recv()
+                message = connection.recv()
             except (EOFError, OSError):
                 return
-            if kind == "exit":
-                return
-            if kind == "run":
-                self.run(payload, connection)
+            match message:
+                case Exit():
+                    return
+                case RunJob(doc=doc, lease=lease):
+                    self.run(doc, connection, lease)
 
-    def run(self, job: Mapping[str, Any], connection: Connection | None = None) -> bool:
+    def run(
+        self, job: Mapping[str, Any], connection: Connection | None = None, lease: float = DEFAULT_ORPHANED_TIMEOUT
+    ) -> bool:
         """Claim ``job`` and run it; False when another worker had it first (or it may not run)."""
         doc = dict(job)
-        if not self._parent_allows(doc) or not self.scheduler._store.claim(doc["_id"], self.id, utcnow()):
-            _send(connection, ("lost", doc["_id"]))
+        claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
+        if claimed is None:
+            _send(connection, Finished(doc["_id"], False))
             return False
-        started = utcnow()
-        doc.update(status=int(JobStatus.PROCESSING), worker=self.id, started=started, alive=started, progress=0.0)
-        timeout = int((doc.get("options") or {}).get("timeout", 0))
-        _send(connection, ("claimed", doc["_id"], timeout))
-        self.logger.info("claimed job", extra={"job_id": doc["_id"], "worker": self.id, "job_class": doc["class"]})
-        self.scheduler._emitter.emit_status(JobStatus.PROCESSING, Process(dict(doc), self.scheduler))
+        timeout = int((claimed.get("options") or {}).get("timeout", 0))
+        _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1))))
         try:
-            self._execute(doc)
+            self._execute(claimed)
         finally:
-            _send(connection, ("finished", doc["_id"]))
+            _send(connection, Finished(claimed["_id"], True))
         return True
 
     # -- steps -----------------------------------------------------------------------------------------------------
+
+    def _claim(self, doc: Mapping[str, Any], lease: float) -> dict[str, Any] | None:
+        try:
+            return self.life.claim(doc["_id"], self.id, lease)
+        except ServerUnavailableError:
+            pass
+        # The claim's answer was lost: it may or may not be written. Look, while the server lets us.
+        for attempt in range(CLAIM_CHECKS):
+            time.sleep(0.2 * 2**attempt)
+            try:
+                stored = self.life.store.find_job(doc["_id"])
+            except ServerUnavailableError:
+                continue
+            if stored is not None and stored.get("status") == JobStatus.PROCESSING and stored.get("worker") == self.id:
+                return stored
+            return None
+        return None  # if it was written, the lease runs out and the job is orphaned and run again
 
     def _parent_allows(self, doc: dict[str, Any]) -> bool:
         """A child whose parent ended FAILED, CANCELED or TIMEOUT is CANCELED instead of run."""
@@ -104,11 +127,11 @@ class Worker:
         parent_id = data.get("parent") if isinstance(data, Mapping) else None
         if not isinstance(parent_id, ObjectId):
             return True
-        parent = self.scheduler._store.find_job(parent_id)
+        parent = self.life.store.find_job(parent_id)
         if parent is None or parent.get("status") not in PARENT_ENDED_BADLY:
             return True
         try:
-            self.scheduler._cancel_document(doc)
+            self.life.cancel(doc)
         except InvalidArgumentError:
             pass  # it ended meanwhile
         return False
@@ -119,32 +142,38 @@ class Worker:
             result = instance.start()
             self._check_children(doc)
         except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
-            self.logger.error("job failed", extra={"job_id": doc["_id"], "error": repr(exc)}, exc_info=True)
-            end = lifecycle.RunEnd(self.scheduler, doc, self.id, JobStatus.FAILED, error=lifecycle.describe_error(exc))
-            self._record(end.record)
-            return
-        has_result = result is not None and is_encodable(result)
-        if result is not None and not has_result:
-            self.logger.warning(
-                "job result is not BSON-encodable and is not stored",
-                extra={"job_id": doc["_id"], "result_type": type(result).__name__},
+            self.logger.error(
+                "job failed",
+                extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
+                exc_info=True,
             )
-        stored = result if has_result else None
-        self._record(
-            lifecycle.RunEnd(self.scheduler, doc, self.id, JobStatus.DONE, result=stored, has_result=has_result).record
-        )
+            self._record(self.life.end(doc, self.id, JobStatus.FAILED, error=describe_error(exc)))
+            return
+        self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
 
-    def _record(self, write: Callable[[], bool]) -> None:
-        """Record a job's end, riding out a short MongoDB outage (the job's work is done: keep it)."""
-        for attempt in range(RECORD_ATTEMPTS):
+    def _record(self, change: Change) -> None:
+        """Record a run's end, riding out a MongoDB outage: the job's work is done, so keep it. The same prepared
+        change is written each time, so a retry never records it twice."""
+        deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+        attempt = 0
+        while True:
             try:
-                write()
+                change.record()
                 return
             except ServerUnavailableError:
-                if attempt == RECORD_ATTEMPTS - 1:
+                if time.monotonic() > deadline:
                     raise
-                self.logger.warning("cannot record job end yet; retrying", extra={"attempt": attempt + 1})
-                time.sleep(min(2.0, 0.2 * 2**attempt))
+                attempt += 1
+                self.logger.warning("cannot record job end yet; retrying", extra={"attempt": attempt})
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+            except (PyMongoError, InvalidDocument) as exc:  # the server refused it: record that, not nothing
+                if not isinstance(change, RunEnd) or change.fallback:
+                    raise
+                self.logger.exception("cannot record job end; recording the failure to record it instead")
+                error = describe_error(exc)
+                error["message"] = f"the run's outcome could not be stored: {error['message']}"
+                change = self.life.end(change.doc, self.id, JobStatus.FAILED, error=error)
+                change.fallback = True
 
     def _instantiate(self, doc: Mapping[str, Any]) -> JobInterface:
         cls = load_job_class(str(doc.get("class")))
@@ -157,13 +186,13 @@ class Worker:
         return instance
 
     def _check_children(self, doc: Mapping[str, Any]) -> None:
-        for child in self.scheduler._store.children(doc["_id"]):
+        for child in self.life.store.children(doc["_id"]):
             status = JobStatus(child["status"])
             if status in (JobStatus.FAILED, JobStatus.TIMEOUT):
                 raise ChildJobFailedError(f"child job {child['_id']} ended {status.name}")
 
 
-def _send(connection: Connection | None, message: tuple[Any, ...]) -> None:
+def _send(connection: Connection | None, message: Claimed | Finished) -> None:
     if connection is None:
         return
     try:

@@ -1,0 +1,121 @@
+"""The typed messages between a queue node, its worker manager and the workers (over ``multiprocessing`` pipes).
+
+One NamedTuple per message, dispatched with ``match``. Who sends what:
+
+- node -> manager: :class:`RunJob`, :class:`DropJob`, :class:`CancelJob`, :class:`KillJob`, :class:`Fence`,
+  :class:`Stop`
+- manager -> worker: :class:`RunJob`, :class:`Exit`
+- worker -> manager: :class:`Claimed`, :class:`Finished`
+- manager -> node: :class:`WorkerSpawned`, :class:`WorkerExited`, :class:`JobClaimed`, :class:`JobFinished`,
+  :class:`JobKilled`
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, NamedTuple
+
+from bson import ObjectId
+
+
+class KillReason(str, Enum):
+    """Why a worker process was ended; decides what its node records for the job it ran."""
+
+    TIMEOUT = "timeout"  # the job's timeout passed: TIMEOUT, then retry/interval rules
+    CANCEL = "cancel"  # the job was canceled: the canceler recorded CANCELED
+    STOP = "stop"  # the queue node stops: the job goes back to WAITING
+    SHRINK = "shrink"  # an idle worker of a dynamic pool is no longer needed
+    LOST = "lost"  # the lease could not be renewed or is held by someone else: never run a job twice
+    DIED = "died"  # nobody ended it: it crashed or was killed from outside
+
+
+class RunJob(NamedTuple):
+    """Run this job (node -> manager, manager -> worker). ``lease`` is the node's orphaned_timeout in seconds."""
+
+    doc: dict[str, Any]
+    lease: float
+
+
+class DropJob(NamedTuple):
+    """Forget a job handed over earlier: it is no longer WAITING."""
+
+    job_id: ObjectId
+
+
+class CancelJob(NamedTuple):
+    """The job was canceled: forget it, and kill its worker if one runs it."""
+
+    job_id: ObjectId
+
+
+class KillJob(NamedTuple):
+    """Kill the worker running this job (its heartbeat found it owned by someone else)."""
+
+    job_id: ObjectId
+    reason: KillReason
+
+
+class Fence(NamedTuple):
+    """The node renewed its leases: running jobs may go on until ``deadline`` (``time.monotonic()``, which all
+    processes of one machine share). Past it the manager kills them, so no other node can ever run them beside
+    ours (self-fencing)."""
+
+    deadline: float
+
+
+class Stop(NamedTuple):
+    """Stop every worker and exit."""
+
+
+class Exit(NamedTuple):
+    """A worker leaves its loop and exits (shrinking a pool)."""
+
+
+class Claimed(NamedTuple):
+    """A worker owns the job now (its claim was written)."""
+
+    job_id: ObjectId
+    timeout: int
+    run: int
+
+
+class Finished(NamedTuple):
+    """A worker is done with a job: its end is recorded, or it could not claim it."""
+
+    job_id: ObjectId
+    claimed: bool
+
+
+class WorkerSpawned(NamedTuple):
+    worker_id: ObjectId
+    pid: int
+
+
+class WorkerExited(NamedTuple):
+    worker_id: ObjectId
+    pid: int
+    signal: int | None
+
+
+class JobClaimed(NamedTuple):
+    job_id: ObjectId
+    worker_id: ObjectId
+    run: int
+
+
+class JobFinished(NamedTuple):
+    """The worker recorded the job's end itself (or lost it): nothing for the node to record."""
+
+    job_id: ObjectId
+    worker_id: ObjectId
+
+
+class JobKilled(NamedTuple):
+    """The worker running this job is dead before it recorded the job's end: the node records it."""
+
+    job_id: ObjectId
+    worker_id: ObjectId
+    run: int
+    reason: KillReason
+    signal: int | None
+    timeout: int
