@@ -450,6 +450,7 @@ class RunEnd(Change):
             )
             result, has_result = None, True
         started = self.doc.get("started") if isinstance(self.doc.get("started"), datetime) else None
+        end_id = ObjectId()
         end = Store.event(
             self.doc,
             status,
@@ -459,6 +460,8 @@ class RunEnd(Change):
             has_result=has_result,
             time=now,
             started=started,
+            event_id=end_id,
+            end=end_id,
         )
         self.events = [self.processing_event(), end]
         self.when = owned_by(worker, self.run, expires)
@@ -487,7 +490,7 @@ class RunEnd(Change):
                     "options.retry": literal(retry),
                 }
             )
-            self.events.append(Store.event(self.next_doc, next_status, worker, time=now))
+            self.events.append(Store.event(self.next_doc, next_status, worker, time=now, end=end_id))
 
     def announce(self) -> None:
         doc, life = self.doc, self.life

@@ -468,6 +468,7 @@ class Store:
         time: datetime | None = None,
         started: datetime | None = None,
         event_id: ObjectId | None = None,
+        end: ObjectId | None = None,
     ) -> Document:
         """An event document: one status change of a job (with its error or result)."""
         event: Document = {
@@ -482,6 +483,8 @@ class Store:
         if started is not None:
             event["started"] = started
             event["ended"] = event["time"]
+        if end is not None:
+            event["end"] = end  # written by the end of a run: withdrawn if that end is never recorded
         if error is not None:
             event["error"] = dict(error)
         if has_result:
@@ -504,9 +507,11 @@ class Store:
             self.events.delete_many({"_id": {"$in": list(ids)}})
 
     def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> None:
-        """Events a dead worker wrote for a run end it could not record (all but ``keep``)."""
+        """Events a dead worker wrote for a run end it could not record (all but the recorded end ``keep``)."""
         with _server_errors():
-            self.events.delete_many({"job": job_id, "run": run, "worker": worker, "_id": {"$ne": keep}})
+            self.events.delete_many(
+                {"job": job_id, "run": run, "worker": worker, "end": {"$exists": True, "$ne": keep}}
+            )
 
     def find_event(self, event_id: ObjectId) -> Document | None:
         with _server_errors():
