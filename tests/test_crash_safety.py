@@ -147,7 +147,7 @@ def test_3_heartbeat_reports_jobs_taken_over(scheduler: Scheduler) -> None:
         orphan, worker, orphaned=True, reason="test", expires=orphan["expires"]
     ).record()
     claim(scheduler, p.id)  # another node's worker
-    assert scheduler.lifecycle.heartbeat({p.id: worker}) == {p.id}
+    assert scheduler.lifecycle.heartbeat({p.id: (worker, 1)}) == {p.id}
     renewed = scheduler.store.find_job(p.id)
     assert renewed["worker"] != worker
 
@@ -156,7 +156,7 @@ def test_3_a_heartbeat_after_the_check_saves_the_job(scheduler: Scheduler) -> No
     p = scheduler.add_job("sample_jobs:Noop")
     _, worker = claim(scheduler, p.id, lease=0.2)
     orphan = wait_until(lambda: scheduler.lifecycle.orphans(), 10, what="expiry")[0]
-    assert scheduler.lifecycle.heartbeat({p.id: worker}) == set()  # its node came back just in time
+    assert scheduler.lifecycle.heartbeat({p.id: (worker, 1)}) == set()  # its node came back just in time
     change = scheduler.lifecycle.release(orphan, worker, orphaned=True, reason="test", expires=orphan["expires"])
     assert change.record() is False
     assert scheduler.get_job(p.id).status == JobStatus.PROCESSING

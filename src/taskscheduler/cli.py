@@ -309,13 +309,24 @@ def jobs(
 @click.argument("job_id")
 @_option("--json", "as_json", is_flag=True)
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
-    """Show one job, with its error or result."""
+    """Show one job, with its runs and the error or result of the last one."""
     process = conn.scheduler().get_job(_object_id(job_id))
     doc = process.to_dict()
     doc["error"] = process.error
     doc["result"] = process.result
     doc["status_name"] = process.status.name
-    _print_json(doc) if as_json else _print_details(doc)
+    doc["runs"] = [
+        {key: run.get(key) for key in ("run", "status", "worker", "started", "ended", "error", "result") if key in run}
+        for run in process.runs()
+    ]
+    if as_json:
+        _print_json(doc)
+        return
+    _print_details(doc)
+    for run in doc["runs"]:
+        error = run.get("error")
+        outcome = f"{error.get('class')}: {error.get('message')}" if error else repr(run.get("result"))
+        click.echo(f"run {run['run']}: {JobStatus(run['status']).name} {run.get('ended')} {outcome.splitlines()[0]}")
 
 
 def _print_details(doc: dict[str, Any]) -> None:
@@ -323,6 +334,7 @@ def _print_details(doc: dict[str, Any]) -> None:
         "_id",
         "class",
         "status_name",
+        "run",
         "progress",
         "created",
         "started",
@@ -351,6 +363,15 @@ def cancel(conn: Connection, job_id: str) -> None:
     """Cancel a job (a running one is killed)."""
     conn.scheduler().cancel_job(_object_id(job_id))
     click.echo(f"canceled {job_id}")
+
+
+@cli.command()
+@common
+@click.argument("job_id")
+def requeue(conn: Connection, job_id: str) -> None:
+    """Run a FAILED, TIMEOUT or CANCELED job again (same id, next run number)."""
+    process = conn.scheduler().requeue_job(_object_id(job_id))
+    click.echo(f"requeued {job_id} (run {process.run})")
 
 
 @cli.command()

@@ -322,9 +322,13 @@ class Lifecycle:
         self.emit(JobStatus.WAITING, doc)
         return True
 
-    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> set[ObjectId]:
-        """Renew the leases of running jobs; returns those no longer owned by the given worker."""
-        return self.store.heartbeat(owners)
+    def heartbeat(self, owners: Mapping[ObjectId, tuple[ObjectId, int]]) -> set[ObjectId]:
+        """Renew the leases of running jobs (job -> (worker, run)); returns the jobs no longer owned by their
+        worker, which must stop at once. Only a run its own worker ended as the job's last (it keeps ``worker``)
+        is left out: any other change may mean another worker runs the job now, and killing a worker that has
+        just recorded its end (before its manager heard of it) costs nothing but a fork."""
+        held = self.store.heartbeat({job: worker for job, (worker, _) in owners.items()})
+        return {job for job, doc in held.items() if doc is None or doc.get("worker") != owners[job][0]}
 
     def orphans(self) -> list[Document]:
         """Running jobs whose lease has ended on the server's clock (their node stopped renewing it)."""

@@ -169,7 +169,15 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     PROGRESS_RATE_LIMIT: c.DEFAULT_PROGRESS_RATE_LIMIT,
 }
 
-QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: positive_number}
+def lease_seconds(name: str, value: Any) -> float:
+    """At least one second: a node renews its leases six times per timeout and fences at half of it."""
+    positive_number(name, value)
+    if value < 1:
+        raise InvalidArgumentError(f"option {name} must be at least 1 second, got {value!r}")
+    return float(value)
+
+
+QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: lease_seconds}
 QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT}
 
 MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}

@@ -185,7 +185,7 @@ class Queue:
         if not self._running:
             return
         sent = time.monotonic()
-        lost = self.life.heartbeat(self._running)
+        lost = self.life.heartbeat({job: (worker, self._runs.get(job, 1)) for job, worker in self._running.items()})
         for job_id in lost:
             self.logger.error(
                 "job is no longer ours (its lease ran out and another node took it over); killing its worker",
@@ -232,8 +232,13 @@ class Queue:
         while self._postponed and self._postponed[0][0] <= time.time():
             _, job_id, run = self._postponed[0]
             doc = self._postponed_docs.get((job_id, run))
-            if doc is not None:
-                self.life.unpostpone(doc)  # an outage raises here and the entry stays for the next round
+            try:
+                if doc is not None:
+                    self.life.unpostpone(doc)
+            except ServerUnavailableError:
+                raise  # the entry stays for the next round
+            except Exception:
+                self.logger.exception("cannot move a due job to waiting", extra={"job_id": job_id})
             heapq.heappop(self._postponed)
             self._postponed_docs.pop((job_id, run), None)
 
@@ -373,10 +378,19 @@ class Queue:
                 _waitpid(pid, block=True)
             self._read_manager_safely()
             self._manager_pid = None
-        try:
-            self._abandon_running(orphaned=False)
-        except Exception as exc:
-            self.logger.error("could not put interrupted jobs back", extra={"error": str(exc)})
+        deadline = time.monotonic() + STOP_SECONDS
+        while True:
+            try:
+                self._abandon_running(orphaned=False)
+                break
+            except ServerUnavailableError as exc:
+                if time.monotonic() > deadline:  # their leases run out and other nodes take them over
+                    self.logger.error("could not put interrupted jobs back: %s", _first_line(exc))
+                    break
+                time.sleep(ERROR_BACKOFF_SECONDS)
+            except Exception as exc:
+                self.logger.error("could not put interrupted jobs back", extra={"error": str(exc)})
+                break
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -391,7 +405,9 @@ class Queue:
 
 class _Timers:
     def __init__(self, orphaned_timeout: float) -> None:
-        self.heartbeat_every = max(0.2, min(orphaned_timeout / 4, 10.0))
+        # A lease is renewed six times per orphaned_timeout: two renewals may fail before the manager fences the
+        # node's jobs at half of it, and then other nodes wait the other half before they take them over.
+        self.heartbeat_every = max(0.1, min(orphaned_timeout / 6, 10.0))
         self.orphans_every = max(0.5, min(orphaned_timeout / 2, 15.0))
         now = time.monotonic()
         self.heartbeat = now + self.heartbeat_every

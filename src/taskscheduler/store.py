@@ -417,11 +417,12 @@ class Store:
             return None
         return doc
 
-    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> set[ObjectId]:
+    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> dict[ObjectId, Document | None]:
         """Renew the leases of running jobs (job id -> owning worker) on the server's clock, each for its own
-        recorded lease; returns the jobs that are no longer owned by the given worker."""
+        recorded lease. Returns the jobs no longer PROCESSING under that worker, with their status, worker and
+        run (None when the job is gone)."""
         if not owners:
-            return set()
+            return {}
         query = {"_id": {"$in": list(owners)}, "status": int(JobStatus.PROCESSING)}
         with _server_errors():
             result = self.jobs.update_many(
@@ -429,9 +430,16 @@ class Store:
                 [{"$set": {"alive": SERVER_NOW, "expires": lease_end()}}],
             )
             if result.matched_count == len(owners):
-                return set()
-            held = {d["_id"]: d.get("worker") for d in self.jobs.find(query, {"worker": 1})}
-        return {job for job, worker in owners.items() if held.get(job) != worker}
+                return {}
+            found = {
+                d["_id"]: d
+                for d in self.jobs.find({"_id": {"$in": list(owners)}}, {"status": 1, "worker": 1, "run": 1})
+            }
+        return {
+            job: found.get(job)
+            for job, worker in owners.items()
+            if (found.get(job) or {}).get("status") != JobStatus.PROCESSING or found[job].get("worker") != worker
+        }
 
     def set_progress(self, job_id: ObjectId, progress: float, owner: ObjectId | None, wait: float | None) -> bool:
         """Store progress; with ``owner`` only while that worker owns the job. ``wait`` bounds the call (seconds)."""
