@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from taskscheduler import AbstractJob, Scheduler
+from taskscheduler import AbstractJob, JobStatus, Scheduler
 from taskscheduler.store import connect
 
 
@@ -26,12 +26,12 @@ def main() -> None:
     uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
     scheduler = Scheduler(connect(uri, "taskscheduler"))
     slow = scheduler.add_job(TooSlow, timeout=2)
-    scheduler.add_job(Unlucky, retry=2, retry_interval=1)
+    unlucky = scheduler.add_job(Unlucky, retry=2, retry_interval=1)
     slow.wait(timeout=30)
     print("slow job:", slow.status.name, slow.error["message"] if slow.error else "")
-    time.sleep(5)
-    for run in scheduler.get_jobs({"class": "examples.retries_timeouts:Unlucky"}):
-        print("unlucky run:", run.id, run.status.name, run.options["retry"])
+    unlucky.wait(timeout=30)  # one job, one id, through all its runs
+    for run in unlucky.runs():
+        print(f"unlucky {unlucky.id} run {run['run']}:", JobStatus(run["status"]).name, run["error"]["message"])
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from crash_jobs import HUGE, read_log
 from taskscheduler import DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import QueueFullError, ServerUnavailableError, WaitTimeoutError
+from taskscheduler.heartbeat import Heartbeat
 from taskscheduler.lifecycle import next_start
 from taskscheduler.manager import WorkerManager
-from taskscheduler.protocol import RunJob
+from taskscheduler.protocol import Fence, KillJob, KillReason, RunJob
 from taskscheduler.queue import _Timers
 from taskscheduler.store import StatusFeed
 
@@ -422,13 +423,34 @@ def test_11_one_failing_step_skips_nothing_else(
         raise RuntimeError("cannot record a kill")
 
     monkeypatch.setattr(queue, "_record_kills", broken)
-    monkeypatch.setattr(queue, "_heartbeat", lambda: ran.append("heartbeat"))
+    monkeypatch.setattr(queue, "_release_due", lambda: ran.append("due"))
     monkeypatch.setattr(queue, "_reschedule_orphans", lambda: ran.append("orphans"))
     monkeypatch.setattr(queue, "_check_manager", lambda: ran.append("manager"))
     timers = _Timers(2.0)
-    timers.heartbeat = timers.orphans = 0.0
+    timers.orphans = 0.0
     with queue.store.status_feed() as feed:
         for _ in range(2):
             queue._iterate(feed, timers, 0)
-            timers.heartbeat = timers.orphans = 0.0
-    assert ran == ["heartbeat", "orphans", "manager"] * 2
+            timers.orphans = 0.0
+    assert ran == ["due", "orphans", "manager"] * 2
+
+
+def test_11_leases_are_renewed_beside_the_loop_and_lost_jobs_killed(scheduler: Scheduler) -> None:
+    mine, taken = scheduler.add_job("sample_jobs:Noop"), scheduler.add_job("sample_jobs:Noop")
+    _, worker = claim(scheduler, mine.id, lease=2)
+    _, other = claim(scheduler, taken.id, lease=2)
+    sent: list[Any] = []
+    owners = {mine.id: (worker, 1), taken.id: (ObjectId(), 1)}  # the second was taken over by `other`
+    beat = Heartbeat(scheduler.lifecycle, 2.0, lambda: owners, lambda m: sent.append(m) or True, logging.getLogger())
+    before = scheduler.store.find_job(mine.id)["expires"]
+    began = time.monotonic()
+    beat.start()
+    try:
+        wait_until(lambda: any(isinstance(m, Fence) for m in sent), 5, what="a renewal")
+    finally:
+        beat.stop()
+    assert beat.period == pytest.approx(2 / 6)
+    assert scheduler.store.find_job(mine.id)["expires"] > before
+    assert KillJob(taken.id, KillReason.LOST) in sent and KillJob(mine.id, KillReason.LOST) not in sent
+    fence = next(m for m in sent if isinstance(m, Fence))
+    assert began < fence.deadline - 1.0 <= time.monotonic()  # half a lease from the renewal

@@ -1,8 +1,9 @@
 """Queue: a queue node. It watches the job collection and feeds its forked WorkerManager over a pipe.
 
 The node is the only process of the three that writes on behalf of its workers after they die or are killed:
-it records timeouts, puts interrupted and orphaned jobs back to WAITING, keeps its running jobs alive
-(heartbeat), and moves POSTPONED jobs to WAITING when their time has come.
+it records timeouts, puts interrupted and orphaned jobs back to WAITING, renews its running jobs' leases (a
+:class:`~taskscheduler.heartbeat.Heartbeat` thread beside the loop), and moves POSTPONED jobs to WAITING when
+their time has come.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import heapq
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from multiprocessing import Pipe
@@ -27,15 +29,14 @@ from .constants import JobStatus
 from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
+from .heartbeat import Heartbeat
 from .lifecycle import AfterKill
 from .protocol import (
     CancelJob,
     DropJob,
-    Fence,
     JobClaimed,
     JobFinished,
     JobKilled,
-    KillJob,
     KillReason,
     RunJob,
     Stop,
@@ -98,6 +99,9 @@ class Queue:
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
+        self._heartbeat: Heartbeat | None = None
+        self._send_lock = threading.Lock()  # the heartbeat thread sends too
+        self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo
         self.exit_code = 0
 
     def on(self, event: str, handler: Handler) -> Queue:
@@ -126,12 +130,18 @@ class Queue:
             # and postponed (a next run) jobs; a job another node claimed is simply lost by our worker's claim.
             listening = self._emitter.wants_status()
             routed = None if listening else tuple(int(s) for s in ROUTED)
+            lease = float(self.options[o.ORPHANED_TIMEOUT])
+            self._heartbeat = Heartbeat(
+                self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock
+            ).start()
             with self.store.status_feed(lookup=listening, statuses=routed) as feed:
-                timers = _Timers(self.options[o.ORPHANED_TIMEOUT])
+                timers = _Timers(lease)
                 gaps = -1  # forces the first scan
                 while not self._stopping:
                     gaps = self._iterate(feed, timers, gaps)
         finally:
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             self._stop_manager()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -148,9 +158,6 @@ class Queue:
         for step in (lambda: self._poll(feed), self._read_manager, self._record_kills, self._release_due):
             failed = not self._step(step) or failed
         now = time.monotonic()
-        if now >= timers.heartbeat:
-            timers.heartbeat = now + timers.heartbeat_every
-            failed = not self._step(self._heartbeat) or failed
         if now >= timers.orphans:
             timers.orphans = now + timers.orphans_every
             failed = not self._step(self._reschedule_orphans) or failed
@@ -179,20 +186,9 @@ class Queue:
         self.logger.info("stopping queue node", extra={"signal": signum})
         self._stopping = True
 
-    def _heartbeat(self) -> None:
-        """Renew our leases; a job found owned by someone else has its worker killed at once. After a renewal
-        the manager may let our jobs run for half a lease more (it fences them itself past that)."""
-        if not self._running:
-            return
-        sent = time.monotonic()
-        lost = self.life.heartbeat({job: (worker, self._runs.get(job, 1)) for job, worker in self._running.items()})
-        for job_id in lost:
-            self.logger.error(
-                "job is no longer ours (its lease ran out and another node took it over); killing its worker",
-                extra={"job_id": job_id},
-            )
-            self._send(KillJob(job_id, KillReason.LOST))
-        self._send(Fence(sent + self.options[o.ORPHANED_TIMEOUT] / 2))
+    def _owners(self) -> dict[ObjectId, tuple[ObjectId, int]]:
+        """The jobs our workers run: job -> (worker, run). Read by the heartbeat thread."""
+        return {job: (worker, self._runs.get(job, 1)) for job, worker in list(self._running.items())}
 
     # -- change stream ---------------------------------------------------------------------------------------------
 
@@ -264,7 +260,8 @@ class Queue:
             return 0
 
         try:
-            self._manager_pid = children.fork(run, close=[parent_end])
+            with self._fork_lock:
+                self._manager_pid = children.fork(run, close=[parent_end])
         except SpawnForkError:
             parent_end.close()
             child_end.close()
@@ -283,9 +280,22 @@ class Queue:
                 if self._manager_pid is None or not children.running(self._manager_pid):
                     return  # the manager is gone: its restart rescans the waiting jobs
             if conn is not None and not conn.closed:
-                conn.send(message)
+                with self._send_lock:
+                    conn.send(message)
         except (OSError, ValueError):
             self.logger.warning("worker manager pipe closed")
+
+    def _send_nowait(self, message: Any) -> bool:
+        """Send a small message if the pipe has room now (from the heartbeat thread: it must never block)."""
+        conn = self._conn
+        try:
+            if conn is None or conn.closed or not children.writable(conn, 0):
+                return False
+            with self._send_lock:
+                conn.send(message)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _read_manager(self) -> None:
         conn = self._conn
@@ -405,13 +415,8 @@ class Queue:
 
 class _Timers:
     def __init__(self, orphaned_timeout: float) -> None:
-        # A lease is renewed six times per orphaned_timeout: two renewals may fail before the manager fences the
-        # node's jobs at half of it, and then other nodes wait the other half before they take them over.
-        self.heartbeat_every = max(0.1, min(orphaned_timeout / 6, 10.0))
         self.orphans_every = max(0.5, min(orphaned_timeout / 2, 15.0))
-        now = time.monotonic()
-        self.heartbeat = now + self.heartbeat_every
-        self.orphans = now
+        self.orphans = time.monotonic()
 
 
 def _waitpid(pid: int, block: bool = False) -> tuple[int, int]:
