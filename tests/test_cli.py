@@ -17,6 +17,7 @@ from bson import ObjectId
 from conftest import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.store import fields_equal, literal, utcnow
 
 
 @pytest.fixture
@@ -90,9 +91,13 @@ def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: 
 
 def test_cancel_finished_job_is_exit_2(run: Any, scheduler: Scheduler) -> None:
     p = scheduler.add_job("test")
-    scheduler.store.set_status(p.id, JobStatus.DONE, {"status": 0})
+    done = {"status": literal(int(JobStatus.DONE)), "ended": literal(utcnow())}
+    assert scheduler.store.transition(p.id, fields_equal({"status": int(JobStatus.WAITING)}), done)
+    before = scheduler.store.find_job(p.id)
     out = run("cancel", str(p.id))
     assert out.returncode == 2 and "DONE" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert scheduler.store.find_job(p.id) == before
 
 
 def test_unreachable_server_exit_1(run: Any) -> None:

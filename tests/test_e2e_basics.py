@@ -58,12 +58,17 @@ def test_unencodable_result_still_done(scheduler: Scheduler, start_node: Callabl
 
 def test_retry_chain_runs_three_times(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     start_node()
-    first = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
-    wait_until(lambda: scheduler.store.jobs.count_documents({"status": JobStatus.FAILED}) == 3, 30, what="3 runs")
-    runs = list(scheduler.get_jobs({"class": "sample_jobs:Fail"}))
-    assert [r.options["retry"] for r in runs] == [2, 1, 0]
-    assert runs[0].id == first.id and len({r.id for r in runs}) == 3
-    assert all(r.status == JobStatus.FAILED for r in runs)
+    p = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
+    # Retries are runs of the same job: wait() follows it to its end, and only the last failure throws.
+    with pytest.raises(JobFailedError) as info:
+        p.wait(timeout=30, throw=True)
+    assert info.value.process is p
+    assert p.status == JobStatus.FAILED and p.run == 3 and p.options["retry"] == 0
+    runs = p.runs()
+    assert [(r["run"], r["status"]) for r in runs] == [(n, JobStatus.FAILED) for n in (1, 2, 3)]
+    assert all(r["error"]["message"] == "boom: r" and r["job"] == p.id for r in runs)
+    assert p.error == runs[-1]["error"] == info.value.error
+    assert scheduler.store.jobs.count_documents({}) == 1
     assert list(scheduler.get_jobs()) == []
 
 
@@ -107,12 +112,13 @@ def test_postponed_job_starts_within_a_second(scheduler: Scheduler, start_node: 
 
 def test_interval_adds_next_run(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     start_node()
-    first = scheduler.add_job("sample_jobs:Noop", interval=100)
-    first.wait(timeout=30)
-    assert first.status == JobStatus.DONE
-    (nxt,) = list(scheduler.get_jobs())
-    assert nxt.id != first.id and nxt.status == JobStatus.POSTPONED
-    assert nxt.options["interval"] == 100 and nxt.options["at"] > time.time() + 90
+    p = scheduler.add_job("sample_jobs:Echo", "tick", interval=100)
+    p.wait(timeout=30)  # a recurring job: returns once its run has ended, showing that run's outcome
+    assert p.status == JobStatus.POSTPONED and p.run == 2
+    assert p.options["interval"] == 100 and p.options["at"] > time.time() + 90
+    assert p.result == "tick" and p.ended is not None and p.worker is None
+    assert [(r["run"], r["status"], r["result"]) for r in p.runs()] == [(1, JobStatus.DONE, "tick")]
+    assert [q.id for q in scheduler.get_jobs()] == [p.id]  # the next run is the same job
 
 
 def test_progress_reaches_100(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:

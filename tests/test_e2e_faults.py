@@ -110,16 +110,24 @@ def test_worker_crash_three_times_ends_failed(
 
 def test_orphan_of_a_dead_node_is_reset_by_another(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
-    # A job claimed by a node that died before doing anything else: alive goes stale.
+    # A job claimed by a node that died before doing anything else: its short lease runs out, never renewed.
     from bson import ObjectId
 
-    from taskscheduler.store import utcnow
-
-    assert scheduler.store.claim(p.id, ObjectId(), utcnow())
+    dead = ObjectId()
+    assert scheduler.store.claim(p.id, dead, 0.5) is not None
     start_node(orphaned_timeout=1)
     p.wait(timeout=30)
-    assert p.status == JobStatus.DONE
+    assert p.status == JobStatus.DONE and p.run == 1 and p.worker not in (None, dead)
     assert scheduler.store.find_job(p.id)["orphaned"] == 1
+    events = scheduler.store.job_events(p.id)
+    assert [(e["status"], e["worker"] == dead) for e in events] == [
+        (JobStatus.PROCESSING, True),
+        (JobStatus.WAITING, True),
+        (JobStatus.PROCESSING, False),
+        (JobStatus.DONE, False),
+    ]
+    assert events[1]["error"]["class"] == "taskscheduler.errors.JobReleasedError"
+    assert [r["status"] for r in p.runs()] == [JobStatus.DONE]
 
 
 def test_node_recovers_after_server_closes_connections(

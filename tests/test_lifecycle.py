@@ -1,73 +1,330 @@
-"""How runs end: retries and intervals, orphans, and recording an end again after an outage."""
+"""How runs end: retries and intervals in place (one document per job), orphans, requeue, the run history, and
+recording an end again after an outage."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import bson
 import pytest
 from bson import ObjectId
 
-from taskscheduler import JobStatus, Scheduler, lifecycle
-from taskscheduler.errors import ServerUnavailableError
+from conftest import SizeGuard
+from taskscheduler import JobStatus, Scheduler, Worker, lifecycle
+from taskscheduler.constants import NO_WORKER, UNSET_TIME
+from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
 from taskscheduler.store import utcnow
+
+LEASE = 30.0
+ERROR = {"class": "E", "message": "m", "traceback": ""}
+
+
+def claim(scheduler: Scheduler, job_id: ObjectId, worker: ObjectId | None = None) -> tuple[dict[str, Any], ObjectId]:
+    worker = worker or ObjectId()
+    doc = scheduler.store.claim(job_id, worker, LEASE)
+    assert doc is not None and doc["worker"] == worker and doc["status"] == JobStatus.PROCESSING
+    return doc, worker
 
 
 def claimed(scheduler: Scheduler, **options: Any) -> tuple[dict[str, Any], ObjectId]:
     p = scheduler.add_job("sample_jobs:Fail", "x", options)
-    worker = ObjectId()
-    assert scheduler.store.claim(p.id, worker, utcnow())
-    return scheduler.store.find_job(p.id), worker
+    return claim(scheduler, p.id)
+
+
+def statuses(scheduler: Scheduler, job_id: ObjectId) -> list[tuple[int, int]]:
+    """(run, status) of every event of a job, oldest first."""
+    return [(e["run"], e["status"]) for e in scheduler.store.job_events(job_id)]
 
 
 def test_recording_an_end_twice_after_a_lost_answer_writes_it_once(
     scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     doc, worker = claimed(scheduler, retry=1, retry_interval=0)
-    end = lifecycle.RunEnd(scheduler, doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"})
-    real = scheduler.store.set_status
+    seen: list[tuple[str, int]] = []
+    scheduler.on("*", lambda name, p: seen.append((name.removeprefix("taskscheduler.on"), p.run)))
+    end = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR)
+    real = scheduler.store.transition
 
     def applied_then_lost(*args: Any, **kw: Any) -> bool:
         real(*args, **kw)
         raise ServerUnavailableError("connection closed")
 
-    monkeypatch.setattr(scheduler.store, "set_status", applied_then_lost)
+    monkeypatch.setattr(scheduler.store, "transition", applied_then_lost)
     with pytest.raises(ServerUnavailableError):
         end.record()
-    monkeypatch.setattr(scheduler.store, "set_status", real)
+    monkeypatch.setattr(scheduler.store, "transition", real)
     assert end.record() is True
-    assert scheduler.get_job(doc["_id"]).status == JobStatus.FAILED
-    assert [e["status"] for e in scheduler.store.job_events(doc["_id"])] == [JobStatus.PROCESSING, JobStatus.FAILED]
-    retries = list(scheduler.get_jobs())
-    assert len(retries) == 1 and retries[0].options["retry"] == 0
+    assert end.record() is True  # recorded: nothing more happens
+    # The run ended and its retry followed in the same document: WAITING (due at once), run 2, retry spent.
+    job = scheduler.get_job(doc["_id"])
+    assert job.status == JobStatus.WAITING and job.run == 2 and job.options["retry"] == 0
+    assert job.worker is None and job.error == ERROR
+    assert statuses(scheduler, doc["_id"]) == [
+        (1, JobStatus.PROCESSING),
+        (1, JobStatus.FAILED),
+        (2, JobStatus.WAITING),
+    ]
+    assert [p.id for p in scheduler.get_jobs()] == [doc["_id"]]  # one document, no second job for the retry
+    assert seen == [("Failed", 1), ("Waiting", 2)]  # announced once, after it was written
 
 
 def test_lost_ownership_withdraws_the_end_and_the_next_run(scheduler: Scheduler) -> None:
     doc, worker = claimed(scheduler, retry=1, retry_interval=0)
-    assert lifecycle.release(scheduler, doc, worker, orphaned=True, reason="test")  # someone else took it back
-    end = lifecycle.RunEnd(scheduler, doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"})
+    # Someone else took it back (its node saw the lease end): the job is WAITING again, same run.
+    assert scheduler.lifecycle.release(doc, worker, orphaned=True, reason="test").record() is True
+    end = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR)
     assert end.record() is False
-    assert scheduler.get_job(doc["_id"]).status == JobStatus.WAITING
-    assert [p.id for p in scheduler.get_jobs()] == [doc["_id"]]  # no retry added
-    assert JobStatus.FAILED not in [e["status"] for e in scheduler.store.job_events(doc["_id"])]
+    job = scheduler.store.find_job(doc["_id"])
+    assert job["status"] == JobStatus.WAITING and job["run"] == 1 and job["options"]["retry"] == 1
+    assert job["orphaned"] == 1 and job["outcome"] == lifecycle.NO_EVENT
+    assert [p.id for p in scheduler.get_jobs()] == [doc["_id"]]
+    # The run's start and its release are kept; the end that lost and the retry it announced are withdrawn.
+    events = scheduler.store.job_events(doc["_id"])
+    assert [(e["run"], e["status"]) for e in events] == [(1, JobStatus.PROCESSING), (1, JobStatus.WAITING)]
+    assert events[1]["error"]["class"] == "taskscheduler.errors.JobReleasedError"
+    assert scheduler.get_job(doc["_id"]).runs() == []
+
+
+def test_a_retried_record_after_the_next_run_ended_keeps_the_first_run(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run 1's end is written but its answer lost; before the retried ``record()``, run 2 runs and ends. The
+    retry must not take the later change for a lost race and withdraw run 1's (recorded) events."""
+    doc, worker = claimed(scheduler, retry=1, retry_interval=0)
+    end = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR)
+    real = scheduler.store.transition
+
+    def applied_then_lost(*args: Any, **kw: Any) -> bool:
+        real(*args, **kw)
+        raise ServerUnavailableError("connection closed")
+
+    monkeypatch.setattr(scheduler.store, "transition", applied_then_lost)
+    with pytest.raises(ServerUnavailableError):
+        end.record()
+    monkeypatch.setattr(scheduler.store, "transition", real)
+    second, other = claim(scheduler, doc["_id"])
+    assert second["run"] == 2
+    assert scheduler.lifecycle.end(second, other, JobStatus.FAILED, error=ERROR).record() is True
+    end.record()  # the first worker tries again (its answer was lost)
+    runs = scheduler.get_job(doc["_id"]).runs()
+    assert [(r["run"], r["status"], r["worker"]) for r in runs] == [
+        (1, JobStatus.FAILED, worker),
+        (2, JobStatus.FAILED, other),
+    ]
+
+
+def test_a_dead_workers_unrecorded_end_is_withdrawn_entirely(scheduler: Scheduler) -> None:
+    """A worker wrote the events of its run's end (the end and the retry it announces), then died before the
+    update: its node puts the job back and withdraws every one of those events, the retry's included."""
+    doc, worker = claimed(scheduler, retry=1, retry_interval=0)
+    unrecorded = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR)
+    scheduler.store.insert_events(unrecorded.events)
+    scheduler.lifecycle.after_kill(doc["_id"], worker, 1, "worker process died (signal 9)", 0).record()
+    job = scheduler.store.find_job(doc["_id"])
+    assert job["status"] == JobStatus.WAITING and job["run"] == 1 and job["orphaned"] == 1
+    assert statuses(scheduler, doc["_id"]) == [(1, JobStatus.PROCESSING), (1, JobStatus.WAITING)]
+    assert scheduler.get_job(doc["_id"]).runs() == []
 
 
 def test_third_orphaning_fails_the_job(scheduler: Scheduler) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
-    for _ in range(2):
-        worker = ObjectId()
-        assert scheduler.store.claim(p.id, worker, utcnow())
-        assert lifecycle.release(scheduler, scheduler.store.find_job(p.id), worker, orphaned=True, reason="gone")
-    worker = ObjectId()
-    assert scheduler.store.claim(p.id, worker, utcnow())
-    assert lifecycle.release(scheduler, scheduler.store.find_job(p.id), worker, orphaned=True, reason="gone")
+    for count in (1, 2):
+        doc, worker = claim(scheduler, p.id)
+        assert scheduler.lifecycle.release(doc, worker, orphaned=True, reason="gone").record()
+        back = scheduler.store.find_job(p.id)
+        assert back["status"] == JobStatus.WAITING and back["orphaned"] == count and back["run"] == 1
+    doc, worker = claim(scheduler, p.id)
+    assert scheduler.lifecycle.release(doc, worker, orphaned=True, reason="gone").record()
     failed = scheduler.get_job(p.id)
-    assert failed.status == JobStatus.FAILED and failed.error is not None
-    assert failed.error["class"] == "OrphanedJobError"
+    assert failed.status == JobStatus.FAILED and failed.run == 1 and failed.ended is not None
+    assert failed.error is not None
+    assert failed.error["class"] == "taskscheduler.errors.OrphanedJobError"
+    assert "3 times" in failed.error["message"] and "gone" in failed.error["message"]
+    (run,) = failed.runs()
+    assert run["status"] == JobStatus.FAILED and run["worker"] == worker
 
 
 def test_interval_after_timeout_is_measured_from_now(scheduler: Scheduler) -> None:
-    import time
+    doc, _ = claimed(scheduler, interval=60, interval_reference="start")
+    long_ago = dict(doc, started=utcnow().replace(year=2000))
+    now = time.time()
+    after_timeout = lifecycle.next_start(long_ago, JobStatus.TIMEOUT, now)
+    assert after_timeout is not None
+    status, at, retry = after_timeout
+    assert status == JobStatus.POSTPONED and at == pytest.approx(now + 60, abs=0.01) and retry == 0
+    # A run that ended normally is measured from its start, as asked: long overdue, so due at once.
+    after_done = lifecycle.next_start(long_ago, JobStatus.DONE, now)
+    assert after_done is not None
+    assert after_done[0] == JobStatus.WAITING
+    assert after_done[1] == pytest.approx(long_ago["started"].timestamp() + 60, abs=0.01)
 
-    doc, worker = claimed(scheduler, interval=60, interval_reference="start")
-    nxt = lifecycle.next_run(scheduler, dict(doc, started=utcnow().replace(year=2000)), JobStatus.TIMEOUT)
-    assert nxt is not None and nxt["options"]["at"] >= int(time.time()) + 59
+
+# -- requeue -----------------------------------------------------------------------------------------------------
+
+
+def _failed(scheduler: Scheduler, job_id: ObjectId) -> None:
+    doc, worker = claim(scheduler, job_id)
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR).record()
+
+
+def _timed_out(scheduler: Scheduler, job_id: ObjectId) -> None:
+    _, worker = claim(scheduler, job_id)
+    scheduler.lifecycle.after_kill(job_id, worker, 1, "timeout", 1).record()  # what the node records
+
+
+def _canceled(scheduler: Scheduler, job_id: ObjectId) -> None:
+    claim(scheduler, job_id)
+    scheduler.cancel_job(job_id)
+
+
+@pytest.mark.parametrize(
+    ("status", "end"),
+    [(JobStatus.FAILED, _failed), (JobStatus.TIMEOUT, _timed_out), (JobStatus.CANCELED, _canceled)],
+)
+def test_requeue_puts_an_ended_job_back_to_waiting_with_the_next_run(
+    scheduler: Scheduler, db: Any, status: JobStatus, end: Any
+) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", {"n": 1})
+    end(scheduler, p.id)
+    assert scheduler.get_job(p.id).status == status
+    seen: list[tuple[str, ObjectId, int]] = []
+    scheduler.on("*", lambda name, q: seen.append((name, q.id, q.run)))
+    requeued = scheduler.requeue_job(p.id)
+    assert requeued.id == p.id and requeued.status == JobStatus.WAITING and requeued.run == 2
+    stored = scheduler.store.find_job(p.id)
+    assert stored["status"] == JobStatus.WAITING and stored["run"] == 2
+    assert stored["worker"] == NO_WORKER and stored["progress"] == 0.0 and stored["orphaned"] == 0
+    assert stored["options"]["at"] == 0.0
+    assert seen == [("taskscheduler.onWaiting", p.id, 2)]
+    assert [p.id for p in scheduler.get_jobs()] == [p.id]
+    # A worker runs it again, as run 2 of the same job; the first run stays in its history.
+    done = Worker(ObjectId(), Scheduler(db), db).process_one(p.id)
+    assert done.id == p.id and done.status == JobStatus.DONE and done.run == 2
+    assert [(r["run"], r["status"]) for r in done.runs()] == [(1, status), (2, JobStatus.DONE)]
+
+
+def _waiting(scheduler: Scheduler) -> ObjectId:
+    return scheduler.add_job("sample_jobs:Noop").id
+
+
+def _postponed(scheduler: Scheduler) -> ObjectId:
+    return scheduler.add_job("sample_jobs:Noop", at=time.time() + 3600).id
+
+
+def _processing(scheduler: Scheduler) -> ObjectId:
+    job_id = _waiting(scheduler)
+    claim(scheduler, job_id)
+    return job_id
+
+
+def _done(scheduler: Scheduler) -> ObjectId:
+    job_id = _waiting(scheduler)
+    doc, worker = claim(scheduler, job_id)
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE, result=1, has_result=True).record()
+    return job_id
+
+
+@pytest.mark.parametrize(
+    ("status", "make"),
+    [
+        (JobStatus.WAITING, _waiting),
+        (JobStatus.POSTPONED, _postponed),
+        (JobStatus.PROCESSING, _processing),
+        (JobStatus.DONE, _done),
+    ],
+)
+def test_requeue_refuses_other_statuses_and_changes_nothing(scheduler: Scheduler, status: JobStatus, make: Any) -> None:
+    job_id = make(scheduler)
+    before = scheduler.store.find_job(job_id)
+    events = scheduler.store.job_events(job_id)
+    assert before["status"] == status
+    with pytest.raises(InvalidArgumentError, match=status.name):
+        scheduler.requeue_job(job_id)
+    assert scheduler.store.find_job(job_id) == before
+    assert scheduler.store.job_events(job_id) == events
+
+
+def test_requeue_unknown_job(scheduler: Scheduler) -> None:
+    with pytest.raises(JobNotFoundError):
+        scheduler.requeue_job(ObjectId())
+
+
+def test_requeue_refuses_a_second_active_add_job_once_job(scheduler: Scheduler) -> None:
+    first = scheduler.add_job_once("sample_jobs:Noop", "same")
+    scheduler.cancel_job(first.id)
+    second = scheduler.add_job_once("sample_jobs:Noop", "same")
+    assert second.id != first.id
+    before = scheduler.store.find_job(first.id)
+    with pytest.raises(InvalidArgumentError, match="add_job_once"):
+        scheduler.requeue_job(first.id)
+    assert scheduler.store.find_job(first.id) == before
+    assert [p.id for p in scheduler.get_jobs()] == [second.id]
+
+
+# -- the run history -----------------------------------------------------------------------------------------------
+
+
+def test_runs_after_a_retry_chain_lists_each_run_oldest_first(scheduler: Scheduler, db: Any) -> None:
+    p = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
+    # Run 1 times out (recorded by its node after the kill), runs 2 and 3 fail in two different workers.
+    _, first_worker = claim(scheduler, p.id)
+    scheduler.lifecycle.after_kill(p.id, first_worker, 1, "timeout", 7).record()
+    after_first = scheduler.get_job(p.id)
+    assert after_first.status == JobStatus.WAITING and after_first.run == 2 and after_first.options["retry"] == 1
+    assert after_first.error is not None and after_first.error["class"] == "taskscheduler.errors.JobTimeoutError"
+    workers = [first_worker]
+    for _ in range(2):
+        worker = Worker(ObjectId(), Scheduler(db), db)
+        workers.append(worker.id)
+        worker.process_one(p.id)
+    final = scheduler.get_job(p.id)
+    assert final.id == p.id and final.status == JobStatus.FAILED and final.run == 3
+    assert final.options["retry"] == 0
+    runs = final.runs()
+    assert [(r["job"], r["run"], r["status"], r["worker"]) for r in runs] == [
+        (p.id, 1, JobStatus.TIMEOUT, workers[0]),
+        (p.id, 2, JobStatus.FAILED, workers[1]),
+        (p.id, 3, JobStatus.FAILED, workers[2]),
+    ]
+    assert runs[0]["error"]["class"] == "taskscheduler.errors.JobTimeoutError"
+    assert "7 s" in runs[0]["error"]["message"]
+    assert [r["error"]["class"] for r in runs[1:]] == ["ValueError", "ValueError"]
+    assert all(r["error"]["message"] == "boom: r" for r in runs[1:])
+    for earlier, later in zip(runs, runs[1:], strict=False):
+        assert earlier["started"] <= earlier["ended"] <= later["started"] <= later["ended"]
+    assert final.error == runs[-1]["error"]  # the job's error is its last run's
+    assert scheduler.store.jobs.count_documents({}) == 1
+
+
+# -- capped collections: the next run is written in place ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("job_class", "options", "next_status"),
+    [
+        ("sample_jobs:Fail", {"retry": 2, "retry_interval": 60}, JobStatus.POSTPONED),
+        ("sample_jobs:Fail", {"retry": -1, "retry_interval": 0}, JobStatus.WAITING),
+        ("sample_jobs:Noop", {"interval": 60}, JobStatus.POSTPONED),
+        ("sample_jobs:Noop", {"interval": -1}, JobStatus.WAITING),
+    ],
+)
+def test_a_run_end_that_schedules_the_next_run_keeps_the_document_size(
+    scheduler: Scheduler,
+    db: Any,
+    size_guard: SizeGuard,
+    job_class: str,
+    options: dict[str, Any],
+    next_status: JobStatus,
+) -> None:
+    # An int ``at`` in the past: the next run's time (a double) is written over it in place.
+    p = scheduler.add_job(job_class, {"payload": [1, 2, 3]}, options, at=int(time.time()) - 5)
+    inserted = len(bson.encode(scheduler.store.find_job(p.id)))
+    worker = Worker(ObjectId(), Scheduler(db), db)
+    worker.process_one(p.id)
+    stored = scheduler.store.find_job(p.id)
+    assert stored["status"] == next_status and stored["run"] == 2
+    assert stored["ended"] != UNSET_TIME and stored["outcome"] != lifecycle.NO_EVENT
+    assert len(bson.encode(stored)) == inserted
+    size_guard.verify()
+    assert size_guard.checked_updates >= 2  # the claim and the run's end

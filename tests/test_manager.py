@@ -13,6 +13,7 @@ from bson import ObjectId
 from conftest import wait_until
 from taskscheduler import DefaultWorkerFactory, WorkerManager
 from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned
 
 
 def factory(**manager: Any) -> DefaultWorkerFactory:
@@ -68,24 +69,25 @@ def test_manager_forks_min_children_and_stops_them() -> None:
             code = 1
         os._exit(code)
     child.close()
-    messages: list[tuple[str, Any]] = []
+    messages: list[Any] = []
 
-    def read(kind: str, count: int) -> bool:
+    def read(kind: type, count: int) -> bool:
         try:
             while parent.poll(0.1):
                 messages.append(parent.recv())
         except EOFError:
             pass  # the manager has exited
-        return sum(1 for k, _ in messages if k == kind) >= count
+        return sum(1 for m in messages if isinstance(m, kind)) >= count
 
-    wait_until(lambda: read("spawn", 2), 10, what="two workers")
-    spawned = [p for k, p in messages if k == "spawn"]
-    assert len({p["_id"] for p in spawned}) == 2 and all(p["signal"] is None for p in spawned)
-    parent.send(("stop", None))
-    wait_until(lambda: read("kill", 2), 10, what="two kills")
-    kills = [p for k, p in messages if k == "kill"]
-    assert {k["pid"] for k in kills} == {s["pid"] for s in spawned}
-    assert all(k["signal"] == signal.SIGKILL for k in kills)
+    wait_until(lambda: read(WorkerSpawned, 2), 10, what="two workers")
+    spawned = [m for m in messages if isinstance(m, WorkerSpawned)]
+    assert len({m.worker_id for m in spawned}) == 2 and len({m.pid for m in spawned}) == 2
+    parent.send(Stop())
+    wait_until(lambda: read(WorkerExited, 2), 10, what="two exits")
+    exited = [m for m in messages if isinstance(m, WorkerExited)]
+    assert {(m.worker_id, m.pid) for m in exited} == {(m.worker_id, m.pid) for m in spawned}
+    assert all(m.signal == signal.SIGKILL for m in exited)
+    assert not [m for m in messages if isinstance(m, JobKilled)]  # idle workers: no job to report
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
 

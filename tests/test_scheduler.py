@@ -12,7 +12,9 @@ from blinker import Namespace
 from bson import ObjectId
 
 from taskscheduler import JobStatus, Process, Scheduler
+from taskscheduler.constants import UNSET_TIME
 from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, WaitTimeoutError
+from taskscheduler.store import fields_equal, literal, utcnow
 
 NOOP = "sample_jobs:Noop"
 
@@ -162,23 +164,38 @@ def test_cancel_missing_job(scheduler: Scheduler) -> None:
         scheduler.cancel_job(ObjectId())
 
 
+def _set_status(scheduler: Scheduler, job_id: ObjectId, status: JobStatus) -> None:
+    """Move a WAITING job straight to ``status`` (one conditional update, as the library makes them)."""
+    fields = {"status": literal(int(status)), "ended": literal(utcnow())}
+    assert scheduler.store.transition(job_id, fields_equal({"status": int(JobStatus.WAITING)}), fields)
+
+
 @pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT])
 def test_cancel_finished_job_is_refused(scheduler: Scheduler, status: JobStatus) -> None:
     p = scheduler.add_job("test")
-    assert scheduler.store.set_status(p.id, status, {"status": 0})
+    _set_status(scheduler, p.id, status)
+    before = scheduler.store.find_job(p.id)
+    seen: list[str] = []
+    scheduler.on("*", lambda name, q: seen.append(name))
     with pytest.raises(InvalidArgumentError, match=status.name):
         scheduler.cancel_job(p.id)
-    assert scheduler.get_job(p.id).status == status
+    assert scheduler.store.find_job(p.id) == before
+    assert scheduler.store.job_events(p.id) == [] and seen == []
 
 
 def test_cancel_cancels_unfinished_children(scheduler: Scheduler) -> None:
     parent = scheduler.add_job("test")
     kid = scheduler.add_job("test", {"parent": parent.id})
+    later_kid = scheduler.add_job("test", {"parent": parent.id}, at=time.time() + 3600)
     done_kid = scheduler.add_job("test", {"parent": parent.id})
-    scheduler.store.set_status(done_kid.id, JobStatus.DONE, {"status": 0})
+    other = scheduler.add_job("test")
+    _set_status(scheduler, done_kid.id, JobStatus.DONE)
     scheduler.cancel_job(parent.id)
+    assert scheduler.get_job(parent.id).status == JobStatus.CANCELED
     assert scheduler.get_job(kid.id).status == JobStatus.CANCELED
+    assert scheduler.get_job(later_kid.id).status == JobStatus.CANCELED
     assert scheduler.get_job(done_kid.id).status == JobStatus.DONE
+    assert scheduler.get_job(other.id).status == JobStatus.WAITING
 
 
 def test_flush(scheduler: Scheduler) -> None:
@@ -266,15 +283,28 @@ def test_update_progress(scheduler: Scheduler) -> None:
     assert scheduler.get_job(p.id).progress == 100.0
 
 
-def test_update_progress_none_keeps_progress_and_pings(scheduler: Scheduler) -> None:
-    s = Scheduler(scheduler._db, options={"progress_rate_limit": 0})
+def test_update_progress_none_keeps_progress_and_writes_nothing(scheduler: Scheduler, db: Any) -> None:
+    s = Scheduler(db, options={"progress_rate_limit": 0})
     p = s.add_job("test")
     s.update_progress(p.id, 42)
-    alive = s.store.find_job(p.id)["alive"]
-    time.sleep(0.01)
-    s.update_progress(p.id)
-    doc = s.store.find_job(p.id)
-    assert doc["progress"] == 42.0 and doc["alive"] > alive
+    before = s.store.find_job(p.id)
+    assert before["progress"] == 42.0
+    assert before["alive"] == UNSET_TIME  # progress is not a heartbeat: queue nodes renew leases
+    marker = s.add_job("test")
+    with db.watch([{"$match": {"ns.coll": "taskscheduler.jobs"}}], max_await_time_ms=100) as stream:
+        s.update_progress(p.id)
+        s.cancel_job(marker.id)  # a write after it: once the stream shows this one, it has shown all before
+        changes = []
+        deadline = time.monotonic() + 10
+        while not any(c["documentKey"]["_id"] == marker.id for c in changes):
+            assert time.monotonic() < deadline, changes
+            change = stream.try_next()
+            if change is not None:
+                changes.append(change)
+    assert [c["documentKey"]["_id"] for c in changes] == [marker.id]
+    assert s.store.find_job(p.id) == before
+    with pytest.raises(JobNotFoundError):
+        s.update_progress(ObjectId())  # None still checks that the job exists
 
 
 def test_update_progress_without_rate_limit(scheduler: Scheduler) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
 from typing import Any
 
+import bson
 import pytest
 from bson import ObjectId
 from pymongo import MongoClient, monitoring
@@ -12,21 +13,28 @@ from pymongo import MongoClient, monitoring
 from conftest import SizeGuard
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import QueueFullError
-from taskscheduler.store import ID_BATCH, fingerprint, same_value, utcnow, with_prefix
+from taskscheduler.store import ID_BATCH, fields_equal, fingerprint, literal, same_value, utcnow, with_prefix
 
 
 def test_collections_are_capped_by_default_with_named_indexes(scheduler: Scheduler, db: Any) -> None:
-    scheduler.add_job("test")
+    p = scheduler.add_job("test")
     infos = {c["name"]: c["options"] for c in db.list_collections()}
     assert infos["taskscheduler.jobs"].get("capped") is True
     assert infos["taskscheduler.jobs"].get("size") == 100_000_000
     assert infos["taskscheduler.events"].get("capped") is True
     names = set(db["taskscheduler.jobs"].index_information())
-    assert {"status_alive", "class_status", "class_key_status", "parent_status", "once_active"} <= names
-    assert "ended_ttl" not in names
+    assert {"status_expires", "class_status", "class_key_status", "parent_status", "once_active"} <= names
+    assert "status_alive" not in names and "ended_ttl" not in names
+    events = db["taskscheduler.events"].index_information()
+    assert events["job_run"]["key"] == [("job", 1), ("run", 1)] and "time_ttl" not in events
+    assert db["taskscheduler.jobs"].index_information()["status_expires"]["key"] == [("status", 1), ("expires", 1)]
+    # The room ledger of the capped job collection holds the bytes its documents use.
+    stored = db["taskscheduler.jobs"].find_one({"_id": p.id})
+    assert db["taskscheduler.jobs.room"].find_one({"_id": "used"}) == {"_id": "used", "bytes": len(bson.encode(stored))}
     scheduler.store._ready = False
     scheduler.store.ensure()  # idempotent
     assert set(db["taskscheduler.jobs"].index_information()) == names
+    assert db["taskscheduler.events"].index_information() == events
 
 
 def test_size_zero_means_ordinary_collections_with_ttl(db: Any) -> None:
@@ -60,18 +68,21 @@ def test_a_status_change_that_lost_its_race_changes_nothing(scheduler: Scheduler
     store = scheduler.store
     p = scheduler.add_job("test")
     winner, loser = ObjectId(), ObjectId()
-    assert store.claim(p.id, winner, utcnow())
+    assert store.claim(p.id, winner, 30.0) is not None
     before = store.find_job(p.id)
+    done = {"status": literal(int(JobStatus.DONE)), "ended": literal(utcnow()), "progress": literal(100.0)}
     with store.status_feed(ids=[p.id]) as feed:
-        assert not store.claim(p.id, loser, utcnow())  # no longer WAITING
-        owned_by_loser = {"status": int(JobStatus.PROCESSING), "worker": loser}
-        assert not store.set_status(p.id, JobStatus.DONE, owned_by_loser, {"ended": utcnow(), "progress": 100.0})
+        assert store.claim(p.id, loser, 30.0) is None  # no longer WAITING
+        owned_by_loser = fields_equal({"status": int(JobStatus.PROCESSING), "worker": loser})
+        assert not store.transition(p.id, owned_by_loser, done)
         assert store.find_job(p.id) == before
-        owned_by_winner = {"status": int(JobStatus.PROCESSING), "worker": winner}
-        assert store.set_status(p.id, JobStatus.DONE, owned_by_winner, {"ended": utcnow(), "progress": 100.0})
+        owned_by_winner = fields_equal({"status": int(JobStatus.PROCESSING), "worker": winner})
+        assert store.transition(p.id, owned_by_winner, done)
+        assert not store.transition(p.id, owned_by_winner, done)  # no longer PROCESSING: changes nothing
         change = feed.poll(5)
     assert change is not None and change.status == JobStatus.DONE  # the first status change the feed saw
-    assert store.find_job(p.id)["worker"] == winner
+    after = store.find_job(p.id)
+    assert after["worker"] == winner and after["status"] == JobStatus.DONE and after["progress"] == 100.0
 
 
 def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
@@ -98,19 +109,33 @@ def test_size_guard_catches_a_size_change(db: Any) -> None:
 
 
 def test_lifecycle_updates_keep_the_document_size(scheduler: Scheduler, size_guard: SizeGuard) -> None:
-    p = scheduler.add_job("test", {"k": [1, 2, 3]})
+    p = scheduler.add_job("test", {"k": [1, 2, 3]}, retry=1, retry_interval=60)
+    life, store = scheduler.lifecycle, scheduler.store
     worker = ObjectId()
-    store = scheduler.store
-    assert store.claim(p.id, worker, utcnow())
-    assert not store.claim(p.id, ObjectId(), utcnow())  # already owned
-    assert store.set_progress(p.id, 12.5, utcnow(), worker)
-    assert not store.set_progress(p.id, 50.0, utcnow(), ObjectId())  # not the owner
-    assert store.heartbeat({p.id: worker}, utcnow()) == 1
-    assert store.set_status(
-        p.id, JobStatus.DONE, {"status": 2, "worker": worker}, {"ended": utcnow(), "progress": 100.0}
-    )
+    assert store.claim(p.id, worker, 30.0) is not None
+    assert store.claim(p.id, ObjectId(), 30.0) is None  # already owned
+    assert store.set_progress(p.id, 12.5, worker, None)
+    assert not store.set_progress(p.id, 50.0, ObjectId(), None)  # not the owner
+    assert not store.heartbeat({p.id: worker})  # renewed: nothing lost
+    assert p.id in store.heartbeat({p.id: ObjectId()})  # not held by that worker
+    # Released (orphaned), claimed again, failed: its retry is written into the same document (POSTPONED).
+    assert life.release(store.find_job(p.id), worker, orphaned=True, reason="test").record()
+    worker = ObjectId()
+    doc = store.claim(p.id, worker, 30.0)
+    assert doc is not None
+    assert life.end(doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m" * 500}).record()
+    postponed = store.find_job(p.id)
+    assert postponed["status"] == JobStatus.POSTPONED and postponed["run"] == 2
+    assert life.unpostpone(postponed)
+    scheduler.cancel_job(p.id)
+    assert scheduler.requeue_job(p.id).run == 3
+    worker = ObjectId()
+    doc = store.claim(p.id, worker, 30.0)
+    assert doc is not None
+    assert life.end(doc, worker, JobStatus.DONE, result="r" * 1000, has_result=True).record()
+    assert store.find_job(p.id)["status"] == JobStatus.DONE
     size_guard.verify()
-    assert size_guard.checked_updates >= 4
+    assert size_guard.checked_updates >= 10
 
 
 class Recorder(monitoring.CommandListener):
@@ -139,9 +164,30 @@ def _uses_index(plan: Any) -> bool:
 
 def _by_id(query: dict[str, Any]) -> bool:
     # Real MongoDB serves an _id equality through the _id index (IDHACK) whatever else the filter holds; the
-    # test server's planner reports a scan for {_id, status}, so that shape is accepted as indexed here.
+    # test server's planner reports a scan for {_id, status} (or the room ledger's {_id: "used", bytes}), so
+    # that shape is accepted as indexed here.
     value = query.get("_id")
-    return isinstance(value, ObjectId) or (isinstance(value, dict) and "$in" in value)
+    return isinstance(value, (ObjectId, str)) or (isinstance(value, dict) and "$in" in value)
+
+
+def _unindexed(db: Any, commands: list[tuple[str, dict[str, Any]]]) -> tuple[int, list[tuple[str, Any]]]:
+    """How many queries the commands issued, and those the server's planner serves without an index."""
+    queries: list[tuple[str, dict[str, Any]]] = []
+    for name, cmd in commands:
+        if name == "find":
+            queries.append((cmd["find"], cmd.get("filter", {})))
+        elif name == "update":
+            queries += [(cmd["update"], u["q"]) for u in cmd["updates"]]
+        elif name == "delete":
+            queries += [(cmd["delete"], d["q"]) for d in cmd["deletes"]]
+    unindexed = []
+    for coll, query in queries:
+        if _by_id(query):
+            continue
+        plan = db.command("explain", {"find": coll, "filter": query})["queryPlanner"]["winningPlan"]
+        if not _uses_index(plan):
+            unindexed.append((coll, query))
+    return len(queries), unindexed
 
 
 def test_steady_state_queries_are_served_by_indexes(server: Any, db_name: str) -> None:
@@ -150,48 +196,67 @@ def test_steady_state_queries_are_served_by_indexes(server: Any, db_name: str) -
     try:
         db = client[db_name]
         s = Scheduler(db, options={"progress_rate_limit": 0})
-        store = s.store
+        store, life = s.store, s.lifecycle
         parent = s.add_job("test")
         child = s.add_job("test", {"parent": parent.id})
         once = s.add_job_once("test", {"a": 1}, {"retry": 1})
         s.add_job_once("test", {"a": 1}, {"retry": 1})
+        later = s.add_job("test", {"later": 1}, at=time.time() + 3600)
         s.get_job(child.id)
         s.update_progress(child.id, 10)
         worker = ObjectId()
-        store.claim(parent.id, worker, utcnow())
-        store.heartbeat({parent.id: worker}, utcnow())
-        store.orphans(utcnow() - timedelta(seconds=30))
+        claimed = store.claim(parent.id, worker, 30.0)
+        store.heartbeat({parent.id: worker})
+        life.orphans()
         list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
         store.children(parent.id, active_only=True)
         s.cancel_job(once.id)
         s.wait_for([s.get_job(once.id)], timeout=5)
-        store.last_event(once.id, JobStatus.CANCELED)
+        s.get_job(once.id).runs()
         recorder.commands.clear()
         s.cancel_job(child.id)
         s.add_job_once("test", {"a": 2})
-        store.claim(child.id, worker, utcnow())
-        store.heartbeat({parent.id: worker}, utcnow())
-        store.orphans(utcnow() - timedelta(seconds=30))
+        assert claimed is not None
+        assert life.end(claimed, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}).record()
+        s.requeue_job(parent.id)
+        assert store.claim(parent.id, worker, 30.0) is not None
+        store.heartbeat({parent.id: worker})
+        life.orphans()
+        assert life.unpostpone(store.find_job(later.id))
         list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
         store.children(parent.id)
         s.wait_for([s.get_job(child.id)], timeout=5)
-        store.last_event(child.id, JobStatus.CANCELED)
-        queries: list[tuple[str, dict[str, Any]]] = []
-        for name, cmd in recorder.commands:
-            if name == "find":
-                queries.append((cmd["find"], cmd.get("filter", {})))
-            elif name == "update":
-                queries += [(cmd["update"], u["q"]) for u in cmd["updates"]]
-            elif name == "delete":
-                queries += [(cmd["delete"], d["q"]) for d in cmd["deletes"]]
-        assert len(queries) >= 10
-        unindexed = []
-        for coll, query in queries:
-            if _by_id(query):
-                continue
-            plan = db.command("explain", {"find": coll, "filter": query})["queryPlanner"]["winningPlan"]
-            if not _uses_index(plan):
-                unindexed.append((coll, query))
+        assert s.get_job(child.id).runs()[0]["status"] == JobStatus.CANCELED
+        assert s.get_job(parent.id).error is not None
+        count, unindexed = _unindexed(db, recorder.commands)
+        assert count >= 10
+        assert unindexed == [], "\n".join(map(str, unindexed))
+    finally:
+        client.drop_database(db_name)
+        client.close()
+
+
+def test_recording_a_killed_workers_end_is_served_by_indexes(server: Any, db_name: str) -> None:
+    """What a node records after a kill (a timeout, a dead worker) is steady state too: every timeout does it."""
+    recorder = Recorder()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        db = client[db_name]
+        s = Scheduler(db)
+        store, life = s.store, s.lifecycle
+        timed, died = s.add_job("test", retry=1, retry_interval=0), s.add_job("test")
+        workers = {timed.id: ObjectId(), died.id: ObjectId()}
+        for job_id, worker in workers.items():
+            doc = store.claim(job_id, worker, 30.0)
+            assert doc is not None
+            store.insert_events(life.end(doc, worker, JobStatus.DONE).events)  # written, then the worker died
+        recorder.commands.clear()
+        life.after_kill(timed.id, workers[timed.id], 1, "timeout", 1).record()
+        life.after_kill(died.id, workers[died.id], 1, "worker process died (signal 9)", 0).record()
+        assert [r["status"] for r in s.get_job(timed.id).runs()] == [JobStatus.TIMEOUT]
+        assert store.find_job(died.id)["status"] == JobStatus.WAITING
+        count, unindexed = _unindexed(db, recorder.commands)
+        assert count >= 4
         assert unindexed == [], "\n".join(map(str, unindexed))
     finally:
         client.drop_database(db_name)

@@ -48,11 +48,15 @@ def test_already_claimed_job_is_not_run_twice(scheduler: Scheduler, worker: Work
 
 def test_retry_after_error(scheduler: Scheduler, worker: Worker) -> None:
     p = scheduler.add_job("sample_jobs:Fail", "r", retry=1)
-    worker.process_one(p.id)
-    (retry,) = list(scheduler.get_jobs())
-    assert retry.id != p.id and retry.options["retry"] == 0
+    retry = worker.process_one(p.id)
+    # The retry is the same job, written in place: POSTPONED by retry_interval (300 s), run 2, retry spent.
+    assert retry.id == p.id and retry.run == 2 and retry.options["retry"] == 0
     assert retry.status == JobStatus.POSTPONED
     assert retry.options["at"] == pytest.approx(time.time() + 300, abs=5)
+    assert retry.worker is None and retry.progress == 0.0
+    assert retry.error is not None and retry.error["message"] == "boom: r"  # the ended run's error
+    assert [(r["run"], r["status"], r["worker"]) for r in retry.runs()] == [(1, JobStatus.FAILED, worker.id)]
+    assert [q.id for q in scheduler.get_jobs()] == [p.id]
 
 
 def test_endless_retry_stays_endless(scheduler: Scheduler, worker: Worker) -> None:
@@ -72,9 +76,12 @@ def test_interval_keeps_reference(scheduler: Scheduler, worker: Worker, referenc
 
 def test_endless_interval(scheduler: Scheduler, worker: Worker) -> None:
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)
-    worker.process_one(p.id)
-    (nxt,) = list(scheduler.get_jobs())
-    assert nxt.status == JobStatus.WAITING and nxt.id != p.id
+    for run in (2, 3):
+        nxt = worker.process_one(p.id)
+        assert nxt.id == p.id and nxt.status == JobStatus.WAITING and nxt.run == run
+        assert nxt.options["interval"] == -1 and nxt.options["at"] == 0.0
+    assert [r["status"] for r in nxt.runs()] == [JobStatus.DONE, JobStatus.DONE]
+    assert [q.id for q in scheduler.get_jobs()] == [p.id]
 
 
 def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:

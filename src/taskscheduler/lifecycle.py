@@ -216,9 +216,9 @@ class Lifecycle:
         """Every ended run of a job, oldest first: one event per run number."""
         ended = [e for e in self.store.job_events(doc["_id"]) if e.get("status") in RUN_END_STATUSES]
         by_run: dict[int, Document] = {}
-        for event in ended:
+        for event in ended:  # oldest first: a later end of the same run number is the one that counted
             run = int(event.get("run", 0))
-            if run not in by_run or event["_id"] == doc.get("outcome"):
+            if by_run.get(run, {}).get("_id") != doc.get("outcome"):
                 by_run[run] = event
         return [by_run[run] for run in sorted(by_run)]
 
@@ -388,6 +388,7 @@ class Change:
         self.when: dict[str, Any] = {}
         self.fields: dict[str, Any] = {}
         self.recorded = False
+        self.uncertain = False  # an attempt failed without an answer: it may have been written
 
     @property
     def marker(self) -> ObjectId:
@@ -401,10 +402,18 @@ class Change:
         store = self.life.store
         store.insert_events(self.events)
         fields = dict(self.fields, change=literal(self.marker))
-        if not store.transition(self.doc["_id"], self.when, fields):
+        try:
+            written = store.transition(self.doc["_id"], self.when, fields)
+        except ServerUnavailableError:
+            self.uncertain = True  # written or not: only the job document can tell, later
+            raise
+        if not written:
             stored = store.find_job(self.doc["_id"]) or {}
-            if stored.get("change") != self.marker:  # not our earlier attempt whose answer was lost: we lost it
-                store.delete_events([e["_id"] for e in self.events[1:]])
+            if stored.get("change") != self.marker:
+                # Not ours now. Unless an earlier attempt may have been written and the job has moved on since
+                # (then its run number has moved on too), we lost it: withdraw what we wrote about it.
+                if not self.uncertain or int(stored.get("run", self.run)) == self.run:
+                    store.delete_events([e["_id"] for e in self.events[1:]])
                 self.life.logger.warning(
                     "lost ownership of job before recording its change",
                     extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
@@ -473,6 +482,7 @@ class RunEnd(Change):
             "status": literal(int(status)),
             "ended": literal(now),
             "progress": literal(100.0),
+            "orphaned": literal(int(self.doc.get("orphaned", 0))),
             "outcome": literal(end["_id"]),
         }
         self.ended_doc = dict(self.doc, status=int(status), ended=now, progress=100.0, outcome=end["_id"])

@@ -100,6 +100,7 @@ class Queue:
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self._heartbeat: Heartbeat | None = None
+        self._clock_offset = 0.0  # server clock minus ours, in seconds
         self._send_lock = threading.Lock()  # the heartbeat thread sends too
         self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo
         self.exit_code = 0
@@ -219,13 +220,17 @@ class Queue:
         else:
             self._send(DropJob(job_id))
 
+    def _now(self) -> float:
+        """Unix time on the server's clock (as last measured), so a fast local clock never starts a job early."""
+        return time.time() + self._clock_offset
+
     def _next_due(self) -> float:
         if not self._postponed:
             return TICK_SECONDS
-        return max(0.0, self._postponed[0][0] - time.time())
+        return max(0.0, self._postponed[0][0] - self._now())
 
     def _release_due(self) -> None:
-        while self._postponed and self._postponed[0][0] <= time.time():
+        while self._postponed and self._postponed[0][0] <= self._now():
             _, job_id, run = self._postponed[0]
             doc = self._postponed_docs.get((job_id, run))
             try:
@@ -239,7 +244,10 @@ class Queue:
             self._postponed_docs.pop((job_id, run), None)
 
     def _reschedule_orphans(self) -> None:
-        for doc in self.life.orphans():
+        asked = time.time()
+        server_now = self.store.server_time()
+        self._clock_offset = server_now.timestamp() - (asked + time.time()) / 2
+        for doc in self.store.orphans(server_now):
             if doc["_id"] in self._running:
                 continue  # ours: our manager fences it, and then we record it
             change = self.life.release(

@@ -515,11 +515,13 @@ class Store:
             self.events.delete_many({"_id": {"$in": list(ids)}})
 
     def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> None:
-        """Events a dead worker wrote for a run end it could not record (all but the recorded end ``keep``)."""
+        """Events a dead worker wrote for a run end it could not record (its end and next-run events, all but the
+        recorded end ``keep``). Looked up by the job's index, then deleted by id."""
         with _server_errors():
-            self.events.delete_many(
-                {"job": job_id, "run": run, "worker": worker, "end": {"$exists": True, "$ne": keep}}
-            )
+            found = self.events.find({"job": job_id, "run": {"$in": [run, run + 1]}}, {"worker": 1, "end": 1})
+            stale = [e["_id"] for e in found if e.get("worker") == worker and "end" in e and e["end"] != keep]
+            if stale:
+                self.events.delete_many({"_id": {"$in": stale}})
 
     def find_event(self, event_id: ObjectId) -> Document | None:
         with _server_errors():
