@@ -41,3 +41,30 @@ def test_accessors() -> None:
     assert job.set_data({"foo": "bar"}) is job and job.get_data() == {"foo": "bar"}
     assert job.set_id(job_id) is job and job.get_id() == job_id
     assert job.start() == {"foo": "bar"}
+
+
+def test_main_classes_are_refused_with_advice() -> None:
+    main_class = type("Script", (AbstractJob,), {"start": lambda self: None, "__module__": "__main__"})
+    for given in (main_class, "__main__:Script", "__main__.Script"):
+        with pytest.raises(InvalidArgumentError, match="move it into a module"):
+            class_path(given)
+
+
+def test_allow_list_covers_modules_and_submodules_only() -> None:
+    from taskscheduler.job import serves
+
+    assert serves("sample_jobs:Noop", ["sample_jobs"])
+    assert serves("pkg.jobs.mail:Send", ["pkg.jobs"]) and serves("pkg.jobs.mail.Send", ["pkg.jobs"])
+    assert not serves("pkg.jobsx:Send", ["pkg.jobs"]) and not serves("this:Anything", ["sample_jobs"])
+
+
+def test_a_stored_class_outside_the_allow_list_is_never_imported() -> None:
+    import sys
+
+    assert "antigravity" not in sys.modules
+    with pytest.raises(InvalidJobError, match="outside this node's allowed modules"):
+        load_job_class("antigravity:Anything", ["sample_jobs"])
+    with pytest.raises(InvalidJobError):
+        load_job_class("antigravity.Anything", ["sample_jobs"])
+    assert "antigravity" not in sys.modules  # its top-level code (opening a browser) never ran
+    assert load_job_class("sample_jobs:Echo", ["sample_jobs"]) is sample_jobs.Echo

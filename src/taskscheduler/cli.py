@@ -134,7 +134,15 @@ def cli(log_level: str) -> None:
     "--import",
     "imports",
     multiple=True,
-    help="Module to import in workers (defines job classes); repeatable.",
+    help="Module whose job classes this node runs (its allow-list, submodules included); repeatable, required.",
+)
+@_option(
+    "--path",
+    "paths",
+    multiple=True,
+    default=(".",),
+    show_default=True,
+    help="Directory put first on sys.path to import job modules from; repeatable.",
 )
 @_option(
     "--pm",
@@ -157,23 +165,31 @@ def cli(log_level: str) -> None:
 )
 @_option(
     "--orphaned-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=1),
     default=30,
     show_default=True,
-    help="Seconds without heartbeat after which a running job is orphaned.",
+    help="Lease of a running job, in seconds: renewed six times per lease; other nodes take over a job whose "
+    "lease ran out.",
 )
 def queue(
     conn: Connection,
     imports: Sequence[str],
+    paths: Sequence[str],
     pm: str,
     min_children: int,
     max_children: int,
     orphaned_timeout: float,
 ) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
+    import os
+
     from .factory import DefaultWorkerFactory
     from .queue import Queue
 
+    if not imports:
+        raise click.UsageError("name the modules of the jobs this node runs: --import MODULE (repeatable)")
+    for path in reversed(paths):
+        sys.path.insert(0, os.path.abspath(path))
     factory = DefaultWorkerFactory(
         conn.uri,
         conn.database,
@@ -181,7 +197,13 @@ def queue(
         manager_options={o.PM: pm, o.MIN_CHILDREN: min_children, o.MAX_CHILDREN: max_children},
         imports=imports,
     )
-    factory.import_modules()
+    try:
+        factory.import_modules()
+    except Exception as exc:  # the operator's module: say what is wrong with it in one line
+        where = ", ".join(os.path.abspath(p) for p in paths)
+        raise click.UsageError(
+            f"cannot import job module: {type(exc).__name__}: {exc} (searched {where} first)"
+        ) from exc
     scheduler = conn.scheduler()
     node = Queue(scheduler, scheduler._db, factory, options={o.ORPHANED_TIMEOUT: orphaned_timeout})
     node.process()

@@ -49,7 +49,7 @@ class DefaultWorkerFactory(WorkerFactory):
         self.database = database
         self.scheduler_options = dict(o.validate(scheduler_options, o.SCHEDULER_OPTIONS, "scheduler"))
         self.manager_options = o.manager_options(manager_options)
-        self.imports = tuple(imports)
+        self.imports = o.module_names("imports", list(imports))
         self.logger = logging.getLogger("taskscheduler")
 
     def import_modules(self) -> None:
@@ -65,7 +65,7 @@ class DefaultWorkerFactory(WorkerFactory):
         self.import_modules()
         db = connect(self.mongodb_uri, self.database)
         scheduler = Scheduler(db, self.logger, self.scheduler_options)
-        return Worker(worker_id, scheduler, db, self.logger)
+        return Worker(worker_id, scheduler, db, self.logger, job_modules=self.imports)
 
     def build_manager(self) -> WorkerManager:
         from .manager import WorkerManager

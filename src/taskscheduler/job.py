@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
@@ -70,19 +71,38 @@ def class_path(job_class: type | str) -> str:
             raise InvalidArgumentError(
                 f"job class {job_class.__qualname__} must be importable, not defined in a function"
             )
-        return f"{job_class.__module__}:{job_class.__qualname__}"
+        return _importable(f"{job_class.__module__}:{job_class.__qualname__}")
     if not isinstance(job_class, str) or not job_class.strip() or job_class != job_class.strip():
         raise InvalidArgumentError(f"job class must be a class or a 'module:QualName' string, got {job_class!r}")
     if ":" not in job_class and "." in job_class:
         try:
             return class_path(load_job_class(job_class))
         except (InvalidJobError, InvalidArgumentError):
-            return job_class  # not importable here; the worker decides
-    return job_class
+            return _importable(job_class)  # not importable here; the worker decides
+    return _importable(job_class)
 
 
-def load_job_class(path: str) -> type[JobInterface]:
-    """Import ``"module:QualName"`` or ``"module.QualName"``; InvalidJobError when that fails."""
+def _importable(path: str) -> str:
+    if path.split(":")[0].split(".")[0] == "__main__":
+        raise InvalidArgumentError(
+            f"job class {path!r} is defined in __main__ (the script you ran), which no worker can import: "
+            "move it into a module of its own and import it from there"
+        )
+    return path
+
+
+def serves(path: str, modules: Iterable[str]) -> bool:
+    """Whether a stored class name lies in one of ``modules`` (or their submodules): a node's allow-list."""
+    module = path.partition(":")[0] if ":" in path else path
+    return any(module == m or module.startswith(m + ".") for m in modules)
+
+
+def load_job_class(path: str, allowed: Iterable[str] | None = None) -> type[JobInterface]:
+    """Import ``"module:QualName"`` or ``"module.QualName"``; InvalidJobError when that fails. With ``allowed``
+    (a node's allow-list), nothing outside those modules is ever imported."""
+    modules = None if allowed is None else tuple(allowed)
+    if modules is not None and not serves(path, modules):
+        raise InvalidJobError(f"job class {path!r} is outside this node's allowed modules ({', '.join(modules)})")
     candidates: list[tuple[str, str]]
     if ":" in path:
         module, _, qualname = path.partition(":")
@@ -90,6 +110,8 @@ def load_job_class(path: str) -> type[JobInterface]:
     else:
         parts = path.split(".")
         candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+        if modules is not None:
+            candidates = [c for c in candidates if serves(c[0], modules)]
     problem = "it names no module"
     for module_name, qualname in candidates:
         try:

@@ -42,6 +42,7 @@ PROGRESS_RATE_LIMIT = "progress_rate_limit"
 
 # Queue node options.
 ORPHANED_TIMEOUT = "orphaned_timeout"
+JOB_MODULES = "job_modules"
 
 # Worker manager options.
 PM = "pm"
@@ -177,8 +178,18 @@ def lease_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
-QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: lease_seconds}
-QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT}
+def module_names(name: str, value: Any) -> tuple[str, ...]:
+    """A list of importable module names (a node's allow-list)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InvalidArgumentError(f"option {name} must be a list of module names, got {value!r}")
+    for module in value:
+        if not isinstance(module, str) or not module or not all(part.isidentifier() for part in module.split(".")):
+            raise InvalidArgumentError(f"option {name} must hold module names such as 'myapp.jobs', got {module!r}")
+    return tuple(value)
+
+
+QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: lease_seconds, JOB_MODULES: module_names}
+QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT, JOB_MODULES: ()}
 
 MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}
 MANAGER_DEFAULTS: dict[str, Any] = {

@@ -30,6 +30,7 @@ from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
 from .heartbeat import Heartbeat
+from .job import serves
 from .lifecycle import AfterKill
 from .protocol import (
     CancelJob,
@@ -87,6 +88,15 @@ class Queue:
         self._emitter = Emitter(emitter)
         self.options: dict[str, Any] = dict(o.QUEUE_DEFAULTS)
         self.options.update(o.validate(options, o.QUEUE_OPTIONS, "queue"))
+        #: The allow-list: this node claims only jobs whose class lies in these modules (or submodules).
+        self.job_modules: tuple[str, ...] = tuple(
+            self.options[o.JOB_MODULES] or getattr(worker_factory, "imports", ())
+        )
+        if not self.job_modules:
+            raise InvalidArgumentError(
+                "a queue node needs the modules its jobs come from: --import MODULE, "
+                "DefaultWorkerFactory(imports=[...]) or the queue option job_modules"
+            )
         self._stopping = False
         self._manager_pid: int | None = None
         self._conn: Connection | None = None
@@ -206,7 +216,8 @@ class Queue:
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
-            if doc is not None and doc.get("status") == JobStatus.WAITING:
+            # A job of a module we do not serve waits for a node that does (nodes split work by module).
+            if doc is not None and doc.get("status") == JobStatus.WAITING and serves(doc["class"], self.job_modules):
                 self._send(RunJob(doc, float(self.options[o.ORPHANED_TIMEOUT])))
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -15,7 +15,7 @@ from pymongo.errors import PyMongoError
 
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from .job import JobInterface, load_job_class
+from .job import JobInterface, load_job_class, serves
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
 from .protocol import Claimed, Exit, Finished, RunJob
@@ -46,6 +46,7 @@ class Worker:
         db: Database[dict[str, Any]],
         logger: logging.Logger | None = None,
         container: Container | None = None,
+        job_modules: Iterable[str] | None = None,
     ) -> None:
         if not isinstance(worker_id, ObjectId):
             raise InvalidArgumentError(f"worker_id must be a bson.ObjectId, got {worker_id!r}")
@@ -59,6 +60,8 @@ class Worker:
         self.db = db
         self.logger = logger or logging.getLogger("taskscheduler.worker")
         self.container = container
+        #: The allow-list: job code is imported from these modules (and their submodules) only; None: any.
+        self.job_modules = None if job_modules is None else tuple(job_modules)
         scheduler.owner = worker_id
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -90,6 +93,13 @@ class Worker:
     ) -> bool:
         """Claim ``job`` and run it; False when another worker had it first (or it may not run)."""
         doc = dict(job)
+        if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
+            self.logger.warning(
+                f"not running job {doc['_id']}: class {doc.get('class')} is outside this node's allowed modules",
+                extra={"job_id": doc["_id"], "job_class": doc.get("class")},
+            )
+            _send(connection, Finished(doc["_id"], False))
+            return False
         claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
         if claimed is None:
             _send(connection, Finished(doc["_id"], False))
@@ -176,7 +186,7 @@ class Worker:
                 change.fallback = True
 
     def _instantiate(self, doc: Mapping[str, Any]) -> JobInterface:
-        cls = load_job_class(str(doc.get("class")))
+        cls = load_job_class(str(doc.get("class")), self.job_modules)
         instance = self.container.get(cls) if self.container is not None else cls()
         if not isinstance(instance, JobInterface):
             raise InvalidJobError(f"job class {doc.get('class')!r} does not implement taskscheduler.JobInterface")
