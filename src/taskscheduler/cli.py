@@ -26,7 +26,14 @@ from .constants import (
     DEFAULT_JOB_QUEUE_SIZE,
     JobStatus,
 )
-from .errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError, TaskSchedulerError
+from .errors import (
+    ConfigurationError,
+    EmbeddedServerError,
+    InvalidArgumentError,
+    JobNotFoundError,
+    ServerUnavailableError,
+    TaskSchedulerError,
+)
 
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
@@ -62,7 +69,7 @@ class Connection:
         from .store import connect
 
         scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
-        scheduler.store.ping()
+        scheduler.store.check_deployment()
         return scheduler
 
 
@@ -462,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_USAGE)
     except ServerUnavailableError as exc:
         click.echo(f"Error: cannot reach MongoDB ({_first_line(exc)}); is the server running?", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except (ConfigurationError, EmbeddedServerError) as exc:
+        click.echo(f"Error: {_first_line(exc)}", err=True)
         sys.exit(EXIT_UNAVAILABLE)
     except (InvalidArgumentError, JobNotFoundError, TaskSchedulerError) as exc:
         click.echo(f"Error: {_first_line(exc)}", err=True)

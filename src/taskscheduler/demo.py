@@ -50,7 +50,8 @@ class Tick(AbstractJob):
 def run_demo(limit: float = 45.0, plain: bool = False) -> int:
     """Run the demo; 0 when every example ended as expected."""
     from .display import console as make_console
-    from .embedded import EmbeddedServer, EmbeddedServerError
+    from .embedded import EmbeddedServer
+    from .errors import EmbeddedServerError
     from .scheduler import Scheduler
     from .store import connect
 

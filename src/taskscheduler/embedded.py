@@ -16,14 +16,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import ServerUnavailableError, TaskSchedulerError
+from .errors import EmbeddedServerError, ServerUnavailableError
 
 #: Seconds to wait for the server to answer after it was started.
 START_SECONDS = 30.0
-
-
-class EmbeddedServerError(TaskSchedulerError):
-    """Raised when the embedded server is not installed or does not start."""
 
 
 def free_port() -> int:
@@ -45,6 +41,7 @@ class EmbeddedServer:
         data_dir: str | os.PathLike[str] = ".taskscheduler/data",
         test_commands: bool = False,
         log_path: str | None = None,
+        standalone: bool = False,
     ) -> None:
         if importlib.util.find_spec("secantus") is None:
             raise EmbeddedServerError(
@@ -53,11 +50,17 @@ class EmbeddedServer:
         self.port = port or free_port()
         self.data_dir = str(data_dir)
         self.test_commands = test_commands
+        self.standalone = standalone  # no replica set: what taskscheduler refuses (for tests of that refusal)
         self.log_path = log_path
         self.uri = uri_for(self.port)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> EmbeddedServer:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise EmbeddedServerError(f"port {self.port} is in use: choose another with --port") from None
         if self.data_dir != ":memory:":
             Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         args = [
@@ -75,6 +78,8 @@ class EmbeddedServer:
         ]
         if self.test_commands:
             args.append("--enable-test-commands")
+        if self.standalone:
+            args.append("--standalone")
         if self.log_path:
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)

@@ -19,6 +19,10 @@ class InvalidArgumentError(TaskSchedulerError, ValueError):
     """Raised when an option, argument or value is invalid; nothing is written."""
 
 
+class DuplicateJobError(InvalidArgumentError):
+    """Raised when a job with the given id (option ``id``) exists already; nothing is written."""
+
+
 class JobNotFoundError(TaskSchedulerError, LookupError):
     """Raised when no job has the given id."""
 
@@ -63,6 +67,14 @@ class WaitTimeoutError(TaskSchedulerError, TimeoutError):
 
 class SpawnForkError(TaskSchedulerError, RuntimeError):
     """Raised when a worker manager or worker process could not be forked."""
+
+
+class ConfigurationError(TaskSchedulerError):
+    """Raised when the MongoDB deployment cannot serve: not a replica set, or older than the supported floor."""
+
+
+class EmbeddedServerError(TaskSchedulerError):
+    """Raised when the embedded server is not installed, cannot use its port, or does not start."""
 
 
 class ServerUnavailableError(TaskSchedulerError, ConnectionError):

@@ -37,12 +37,20 @@ from pymongo.errors import (
 )
 
 from .constants import JobStatus
-from .errors import InvalidArgumentError, QueueFullError, ServerUnavailableError
+from .errors import (
+    ConfigurationError,
+    DuplicateJobError,
+    InvalidArgumentError,
+    QueueFullError,
+    ServerUnavailableError,
+)
 
 logger = logging.getLogger("taskscheduler.store")
 
 #: Largest BSON document MongoDB accepts.
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
+#: Oldest MongoDB served: deletes from capped collections (the room ledger frees finished jobs) need 5.0.7.
+MIN_SERVER_VERSION = (5, 0, 7)
 #: Finished jobs looked at per attempt to make room in a full capped job collection.
 ROOM_FREE_BATCH = 100
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
@@ -133,10 +141,6 @@ def _prefix_paths(expr: Any, prefix: str) -> Any:
     return expr
 
 
-class DuplicateJobError(InvalidArgumentError):
-    """A job with this id exists already."""
-
-
 class OnceConflict(Exception):
     """An active job with the same add_job_once key exists already (raised by the unique ``once`` index)."""
 
@@ -199,13 +203,35 @@ class Store:
         #: The room ledger of a capped job collection: bytes its documents use, reserved before each insert.
         self.room = self.db.get_collection(f"{job_queue}.room")
         self._ready = False
+        self._checked = False
 
     # -- collections and indexes -------------------------------------------------------------------------------
+
+    def check_deployment(self) -> None:
+        """ConfigurationError unless the server is a replica set (or a sharded cluster) of a supported version:
+        change streams need one, and an answer up front beats a failure deep inside later."""
+        if self._checked:
+            return
+        with _server_errors():
+            hello = self.db.command("hello")
+            version = str(self.db.client.server_info().get("version", "0"))
+        where = ", ".join(f"{host}:{port}" for host, port in self.db.client.nodes) or "the server"
+        if hello.get("msg") != "isdbgrid" and not hello.get("setName"):
+            raise ConfigurationError(
+                f"MongoDB at {where} is not a replica set, and change streams need one "
+                "(a single member is fine: start mongod with --replSet rs0, then run rs.initiate() once)"
+            )
+        found = tuple(int(part) for part in (version.split("-")[0].split(".") + ["0", "0"])[:3] if part.isdigit())
+        if found < MIN_SERVER_VERSION:
+            floor = ".".join(map(str, MIN_SERVER_VERSION))
+            raise ConfigurationError(f"MongoDB at {where} is version {version}; taskscheduler needs {floor} or newer")
+        self._checked = True
 
     def ensure(self) -> None:
         """Create both collections and their named indexes (idempotent, once per Store)."""
         if self._ready:
             return
+        self.check_deployment()
         self._create(self.job_queue, self.job_queue_size)
         self._create(self.event_queue, self.event_queue_size)
         job_indexes = [
@@ -543,6 +569,7 @@ class Store:
     ) -> StatusFeed:
         """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
         skips fetching the document of each update (cheaper: then only inserts carry a document)."""
+        self.check_deployment()
         return StatusFeed(self, ids, query, lookup or bool(query), statuses)
 
 
