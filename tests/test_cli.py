@@ -46,9 +46,10 @@ def test_add_jobs_show_cancel_flush(run: Any, scheduler: Scheduler) -> None:
     assert p.data == {"n": 1} and p.options["retry"] == 2 and p.options["timeout"] == 5
     listed = run("jobs", "--json")
     assert listed.returncode == 0
-    assert [j["_id"]["$oid"] for j in json.loads(listed.stdout)] == [str(job_id)]
+    assert [j["_id"] for j in json.loads(listed.stdout)] == [str(job_id)]  # plain JSON, not Extended JSON
+    assert json.loads(listed.stdout)[0]["created"].endswith("+00:00")
     table = run("jobs")
-    assert "sample_jobs:Echo" in table.stdout and "waiting" in table.stdout
+    assert "sample_jobs:Echo" in table.stdout and "waiting" in table.stdout and "1 of 1 jobs" in table.stdout
     shown = run("show", str(job_id), "--json")
     assert json.loads(shown.stdout)["status_name"] == "WAITING"
     assert run("cancel", str(job_id)).returncode == 0
@@ -79,6 +80,10 @@ def test_postponed_add_with_iso_time(run: Any, scheduler: Scheduler) -> None:
         ("queue", "--pm", "weird"),
         ("queue", "--min-children", "3", "--max-children", "2"),
         ("jobs", "--status", "sleepy"),
+        ("add", "sample_jobs:Noop", "--at", "99999999999999"),
+        ("add", "sample_jobs:Noop", "--database", "bad/name"),
+        ("requeue", str(ObjectId())),
+        ("queue", "--import", "sample_jobs", "--orphaned-timeout", "0.5"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: tuple[str, ...]) -> None:
@@ -104,6 +109,7 @@ def test_unreachable_server_exit_1(run: Any) -> None:
     out = run("jobs", "--mongodb-uri", "mongodb://127.0.0.1:1/?directConnection=true")
     assert out.returncode == 1
     assert "cannot reach MongoDB" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("cannot reach MongoDB") == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_help_shows_env_vars(run: Any) -> None:
@@ -248,3 +254,22 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_jobs_lists_the_newest_first_and_says_how_many_there_are(run: Any, scheduler: Scheduler) -> None:
+    ids = [str(scheduler.add_job("sample_jobs:Noop").id) for _ in range(3)]
+    listed = run("jobs", "--json", "--limit", "2")
+    assert [j["_id"] for j in json.loads(listed.stdout)] == ids[:0:-1]
+    table = run("jobs", "--limit", "2")
+    assert "2 of 3 jobs, newest first" in table.stdout and ids[0] not in table.stdout
+
+
+def test_requeue_and_show_follow_one_job_through_its_runs(run: Any, scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    scheduler.cancel_job(p.id)
+    out = run("requeue", str(p.id))
+    assert out.returncode == 0 and out.stdout.strip() == f"requeued {p.id} (run 2)"
+    assert scheduler.get_job(p.id).status == JobStatus.WAITING
+    shown = json.loads(run("show", str(p.id), "--json").stdout)
+    assert shown["run"] == 2 and [r["status"] for r in shown["runs"]] == [JobStatus.CANCELED]
+    assert "run 1: CANCELED" in run("show", str(p.id)).stdout

@@ -119,7 +119,10 @@ def _object_id(value: str) -> ObjectId:
 
 
 def _print_json(value: Any) -> None:
-    click.echo(json.dumps(json.loads(json_util.dumps(value)), indent=2, default=str))
+    """Plain JSON, as jq users expect: ids as strings, times as ISO 8601 (no MongoDB Extended JSON)."""
+    from .process import plain
+
+    click.echo(json.dumps(plain(value), indent=2))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -300,8 +303,8 @@ def _status_names() -> list[str]:
 )
 @_option("--all", "show_all", is_flag=True, help="Jobs in every status.")
 @_option("--class", "job_class", default=None, help="Only jobs of this class.")
-@_option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
-@_option("--json", "as_json", is_flag=True, help="Print JSON (one array) instead of a table.")
+@_option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Newest jobs shown.")
+@_option("--json", "as_json", is_flag=True, help="Print plain JSON (one array) instead of a table.")
 def jobs(
     conn: Connection,
     statuses: Sequence[str],
@@ -310,8 +313,9 @@ def jobs(
     limit: int,
     as_json: bool,
 ) -> None:
-    """List jobs."""
+    """List jobs, newest first."""
     from .display import jobs_table
+    from .process import Process
 
     query: dict[str, Any] = {}
     if statuses:
@@ -320,17 +324,16 @@ def jobs(
         query["status"] = {"$lt": int(JobStatus.DONE)}
     if job_class:
         query["class"] = job_class
-    found = []
-    for process in conn.scheduler().get_jobs(query or {"_id": {"$exists": True}}):
-        found.append(process)
-        if len(found) >= limit:
-            break
+    scheduler = conn.scheduler()
+    found = [Process(doc, scheduler) for doc in scheduler.store.newest_jobs(query, limit)]
     if as_json:
         _print_json([p.to_dict() for p in found])
     else:
         from .display import console
 
-        console().print(jobs_table(found))
+        total = scheduler.store.count_jobs(query)
+        more = f"; --limit {total} to see all" if total > len(found) else ""
+        console().print(jobs_table(found, title=f"{len(found)} of {total} jobs, newest first{more}"))
 
 
 @cli.command()
@@ -468,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(EXIT_USAGE)
     except ServerUnavailableError as exc:
-        click.echo(f"Error: cannot reach MongoDB ({_first_line(exc)}); is the server running?", err=True)
+        click.echo(f"Error: {_first_line(exc)}; is the server running?", err=True)
         sys.exit(EXIT_UNAVAILABLE)
     except (ConfigurationError, EmbeddedServerError) as exc:
         click.echo(f"Error: {_first_line(exc)}", err=True)

@@ -98,6 +98,10 @@ def non_empty_string(name: str, value: Any) -> str:
     return value
 
 
+#: Latest time a job may be postponed to: the end of year 9999, the last a datetime can show.
+MAX_TIMESTAMP = 253_402_300_799
+
+
 def timestamp(name: str, value: Any) -> int | float:
     """Unix seconds (int or float) or an aware datetime, stored as unix seconds."""
     if isinstance(value, datetime):
@@ -106,6 +110,8 @@ def timestamp(name: str, value: Any) -> int | float:
         return value.timestamp()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise InvalidArgumentError(f"option {name} must be unix seconds >= 0 or an aware datetime, got {value!r}")
+    if value > MAX_TIMESTAMP:
+        raise InvalidArgumentError(f"option {name} must be a time before the year 10000, got {value!r}")
     return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,23 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 _UNLOADED = object()
+
+
+def plain(value: Any) -> Any:
+    """A stored value as plain JSON: ObjectIds as strings, datetimes as ISO 8601, bytes as hex."""
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)  # Decimal128, Regex, Timestamp...: their text
 
 
 def _time(value: Any) -> datetime | None:
@@ -121,13 +139,17 @@ class Process:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as stored, with unset timestamps and worker shown as ``None``."""
+        """The job as plain JSON-ready values: ids as strings, times as ISO 8601, unset ones as ``None``."""
         doc = copy.deepcopy(self._doc)
         for field in ("started", "ended", "alive", "expires"):
             if field in doc:
                 doc[field] = _time(doc.get(field))
         doc["worker"] = self.worker
-        return doc
+        for field in ("outcome", "change"):
+            if doc.get(field) == NO_WORKER:
+                doc[field] = None
+        plain_doc: dict[str, Any] = plain(doc)
+        return plain_doc
 
     def _replace(self, document: dict[str, Any]) -> None:
         if document.get("outcome") != self._doc.get("outcome") or document.get("status") != self._doc.get("status"):

@@ -23,7 +23,7 @@ import bson
 import pymongo
 from bson import CodecOptions, ObjectId
 from bson.raw_bson import RawBSONDocument
-from pymongo import ASCENDING, IndexModel, MongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import (
@@ -65,10 +65,14 @@ Document = dict[str, Any]
 
 def connect(uri: str, database: str, timeout_ms: int = 10_000) -> Database[Document]:
     """A new client (one per process: never share a MongoClient across fork) and its database."""
+    if not isinstance(database, str) or not database or any(c in database for c in '/\\. "$\0') or len(database) > 63:
+        raise InvalidArgumentError(
+            f"invalid database name {database!r}: 1 to 63 characters, none of / \\ . space \" $"
+        )
     try:
         client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
     except PyMongoError as exc:
-        raise InvalidArgumentError(f"invalid MongoDB URI {uri!r}: {exc}") from exc
+        raise InvalidArgumentError(f"invalid MongoDB URI {uri!r}: {_first_line(exc)}") from exc
     return client[database]
 
 
@@ -390,6 +394,15 @@ class Store:
                 yield from cursor
         except OperationFailure as exc:
             raise InvalidArgumentError(f"invalid job query {dict(query)!r}: {exc}") from exc
+
+    def newest_jobs(self, query: Mapping[str, Any], limit: int) -> list[Document]:
+        """The newest ``limit`` jobs matching ``query`` (newest first: ids grow with time)."""
+        with _server_errors():
+            return list(self.jobs.find(dict(query)).sort("_id", DESCENDING).limit(limit))
+
+    def count_jobs(self, query: Mapping[str, Any]) -> int:
+        with _server_errors():
+            return int(self.jobs.count_documents(dict(query)))
 
     def find_active(self, job_class: str, key: str | None) -> list[Document]:
         """Active jobs of a class (and a data fingerprint), for add_job_once."""
@@ -715,4 +728,10 @@ def _server_errors() -> Iterator[None]:
     try:
         yield
     except (ServerSelectionTimeoutError, ConnectionFailure) as exc:
-        raise ServerUnavailableError(f"cannot reach MongoDB: {exc}") from exc
+        raise ServerUnavailableError(f"cannot reach MongoDB: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The useful start of a driver message (without its topology description, which runs over lines)."""
+    text = str(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
+    return text.splitlines()[0] if text else type(exc).__name__
