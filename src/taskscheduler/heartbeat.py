@@ -81,7 +81,8 @@ class Heartbeat:
         self.renewals += 1
         for job_id in lost:
             self.logger.error(
-                "job is no longer ours (its lease ran out and it was taken over or put back); killing its worker",
+                f"job {job_id} is no longer ours (its lease ran out and it was taken over or put back); "
+                "killing its worker",
                 extra={"job_id": job_id},
             )
             self.send(KillJob(job_id, KillReason.LOST))

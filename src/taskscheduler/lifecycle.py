@@ -252,7 +252,10 @@ class Lifecycle:
                 self.store.insert_events(
                     [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
                 )
-                self.logger.info("job canceled", extra={"job_id": doc["_id"], "job_class": doc.get("class")})
+                self.logger.info(
+                    f"job {doc['_id']} ({doc.get('class')}) canceled",
+                    extra={"job_id": doc["_id"], "job_class": doc.get("class")},
+                )
                 self.emit(JobStatus.CANCELED, doc)
                 self.cancel_children(doc["_id"])
                 return
@@ -296,7 +299,10 @@ class Lifecycle:
         requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
         requeued.update(options=options, change=event_id)
         self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
-        self.logger.info("job requeued", extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run})
+        self.logger.info(
+            f"job {doc['_id']} ({doc.get('class')}) requeued for run {run}",
+            extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run},
+        )
         self.emit(JobStatus.WAITING, requeued)
         return requeued
 
@@ -307,7 +313,7 @@ class Lifecycle:
         doc = self.store.claim(job_id, worker, lease)
         if doc is not None:
             self.logger.info(
-                "claimed job",
+                f"claimed job {job_id} ({doc.get('class')}) run {doc.get('run')}",
                 extra={"job_id": job_id, "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
             )
             self.emit(JobStatus.PROCESSING, doc)
@@ -371,7 +377,10 @@ class Lifecycle:
         except (ServerUnavailableError, PyMongoError) as exc:
             if owner is None:
                 raise
-            self.logger.warning("progress not stored: %s", exc, extra={"job_id": job_id, "progress": progress})
+            self.logger.warning(
+                f"progress of job {job_id} not stored (MongoDB unreachable): {exc}",
+                extra={"job_id": job_id, "progress": progress},
+            )
             return True
 
 
@@ -415,7 +424,8 @@ class Change:
                 if not self.uncertain or int(stored.get("run", self.run)) == self.run:
                     store.delete_events([e["_id"] for e in self.events[1:]])
                 self.life.logger.warning(
-                    "lost ownership of job before recording its change",
+                    f"job {self.doc['_id']} ({self.doc.get('class')}) run {self.run} was taken over before its "
+                    "change was recorded; nothing written",
                     extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
                 )
                 return False
@@ -459,7 +469,9 @@ class RunEnd(Change):
         self.now = now = utcnow()
         if has_result and not _fits(result):
             life.logger.warning(
-                "job result is too large or not BSON-encodable and is not stored", extra={"job_id": self.doc["_id"]}
+                f"job {self.doc['_id']} ({self.doc.get('class')}): result is too large or not BSON-encodable and "
+                "is not stored",
+                extra={"job_id": self.doc["_id"]},
             )
             result, has_result = None, True
         started = self.doc.get("started") if isinstance(self.doc.get("started"), datetime) else None
@@ -508,8 +520,9 @@ class RunEnd(Change):
 
     def announce(self) -> None:
         doc, life = self.doc, self.life
+        follows = f", run {self.run + 1} {JobStatus(self.next_doc['status']).name}" if self.next_doc else ""
         life.logger.info(
-            "job ended",
+            f"job {doc['_id']} ({doc.get('class')}) run {self.run} ended {self.status.name}{follows}",
             extra={
                 "job_id": doc["_id"],
                 "job_class": doc.get("class"),
@@ -553,7 +566,7 @@ class Release(Change):
 
     def announce(self) -> None:
         self.life.logger.warning(
-            "job put back to waiting",
+            f"job {self.doc['_id']} ({self.doc.get('class')}) put back to waiting: {self.reason}",
             extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
         )
         self.life.emit(JobStatus.WAITING, self.released)

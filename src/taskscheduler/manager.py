@@ -294,7 +294,10 @@ class WorkerManager:
             if child.kill_reason is not None or not child.claimed:
                 continue
             if child.deadline is not None and now >= child.deadline:
-                self.logger.warning("job timed out; killing its worker", extra={"job_id": child.job, "pid": child.pid})
+                self.logger.warning(
+                    f"job {child.job} timed out after {child.timeout} s; killing its worker (pid {child.pid})",
+                    extra={"job_id": child.job, "pid": child.pid},
+                )
                 self._kill(child, KillReason.TIMEOUT)
             elif now >= max(child.fence, self._fence):
                 self.logger.error(
@@ -336,7 +339,7 @@ class WorkerManager:
             child.job, child.task = job.doc["_id"], job
             child.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
         self._children[pid] = child
-        self.logger.info("worker spawned", extra={"worker": worker_id, "pid": pid})
+        self.logger.info(f"worker {worker_id} spawned (pid {pid})", extra={"worker": worker_id, "pid": pid})
         self._report(WorkerSpawned(worker_id, pid))
         return child
 

@@ -134,6 +134,11 @@ class Queue:
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.store.ensure()
+            servers = ", ".join(f"{host}:{port}" for host, port in sorted(self.db.client.nodes)) or "MongoDB"
+            self.logger.info(
+                f"queue node serving {servers} database {self.db.name} for modules {', '.join(self.job_modules)} "
+                f"(orphaned timeout {self.options[o.ORPHANED_TIMEOUT]:g} s)"
+            )
             self._start_manager()
             # Opened before the scan, so nothing added in between is missed. Documents of updates are looked up
             # only when someone listens to this node's status events: the change stream is the costly part.
@@ -154,6 +159,7 @@ class Queue:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self._stop_manager()
+            self.logger.info("queue node stopped")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

@@ -153,7 +153,7 @@ class Worker:
             self._check_children(doc)
         except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
             self.logger.error(
-                "job failed",
+                f"job {doc['_id']} ({doc.get('class')}) run {doc.get('run')} failed: {exc!r}",
                 extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
                 exc_info=True,
             )
@@ -174,7 +174,10 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise
                 attempt += 1
-                self.logger.warning("cannot record job end yet; retrying", extra={"attempt": attempt})
+                self.logger.warning(
+                    f"cannot record the end of job {change.doc['_id']} yet (MongoDB unreachable); retrying",
+                    extra={"attempt": attempt},
+                )
                 time.sleep(min(2.0, 0.1 * 2**attempt))
             except (PyMongoError, InvalidDocument) as exc:  # the server refused it: record that, not nothing
                 if not isinstance(change, RunEnd) or change.fallback:
