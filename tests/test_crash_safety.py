@@ -360,7 +360,7 @@ def test_10_a_shared_emitter_fires_each_change_once(db: Database[dict[str, Any]]
     shared = Namespace()
     seen: list[tuple[str, ObjectId]] = []
     scheduler = Scheduler(db, emitter=shared)
-    queue = Queue(scheduler, db, DefaultWorkerFactory(server.uri, db.name), emitter=shared)
+    queue = Queue(scheduler, db, DefaultWorkerFactory(server.uri, db.name, imports=["sample_jobs"]), emitter=shared)
     queue.on("*", lambda name, process: seen.append((name, process.id)))
     with scheduler.store.status_feed(lookup=True) as feed:
         p = scheduler.add_job("sample_jobs:Noop")
@@ -416,7 +416,7 @@ def test_10_listen_understands_expr_filters(scheduler: Scheduler) -> None:
 def test_11_one_failing_step_skips_nothing_else(
     db: Database[dict[str, Any]], server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    queue = Queue(Scheduler(db), db, DefaultWorkerFactory(server.uri, db.name))
+    queue = Queue(Scheduler(db), db, DefaultWorkerFactory(server.uri, db.name, imports=["sample_jobs"]))
     ran: list[str] = []
 
     def broken() -> None:
