@@ -127,9 +127,9 @@ class Emitter:
 
 
 def _change_key(status: int, payload: Any) -> Hashable | None:
-    """What tells one status change of a job from another: the job, the status, its run and when that run
-    started (a job passes through a status once per run and start)."""
+    """What tells one status change of a job from another: the job, the status, its run, when that run started
+    and the mark of the change that recorded it (a claim sets a new start; every other change a new mark)."""
     doc = getattr(payload, "_doc", None)
     if not isinstance(doc, dict) or "_id" not in doc:
         return None
-    return (doc["_id"], int(status), doc.get("run"), doc.get("started"))
+    return (doc["_id"], int(status), doc.get("run"), doc.get("started"), doc.get("change"))

@@ -244,14 +244,14 @@ class Lifecycle:
                 "change": literal(event_id),
             }
             when = fields_equal({"status": int(status), "run": doc.get("run", 1)})
+            running = status == JobStatus.PROCESSING
+            worker = doc.get("worker") if running else None
+            started = doc.get("started") if running else None
+            self.store.insert_events(
+                [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
+            )
             if self.store.transition(doc["_id"], when, fields):
                 doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
-                running = status == JobStatus.PROCESSING
-                worker = doc.get("worker") if running else None
-                started = doc.get("started") if running else None
-                self.store.insert_events(
-                    [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
-                )
                 self.logger.info(
                     f"job {doc['_id']} ({doc.get('class')}) canceled",
                     extra={"job_id": doc["_id"], "job_class": doc.get("class")},
@@ -259,6 +259,7 @@ class Lifecycle:
                 self.emit(JobStatus.CANCELED, doc)
                 self.cancel_children(doc["_id"])
                 return
+            self.store.delete_events([event_id])
             doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
 
     def cancel_children(self, parent_id: ObjectId) -> None:
@@ -278,6 +279,10 @@ class Lifecycle:
             )
         run = int(doc.get("run", 1)) + 1
         event_id = ObjectId()
+        options = dict(doc.get("options") or {}, at=0.0)
+        requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
+        requeued.update(options=options, change=event_id)
+        self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
         fields = {
             "status": literal(int(JobStatus.WAITING)),
             "run": literal(run),
@@ -290,15 +295,13 @@ class Lifecycle:
         try:
             moved = self.store.transition(doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields)
         except DuplicateKeyError as exc:
+            self.store.delete_events([event_id])
             raise InvalidArgumentError(
                 f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
             ) from exc
         if not moved:
+            self.store.delete_events([event_id])
             raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
-        options = dict(doc.get("options") or {}, at=0.0)
-        requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
-        requeued.update(options=options, change=event_id)
-        self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
         self.logger.info(
             f"job {doc['_id']} ({doc.get('class')}) requeued for run {run}",
             extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run},
@@ -321,11 +324,14 @@ class Lifecycle:
 
     def unpostpone(self, doc: Mapping[str, Any]) -> bool:
         """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins."""
+        # Status first, then its event: of many nodes racing, the losers write nothing at all.
         when = fields_equal({"status": int(JobStatus.POSTPONED), "run": doc.get("run", 1)})
-        if not self.store.transition(doc["_id"], when, {"status": literal(int(JobStatus.WAITING))}):
+        event_id = ObjectId()
+        fields = {"status": literal(int(JobStatus.WAITING)), "change": literal(event_id)}
+        if not self.store.transition(doc["_id"], when, fields):
             return False
-        self.store.insert_events([Store.event(doc, JobStatus.WAITING)])
-        self.emit(JobStatus.WAITING, doc)
+        self.store.insert_events([Store.event(doc, JobStatus.WAITING, event_id=event_id)])
+        self.emit(JobStatus.WAITING, dict(doc, change=event_id))
         return True
 
     def heartbeat(self, owners: Mapping[ObjectId, tuple[ObjectId, int]]) -> set[ObjectId]:
@@ -532,11 +538,11 @@ class RunEnd(Change):
                 "next_run": self.next_doc["status"] if self.next_doc else None,
             },
         )
-        life.emit(self.status, dict(self.ended_doc, worker=self.worker))
+        life.emit(self.status, dict(self.ended_doc, worker=self.worker, change=self.marker))
         if self.status == JobStatus.TIMEOUT:
             life.cancel_children(doc["_id"])
         if self.next_doc is not None:
-            life.emit(self.next_doc["status"], self.next_doc)
+            life.emit(self.next_doc["status"], dict(self.next_doc, change=self.marker))
 
 
 class Release(Change):
@@ -569,7 +575,7 @@ class Release(Change):
             f"job {self.doc['_id']} ({self.doc.get('class')}) put back to waiting: {self.reason}",
             extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
         )
-        self.life.emit(JobStatus.WAITING, self.released)
+        self.life.emit(JobStatus.WAITING, dict(self.released, change=self.marker))
 
 
 class AfterKill:

@@ -139,7 +139,8 @@ class WorkerManager:
         try:
             while not self._stopping:
                 self._reap()
-                self._enforce_deadlines()  # first: after a pause, fence before anything else
+                self._read_queue()  # every fence the node sent while we were paused, before judging by them
+                self._enforce_deadlines()  # then: after a pause, fence before anything else
                 self._keep_minimum()
                 self._spawn_forced()
                 self._dispatch()
@@ -154,6 +155,17 @@ class WorkerManager:
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
+
+    def _read_queue(self) -> None:
+        """Everything the node has sent so far (without waiting)."""
+        queue = self._queue
+        while queue is not None and not queue.closed and not self._stopping:
+            try:
+                if not queue.poll():
+                    return
+            except (EOFError, OSError):
+                return
+            self._receive(queue)
 
     def _receive(self, handle: Any) -> None:
         if handle is self._wake_r and self._wake_r is not None:

@@ -622,7 +622,14 @@ class StatusFeed:
                     "fullDocument.status": {
                         "$ifNull": ["$updateDescription.updatedFields.status", "$fullDocument.status"]
                     },
-                    "fullDocument.run": {"$ifNull": ["$updateDescription.updatedFields.run", "$fullDocument.run"]},
+                    # What tells this change from others of the job, from the change itself where it carries
+                    # it (a late lookup shows a later state): see events._change_key.
+                    **{
+                        f"fullDocument.{name}": {
+                            "$ifNull": [f"$updateDescription.updatedFields.{name}", f"$fullDocument.{name}"]
+                        }
+                        for name in ("run", "started", "change")
+                    },
                 }
             },
         ]
