@@ -7,9 +7,11 @@ Run against `taskscheduler server`, with a node: `taskscheduler queue --import e
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from pymongo import MongoClient
 
 from taskscheduler import AbstractJob, Scheduler
-from taskscheduler.store import connect
 
 
 class Hello(AbstractJob):
@@ -17,10 +19,20 @@ class Hello(AbstractJob):
         return f"hello, {self.data}"
 
 
-def main() -> None:
+#: Jobs are named by module: run as ``python -m examples.hello``, this file is ``__main__``,
+#: which no worker can import.
+MODULE = "examples.hello"
+
+
+def database() -> Any:
+    """The database named by the same variables the CLI reads (a local server by default)."""
     uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
-    scheduler = Scheduler(connect(uri, os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")))
-    process = scheduler.add_job(Hello, "world").wait(timeout=30)
+    return MongoClient(uri)[os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")]
+
+
+def main() -> None:
+    scheduler = Scheduler(database())
+    process = scheduler.add_job(f"{MODULE}:Hello", "world").wait(timeout=30)
     print(process.status.name, process.result)
 
 

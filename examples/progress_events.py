@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
+
+from pymongo import MongoClient
 
 from taskscheduler import AbstractJob, Process, Scheduler
-from taskscheduler.store import connect
 
 
 class Steps(AbstractJob):
@@ -19,11 +21,21 @@ class Steps(AbstractJob):
             self.update_progress(step * 20)
 
 
-def main() -> None:
+#: Jobs are named by module: run as ``python -m examples.progress_events``, this file is ``__main__``,
+#: which no worker can import.
+MODULE = "examples.progress_events"
+
+
+def database() -> Any:
+    """The database named by the same variables the CLI reads (a local server by default)."""
     uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
-    scheduler = Scheduler(connect(uri, "taskscheduler"))
+    return MongoClient(uri)[os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")]
+
+
+def main() -> None:
+    scheduler = Scheduler(database())
     scheduler.on("*", lambda name, p: print(f"{name:<28} {p.id} progress={p.progress:.0f}"))
-    job = scheduler.add_job(Steps)
+    job = scheduler.add_job(f"{MODULE}:Steps")
 
     def until_done(process: Process) -> bool:
         return process.status.is_terminal

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
+
+from pymongo import MongoClient
 
 from taskscheduler import AbstractJob, JobStatus, Scheduler
-from taskscheduler.store import connect
 
 
 class Unlucky(AbstractJob):
@@ -22,11 +24,21 @@ class TooSlow(AbstractJob):
         time.sleep(3600)
 
 
-def main() -> None:
+#: Jobs are named by module: run as ``python -m examples.retries_timeouts``, this file is ``__main__``,
+#: which no worker can import.
+MODULE = "examples.retries_timeouts"
+
+
+def database() -> Any:
+    """The database named by the same variables the CLI reads (a local server by default)."""
     uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
-    scheduler = Scheduler(connect(uri, "taskscheduler"))
-    slow = scheduler.add_job(TooSlow, timeout=2)
-    unlucky = scheduler.add_job(Unlucky, retry=2, retry_interval=1)
+    return MongoClient(uri)[os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")]
+
+
+def main() -> None:
+    scheduler = Scheduler(database())
+    slow = scheduler.add_job(f"{MODULE}:TooSlow", timeout=2)
+    unlucky = scheduler.add_job(f"{MODULE}:Unlucky", retry=2, retry_interval=1)
     slow.wait(timeout=30)
     print("slow job:", slow.status.name, slow.error["message"] if slow.error else "")
     unlucky.wait(timeout=30)  # one job, one id, through all its runs

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from pymongo import MongoClient
 
 from taskscheduler import AbstractJob, Scheduler
 from taskscheduler.errors import JobFailedError
-from taskscheduler.store import connect
 
 
 class Square(AbstractJob):
@@ -19,14 +21,24 @@ class Square(AbstractJob):
         return int(self.data) ** 2
 
 
-def main() -> None:
+#: Jobs are named by module: run as ``python -m examples.waiting``, this file is ``__main__``,
+#: which no worker can import.
+MODULE = "examples.waiting"
+
+
+def database() -> Any:
+    """The database named by the same variables the CLI reads (a local server by default)."""
     uri = os.environ.get("TASKSCHEDULER_MONGODB_URI", "mongodb://127.0.0.1:27017/?directConnection=true")
-    scheduler = Scheduler(connect(uri, "taskscheduler"))
-    batch = [scheduler.add_job(Square, n) for n in range(10)]
+    return MongoClient(uri)[os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")]
+
+
+def main() -> None:
+    scheduler = Scheduler(database())
+    batch = [scheduler.add_job(f"{MODULE}:Square", n) for n in range(10)]
     scheduler.wait_for(batch, timeout=60)
     print("squares:", [p.result for p in batch])
     try:
-        scheduler.wait_for([scheduler.add_job(Square, -1)], Scheduler.OPTION_THROW_EXCEPTION, timeout=60)
+        scheduler.wait_for([scheduler.add_job(f"{MODULE}:Square", -1)], Scheduler.OPTION_THROW_EXCEPTION, timeout=60)
     except JobFailedError as exc:
         print("failed as expected:", exc.error["message"] if exc.error else exc)
 

@@ -17,6 +17,7 @@ def spawn_node(
     log: str | None = None,
     env: Mapping[str, str] | None = None,
     log_level: str = "WARNING",
+    cwd: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a queue node in a new session (its own process group), output to ``log`` or nowhere."""
     cmd = [
@@ -37,10 +38,12 @@ def spawn_node(
     full_env = dict(os.environ, **(env or {}))
     if log is None:
         return subprocess.Popen(
-            cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd
         )
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+        )
 
 
 def stop_node(node: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
