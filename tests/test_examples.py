@@ -66,7 +66,7 @@ def test_example_runs_as_documented(module: str, expected: list[str], node_for: 
     for pattern in expected:
         assert re.search(pattern, printed, re.MULTILINE), printed
     text = Path(log).read_text()
-    assert text.count("Traceback") == text.count(") failed: "), text  # tracebacks only of jobs failing on purpose
+    assert text.count("Traceback") == text.count(" failed: "), text  # tracebacks only of jobs failing on purpose
 
 
 def test_two_nodes_script_cleans_up_after_itself(tmp_path: Path) -> None:
