@@ -158,7 +158,7 @@ def test_watch_live_under_a_pty(server: EmbeddedServer, db_name: str, scheduler:
 
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
         os.environ.update(TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name, COLUMNS="200")
-        os.execv(sys.executable, [sys.executable, "-m", "taskscheduler", "watch", "--interval", "0.2"])
+        os.execv(sys.executable, [sys.executable, "-m", "taskscheduler", "watch", "--refresh", "0.2"])
     seen = b""
     deadline = time.monotonic() + 20
     try:

@@ -35,6 +35,11 @@ UNSET_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
 #: Stored in ``worker`` while no worker owns the job (same reason as :data:`UNSET_TIME`).
 NO_WORKER = ObjectId("000000000000000000000000")
 
+#: MongoDB the CLI and the examples use when no URI is given (a local server, straight to the node).
+DEFAULT_MONGODB_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
+#: Database the CLI uses when none is given.
+DEFAULT_DATABASE = "taskscheduler"
+
 #: Default job collection.
 DEFAULT_JOB_QUEUE = "taskscheduler.jobs"
 #: Default size in bytes of the capped job collection (0 makes it an ordinary collection).

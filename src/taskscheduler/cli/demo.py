@@ -10,9 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from .constants import JobStatus
-from .job import AbstractJob
-from .nodeproc import spawn_node, stop_node
+from ..constants import JobStatus
+from ..job import AbstractJob
+from ..nodeproc import spawn_node, stop_node
 
 
 class Countdown(AbstractJob):
@@ -49,11 +49,11 @@ class Tick(AbstractJob):
 
 def run_demo(limit: float = 45.0, plain: bool = False) -> int:
     """Run the demo; 0 when every example ended as expected."""
+    from ..embedded import EmbeddedServer
+    from ..errors import EmbeddedServerError
+    from ..scheduler import Scheduler
+    from ..store import connect
     from .display import console as make_console
-    from .embedded import EmbeddedServer
-    from .errors import EmbeddedServerError
-    from .scheduler import Scheduler
-    from .store import connect
 
     console = make_console()
     try:
@@ -66,7 +66,7 @@ def run_demo(limit: float = 45.0, plain: bool = False) -> int:
         node = spawn_node(
             server.uri,
             "demo",
-            ["taskscheduler.demo"],
+            ["taskscheduler.cli.demo"],
             ["--max-children", "4", "--orphaned-timeout", "5"],
             log=os.path.join(tmp, "node.log"),
         )
@@ -81,7 +81,7 @@ def run_demo(limit: float = 45.0, plain: bool = False) -> int:
 
 
 def _spool(scheduler: Any) -> dict[str, Any]:
-    here = "taskscheduler.demo:"
+    here = "taskscheduler.cli.demo:"
     jobs = {f"countdown {n}": scheduler.add_job(here + "Countdown", {"steps": 8 + 2 * n}) for n in range(3)}
     jobs["flaky (retry 2)"] = scheduler.add_job(here + "Flaky", None, retry=2, retry_interval=1)
     jobs["slow (timeout 2s)"] = scheduler.add_job(here + "Slow", {"seconds": 60}, timeout=2)
@@ -102,7 +102,7 @@ def _show(scheduler: Any, jobs: dict[str, Any], console: Console, limit: float, 
     try:
         seen: dict[Any, JobStatus] = {}
         while time.monotonic() < deadline:
-            everything = list(scheduler.get_jobs({"class": {"$regex": "^taskscheduler.demo:"}}))
+            everything = list(scheduler.get_jobs({"class": {"$regex": "^taskscheduler.cli.demo:"}}))
             cancel_target = jobs["slow (canceled)"]
             if not canceled and scheduler.get_job(cancel_target.id).status == JobStatus.PROCESSING:
                 time.sleep(1)

@@ -18,15 +18,21 @@ from typing import Any, TypeVar
 import click
 from bson import ObjectId, json_util
 
-from . import options as o
-from .constants import (
+from .. import options as o
+from ..constants import (
+    DEFAULT_DATABASE,
     DEFAULT_EVENT_QUEUE,
     DEFAULT_EVENT_QUEUE_SIZE,
     DEFAULT_JOB_QUEUE,
     DEFAULT_JOB_QUEUE_SIZE,
+    DEFAULT_MAX_CHILDREN,
+    DEFAULT_MIN_CHILDREN,
+    DEFAULT_MONGODB_URI,
+    DEFAULT_ORPHANED_TIMEOUT,
+    DEFAULT_PM,
     JobStatus,
 )
-from .errors import (
+from ..errors import (
     ConfigurationError,
     EmbeddedServerError,
     InvalidArgumentError,
@@ -39,8 +45,6 @@ EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 
-DEFAULT_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
-DEFAULT_DATABASE = "taskscheduler"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,8 +69,8 @@ class Connection:
     scheduler_options: dict[str, Any]
 
     def scheduler(self, timeout_ms: int = 5_000) -> Any:
-        from .scheduler import Scheduler
-        from .store import connect
+        from ..scheduler import Scheduler
+        from ..store import connect
 
         scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
         scheduler.store.check_deployment()
@@ -74,7 +78,7 @@ class Connection:
 
 
 _CONNECTION_OPTIONS = [
-    ("--mongodb-uri", DEFAULT_URI, str, "MongoDB replica set (or single node) URI."),
+    ("--mongodb-uri", DEFAULT_MONGODB_URI, str, "MongoDB replica set (or single node) URI."),
     ("--database", DEFAULT_DATABASE, str, "Database holding the job and event collections."),
     ("--job-queue", DEFAULT_JOB_QUEUE, str, "Job collection."),
     (
@@ -120,7 +124,7 @@ def _object_id(value: str) -> ObjectId:
 
 def _print_json(value: Any) -> None:
     """Plain JSON, as jq users expect: ids as strings, times as ISO 8601 (no MongoDB Extended JSON)."""
-    from .process import plain
+    from ..process import plain
 
     click.echo(json.dumps(plain(value), indent=2))
 
@@ -157,26 +161,26 @@ def cli(log_level: str) -> None:
 @_option(
     "--pm",
     type=click.Choice(list(o.PM_MODES)),
-    default="dynamic",
+    default=DEFAULT_PM,
     show_default=True,
     help="Worker process management mode.",
 )
 @_option(
     "--min-children",
     type=click.IntRange(min=0),
-    default=1,
+    default=DEFAULT_MIN_CHILDREN,
     show_default=True,
 )
 @_option(
     "--max-children",
     type=click.IntRange(min=1),
-    default=2,
+    default=DEFAULT_MAX_CHILDREN,
     show_default=True,
 )
 @_option(
     "--orphaned-timeout",
     type=click.FloatRange(min=1),
-    default=30,
+    default=DEFAULT_ORPHANED_TIMEOUT,
     show_default=True,
     help="Lease of a running job, in seconds: renewed six times per lease; other nodes take over a job whose "
     "lease ran out.",
@@ -193,8 +197,8 @@ def queue(
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
     import os
 
-    from .factory import DefaultWorkerFactory
-    from .queue import Queue
+    from ..factory import DefaultWorkerFactory
+    from ..queue import Queue
 
     if not imports:
         raise click.UsageError("name the modules of the jobs this node runs: --import MODULE (repeatable)")
@@ -263,7 +267,7 @@ def add(
 ) -> None:
     """Add a job of JOB_CLASS ("module:QualName"); prints its id."""
     if not no_import_check:
-        from .job import load_job_class
+        from ..job import load_job_class
 
         load_job_class(job_class)
     payload: Any = None
@@ -314,8 +318,8 @@ def jobs(
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
+    from ..process import Process
     from .display import jobs_table
-    from .process import Process
 
     query: dict[str, Any] = {}
     if statuses:
@@ -420,18 +424,18 @@ def flush(conn: Connection, yes: bool) -> None:
 @cli.command()
 @common
 @_option(
-    "--interval",
+    "--refresh",
     type=click.FloatRange(min=0.05),
     default=0.5,
     show_default=True,
-    help="Seconds between screen refreshes.",
+    help="Seconds between screen refreshes (its own name: TASKSCHEDULER_INTERVAL is add's --interval).",
 )
 @_option("--once", is_flag=True, help="Print the table once and exit (non-interactive).")
-def watch(conn: Connection, interval: float, once: bool) -> None:
+def watch(conn: Connection, refresh: float, once: bool) -> None:
     """Live view of jobs and their progress, driven by change streams, until Ctrl-C."""
     from .display import watch_jobs
 
-    watch_jobs(conn.scheduler(), interval=interval, once=once)
+    watch_jobs(conn.scheduler(), interval=refresh, once=once)
 
 
 @cli.command()
@@ -444,7 +448,7 @@ def watch(conn: Connection, interval: float, once: bool) -> None:
 )
 def server(port: int, data_dir: str) -> None:
     """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C."""
-    from .embedded import EmbeddedServer
+    from ..embedded import EmbeddedServer
 
     with EmbeddedServer(port=port, data_dir=data_dir) as srv:
         click.echo(f"embedded server listening: {srv.uri}", err=False)

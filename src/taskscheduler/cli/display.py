@@ -12,12 +12,12 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from .constants import JobStatus
-from .process import Process as ProcessView
+from ..constants import JobStatus
+from ..process import Process as ProcessView
 
 if TYPE_CHECKING:
-    from .process import Process
-    from .scheduler import Scheduler
+    from ..process import Process
+    from ..scheduler import Scheduler
 
 STATUS_STYLE = {
     JobStatus.WAITING: "cyan",

@@ -1,0 +1,7 @@
+"""The command line, its terminal display and the demo: the only code that imports click and rich."""
+
+from __future__ import annotations
+
+from .commands import cli, main
+
+__all__ = ["cli", "main"]
