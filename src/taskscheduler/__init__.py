@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import errors, events
-from .constants import JobStatus
+from .constants import VERSION, JobStatus
 from .factory import DefaultWorkerFactory, WorkerFactory
 from .job import AbstractJob, JobInterface
 from .manager import WorkerManager
@@ -12,7 +12,7 @@ from .queue import Queue
 from .scheduler import Scheduler
 from .worker import Worker
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 # The option names, also at package level (the same strings as the Scheduler.OPTION_* attributes).
 OPTION_AT = Scheduler.OPTION_AT

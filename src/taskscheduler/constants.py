@@ -7,6 +7,9 @@ from enum import IntEnum
 
 from bson import ObjectId
 
+#: The library's version (the distribution's, in pyproject.toml).
+VERSION = "0.1.0"
+
 
 class JobStatus(IntEnum):
     """Status of a job; the integer is what MongoDB stores. ``status >= DONE`` means finished."""
@@ -39,6 +42,11 @@ NO_WORKER = ObjectId("000000000000000000000000")
 DEFAULT_MONGODB_URI = "mongodb://127.0.0.1:27017/?directConnection=true"
 #: Database the CLI uses when none is given.
 DEFAULT_DATABASE = "taskscheduler"
+
+#: The node registry: one document per live queue node (ordinary collection, expired by TTL).
+NODE_REGISTRY = "taskscheduler.nodes"
+#: A node's registry entry expires after this many of its leases without a refresh.
+NODE_EXPIRY_LEASES = 3
 
 #: Default job collection.
 DEFAULT_JOB_QUEUE = "taskscheduler.jobs"

@@ -38,11 +38,13 @@ class Heartbeat:
         send: Callable[[Any], bool],
         logger: logging.Logger,
         fork_lock: threading.Lock | None = None,
+        register: Callable[[], None] | None = None,
     ) -> None:
         self.life = life
         self.lease = lease
         self.period = min(lease / RENEWALS_PER_LEASE, MAX_PERIOD_SECONDS)
         self.running = running
+        self.register = register  # refreshes the node's registry entry, every beat
         self.send = send
         self.logger = logger
         #: Held during a beat; the node takes it to fork, so no child starts with this thread inside pymongo.
@@ -73,6 +75,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         """One renewal of every running job's lease; then the fence moves on, and lost jobs are killed."""
+        if self.register is not None:
+            self.register()
         owners = dict(self.running())
         if not owners:
             return

@@ -12,6 +12,7 @@ import heapq
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from pymongo.database import Database
 
 from . import children
 from . import options as o
-from .constants import JobStatus
+from .constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
 from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
@@ -45,7 +46,7 @@ from .protocol import (
     WorkerSpawned,
 )
 from .scheduler import Scheduler
-from .store import StatusChange, StatusFeed
+from .store import StatusChange, StatusFeed, utcnow
 
 #: Statuses a node's change stream needs when nobody listens to its status events.
 ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED)
@@ -111,6 +112,9 @@ class Queue:
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self._heartbeat: Heartbeat | None = None
         self._clock_offset = 0.0  # server clock minus ours, in seconds
+        #: This node's id in the registry (``taskscheduler.nodes``).
+        self.id = ObjectId()
+        self._started = utcnow()
         self._send_lock = threading.Lock()  # the heartbeat thread sends too
         self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo
         self.exit_code = 0
@@ -147,8 +151,9 @@ class Queue:
             listening = self._emitter.wants_status()
             routed = None if listening else tuple(int(s) for s in ROUTED)
             lease = float(self.options[o.ORPHANED_TIMEOUT])
+            self._register()
             self._heartbeat = Heartbeat(
-                self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock
+                self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
             with self.store.status_feed(lookup=listening, statuses=routed) as feed:
                 timers = _Timers(lease)
@@ -159,6 +164,7 @@ class Queue:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self._stop_manager()
+            self._unregister()
             self.logger.info("queue node stopped")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -202,6 +208,28 @@ class Queue:
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
         self._stopping = True
+
+    def _register(self) -> None:
+        """This node's entry in the registry (``taskscheduler info``, health checks, the dashboard)."""
+        busy = {worker: job for job, worker in list(self._running.items())}
+        workers = [{"_id": w, "pid": pid, "job": busy.get(w)} for w, pid in list(self._worker_pids.items())]
+        facts = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self._started,
+            "modules": list(self.job_modules),
+            "version": VERSION,
+            "database": self.db.name,
+            "lease": float(self.options[o.ORPHANED_TIMEOUT]),
+            "workers": workers,
+        }
+        self.store.register_node(self.id, facts, NODE_EXPIRY_LEASES * float(self.options[o.ORPHANED_TIMEOUT]))
+
+    def _unregister(self) -> None:
+        try:
+            self.store.unregister_node(self.id)
+        except Exception as exc:  # it expires by itself
+            self.logger.warning(f"could not remove this node from the registry: {exc}")
 
     def _owners(self) -> dict[ObjectId, tuple[ObjectId, int]]:
         """The jobs our workers run: job -> (worker, run). Read by the heartbeat thread."""

@@ -36,7 +36,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from .constants import JobStatus
+from .constants import NODE_REGISTRY, JobStatus
 from .errors import (
     ConfigurationError,
     DuplicateJobError,
@@ -206,6 +206,7 @@ class Store:
         self.events = self.db.get_collection(event_queue)
         #: The room ledger of a capped job collection: bytes its documents use, reserved before each insert.
         self.room = self.db.get_collection(f"{job_queue}.room")
+        self.nodes = self.db.get_collection(NODE_REGISTRY)
         self._ready = False
         self._checked = False
 
@@ -268,6 +269,7 @@ class Store:
         with _server_errors():
             self.jobs.create_indexes(job_indexes)
             self.events.create_indexes(event_indexes)
+            self.nodes.create_indexes([IndexModel([("expires", ASCENDING)], name="expires_ttl", expireAfterSeconds=0)])
         self._ready = True
 
     def _create(self, name: str, size: int) -> None:
@@ -500,6 +502,25 @@ class Store:
         """Jobs in the given statuses (queue start-up and resync)."""
         with _server_errors():
             yield from self.jobs.find({"status": {"$in": [int(s) for s in statuses]}})
+
+    # -- the node registry -----------------------------------------------------------------------------------------
+
+    def register_node(self, node_id: ObjectId, facts: Mapping[str, Any], lifetime: float) -> None:
+        """Write (or refresh) a queue node's registry entry, alive on the server's clock for ``lifetime`` s."""
+        stage = {**{name: literal(value) for name, value in facts.items()}, "alive": SERVER_NOW}
+        stage["expires"] = lease_end(lifetime)
+        with _server_errors():
+            self.nodes.update_one({"_id": node_id}, [{"$set": stage}], upsert=True)
+
+    def unregister_node(self, node_id: ObjectId) -> None:
+        with _server_errors():
+            self.nodes.delete_one({"_id": node_id})
+
+    def live_nodes(self) -> list[Document]:
+        """Registry entries not yet expired on the server's clock (TTL deletes them only every minute)."""
+        now = self.server_time()
+        with _server_errors():
+            return list(self.nodes.find({"expires": {"$gt": now}}).sort("started", ASCENDING))
 
     # -- events ----------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Allow-listed imports route work: a node claims only jobs of the modules it imports; others wait for theirs."""
+"""Queue nodes: allow-listed imports route work (a node claims only jobs of the modules it imports, others wait
+for theirs), and each live node keeps an entry in the node registry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node
+from conftest import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 
@@ -66,3 +67,28 @@ def test_queue_refuses_a_missing_or_bad_allow_list(
     out = subprocess.run([*cmd, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_live_node_is_registered_and_leaves_the_registry(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    node = start_node(orphaned_timeout=1)
+    entry = wait_until(
+        lambda: [n for n in scheduler.store.live_nodes() if n["workers"]], 20, what="the node's registry entry"
+    )[0]
+    assert entry["pid"] == node.pid and entry["modules"] == ["sample_jobs"] and entry["lease"] == 1.0
+    assert all(w["job"] is None and w["pid"] > 0 for w in entry["workers"])
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 3})
+    busy = wait_until(
+        lambda: [w for n in scheduler.store.live_nodes() for w in n["workers"] if w["job"] == p.id], 20, what="busy"
+    )
+    assert len(busy) == 1
+    assert node.stop() == 0
+    assert scheduler.store.live_nodes() == []  # a graceful stop removes it at once
+
+
+def test_a_killed_node_expires_from_the_registry(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
+    node = start_node(orphaned_timeout=1)
+    wait_until(lambda: scheduler.store.live_nodes(), 20, what="the node's registry entry")
+    node.kill_group()
+    wait_until(lambda: scheduler.store.live_nodes() == [], 10, what="the entry to expire (3 leases)")
