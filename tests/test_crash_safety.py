@@ -454,3 +454,10 @@ def test_11_leases_are_renewed_beside_the_loop_and_lost_jobs_killed(scheduler: S
     assert KillJob(taken.id, KillReason.LOST) in sent and KillJob(mine.id, KillReason.LOST) not in sent
     fence = next(m for m in sent if isinstance(m, Fence))
     assert began < fence.deadline - 1.0 <= time.monotonic()  # half a lease from the renewal
+
+
+def test_3_the_server_clock_is_read_as_aware_utc(scheduler: Scheduler) -> None:
+    """A naive reading would be taken for local time: hours off on a machine whose zone is not UTC."""
+    server_now = scheduler.store.server_time()
+    assert server_now.utcoffset() is not None and server_now.utcoffset().total_seconds() == 0
+    assert abs(server_now.timestamp() - time.time()) < 5

@@ -46,7 +46,9 @@ def test_the_api_refuses_a_server_without_a_replica_set(standalone: EmbeddedServ
         client.close()
 
 
-@pytest.mark.parametrize("args", [("add", "sample_jobs:Noop"), ("jobs",), ("queue", "--import", "sample_jobs")])
+@pytest.mark.parametrize(
+    "args", [("add", "sample_jobs:Noop"), ("jobs",), ("queue", "--import", "sample_jobs"), ("info",), ("health",)]
+)
 def test_the_cli_says_so_in_one_line_with_exit_1(standalone: EmbeddedServer, args: tuple[str, ...]) -> None:
     out = cli(*args, uri=standalone.uri)
     assert out.returncode == 1, out.stderr

@@ -3,6 +3,8 @@ for theirs), and each live node keeps an entry in the node registry."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -92,3 +94,44 @@ def test_a_killed_node_expires_from_the_registry(scheduler: Scheduler, start_nod
     wait_until(lambda: scheduler.store.live_nodes(), 20, what="the node's registry entry")
     node.kill_group()
     wait_until(lambda: scheduler.store.live_nodes() == [], 10, what="the entry to expire (3 leases)")
+
+
+def _cli(server: EmbeddedServer, db_name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name)
+    return subprocess.run(
+        [sys.executable, "-m", "taskscheduler", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_info_and_health_describe_the_cluster(
+    scheduler: Scheduler, start_node: Callable[..., Node], server: EmbeddedServer, db_name: str
+) -> None:
+    node = start_node()
+    scheduler.add_job("sample_jobs:Noop").wait(timeout=30)
+    scheduler.add_job("sample_jobs:Fail", "x").wait(timeout=30)
+    scheduler.add_job("crash_jobs:StartLog", {"path": "/dev/null", "seconds": 0})  # nobody serves crash_jobs
+    live = wait_until(lambda: [n for n in scheduler.store.live_nodes() if n["workers"]], 20, what="registry")[0]
+    out = _cli(server, db_name, "info", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["jobs"] == {"total": 3, "by_status": {"done": 1, "failed": 1, "waiting": 1}}
+    assert summary["classes"]["sample_jobs:Fail"] == {"failed": 1}
+    assert [n["pid"] for n in summary["nodes"]] == [node.pid] and summary["nodes"][0]["idle"] >= 1
+    assert summary["runs_ended"]["last_minute"] == {"done": 1, "failed": 1}
+    assert summary["unserved_waiting_classes"] == ["crash_jobs:StartLog"]
+    assert summary["oldest_waiting_seconds"] >= 0
+    table = _cli(server, db_name, "info")
+    assert "jobs: 3 (done 1, failed 1, waiting 1)" in table.stdout
+    assert "waiting classes no live node serves: crash_jobs:StartLog" in table.stdout
+    assert _cli(server, db_name, "health").returncode == 0
+    assert _cli(server, db_name, "health", "--node", str(live["_id"])).returncode == 0
+    node.stop()
+    dead = _cli(server, db_name, "health", "--node", str(live["_id"]))
+    assert dead.returncode == 1
+    assert dead.stderr.strip() == f"Error: queue node {live['_id']} is not alive (no fresh registry entry)"
+
+
+def test_health_of_an_unreachable_server_is_exit_1(db_name: str) -> None:
+    env = dict(os.environ, TASKSCHEDULER_MONGODB_URI="mongodb://127.0.0.1:1/?directConnection=true")
+    out = subprocess.run([sys.executable, "-m", "taskscheduler", "health"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1

@@ -66,9 +66,7 @@ Document = dict[str, Any]
 def connect(uri: str, database: str, timeout_ms: int = 10_000) -> Database[Document]:
     """A new client (one per process: never share a MongoClient across fork) and its database."""
     if not isinstance(database, str) or not database or any(c in database for c in '/\\. "$\0') or len(database) > 63:
-        raise InvalidArgumentError(
-            f"invalid database name {database!r}: 1 to 63 characters, none of / \\ . space \" $"
-        )
+        raise InvalidArgumentError(f'invalid database name {database!r}: 1 to 63 characters, none of / \\ . space " $')
     try:
         client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
     except PyMongoError as exc:
@@ -301,7 +299,9 @@ class Store:
         with _server_errors():
             reply = self.db.command("hello")
         now = reply.get("localTime")
-        return now if isinstance(now, datetime) else utcnow()
+        if not isinstance(now, datetime):
+            return utcnow()
+        return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)  # command() decodes naive UTC
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
@@ -521,6 +521,38 @@ class Store:
         now = self.server_time()
         with _server_errors():
             return list(self.nodes.find({"expires": {"$gt": now}}).sort("started", ASCENDING))
+
+    # -- what an operator asks -------------------------------------------------------------------------------------
+
+    def job_counts(self) -> list[Document]:
+        """How many jobs there are per class and status: ``{"class", "status", "count"}`` each."""
+        pipeline: list[Document] = [
+            {"$group": {"_id": {"class": "$class", "status": "$status"}, "count": {"$sum": 1}}},
+        ]
+        with _server_errors():
+            return [
+                {"class": d["_id"]["class"], "status": d["_id"]["status"], "count": d["count"]}
+                for d in self.jobs.aggregate(pipeline)
+            ]
+
+    def oldest_waiting(self) -> Document | None:
+        with _server_errors():
+            return self.jobs.find_one({"status": int(JobStatus.WAITING)}, sort=[("_id", ASCENDING)])
+
+    def waiting_classes(self) -> list[str]:
+        with _server_errors():
+            return sorted(str(c) for c in self.jobs.distinct("class", {"status": int(JobStatus.WAITING)}))
+
+    def run_ends_since(self, since: datetime) -> list[Document]:
+        """Events of runs that ended since ``since`` (found by their ids, which start with their time)."""
+        ends = [int(s) for s in JobStatus if s.is_terminal]
+        with _server_errors():
+            return list(
+                self.events.find(
+                    {"_id": {"$gte": ObjectId.from_datetime(since)}, "status": {"$in": ends}},
+                    {"status": 1, "time": 1, "class": 1},
+                )
+            )
 
     # -- events ----------------------------------------------------------------------------------------------------
 

@@ -412,6 +412,53 @@ def requeue(conn: Connection, job_id: str) -> None:
 
 @cli.command()
 @common
+@_option("--json", "as_json", is_flag=True, help="Print plain JSON.")
+def info(conn: Connection, as_json: bool) -> None:
+    """Jobs per status and class, live nodes and their workers, backlog, runs ended lately, unserved classes."""
+    from ..cluster import cluster_info
+
+    summary = cluster_info(conn.scheduler())
+    if as_json:
+        _print_json(summary)
+        return
+    jobs = summary["jobs"]
+    statuses = ", ".join(f"{name} {n}" for name, n in sorted(jobs["by_status"].items())) or "none"
+    click.echo(f"jobs: {jobs['total']} ({statuses})")
+    for cls, counts in summary["classes"].items():
+        click.echo(f"  {cls}: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    click.echo(f"nodes: {len(summary['nodes'])} live")
+    for node in summary["nodes"]:
+        click.echo(
+            f"  {node['id']} {node['host']} pid {node['pid']}: {node['busy']} busy, {node['idle']} idle workers; "
+            f"modules {', '.join(node['modules'])}"
+        )
+    oldest = summary["oldest_waiting_seconds"]
+    click.echo(f"oldest waiting job: {'none' if oldest is None else f'{oldest:.0f} s'}")
+    for span in ("last_minute", "last_hour"):
+        ended = summary["runs_ended"][span]
+        text = ", ".join(f"{name} {n}" for name, n in sorted(ended.items())) or "none"
+        click.echo(f"runs ended in the {span.replace('last_', 'last ')}: {text}")
+    unserved = summary["unserved_waiting_classes"]
+    if unserved:
+        click.echo(f"waiting classes no live node serves: {', '.join(unserved)}")
+
+
+@cli.command()
+@common
+@_option("--node", "node_id", default=None, help="Also require this queue node (its registry id) to be alive.")
+def health(conn: Connection, node_id: str | None) -> None:
+    """Exit 0 when the server answers as a replica set (and the node is alive), else 1 with one line."""
+    scheduler = conn.scheduler()
+    if node_id is not None:
+        wanted = _object_id(node_id)
+        if not any(node["_id"] == wanted for node in scheduler.store.live_nodes()):
+            click.echo(f"Error: queue node {node_id} is not alive (no fresh registry entry)", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
+    click.echo("ok")
+
+
+@cli.command()
+@common
 @_option("--yes", is_flag=True, help="Confirm: drop every job and event.")
 def flush(conn: Connection, yes: bool) -> None:
     """Drop every job and event (running queue nodes keep working)."""
