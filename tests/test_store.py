@@ -12,7 +12,7 @@ from pymongo import MongoClient, monitoring
 
 from conftest import SizeGuard
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.errors import QueueFullError
+from taskscheduler.errors import InvalidArgumentError, QueueFullError
 from taskscheduler.store import ID_BATCH, fields_equal, fingerprint, literal, same_value, utcnow, with_prefix
 
 
@@ -23,7 +23,8 @@ def test_collections_are_capped_by_default_with_named_indexes(scheduler: Schedul
     assert infos["taskscheduler.jobs"].get("size") == 100_000_000
     assert infos["taskscheduler.events"].get("capped") is True
     names = set(db["taskscheduler.jobs"].index_information())
-    assert {"status_expires", "class_status", "class_key_status", "parent_status", "once_active"} <= names
+    assert {"status_expires", "class_status", "class_key_status", "parent_status"} <= names
+    assert "once_active" not in names  # add_job_once keys live in taskscheduler.jobs.once
     assert "status_alive" not in names and "ended_ttl" not in names
     events = db["taskscheduler.events"].index_information()
     assert events["job_run"]["key"] == [("job", 1), ("run", 1)] and "time_ttl" not in events
@@ -287,3 +288,45 @@ def test_helpers() -> None:
         "fullDocument._id": 1,
         "$or": [{"fullDocument.status": 2}, {"fullDocument.class": "x"}],
     }
+
+
+def test_every_index_fits_the_documented_shard_keys(db: Any) -> None:
+    """MongoDB requires a unique index on a sharded collection to start with the shard key."""
+    from taskscheduler.store import shard_keys
+
+    s = Scheduler(db, options={"job_queue_size": 0, "event_queue_size": 0})
+    s.add_job_once("test", {"a": 1})  # creates every collection the library uses
+    keys = shard_keys(s.store.job_queue, s.store.event_queue)
+    assert set(keys) <= set(db.list_collection_names())
+    for collection, key in keys.items():
+        for index in db[collection].list_indexes():
+            if index["name"] == "_id_" or not index.get("unique"):
+                continue
+            prefix = list(index["key"])[: len(key)]
+            assert prefix == list(key), f"{collection}.{index['name']} is unique but not prefixed by {key}"
+    for collection in keys:
+        assert not any(i.get("unique") for i in db[collection].list_indexes() if i["name"] != "_id_")
+
+
+def test_a_stale_add_job_once_key_is_taken_over(scheduler: Scheduler) -> None:
+    """A caller that took a key and died before inserting its job does not block the key for ever."""
+    from datetime import timedelta
+
+    key = fingerprint("test", {"a": 1})
+    scheduler.store.ensure()
+    scheduler.store.once.insert_one({"_id": key, "job": ObjectId(), "since": utcnow() - timedelta(minutes=5)})
+    p = scheduler.add_job_once("test", {"a": 1})
+    assert scheduler.store.once_holder(key)["job"] == p.id
+    assert scheduler.add_job_once("test", {"a": 1}).id == p.id
+
+
+def test_a_requeued_once_job_needs_its_key(scheduler: Scheduler) -> None:
+    first = scheduler.add_job_once("test", "k")
+    scheduler.cancel_job(first.id)
+    second = scheduler.add_job_once("test", "k")
+    assert second.id != first.id
+    with pytest.raises(InvalidArgumentError, match="add_job_once key"):
+        scheduler.requeue_job(first.id)
+    scheduler.cancel_job(second.id)
+    assert scheduler.requeue_job(first.id).status == JobStatus.WAITING
+    assert scheduler.add_job_once("test", "k").id == first.id

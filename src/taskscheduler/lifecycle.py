@@ -13,6 +13,7 @@ lost (another worker or node owns the job now) withdraws its events.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -22,7 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
@@ -40,7 +41,6 @@ from .job import class_path
 from .process import Process
 from .store import (
     MAX_DOCUMENT_SIZE,
-    OnceConflict,
     StatusChange,
     Store,
     encoded_size,
@@ -56,8 +56,10 @@ if TYPE_CHECKING:
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store`).
 NO_EVENT = NO_WORKER
-#: How often add_job_once retries when concurrent callers keep replacing each other's job.
-ONCE_ATTEMPTS = 20
+#: How often add_job_once looks again when concurrent callers keep replacing each other's job.
+ONCE_ATTEMPTS = 40
+#: Seconds a caller that took an add_job_once key may take to insert its job before others take the key over.
+ONCE_PENDING_SECONDS = 30.0
 #: Longest stored error message and traceback (characters): an error is recorded whatever its size.
 MAX_ERROR_TEXT = 64 * 1024
 #: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
@@ -181,20 +183,41 @@ class Lifecycle:
 
     def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Process:
         """Add ``doc`` unless an active job of its class (and data) has the same options; replace one that
-        differs. Concurrent callers leave exactly one active job (the unique ``once`` index decides)."""
+        differs. Concurrent callers leave exactly one active job.
+
+        The key (class and data fingerprint, or class alone with ``ignore_data``) is held by one job at a time in
+        a small collection keyed by the key itself, so the guarantee needs no unique index on the job collection
+        (which a sharded job collection could not have). A caller takes the key from the job it saw holding it,
+        in one conditional write: of racing callers one wins, the others look again.
+        """
         ignore_data = bool(doc["options"][o.IGNORE_DATA])
-        doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
-        for _ in range(ONCE_ATTEMPTS):
-            existing = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
-            for found in existing:
-                if not _changed(found, requested, data, ignore_data):
-                    return self.process(found)
-            for found in existing:
-                self.cancel(found)
+        key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
+        for attempt in range(ONCE_ATTEMPTS):
+            holder = self.store.once_holder(key)
+            held_by = holder.get("job") if holder else None
+            current = self.store.find_job(held_by) if held_by is not None else None
+            if held_by is not None and current is None and holder and _fresh(holder, ONCE_PENDING_SECONDS):
+                time.sleep(min(0.5, 0.02 * (attempt + 1)))  # its caller is inserting it: wait to compare
+                continue
+            candidates = [current] if current is not None else []
+            if holder is None:  # jobs of an older version hold no key: look for them by class and data
+                candidates = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
+            active = [c for c in candidates if c["status"] < JobStatus.DONE]
+            same = next((c for c in active if not _changed(c, requested, data, ignore_data)), None)
+            if same is not None:
+                if holder is None and not self.store.take_once(key, same["_id"], None):
+                    continue
+                return self.process(same)
+            for found in active:
+                with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile: fine
+                    self.cancel(found)
+            if not self.store.take_once(key, doc["_id"], held_by):
+                continue  # someone else took it first: compare with theirs
             try:
                 return self.add(dict(doc, created=utcnow()))
-            except OnceConflict:
-                continue  # a concurrent caller inserted first: compare with theirs
+            except BaseException:
+                self.store.release_once(key, doc["_id"])
+                raise
         raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
 
     # -- reading ---------------------------------------------------------------------------------------------------
@@ -277,6 +300,8 @@ class Lifecycle:
             raise InvalidArgumentError(
                 f"job {doc['_id']} is {status.name}; only FAILED, TIMEOUT or CANCELED jobs can be requeued"
             )
+        if "once" in doc:
+            self._take_key_back(doc)
         run = int(doc.get("run", 1)) + 1
         event_id = ObjectId()
         options = dict(doc.get("options") or {}, at=0.0)
@@ -292,13 +317,7 @@ class Lifecycle:
             "options.at": literal(0.0),
             "change": literal(event_id),
         }
-        try:
-            moved = self.store.transition(doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields)
-        except DuplicateKeyError as exc:
-            self.store.delete_events([event_id])
-            raise InvalidArgumentError(
-                f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
-            ) from exc
+        moved = self.store.transition(doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields)
         if not moved:
             self.store.delete_events([event_id])
             raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
@@ -308,6 +327,21 @@ class Lifecycle:
         )
         self.emit(JobStatus.WAITING, requeued)
         return requeued
+
+    def _take_key_back(self, doc: Mapping[str, Any]) -> None:
+        """A requeued add_job_once job holds its key again, unless another active job holds it now."""
+        key = doc["once"]
+        holder = self.store.once_holder(key)
+        held_by = holder.get("job") if holder else None
+        if held_by == doc["_id"]:
+            return
+        other = self.store.find_job(held_by) if held_by is not None else None
+        if (other is not None and other["status"] < JobStatus.DONE) or not self.store.take_once(
+            key, doc["_id"], held_by
+        ):
+            raise InvalidArgumentError(
+                f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
+            )
 
     # -- the run ---------------------------------------------------------------------------------------------------
 
@@ -657,6 +691,11 @@ def _fits(result: Any) -> bool:
         return encoded_size(result) <= MAX_RESULT_SIZE
     except InvalidArgumentError:
         return False
+
+
+def _fresh(holder: Mapping[str, Any], seconds: float) -> bool:
+    since = holder.get("since")
+    return isinstance(since, datetime) and (utcnow() - since).total_seconds() < seconds
 
 
 def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:

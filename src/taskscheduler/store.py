@@ -143,10 +143,6 @@ def _prefix_paths(expr: Any, prefix: str) -> Any:
     return expr
 
 
-class OnceConflict(Exception):
-    """An active job with the same add_job_once key exists already (raised by the unique ``once`` index)."""
-
-
 @dataclass(frozen=True)
 class StatusChange:
     """One status change seen on the job collection: the status it was set to, the run number when the change
@@ -180,6 +176,19 @@ def fields_equal(expect: Mapping[str, Any]) -> Document:
     return {"$and": [{"$eq": [f"${name}", literal(value)]} for name, value in expect.items()]}
 
 
+def shard_keys(job_queue: str, event_queue: str) -> dict[str, dict[str, Any]]:
+    """The documented shard key of each collection a sharded cluster may shard (``job_queue_size=0`` and
+    ``event_queue_size=0``; capped collections cannot be sharded). Every write of a job is addressed by its
+    ``_id``, every read of its events by ``job``, so these keep each to one shard; no unique index but ``_id``
+    exists on them (add_job_once keys have a collection of their own, keyed by ``_id``). Events of one job share
+    a shard, so the ``_id`` uniqueness that makes their writes idempotent holds there."""
+    return {
+        job_queue: {"_id": "hashed"},
+        event_queue: {"job": "hashed"},
+        f"{job_queue}.once": {"_id": "hashed"},
+    }
+
+
 class Store:
     """Collections, indexes and every read and write of jobs and events."""
 
@@ -205,6 +214,8 @@ class Store:
         #: The room ledger of a capped job collection: bytes its documents use, reserved before each insert.
         self.room = self.db.get_collection(f"{job_queue}.room")
         self.nodes = self.db.get_collection(NODE_REGISTRY)
+        #: add_job_once keys: ``{_id: key, job: the job holding it}``, at most one active job per key.
+        self.once = self.db.get_collection(f"{job_queue}.once")
         self._ready = False
         self._checked = False
 
@@ -242,13 +253,6 @@ class Store:
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
             IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
             IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
-            # At most one active job per add_job_once key: what makes add_job_once race-free.
-            IndexModel(
-                [("once", ASCENDING)],
-                name="once_active",
-                unique=True,
-                partialFilterExpression={"once": {"$exists": True}, "status": {"$lt": int(JobStatus.DONE)}},
-            ),
         ]
         if not self.job_queue_size:
             job_indexes.append(
@@ -265,6 +269,10 @@ class Store:
                 IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention)
             )
         with _server_errors():
+            # A unique index must start with the shard key, so add_job_once keys live in their own collection
+            # (keyed by _id); the unique index an older version created goes.
+            with contextlib.suppress(OperationFailure):
+                self.jobs.drop_index("once_active")
             self.jobs.create_indexes(job_indexes)
             self.events.create_indexes(event_indexes)
             self.nodes.create_indexes([IndexModel([("expires", ASCENDING)], name="expires_ttl", expireAfterSeconds=0)])
@@ -287,6 +295,7 @@ class Store:
             self.jobs.drop()
             self.events.drop()
             self.room.drop()
+            self.once.drop()
         self._ready = False
         self.ensure()
 
@@ -317,8 +326,6 @@ class Store:
                 self.jobs.insert_one(doc)
         except DuplicateKeyError as exc:
             self._unreserve(size)
-            if "once" in ((exc.details or {}).get("keyPattern") or {}) or "once_active" in str(exc):
-                raise OnceConflict(str(exc)) from exc
             raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
         # Any other error leaves it unknown whether the job was written: keeping the reservation errs on the
         # safe side (a few bytes too many, never an eviction).
@@ -405,6 +412,27 @@ class Store:
     def count_jobs(self, query: Mapping[str, Any]) -> int:
         with _server_errors():
             return int(self.jobs.count_documents(dict(query)))
+
+    def once_holder(self, key: str) -> Document | None:
+        """Who holds an add_job_once key: ``{_id: key, job, since}``, or None."""
+        with _server_errors():
+            return self.once.find_one({"_id": key})
+
+    def take_once(self, key: str, job_id: ObjectId, holder: ObjectId | None) -> bool:
+        """Make ``job_id`` hold ``key`` if ``holder`` still holds it (None: nobody); of racing callers one wins."""
+        with _server_errors():
+            if holder is None:
+                try:
+                    self.once.insert_one({"_id": key, "job": job_id, "since": utcnow()})
+                except DuplicateKeyError:
+                    return False
+                return True
+            done = self.once.update_one({"_id": key, "job": holder}, {"$set": {"job": job_id, "since": utcnow()}})
+        return done.modified_count == 1
+
+    def release_once(self, key: str, job_id: ObjectId) -> None:
+        with _server_errors():
+            self.once.delete_one({"_id": key, "job": job_id})
 
     def find_active(self, job_class: str, key: str | None) -> list[Document]:
         """Active jobs of a class (and a data fingerprint), for add_job_once."""
