@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
-from . import children
+from . import forking
 from . import options as o
 from .constants import DYNAMIC_IDLE_SECONDS
 from .errors import InvalidArgumentError, SpawnForkError
@@ -331,14 +331,14 @@ class WorkerManager:
         factory = self.factory
 
         def run() -> int:
-            children.reset_signals()
+            forking.reset_signals()
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the manager's to handle
             worker = factory.build_worker(worker_id)
             worker.serve(child_end, job)
             return 0
 
         try:
-            pid = children.fork(run, close=others, new_group=True)
+            pid = forking.fork(run, close=others, new_group=True)
         except SpawnForkError as exc:
             self.logger.error("cannot spawn worker", extra={"error": str(exc)})
             self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
@@ -358,7 +358,7 @@ class WorkerManager:
     def _kill(self, child: _Child, reason: KillReason) -> None:
         child.kill_reason = reason
         child.deadline = None
-        children.kill_tree(child.pid, signal.SIGKILL)
+        forking.kill_tree(child.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         while self._children:
@@ -371,7 +371,7 @@ class WorkerManager:
             child = self._children.pop(pid, None)
             if child is not None:
                 self._drain(child)
-                self._on_exit(child, children.exit_signal(status), status)
+                self._on_exit(child, forking.exit_signal(status), status)
 
     def _drain(self, child: _Child) -> None:
         """Read what a dead worker said before it died (its claim, most of all)."""
@@ -417,7 +417,7 @@ class WorkerManager:
         both sides blocked sending to each other, neither would ever read again."""
         conn = self._queue
         while self._outbox and conn is not None:
-            if not block and not children.writable(conn):
+            if not block and not forking.writable(conn):
                 return
             try:
                 conn.send(self._outbox[0])
@@ -432,7 +432,7 @@ class WorkerManager:
         for child in self._children.values():
             if child.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
                 child.kill_reason = KillReason.STOP
-            children.kill_tree(child.pid, signal.SIGKILL)
+            forking.kill_tree(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5.0
         while self._children and time.monotonic() < deadline:
             self._reap()

@@ -24,7 +24,7 @@ from blinker import Namespace
 from bson import ObjectId
 from pymongo.database import Database
 
-from . import children
+from . import forking
 from . import options as o
 from .constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
 from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
@@ -307,14 +307,14 @@ class Queue:
         factory = self.factory
 
         def run() -> int:
-            children.reset_signals()
+            forking.reset_signals()
             manager = factory.build_manager()
             manager.process(child_end)
             return 0
 
         try:
             with self._fork_lock:
-                self._manager_pid = children.fork(run, close=[parent_end])
+                self._manager_pid = forking.fork(run, close=[parent_end])
         except SpawnForkError:
             parent_end.close()
             child_end.close()
@@ -328,9 +328,9 @@ class Queue:
         try:
             # While the pipe is full, read what the manager says: it may be blocked sending to us, and two
             # processes blocked sending to each other would never read again.
-            while conn is not None and not conn.closed and not children.writable(conn, 0.05):
+            while conn is not None and not conn.closed and not forking.writable(conn, 0.05):
                 self._read_manager()
-                if self._manager_pid is None or not children.running(self._manager_pid):
+                if self._manager_pid is None or not forking.running(self._manager_pid):
                     return  # the manager is gone: its restart rescans the waiting jobs
             if conn is not None and not conn.closed:
                 with self._send_lock:
@@ -342,7 +342,7 @@ class Queue:
         """Send a small message if the pipe has room now (from the heartbeat thread: it must never block)."""
         conn = self._conn
         try:
-            if conn is None or conn.closed or not children.writable(conn, 0):
+            if conn is None or conn.closed or not forking.writable(conn, 0):
                 return False
             with self._send_lock:
                 conn.send(message)
@@ -414,7 +414,7 @@ class Queue:
         for job_id, worker in list(self._running.items()):
             pid = self._worker_pids.pop(worker, None)
             if pid:
-                children.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
+                forking.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
             why = "worker manager died" if orphaned else KillReason.STOP.value
             self._unrecorded.append(self.life.after_kill(job_id, worker, self._runs.get(job_id, 1), why, 0))
         self._running.clear()
@@ -437,7 +437,7 @@ class Queue:
                 time.sleep(0.02)
             if not exited:
                 self.logger.error("worker manager did not stop in time; killing it", extra={"pid": pid})
-                children.kill_tree(pid)
+                forking.kill_tree(pid)
                 _waitpid(pid, block=True)
             self._read_manager_safely()
             self._manager_pid = None

@@ -1,4 +1,6 @@
-"""Child processes: forking with a clean signal state, dying with the parent, killing a whole process tree."""
+"""Forking processes with a clean signal state, dying with the parent, killing a whole process tree.
+
+(Not to be confused with child *jobs*, whose ``data`` names a ``parent`` job: see ``Store.children``.)"""
 
 from __future__ import annotations
 
