@@ -177,3 +177,11 @@ def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator
                 node.stop(timeout=15)
             except subprocess.TimeoutExpired:
                 node.kill_group()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-seeds",
+        default="5",
+        help="seeds of tests/test_chaos.py: a count N (seeds 0..N-1, default 5), or a list/range ('3,17', '10-19')",
+    )

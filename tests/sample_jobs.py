@@ -83,3 +83,71 @@ class Exits(AbstractJob):
         import sys
 
         sys.exit(3)
+
+
+def chaos_line(fd: int, *fields: object) -> None:
+    """One line of the chaos run log, written with a single write() on an O_APPEND descriptor."""
+    os.write(fd, (" ".join(str(f) for f in fields) + "\n").encode())
+
+
+class ChaosJob(AbstractJob):
+    """The job of tests/test_chaos.py. Logs every execution to ``data["log"]`` (lines, fields space-separated):
+
+    ``S token job worker node pid ppid time`` at the start, ``R token run time`` once the run number is known,
+    ``T token time`` every ``TICK`` seconds of work and ``E token time outcome`` at the end (``ok``, ``fail`` or
+    ``cancel``); ``time`` is ``time.monotonic()`` (one clock for all processes of the machine), ``token`` names
+    the execution, ``node`` is the ``CHAOS_NODE`` variable of the queue node that forked the worker.
+
+    Works ``data["seconds"]``, then raises if ``data["fail"]``; from run ``data["cancel_at"]`` on (a recurring
+    job) it cancels itself instead of returning.
+    """
+
+    TICK = 0.05
+
+    def start(self) -> str:
+        started = time.monotonic()
+        token = os.urandom(4).hex()
+        fd = os.open(self.data["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            node = os.environ.get("CHAOS_NODE", "?")
+            chaos_line(fd, "S", token, self.id, self.scheduler.owner, node, os.getpid(), os.getppid(), started)
+            run = self._run_number()
+            if run is not None:
+                chaos_line(fd, "R", token, run, time.monotonic())
+            end = started + float(self.data.get("seconds", 0))
+            while time.monotonic() < end:
+                time.sleep(max(0.0, min(self.TICK, end - time.monotonic())))
+                chaos_line(fd, "T", token, time.monotonic())
+            cancel_at = self.data.get("cancel_at")
+            if cancel_at and run is not None and run >= int(cancel_at):
+                if not self._retry(lambda: self.scheduler.cancel_job(self.id) or True):
+                    chaos_line(fd, "E", token, time.monotonic(), "fail")
+                    raise RuntimeError(f"job {self.id} could not cancel itself")
+                chaos_line(fd, "E", token, time.monotonic(), "cancel")
+                return "canceled itself"
+            if self.data.get("fail"):
+                chaos_line(fd, "E", token, time.monotonic(), "fail")
+                raise ValueError(f"chaos failure of {self.id}")
+            chaos_line(fd, "E", token, time.monotonic(), "ok")
+            return "ok"
+        finally:
+            os.close(fd)
+
+    def _run_number(self) -> int | None:
+        """This run's number, read from the job while this worker owns it (None if that cannot be told)."""
+        process = self._retry(lambda: self.scheduler.get_job(self.id))
+        if process is None or process.worker != self.scheduler.owner:
+            return None
+        return process.run
+
+    @staticmethod
+    def _retry(call: Any, patience: float = 1.5) -> Any:
+        """``call()``, tried again while MongoDB drops connections (the harness injects that); None at the end."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return call()
+            except Exception:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.1)

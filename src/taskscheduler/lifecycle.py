@@ -64,6 +64,8 @@ ONCE_PENDING_SECONDS = 30.0
 MAX_ERROR_TEXT = 64 * 1024
 #: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
 MAX_RESULT_SIZE = MAX_DOCUMENT_SIZE - 256 * 1024
+#: Seconds after a worker's death its last writes may still reach the server (sent before it died).
+LATE_WRITE_SECONDS = 2.0
 #: Statuses an ended run can have.
 RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -101,7 +103,12 @@ def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:
 
 def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId) -> ObjectId:
     """The id of a run's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node)."""
-    digest = hashlib.sha1(job_id.binary + run.to_bytes(8, "big", signed=True) + worker.binary).digest()
+    return _derived_id(job_id, run, worker.binary)
+
+
+def _derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
+    """An event id derived from what it records, so that every writer of that record writes the same one."""
+    digest = hashlib.sha1(job_id.binary + run.to_bytes(8, "big", signed=True) + salt).digest()
     return ObjectId(digest[:12])
 
 
@@ -237,11 +244,20 @@ class Lifecycle:
 
     def runs(self, doc: Mapping[str, Any]) -> list[Document]:
         """Every ended run of a job, oldest first: one event per run number."""
-        ended = [e for e in self.store.job_events(doc["_id"]) if e.get("status") in RUN_END_STATUSES]
+        events = self.store.job_events(doc["_id"])
+        # The end that counted is the one the job's outcome names, or the one whose next run was announced: an
+        # end written by a worker that then died before recording it can only linger if it was written late.
+        announced = {e.get("end") for e in events if e.get("status") in (JobStatus.WAITING, JobStatus.POSTPONED)}
+
+        def weight(event: Document) -> tuple[bool, bool]:
+            return event["_id"] == doc.get("outcome"), event["_id"] in announced
+
         by_run: dict[int, Document] = {}
-        for event in ended:  # oldest first: a later end of the same run number is the one that counted
+        for event in events:  # oldest first: among equals, the later end of a run number is the one that counted
+            if event.get("status") not in RUN_END_STATUSES:
+                continue
             run = int(event.get("run", 0))
-            if by_run.get(run, {}).get("_id") != doc.get("outcome"):
+            if run not in by_run or weight(event) >= weight(by_run[run]):
                 by_run[run] = event
         return [by_run[run] for run in sorted(by_run)]
 
@@ -273,7 +289,7 @@ class Lifecycle:
             self.store.insert_events(
                 [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
             )
-            if self.store.transition(doc["_id"], when, fields):
+            if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
                 doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
                 self.logger.info(
                     f"job {doc['_id']} ({doc.get('class')}) canceled",
@@ -317,7 +333,9 @@ class Lifecycle:
             "options.at": literal(0.0),
             "change": literal(event_id),
         }
-        moved = self.store.transition(doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields)
+        moved = self._transition_or_withdraw(
+            doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields, event_id
+        )
         if not moved:
             self.store.delete_events([event_id])
             raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
@@ -327,6 +345,20 @@ class Lifecycle:
         )
         self.emit(JobStatus.WAITING, requeued)
         return requeued
+
+    def _transition_or_withdraw(
+        self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any], event_id: ObjectId
+    ) -> bool:
+        """A transition whose event is written already: on an error without an answer, the job's mark tells
+        whether it was written; the event of one that was not is withdrawn (best effort during an outage)."""
+        try:
+            return self.store.transition(job_id, when, fields)
+        except ServerUnavailableError:
+            with contextlib.suppress(ServerUnavailableError):
+                stored = self.store.find_job(job_id) or {}
+                if stored.get("change") != event_id:
+                    self.store.delete_events([event_id])
+            raise
 
     def _take_key_back(self, doc: Mapping[str, Any]) -> None:
         """A requeued add_job_once job holds its key again, unless another active job holds it now."""
@@ -358,12 +390,17 @@ class Lifecycle:
 
     def unpostpone(self, doc: Mapping[str, Any]) -> bool:
         """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins."""
-        # Status first, then its event: of many nodes racing, the losers write nothing at all.
-        when = fields_equal({"status": int(JobStatus.POSTPONED), "run": doc.get("run", 1)})
-        event_id = ObjectId()
+        # Status first, then its event: of many nodes racing, the losers write nothing at all. The event's id is
+        # the same for every node and attempt, so the winner (or its retry, after the event could not be
+        # written) writes it once.
+        run = int(doc.get("run", 1))
+        when = fields_equal({"status": int(JobStatus.POSTPONED), "run": run})
+        event_id = _derived_id(doc["_id"], run, b"due")
         fields = {"status": literal(int(JobStatus.WAITING)), "change": literal(event_id)}
         if not self.store.transition(doc["_id"], when, fields):
-            return False
+            stored = self.store.find_job(doc["_id"]) or {}
+            if stored.get("change") != event_id or stored.get("run") != run:
+                return False
         self.store.insert_events([Store.event(doc, JobStatus.WAITING, event_id=event_id)])
         self.emit(JobStatus.WAITING, dict(doc, change=event_id))
         return True
@@ -605,6 +642,9 @@ class Release(Change):
         }
 
     def announce(self) -> None:
+        # The worker that lost the run may have written the events of an end it never recorded (it died, or was
+        # fenced, between the two writes): they are not the run's end.
+        self.life.store.delete_unrecorded_events(self.doc["_id"], self.run, self.worker, self.doc.get("outcome"))
         self.life.logger.warning(
             f"job {self.doc['_id']} ({self.doc.get('class')}) put back to waiting: {self.reason}",
             extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
@@ -628,6 +668,21 @@ class AfterKill:
         self.timeout = timeout
         self.change: Change | None = None
         self.done = False
+        #: A write the worker sent just before it died may reach the server after our first look: look again then.
+        self.sweep_again_at = time.monotonic() + LATE_WRITE_SECONDS
+
+    def sweep(self) -> None:
+        """Withdraw the dead worker's unrecorded end of its run (again, for a write that arrived late)."""
+        doc = self.life.store.find_job(self.job_id)
+        if doc is not None:
+            self._withdraw_unrecorded(doc)
+
+    def _withdraw_unrecorded(self, doc: Mapping[str, Any]) -> None:
+        # Only while the job is still at that run: then its recorded end, if any, is the job's outcome, and every
+        # other end the dead worker wrote for it was never recorded. Once the job has moved on, an end of the run
+        # cannot be told from its recorded one here, and nothing is withdrawn.
+        if int(doc.get("run", 1)) == self.run:
+            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
 
     def record(self) -> None:
         if self.done:
@@ -635,10 +690,13 @@ class AfterKill:
         store = self.life.store
         if self.change is None:
             doc = store.find_job(self.job_id)
-            if doc is None or int(doc.get("run", 1)) != self.run:
-                self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
+            if doc is None:
+                self.done = True
                 return
-            store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
+            self._withdraw_unrecorded(doc)
+            if int(doc.get("run", 1)) != self.run:
+                self.done = True  # the run's end was recorded (by the worker itself): nothing to add
+                return
             status = doc.get("status")
             if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
                 if status == JobStatus.CANCELED:  # the canceler recorded CANCELED; the run's start is ours

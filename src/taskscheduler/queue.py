@@ -110,6 +110,8 @@ class Queue:
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
+        self._late_sweeps: list[AfterKill] = []  # recorded ones, to look at once more
+        self._all_workers: set[ObjectId] = set()  # every worker this node's managers spawned
         self._heartbeat: Heartbeat | None = None
         self._clock_offset = 0.0  # server clock minus ours, in seconds
         #: This node's id in the registry (``taskscheduler.nodes``).
@@ -137,7 +139,7 @@ class Queue:
         """Run the node until SIGTERM/SIGINT (then stop gracefully: interrupted jobs go back to WAITING)."""
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.store.ensure()
+            self._patiently(self.store.ensure)
             servers = ", ".join(f"{host}:{port}" for host, port in sorted(self.db.client.nodes)) or "MongoDB"
             self.logger.info(
                 f"queue node serving {servers} database {self.db.name} for modules {', '.join(self.job_modules)} "
@@ -188,6 +190,19 @@ class Queue:
         if failed:
             time.sleep(ERROR_BACKOFF_SECONDS)
         return gaps
+
+    def _patiently(self, step: Callable[[], None]) -> None:
+        """A start-up step, tried again while the server drops connections (for at most one lease)."""
+        deadline = time.monotonic() + float(self.options[o.ORPHANED_TIMEOUT])
+        while True:
+            try:
+                step()
+                return
+            except ServerUnavailableError as exc:
+                if time.monotonic() > deadline or self._stopping:
+                    raise
+                self.logger.warning("MongoDB unreachable at start; retrying: %s", _first_line(exc))
+                time.sleep(ERROR_BACKOFF_SECONDS)
 
     def _step(self, step: Callable[[], None]) -> bool:
         try:
@@ -366,6 +381,7 @@ class Queue:
         match message:
             case WorkerSpawned(worker_id=worker_id, pid=pid):
                 self._worker_pids[worker_id] = pid
+                self._all_workers.add(worker_id)
                 self._emitter.emit(WORKER_SPAWN, {"_id": worker_id, "pid": pid, "signal": None})
             case WorkerExited(worker_id=worker_id, pid=pid, signal=sig):
                 self._worker_pids.pop(worker_id, None)
@@ -383,10 +399,15 @@ class Queue:
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, why, timeout))
 
     def _record_kills(self) -> None:
-        """Record the ends of killed workers' jobs; what fails stays queued (prepared as it is) for the next round."""
+        """Record the ends of killed workers' jobs; what fails stays queued (prepared as it is) for the next round.
+        Each is looked at once more a little later, for a write its worker sent just before it died."""
         while self._unrecorded:
             self._unrecorded[0].record()
-            self._unrecorded.pop(0)
+            self._late_sweeps.append(self._unrecorded.pop(0))
+        now = time.monotonic()
+        while self._late_sweeps and self._late_sweeps[0].sweep_again_at <= now:
+            self._late_sweeps[0].sweep()
+            self._late_sweeps.pop(0)
 
     def _check_manager(self) -> None:
         pid = self._manager_pid
@@ -420,6 +441,10 @@ class Queue:
         self._running.clear()
         self._runs.clear()
         self._record_kills()
+        # A worker may have claimed a job and died (killed with its manager) before anyone heard of the claim.
+        for doc in self.store.jobs_of_workers(self._all_workers):
+            reason = "worker manager died" if orphaned else "queue node stopped"
+            self.life.release(doc, doc["worker"], orphaned=orphaned, reason=reason).record()
 
     def _stop_manager(self) -> None:
         """Stop the manager and its workers; every job they were running goes back to WAITING (same id)."""

@@ -544,6 +544,11 @@ class Store:
         with _server_errors():
             self.nodes.delete_one({"_id": node_id})
 
+    def jobs_of_workers(self, workers: Iterable[ObjectId]) -> list[Document]:
+        """PROCESSING jobs owned by any of these workers."""
+        with _server_errors():
+            return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "worker": {"$in": list(workers)}}))
+
     def live_nodes(self) -> list[Document]:
         """Registry entries not yet expired on the server's clock (TTL deletes them only every minute)."""
         now = self.server_time()
@@ -634,14 +639,26 @@ class Store:
         with _server_errors():
             self.events.delete_many({"_id": {"$in": list(ids)}})
 
-    def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> None:
-        """Events a dead worker wrote for a run end it could not record (its end and next-run events, all but the
-        recorded end ``keep``). Looked up by the job's index, then deleted by id."""
+    def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> int:
+        """Withdraw what a worker wrote about ending ``run`` that was never recorded: its end events of that run
+        (other than ``keep``, the job's recorded outcome) and the next-run events written with them. Looked up
+        by the job's index, then deleted by id. Returns how many were withdrawn."""
+        ends = (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED)
         with _server_errors():
-            found = self.events.find({"job": job_id, "run": {"$in": [run, run + 1]}}, {"worker": 1, "end": 1})
-            stale = [e["_id"] for e in found if e.get("worker") == worker and "end" in e and e["end"] != keep]
+            found = list(
+                self.events.find(
+                    {"job": job_id, "run": {"$in": [run, run + 1]}}, {"worker": 1, "end": 1, "status": 1, "run": 1}
+                )
+            )
+            unrecorded = {
+                e["_id"]
+                for e in found
+                if e.get("run") == run and e.get("worker") == worker and e.get("status") in ends and e["_id"] != keep
+            }
+            stale = [e["_id"] for e in found if e["_id"] in unrecorded or e.get("end") in unrecorded]
             if stale:
                 self.events.delete_many({"_id": {"$in": stale}})
+        return len(stale)
 
     def find_event(self, event_id: ObjectId) -> Document | None:
         with _server_errors():
@@ -720,7 +737,10 @@ class StatusFeed:
         #: Incremented when the stream had to restart without its resume token (changes may have been missed).
         self.gaps = 0
         self._stream: ChangeStream[Document] | None = None
-        self._open()
+        try:
+            self._open()
+        except (PyMongoError, ServerUnavailableError) as exc:  # the first poll opens it again
+            self._recover(exc)
 
     def _open(self) -> None:
         with _server_errors():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -150,16 +150,38 @@ class Worker:
         try:
             instance = self._instantiate(doc)
             result = instance.start()
-            self._check_children(doc)
         except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
-            self.logger.error(
-                f"job {doc['_id']} ({doc.get('class')}) run {doc.get('run')} failed: {exc!r}",
-                extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
-                exc_info=True,
-            )
-            self._record(self.life.end(doc, self.id, JobStatus.FAILED, error=describe_error(exc)))
+            self._failed(doc, exc, exc_info=True)
+            return
+        try:  # the library's own read: an outage here is ridden out, never the job's failure
+            self._patiently(lambda: self._check_children(doc))
+        except ChildJobFailedError as exc:
+            self._failed(doc, exc, exc_info=False)
             return
         self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+
+    def _failed(self, doc: dict[str, Any], exc: BaseException, exc_info: bool) -> None:
+        self.logger.error(
+            f"job {doc['_id']} ({doc.get('class')}) run {doc.get('run')} failed: {exc!r}",
+            extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
+            exc_info=exc_info,
+        )
+        self._record(self.life.end(doc, self.id, JobStatus.FAILED, error=describe_error(exc)))
+
+    def _patiently(self, step: Callable[[], None]) -> None:
+        """Run a step that reads or writes MongoDB, trying again while the server is unreachable."""
+        deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+        attempt = 0
+        while True:
+            try:
+                step()
+                return
+            except ServerUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                attempt += 1
+                self.logger.warning(f"MongoDB unreachable; trying again (attempt {attempt})")
+                time.sleep(min(2.0, 0.1 * 2**attempt))
 
     def _record(self, change: Change) -> None:
         """Record a run's end, riding out a MongoDB outage: the job's work is done, so keep it. The same prepared
