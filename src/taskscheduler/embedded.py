@@ -62,7 +62,10 @@ class EmbeddedServer:
             except OSError:
                 raise EmbeddedServerError(f"port {self.port} is in use: choose another with --port") from None
         if self.data_dir != ":memory:":
-            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise EmbeddedServerError(f"cannot use data directory {self.data_dir!r}: {exc.strerror}") from None
         args = [
             sys.executable,
             "-m",

@@ -76,7 +76,10 @@ class Heartbeat:
     def beat(self) -> None:
         """One renewal of every running job's lease; then the fence moves on, and lost jobs are killed."""
         if self.register is not None:
-            self.register()
+            try:  # the registry is for operators: its trouble must never stop a renewal
+                self.register()
+            except Exception as exc:
+                self.logger.warning(f"could not refresh this node's registry entry: {exc}")
         owners = dict(self.running())
         if not owners:
             return
@@ -89,5 +92,6 @@ class Heartbeat:
                 "killing its worker",
                 extra={"job_id": job_id},
             )
-            self.send(KillJob(job_id, KillReason.LOST))
-        self.send(Fence(sent + self.lease / 2))
+            self.send(KillJob(job_id, owners[job_id][0], KillReason.LOST))
+        renewed = tuple((job, worker) for job, (worker, _) in owners.items() if job not in lost)
+        self.send(Fence(sent + self.lease / 2, renewed))

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store`).
 NO_EVENT = NO_WORKER
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
-ONCE_ATTEMPTS = 40
+ONCE_ATTEMPTS = 400
 #: Seconds a caller that took an add_job_once key may take to insert its job before others take the key over.
 ONCE_PENDING_SECONDS = 30.0
 #: Longest stored error message and traceback (characters): an error is recorded whatever its size.
@@ -199,13 +199,17 @@ class Lifecycle:
         """
         ignore_data = bool(doc["options"][o.IGNORE_DATA])
         key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
+        pending_since: float | None = None
         for attempt in range(ONCE_ATTEMPTS):
             holder = self.store.once_holder(key)
             held_by = holder.get("job") if holder else None
             current = self.store.find_job(held_by) if held_by is not None else None
-            if held_by is not None and current is None and holder and _fresh(holder, ONCE_PENDING_SECONDS):
-                time.sleep(min(0.5, 0.02 * (attempt + 1)))  # its caller is inserting it: wait to compare
-                continue
+            if held_by is not None and current is None and holder and not holder.get("inserted"):
+                # Its caller is inserting it (or died doing so): wait to compare, then take the key over.
+                pending_since = pending_since or time.monotonic()
+                if time.monotonic() - pending_since < ONCE_PENDING_SECONDS and _fresh(holder, self.store):
+                    time.sleep(min(0.2, 0.01 * (attempt + 1)))
+                    continue
             candidates = [current] if current is not None else []
             if holder is None:  # jobs of an older version hold no key: look for them by class and data
                 candidates = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
@@ -221,10 +225,15 @@ class Lifecycle:
             if not self.store.take_once(key, doc["_id"], held_by):
                 continue  # someone else took it first: compare with theirs
             try:
-                return self.add(dict(doc, created=utcnow()))
+                process = self.add(dict(doc, created=utcnow()))
             except BaseException:
                 self.store.release_once(key, doc["_id"])
                 raise
+            if self.store.confirm_once(key, doc["_id"]):
+                return process
+            # We were too slow (paused past ONCE_PENDING_SECONDS): the key is someone else's now; ours goes.
+            with contextlib.suppress(InvalidArgumentError):
+                self.cancel(self.load(doc["_id"]))
         raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
 
     # -- reading ---------------------------------------------------------------------------------------------------
@@ -316,6 +325,15 @@ class Lifecycle:
             raise InvalidArgumentError(
                 f"job {doc['_id']} is {status.name}; only FAILED, TIMEOUT or CANCELED jobs can be requeued"
             )
+        worker, expires = doc.get("worker"), doc.get("expires")
+        if status == JobStatus.CANCELED and worker not in (None, NO_WORKER) and isinstance(expires, datetime):
+            # Canceled while it ran: until its node has seen the worker die (or the lease ran out), another worker
+            # must not start it.
+            if self.store.server_time() < expires:
+                raise InvalidArgumentError(
+                    f"job {doc['_id']} was canceled while running and its worker is still being stopped; "
+                    "requeue it again in a few seconds"
+                )
         if "once" in doc:
             self._take_key_back(doc)
         run = int(doc.get("run", 1)) + 1
@@ -368,8 +386,10 @@ class Lifecycle:
         if held_by == doc["_id"]:
             return
         other = self.store.find_job(held_by) if held_by is not None else None
-        if (other is not None and other["status"] < JobStatus.DONE) or not self.store.take_once(
-            key, doc["_id"], held_by
+        if (
+            (other is not None and other["status"] < JobStatus.DONE)
+            or not self.store.take_once(key, doc["_id"], held_by)
+            or not self.store.confirm_once(key, doc["_id"])  # the job exists already
         ):
             raise InvalidArgumentError(
                 f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
@@ -513,6 +533,10 @@ class Change:
     def announce(self) -> None:
         """Log and emit the change (once it is written)."""
 
+    def outcome(self) -> Any:
+        """The job's recorded outcome once this change is written (the id of the last ended run's event)."""
+        return self.doc.get("outcome")
+
     def processing_event(self) -> Document:
         started = self.doc.get("started")
         return Store.event(
@@ -595,6 +619,9 @@ class RunEnd(Change):
             )
             self.events.append(Store.event(self.next_doc, next_status, worker, time=now, end=end_id))
 
+    def outcome(self) -> Any:
+        return self.ended_doc["outcome"]
+
     def announce(self) -> None:
         doc, life = self.doc, self.life
         follows = f", run {self.run + 1} {JobStatus(self.next_doc['status']).name}" if self.next_doc else ""
@@ -668,11 +695,15 @@ class AfterKill:
         self.timeout = timeout
         self.change: Change | None = None
         self.done = False
+        self.keep: Any = None  # the run's recorded end, once we recorded it
         #: A write the worker sent just before it died may reach the server after our first look: look again then.
         self.sweep_again_at = time.monotonic() + LATE_WRITE_SECONDS
 
     def sweep(self) -> None:
         """Withdraw the dead worker's unrecorded end of its run (again, for a write that arrived late)."""
+        if self.keep is not None:
+            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, self.keep)
+            return
         doc = self.life.store.find_job(self.job_id)
         if doc is not None:
             self._withdraw_unrecorded(doc)
@@ -690,21 +721,28 @@ class AfterKill:
         store = self.life.store
         if self.change is None:
             doc = store.find_job(self.job_id)
-            if doc is None:
-                self.done = True
-                return
-            self._withdraw_unrecorded(doc)
-            if int(doc.get("run", 1)) != self.run:
-                self.done = True  # the run's end was recorded (by the worker itself): nothing to add
+            if doc is None or int(doc.get("run", 1)) != self.run:
+                self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
                 return
             status = doc.get("status")
             if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
+                self._withdraw_unrecorded(doc)  # someone else recorded how the run went
                 if status == JobStatus.CANCELED:  # the canceler recorded CANCELED; the run's start is ours
                     store.insert_events([Change(self.life, doc, self.worker).processing_event()])
+                    # The worker is gone: a requeue may let another one run the job now.
+                    store.transition(
+                        self.job_id,
+                        fields_equal({"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker}),
+                        {"worker": literal(NO_WORKER)},
+                    )
                 self.done = True
                 return
             self.change = self._prepare(doc)
-        self.change.record()
+        # Withdrawn only after our own record won: an end the worker sent just before it died may still land
+        # first, and then it is the run's end and stays. Once ours won, any other end of the run is not.
+        if self.change.record():
+            self.keep = self.change.outcome()
+            store.delete_unrecorded_events(self.job_id, self.run, self.worker, self.keep)
         self.done = True
 
     def _prepare(self, doc: Document) -> Change:
@@ -751,9 +789,10 @@ def _fits(result: Any) -> bool:
         return False
 
 
-def _fresh(holder: Mapping[str, Any], seconds: float) -> bool:
+def _fresh(holder: Mapping[str, Any], store: Store) -> bool:
+    """Whether a key was taken less than ONCE_PENDING_SECONDS ago, on the server's clock."""
     since = holder.get("since")
-    return isinstance(since, datetime) and (utcnow() - since).total_seconds() < seconds
+    return isinstance(since, datetime) and (store.server_time() - since).total_seconds() < ONCE_PENDING_SECONDS
 
 
 def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:

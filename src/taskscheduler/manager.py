@@ -30,6 +30,7 @@ from .protocol import (
     CancelJob,
     Claimed,
     DropJob,
+    Ending,
     Exit,
     Fence,
     Finished,
@@ -69,10 +70,11 @@ class _Child:
     claimed: bool = False
     run: int = 0
     deadline: float | None = None  # the job's timeout
-    fence: float = 0.0  # the lease its claim took runs this long on our side (see Fence)
+    fence: float = 0.0  # the lease of its job runs this long on our side: the claim's, then each renewal's
     timeout: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     kill_reason: KillReason | None = None  # why the manager ended it
+    ending: bool = False  # the job's code returned; only its end is being recorded
 
 
 class WorkerManager:
@@ -103,7 +105,6 @@ class WorkerManager:
         self._children: dict[int, _Child] = {}
         self._pending: OrderedDict[ObjectId, RunJob] = OrderedDict()
         self._forced: deque[RunJob] = deque()  # force_spawn jobs waiting for a fork to succeed
-        self._fence = 0.0  # running jobs may run until this monotonic time unless their own claim says later
         self._queue: Connection | None = None
         self._outbox: deque[Any] = deque()  # reports waiting for room in the pipe
         self._stopping = False
@@ -201,16 +202,19 @@ class WorkerManager:
             case CancelJob(job_id=job_id):
                 self._pending.pop(job_id, None)
                 self._kill_job(job_id, KillReason.CANCEL)
-            case KillJob(job_id=job_id, reason=reason):
-                self._kill_job(job_id, reason)
-            case Fence(deadline=deadline):
-                self._fence = max(self._fence, deadline)
+            case KillJob(job_id=job_id, worker_id=worker_id, reason=reason):
+                self._kill_job(job_id, reason, worker_id)
+            case Fence(deadline=deadline, renewed=renewed):
+                pairs = set(renewed)
+                for child in self._children.values():
+                    if (child.job, child.id) in pairs:
+                        child.fence = max(child.fence, deadline)
             case Stop():
                 self._stopping = True
 
-    def _kill_job(self, job_id: ObjectId, reason: KillReason) -> None:
+    def _kill_job(self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None) -> None:
         for child in self._children.values():
-            if child.job == job_id and child.claimed and child.kill_reason is None:
+            if child.job == job_id and child.claimed and child.kill_reason is None and worker_id in (None, child.id):
                 self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": child.pid})
                 self._kill(child, reason)
 
@@ -222,10 +226,13 @@ class WorkerManager:
                 child.deadline = now + timeout if timeout > 0 else None
                 child.fence = now + (child.task.lease if child.task else 0.0) / 2
                 self._report(JobClaimed(job_id, child.id, run))
+            case Ending():
+                child.ending = True  # start() returned: what is left is recording it, which needs no fence
             case Finished(job_id=job_id, claimed=claimed):
                 if claimed and child.claimed:
                     self._report(JobFinished(job_id, child.id))
                 child.job, child.task, child.claimed, child.deadline = None, None, False, None
+                child.ending = False
                 child.idle_since = time.monotonic()
 
     # -- jobs ------------------------------------------------------------------------------------------------------
@@ -303,7 +310,7 @@ class WorkerManager:
         """Kill workers past their job's timeout, and those whose lease the node could not renew in time."""
         now = time.monotonic()
         for child in self._children.values():
-            if child.kill_reason is not None or not child.claimed:
+            if child.kill_reason is not None or not child.claimed or child.ending:
                 continue
             if child.deadline is not None and now >= child.deadline:
                 self.logger.warning(
@@ -311,7 +318,7 @@ class WorkerManager:
                     extra={"job_id": child.job, "pid": child.pid},
                 )
                 self._kill(child, KillReason.TIMEOUT)
-            elif now >= max(child.fence, self._fence):
+            elif now >= child.fence:
                 self.logger.error(
                     "lease of a running job not renewed in time (MongoDB or the queue node unresponsive); "
                     "killing its worker so that no other node runs it beside us",
@@ -387,6 +394,8 @@ class WorkerManager:
     def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
         child.conn.close()
         self._report(WorkerExited(child.id, child.pid, sig))
+        if child.kill_reason is None and self._stopping and sig == signal.SIGTERM:
+            child.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
         if child.claimed and child.job is not None:
             reason = child.kill_reason or KillReason.DIED
             self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))

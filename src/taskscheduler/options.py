@@ -93,7 +93,16 @@ def boolean(name: str, value: Any) -> bool:
 
 
 def non_empty_string(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or "$" in value or "\0" in value:
+    """A collection name MongoDB accepts: not empty, no ``$`` or NUL, no empty part between dots, not system's."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 200
+        or "$" in value
+        or "\0" in value
+        or "" in value.split(".")
+        or value.startswith("system.")
+    ):
         raise InvalidArgumentError(f"option {name} must be a valid collection name, got {value!r}")
     return value
 
@@ -146,11 +155,14 @@ JOB_OPTIONS: dict[str, Check] = {
     ID: object_id,
 }
 
+#: Largest capped collection size accepted (1 PiB): beyond, the server refuses it.
+MAX_COLLECTION_BYTES = 2**50
+
 SCHEDULER_OPTIONS: dict[str, Check] = {
     JOB_QUEUE: non_empty_string,
-    JOB_QUEUE_SIZE: int_at_least(0),
+    JOB_QUEUE_SIZE: int_at_least(0, MAX_COLLECTION_BYTES),
     EVENT_QUEUE: non_empty_string,
-    EVENT_QUEUE_SIZE: int_at_least(0),
+    EVENT_QUEUE_SIZE: int_at_least(0, MAX_COLLECTION_BYTES),
     DEFAULT_AT: timestamp,
     DEFAULT_INTERVAL: int_at_least(-1, INT32_MAX),
     DEFAULT_INTERVAL_REFERENCE: interval_reference,

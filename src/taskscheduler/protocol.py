@@ -5,7 +5,7 @@ One NamedTuple per message, dispatched with ``match``. Who sends what:
 - node -> manager: :class:`RunJob`, :class:`DropJob`, :class:`CancelJob`, :class:`KillJob`, :class:`Fence`,
   :class:`Stop`
 - manager -> worker: :class:`RunJob`, :class:`Exit`
-- worker -> manager: :class:`Claimed`, :class:`Finished`
+- worker -> manager: :class:`Claimed`, :class:`Ending`, :class:`Finished`
 - manager -> node: :class:`WorkerSpawned`, :class:`WorkerExited`, :class:`JobClaimed`, :class:`JobFinished`,
   :class:`JobKilled`
 """
@@ -49,18 +49,21 @@ class CancelJob(NamedTuple):
 
 
 class KillJob(NamedTuple):
-    """Kill the worker running this job (its heartbeat found it owned by someone else)."""
+    """Kill this worker if it still runs this job (its heartbeat found the job owned by someone else)."""
 
     job_id: ObjectId
+    worker_id: ObjectId
     reason: KillReason
 
 
 class Fence(NamedTuple):
-    """The node renewed its leases: running jobs may go on until ``deadline`` (``time.monotonic()``, which all
-    processes of one machine share). Past it the manager kills them, so no other node can ever run them beside
-    ours (self-fencing)."""
+    """The node renewed the leases of these (job, worker) pairs: they may go on until ``deadline``
+    (``time.monotonic()``, which all processes of one machine share). Past it, or past half a lease from its
+    claim for a job no renewal named yet, the manager kills a running job, so no other node can ever run it
+    beside ours (self-fencing)."""
 
     deadline: float
+    renewed: tuple[tuple[ObjectId, ObjectId], ...] = ()
 
 
 class Stop(NamedTuple):
@@ -77,6 +80,12 @@ class Claimed(NamedTuple):
     job_id: ObjectId
     timeout: int
     run: int
+
+
+class Ending(NamedTuple):
+    """The job's code has returned: only recording its end is left (never fenced or timed out from here on)."""
+
+    job_id: ObjectId
 
 
 class Finished(NamedTuple):

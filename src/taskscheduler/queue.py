@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
@@ -48,8 +49,10 @@ from .protocol import (
 from .scheduler import Scheduler
 from .store import StatusChange, StatusFeed, utcnow
 
-#: Statuses a node's change stream needs when nobody listens to its status events.
-ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED)
+#: Statuses a node's change stream needs when nobody listens to its status events: what to run, what to run
+#: later, what to kill, and claims (so that a job another node took leaves this node's queue at once, instead of
+#: costing a free worker a failed claim later).
+ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED, JobStatus.PROCESSING)
 
 #: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
 STOP_SECONDS = 8.0
@@ -58,6 +61,8 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 #: Pause after a failed round of the node's loop (e.g. MongoDB unreachable) before the next one.
 ERROR_BACKOFF_SECONDS = 0.5
+#: Workers that exited lately, whose unreported claims a stopping node still looks for.
+EXITED_WORKERS_KEPT = 100
 #: Longest the node waits on the change stream before looking at its timers.
 TICK_SECONDS = 0.2
 
@@ -111,7 +116,8 @@ class Queue:
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self._late_sweeps: list[AfterKill] = []  # recorded ones, to look at once more
-        self._all_workers: set[ObjectId] = set()  # every worker this node's managers spawned
+        self._all_workers: set[ObjectId] = set()  # the workers of this node's manager that live
+        self._exited_workers: deque[ObjectId] = deque(maxlen=EXITED_WORKERS_KEPT)
         self._heartbeat: Heartbeat | None = None
         self._clock_offset = 0.0  # server clock minus ours, in seconds
         #: This node's id in the registry (``taskscheduler.nodes``).
@@ -148,8 +154,7 @@ class Queue:
             self._start_manager()
             # Opened before the scan, so nothing added in between is missed. Documents of updates are looked up
             # only when someone listens to this node's status events: the change stream is the costly part.
-            # Without listeners, only changes that concern the manager are sent: new, released, due, canceled
-            # and postponed (a next run) jobs; a job another node claimed is simply lost by our worker's claim.
+            # Without listeners, only the changes in ROUTED are sent, without the documents of updates.
             listening = self._emitter.wants_status()
             routed = None if listening else tuple(int(s) for s in ROUTED)
             lease = float(self.options[o.ORPHANED_TIMEOUT])
@@ -385,18 +390,24 @@ class Queue:
                 self._emitter.emit(WORKER_SPAWN, {"_id": worker_id, "pid": pid, "signal": None})
             case WorkerExited(worker_id=worker_id, pid=pid, signal=sig):
                 self._worker_pids.pop(worker_id, None)
+                self._all_workers.discard(worker_id)
+                self._exited_workers.append(worker_id)
                 self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
             case JobClaimed(job_id=job_id, worker_id=worker_id, run=run):
                 self._running[job_id] = worker_id
                 self._runs[job_id] = run
-            case JobFinished(job_id=job_id):
-                self._running.pop(job_id, None)
-                self._runs.pop(job_id, None)
+            case JobFinished(job_id=job_id, worker_id=worker_id):
+                self._forget_run(job_id, worker_id)
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
-                self._running.pop(job_id, None)
-                self._runs.pop(job_id, None)
+                self._forget_run(job_id, worker_id)
                 why = reason.value if reason != KillReason.DIED else f"worker process died (signal {sig})"
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, why, timeout))
+
+    def _forget_run(self, job_id: ObjectId, worker_id: ObjectId) -> None:
+        """A worker is done with a job. Another worker may hold its next run already (a late report): keep that."""
+        if self._running.get(job_id) == worker_id:
+            del self._running[job_id]
+            self._runs.pop(job_id, None)
 
     def _record_kills(self) -> None:
         """Record the ends of killed workers' jobs; what fails stays queued (prepared as it is) for the next round.
@@ -442,7 +453,7 @@ class Queue:
         self._runs.clear()
         self._record_kills()
         # A worker may have claimed a job and died (killed with its manager) before anyone heard of the claim.
-        for doc in self.store.jobs_of_workers(self._all_workers):
+        for doc in self.store.jobs_of_workers([*self._all_workers, *self._exited_workers]):
             reason = "worker manager died" if orphaned else "queue node stopped"
             self.life.release(doc, doc["worker"], orphaned=orphaned, reason=reason).record()
 

@@ -71,6 +71,8 @@ class Scheduler:
         self._progress_writes: dict[ObjectId, float] = {}
         #: Set inside a worker: progress writes then require that this worker still owns the job.
         self.owner: ObjectId | None = None
+        #: Set inside a worker while a job runs: (job id, run), so children it adds belong to that run.
+        self.running_job: tuple[ObjectId, int] | None = None
 
     def _build_store(self) -> Store:
         return Store(
@@ -114,7 +116,7 @@ class Scheduler:
     ) -> Process:
         """Spool a job; returns its Process. Nothing is written when any argument is invalid."""
         doc = self.lifecycle.prepare(job_class, data, _merge(options, kw), self._options)
-        return self.lifecycle.add(doc)
+        return self.lifecycle.add(self._mark_child(doc))
 
     def add_job_once(
         self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
@@ -125,8 +127,16 @@ class Scheduler:
         canceled and replaced. Concurrent calls leave exactly one active job.
         """
         requested = _merge(options, kw)
-        doc = self.lifecycle.prepare(job_class, data, requested, self._options)
+        doc = self._mark_child(self.lifecycle.prepare(job_class, data, requested, self._options))
         return self.lifecycle.add_once(doc, o.validate(requested, o.JOB_OPTIONS, "job"), data)
+
+    def _mark_child(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a
+        later run of the parent (a retry, an interval run) does not inherit its failure."""
+        data = doc.get("data")
+        if self.running_job is not None and isinstance(data, Mapping) and data.get("parent") == self.running_job[0]:
+            doc["parent_run"] = self.running_job[1]
+        return doc
 
     # -- reading jobs ----------------------------------------------------------------------------------------------
 
@@ -225,9 +235,7 @@ class Scheduler:
                 if change is None or change.job_id not in by_id:
                     continue
                 doc = dict(change.document or by_id[change.job_id][0]._doc)
-                doc["status"] = change.status
-                if change.run is not None:
-                    doc["run"] = change.run
+                doc.update(change.fields, status=change.status)
                 if listening:
                     self.lifecycle.observe(change, doc, self._emitter)
                 if wait.throw and change.status == JobStatus.FAILED:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -51,6 +51,10 @@ logger = logging.getLogger("taskscheduler.store")
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
 #: Oldest MongoDB served: deletes from capped collections (the room ledger frees finished jobs) need 5.0.7.
 MIN_SERVER_VERSION = (5, 0, 7)
+#: Reservations tried (each after freeing room) before a busy, full job collection is reported full.
+ROOM_ATTEMPTS = 50
+#: Bytes a reconciled room ledger allows for reservations in flight (or 1/64 of the cap if more, 1/8 at most).
+RECONCILE_MARGIN_BYTES = 64 * 1024
 #: Finished jobs looked at per attempt to make room in a full capped job collection.
 ROOM_FREE_BATCH = 100
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
@@ -154,6 +158,8 @@ class StatusChange:
     run: int | None = None
     #: Set when the change ended a run and scheduled the next: the id of the event that recorded the ended run.
     ended_run: ObjectId | None = None
+    #: What the change itself says of the fields that tell changes apart (``run``, ``started``, ``change``).
+    fields: Document = field(default_factory=dict)
 
 
 def literal(value: Any) -> Document:
@@ -218,6 +224,7 @@ class Store:
         self.once = self.db.get_collection(f"{job_queue}.once")
         self._ready = False
         self._checked = False
+        self._cap = job_queue_size  # the job collection's real cap, read by ensure()
 
     # -- collections and indexes -------------------------------------------------------------------------------
 
@@ -248,6 +255,7 @@ class Store:
         self.check_deployment()
         self._create(self.job_queue, self.job_queue_size)
         self._create(self.event_queue, self.event_queue_size)
+        self._cap = self._capped_size(self.job_queue)
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
@@ -278,6 +286,14 @@ class Store:
             self.nodes.create_indexes([IndexModel([("expires", ASCENDING)], name="expires_ttl", expireAfterSeconds=0)])
         self._ready = True
 
+    def _capped_size(self, name: str) -> int:
+        """The bytes a capped collection holds before it evicts (0 when not capped), as created: whatever this
+        producer's own ``job_queue_size`` says, the collection's real cap is what eviction follows."""
+        with _server_errors():
+            found = list(self.db.list_collections(filter={"name": name}))
+        options = found[0].get("options", {}) if found else {}
+        return int(options.get("size", 0)) if options.get("capped") else 0
+
     def _create(self, name: str, size: int) -> None:
         try:
             with _server_errors():
@@ -290,14 +306,25 @@ class Store:
                 raise
 
     def flush(self) -> None:
-        """Drop jobs and events, then create them again so running queue nodes keep a valid collection."""
-        with _server_errors():
-            self.jobs.drop()
-            self.events.drop()
-            self.room.drop()
-            self.once.drop()
-        self._ready = False
-        self.ensure()
+        """Drop jobs and events, then create them again so running queue nodes keep a valid collection.
+
+        A node or worker writing in the moment between the drop and the create makes the server create the
+        collection itself, as an ordinary one (neither capped nor expiring): such a collection is dropped and
+        created again, as configured.
+        """
+        for _ in range(5):
+            with _server_errors():
+                self.jobs.drop()
+                self.events.drop()
+                self.room.drop()
+                self.once.drop()
+            self._ready = False
+            self.ensure()
+            if (not self.job_queue_size or self._capped_size(self.job_queue)) and (
+                not self.event_queue_size or self._capped_size(self.event_queue)
+            ):
+                return
+        raise ConfigurationError("flush: the job or event collection keeps being created uncapped by writers")
 
     def ping(self) -> None:
         with _server_errors():
@@ -328,20 +355,21 @@ class Store:
             self._unreserve(size)
             raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
         # Any other error leaves it unknown whether the job was written: keeping the reservation errs on the
-        # safe side (a few bytes too many, never an eviction).
+        # safe side (a few bytes too many, never an eviction); see _reconcile.
 
     # The ledger: a capped collection evicts its oldest documents once the next insert does not fit, and with one
     # document per job for its whole life the oldest may be a recurring job that never ends. So every insert
     # first reserves its bytes with one conditional $inc (atomic with any number of producers): while the ledger
     # stays within the cap, the server never evicts anything. When it would not fit, finished jobs are deleted to
     # make room (each freed byte is given back by the one producer whose delete removed it). A producer killed
-    # between reserving and inserting leaves a few bytes reserved: an error on the safe side only.
+    # between reserving and inserting leaves a few bytes reserved, on the safe side; when the ledger says full,
+    # it is reconciled with what the collection holds (see _reconcile).
 
     def _reserve(self, size: int) -> None:
-        if not self.job_queue_size:
+        limit = self._cap
+        if not limit:
             return
-        limit = self.job_queue_size
-        for _ in range(3):
+        for _ in range(ROOM_ATTEMPTS):
             with _server_errors():
                 done = self.room.update_one({"_id": "used", "bytes": {"$lte": limit - size}}, {"$inc": {"bytes": size}})
             if done.modified_count == 1:
@@ -351,15 +379,33 @@ class Store:
             if ledger is None:
                 self._open_ledger()
                 continue
-            if not self._free(int(ledger["bytes"]) + size - limit):
-                raise QueueFullError(
-                    f"job collection {self.job_queue!r} is full ({ledger['bytes']} of {limit} bytes used by "
-                    f"unfinished jobs): a {size} byte job would evict one; raise job_queue_size"
-                )
+            if size > limit:
+                raise QueueFullError(f"a {size} byte job does not fit in job collection {self.job_queue!r} at all")
+            if self._free(int(ledger["bytes"]) + size - limit) or self._reconcile(int(ledger["bytes"]), limit):
+                continue
+            raise QueueFullError(
+                f"job collection {self.job_queue!r} is full ({ledger['bytes']} of {limit} bytes used by "
+                f"unfinished jobs): a {size} byte job would evict one; raise job_queue_size"
+            )
         raise QueueFullError(f"job collection {self.job_queue!r} has no room for a {size} byte job (busy producers)")
 
+    def _reconcile(self, counted: int, limit: int) -> bool:
+        """Give back bytes the ledger counts but the collection does not hold (a producer that died between its
+        reservation and its insert, or whose insert failed unseen). Reservations of live producers in flight are
+        allowed for with a margin; True when the ledger was corrected."""
+        with _server_errors():
+            held = int(self.db.command("collStats", self.job_queue).get("size", 0))
+        corrected = held + min(max(RECONCILE_MARGIN_BYTES, limit // 64), limit // 8)
+        if corrected >= counted:
+            return False
+        with _server_errors():
+            done = self.room.update_one({"_id": "used", "bytes": counted}, {"$set": {"bytes": corrected}})
+        if done.modified_count:
+            logger.warning(f"room ledger of {self.job_queue!r} corrected from {counted} to {corrected} bytes")
+        return True
+
     def _unreserve(self, size: int) -> None:
-        if self.job_queue_size:
+        if self._cap:
             with contextlib.suppress(PyMongoError, ServerUnavailableError), _server_errors():
                 self.room.update_one({"_id": "used"}, {"$inc": {"bytes": -size}})
 
@@ -419,16 +465,21 @@ class Store:
             return self.once.find_one({"_id": key})
 
     def take_once(self, key: str, job_id: ObjectId, holder: ObjectId | None) -> bool:
-        """Make ``job_id`` hold ``key`` if ``holder`` still holds it (None: nobody); of racing callers one wins."""
+        """Make ``job_id`` hold ``key`` if ``holder`` still holds it (None: nobody); of racing callers one wins.
+        ``since`` is the server's time, so a producer's clock never decides when a key counts as abandoned."""
+        stage = {"job": literal(job_id), "since": SERVER_NOW, "inserted": literal(False)}
         with _server_errors():
-            if holder is None:
-                try:
-                    self.once.insert_one({"_id": key, "job": job_id, "since": utcnow()})
-                except DuplicateKeyError:
-                    return False
-                return True
-            done = self.once.update_one({"_id": key, "job": holder}, {"$set": {"job": job_id, "since": utcnow()}})
-        return done.modified_count == 1
+            try:
+                done = self.once.update_one({"_id": key, "job": holder}, [{"$set": stage}], upsert=holder is None)
+            except DuplicateKeyError:
+                return False  # someone holds it now
+        return done.modified_count == 1 or done.upserted_id is not None
+
+    def confirm_once(self, key: str, job_id: ObjectId) -> bool:
+        """The job holding ``key`` is stored; False when someone took the key over meanwhile."""
+        with _server_errors():
+            done = self.once.update_one({"_id": key, "job": job_id}, {"$set": {"inserted": True}})
+        return done.matched_count == 1
 
     def release_once(self, key: str, job_id: ObjectId) -> None:
         with _server_errors():
@@ -737,10 +788,15 @@ class StatusFeed:
         #: Incremented when the stream had to restart without its resume token (changes may have been missed).
         self.gaps = 0
         self._stream: ChangeStream[Document] | None = None
+        self._lost = False  # broken without a token to resume from: the next open counts a gap
         try:
             self._open()
-        except (PyMongoError, ServerUnavailableError) as exc:  # the first poll opens it again
+        except ServerUnavailableError as exc:  # the first poll opens it again
             self._recover(exc)
+        except OperationFailure as exc:
+            if query:
+                raise InvalidArgumentError(f"invalid job query {dict(query)!r}: {_first_line(exc)}") from exc
+            raise
 
     def _open(self) -> None:
         with _server_errors():
@@ -750,6 +806,11 @@ class StatusFeed:
                 resume_after=self.token,
                 max_await_time_ms=STREAM_AWAIT_MS,
             )
+        # A token from the start, so that even a stream that breaks before its first change resumes where it was.
+        self.token = self._stream.resume_token or self.token
+        if self._lost:  # it broke with no token to resume from: what happened meanwhile is unknown
+            self._lost = False
+            self.gaps += 1
 
     def poll(self, timeout: float) -> StatusChange | None:
         """The next status change, or None after ``timeout`` seconds."""
@@ -784,7 +845,8 @@ class StatusFeed:
                 pass
         if isinstance(exc, OperationFailure) and exc.code in (260, 280, 286):  # the token can no longer resume
             self.token = None
-            self.gaps += 1
+        if self.token is None:
+            self._lost = True
 
     def close(self) -> None:
         if self._stream is not None:
@@ -814,12 +876,14 @@ def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
     updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
     outcome = updated.get("outcome")
     ended_run = outcome if isinstance(outcome, ObjectId) and status < JobStatus.PROCESSING else None
+    known = {name: doc[name] for name in ("run", "started", "change") if isinstance(doc, Mapping) and name in doc}
     return StatusChange(
         job_id=key["_id"],
         status=int(status),
         document=document,
         run=run if isinstance(run, int) else None,
         ended_run=ended_run,
+        fields=known,
     )
 
 
@@ -837,6 +901,12 @@ def _server_errors() -> Iterator[None]:
         yield
     except (ServerSelectionTimeoutError, ConnectionFailure) as exc:
         raise ServerUnavailableError(f"cannot reach MongoDB: {_first_line(exc)}") from exc
+    except OperationFailure as exc:
+        if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed: the deployment will not serve us
+            raise ConfigurationError(
+                f"MongoDB refused access: {_first_line(exc)} (check the URI's credentials)"
+            ) from exc
+        raise
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, 
 from .job import JobInterface, load_job_class, serves
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
-from .protocol import Claimed, Exit, Finished, RunJob
+from .protocol import Claimed, Ending, Exit, Finished, RunJob
 from .scheduler import Scheduler
 
 #: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
@@ -63,6 +63,7 @@ class Worker:
         #: The allow-list: job code is imported from these modules (and their submodules) only; None: any.
         self.job_modules = None if job_modules is None else tuple(job_modules)
         scheduler.owner = worker_id
+        self._connection: Connection | None = None  # to the manager, while a job runs
 
     # -- entry points ----------------------------------------------------------------------------------------------
 
@@ -106,9 +107,11 @@ class Worker:
             return False
         timeout = int((claimed.get("options") or {}).get("timeout", 0))
         _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1))))
+        self._connection = connection
         try:
             self._execute(claimed)
         finally:
+            self._connection = None
             _send(connection, Finished(claimed["_id"], True))
         return True
 
@@ -147,12 +150,17 @@ class Worker:
         return False
 
     def _execute(self, doc: dict[str, Any]) -> None:
+        self.scheduler.running_job = (doc["_id"], int(doc.get("run", 1)))
         try:
             instance = self._instantiate(doc)
             result = instance.start()
-        except (Exception, SystemExit) as exc:  # sys.exit() in a job fails the job, not the worker
+        except BaseException as exc:  # sys.exit() or any other exit from start() fails the run, not the worker
+            _send(self._connection, Ending(doc["_id"]))
             self._failed(doc, exc, exc_info=True)
             return
+        finally:
+            self.scheduler.running_job = None
+        _send(self._connection, Ending(doc["_id"]))  # from here on, no fence or timeout: the work is done
         try:  # the library's own read: an outage here is ridden out, never the job's failure
             self._patiently(lambda: self._check_children(doc))
         except ChildJobFailedError as exc:
@@ -221,13 +229,16 @@ class Worker:
         return instance
 
     def _check_children(self, doc: Mapping[str, Any]) -> None:
+        run = int(doc.get("run", 1))
         for child in self.life.store.children(doc["_id"]):
+            if child.get("parent_run", run) != run:
+                continue  # a child of an earlier run: its outcome was that run's
             status = JobStatus(child["status"])
             if status in (JobStatus.FAILED, JobStatus.TIMEOUT):
                 raise ChildJobFailedError(f"child job {child['_id']} ended {status.name}")
 
 
-def _send(connection: Connection | None, message: Claimed | Finished) -> None:
+def _send(connection: Connection | None, message: Claimed | Ending | Finished) -> None:
     if connection is None:
         return
     try:

@@ -84,11 +84,16 @@ _CONNECTION_OPTIONS = [
     (
         "--job-queue-size",
         DEFAULT_JOB_QUEUE_SIZE,
-        click.IntRange(min=0),
+        click.IntRange(min=0, max=2**50),
         "Job collection size in bytes (0: not capped).",
     ),
     ("--event-queue", DEFAULT_EVENT_QUEUE, str, "Event collection."),
-    ("--event-queue-size", DEFAULT_EVENT_QUEUE_SIZE, click.IntRange(min=0), "Event collection size (0: not capped)."),
+    (
+        "--event-queue-size",
+        DEFAULT_EVENT_QUEUE_SIZE,
+        click.IntRange(min=0, max=2**50),
+        "Event collection size (0: not capped).",
+    ),
 ]
 
 
@@ -274,7 +279,7 @@ def add(
     if data is not None:
         try:
             payload = json_util.loads(data)
-        except ValueError as exc:
+        except Exception as exc:  # ValueError, bson's InvalidId...: the operator's text, said in one line
             raise click.BadParameter(f"--data is not valid JSON: {exc}") from None
     given: dict[str, Any] = {
         o.AT: _parse_at(at),
@@ -307,7 +312,9 @@ def _status_names() -> list[str]:
 )
 @_option("--all", "show_all", is_flag=True, help="Jobs in every status.")
 @_option("--class", "job_class", default=None, help="Only jobs of this class.")
-@_option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Newest jobs shown.")
+@_option(
+    "--limit", type=click.IntRange(min=1, max=10**9), default=200, show_default=True, help="Newest jobs shown."
+)
 @_option("--json", "as_json", is_flag=True, help="Print plain JSON (one array) instead of a table.")
 def jobs(
     conn: Connection,
