@@ -58,7 +58,7 @@ from taskscheduler.errors import InvalidArgumentError
 JOB = "sample_jobs:ChaosJob"
 ORPHANED_TIMEOUT = 2.0
 #: How long faults are injected; then the system settles within SETTLE_SECONDS.
-FAULT_SECONDS = 15.0
+FAULT_SECONDS = 12.0
 SETTLE_SECONDS = 45.0
 #: Overlap of activity below this is scheduling noise (one clock, time.monotonic(), for every process).
 OVERLAP_SLACK = 0.02

@@ -174,8 +174,11 @@ def _timed_out(scheduler: Scheduler, job_id: ObjectId) -> None:
 
 
 def _canceled(scheduler: Scheduler, job_id: ObjectId) -> None:
-    claim(scheduler, job_id)
+    _, worker = claim(scheduler, job_id)
     scheduler.cancel_job(job_id)
+    with pytest.raises(InvalidArgumentError, match="still being stopped"):
+        scheduler.requeue_job(job_id)  # its worker may still run it: no second one yet
+    scheduler.lifecycle.after_kill(job_id, worker, 1, "cancel", 0).record()  # its node saw the worker die
 
 
 @pytest.mark.parametrize(
