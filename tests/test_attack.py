@@ -22,7 +22,7 @@ from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
-from conftest import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import AbstractJob, DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.embedded import EmbeddedServer

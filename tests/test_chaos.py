@@ -51,7 +51,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from conftest import Node, wait_until
+from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import InvalidArgumentError
 

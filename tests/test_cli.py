@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from conftest import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.store import fields_equal, literal, utcnow

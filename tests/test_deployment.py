@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from conftest import TESTS_DIR
+from helpers import TESTS_DIR
 from taskscheduler import Scheduler
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import ConfigurationError

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Node, wait_until
+from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import JobFailedError
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from conftest import Node, wait_until
+from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 
 pytestmark = pytest.mark.e2e

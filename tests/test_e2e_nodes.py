@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node, wait_until
+from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Node, wait_until
+from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 

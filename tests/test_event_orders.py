@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from conftest import wait_until
+from helpers import wait_until
 from taskscheduler import JobStatus, Process, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 

@@ -10,7 +10,7 @@ import bson
 import pytest
 from bson import ObjectId
 
-from conftest import SizeGuard
+from helpers import SizeGuard
 from taskscheduler import JobStatus, Scheduler, Worker, lifecycle
 from taskscheduler.constants import NO_WORKER, UNSET_TIME
 from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError

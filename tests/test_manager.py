@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from conftest import wait_until
+from helpers import wait_until
 from taskscheduler import DefaultWorkerFactory, WorkerManager
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned

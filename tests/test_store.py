@@ -10,7 +10,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient, monitoring
 
-from conftest import SizeGuard
+from helpers import SizeGuard
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import InvalidArgumentError, QueueFullError
 from taskscheduler.store import ID_BATCH, fields_equal, fingerprint, literal, same_value, utcnow, with_prefix
@@ -31,7 +31,9 @@ def test_collections_are_capped_by_default_with_named_indexes(scheduler: Schedul
     assert db["taskscheduler.jobs"].index_information()["status_expires"]["key"] == [("status", 1), ("expires", 1)]
     # The room ledger of the capped job collection holds the bytes its documents use.
     stored = db["taskscheduler.jobs"].find_one({"_id": p.id})
-    assert db["taskscheduler.jobs.room"].find_one({"_id": "used"}) == {"_id": "used", "bytes": len(bson.encode(stored))}
+    ledger = db["taskscheduler.jobs.room"].find_one({"_id": "used"})
+    # A producer reserves a chunk at a time (64 KiB here) and spends it on its next jobs.
+    assert ledger == {"_id": "used", "bytes": 64 * 1024} and len(bson.encode(stored)) < 64 * 1024
     scheduler.store._ready = False
     scheduler.store.ensure()  # idempotent
     assert set(db["taskscheduler.jobs"].index_information()) == names

@@ -397,13 +397,15 @@ class Lifecycle:
 
     # -- the run ---------------------------------------------------------------------------------------------------
 
-    def claim(self, job_id: ObjectId, worker: ObjectId, lease: float) -> Document | None:
-        """WAITING -> PROCESSING, owned by ``worker`` with a lease of ``lease`` seconds on the server's clock."""
-        doc = self.store.claim(job_id, worker, lease)
+    def claim(self, job: Mapping[str, Any] | ObjectId, worker: ObjectId, lease: float) -> Document | None:
+        """This run of ``job`` (a document, or an id for its current run): WAITING -> PROCESSING, owned by
+        ``worker`` with a lease of ``lease`` seconds on the server's clock. None when another worker had it
+        first, or the job has moved on to another run."""
+        doc = self.store.claim(job, worker, lease)
         if doc is not None:
             self.logger.info(
-                f"claimed job {job_id} ({doc.get('class')}) run {doc.get('run')}",
-                extra={"job_id": job_id, "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
+                f"claimed job {doc['_id']} ({doc.get('class')}) run {doc.get('run')}",
+                extra={"job_id": doc["_id"], "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
             )
             self.emit(JobStatus.PROCESSING, doc)
         return doc

@@ -23,7 +23,7 @@ import bson
 import pymongo
 from bson import CodecOptions, ObjectId
 from bson.raw_bson import RawBSONDocument
-from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import (
@@ -53,6 +53,9 @@ MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
 MIN_SERVER_VERSION = (5, 0, 7)
 #: Reservations tried (each after freeing room) before a busy, full job collection is reported full.
 ROOM_ATTEMPTS = 50
+#: Bytes of the room ledger a producer reserves at a time (1/1024 of the cap when smaller): what it does not use
+#: stays counted until a reconciliation gives it back.
+ROOM_CHUNK_BYTES = 64 * 1024
 #: Bytes a reconciled room ledger allows for reservations in flight (or 1/64 of the cap if more, 1/8 at most).
 RECONCILE_MARGIN_BYTES = 64 * 1024
 #: Finished jobs looked at per attempt to make room in a full capped job collection.
@@ -225,6 +228,8 @@ class Store:
         self._ready = False
         self._checked = False
         self._cap = job_queue_size  # the job collection's real cap, read by ensure()
+        self._chunk = 0  # bytes reserved at a time (see _reserve)
+        self._credit = 0  # bytes this producer reserved and has not used yet
 
     # -- collections and indexes -------------------------------------------------------------------------------
 
@@ -256,6 +261,7 @@ class Store:
         self._create(self.job_queue, self.job_queue_size)
         self._create(self.event_queue, self.event_queue_size)
         self._cap = self._capped_size(self.job_queue)
+        self._chunk = min(ROOM_CHUNK_BYTES, self._cap // 1024)
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
@@ -319,6 +325,7 @@ class Store:
                 self.room.drop()
                 self.once.drop()
             self._ready = False
+            self._credit = 0  # the ledger went with the collection
             self.ensure()
             if (not self.job_queue_size or self._capped_size(self.job_queue)) and (
                 not self.event_queue_size or self._capped_size(self.event_queue)
@@ -359,8 +366,9 @@ class Store:
 
     # The ledger: a capped collection evicts its oldest documents once the next insert does not fit, and with one
     # document per job for its whole life the oldest may be a recurring job that never ends. So every insert
-    # first reserves its bytes with one conditional $inc (atomic with any number of producers): while the ledger
-    # stays within the cap, the server never evicts anything. When it would not fit, finished jobs are deleted to
+    # first reserves its bytes with a conditional $inc (atomic with any number of producers; a producer reserves a
+    # chunk at a time and spends it on its next jobs): while the ledger stays within the cap, the server never
+    # evicts anything. When it would not fit, finished jobs are deleted to
     # make room (each freed byte is given back by the one producer whose delete removed it). A producer killed
     # between reserving and inserting leaves a few bytes reserved, on the safe side; when the ledger says full,
     # it is reconciled with what the collection holds (see _reconcile).
@@ -369,11 +377,19 @@ class Store:
         limit = self._cap
         if not limit:
             return
+        if self._credit >= size:  # bytes this producer reserved already
+            self._credit -= size
+            return
         for _ in range(ROOM_ATTEMPTS):
-            with _server_errors():
-                done = self.room.update_one({"_id": "used", "bytes": {"$lte": limit - size}}, {"$inc": {"bytes": size}})
-            if done.modified_count == 1:
-                return
+            # A chunk at a time while there is room (one ledger write per many jobs), the job's own size near full.
+            for want in sorted({max(size, self._chunk), size}, reverse=True):
+                with _server_errors():
+                    done = self.room.update_one(
+                        {"_id": "used", "bytes": {"$lte": limit - want}}, {"$inc": {"bytes": want}}
+                    )
+                if done.modified_count == 1:
+                    self._credit += want - size
+                    return
             with _server_errors():
                 ledger = self.room.find_one({"_id": "used"})
             if ledger is None:
@@ -406,8 +422,7 @@ class Store:
 
     def _unreserve(self, size: int) -> None:
         if self._cap:
-            with contextlib.suppress(PyMongoError, ServerUnavailableError), _server_errors():
-                self.room.update_one({"_id": "used"}, {"$inc": {"bytes": -size}})
+            self._credit += size  # kept for this producer's next job
 
     def _open_ledger(self) -> None:
         """Start the ledger from what the collection holds (a collection created by an older version)."""
@@ -515,27 +530,30 @@ class Store:
             result = self.jobs.update_one({"_id": job_id}, [{"$set": stage}])
         return result.modified_count == 1
 
-    def claim(self, job_id: ObjectId, worker: ObjectId, lease: float) -> Document | None:
-        """The atomic claim, in one round trip: WAITING -> PROCESSING owned by ``worker`` with a lease on the
-        server's clock. Returns the claimed document, or None when another worker had it first."""
-        when = {"$eq": ["$status", int(JobStatus.WAITING)]}
+    def claim(self, job: Mapping[str, Any] | ObjectId, worker: ObjectId, lease: float) -> Document | None:
+        """The atomic claim, in one round trip: this run of the job, WAITING -> PROCESSING owned by ``worker``,
+        with a lease on the server's clock (``alive``, ``expires``). Returns the claimed document (the given one
+        with what the claim wrote; ``alive``/``expires`` stay the server's), or None when another worker had it
+        first or the run has moved on. (An update, not findAndModify: some servers run the latter far slower.)"""
+        doc = job if isinstance(job, Mapping) else self.find_job(job)  # by id: its current run
+        if doc is None:
+            return None
+        started = utcnow()
+        when = fields_equal({"status": int(JobStatus.WAITING), "run": doc.get("run", 1)})
         fields = {
             "status": literal(int(JobStatus.PROCESSING)),
             "worker": literal(worker),
-            "started": SERVER_NOW,
+            "started": literal(started),
             "alive": SERVER_NOW,
             "expires": lease_end(lease),
             "lease": literal(float(lease)),
             "progress": literal(0.0),
         }
-        stage = {name: {"$cond": [when, value, f"${name}"]} for name, value in fields.items()}
-        with _server_errors():
-            doc = self.jobs.find_one_and_update(
-                {"_id": job_id}, [{"$set": stage}], return_document=ReturnDocument.AFTER
-            )
-        if doc is None or doc.get("status") != JobStatus.PROCESSING or doc.get("worker") != worker:
+        if not self.transition(doc["_id"], when, fields):
             return None
-        return doc
+        claimed = dict(doc, status=int(JobStatus.PROCESSING), worker=worker, started=started)
+        claimed.update(lease=float(lease), progress=0.0)
+        return claimed
 
     def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> dict[ObjectId, Document | None]:
         """Renew the leases of running jobs (job id -> owning worker) on the server's clock, each for its own

@@ -119,7 +119,7 @@ class Worker:
 
     def _claim(self, doc: Mapping[str, Any], lease: float) -> dict[str, Any] | None:
         try:
-            return self.life.claim(doc["_id"], self.id, lease)
+            return self.life.claim(doc, self.id, lease)
         except ServerUnavailableError:
             pass
         # The claim's answer was lost: it may or may not be written. Look, while the server lets us.
