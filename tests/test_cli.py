@@ -54,7 +54,7 @@ def test_add_jobs_show_cancel_flush(run: Any, scheduler: Scheduler) -> None:
     assert json.loads(shown.stdout)["status_name"] == "WAITING"
     assert run("cancel", str(job_id)).returncode == 0
     assert scheduler.get_job(job_id).status == JobStatus.CANCELED
-    assert json.loads(run("jobs", "--json", "--status", "canceled").stdout)[0]["status"] == 5
+    assert json.loads(run("jobs", "--json", "--status", "canceled").stdout)[0]["status"] == JobStatus.CANCELED
     assert run("flush", "--yes").returncode == 0
     assert list(scheduler.get_jobs({})) == []
 

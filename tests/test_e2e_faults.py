@@ -57,7 +57,12 @@ def test_sigkill_of_a_node_group_reruns_job_elsewhere(
     assert pid_file.read_text() != first_pid
     doc = scheduler.store.find_job(p.id)
     assert doc["orphaned"] == 1
-    assert [e["status"] for e in scheduler.store.job_events(p.id)] == [2, 0, 2, 3]
+    assert [e["status"] for e in scheduler.store.job_events(p.id)] == [
+        JobStatus.PROCESSING,
+        JobStatus.WAITING,
+        JobStatus.PROCESSING,
+        JobStatus.DONE,
+    ]
 
 
 def test_sigterm_puts_running_job_back_and_exits_zero(

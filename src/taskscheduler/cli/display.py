@@ -100,5 +100,5 @@ def watch_jobs(scheduler: Scheduler, interval: float = 0.5, once: bool = False, 
 
 
 def _recent(scheduler: Scheduler, limit: int) -> list[Process]:
-    found = list(scheduler.get_jobs({"_id": {"$exists": True}}))
-    return found[-limit:]
+    """The newest ``limit`` jobs, oldest of them first (read by the primary key, never the whole collection)."""
+    return [ProcessView(doc, scheduler) for doc in reversed(scheduler.store.newest_jobs({}, limit))]
