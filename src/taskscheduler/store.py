@@ -95,14 +95,6 @@ def encoded_size(value: Any) -> int:
         raise InvalidArgumentError(f"value cannot be stored in MongoDB (not BSON-encodable): {exc}") from exc
 
 
-def is_encodable(value: Any) -> bool:
-    try:
-        encoded_size(value)
-    except InvalidArgumentError:
-        return False
-    return True
-
-
 def _canonical(value: Any) -> Any:
     if isinstance(value, Mapping):
         return [[str(k), _canonical(v)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))]
@@ -332,10 +324,6 @@ class Store:
             ):
                 return
         raise ConfigurationError("flush: the job or event collection keeps being created uncapped by writers")
-
-    def ping(self) -> None:
-        with _server_errors():
-            self.db.client.admin.command("ping")
 
     def server_time(self) -> datetime:
         """The server's clock (what leases are measured on)."""
