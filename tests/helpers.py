@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import bson
+from bson import ObjectId
 from pymongo.database import Database
 
-from taskscheduler import Scheduler
+from taskscheduler import DefaultWorkerFactory, Scheduler
 
 #: The tests directory (on sys.path for the job modules the tests' queue nodes import).
 TESTS_DIR = Path(__file__).resolve().parent
@@ -104,3 +105,17 @@ class SizeGuard:
             if size != sizes[doc["_id"]]:
                 problems.append(f"{doc['_id']}: {sizes[doc['_id']]} bytes at insert, {size} now")
         assert not problems, "job document sizes changed:\n" + "\n".join(problems)
+
+
+class IdleWorkerFactory(DefaultWorkerFactory):
+    """Builds workers that only wait on their pipe (manager tests: no MongoDB needed)."""
+
+    def __init__(self) -> None:
+        super().__init__("mongodb://127.0.0.1:1/?directConnection=true", "x")
+
+    def build_worker(self, worker_id: ObjectId) -> Any:
+        class Idle:
+            def serve(self, connection: Any, job: Any = None) -> None:
+                connection.recv()
+
+        return Idle()

@@ -21,7 +21,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from crash_jobs import HUGE, read_log
-from helpers import Node, wait_until
+from helpers import IdleWorkerFactory, Node, wait_until
 from taskscheduler import DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import QueueFullError, ServerUnavailableError, WaitTimeoutError
@@ -282,20 +282,8 @@ def test_6_oversized_result_and_error_are_recorded(
 # 7. A force_spawn job that arrived while the manager backed off spawning was dropped.
 
 
-class _IdleFactory(DefaultWorkerFactory):
-    def __init__(self) -> None:
-        super().__init__("mongodb://127.0.0.1:1/?directConnection=true", "x")
-
-    def build_worker(self, worker_id: ObjectId) -> Any:
-        class Idle:
-            def serve(self, connection: Any, job: Any = None) -> None:
-                connection.recv()
-
-        return Idle()
-
-
 def test_7_force_spawn_during_a_spawn_backoff_runs_after_it() -> None:
-    manager = WorkerManager(_IdleFactory(), options={"pm": "ondemand", "min_children": 0})
+    manager = WorkerManager(IdleWorkerFactory(), options={"pm": "ondemand", "min_children": 0})
     manager._spawn_blocked_until = time.monotonic() + 0.3  # a fork just failed
     manager._add(RunJob({"_id": ObjectId(), "options": {"force_spawn": True}}, 30.0))
     assert manager.count() == 0

@@ -8,9 +8,8 @@ from multiprocessing import Pipe
 from typing import Any
 
 import pytest
-from bson import ObjectId
 
-from helpers import wait_until
+from helpers import IdleWorkerFactory, wait_until
 from taskscheduler import DefaultWorkerFactory, WorkerManager
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned
@@ -61,7 +60,7 @@ def test_manager_forks_min_children_and_stops_them() -> None:
         code = 0
         try:
             parent.close()
-            WorkerManager(_SleepyFactory(), options={"pm": "static", "min_children": 2}).process(child)
+            WorkerManager(IdleWorkerFactory(), options={"pm": "static", "min_children": 2}).process(child)
         except BaseException:
             import traceback
 
@@ -90,15 +89,3 @@ def test_manager_forks_min_children_and_stops_them() -> None:
     assert not [m for m in messages if isinstance(m, JobKilled)]  # idle workers: no job to report
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
-
-
-class _SleepyFactory(DefaultWorkerFactory):
-    def __init__(self) -> None:
-        super().__init__("mongodb://127.0.0.1:1/?directConnection=true", "x")
-
-    def build_worker(self, worker_id: ObjectId) -> Any:
-        class Idle:
-            def serve(self, connection: Any, job: Any = None) -> None:
-                connection.recv()
-
-        return Idle()
