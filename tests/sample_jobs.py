@@ -151,3 +151,86 @@ class ChaosJob(AbstractJob):
                 if time.monotonic() > deadline:
                     return None
                 time.sleep(0.1)
+
+
+# -- function and async jobs (issue: scheduling) -----------------------------------------------------------------
+
+
+def add_numbers(data: dict[str, Any]) -> int:
+    """A function job: reports progress through current_job(), returns the sum."""
+    from taskscheduler import current_job
+
+    job = current_job()
+    assert job is not None
+    job.update_progress(50)
+    return int(data["a"]) + int(data["b"])
+
+
+def failing_function(data: Any) -> None:
+    raise RuntimeError(f"function failed: {data}")
+
+
+def sleepy_function(data: dict[str, Any]) -> str:
+    time.sleep(float(data["seconds"]))
+    return "slept"
+
+
+def whoami(data: Any) -> dict[str, Any]:
+    """Returns what current_job() says of the running job."""
+    from taskscheduler import current_job
+
+    job = current_job()
+    assert job is not None
+    return {"id": str(job.id), "data": job.data, "scheduler": type(job.scheduler).__name__}
+
+
+class AsyncEcho(AbstractJob):
+    """An async job: awaits, reports progress, returns its data and the id current_job() gives."""
+
+    async def start(self) -> Any:
+        import asyncio
+
+        from taskscheduler import current_job
+
+        await asyncio.sleep(0.01)
+        self.update_progress(40)
+        job = current_job()
+        return {"data": self.data, "current": str(job.id) if job else None}
+
+
+class AsyncSleep(AbstractJob):
+    """An async job that sleeps in its event loop for ``data["seconds"]``."""
+
+    async def start(self) -> str:
+        import asyncio
+
+        await asyncio.sleep(float(self.data["seconds"]))
+        return "slept"
+
+
+async def async_function(data: Any) -> Any:
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    return {"async": data}
+
+
+class StartTime(AbstractJob):
+    """Records when it started (for ordering tests) and sleeps ``data.get("seconds", 0)``."""
+
+    def start(self) -> float:
+        started = time.time()
+        time.sleep(float((self.data or {}).get("seconds", 0)))
+        return started
+
+
+class SlowProgress(AbstractJob):
+    """Moves its progress in ``data["steps"]`` steps of ``data["pause"]`` seconds each (the dashboard's progress
+    bars; with many steps, a job that runs until it is canceled)."""
+
+    def start(self) -> str:
+        steps = int(self.data.get("steps", 10))
+        for step in range(1, steps + 1):
+            time.sleep(float(self.data.get("pause", 0.3)))
+            self.update_progress(100.0 * step / steps)
+        return f"{steps} steps"

@@ -797,7 +797,11 @@ def _check_entry(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]], pr
 
 def _check_attempts(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]]) -> None:
     attempts = sorted(kinds["attempt"], key=lambda e: e["time"])
-    releases = {e["worker"]: e for e in kinds["release"]}
+    # A worker may claim a run again after it was released: each attempt is closed by that worker's first
+    # release after it.
+    pending_releases: dict[Any, list[dict[str, Any]]] = {}
+    for e in sorted(kinds["release"], key=lambda e: e["time"]):
+        pending_releases.setdefault(e["worker"], []).append(e)
     end = kinds["end"][0] if kinds["end"] else None
     workers = {a["worker"] for a in attempts}
     for e in kinds["release"]:
@@ -807,7 +811,8 @@ def _check_attempts(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]])
         note = f"run {run}: end {JobStatus(end['status']).name} by worker ..{str(end['worker'])[-6:]} has no attempt"
         (j.tolerated if end["status"] == JobStatus.CANCELED else j.problems).append(note)
     for i, attempt in enumerate(attempts):
-        closing = releases.get(attempt["worker"])
+        mine = pending_releases.get(attempt["worker"]) or []
+        closing = mine.pop(0) if mine else None
         if closing is None and end is not None and end.get("worker") == attempt["worker"]:
             closing = end
         if closing is None:

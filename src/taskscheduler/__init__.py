@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from . import errors, events
+from .asynchronous import AsyncProcess, AsyncScheduler
 from .constants import VERSION, JobStatus
 from .factory import DefaultWorkerFactory, WorkerFactory
-from .job import AbstractJob, JobInterface
+from .job import AbstractJob, JobInterface, current_job
 from .manager import WorkerManager
 from .process import Process
 from .queue import Queue
@@ -24,6 +25,12 @@ OPTION_FORCE_SPAWN = Scheduler.OPTION_FORCE_SPAWN
 OPTION_TIMEOUT = Scheduler.OPTION_TIMEOUT
 OPTION_ID = Scheduler.OPTION_ID
 OPTION_IGNORE_DATA = Scheduler.OPTION_IGNORE_DATA
+OPTION_CRON = Scheduler.OPTION_CRON
+OPTION_TIMEZONE = Scheduler.OPTION_TIMEZONE
+OPTION_RETRY_BACKOFF = Scheduler.OPTION_RETRY_BACKOFF
+OPTION_RETRY_MAX_INTERVAL = Scheduler.OPTION_RETRY_MAX_INTERVAL
+OPTION_RETRY_JITTER = Scheduler.OPTION_RETRY_JITTER
+OPTION_PRIORITY = Scheduler.OPTION_PRIORITY
 OPTION_THROW_EXCEPTION = Scheduler.OPTION_THROW_EXCEPTION
 OPTION_JOB_QUEUE = Scheduler.OPTION_JOB_QUEUE
 OPTION_JOB_QUEUE_SIZE = Scheduler.OPTION_JOB_QUEUE_SIZE
@@ -40,10 +47,13 @@ OPTION_PROGRESS_RATE_LIMIT = Scheduler.OPTION_PROGRESS_RATE_LIMIT
 
 __all__ = [
     "AbstractJob",
+    "AsyncProcess",
+    "AsyncScheduler",
     "DefaultWorkerFactory",
     "JobInterface",
     "JobStatus",
     "OPTION_AT",
+    "OPTION_CRON",
     "OPTION_DEFAULT_AT",
     "OPTION_DEFAULT_INTERVAL",
     "OPTION_DEFAULT_INTERVAL_REFERENCE",
@@ -60,11 +70,16 @@ __all__ = [
     "OPTION_JOB_QUEUE",
     "OPTION_JOB_QUEUE_SIZE",
     "OPTION_JOB_RETENTION",
+    "OPTION_PRIORITY",
     "OPTION_PROGRESS_RATE_LIMIT",
     "OPTION_RETRY",
+    "OPTION_RETRY_BACKOFF",
     "OPTION_RETRY_INTERVAL",
+    "OPTION_RETRY_JITTER",
+    "OPTION_RETRY_MAX_INTERVAL",
     "OPTION_THROW_EXCEPTION",
     "OPTION_TIMEOUT",
+    "OPTION_TIMEZONE",
     "Process",
     "Queue",
     "Scheduler",
@@ -72,6 +87,7 @@ __all__ = [
     "WorkerFactory",
     "WorkerManager",
     "__version__",
+    "current_job",
     "errors",
     "events",
 ]

@@ -73,6 +73,10 @@ class ConfigurationError(TaskSchedulerError):
     """Raised when the MongoDB deployment cannot serve: not a replica set, or older than the supported floor."""
 
 
+class MissingExtraError(ConfigurationError):
+    """Raised when a feature needs an optional extra that is not installed; the message names the pip install."""
+
+
 class EmbeddedServerError(TaskSchedulerError):
     """Raised when the embedded server is not installed, cannot use its port, or does not start."""
 

@@ -53,6 +53,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="taskscheduler-heartbeat", daemon=True)
         #: Renewals that reached the server (for tests and operators).
         self.renewals = 0
+        #: When a beat last reached the server (``time.monotonic()``): the node's metrics show its age.
+        self.reached = time.monotonic()
 
     def start(self) -> Heartbeat:
         self._thread.start()
@@ -78,6 +80,7 @@ class Heartbeat:
         if self.register is not None:
             try:  # the registry is for operators: its trouble must never stop a renewal
                 self.register()
+                self.reached = time.monotonic()
             except Exception as exc:
                 self.logger.warning(f"could not refresh this node's registry entry: {exc}")
         owners = dict(self.running())
@@ -86,6 +89,7 @@ class Heartbeat:
         sent = time.monotonic()
         lost = self.life.heartbeat(owners)
         self.renewals += 1
+        self.reached = time.monotonic()
         for job_id in lost:
             self.logger.error(
                 f"job {job_id} is no longer ours (its lease ran out and it was taken over or put back); "

@@ -1,11 +1,14 @@
-"""What a job is: JobInterface, AbstractJob, and how a job class is named and imported."""
+"""What a job is: JobInterface, AbstractJob, a plain function run as a job, ``current_job()``, and how a job
+class (or function) is named and imported."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from bson import ObjectId
 
@@ -62,8 +65,58 @@ class AbstractJob(JobInterface):
         return self
 
 
-def class_path(job_class: type | str) -> str:
-    """The stored name of a job class: ``"module:QualName"`` (a string is kept, dotted ones normalised)."""
+class FunctionJob(AbstractJob):
+    """A plain module-level function ``f(data)`` run as a job: ``start()`` calls it with the job's data, and
+    inside it ``current_job()`` offers what ``self`` offers a class."""
+
+    def __init__(self, function: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.function = function
+
+    def start(self) -> Any:
+        return self.function(self.data)
+
+
+#: What a stored job name resolves to: a job class, or a function run through FunctionJob.
+JobTarget: TypeAlias = "type[JobInterface] | Callable[[Any], Any]"
+
+_current: ContextVar[JobInterface | None] = ContextVar("taskscheduler_current_job", default=None)
+
+
+def current_job() -> JobInterface | None:
+    """The job running in this worker (its ``id``, ``data``, ``scheduler`` and ``update_progress``), or None
+    outside a job. Works in a function job, in a class's ``start()``, and in the coroutine of an async one."""
+    return _current.get()
+
+
+def set_current_job(job: JobInterface | None) -> Any:
+    """Make ``job`` the one ``current_job()`` returns; returns the token that ``reset_current_job`` takes."""
+    return _current.set(job)
+
+
+def reset_current_job(token: Any) -> None:
+    _current.reset(token)
+
+
+def is_job_function(target: Any) -> bool:
+    """A module-level function (sync or async) that a worker can import by name."""
+    return inspect.isfunction(target) and target.__name__ != "<lambda>"
+
+
+def class_path(job_class: type | Callable[..., Any] | str) -> str:
+    """The stored name of a job class or function: ``"module:QualName"`` (a string is kept, dotted ones
+    normalised)."""
+    if is_job_function(job_class):
+        function: Any = job_class
+        if "<locals>" in function.__qualname__ or "." in function.__qualname__:
+            raise InvalidArgumentError(
+                f"job function {function.__qualname__} must be defined at module level, not inside a function or class"
+            )
+        return _importable(f"{function.__module__}:{function.__qualname__}")
+    if callable(job_class) and not isinstance(job_class, (type, str)):
+        raise InvalidArgumentError(
+            f"a job must be a JobInterface class or a module-level function, got {job_class!r}"
+        )
     if isinstance(job_class, type):
         if not issubclass(job_class, JobInterface):
             raise InvalidArgumentError(f"job class {job_class.__qualname__} must implement taskscheduler.JobInterface")
@@ -97,9 +150,9 @@ def serves(path: str, modules: Iterable[str]) -> bool:
     return any(module == m or module.startswith(m + ".") for m in modules)
 
 
-def load_job_class(path: str, allowed: Iterable[str] | None = None) -> type[JobInterface]:
-    """Import ``"module:QualName"`` or ``"module.QualName"``; InvalidJobError when that fails. With ``allowed``
-    (a node's allow-list), nothing outside those modules is ever imported."""
+def load_job_class(path: str, allowed: Iterable[str] | None = None) -> JobTarget:
+    """Import ``"module:QualName"`` or ``"module.QualName"`` (a job class or a job function); InvalidJobError when
+    that fails. With ``allowed`` (a node's allow-list), nothing outside those modules is ever imported."""
     modules = None if allowed is None else tuple(allowed)
     if modules is not None and not serves(path, modules):
         raise InvalidJobError(f"job class {path!r} is outside this node's allowed modules ({', '.join(modules)})")
@@ -125,6 +178,9 @@ def load_job_class(path: str, allowed: Iterable[str] | None = None) -> type[JobI
         except AttributeError:
             problem = f"module {module_name!r} has no attribute {qualname!r}"
             continue
+        if is_job_function(target):
+            function: Callable[[Any], Any] = target
+            return function
         if not isinstance(target, type) or not issubclass(target, JobInterface):
             raise InvalidJobError(f"job class {path!r} does not implement taskscheduler.JobInterface")
         return target

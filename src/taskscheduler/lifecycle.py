@@ -39,6 +39,7 @@ from .errors import (
 from .events import Emitter
 from .job import class_path
 from .process import Process
+from .recurrence import next_cron_time, retry_delay
 from .store import (
     MAX_DOCUMENT_SIZE,
     StatusChange,
@@ -101,9 +102,11 @@ def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:
     return fitted
 
 
-def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId) -> ObjectId:
-    """The id of a run's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node)."""
-    return _derived_id(job_id, run, worker.binary)
+def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId, started: datetime | None = None) -> ObjectId:
+    """The id of a claim's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node),
+    and another for each claim (its ``started``, in ms): a worker may claim a run again after it was released."""
+    millis = int(started.timestamp() * 1000) if isinstance(started, datetime) and started != UNSET_TIME else 0
+    return _derived_id(job_id, run, worker.binary + millis.to_bytes(8, "big", signed=True))
 
 
 def _derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
@@ -157,6 +160,8 @@ class Lifecycle:
         path = class_path(job_class)
         encoded_size(data)
         opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place
+        if opts[o.CRON]:  # the first match from the given time (or from now) on
+            opts[o.AT] = next_cron_time(opts[o.CRON], opts[o.TIMEZONE], max(opts[o.AT], time.time()) - 0.001)
         now = utcnow()
         status = JobStatus.POSTPONED if opts[o.AT] > time.time() else JobStatus.WAITING
         # Every field a later update writes is here from the start, with its final BSON type (see store.py).
@@ -174,6 +179,7 @@ class Lifecycle:
             "worker": NO_WORKER,
             "progress": 0.0,
             "orphaned": 0,
+            "failures": 0,
             "outcome": NO_EVENT,
             "change": NO_EVENT,
             "key": fingerprint(path, data),
@@ -340,7 +346,7 @@ class Lifecycle:
         event_id = ObjectId()
         options = dict(doc.get("options") or {}, at=0.0)
         requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
-        requeued.update(options=options, change=event_id)
+        requeued.update(options=options, change=event_id, failures=0)
         self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
         fields = {
             "status": literal(int(JobStatus.WAITING)),
@@ -348,6 +354,7 @@ class Lifecycle:
             "worker": literal(NO_WORKER),
             "progress": literal(0.0),
             "orphaned": literal(0),
+            "failures": literal(0),
             "options.at": literal(0.0),
             "change": literal(event_id),
         }
@@ -546,7 +553,9 @@ class Change:
             JobStatus.PROCESSING,
             self.worker,
             time=started if isinstance(started, datetime) else None,
-            event_id=processing_event_id(self.doc["_id"], self.run, self.worker),
+            event_id=processing_event_id(
+                self.doc["_id"], self.run, self.worker, started if isinstance(started, datetime) else None
+            ),
         )
 
 
@@ -605,9 +614,10 @@ class RunEnd(Change):
         follow = next_start(self.doc, status, now.timestamp())
         if follow is not None:
             next_status, at, retry = follow
+            failures = int(self.doc.get("failures", 0)) + 1 if status != JobStatus.DONE else 0
             options = dict(self.doc.get("options") or {}, at=at, retry=retry)
             self.next_doc = dict(self.ended_doc, status=int(next_status), run=self.run + 1, worker=NO_WORKER)
-            self.next_doc.update(progress=0.0, orphaned=0, options=options)
+            self.next_doc.update(progress=0.0, orphaned=0, options=options, failures=failures)
             self.fields.update(
                 {
                     "status": literal(int(next_status)),
@@ -615,6 +625,7 @@ class RunEnd(Change):
                     "worker": literal(NO_WORKER),
                     "progress": literal(0.0),
                     "orphaned": literal(0),
+                    "failures": literal(failures),
                     "options.at": literal(at),
                     "options.retry": literal(retry),
                 }
@@ -760,13 +771,16 @@ class AfterKill:
 
 
 def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
-    """The run that follows an ended one: a retry after FAILED/TIMEOUT, else the next interval run (measured
-    from the end, the start, or for a timeout from now). Returns (status, at, retry left), or None."""
+    """The run that follows an ended one: a retry after FAILED/TIMEOUT (its delay growing by ``retry_backoff``
+    with each failure in a row), else the next cron match after now, else the next interval run (measured from
+    the end, the start, or for a timeout from now). Returns (status, at, retry left), or None."""
     opts = doc.get("options") or {}
     retry = int(opts.get(o.RETRY, 0))
     if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
-        at = now + int(opts.get(o.RETRY_INTERVAL, 0))
+        at = now + retry_delay(dict(opts), int(doc.get("failures", 0)) + 1)
         retry = retry - 1 if retry > 0 else retry
+    elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT) and opts.get(o.CRON):
+        at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), now)
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
         interval = int(opts.get(o.INTERVAL, 0))
         if interval > 0:

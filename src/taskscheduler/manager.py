@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import Pipe
@@ -24,6 +24,7 @@ from bson import ObjectId
 
 from . import forking
 from . import options as o
+from .backlog import Backlog
 from .constants import DYNAMIC_IDLE_SECONDS
 from .errors import InvalidArgumentError, SpawnForkError
 from .protocol import (
@@ -103,7 +104,7 @@ class WorkerManager:
         self.logger = logger or logging.getLogger("taskscheduler.manager")
         self.options = o.manager_options(options)
         self._children: dict[int, _Child] = {}
-        self._pending: OrderedDict[ObjectId, RunJob] = OrderedDict()
+        self._pending = Backlog()
         self._forced: deque[RunJob] = deque()  # force_spawn jobs waiting for a fork to succeed
         self._queue: Connection | None = None
         self._outbox: deque[Any] = deque()  # reports waiting for room in the pipe
@@ -198,9 +199,9 @@ class WorkerManager:
             case RunJob():
                 self._add(message)
             case DropJob(job_id=job_id):
-                self._pending.pop(job_id, None)
+                self._pending.discard(job_id)
             case CancelJob(job_id=job_id):
-                self._pending.pop(job_id, None)
+                self._pending.discard(job_id)
                 self._kill_job(job_id, KillReason.CANCEL)
             case KillJob(job_id=job_id, worker_id=worker_id, reason=reason):
                 self._kill_job(job_id, reason, worker_id)
@@ -225,12 +226,13 @@ class WorkerManager:
                 now = time.monotonic()
                 child.deadline = now + timeout if timeout > 0 else None
                 child.fence = now + (child.task.lease if child.task else 0.0) / 2
-                self._report(JobClaimed(job_id, child.id, run))
+                job_class = str(child.task.doc.get("class", "")) if child.task else ""
+                self._report(JobClaimed(job_id, child.id, run, job_class))
             case Ending():
                 child.ending = True  # start() returned: what is left is recording it, which needs no fence
-            case Finished(job_id=job_id, claimed=claimed):
+            case Finished(job_id=job_id, claimed=claimed, status=status):
                 if claimed and child.claimed:
-                    self._report(JobFinished(job_id, child.id))
+                    self._report(JobFinished(job_id, child.id, status))
                 child.job, child.task, child.claimed, child.deadline = None, None, False, None
                 child.ending = False
                 child.idle_since = time.monotonic()
@@ -244,7 +246,7 @@ class WorkerManager:
             self._forced.append(task)  # its own worker, whatever max_children says
             self._spawn_forced()
             return
-        self._pending[task.doc["_id"]] = task
+        self._pending.add(task)
 
     def _spawn_forced(self) -> None:
         """Fork a worker for each force_spawn job; one that cannot be forked now is kept and tried again."""
@@ -259,13 +261,12 @@ class WorkerManager:
                 (c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None
             )
             if idle is not None:
-                job_id, task = self._pending.popitem(last=False)
-                idle.job, idle.task = job_id, task
+                task = self._pending.pop()
+                idle.job, idle.task = task.doc["_id"], task
                 try:
                     idle.conn.send(task)
                 except (OSError, ValueError):
-                    self._pending[job_id] = task
-                    self._pending.move_to_end(job_id, last=False)
+                    self._pending.put_back(task)
                     idle.job, idle.task = None, None
                     self._forget_connection(idle)
                 continue
@@ -273,10 +274,9 @@ class WorkerManager:
             if pm == o.PM_STATIC or self._pool_size() >= self.options[o.MAX_CHILDREN]:
                 return
             if pm == o.PM_ONDEMAND:
-                job_id, task = self._pending.popitem(last=False)
+                task = self._pending.pop()
                 if self._spawn(task, dedicated=True) is None:
-                    self._pending[job_id] = task
-                    self._pending.move_to_end(job_id, last=False)
+                    self._pending.put_back(task)
                     return
             elif self._spawn() is None:
                 return
@@ -404,8 +404,7 @@ class WorkerManager:
             if (child.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
                 self._forced.appendleft(child.task)
             else:
-                self._pending[child.task.doc["_id"]] = child.task
-                self._pending.move_to_end(child.task.doc["_id"], last=False)
+                self._pending.put_back(child.task)
         if child.kill_reason is None and status != 0 and not child.claimed:
             self.logger.error("worker exited unexpectedly", extra={"pid": child.pid, "status": status})
             self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS

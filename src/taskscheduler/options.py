@@ -14,6 +14,7 @@ from bson import ObjectId
 
 from . import constants as c
 from .errors import InvalidArgumentError
+from .recurrence import cron_expression, timezone_name
 
 # Job options.
 AT = "at"
@@ -25,6 +26,12 @@ FORCE_SPAWN = "force_spawn"
 TIMEOUT = "timeout"
 ID = "id"
 IGNORE_DATA = "ignore_data"
+CRON = "cron"
+TIMEZONE = "timezone"
+RETRY_BACKOFF = "retry_backoff"
+RETRY_MAX_INTERVAL = "retry_max_interval"
+RETRY_JITTER = "retry_jitter"
+PRIORITY = "priority"
 
 # Scheduler options.
 JOB_QUEUE = "job_queue"
@@ -43,6 +50,7 @@ PROGRESS_RATE_LIMIT = "progress_rate_limit"
 # Queue node options.
 ORPHANED_TIMEOUT = "orphaned_timeout"
 JOB_MODULES = "job_modules"
+METRICS_PORT = "metrics_port"
 
 # Worker manager options.
 PM = "pm"
@@ -130,6 +138,19 @@ def interval_reference(name: str, value: Any) -> str:
     return str(value)
 
 
+def backoff(name: str, value: Any) -> float:
+    """A retry's growth factor: a finite number >= 1, stored as a double."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        raise InvalidArgumentError(f"option {name} must be a number >= 1, got {value!r}")
+    if value > MAX_BACKOFF:
+        raise InvalidArgumentError(f"option {name} must be <= {MAX_BACKOFF}, got {value!r}")
+    return float(value)
+
+
+#: Largest retry_backoff: beyond, retry_max_interval is reached by the second retry anyway.
+MAX_BACKOFF = 1000.0
+
+
 def object_id(name: str, value: Any) -> ObjectId:
     if not isinstance(value, ObjectId):
         raise InvalidArgumentError(f"option {name} must be a bson.ObjectId, got {value!r}")
@@ -152,6 +173,12 @@ JOB_OPTIONS: dict[str, Check] = {
     FORCE_SPAWN: boolean,
     TIMEOUT: int_at_least(0, INT32_MAX),
     IGNORE_DATA: boolean,
+    CRON: cron_expression,
+    TIMEZONE: timezone_name,
+    RETRY_BACKOFF: backoff,
+    RETRY_MAX_INTERVAL: int_at_least(0, INT32_MAX),
+    RETRY_JITTER: boolean,
+    PRIORITY: int_at_least(-100, 100),
     ID: object_id,
 }
 
@@ -206,8 +233,20 @@ def module_names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-QUEUE_OPTIONS: dict[str, Check] = {ORPHANED_TIMEOUT: lease_seconds, JOB_MODULES: module_names}
-QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT, JOB_MODULES: ()}
+def port_or_off(name: str, value: Any) -> int | None:
+    """A TCP port (1-65535), or 0/None for off (a node's metrics endpoint)."""
+    if value is None or (_is_int(value) and value == 0):
+        return None
+    port: int = int_at_least(1, 65535)(name, value)
+    return port
+
+
+QUEUE_OPTIONS: dict[str, Check] = {
+    ORPHANED_TIMEOUT: lease_seconds,
+    JOB_MODULES: module_names,
+    METRICS_PORT: port_or_off,
+}
+QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT, JOB_MODULES: (), METRICS_PORT: None}
 
 MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}
 MANAGER_DEFAULTS: dict[str, Any] = {
@@ -244,8 +283,21 @@ def job_options(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         FORCE_SPAWN: False,
         TIMEOUT: defaults[DEFAULT_TIMEOUT],
         IGNORE_DATA: False,
+        CRON: c.DEFAULT_CRON,
+        TIMEZONE: c.DEFAULT_TIMEZONE,
+        RETRY_BACKOFF: c.DEFAULT_RETRY_BACKOFF,
+        RETRY_MAX_INTERVAL: c.DEFAULT_RETRY_MAX_INTERVAL,
+        RETRY_JITTER: False,
+        PRIORITY: c.DEFAULT_PRIORITY,
     }
     merged.update(checked)
+    if merged[CRON] and checked.get(INTERVAL):
+        raise InvalidArgumentError(
+            f"option cron ({merged[CRON]!r}) cannot be combined with option interval ({merged[INTERVAL]!r}): "
+            "a job repeats by one or the other"
+        )
+    if merged[CRON]:
+        merged[INTERVAL] = 0  # a scheduler's default_interval does not apply to a cron job
     return merged
 
 

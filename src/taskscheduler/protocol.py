@@ -93,6 +93,8 @@ class Finished(NamedTuple):
 
     job_id: ObjectId
     claimed: bool
+    #: The status the run ended in, as recorded by this worker (None: it recorded no end; metrics only).
+    status: int | None = None
 
 
 class WorkerSpawned(NamedTuple):
@@ -110,6 +112,8 @@ class JobClaimed(NamedTuple):
     job_id: ObjectId
     worker_id: ObjectId
     run: int
+    #: The job's class (the node's metrics label runs by it).
+    job_class: str = ""
 
 
 class JobFinished(NamedTuple):
@@ -117,6 +121,8 @@ class JobFinished(NamedTuple):
 
     job_id: ObjectId
     worker_id: ObjectId
+    #: The status the worker recorded for the run's end (None when it recorded none: the run was lost).
+    status: int | None = None
 
 
 class JobKilled(NamedTuple):

@@ -34,6 +34,7 @@ from .factory import WorkerFactory
 from .heartbeat import Heartbeat
 from .job import serves
 from .lifecycle import AfterKill
+from .metrics import NodeMetrics
 from .protocol import (
     CancelJob,
     DropJob,
@@ -53,6 +54,9 @@ from .store import StatusChange, StatusFeed, utcnow
 #: later, what to kill, and claims (so that a job another node took leaves this node's queue at once, instead of
 #: costing a free worker a failed claim later).
 ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED, JobStatus.PROCESSING)
+
+#: How the node records the run of a worker it killed (metrics; the others are put back to WAITING).
+KILLED_STATUS = {KillReason.TIMEOUT: int(JobStatus.TIMEOUT), KillReason.CANCEL: int(JobStatus.CANCELED)}
 
 #: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
 STOP_SECONDS = 8.0
@@ -126,6 +130,12 @@ class Queue:
         self._send_lock = threading.Lock()  # the heartbeat thread sends too
         self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo
         self.exit_code = 0
+        #: The Prometheus endpoint (option metrics_port), built now so a missing extra fails before any work.
+        self.metrics: NodeMetrics | None = None
+        if self.options[o.METRICS_PORT]:
+            self.metrics = NodeMetrics(
+                int(self.options[o.METRICS_PORT]), self._worker_counts, self._heartbeat_age, self.store.waiting_counts
+            )
 
     def on(self, event: str, handler: Handler) -> Queue:
         """``handler(event_name, payload)`` for every status change in the cluster and this node's worker events."""
@@ -146,6 +156,8 @@ class Queue:
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._patiently(self.store.ensure)
+            if self.metrics is not None:
+                self.metrics.serve()
             servers = ", ".join(f"{host}:{port}" for host, port in sorted(self.db.client.nodes)) or "MongoDB"
             self.logger.info(
                 f"queue node serving {servers} database {self.db.name} for modules {', '.join(self.job_modules)} "
@@ -158,7 +170,7 @@ class Queue:
             listening = self._emitter.wants_status()
             routed = None if listening else tuple(int(s) for s in ROUTED)
             lease = float(self.options[o.ORPHANED_TIMEOUT])
-            self._register()
+            self._step(self._register)  # during an outage: logged, and the heartbeat registers the node later
             self._heartbeat = Heartbeat(
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
@@ -172,6 +184,8 @@ class Queue:
                 self._heartbeat.stop()
             self._stop_manager()
             self._unregister()
+            if self.metrics is not None:
+                self.metrics.close()
             self.logger.info("queue node stopped")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -192,6 +206,8 @@ class Queue:
             timers.orphans = now + timers.orphans_every
             failed = not self._step(self._reschedule_orphans) or failed
         failed = not self._step(self._check_manager) or failed
+        if self.metrics is not None:
+            failed = not self._step(self.metrics.refresh) or failed
         if failed:
             time.sleep(ERROR_BACKOFF_SECONDS)
         return gaps
@@ -332,9 +348,11 @@ class Queue:
             manager.process(child_end)
             return 0
 
+        # The manager must not hold the metrics port open: it would outlive a node that dies.
+        inherited = [self.metrics.listener] if self.metrics is not None and self.metrics.listener else []
         try:
             with self._fork_lock:
-                self._manager_pid = forking.fork(run, close=[parent_end])
+                self._manager_pid = forking.fork(run, close=[parent_end, *inherited])
         except SpawnForkError:
             parent_end.close()
             child_end.close()
@@ -393,15 +411,31 @@ class Queue:
                 self._all_workers.discard(worker_id)
                 self._exited_workers.append(worker_id)
                 self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
-            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run):
+            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run, job_class=job_class):
                 self._running[job_id] = worker_id
                 self._runs[job_id] = run
-            case JobFinished(job_id=job_id, worker_id=worker_id):
+                if self.metrics is not None:
+                    self.metrics.run_started(job_id, job_class)
+            case JobFinished(job_id=job_id, worker_id=worker_id, status=status):
                 self._forget_run(job_id, worker_id)
+                if self.metrics is not None:
+                    self.metrics.run_ended(job_id, status)
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
                 self._forget_run(job_id, worker_id)
+                if self.metrics is not None:
+                    self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))
                 why = reason.value if reason != KillReason.DIED else f"worker process died (signal {sig})"
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, why, timeout))
+
+    def _worker_counts(self) -> tuple[int, int]:
+        """(busy, idle) workers of this node (read by the metrics thread at scrape time)."""
+        total, busy = len(self._worker_pids), len(self._running)
+        return busy, max(0, total - busy)
+
+    def _heartbeat_age(self) -> float:
+        """Seconds since the heartbeat last reached the server (read by the metrics thread)."""
+        beat = self._heartbeat
+        return time.monotonic() - beat.reached if beat is not None else 0.0
 
     def _forget_run(self, job_id: ObjectId, worker_id: ObjectId) -> None:
         """A worker is done with a job. Another worker may hold its next run already (a late report): keep that."""

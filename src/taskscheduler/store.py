@@ -81,6 +81,28 @@ def connect(uri: str, database: str, timeout_ms: int = 10_000) -> Database[Docum
     return client[database]
 
 
+def sync_twin(db: Any) -> Database[Document]:
+    """The synchronous twin of a ``pymongo.asynchronous.database.AsyncDatabase``: a new MongoClient with the
+    async client's own settings (hosts, credentials, TLS, timeouts...) and the same database options."""
+    try:
+        from pymongo.asynchronous.database import AsyncDatabase
+    except ImportError:  # pragma: no cover - pymongo < 4.13
+        raise ConfigurationError("AsyncScheduler needs pymongo >= 4.13 (its AsyncMongoClient)") from None
+    if not isinstance(db, AsyncDatabase):
+        raise InvalidArgumentError(f"db must be a pymongo AsyncDatabase, got {type(db).__name__}")
+    settings = getattr(db.client, "_init_kwargs", None)
+    if not isinstance(settings, dict):  # pragma: no cover - a pymongo that no longer keeps them
+        raise ConfigurationError("cannot read the AsyncMongoClient's settings; build AsyncScheduler on pymongo 4.13+")
+    client: MongoClient[Document] = MongoClient(**{**settings, "connect": False})
+    return client.get_database(
+        db.name,
+        codec_options=db.codec_options,
+        read_preference=db.read_preference,
+        write_concern=db.write_concern,
+        read_concern=db.read_concern,
+    )
+
+
 def utcnow() -> datetime:
     """Now, as an aware UTC datetime truncated to BSON's millisecond precision."""
     now = datetime.now(timezone.utc)
@@ -257,6 +279,10 @@ class Store:
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
+            # A node's scan hands the backlog to its workers highest priority first, oldest first within one.
+            IndexModel(
+                [("status", ASCENDING), ("options.priority", DESCENDING), ("_id", ASCENDING)], name="status_priority"
+            ),
             IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
             IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
         ]
@@ -302,6 +328,10 @@ class Store:
         except (CollectionInvalid, OperationFailure) as exc:
             if "already exists" not in str(exc) and getattr(exc, "code", None) != 48:
                 raise
+
+    def close(self) -> None:
+        """Close the client this store's database belongs to (its owner is done with it)."""
+        self.db.client.close()
 
     def flush(self) -> None:
         """Drop jobs and events, then create them again so running queue nodes keep a valid collection.
@@ -584,9 +614,10 @@ class Store:
             return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "expires": {"$lt": now}}))
 
     def scan(self, statuses: tuple[int, ...]) -> Iterator[Document]:
-        """Jobs in the given statuses (queue start-up and resync)."""
+        """Jobs in the given statuses (queue start-up and resync), higher priority first, oldest first within one."""
         with _server_errors():
-            yield from self.jobs.find({"status": {"$in": [int(s) for s in statuses]}})
+            query = {"status": {"$in": [int(s) for s in statuses]}}
+            yield from self.jobs.find(query).sort([("options.priority", DESCENDING), ("_id", ASCENDING)])
 
     # -- the node registry -----------------------------------------------------------------------------------------
 
@@ -740,6 +771,32 @@ class Store:
         self.check_deployment()
         return StatusFeed(self, ids, query, lookup or bool(query), statuses)
 
+    # -- metrics and the dashboard (issue 12): reads only, each served by an index -------------------------------
+
+    def waiting_counts(self) -> list[Document]:
+        """Waiting and postponed jobs per class: ``{"class", "status", "count"}`` each (a node's metrics).
+        The match is served by the ``status_expires`` index; only jobs not yet run are grouped."""
+        pipeline: list[Document] = [
+            {"$match": {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}}},
+            {"$group": {"_id": {"class": "$class", "status": "$status"}, "count": {"$sum": 1}}},
+        ]
+        with _server_errors():
+            return [
+                {"class": d["_id"]["class"], "status": d["_id"]["status"], "count": d["count"]}
+                for d in self.jobs.aggregate(pipeline)
+            ]
+
+    def status_counts(self) -> dict[int, int]:
+        """Jobs per status, every status present (the dashboard). One count per status, each answered from the
+        ``status_expires`` index alone, where one grouping would read every document."""
+        with _server_errors():
+            return {int(s): int(self.jobs.count_documents({"status": int(s)})) for s in JobStatus}
+
+    def activity_feed(self) -> ActivityFeed:
+        """Inserts, status changes and progress moves of every job, each with its document (the dashboard)."""
+        self.check_deployment()
+        return ActivityFeed(self, None, None, True)
+
 
 class StatusFeed:
     """Status changes of jobs, from a change stream that survives dropped connections and ``flush()``.
@@ -867,6 +924,36 @@ class StatusFeed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ActivityFeed(StatusFeed):
+    """A :class:`StatusFeed` that also sees progress writes (a dashboard's live progress bars): each change comes
+    with its document, looked up by the server. Only dashboards open one; queue nodes never do."""
+
+    def _open(self) -> None:
+        changed = [
+            {f"updateDescription.updatedFields.{name}": {"$exists": True}} for name in ("status", "progress")
+        ]
+        self.pipeline = [
+            {
+                "$match": {
+                    "ns.coll": self.store.job_queue,
+                    "$or": [
+                        {"operationType": {"$in": ["insert", "replace"]}},
+                        {"operationType": "update", "$or": changed},
+                    ],
+                }
+            },
+            {
+                "$set": {
+                    f"fullDocument.{name}": {
+                        "$ifNull": [f"$updateDescription.updatedFields.{name}", f"$fullDocument.{name}"]
+                    }
+                    for name in ("status", "progress")
+                }
+            },
+        ]
+        super()._open()
 
 
 def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -15,7 +17,14 @@ from pymongo.errors import PyMongoError
 
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from .job import JobInterface, load_job_class, serves
+from .job import (
+    FunctionJob,
+    JobInterface,
+    load_job_class,
+    reset_current_job,
+    serves,
+    set_current_job,
+)
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
 from .protocol import Claimed, Ending, Exit, Finished, RunJob
@@ -64,6 +73,7 @@ class Worker:
         self.job_modules = None if job_modules is None else tuple(job_modules)
         scheduler.owner = worker_id
         self._connection: Connection | None = None  # to the manager, while a job runs
+        self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
 
@@ -108,11 +118,12 @@ class Worker:
         timeout = int((claimed.get("options") or {}).get("timeout", 0))
         _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1))))
         self._connection = connection
+        self._ended = None
         try:
             self._execute(claimed)
         finally:
             self._connection = None
-            _send(connection, Finished(claimed["_id"], True))
+            _send(connection, Finished(claimed["_id"], True, self._ended))
         return True
 
     # -- steps -----------------------------------------------------------------------------------------------------
@@ -151,15 +162,19 @@ class Worker:
 
     def _execute(self, doc: dict[str, Any]) -> None:
         self.scheduler.running_job = (doc["_id"], int(doc.get("run", 1)))
+        token = None
         try:
             instance = self._instantiate(doc)
-            result = instance.start()
+            token = set_current_job(instance)
+            result = _run_to_completion(instance.start())
         except BaseException as exc:  # sys.exit() or any other exit from start() fails the run, not the worker
             _send(self._connection, Ending(doc["_id"]))
             self._failed(doc, exc, exc_info=True)
             return
         finally:
             self.scheduler.running_job = None
+            if token is not None:
+                reset_current_job(token)
         _send(self._connection, Ending(doc["_id"]))  # from here on, no fence or timeout: the work is done
         try:  # the library's own read: an outage here is ridden out, never the job's failure
             self._patiently(lambda: self._check_children(doc))
@@ -198,7 +213,8 @@ class Worker:
         attempt = 0
         while True:
             try:
-                change.record()
+                if change.record() and isinstance(change, RunEnd):
+                    self._ended = int(change.status)
                 return
             except ServerUnavailableError:
                 if time.monotonic() > deadline:
@@ -219,8 +235,11 @@ class Worker:
                 change.fallback = True
 
     def _instantiate(self, doc: Mapping[str, Any]) -> JobInterface:
-        cls = load_job_class(str(doc.get("class")), self.job_modules)
-        instance = self.container.get(cls) if self.container is not None else cls()
+        target = load_job_class(str(doc.get("class")), self.job_modules)
+        if not isinstance(target, type):
+            instance: Any = FunctionJob(target)
+        else:
+            instance = self.container.get(target) if self.container is not None else target()
         if not isinstance(instance, JobInterface):
             raise InvalidJobError(f"job class {doc.get('class')!r} does not implement taskscheduler.JobInterface")
         instance.data = doc.get("data")
@@ -236,6 +255,18 @@ class Worker:
             status = JobStatus(child["status"])
             if status in (JobStatus.FAILED, JobStatus.TIMEOUT):
                 raise ChildJobFailedError(f"child job {child['_id']} ended {status.name}")
+
+
+def _run_to_completion(result: Any) -> Any:
+    """A coroutine (an ``async def start``) runs to its end in an event loop of this worker's own; a timeout or
+    cancel kills the worker process, loop and all, as it kills a sync job."""
+    if inspect.isawaitable(result):
+        return asyncio.run(_awaited(result))
+    return result
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def _send(connection: Connection | None, message: Claimed | Ending | Finished) -> None:

@@ -1,0 +1,102 @@
+"""When a job runs again: cron expressions in a time zone, and retry delays with backoff and jitter.
+
+Cron expressions are parsed by croniter (Python >= 3.9, MIT, maintained in the Pallets community ecosystem; it
+knows the ``@hourly``-style aliases). croniter reads an expression in local wall-clock time; the daylight-saving
+rules on top are ours, as Debian's cron documents them: a time skipped when clocks go forward runs once, at the
+first instant after the gap; a time that occurs twice when clocks go back runs once, at its first occurrence,
+unless the job runs every hour or more often (then each real hour counts).
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from .errors import InvalidArgumentError
+
+#: Aliases croniter accepts in place of five fields.
+ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+#: Longest expression accepted: the stored option never grows, and no real expression is longer.
+MAX_CRON_LENGTH = 200
+
+
+def cron_expression(name: str, value: Any) -> str:
+    """A five-field cron expression (names, ranges, steps) or an alias; ``""`` means none."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"option {name} must be a cron expression string, got {value!r}")
+    expr = " ".join(value.split())
+    if not expr:
+        return ""
+    if len(expr) > MAX_CRON_LENGTH:
+        raise InvalidArgumentError(f"option {name} must be at most {MAX_CRON_LENGTH} characters, got {len(expr)}")
+    if expr.startswith("@"):
+        if expr.lower() not in ALIASES:
+            raise InvalidArgumentError(f"option {name}: unknown alias {value!r}; known: {', '.join(ALIASES)}")
+        return expr.lower()
+    if len(expr.split(" ")) != 5:
+        raise InvalidArgumentError(
+            f"option {name} must have 5 fields (minute hour day-of-month month day-of-week), got {value!r}"
+        )
+    try:
+        croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc))
+    except (ValueError, KeyError, TypeError) as exc:  # croniter's errors derive from ValueError
+        raise InvalidArgumentError(f"option {name} is not a valid cron expression: {value!r} ({exc})") from None
+    return expr
+
+
+def timezone_name(name: str, value: Any) -> str:
+    """An IANA zone name such as ``"Europe/Zurich"`` that this machine's zone database knows."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError(f"option {name} must be an IANA time zone name, got {value!r}")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidArgumentError(f"option {name}: unknown time zone {value!r}") from None
+    return value
+
+
+def next_cron_time(expr: str, zone: str, after: float) -> float:
+    """Unix time of the first match of ``expr`` (read in ``zone``) strictly after ``after``."""
+    tz = ZoneInfo(zone)
+    base = datetime.fromtimestamp(after, tz)
+    matches = croniter(expr, base)
+    hourly = _every_hour(matches)
+    while True:
+        found: datetime = matches.get_next(datetime)
+        local = found.astimezone(timezone.utc).astimezone(tz)
+        if local.timestamp() <= after:
+            continue
+        if not hourly and _second_occurrence(local):
+            continue  # clocks went back: this wall-clock time already ran an hour ago
+        return round(local.timestamp(), 3)
+
+
+def _every_hour(matches: croniter) -> bool:
+    hours = matches.expanded[1]
+    return hours == ["*"] or len(hours) >= 24
+
+
+def _second_occurrence(local: datetime) -> bool:
+    """Whether a local time is the later of the two instants a fall-back transition gives it."""
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
+def retry_delay(options: dict[str, Any], retry_number: int, rng: random.Random | None = None) -> float:
+    """Seconds before retry ``retry_number`` (1 for the first): ``retry_interval * retry_backoff ** (n - 1)``,
+    at most ``retry_max_interval``; with ``retry_jitter``, drawn uniformly from [delay / 2, delay]."""
+    base = float(options.get("retry_interval", 0))
+    factor = float(options.get("retry_backoff", 1.0))
+    bound = float(options.get("retry_max_interval", 3600))
+    exponent = max(0, retry_number - 1)
+    try:
+        delay = base * factor**exponent
+    except OverflowError:
+        delay = bound
+    delay = min(delay, bound) if factor > 1 else delay
+    if options.get("retry_jitter"):
+        delay = (rng or random).uniform(delay / 2, delay)
+    return delay

@@ -1,0 +1,228 @@
+"""AsyncScheduler / AsyncProcess: the same scenarios through the sync and the asyncio API (parametrized), then
+what only the asyncio API promises: the event loop keeps running while a wait is pending."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.database import Database
+
+import sample_jobs
+from helpers import Node
+from taskscheduler import AsyncProcess, AsyncScheduler, JobStatus, Process, Scheduler
+from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
+
+
+class Api:
+    """One scenario, two APIs: every call is awaited, and goes to the Scheduler or the AsyncScheduler."""
+
+    def __init__(self, kind: str, server: EmbeddedServer, db: Database[dict[str, Any]]) -> None:
+        self.kind = kind
+        self.server = server
+        self.db = db
+        self.sync = Scheduler(db)
+        self.aio: AsyncScheduler | None = None
+        self.events: list[tuple[str, type]] = []
+
+    async def open(self) -> None:
+        if self.kind == "async":
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.server.uri, tz_aware=True)
+            self.aio = AsyncScheduler(client[self.db.name])
+        self.api.on("*", lambda name, p: self.events.append((name, type(p))))
+
+    @property
+    def api(self) -> Any:
+        return self.aio if self.aio is not None else self.sync
+
+    @property
+    def process_type(self) -> type:
+        return AsyncProcess if self.aio is not None else Process
+
+    async def call(self, method: str, *args: Any, **kw: Any) -> Any:
+        return await _resolved(getattr(self.api, method)(*args, **kw))
+
+    async def of(self, process: Any, method: str, *args: Any, **kw: Any) -> Any:
+        return await _resolved(getattr(process, method)(*args, **kw))
+
+    async def jobs(self, query: dict[str, Any] | None = None) -> list[Any]:
+        found = self.api.get_jobs(query)
+        if self.aio is not None:
+            return [p async for p in found]
+        return list(found)
+
+    async def close(self) -> None:
+        if self.aio is not None:
+            await self.aio.close()
+
+
+async def _resolved(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@pytest.fixture(params=["sync", "async"])
+def api(request: pytest.FixtureRequest, server: EmbeddedServer, db: Database[dict[str, Any]]) -> Api:
+    return Api(request.param, server, db)
+
+
+def run(api: Api, scenario: Callable[[Api], Coroutine[Any, Any, None]]) -> None:
+    async def main() -> None:
+        await api.open()
+        try:
+            await scenario(api)
+        finally:
+            await api.close()
+
+    asyncio.run(main())
+
+
+# -- the same scenarios through both APIs ----------------------------------------------------------------------
+
+
+def test_add_wait_and_read_back(api: Api, start_node: Callable[..., Node]) -> None:
+    start_node()
+
+    async def scenario(api: Api) -> None:
+        p = await api.call("add_job", sample_jobs.Echo, {"x": 1}, priority=5)
+        assert isinstance(p, api.process_type) and p.status == JobStatus.WAITING and p.options["priority"] == 5
+        await api.of(p, "wait", timeout=30)
+        assert p.status == JobStatus.DONE and p.result == {"x": 1} and p.error is None
+        again = await api.call("get_job", p.id)
+        assert again.id == p.id and again.status == JobStatus.DONE and again.result == {"x": 1}
+        runs = await api.of(again, "runs")
+        assert [r["status"] for r in runs] == [JobStatus.DONE]
+        done = await api.jobs({"status": int(JobStatus.DONE)})
+        assert [j.id for j in done] == [p.id] and all(isinstance(j, api.process_type) for j in done)
+        assert p.to_dict()["_id"] == str(p.id)
+        assert ("taskscheduler.onWaiting", api.process_type) in api.events
+
+    run(api, scenario)
+
+
+def test_failures_throw_and_timeouts_raise(api: Api, start_node: Callable[..., Node]) -> None:
+    start_node()
+
+    async def scenario(api: Api) -> None:
+        failing = await api.call("add_job", sample_jobs.Fail, "z")
+        with pytest.raises(JobFailedError) as info:
+            await api.call("wait_for", [failing], Scheduler.OPTION_THROW_EXCEPTION, timeout=30)
+        assert info.value.error is not None and info.value.error["message"] == "boom: z"
+        later = await api.call("add_job", sample_jobs.Noop, at=2_000_000_000)
+        with pytest.raises(WaitTimeoutError):
+            await api.of(later, "wait", timeout=0.3)
+
+    run(api, scenario)
+
+
+def test_cancel_requeue_once_and_errors(api: Api) -> None:
+    async def scenario(api: Api) -> None:
+        p = await api.call("add_job", sample_jobs.Noop, at=2_000_000_000)
+        await api.call("cancel_job", p.id)
+        await api.of(p, "refresh")
+        assert p.status == JobStatus.CANCELED
+        back = await api.call("requeue_job", p.id)
+        assert back.status == JobStatus.WAITING and back.run == 2 and back.id == p.id
+        first = await api.call("add_job_once", sample_jobs.Echo, {"k": 1})
+        second = await api.call("add_job_once", sample_jobs.Echo, {"k": 1})
+        assert first.id == second.id
+        with pytest.raises(InvalidArgumentError, match="option priority"):
+            await api.call("add_job", sample_jobs.Noop, priority=1000)
+        with pytest.raises(JobNotFoundError):
+            await api.call("get_job", "0" * 24)
+        with pytest.raises(InvalidArgumentError):
+            await api.call("cancel_job", "not an id")
+        assert len(await api.jobs()) == 2  # the requeued job and the once job
+        await api.call("flush")
+        assert await api.jobs() == []
+
+    run(api, scenario)
+
+
+def test_listen_until_the_callback_says_stop(api: Api, start_node: Callable[..., Node]) -> None:
+    start_node()
+
+    async def scenario(api: Api) -> None:
+        # A job that fails again and again, run after run: whenever listening starts, a next claim comes (no head
+        # start needed). Its runs end straight in the next one (WAITING): FAILED is an event, not a status.
+        p = await api.call("add_job", sample_jobs.Fail, "loop", retry=-1, retry_interval=0)
+        seen: list[JobStatus] = []
+
+        def callback(process: Any) -> bool:
+            assert isinstance(process, api.process_type) and process.id == p.id
+            seen.append(process.status)
+            return bool(process.status == JobStatus.PROCESSING)
+
+        if api.aio is not None:
+            await api.aio.listen(callback, {"_id": p.id}, timeout=30)
+        else:  # a sync listen blocks its thread
+            await asyncio.get_running_loop().run_in_executor(None, lambda: api.sync.listen(callback, {"_id": p.id}, 30))
+        assert seen and seen[-1] == JobStatus.PROCESSING and seen.count(JobStatus.PROCESSING) == 1
+        await api.call("cancel_job", p.id)
+
+    run(api, scenario)
+
+
+# -- what only the asyncio API promises ------------------------------------------------------------------------
+
+
+def test_the_event_loop_keeps_ticking_while_a_wait_is_pending(
+    server: EmbeddedServer, db: Database[dict[str, Any]], start_node: Callable[..., Node]
+) -> None:
+    start_node()
+
+    async def main() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        async with AsyncScheduler(client[db.name]) as scheduler:
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticking = asyncio.create_task(ticker())
+            p = await scheduler.add_job(sample_jobs.Sleep, {"seconds": 1.0})
+            before = ticks
+            await p.wait(timeout=30)
+            ticking.cancel()
+            assert p.status == JobStatus.DONE and p.result == "slept"
+            assert ticks - before >= 30  # about 100 ticks in a second; a blocked loop would show none
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_wait_frees_its_thread_and_async_callbacks_work(
+    server: EmbeddedServer, db: Database[dict[str, Any]]
+) -> None:
+    async def main() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        scheduler = AsyncScheduler(client[db.name])
+        handled: list[str] = []
+
+        async def handler(name: str, process: AsyncProcess) -> None:
+            await asyncio.sleep(0)
+            handled.append(name)
+
+        scheduler.on("waiting", handler)
+        p = await scheduler.add_job(sample_jobs.Noop)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(p.wait(), 0.3)
+        await asyncio.sleep(0.05)
+        assert handled == ["taskscheduler.onWaiting"]
+        started = asyncio.get_running_loop().time()
+        await scheduler.close()  # the cancelled wait's thread ends within a second: close does not hang
+        assert asyncio.get_running_loop().time() - started < 5
+
+    asyncio.run(main())
+
+
+def test_async_scheduler_needs_an_async_database(db: Database[dict[str, Any]]) -> None:
+    with pytest.raises(InvalidArgumentError, match="AsyncDatabase"):
+        AsyncScheduler(db)
+    assert AsyncScheduler.OPTION_PRIORITY == Scheduler.OPTION_PRIORITY == "priority"
