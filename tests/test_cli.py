@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,11 @@ def test_postponed_add_with_iso_time(run: Any, scheduler: Scheduler) -> None:
         ("add", "sample_jobs:Noop", "--database", "bad/name"),
         ("requeue", str(ObjectId())),
         ("queue", "--import", "sample_jobs", "--orphaned-timeout", "0.5"),
+        ("add", "sample_jobs:Noop", "--cron", "every minute"),
+        ("add", "sample_jobs:Noop", "--cron", "@daily", "--timezone", "Atlantis/Capital"),
+        ("add", "sample_jobs:Noop", "--cron", "@daily", "--interval", "60"),
+        ("add", "sample_jobs:Noop", "--priority", "500"),
+        ("add", "sample_jobs:Noop", "--retry-backoff", "0.5"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: tuple[str, ...]) -> None:
@@ -92,6 +98,43 @@ def test_bad_input_is_one_line_and_exit_2(run: Any, scheduler: Scheduler, args: 
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr and out.stderr.startswith("Error:")
     assert scheduler.store.jobs.count_documents({}) == 0
+
+
+def test_add_with_scheduling_options_and_show_the_next_run(run: Any, scheduler: Scheduler) -> None:
+    added = run(
+        "add",
+        "sample_jobs:add_numbers",
+        "--data",
+        '{"a": 1, "b": 2}',
+        "--cron",
+        "30 9 * * mon-fri",
+        "--timezone",
+        "America/New_York",
+        "--priority",
+        "-20",
+        "--retry",
+        "3",
+        "--retry-backoff",
+        "2",
+        "--retry-max-interval",
+        "600",
+        "--retry-jitter",
+    )
+    assert added.returncode == 0, added.stderr
+    p = scheduler.get_job(ObjectId(added.stdout.strip()))
+    assert p.job_class == "sample_jobs:add_numbers" and p.status == JobStatus.POSTPONED
+    assert (p.options["cron"], p.options["timezone"], p.options["priority"]) == (
+        "30 9 * * mon-fri",
+        "America/New_York",
+        -20,
+    )
+    assert (p.options["retry_backoff"], p.options["retry_max_interval"], p.options["retry_jitter"]) == (2.0, 600, True)
+    shown = json.loads(run("show", str(p.id), "--json").stdout)
+    next_run = datetime.fromisoformat(shown["next_run"])
+    assert next_run.strftime("%H:%M") == "09:30" and next_run.weekday() < 5  # read in New York, shown there
+    assert next_run.timestamp() == p.options["at"]
+    text = run("show", str(p.id)).stdout
+    assert f"next_run: {shown['next_run']}" in text
 
 
 def test_cancel_finished_job_is_exit_2(run: Any, scheduler: Scheduler) -> None:
@@ -198,6 +241,7 @@ def test_demo_runs_and_exits_zero(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every example behaved as expected" in out.stdout
+    assert "taskscheduler dashboard --mongodb-uri 'mongodb://127.0.0.1:" in out.stdout  # where to watch it live
     for name in ("countdown", "flaky", "timeout", "canceled", "postponed", "interval"):
         assert name in out.stdout
     wait_until(lambda: _python_children() <= before, 10, what="no process left behind")

@@ -1,4 +1,4 @@
-"""The command line: ``taskscheduler queue|server|add|jobs|show|cancel|flush|watch|demo``.
+"""The command line: ``taskscheduler queue|server|add|jobs|show|cancel|requeue|info|health|flush|watch|dashboard|demo``.
 
 Every flag can also come from ``TASKSCHEDULER_<FLAG>`` (shown in ``--help``). Bad input prints one line on
 stderr and exits 2; an unreachable server exits 1.
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 from bson import ObjectId, json_util
@@ -37,6 +38,7 @@ from ..errors import (
     EmbeddedServerError,
     InvalidArgumentError,
     JobNotFoundError,
+    MissingExtraError,
     ServerUnavailableError,
     TaskSchedulerError,
 )
@@ -190,6 +192,13 @@ def cli(log_level: str) -> None:
     help="Lease of a running job, in seconds: renewed six times per lease; other nodes take over a job whose "
     "lease ran out.",
 )
+@_option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics of this node at http://0.0.0.0:PORT/metrics (0: off; needs the extra metrics).",
+)
 def queue(
     conn: Connection,
     imports: Sequence[str],
@@ -198,6 +207,7 @@ def queue(
     min_children: int,
     max_children: int,
     orphaned_timeout: float,
+    metrics_port: int,
 ) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
     import os
@@ -207,6 +217,10 @@ def queue(
 
     if not imports:
         raise click.UsageError("name the modules of the jobs this node runs: --import MODULE (repeatable)")
+    if metrics_port:
+        from ..metrics import require_prometheus_client
+
+        require_prometheus_client()  # before connecting: a missing extra is the operator's to fix, at once
     for path in reversed(paths):
         sys.path.insert(0, os.path.abspath(path))
     factory = DefaultWorkerFactory(
@@ -224,7 +238,12 @@ def queue(
             f"cannot import job module: {type(exc).__name__}: {exc} (searched {where} first)"
         ) from exc
     scheduler = conn.scheduler()
-    node = Queue(scheduler, scheduler._db, factory, options={o.ORPHANED_TIMEOUT: orphaned_timeout})
+    node = Queue(
+        scheduler,
+        scheduler._db,
+        factory,
+        options={o.ORPHANED_TIMEOUT: orphaned_timeout, o.METRICS_PORT: metrics_port},
+    )
     node.process()
     sys.exit(node.exit_code)
 
@@ -254,6 +273,12 @@ def _parse_at(value: str | None) -> float | None:
 @_option("--retry", type=int, default=None, help="Retries after a failure or timeout (-1: endless).")
 @_option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
 @_option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
+@_option("--cron", default=None, help='Cron expression: run at each match, e.g. "*/15 * * * *" or "@daily".')
+@_option("--timezone", default=None, help='IANA zone in which --cron is read (default "UTC").')
+@_option("--retry-backoff", type=float, default=None, help="Growth factor of the retry delay (>= 1).")
+@_option("--retry-max-interval", type=int, default=None, help="Longest retry delay in seconds.")
+@_option("--retry-jitter", is_flag=True, default=False, help="Draw each retry delay from [delay/2, delay].")
+@_option("--priority", type=int, default=None, help="-100..100: higher starts first among due jobs.")
 @_option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
 @_option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
 @_option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
@@ -266,11 +291,17 @@ def add(
     retry: int | None,
     retry_interval: int | None,
     timeout: int | None,
+    cron: str | None,
+    timezone: str | None,
+    retry_backoff: float | None,
+    retry_max_interval: int | None,
+    retry_jitter: bool,
+    priority: int | None,
     force_spawn: bool,
     no_import_check: bool,
     as_json: bool,
 ) -> None:
-    """Add a job of JOB_CLASS ("module:QualName"); prints its id."""
+    """Add a job of JOB_CLASS ("module:QualName", a job class or function); prints its id."""
     if not no_import_check:
         from ..job import load_job_class
 
@@ -287,6 +318,12 @@ def add(
         o.RETRY: retry,
         o.RETRY_INTERVAL: retry_interval,
         o.TIMEOUT: timeout,
+        o.CRON: cron,
+        o.TIMEZONE: timezone,
+        o.RETRY_BACKOFF: retry_backoff,
+        o.RETRY_MAX_INTERVAL: retry_max_interval,
+        o.RETRY_JITTER: retry_jitter or None,
+        o.PRIORITY: priority,
         o.FORCE_SPAWN: force_spawn or None,
     }
     job_options = {k: v for k, v in given.items() if v is not None}
@@ -358,6 +395,7 @@ def show(conn: Connection, job_id: str, as_json: bool) -> None:
     doc["error"] = process.error
     doc["result"] = process.result
     doc["status_name"] = process.status.name
+    doc["next_run"] = _next_run(process)
     doc["runs"] = [
         {key: run.get(key) for key in ("run", "status", "worker", "started", "ended", "error", "result") if key in run}
         for run in process.runs()
@@ -372,11 +410,23 @@ def show(conn: Connection, job_id: str, as_json: bool) -> None:
         click.echo(f"run {run['run']}: {JobStatus(run['status']).name} {run.get('ended')} {outcome.splitlines()[0]}")
 
 
+def _next_run(process: Any) -> str | None:
+    """When the job's next run may start (ISO 8601, in the cron's zone when it has one), or None when no run
+    is pending."""
+    if process.status not in (JobStatus.WAITING, JobStatus.POSTPONED):
+        return None
+    options = process.options
+    zone = ZoneInfo(str(options.get(o.TIMEZONE) or "UTC")) if options.get(o.CRON) else timezone.utc
+    at = max(float(options.get(o.AT) or 0), datetime.now(timezone.utc).timestamp())
+    return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
+
+
 def _print_details(doc: dict[str, Any]) -> None:
     for key in (
         "_id",
         "class",
         "status_name",
+        "next_run",
         "run",
         "progress",
         "created",
@@ -510,6 +560,23 @@ def server(port: int, data_dir: str) -> None:
 
 
 @cli.command()
+@common
+@_option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (this machine only by default).")
+@_option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@_option("--read-only", is_flag=True, help="No cancel or requeue: the buttons are absent, the actions refused.")
+@_option("--token", default=None, help="Actions need this token (the page asks for it); better set by env var.")
+def dashboard(conn: Connection, host: str, port: int, read_only: bool, token: str | None) -> None:
+    """Serve the web dashboard: counts, a live job table, job pages, nodes, cancel and requeue (needs the extra
+    dashboard)."""
+    from ..dashboard import require_extra, serve
+
+    require_extra()  # before connecting: a missing extra is the operator's to fix, at once
+    if token is not None and not token.strip():
+        raise click.BadParameter("--token must not be empty")
+    serve(conn.scheduler(), host, port, read_only=read_only, token=token, announce=click.echo)
+
+
+@cli.command()
 @_option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
 @_option("--plain", is_flag=True, help="Plain text output instead of the live display.")
 def demo(seconds: float, plain: bool) -> None:
@@ -531,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ServerUnavailableError as exc:
         click.echo(f"Error: {_first_line(exc)}; is the server running?", err=True)
         sys.exit(EXIT_UNAVAILABLE)
+    except MissingExtraError as exc:  # the operator's install: bad input, said with the pip command that fixes it
+        click.echo(f"Error: {_first_line(exc)}", err=True)
+        sys.exit(EXIT_USAGE)
     except (ConfigurationError, EmbeddedServerError) as exc:
         click.echo(f"Error: {_first_line(exc)}", err=True)
         sys.exit(EXIT_UNAVAILABLE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import time
 from typing import Any
@@ -47,6 +48,26 @@ class Tick(AbstractJob):
         return time.strftime("%H:%M:%S")
 
 
+class AsyncPing(AbstractJob):
+    """An ``async def start``: runs in the worker's own event loop."""
+
+    async def start(self) -> str:
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        return "pong"
+
+
+def shout(data: Any) -> str:
+    """A plain function as a job; ``current_job()`` gives what ``self`` gives a class."""
+    from ..job import current_job
+
+    job = current_job()
+    if job is not None:
+        job.update_progress(100)
+    return str(data).upper()
+
+
 def run_demo(limit: float = 45.0, plain: bool = False) -> int:
     """Run the demo; 0 when every example ended as expected."""
     from ..embedded import EmbeddedServer
@@ -63,6 +84,13 @@ def run_demo(limit: float = 45.0, plain: bool = False) -> int:
         return 1
     with server, tempfile.TemporaryDirectory() as tmp:
         console.print(f"embedded server: {server.uri}")
+        # While the demo runs, its jobs can be watched in a browser too (the extra dashboard serves the page).
+        console.print(
+            "open the dashboard while it runs (another terminal, then http://127.0.0.1:8080/): "
+            f"taskscheduler dashboard --mongodb-uri {shlex.quote(server.uri)} --database demo",
+            highlight=False,
+            soft_wrap=True,
+        )
         node = spawn_node(
             server.uri,
             "demo",
@@ -88,6 +116,10 @@ def _spool(scheduler: Any) -> dict[str, Any]:
     jobs["slow (canceled)"] = scheduler.add_job(here + "Slow", {"seconds": 60})
     jobs["postponed 3s"] = scheduler.add_job(here + "Countdown", {"steps": 3}, at=time.time() + 3)
     jobs["tick (interval 2s)"] = scheduler.add_job(here + "Tick", None, interval=2)
+    jobs["cron (every minute)"] = scheduler.add_job(here + "Tick", None, cron="* * * * *", timezone="UTC")
+    jobs["urgent (priority 90)"] = scheduler.add_job(here + "Countdown", {"steps": 2}, priority=90)
+    jobs["function job"] = scheduler.add_job(here + "shout", "hello")
+    jobs["async job"] = scheduler.add_job(here + "AsyncPing")
     return jobs
 
 
@@ -129,7 +161,7 @@ def _show(scheduler: Any, jobs: dict[str, Any], console: Console, limit: float, 
 
 def _finished(scheduler: Any, jobs: dict[str, Any]) -> bool:
     """Every example ended, and the interval job (one job, one id, run after run) has run three times."""
-    named = [scheduler.get_job(p.id) for name, p in jobs.items() if not name.startswith("tick")]
+    named = [scheduler.get_job(p.id) for name, p in jobs.items() if not name.startswith(("tick", "cron"))]
     tick = scheduler.get_job(jobs["tick (interval 2s)"].id)
     return all(p.status.is_terminal for p in named) and len(tick.runs()) >= 3
 
@@ -146,6 +178,10 @@ def _summary(scheduler: Any, jobs: dict[str, Any], console: Console) -> bool:
         "slow (canceled)": JobStatus.CANCELED,
         "postponed 3s": JobStatus.DONE,
         "tick (interval 2s)": JobStatus.CANCELED,  # runs until the demo cancels it
+        "cron (every minute)": JobStatus.CANCELED,  # one job, back to POSTPONED after each run, until canceled
+        "urgent (priority 90)": JobStatus.DONE,
+        "function job": JobStatus.DONE,
+        "async job": JobStatus.DONE,
     }
     table = Table(title="summary")
     for column in ("example", "status", "expected", "runs", "result / error"):

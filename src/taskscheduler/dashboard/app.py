@@ -1,0 +1,210 @@
+"""The dashboard's web app (Starlette): a page, its static files, JSON endpoints, a live event stream, actions.
+
+Actions (cancel, requeue) go through the public Scheduler API. They are POSTs that need a custom header (a
+cross-site form cannot send one, so no other web page can trigger them), and with ``token`` the token as
+``Authorization: Bearer TOKEN``; otherwise 403 and nothing changes. ``read_only`` answers every action with
+403. Every value from job data reaches the page as JSON and is put into the page as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bson import ObjectId
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..constants import VERSION
+from ..errors import InvalidArgumentError, JobNotFoundError
+from ..process import Process
+from ..scheduler import Scheduler
+from .live import Broadcaster
+from .views import MAX_ROWS, counts_view, job_details, job_query, job_row
+
+STATIC = Path(__file__).resolve().parent / "static"
+#: What the page can do to a job (POST /api/jobs/ID/ACTION).
+ACTIONS = ("cancel", "requeue")
+#: The header every action must carry (browsers refuse to send it cross-site without our consent).
+ACTION_HEADER = "X-Taskscheduler-Action"
+#: Seconds between keep-alive comments on an idle event stream (proxies close silent connections).
+KEEPALIVE_SECONDS = 15.0
+#: Only our own files: no inline script, no third-party origin, not framed by another site.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(
+    scheduler: Scheduler,
+    read_only: bool = False,
+    token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> Starlette:
+    """The dashboard of ``scheduler``'s jobs. ``allowed_hosts``: Host headers answered (None: any)."""
+    feed = Broadcaster(scheduler)
+    views = _Endpoints(scheduler, feed, read_only, token)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        feed.start()
+        yield
+        await asyncio.to_thread(feed.stop)
+
+    routes = [
+        Route("/", views.index),
+        Route("/api/config", views.config),
+        Route("/api/summary", views.summary),
+        Route("/api/jobs", views.jobs),
+        Route("/api/jobs/{job_id}", views.job),
+        Route("/api/jobs/{job_id}/{action:str}", views.action, methods=["POST"]),
+        Route("/api/stream", views.stream),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.feed = feed
+    return app
+
+
+class _Endpoints:
+    """The handlers. Plain ``def`` ones run in Starlette's thread pool (they call pymongo, which blocks)."""
+
+    def __init__(self, scheduler: Scheduler, feed: Broadcaster, read_only: bool, token: str | None) -> None:
+        self.scheduler = scheduler
+        self.feed = feed
+        self.read_only = read_only
+        self.token = token
+
+    def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
+
+    def config(self, request: Request) -> Response:
+        return _json(
+            {
+                "read_only": self.read_only,
+                "token_required": self.token is not None,
+                "version": VERSION,
+                "database": self.scheduler.store.db.name,
+            }
+        )
+
+    def summary(self, request: Request) -> Response:
+        if not self.feed.nodes:
+            self.feed.refresh_nodes()
+        return _json({"counts": counts_view(self.scheduler.store.status_counts()), "nodes": self.feed.nodes})
+
+    def jobs(self, request: Request) -> Response:
+        params = request.query_params
+        query = job_query(params.get("status", "").split(","), params.get("class") or None, params.get("id"))
+        if query is None:
+            return _json({"jobs": [], "total": 0})
+        try:
+            limit = max(1, min(MAX_ROWS, int(params.get("limit", MAX_ROWS))))
+        except ValueError:
+            return _error(400, f"limit must be a number, got {params.get('limit')!r}")
+        store = self.scheduler.store
+        rows = [job_row(Process(doc, self.scheduler), self.feed.labels) for doc in store.newest_jobs(query, limit)]
+        return _json({"jobs": rows, "total": store.count_jobs(query)})
+
+    def job(self, request: Request) -> Response:
+        job_id = _job_id(request)
+        if job_id is None:
+            return _error(404, "not a job id")
+        try:
+            process = self.scheduler.get_job(job_id)
+        except JobNotFoundError:
+            return _error(404, f"no job {job_id}")
+        return _json(job_details(process, self.feed.labels))
+
+    def action(self, request: Request) -> Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        job_id = _job_id(request)
+        if job_id is None:
+            return _error(404, "not a job id")
+        try:
+            if request.path_params["action"] == "cancel":
+                self.scheduler.cancel_job(job_id)
+                process = self.scheduler.get_job(job_id)
+            else:
+                process = self.scheduler.requeue_job(job_id)
+        except JobNotFoundError:
+            return _error(404, f"no job {job_id}")
+        except InvalidArgumentError as exc:  # e.g. canceling a job that has ended
+            return _error(409, str(exc).splitlines()[0])
+        return _json(job_row(process, self.feed.labels))
+
+    def _refuse(self, request: Request) -> Response | None:
+        """Why an action is refused (checked before anything is read), or None."""
+        if request.path_params["action"] not in ACTIONS:
+            return _error(404, f"no action {request.path_params['action']!r}")
+        if self.read_only:
+            return _error(403, "this dashboard is read-only")
+        if request.headers.get(ACTION_HEADER) != "1":
+            return _error(403, f"actions need the {ACTION_HEADER} header")
+        if self.token is not None and not _token_ok(request, self.token):
+            return _error(403, "a valid token is needed (Authorization: Bearer TOKEN)")
+        return None
+
+    async def stream(self, request: Request) -> Response:
+        return StreamingResponse(
+            _events(self.feed, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _events(feed: Broadcaster, request: Request) -> AsyncIterator[str]:
+    """One page's server-sent events: ``ready`` once it is subscribed (it then loads what it shows, missing no
+    change made after), then ``job``, ``counts`` and ``nodes`` as they come."""
+    queue = feed.subscribe()
+    try:
+        await asyncio.to_thread(feed.wait_ready, 10.0)
+        yield "retry: 2000\nevent: ready\ndata: {}\n\n"
+        while True:
+            try:
+                message = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            if message is None:
+                return
+            event, data = message
+            yield f"event: {event}\ndata: {data}\n\n"
+    finally:
+        feed.unsubscribe(queue)
+
+
+def _token_ok(request: Request, token: str) -> bool:
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def _job_id(request: Request) -> ObjectId | None:
+    value = str(request.path_params["job_id"])
+    return ObjectId(value) if ObjectId.is_valid(value) else None
+
+
+def _json(value: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(value, status_code=status, headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return _json({"error": message}, status)

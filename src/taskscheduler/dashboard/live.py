@@ -1,0 +1,133 @@
+"""The dashboard's live feed: one thread per dashboard process follows the job collection's change stream and
+fans each change out to every open page (server-sent events), however many pages are open.
+
+The thread also refreshes the node list every :data:`NODES_SECONDS` and, after changes, the counts per status
+at most every :data:`COUNTS_SECONDS`: reads per dashboard, never per page or per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from ..errors import ServerUnavailableError
+from ..process import Process
+from ..scheduler import Scheduler
+from .views import counts_view, job_row, node_labels, node_view
+
+logger = logging.getLogger("taskscheduler.dashboard")
+
+#: Seconds between two reads of the node registry (nodes refresh their entries with each heartbeat).
+NODES_SECONDS = 3.0
+#: Shortest pause between two recounts of jobs per status while changes arrive.
+COUNTS_SECONDS = 1.0
+#: Messages queued for one page at most; a page that falls this far behind is dropped and reconnects.
+PAGE_BACKLOG = 2000
+#: Longest wait on the change stream before the thread looks at its timers.
+POLL_SECONDS = 0.25
+
+Message = tuple[str, str]  # (event name, JSON data)
+
+
+class Broadcaster:
+    """Follows the job collection in a thread; ``subscribe()`` gives each page its own queue of messages."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self._pages: dict[asyncio.Queue[Message | None], asyncio.AbstractEventLoop] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: worker id -> its node's label, and the nodes as last read (shared with request handlers).
+        self.labels: dict[str, str] = {}
+        self.nodes: list[dict[str, Any]] = []
+        self._ready = threading.Event()
+
+    def start(self) -> Broadcaster:
+        self._thread = threading.Thread(target=self._run, name="taskscheduler-dashboard-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether the change stream is open (a page subscribing now misses no change made after)."""
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._lock:
+            pages = list(self._pages.items())
+        for queue, loop in pages:  # ends their streams
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    def subscribe(self) -> asyncio.Queue[Message | None]:
+        queue: asyncio.Queue[Message | None] = asyncio.Queue(PAGE_BACKLOG)
+        with self._lock:
+            self._pages[queue] = asyncio.get_running_loop()
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Message | None]) -> None:
+        with self._lock:
+            self._pages.pop(queue, None)
+
+    def publish(self, event: str, data: Any) -> None:
+        message = (event, json.dumps(data))
+        with self._lock:
+            pages = list(self._pages.items())
+        for queue, loop in pages:
+            loop.call_soon_threadsafe(_offer, queue, message)
+
+    # -- the thread ------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except ServerUnavailableError as exc:
+                logger.warning("dashboard feed: MongoDB unreachable; retrying (%s)", str(exc).splitlines()[0])
+                self._stop.wait(1.0)
+            except Exception:  # the feed outlives one bad round: log it, start again
+                logger.exception("dashboard feed failed; restarting it")
+                self._stop.wait(1.0)
+
+    def _follow(self) -> None:
+        with self.store.activity_feed() as feed:
+            self._ready.set()
+            next_nodes = 0.0
+            next_counts = 0.0
+            counts_due = True
+            while not self._stop.is_set():
+                change = feed.poll(POLL_SECONDS)
+                if change is not None and change.document is not None:
+                    self.publish("job", job_row(Process(change.document, self.scheduler), self.labels))
+                    counts_due = True
+                now = time.monotonic()
+                if now >= next_nodes:
+                    next_nodes = now + NODES_SECONDS
+                    self.refresh_nodes()
+                    self.publish("nodes", self.nodes)
+                if counts_due and now >= next_counts:
+                    next_counts = now + COUNTS_SECONDS
+                    counts_due = False
+                    self.publish("counts", counts_view(self.store.status_counts()))
+
+    def refresh_nodes(self) -> None:
+        found = self.store.live_nodes()
+        self.labels = node_labels(found)
+        self.nodes = [node_view(node) for node in found]
+
+
+def _offer(queue: asyncio.Queue[Message | None], message: Message) -> None:
+    """Queue a message for a page (in its event loop); a page too far behind gets an end and reconnects."""
+    try:
+        queue.put_nowait(message)
+    except asyncio.QueueFull:
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(None)

@@ -1,0 +1,106 @@
+"""What the dashboard shows, as plain JSON: job rows, a job's details with its runs, nodes, counts.
+
+No web framework here: these take stored documents and the public API's objects and return dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from bson import ObjectId
+
+from ..constants import JobStatus
+from ..process import Process, plain
+
+#: Jobs the table shows at most (newest first).
+MAX_ROWS = 200
+
+
+def status_name(status: Any) -> str:
+    try:
+        return JobStatus(int(status)).name.lower()
+    except (TypeError, ValueError):
+        return str(status)
+
+
+def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """worker id -> "host (pid N)" of the node it belongs to, for the table's node column."""
+    labels: dict[str, str] = {}
+    for node in nodes:
+        label = f"{node.get('host')} (pid {node.get('pid')})"
+        for worker in node.get("workers") or []:
+            labels[str(worker.get("_id"))] = label
+    return labels
+
+
+def job_row(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
+    """One row of the live table. Reads nothing more than the job document (no event lookup per row)."""
+    worker = str(process.worker) if process.worker else None
+    return {
+        "id": str(process.id),
+        "class": process.job_class,
+        "status": process.status.name.lower(),
+        "progress": process.progress,
+        "run": process.run,
+        "created": plain(process.created),
+        "started": plain(process.started),
+        "ended": plain(process.ended),
+        "worker": worker,
+        "node": nodes.get(worker) if worker else None,
+    }
+
+
+def job_details(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
+    """The job page: the job, its data and options, the last run's error or result, and every ended run."""
+    runs = []
+    for run in process.runs():
+        shown = plain({key: run.get(key) for key in ("run", "worker", "started", "ended", "error") if key in run})
+        shown["status"] = status_name(run.get("status"))
+        shown["has_result"] = "result" in run
+        shown["result"] = plain(run.get("result"))
+        runs.append(shown)
+    return {
+        **job_row(process, nodes),
+        "data": plain(process.data),
+        "options": plain(process.options),
+        "error": plain(process.error),
+        "result": plain(process.result),
+        "runs": runs,
+    }
+
+
+def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
+    workers = [
+        {"id": str(w.get("_id")), "pid": w.get("pid"), "job": str(w["job"]) if w.get("job") else None}
+        for w in node.get("workers") or []
+    ]
+    return {
+        "id": str(node.get("_id")),
+        "host": node.get("host"),
+        "pid": node.get("pid"),
+        "started": plain(node.get("started")),
+        "version": node.get("version"),
+        "modules": [str(m) for m in node.get("modules") or []],
+        "workers": workers,
+        "busy": sum(1 for w in workers if w["job"]),
+    }
+
+
+def counts_view(counts: Mapping[int, int]) -> dict[str, int]:
+    return {status_name(status): n for status, n in sorted(counts.items())}
+
+
+def job_query(statuses: Iterable[str], job_class: str | None, job_id: str | None) -> dict[str, Any] | None:
+    """The filter of the table (None: an id that cannot match anything). Unknown status names match nothing."""
+    query: dict[str, Any] = {}
+    wanted = [s.strip().upper() for s in statuses if s.strip()]
+    if wanted:
+        query["status"] = {"$in": [int(JobStatus[s]) for s in wanted if s in JobStatus.__members__]}
+    if job_class:
+        query["class"] = job_class
+    if job_id:
+        if not ObjectId.is_valid(job_id.strip()):
+            return None
+        query["_id"] = ObjectId(job_id.strip())
+    return query

@@ -1,0 +1,215 @@
+"""The dashboard's server side (SPEC 7): JSON endpoints, actions with --token and --read-only, escaping, the live
+event stream. The page itself is driven in a real browser in test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import uvicorn
+from bson import ObjectId
+from starlette.testclient import TestClient
+
+from helpers import TESTS_DIR, wait_until
+from taskscheduler import JobStatus, Scheduler, Worker
+from taskscheduler.dashboard import bind
+from taskscheduler.dashboard.app import ACTION_HEADER, STATIC, create_app
+from taskscheduler.embedded import EmbeddedServer
+
+ACT = {ACTION_HEADER: "1"}
+EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+@pytest.fixture
+def web(scheduler: Scheduler) -> Iterator[TestClient]:
+    with TestClient(create_app(scheduler)) as c:
+        yield c
+
+
+def run_in_process(scheduler: Scheduler, job_id: ObjectId) -> None:
+    """Run one job in this process (no queue node needed for a job's end)."""
+    Worker(ObjectId(), scheduler, scheduler._db).process_one(job_id)
+
+
+def test_page_and_static_files_are_served_with_a_strict_policy(web: TestClient) -> None:
+    page = web.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert web.get(f"/static/{name}").status_code == 200
+    # Values from job data are put into the page as text only.
+    script = (STATIC / "app.js").read_text()
+    assert not re.search(r"\.innerHTML|innerHTML\s*:|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
+
+
+def test_json_endpoints_counts_jobs_filters_and_a_job_page(web: TestClient, scheduler: Scheduler) -> None:
+    echo = scheduler.add_job("sample_jobs:Echo", {"n": 1})
+    failed = scheduler.add_job("sample_jobs:Fail", {"n": 2})
+    waiting = scheduler.add_job("sample_jobs:Noop")
+    run_in_process(scheduler, echo.id)
+    run_in_process(scheduler, failed.id)
+
+    config = web.get("/api/config").json()
+    assert config == {"read_only": False, "token_required": False, "version": config["version"],
+                      "database": scheduler._db.name}
+    counts = web.get("/api/summary").json()["counts"]
+    assert (counts["done"], counts["failed"], counts["waiting"], counts["processing"]) == (1, 1, 1, 0)
+
+    rows = web.get("/api/jobs").json()
+    assert [r["id"] for r in rows["jobs"]] == [str(waiting.id), str(failed.id), str(echo.id)]  # newest first
+    assert rows["total"] == 3
+    assert [r["id"] for r in web.get("/api/jobs?status=failed").json()["jobs"]] == [str(failed.id)]
+    assert [r["id"] for r in web.get("/api/jobs?status=done,waiting").json()["jobs"]] == [
+        str(waiting.id),
+        str(echo.id),
+    ]
+    assert [r["id"] for r in web.get("/api/jobs?class=sample_jobs:Echo").json()["jobs"]] == [str(echo.id)]
+    assert [r["id"] for r in web.get(f"/api/jobs?id={failed.id}").json()["jobs"]] == [str(failed.id)]
+    assert web.get("/api/jobs?id=nonsense").json() == {"jobs": [], "total": 0}
+
+    page = web.get(f"/api/jobs/{failed.id}").json()
+    assert page["status"] == "failed" and page["data"] == {"n": 2} and page["options"]["retry"] == 0
+    assert page["error"]["class"] == "ValueError" and "boom" in page["error"]["message"]
+    (run,) = page["runs"]
+    assert run["status"] == "failed" and "boom" in run["error"]["message"]
+    assert "Traceback" in run["error"]["traceback"] and "boom" in run["error"]["traceback"]
+    done = web.get(f"/api/jobs/{echo.id}").json()
+    assert done["result"] == {"n": 1} and done["runs"][0]["result"] == {"n": 1}
+    assert web.get(f"/api/jobs/{ObjectId()}").status_code == 404
+    assert web.get("/api/jobs/nonsense").status_code == 404
+
+
+def test_data_holding_markup_is_returned_as_json_text(web: TestClient, scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Echo", {"note": EVIL}, {"id": ObjectId()})
+    reply = web.get(f"/api/jobs/{job.id}")
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    assert reply.json()["data"] == {"note": EVIL}  # as data: the page puts it in with textContent
+
+
+def test_cancel_and_requeue_from_the_dashboard(web: TestClient, scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Noop")
+    canceled = web.post(f"/api/jobs/{job.id}/cancel", headers=ACT)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert job.refresh().status == JobStatus.CANCELED
+    requeued = web.post(f"/api/jobs/{job.id}/requeue", headers=ACT)
+    assert requeued.status_code == 200 and requeued.json()["run"] == 2
+    assert job.refresh().status == JobStatus.WAITING
+    again = web.post(f"/api/jobs/{job.id}/requeue", headers=ACT)  # a waiting job cannot be requeued
+    assert again.status_code == 409 and job.refresh().run == 2
+    assert web.post(f"/api/jobs/{job.id}/delete", headers=ACT).status_code == 404
+    assert web.post(f"/api/jobs/{ObjectId()}/cancel", headers=ACT).status_code == 404
+
+
+def test_an_action_without_its_header_is_refused(web: TestClient, scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Noop")
+    assert web.post(f"/api/jobs/{job.id}/cancel").status_code == 403  # e.g. a form on another site
+    assert job.refresh().status == JobStatus.WAITING
+
+
+def test_with_a_token_actions_without_it_get_403_and_change_nothing(scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Noop")
+    with TestClient(create_app(scheduler, token="s3cret")) as client:
+        assert client.get("/api/config").json()["token_required"] is True
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            reply = client.post(f"/api/jobs/{job.id}/cancel", headers={**ACT, **headers})
+            assert reply.status_code == 403, headers
+            assert job.refresh().status == JobStatus.WAITING and job.run == 1
+        assert client.get(f"/api/jobs/{job.id}").status_code == 200  # reading needs no token
+        ok = client.post(f"/api/jobs/{job.id}/cancel", headers={**ACT, "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and job.refresh().status == JobStatus.CANCELED
+
+
+def test_read_only_refuses_every_action(scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Noop")
+    with TestClient(create_app(scheduler, read_only=True, token="t")) as client:
+        assert client.get("/api/config").json()["read_only"] is True
+        for action in ("cancel", "requeue"):
+            reply = client.post(f"/api/jobs/{job.id}/{action}", headers={**ACT, "Authorization": "Bearer t"})
+            assert reply.status_code in (403, 405)
+        assert client.get(f"/api/jobs/{job.id}/cancel").status_code == 405  # no GET action either
+    assert job.refresh().status == JobStatus.WAITING and job.run == 1
+
+
+def test_bound_to_localhost_it_answers_only_local_host_names(scheduler: Scheduler) -> None:
+    app = create_app(scheduler, allowed_hosts=["127.0.0.1", "localhost"])
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/api/config").status_code == 200
+        assert client.get("/api/config", headers={"Host": "attacker.example"}).status_code == 400
+
+
+@pytest.fixture
+def live_url(scheduler: Scheduler) -> Iterator[str]:
+    """The dashboard served by a real uvicorn in a thread of this process."""
+    sock = bind("127.0.0.1", 0)
+    config = uvicorn.Config(create_app(scheduler), log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="uvicorn to start")
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_server_sent_events_deliver_a_change(live_url: str, scheduler: Scheduler) -> None:
+    events: list[tuple[str, Any]] = []
+    with httpx2.stream("GET", f"{live_url}/api/stream", timeout=10) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = reply.iter_lines()
+        event = None
+        job = None
+        for line in lines:
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event is not None:
+                events.append((event, json.loads(line[len("data: "):])))
+                if event == "ready":
+                    job = scheduler.add_job("sample_jobs:Noop", {"hello": EVIL})  # after: it must be seen
+                elif event == "job" and job is not None and events[-1][1]["id"] == str(job.id):
+                    break
+    assert events[0][0] == "ready"
+    row = next(data for name, data in events if name == "job")
+    assert row["status"] == "waiting" and row["class"] == "sample_jobs:Noop" and "hello" not in row
+
+
+def _cli(server: EmbeddedServer, db_name: str, *args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, str(TESTS_DIR)) if p))
+    return subprocess.run(
+        [sys.executable, "-m", "taskscheduler", "dashboard", *args, "--mongodb-uri", server.uri, "--database", db_name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_cli_names_the_install_when_the_extra_is_missing(server: EmbeddedServer, db_name: str, tmp_path: Path) -> None:
+    (tmp_path / "starlette").mkdir()
+    (tmp_path / "starlette" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'starlette'\", name='starlette')\n"
+    )
+    out = _cli(server, db_name, pythonpath=str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert 'pip install "mongodb-task-scheduler[dashboard]"' in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _cli(server, db_name, "--port", str(port))
+    assert out.returncode == 1, out.stderr
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr

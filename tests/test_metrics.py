@@ -1,0 +1,168 @@
+"""Prometheus metrics of a queue node (SPEC 7): a real node, scraped over HTTP while its jobs run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import TESTS_DIR, Node, wait_until
+from taskscheduler import Queue, Scheduler
+from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.factory import DefaultWorkerFactory
+from taskscheduler.metrics import status_label
+
+NOOP, FAIL = "sample_jobs:Noop", "sample_jobs:Fail"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape_when_up(port: int, node: Node) -> dict[Any, float]:
+    def up() -> dict[Any, float] | None:
+        assert node.proc.poll() is None, node.output()
+        try:
+            return scrape(port)
+        except OSError:
+            return None
+
+    found: dict[Any, float] = wait_until(up, timeout=20, what="the metrics endpoint")
+    return found
+
+
+@pytest.mark.e2e
+def test_counters_move_by_exactly_the_runs_that_happened(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    port = free_port()
+    node = start_node("--metrics-port", str(port), "--pm", "static", "--min-children", "2", "--max-children", "2")
+    before = scrape_when_up(port, node)
+    assert sample(before, "taskscheduler_runs_started_total", **{"class": NOOP}) == 0
+    wait_until(lambda: sample(scrape(port), "taskscheduler_workers_idle") == 2, what="two idle workers")
+
+    done = [scheduler.add_job(NOOP) for _ in range(4)]
+    failed = scheduler.add_job(FAIL, {"n": 1})
+    scheduler.wait_for([*done, failed], timeout=30)
+    assert failed.refresh().status.name == "FAILED"
+
+    def ended() -> dict[Any, float] | None:
+        samples = scrape(port)
+        total = sum(v for (name, _), v in samples.items() if name == "taskscheduler_runs_ended_total")
+        return samples if total >= 5 else None  # the manager's reports reach the node just after the writes
+
+    after = wait_until(ended, what="five ended runs")
+    assert sample(after, "taskscheduler_runs_started_total", **{"class": NOOP}) == 4
+    assert sample(after, "taskscheduler_runs_started_total", **{"class": FAIL}) == 1
+    assert sample(after, "taskscheduler_runs_ended_total", **{"class": NOOP, "status": "done"}) == 4
+    assert sample(after, "taskscheduler_runs_ended_total", **{"class": FAIL, "status": "failed"}) == 1
+    ended_total = sum(v for (name, _), v in after.items() if name == "taskscheduler_runs_ended_total")
+    assert ended_total == 5  # nothing else: no other status, no other class
+    assert sample(after, "taskscheduler_run_duration_seconds_count", **{"class": NOOP}) == 4
+    assert sample(after, "taskscheduler_run_duration_seconds_count", **{"class": FAIL}) == 1
+    assert 0 < sample(after, "taskscheduler_run_duration_seconds_sum", **{"class": NOOP}) < 30
+    assert not any("job" in dict(labels) or "id" in dict(labels) for _, labels in after)  # never a job id
+    assert sample(after, "taskscheduler_workers_busy") + sample(after, "taskscheduler_workers_idle") == 2
+    assert 0 <= sample(after, "taskscheduler_heartbeat_lag_seconds") < 2.0  # a 2 s lease: a beat every 1/3 s
+
+    # Gauges of the cluster's backlog: counted by the node's loop while it is scraped.
+    scheduler.add_job(NOOP, options={"at": time.time() + 3600})
+    scheduler.add_job("other_module:Job", options={"at": 0})  # a class no node serves: it waits
+    wait_until(
+        lambda: sample(scrape(port), "taskscheduler_jobs", **{"class": NOOP, "status": "postponed"}) == 1
+        and sample(scrape(port), "taskscheduler_jobs", **{"class": "other_module:Job", "status": "waiting"}) == 1,
+        timeout=15,
+        what="the waiting and postponed gauges",
+    )
+    assert node.stop() == 0
+
+
+def test_ended_status_labels() -> None:
+    assert [status_label(s) for s in (None, 0, 3, 4, 5, 6)] == [
+        "released",
+        "released",
+        "done",
+        "failed",
+        "canceled",
+        "timeout",
+    ]
+
+
+@pytest.mark.parametrize("bad", [-1, 65536, "9100", True, 1.5])
+def test_bad_metrics_port_is_rejected(scheduler: Scheduler, bad: Any) -> None:
+    factory = DefaultWorkerFactory("mongodb://127.0.0.1:1", "x", imports=["sample_jobs"])
+    with pytest.raises(InvalidArgumentError, match="metrics_port"):
+        Queue(scheduler, scheduler._db, factory, options={"metrics_port": bad})
+
+
+@pytest.mark.parametrize("off", [0, None])
+def test_metrics_port_zero_or_none_is_off(scheduler: Scheduler, off: Any) -> None:
+    factory = DefaultWorkerFactory("mongodb://127.0.0.1:1", "x", imports=["sample_jobs"])
+    node = Queue(scheduler, scheduler._db, factory, options={"metrics_port": off})
+    assert node.metrics is None and node.get_options()["metrics_port"] is None
+
+
+def _cli(server: EmbeddedServer, db_name: str, *args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, str(TESTS_DIR)) if p))
+    return subprocess.run(
+        [sys.executable, "-m", "taskscheduler", *args, "--mongodb-uri", server.uri, "--database", db_name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "http"])
+def test_cli_rejects_a_bad_metrics_port(server: EmbeddedServer, db_name: str, port: str) -> None:
+    out = _cli(server, db_name, "queue", "--import", "sample_jobs", "--metrics-port", port)
+    assert out.returncode == 2 and "--metrics-port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_names_the_install_when_prometheus_client_is_missing(
+    server: EmbeddedServer, db_name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "prometheus_client.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'prometheus_client'\", name='prometheus_client')\n"
+    )
+    out = _cli(server, db_name, "queue", "--import", "sample_jobs", "--metrics-port", "9", pythonpath=str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert 'pip install "mongodb-task-scheduler[metrics]"' in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _cli(server, db_name, "queue", "--import", "sample_jobs", "--metrics-port", str(port))
+    assert out.returncode == 1, out.stderr
+    assert f"cannot serve metrics on port {port}" in out.stderr and "Traceback" not in out.stderr
