@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -30,9 +31,13 @@ def env(server: EmbeddedServer, db_name: str) -> dict[str, str]:
 def node_for(server: EmbeddedServer, db_name: str, tmp_path: Path, env: dict[str, str]) -> Iterator[object]:
     nodes: list[subprocess.Popen[bytes]] = []
 
-    def start(module: str) -> Path:
+    def start(module: str, *args: str) -> Path:
         log = tmp_path / f"{module}.log"
-        nodes.append(spawn_node(server.uri, db_name, [module], log=str(log), env=env, log_level="INFO", cwd=str(ROOT)))
+        nodes.append(
+            spawn_node(
+                server.uri, db_name, [module], list(args), log=str(log), env=env, log_level="INFO", cwd=str(ROOT)
+            )
+        )
         return log
 
     yield start
@@ -41,9 +46,7 @@ def node_for(server: EmbeddedServer, db_name: str, tmp_path: Path, env: dict[str
 
 
 def run_example(module: str, env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90
-    )
+    out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stdout + out.stderr
     return out.stdout
 
@@ -67,6 +70,49 @@ def test_example_runs_as_documented(module: str, expected: list[str], node_for: 
         assert re.search(pattern, printed, re.MULTILINE), printed
     text = Path(log).read_text()
     assert text.count("Traceback") == text.count(" failed: "), text  # tracebacks only of jobs failing on purpose
+
+
+def test_cron_example_keeps_one_job_per_schedule(node_for: object, env: dict[str, str]) -> None:
+    node_for("examples.cron")  # type: ignore[operator]
+    first = run_example("examples.cron", env)
+    assert re.search(
+        r"^report: cron '0 7 \* \* mon-fri' in Europe/Zurich, POSTPONED, next run \S+T07:00\+0[12]:00$",
+        first,
+        re.MULTILINE,
+    ), first
+    assert re.search(r"^tick: cron '\* \* \* \* \*' in UTC, POSTPONED, next run \S+:\d\d\+00:00$", first, re.MULTILINE)
+    second = run_example("examples.cron", env)  # run again: the same two jobs, not two more
+    assert second.splitlines()[0] == first.splitlines()[0]
+
+
+def test_priorities_example_starts_the_urgent_job_first(node_for: object, env: dict[str, str]) -> None:
+    node_for("examples.priorities", "--pm", "static", "--min-children", "1", "--max-children", "1")  # type: ignore[operator]
+    printed = run_example("examples.priorities", env)
+    assert "start order: already running, urgent, bulk 0, bulk 1, bulk 2, bulk 3, bulk 4" in printed, printed
+
+
+def test_fastapi_example_adds_a_job_and_streams_its_progress(node_for: object, env: dict[str, str]) -> None:
+    pytest.importorskip("fastapi", reason="the FastAPI example needs examples/requirements-fastapi.txt")
+    node_for("examples.fastapi_app")  # type: ignore[operator]
+    script = (
+        "import json\n"
+        "from fastapi.testclient import TestClient\n"
+        "from examples.fastapi_app import create_app\n"
+        "with TestClient(create_app()) as web:\n"
+        "    job_id = web.post('/jobs', json={'steps': 4}).json()['id']\n"
+        "    with web.stream('GET', f'/jobs/{job_id}/progress') as events:\n"
+        "        seen = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith('data: ')]\n"
+        "    print('progress', [e['progress'] for e in seen if e['status'] == 'PROCESSING'])\n"
+        "    print('last', seen[-1])\n"
+        "    print('result', web.get(f'/jobs/{job_id}').json()['result'])\n"
+        "    print('missing', web.get('/jobs/' + '0' * 24).status_code, web.get('/jobs/nope').status_code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    moving = json.loads(re.search(r"^progress (.*)$", out.stdout, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert len(moving) >= 2 and moving == sorted(moving)  # the bar moved while the job ran
+    assert "last {'status': 'DONE', 'progress': 100.0}" in out.stdout
+    assert "result counted 4 steps" in out.stdout and "missing 404 404" in out.stdout
 
 
 def test_two_nodes_script_cleans_up_after_itself(tmp_path: Path) -> None:
