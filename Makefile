@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers (pytest-xdist), one per core: most tests wait on real processes and the server, so two
+# at a time halve the wall time (about 6 minutes instead of 13). Each worker starts its own embedded server.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # `make chaos`: the randomized fault harness (tests/test_chaos.py: real queue nodes, SIGKILL/SIGSTOP/SIGTERM, worker
 # kills, server failpoints, cancels; then invariants) over 50 seeds of about 20 s each. `make test` runs seeds 0-4.

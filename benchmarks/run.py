@@ -1,7 +1,8 @@
 """Benchmarks (``make bench``): each prints one summary line; the run exits non-zero when a target is missed.
 
 Targets are ratios or counts measured side by side in one run, never absolute times (shared 2-core machines).
-1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode.
+1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode,
+6 a priority job behind a queued backlog, 7 AsyncScheduler against Scheduler.
 Results go to docs/performance.md (with docs/performance.png).
 """
 

@@ -47,6 +47,8 @@ def test_valid_expressions_are_kept_normalised(expr: str) -> None:
         (5, "must be a cron expression string"),
         (None, "must be a cron expression string"),
         ("* " * 200, "at most"),
+        ("0 0 30 2 *", "never matches"),
+        ("0 0 31 4,6,9,11 *", "never matches"),
     ],
 )
 def test_invalid_expressions_name_the_option(expr: Any, says: str) -> None:
@@ -139,3 +141,10 @@ def test_next_start_counts_failures_in_a_row() -> None:
     opts = {"retry": -1, "retry_interval": 2, "retry_backoff": 3.0, "retry_max_interval": 3600}
     delays = [next_start({"options": opts, "failures": f}, JobStatus.FAILED, now) for f in range(4)]
     assert [round(d[1] - now, 2) for d in delays if d] == [2, 6, 18, 54]
+
+
+def test_a_stored_schedule_without_a_next_match_ends_the_job() -> None:
+    doc = {"options": {"cron": "0 0 30 2 *", "timezone": "UTC", "retry": 0}}  # never validated, e.g. edited
+    assert next_start(doc, JobStatus.DONE, time.time()) is None
+    with pytest.raises(InvalidArgumentError, match="no next match"):
+        next_cron_time("0 0 30 2 *", "UTC", time.time())

@@ -780,7 +780,10 @@ def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[J
         at = now + retry_delay(dict(opts), int(doc.get("failures", 0)) + 1)
         retry = retry - 1 if retry > 0 else retry
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT) and opts.get(o.CRON):
-        at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), now)
+        try:
+            at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), now)
+        except InvalidArgumentError:
+            return None  # a stored schedule with no next match (never validated): the job ends with this run
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
         interval = int(opts.get(o.INTERVAL, 0))
         if interval > 0:

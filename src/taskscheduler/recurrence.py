@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from .errors import InvalidArgumentError
 
@@ -42,7 +42,10 @@ def cron_expression(name: str, value: Any) -> str:
             f"option {name} must have 5 fields (minute hour day-of-month month day-of-week), got {value!r}"
         )
     try:
-        croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc))
+        # A leap day matches within 8 years; an expression without a match (February 30th) fails here.
+        croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc)).get_next(datetime)
+    except CroniterBadDateError:
+        raise InvalidArgumentError(f"option {name}: {value!r} never matches a date") from None
     except (ValueError, KeyError, TypeError) as exc:  # croniter's errors derive from ValueError
         raise InvalidArgumentError(f"option {name} is not a valid cron expression: {value!r} ({exc})") from None
     return expr
@@ -60,13 +63,19 @@ def timezone_name(name: str, value: Any) -> str:
 
 
 def next_cron_time(expr: str, zone: str, after: float) -> float:
-    """Unix time of the first match of ``expr`` (read in ``zone``) strictly after ``after``."""
-    tz = ZoneInfo(zone)
-    base = datetime.fromtimestamp(after, tz)
-    matches = croniter(expr, base)
+    """Unix time of the first match of ``expr`` (read in ``zone``) strictly after ``after``. InvalidArgumentError
+    when there is none (a stored expression that was never validated)."""
+    try:
+        tz = ZoneInfo(zone)
+        matches = croniter(expr, datetime.fromtimestamp(after, tz))
+    except (ValueError, KeyError, TypeError, ZoneInfoNotFoundError) as exc:
+        raise InvalidArgumentError(f"cron {expr!r} in {zone!r}: {exc}") from None
     hourly = _every_hour(matches)
     while True:
-        found: datetime = matches.get_next(datetime)
+        try:
+            found: datetime = matches.get_next(datetime)
+        except (CroniterBadDateError, ValueError) as exc:
+            raise InvalidArgumentError(f"cron {expr!r} in {zone!r} has no next match: {exc}") from None
         local = found.astimezone(timezone.utc).astimezone(tz)
         if local.timestamp() <= after:
             continue
