@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -25,7 +26,7 @@ from blinker import Namespace
 from bson import ObjectId
 
 from .constants import JobStatus
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, SchedulerClosedError
 from .process import Process
 from .scheduler import Scheduler
 from .store import sync_twin
@@ -55,6 +56,9 @@ class AsyncScheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stops: set[threading.Event] = set()  # of the waits and listens now pending
         self._threads: set[threading.Thread] = set()  # running them
+        self._closed = False
+        # Dropped without close(): the private client and pool go with it (no "unclosed MongoClient" warning).
+        weakref.finalize(self, _release, self._executor, self._sync.store.close)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -62,7 +66,11 @@ class AsyncScheduler:
         return self._sync
 
     async def close(self) -> None:
-        """End pending waits and listens, then release the thread pool and the private connection pool."""
+        """End pending waits and listens (they raise SchedulerClosedError), then release the thread pool and the
+        private connection pool. Calls after close() raise SchedulerClosedError."""
+        if self._closed:
+            return
+        self._closed = True
         for stop in list(self._stops):
             stop.set()
         executor, threads = self._executor, list(self._threads)
@@ -154,7 +162,12 @@ class AsyncScheduler:
         timeout: float | None = None,
     ) -> None:
         """Until every listed job has finished (as Scheduler.wait_for), without blocking the event loop."""
-        items = [processes] if isinstance(processes, AsyncProcess) else list(processes)
+        if isinstance(processes, (AsyncProcess, Process)):
+            items: list[Any] = [processes]
+        elif isinstance(processes, Iterable) and not isinstance(processes, (str, bytes, Mapping)):
+            items = list(processes)
+        else:
+            raise InvalidArgumentError(f"wait_for() requires AsyncProcess objects, got {type(processes).__name__}")
         synced = [p.process if isinstance(p, AsyncProcess) else p for p in items]
         stop = threading.Event()
         self._stops.add(stop)
@@ -163,6 +176,7 @@ class AsyncScheduler:
         finally:
             stop.set()
             self._stops.discard(stop)
+        self._check_open("wait_for() was ended by close() before the jobs finished")
 
     async def listen(
         self,
@@ -200,11 +214,17 @@ class AsyncScheduler:
         finally:
             stop.set()
             self._stops.discard(stop)
+        self._check_open("listen() was ended by close()")
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
+    def _check_open(self, what: str = "this AsyncScheduler is closed") -> None:
+        if self._closed:
+            raise SchedulerClosedError(what)
+
     async def _run(self, function: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A short call (a few round trips) on the pool."""
+        self._check_open()
         loop = asyncio.get_running_loop()
         self._loop = loop
         return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kw))
@@ -212,6 +232,7 @@ class AsyncScheduler:
     async def _run_long(self, function: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A wait or listen, on a thread of its own: any number may be pending without starving short calls.
         Daemon threads: one the caller stopped ends within a second, and none holds the interpreter open."""
+        self._check_open()
         loop = asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[T] = loop.create_future()
@@ -363,6 +384,11 @@ for _name in dir(Scheduler):
         setattr(AsyncScheduler, _name, getattr(Scheduler, _name))
 
 
+def _release(executor: ThreadPoolExecutor, close_client: Callable[[], None]) -> None:
+    executor.shutdown(wait=False, cancel_futures=True)
+    close_client()
+
+
 def _loaded(read: Callable[..., Process], *args: Any, **kw: Any) -> Process:
     """The process ``read(*args, **kw)`` returns, with the outcome of its last run read here (in the thread), so
     ``error`` and ``result`` never touch MongoDB from the event loop."""
@@ -374,9 +400,12 @@ def _loaded(read: Callable[..., Process], *args: Any, **kw: Any) -> Process:
 def _finished(
     scheduler: Scheduler, processes: list[Process], options: int, timeout: float | None, stop: threading.Event
 ) -> None:
-    scheduler.wait_for(processes, options, timeout, stop=stop)
-    for process in processes:
-        process.error  # noqa: B018 - loads and caches the outcome off the loop
+    try:
+        scheduler.wait_for(processes, options, timeout, stop=stop)
+    finally:  # also after WaitTimeoutError or JobFailedError: the processes were updated meanwhile
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.error  # noqa: B018 - loads and caches the outcome off the loop
 
 
 def _next_batch(found: Iterator[Process]) -> list[Process]:

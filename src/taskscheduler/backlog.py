@@ -1,10 +1,10 @@
-"""The jobs a worker manager holds for its next free worker: higher priority first, first in first out within
+"""The jobs a worker manager holds for its next free worker: higher priority first, first due first out within
 one priority."""
 
 from __future__ import annotations
 
 import heapq
-import itertools
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -20,13 +20,13 @@ def priority_of(task: RunJob) -> int:
 
 class Backlog:
     """A priority queue of RunJob messages keyed by job id (a job is held once; a newer message replaces an
-    older one in place). Removal is lazy: stale heap entries are skipped when they surface."""
+    older one). Within a priority, the job due first goes first: its ``at`` (a postponed, retried or interval
+    run), else its creation. The order is the job's own, not its arrival's: a job put back after a failed hand-
+    over, or released by a dead worker, is back in its place. Removal is lazy: stale heap entries are skipped."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, ObjectId]] = []
-        self._tasks: dict[ObjectId, tuple[int, RunJob]] = {}  # job -> (sequence, message)
-        self._order = itertools.count(1)
-        self._front = itertools.count(-1, -1)  # sequences of jobs put back: ahead of their priority's others
+        self._heap: list[tuple[int, float, ObjectId]] = []
+        self._tasks: dict[ObjectId, tuple[tuple[int, float, ObjectId], RunJob]] = {}  # job -> (key, message)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -38,16 +38,15 @@ class Backlog:
         return job_id in self._tasks
 
     def add(self, task: RunJob) -> None:
-        job_id = task.doc["_id"]
-        held = self._tasks.get(job_id)
-        if held is not None and priority_of(held[1]) == priority_of(task):
-            self._tasks[job_id] = (held[0], task)  # same place in the line, newer document
-            return
-        self._push(task, next(self._order))
+        key = _key(task)
+        held = self._tasks.get(key[2])
+        self._tasks[key[2]] = (key, task)
+        if held is None or held[0] != key:
+            heapq.heappush(self._heap, key)
 
     def put_back(self, task: RunJob) -> None:
-        """A job that could not be handed over: first again among its priority."""
-        self._push(task, next(self._front))
+        """A job that could not be handed over: in its place again."""
+        self.add(task)
 
     def discard(self, job_id: ObjectId) -> None:
         self._tasks.pop(job_id, None)
@@ -57,14 +56,25 @@ class Backlog:
     def pop(self) -> RunJob:
         """The next job to run (IndexError when empty)."""
         while self._heap:
-            _, seq, job_id = heapq.heappop(self._heap)
-            held = self._tasks.get(job_id)
-            if held is not None and held[0] == seq:
-                del self._tasks[job_id]
+            key = heapq.heappop(self._heap)
+            held = self._tasks.get(key[2])
+            if held is not None and held[0] == key:
+                del self._tasks[key[2]]
                 return held[1]
         raise IndexError("the backlog is empty")
 
-    def _push(self, task: RunJob, seq: int) -> None:
-        job_id = task.doc["_id"]
-        self._tasks[job_id] = (seq, task)
-        heapq.heappush(self._heap, (-priority_of(task), seq, job_id))
+
+def _key(task: RunJob) -> tuple[int, float, ObjectId]:
+    doc = task.doc
+    job_id: ObjectId = doc["_id"]
+    return (-priority_of(task), _due(doc, job_id), job_id)
+
+
+def _due(doc: Any, job_id: ObjectId) -> float:
+    at = (doc.get("options") or {}).get(o.AT)
+    if isinstance(at, (int, float)) and not isinstance(at, bool) and at > 0:
+        return float(at)
+    created = doc.get("created")
+    if isinstance(created, datetime):
+        return created.timestamp()
+    return job_id.generation_time.timestamp()

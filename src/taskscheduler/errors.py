@@ -69,6 +69,10 @@ class SpawnForkError(TaskSchedulerError, RuntimeError):
     """Raised when a worker manager or worker process could not be forked."""
 
 
+class SchedulerClosedError(TaskSchedulerError, RuntimeError):
+    """Raised by an AsyncScheduler after close(): by its calls, and by the waits and listens close() ended."""
+
+
 class ConfigurationError(TaskSchedulerError):
     """Raised when the MongoDB deployment cannot serve: not a replica set, or older than the supported floor."""
 

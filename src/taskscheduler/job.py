@@ -99,8 +99,14 @@ def reset_current_job(token: Any) -> None:
 
 
 def is_job_function(target: Any) -> bool:
-    """A module-level function (sync or async) that a worker can import by name."""
-    return inspect.isfunction(target) and target.__name__ != "<lambda>"
+    """A function (sync or async) that can run as a job: not a lambda, and not a generator, whose body would
+    only run when someone iterates it."""
+    return (
+        inspect.isfunction(target)
+        and target.__name__ != "<lambda>"
+        and not inspect.isgeneratorfunction(target)
+        and not inspect.isasyncgenfunction(target)
+    )
 
 
 def class_path(job_class: type | Callable[..., Any] | str) -> str:
@@ -115,7 +121,8 @@ def class_path(job_class: type | Callable[..., Any] | str) -> str:
         return _importable(f"{function.__module__}:{function.__qualname__}")
     if callable(job_class) and not isinstance(job_class, (type, str)):
         raise InvalidArgumentError(
-            f"a job must be a JobInterface class or a module-level function, got {job_class!r}"
+            f"a job must be a JobInterface class or a module-level function (not a lambda, generator, method or "
+            f"builtin), got {job_class!r}"
         )
     if isinstance(job_class, type):
         if not issubclass(job_class, JobInterface):
@@ -179,6 +186,12 @@ def load_job_class(path: str, allowed: Iterable[str] | None = None) -> JobTarget
             problem = f"module {module_name!r} has no attribute {qualname!r}"
             continue
         if is_job_function(target):
+            # Only a function defined in the module named, at its top level: walking attributes must not reach
+            # a function the module merely imported (os.system) or a method of one of its classes.
+            if target.__module__ != module_name or "." in qualname:
+                raise InvalidJobError(
+                    f"job {path!r} names a function that is not defined at the top level of module {module_name!r}"
+                )
             function: Callable[[Any], Any] = target
             return function
         if not isinstance(target, type) or not issubclass(target, JobInterface):

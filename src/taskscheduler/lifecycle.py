@@ -780,8 +780,11 @@ def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[J
         at = now + retry_delay(dict(opts), int(doc.get("failures", 0)) + 1)
         retry = retry - 1 if retry > 0 else retry
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT) and opts.get(o.CRON):
+        # After the match that just ran, too: a worker whose clock is behind the server's may end the 12:00 run
+        # "before" 12:00, and that match must not run again.
+        after = max(now, float(opts.get(o.AT) or 0))
         try:
-            at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), now)
+            at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), after)
         except InvalidArgumentError:
             return None  # a stored schedule with no next match (never validated): the job ends with this run
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
@@ -820,6 +823,8 @@ def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: An
         if name == o.ID:
             if existing["_id"] != value:
                 return True
+        elif name == o.AT and stored.get(o.CRON):
+            continue  # a cron job keeps its next match in "at", never the time it was asked to start from
         elif name not in stored or not same_value(stored[name], value):
             return True
     return ignore_data and not same_value(existing.get("data"), data)

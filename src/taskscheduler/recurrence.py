@@ -10,6 +10,7 @@ unless the job runs every hour or more often (then each real hour counts).
 from __future__ import annotations
 
 import random
+import re
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +23,8 @@ from .errors import InvalidArgumentError
 ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 #: Longest expression accepted: the stored option never grows, and no real expression is longer.
 MAX_CRON_LENGTH = 200
+#: croniter's random values ("R", "R(1-5)"): another time at each evaluation, so not a schedule.
+_RANDOM = re.compile(r"^[Rr](?:$|[(/])")
 
 
 def cron_expression(name: str, value: Any) -> str:
@@ -37,16 +40,19 @@ def cron_expression(name: str, value: Any) -> str:
         if expr.lower() not in ALIASES:
             raise InvalidArgumentError(f"option {name}: unknown alias {value!r}; known: {', '.join(ALIASES)}")
         return expr.lower()
-    if len(expr.split(" ")) != 5:
+    fields = expr.split(" ")
+    if len(fields) != 5:
         raise InvalidArgumentError(
             f"option {name} must have 5 fields (minute hour day-of-month month day-of-week), got {value!r}"
         )
+    if any(_RANDOM.match(token) for field in fields for token in field.split(",")):
+        raise InvalidArgumentError(f"option {name}: random fields (R) are not cron, got {value!r}")
     try:
         # A leap day matches within 8 years; an expression without a match (February 30th) fails here.
         croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc)).get_next(datetime)
     except CroniterBadDateError:
         raise InvalidArgumentError(f"option {name}: {value!r} never matches a date") from None
-    except (ValueError, KeyError, TypeError) as exc:  # croniter's errors derive from ValueError
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # croniter's errors derive from ValueError
         raise InvalidArgumentError(f"option {name} is not a valid cron expression: {value!r} ({exc})") from None
     return expr
 
@@ -68,13 +74,13 @@ def next_cron_time(expr: str, zone: str, after: float) -> float:
     try:
         tz = ZoneInfo(zone)
         matches = croniter(expr, datetime.fromtimestamp(after, tz))
-    except (ValueError, KeyError, TypeError, ZoneInfoNotFoundError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, ZoneInfoNotFoundError) as exc:
         raise InvalidArgumentError(f"cron {expr!r} in {zone!r}: {exc}") from None
     hourly = _every_hour(matches)
     while True:
         try:
             found: datetime = matches.get_next(datetime)
-        except (CroniterBadDateError, ValueError) as exc:
+        except (CroniterBadDateError, ValueError, OverflowError) as exc:  # none, or none before the year 10000
             raise InvalidArgumentError(f"cron {expr!r} in {zone!r} has no next match: {exc}") from None
         local = found.astimezone(timezone.utc).astimezone(tz)
         if local.timestamp() <= after:
@@ -101,11 +107,12 @@ def retry_delay(options: dict[str, Any], retry_number: int, rng: random.Random |
     factor = float(options.get("retry_backoff", 1.0))
     bound = float(options.get("retry_max_interval", 3600))
     exponent = max(0, retry_number - 1)
+    if base <= 0:
+        return 0.0
     try:
-        delay = base * factor**exponent
-    except OverflowError:
+        delay = min(base * factor**exponent, bound)
+    except OverflowError:  # grown past any float: the bound, as the formula's value would be
         delay = bound
-    delay = min(delay, bound) if factor > 1 else delay
     if options.get("retry_jitter"):
         delay = (rng or random).uniform(delay / 2, delay)
     return delay

@@ -326,7 +326,13 @@ class _Wait:
 
 
 def _group_by_id(processes: Iterable[Process]) -> dict[ObjectId, list[Process]]:
-    procs = list(processes) if not isinstance(processes, Process) else [processes]
+    procs: list[Any]
+    if isinstance(processes, Process):
+        procs = [processes]
+    elif isinstance(processes, Iterable) and not isinstance(processes, (str, bytes, Mapping)):
+        procs = list(processes)
+    else:
+        raise InvalidArgumentError(f"wait_for() requires Process objects, got {type(processes).__name__}")
     by_id: dict[ObjectId, list[Process]] = {}
     for p in procs:
         if not isinstance(p, Process):
