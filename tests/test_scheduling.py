@@ -132,7 +132,13 @@ def test_a_burst_of_low_priority_jobs_does_not_delay_a_high_one(
 def test_retry_delays_grow_by_the_backoff(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     start_node()
     p = scheduler.add_job(sample_jobs.Fail, "again", retry=4, retry_interval=1, retry_backoff=1.5, retry_max_interval=2)
-    p.wait(timeout=60)
+    jittered = scheduler.add_job(sample_jobs.Fail, "jitter", retry=3, retry_interval=2, retry_jitter=True)
+    scheduler.wait_for([p, jittered], timeout=60)
+    assert jittered.status == JobStatus.FAILED and jittered.run == 4
+    jitter_runs = jittered.runs()
+    for a, b in zip(jitter_runs, jitter_runs[1:], strict=False):
+        waited = (b["started"] - a["ended"]).total_seconds()
+        assert 1.0 - 0.005 <= waited < 2.0 + 1.0  # drawn from [delay / 2, delay], then at most the node's lag
     assert p.status == JobStatus.FAILED and p.run == 5
     runs = p.runs()
     assert [r["status"] for r in runs] == [JobStatus.FAILED] * 5
