@@ -155,6 +155,11 @@ def test_unreachable_server_exit_1(run: Any) -> None:
     assert out.stderr.count("cannot reach MongoDB") == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_health_with_a_bad_node_id_is_bad_input_even_when_the_server_is_unreachable(run: Any) -> None:
+    out = run("health", "--node", "bad-id", "--mongodb-uri", "mongodb://127.0.0.1:1/?directConnection=true")
+    assert out.returncode == 2 and "not a node id" in out.stderr, out.stderr
+
+
 def test_help_shows_env_vars(run: Any) -> None:
     out = run("queue", "--help")
     assert out.returncode == 0

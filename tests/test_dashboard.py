@@ -213,3 +213,32 @@ def test_cli_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name:
         out = _cli(server, db_name, "--port", str(port))
     assert out.returncode == 1, out.stderr
     assert f"cannot serve the dashboard on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_host_check_answers_the_bound_address_and_this_machine_and_allowed_names() -> None:
+    from taskscheduler.dashboard import check_allowed_host, trusted_hosts
+
+    assert "127.0.0.2" in (trusted_hosts("127.0.0.2") or [])
+    assert socket.gethostname().lower() not in (trusted_hosts("127.0.0.1") or [])  # loopback: no network names
+    everywhere = trusted_hosts("0.0.0.0", ["dash.example.com", "*.internal", "fd00::7"])
+    assert everywhere is not None
+    assert {"localhost", "127.0.0.1", "[::1]", socket.gethostname().lower(), "dash.example.com", "*.internal",
+            "[fd00::7]"} <= set(everywhere)
+    assert "0.0.0.0" not in everywhere
+    assert trusted_hosts("0.0.0.0", ["*"]) is None  # explicitly off
+    for bad in ("example.com:8080", "a*b", "", "http://x"):
+        with pytest.raises(ValueError):
+            check_allowed_host(bad)
+
+
+def test_cli_refuses_an_allowed_host_with_a_port(server: EmbeddedServer, db_name: str) -> None:
+    out = _cli(server, db_name, "--allowed-host", "example.com:8080")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_non_finite_numbers_and_the_runs_of_a_job_page(web: TestClient, scheduler: Scheduler) -> None:
+    job = scheduler.add_job("sample_jobs:Echo", {"values": [float("nan"), float("inf"), -float("inf"), 1.5]})
+    run_in_process(scheduler, job.id)
+    page = web.get(f"/api/jobs/{job.id}").json()
+    assert page["data"] == page["result"] == {"values": ["NaN", "Infinity", "-Infinity", 1.5]}
+    assert page["runs_total"] == 1 and page["runs"][0]["result"]["values"][0] == "NaN"

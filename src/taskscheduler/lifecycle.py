@@ -259,22 +259,7 @@ class Lifecycle:
 
     def runs(self, doc: Mapping[str, Any]) -> list[Document]:
         """Every ended run of a job, oldest first: one event per run number."""
-        events = self.store.job_events(doc["_id"])
-        # The end that counted is the one the job's outcome names, or the one whose next run was announced: an
-        # end written by a worker that then died before recording it can only linger if it was written late.
-        announced = {e.get("end") for e in events if e.get("status") in (JobStatus.WAITING, JobStatus.POSTPONED)}
-
-        def weight(event: Document) -> tuple[bool, bool]:
-            return event["_id"] == doc.get("outcome"), event["_id"] in announced
-
-        by_run: dict[int, Document] = {}
-        for event in events:  # oldest first: among equals, the later end of a run number is the one that counted
-            if event.get("status") not in RUN_END_STATUSES:
-                continue
-            run = int(event.get("run", 0))
-            if run not in by_run or weight(event) >= weight(by_run[run]):
-                by_run[run] = event
-        return [by_run[run] for run in sorted(by_run)]
+        return counted_run_ends(self.store.job_events(doc["_id"]), doc.get("outcome"))
 
     # -- operator actions ------------------------------------------------------------------------------------------
 
@@ -768,6 +753,27 @@ class AfterKill:
         if self.reason == "lost":
             return life.release(doc, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
         return life.release(doc, self.worker, orphaned=True, reason=self.reason)
+
+
+def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
+    """One end event per run number, oldest run first, from a job's events (oldest first; the run ends of any
+    range of runs, with the events that announced the runs after them).
+
+    The end that counted is the one the job's outcome names, or the one whose next run was announced: an end
+    written by a worker that then died before recording it can only linger if it was written late."""
+    announced = {e.get("end") for e in events if e.get("status") in (JobStatus.WAITING, JobStatus.POSTPONED)}
+
+    def weight(event: Document) -> tuple[bool, bool]:
+        return event["_id"] == outcome, event["_id"] in announced
+
+    by_run: dict[int, Document] = {}
+    for event in events:  # oldest first: among equals, the later end of a run number is the one that counted
+        if event.get("status") not in RUN_END_STATUSES:
+            continue
+        run = int(event.get("run", 0))
+        if run not in by_run or weight(event) >= weight(by_run[run]):
+            by_run[run] = event
+    return [by_run[run] for run in sorted(by_run)]
 
 
 def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:

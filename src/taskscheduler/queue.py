@@ -483,6 +483,8 @@ class Queue:
                 forking.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
             why = "worker manager died" if orphaned else KillReason.STOP.value
             self._unrecorded.append(self.life.after_kill(job_id, worker, self._runs.get(job_id, 1), why, 0))
+            if self.metrics is not None:  # put back to WAITING: its run ended as released
+                self.metrics.run_ended(job_id, None)
         self._running.clear()
         self._runs.clear()
         self._record_kills()

@@ -792,6 +792,39 @@ class Store:
         with _server_errors():
             return {int(s): int(self.jobs.count_documents({"status": int(s)})) for s in JobStatus}
 
+    def recent_run_events(self, job_id: ObjectId, limit: int) -> tuple[list[Document], int]:
+        """The events of a job's newest ``limit`` ended runs, oldest first (with the next-run announcements that
+        tell which end of a run counted), and how many runs of the job ended (a job page). Both are served by the
+        ``job_run`` index: the run numbers are read newest first and only until ``limit`` of them are found."""
+        ends = [int(s) for s in JobStatus if s.is_terminal]
+        ended = {"job": job_id, "status": {"$in": ends}}
+        runs: list[int] = []
+        with _server_errors():
+            cursor = self.events.find(ended, {"run": 1}).sort("run", DESCENDING).batch_size(max(limit, 1) + 1)
+            try:
+                for event in cursor:
+                    run = int(event.get("run", 0))
+                    if not runs or run != runs[-1]:
+                        if len(runs) == limit:
+                            break
+                        runs.append(run)
+            finally:
+                cursor.close()
+            if not runs:
+                return [], 0
+            events = list(
+                self.events.find({"job": job_id, "run": {"$gte": runs[-1]}}).sort(
+                    [("run", ASCENDING), ("time", ASCENDING)]
+                )
+            )
+            total = len(runs)
+            if len(runs) == limit:  # maybe more: count the distinct run numbers on the server
+                counted = list(
+                    self.events.aggregate([{"$match": ended}, {"$group": {"_id": "$run"}}, {"$count": "runs"}])
+                )
+                total = int(counted[0]["runs"]) if counted else total
+        return events, total
+
     def activity_feed(self) -> ActivityFeed:
         """Inserts, status changes and progress moves of every job, each with its document (the dashboard)."""
         self.check_deployment()

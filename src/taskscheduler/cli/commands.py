@@ -505,9 +505,13 @@ def info(conn: Connection, as_json: bool) -> None:
 @_option("--node", "node_id", default=None, help="Also require this queue node (its registry id) to be alive.")
 def health(conn: Connection, node_id: str | None) -> None:
     """Exit 0 when the server answers as a replica set (and the node is alive), else 1 with one line."""
+    wanted = None
+    if node_id is not None:  # bad input before connecting: exit 2 even when the server is unreachable
+        if not ObjectId.is_valid(node_id):
+            raise click.BadParameter(f"{node_id!r} is not a node id (24 hex digits)", param_hint="'--node'")
+        wanted = ObjectId(node_id)
     scheduler = conn.scheduler()
-    if node_id is not None:
-        wanted = _object_id(node_id)
+    if wanted is not None:
         if not any(node["_id"] == wanted for node in scheduler.store.live_nodes()):
             click.echo(f"Error: queue node {node_id} is not alive (no fresh registry entry)", err=True)
             sys.exit(EXIT_UNAVAILABLE)
@@ -559,21 +563,55 @@ def server(port: int, data_dir: str) -> None:
         srv.wait()
 
 
+def _allowed_hosts(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    from ..dashboard import check_allowed_host
+
+    try:
+        return tuple(check_allowed_host(value) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @cli.command()
 @common
 @_option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (this machine only by default).")
 @_option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @_option("--read-only", is_flag=True, help="No cancel or requeue: the buttons are absent, the actions refused.")
-@_option("--token", default=None, help="Actions need this token (the page asks for it); better set by env var.")
-def dashboard(conn: Connection, host: str, port: int, read_only: bool, token: str | None) -> None:
+@_option(
+    "--token",
+    default=None,
+    help="Actions need this token (the page asks for it); better set by env var. Surrounding blanks are dropped.",
+)
+@_option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    callback=_allowed_hosts,
+    help="Also answer requests for this Host (a name, '*.DOMAIN', or '*': any), e.g. behind a proxy. Repeatable "
+    "(env var: blank-separated). This machine's names and addresses are always answered.",
+)
+def dashboard(
+    conn: Connection, host: str, port: int, read_only: bool, token: str | None, allowed_hosts: tuple[str, ...]
+) -> None:
     """Serve the web dashboard: counts, a live job table, job pages, nodes, cancel and requeue (needs the extra
     dashboard)."""
     from ..dashboard import require_extra, serve
 
     require_extra()  # before connecting: a missing extra is the operator's to fix, at once
-    if token is not None and not token.strip():
-        raise click.BadParameter("--token must not be empty")
-    serve(conn.scheduler(), host, port, read_only=read_only, token=token, announce=click.echo)
+    if token is not None:
+        token = token.strip()  # header values are trimmed (by browsers, by HTTP): blanks could never be sent
+        if not token:
+            raise click.BadParameter("--token must not be empty")
+    serve(
+        conn.scheduler(),
+        host,
+        port,
+        read_only=read_only,
+        token=token,
+        announce=click.echo,
+        allowed_hosts=allowed_hosts,
+        warn=lambda message: click.echo(message, err=True),
+    )
 
 
 @cli.command()

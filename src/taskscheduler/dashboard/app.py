@@ -29,7 +29,7 @@ from ..errors import InvalidArgumentError, JobNotFoundError
 from ..process import Process
 from ..scheduler import Scheduler
 from .live import Broadcaster
-from .views import MAX_ROWS, counts_view, job_details, job_query, job_row
+from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query, job_row
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: What the page can do to a job (POST /api/jobs/ID/ACTION).
@@ -123,11 +123,13 @@ class _Endpoints:
         job_id = _job_id(request)
         if job_id is None:
             return _error(404, "not a job id")
-        try:
-            process = self.scheduler.get_job(job_id)
-        except JobNotFoundError:
+        store = self.scheduler.store
+        doc = store.find_job(job_id)
+        if doc is None:
             return _error(404, f"no job {job_id}")
-        return _json(job_details(process, self.feed.labels))
+        events, total = store.recent_run_events(job_id, MAX_RUNS)
+        details = job_details(Process(doc, self.scheduler), self.feed.labels, events, total, doc.get("outcome"))
+        return _json(details)
 
     def action(self, request: Request) -> Response:
         refused = self._refuse(request)

@@ -3,6 +3,10 @@ fans each change out to every open page (server-sent events), however many pages
 
 The thread also refreshes the node list every :data:`NODES_SECONDS` and, after changes, the counts per status
 at most every :data:`COUNTS_SECONDS`: reads per dashboard, never per page or per job.
+
+One change stream serves the thread's whole life: after a failed round (MongoDB unreachable, any error) it
+resumes where it was. Whenever changes may have been missed anyway (a failed round, a stream that could not
+resume), every page gets a new ``ready`` and reloads what it shows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from ..errors import ServerUnavailableError
 from ..process import Process
 from ..scheduler import Scheduler
+from ..store import ActivityFeed
 from .views import counts_view, job_row, node_labels, node_view
 
 logger = logging.getLogger("taskscheduler.dashboard")
@@ -42,6 +47,8 @@ class Broadcaster:
         self._pages: dict[asyncio.Queue[Message | None], asyncio.AbstractEventLoop] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closing = threading.Event()  # the server is stopping: every stream ends, new ones at once
+        self._resync = False  # changes may have been missed: tell every page to reload (a new ``ready``)
         self._thread: threading.Thread | None = None
         #: worker id -> its node's label, and the nodes as last read (shared with request handlers).
         self.labels: dict[str, str] = {}
@@ -54,22 +61,40 @@ class Broadcaster:
         return self
 
     def wait_ready(self, timeout: float) -> bool:
-        """Whether the change stream is open (a page subscribing now misses no change made after)."""
-        return self._ready.wait(timeout)
+        """Whether the change stream is open (a page subscribing now misses no change made after); False at once
+        when the server is stopping."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.is_set() and not self._closing.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._ready.wait(min(remaining, POLL_SECONDS))
+        return self._ready.is_set()
 
     def stop(self) -> None:
+        self.end_streams()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+    def end_streams(self) -> None:
+        """End every page's stream, and any opened from now on (the server is stopping). Never blocks: safe in a
+        signal handler, before the server waits for its connections to close."""
+        self._closing.set()
         with self._lock:
             pages = list(self._pages.items())
-        for queue, loop in pages:  # ends their streams
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+        for queue, loop in pages:
+            try:
+                loop.call_soon_threadsafe(_end, queue)
+            except RuntimeError:  # its loop is closed: nothing left to end
+                pass
 
     def subscribe(self) -> asyncio.Queue[Message | None]:
         queue: asyncio.Queue[Message | None] = asyncio.Queue(PAGE_BACKLOG)
         with self._lock:
             self._pages[queue] = asyncio.get_running_loop()
+        if self._closing.is_set():
+            _end(queue)
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[Message | None]) -> None:
@@ -86,41 +111,65 @@ class Broadcaster:
     # -- the thread ------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._follow()
-            except ServerUnavailableError as exc:
-                logger.warning("dashboard feed: MongoDB unreachable; retrying (%s)", str(exc).splitlines()[0])
-                self._stop.wait(1.0)
-            except Exception:  # the feed outlives one bad round: log it, start again
-                logger.exception("dashboard feed failed; restarting it")
-                self._stop.wait(1.0)
-
-    def _follow(self) -> None:
-        with self.store.activity_feed() as feed:
-            self._ready.set()
-            next_nodes = 0.0
-            next_counts = 0.0
-            counts_due = True
+        feed: ActivityFeed | None = None
+        try:
             while not self._stop.is_set():
-                change = feed.poll(POLL_SECONDS)
-                if change is not None and change.document is not None:
-                    self.publish("job", job_row(Process(change.document, self.scheduler), self.labels))
-                    counts_due = True
-                now = time.monotonic()
-                if now >= next_nodes:
-                    next_nodes = now + NODES_SECONDS
-                    self.refresh_nodes()
-                    self.publish("nodes", self.nodes)
-                if counts_due and now >= next_counts:
-                    next_counts = now + COUNTS_SECONDS
-                    counts_due = False
-                    self.publish("counts", counts_view(self.store.status_counts()))
+                try:
+                    if feed is None:
+                        feed = self.store.activity_feed()
+                    self._follow(feed)
+                except ServerUnavailableError as exc:
+                    logger.warning("dashboard feed: MongoDB unreachable; retrying (%s)", str(exc).splitlines()[0])
+                    self._resync = True
+                    self._stop.wait(1.0)
+                except Exception:  # the feed outlives one bad round: log it, resume it
+                    logger.exception("dashboard feed failed; resuming it")
+                    self._resync = True
+                    self._stop.wait(1.0)
+        finally:
+            if feed is not None:
+                feed.close()
+
+    def _follow(self, feed: ActivityFeed) -> None:
+        """Rounds until stopped or an error: the feed is the thread's, resumed by the next call."""
+        self._ready.set()
+        gaps = feed.gaps
+        next_nodes = 0.0
+        next_counts = 0.0
+        counts_due = True
+        while not self._stop.is_set():
+            change = feed.poll(POLL_SECONDS)
+            if feed.gaps != gaps:  # the stream restarted without its resume token: changes were missed
+                gaps = feed.gaps
+                self._resync = True
+            if change is not None and change.document is not None:
+                self.publish("job", job_row(Process(change.document, self.scheduler), self.labels))
+                counts_due = True
+            now = time.monotonic()
+            if now >= next_nodes:
+                next_nodes = now + NODES_SECONDS
+                self.refresh_nodes()
+                self.publish("nodes", self.nodes)
+            if self._resync:  # MongoDB answers again and the stream is open: pages reload, missing nothing
+                self._resync = False
+                counts_due = True
+                self.publish("ready", {})
+            if counts_due and now >= next_counts:
+                next_counts = now + COUNTS_SECONDS
+                counts_due = False
+                self.publish("counts", counts_view(self.store.status_counts()))
 
     def refresh_nodes(self) -> None:
         found = self.store.live_nodes()
         self.labels = node_labels(found)
         self.nodes = [node_view(node) for node in found]
+
+
+def _end(queue: asyncio.Queue[Message | None]) -> None:
+    """End a page's stream (in its event loop), whatever it has queued."""
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(None)
 
 
 def _offer(queue: asyncio.Queue[Message | None], message: Message) -> None:

@@ -5,16 +5,38 @@ No web framework here: these take stored documents and the public API's objects 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bson import ObjectId
 
 from ..constants import JobStatus
+from ..lifecycle import counted_run_ends as lifecycle_run_ends
 from ..process import Process, plain
 
 #: Jobs the table shows at most (newest first).
 MAX_ROWS = 200
+#: Runs a job page shows at most (newest first, with how many there are).
+MAX_RUNS = 200
+#: Non-finite floats, which JSON cannot hold, as the text JavaScript and Python print for them.
+NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def shown(value: Any) -> Any:
+    """A stored value as strict JSON for the page: :func:`plain`, with NaN and infinities (ordinary BSON doubles
+    in job data and results) as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``."""
+    return _finite(plain(value))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else NON_FINITE[value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def status_name(status: Any) -> str:
@@ -41,7 +63,7 @@ def job_row(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
         "id": str(process.id),
         "class": process.job_class,
         "status": process.status.name.lower(),
-        "progress": process.progress,
+        "progress": shown(process.progress),
         "run": process.run,
         "created": plain(process.created),
         "started": plain(process.started),
@@ -51,23 +73,33 @@ def job_row(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def job_details(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
-    """The job page: the job, its data and options, the last run's error or result, and every ended run."""
+def job_details(
+    process: Process, nodes: Mapping[str, str], events: Iterable[Mapping[str, Any]], total_runs: int, outcome: Any
+) -> dict[str, Any]:
+    """The job page: the job, its data and options, the last run's error or result, and its newest ended runs
+    (newest first) from ``events`` (``Store.recent_run_events``), with ``runs_total``, how many runs ended.
+    ``outcome``: the job document's ``outcome`` (the id of the end event that counted last)."""
     runs = []
-    for run in process.runs():
-        shown = plain({key: run.get(key) for key in ("run", "worker", "started", "ended", "error") if key in run})
-        shown["status"] = status_name(run.get("status"))
-        shown["has_result"] = "result" in run
-        shown["result"] = plain(run.get("result"))
-        runs.append(shown)
+    for run in counted_run_ends(events, outcome):
+        fields = shown({key: run.get(key) for key in ("run", "worker", "started", "ended", "error") if key in run})
+        fields["status"] = status_name(run.get("status"))
+        fields["has_result"] = "result" in run
+        fields["result"] = shown(run.get("result"))
+        runs.append(fields)
     return {
         **job_row(process, nodes),
-        "data": plain(process.data),
-        "options": plain(process.options),
-        "error": plain(process.error),
-        "result": plain(process.result),
+        "data": shown(process.data),
+        "options": shown(process.options),
+        "error": shown(process.error),
+        "result": shown(process.result),
         "runs": runs,
+        "runs_total": max(total_runs, len(runs)),
     }
+
+
+def counted_run_ends(events: Iterable[Mapping[str, Any]], outcome: Any) -> list[Mapping[str, Any]]:
+    """One end event per run number, newest run first: the end that counted (``Lifecycle.runs``'s rule)."""
+    return list(reversed(lifecycle_run_ends([dict(e) for e in events], outcome)))
 
 
 def node_view(node: Mapping[str, Any]) -> dict[str, Any]:

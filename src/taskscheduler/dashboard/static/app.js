@@ -6,6 +6,8 @@ const STATUSES = ["waiting", "postponed", "processing", "done", "failed", "cance
 const ACTIVE = ["waiting", "postponed", "processing"];
 const ENDED_BADLY = ["failed", "timeout", "canceled"];
 const MAX_ROWS = 200;
+// Shortest pause between two reloads of the job page while its job changes (progress moves often).
+const JOB_RELOAD_MS = 1000;
 
 const state = { config: null, rows: new Map(), view: "list", jobId: null, online: false };
 
@@ -93,18 +95,28 @@ function rowElement(row) {
     el("td", { className: "id" }, link),
     el("td", { className: "class" }, row.class),
     el("td", { className: "status-cell" }, statusBadge(row.status)),
-    el("td", { className: "progress" }, el("progress", { max: 100, value: row.progress || 0, title: Math.round(row.progress || 0) + "%" })),
+    el("td", { className: "progress" }, el("progress", { max: 100, value: Number(row.progress) || 0, title: Math.round(Number(row.progress) || 0) + "%" })),
     el("td", { className: "run" }, row.run),
     el("td", { className: "age", dataset: { created: row.created || "" } }, age(row.created)),
     el("td", { className: "node" }, row.node || (row.worker ? "worker " + row.worker.slice(-6) : "-")),
     el("td", { className: "row-actions" }, ...actionButtons(row)));
 }
 
+function renderShown() { $("shown").textContent = state.rows.size + " of " + state.total + " shown"; }
+
+// The newest MAX_ROWS rows (ids start with their creation time), dropping older ones: the table stays bounded.
 function renderRows() {
   const body = $("jobs").tBodies[0];
-  const ids = Array.from(state.rows.keys()).sort().reverse().slice(0, MAX_ROWS);
+  const ids = Array.from(state.rows.keys()).sort().reverse();
+  for (const id of ids.splice(MAX_ROWS)) state.rows.delete(id);
   body.replaceChildren(...ids.map((id) => rowElement(state.rows.get(id))));
-  $("shown").textContent = ids.length + " of " + state.total + " shown";
+  renderShown();
+}
+
+function oldestRow() {
+  let oldest = null;
+  for (const id of state.rows.keys()) if (oldest === null || id < oldest) oldest = id;
+  return oldest;
 }
 
 function upsertRow(row) {
@@ -113,12 +125,36 @@ function upsertRow(row) {
     if (known) { state.rows.delete(row.id); state.total = Math.max(0, state.total - 1); renderRows(); }
     return;
   }
-  if (!known) state.total += 1;
+  if (!known) {
+    // A job older than every row shown while some are not loaded: one of those (a change, not a new job), and
+    // not one the table shows. The total is set exactly by the next counts.
+    const oldest = oldestRow();
+    if (oldest !== null && row.id < oldest && state.total > state.rows.size) return;
+    state.total += 1;
+  }
   state.rows.set(row.id, row);
   const body = $("jobs").tBodies[0];
   const current = body.querySelector('tr[data-id="' + CSS.escape(row.id) + '"]');
   if (current) current.replaceWith(rowElement(row));
   else renderRows();
+}
+
+// The exact total of the table's filter from the counts per status (the server sends them after changes); with a
+// class filter, asked of the server (as often as counts come, at most about once a second).
+function updateTotal(counts) {
+  const f = filters();
+  if (state.view !== "list" || f.id) return;
+  if (f.cls) {
+    const params = new URLSearchParams({ class: f.cls, limit: "1" });
+    if (f.status) params.set("status", f.status);
+    api("/api/jobs?" + params.toString()).then((found) => {
+      const now = filters();
+      if (now.cls === f.cls && now.status === f.status && !now.id) { state.total = found.total; renderShown(); }
+    }).catch(() => {});
+    return;
+  }
+  state.total = f.status ? (counts[f.status] || 0) : STATUSES.reduce((sum, status) => sum + (counts[status] || 0), 0);
+  renderShown();
 }
 
 async function loadJobs() {
@@ -182,15 +218,30 @@ async function loadJob(id) {
   $("job-actions").replaceChildren(...actionButtons(job));
   $("job-fields").tBodies[0].replaceChildren(
     field("class", job.class), field("status", statusBadge(job.status)),
-    field("progress", el("progress", { max: 100, value: job.progress || 0 })), field("run", job.run),
+    field("progress", el("progress", { max: 100, value: Number(job.progress) || 0 })), field("run", job.run),
     field("created", job.created), field("started", job.started), field("ended", job.ended),
     field("worker", job.worker), field("node", job.node),
     field("error", job.error ? (job.error.class || "") + ": " + (job.error.message || "") : null),
     field("result", job.result === null ? null : pretty(job.result)));
   $("job-data").textContent = pretty(job.data);
   $("job-options").textContent = pretty(job.options);
+  const total = job.runs_total || job.runs.length;
+  $("job-runs-shown").textContent = !total ? "" : total > job.runs.length
+    ? "newest " + job.runs.length + " of " + total + " runs" : total + (total === 1 ? " run" : " runs");
   const runs = job.runs.length ? job.runs.map(runElement) : [el("p", { className: "muted" }, "no run has ended yet")];
   $("job-runs").replaceChildren(...runs);
+}
+
+// Reload the job page after its job changed, at most once per JOB_RELOAD_MS (the last change always shows).
+const jobReload = { timer: null, last: 0 };
+function reloadJobSoon(id) {
+  if (jobReload.timer !== null) return;
+  const wait = Math.max(0, jobReload.last + JOB_RELOAD_MS - Date.now());
+  jobReload.timer = setTimeout(() => {
+    jobReload.timer = null;
+    jobReload.last = Date.now();
+    if (state.view === "job" && state.jobId === id) loadJob(id);
+  }, wait);
 }
 
 // -- live updates and navigation ----------------------------------------------------------------------------------
@@ -204,14 +255,19 @@ function setOnline(on) {
 
 function connect() {
   const source = new EventSource("/api/stream");
-  // "ready": subscribed; what is loaded from now on misses no change (also after a reconnect).
+  // "ready": subscribed; what is loaded from now on misses no change (also after a reconnect, and when the server
+  // may have missed changes: its feed was interrupted).
   source.addEventListener("ready", () => { setOnline(true); refresh(); });
   source.addEventListener("job", (event) => {
     const row = JSON.parse(event.data);
     if (state.view === "list") upsertRow(row);
-    else if (row.id === state.jobId) loadJob(row.id);
+    else if (row.id === state.jobId) reloadJobSoon(row.id);
   });
-  source.addEventListener("counts", (event) => renderCounts(JSON.parse(event.data)));
+  source.addEventListener("counts", (event) => {
+    const counts = JSON.parse(event.data);
+    renderCounts(counts);
+    updateTotal(counts);
+  });
   source.addEventListener("nodes", (event) => renderNodes(JSON.parse(event.data)));
   source.onerror = () => setOnline(false);
 }
