@@ -47,7 +47,15 @@ def test_the_api_refuses_a_server_without_a_replica_set(standalone: EmbeddedServ
 
 
 @pytest.mark.parametrize(
-    "args", [("add", "sample_jobs:Noop"), ("jobs",), ("queue", "--import", "sample_jobs"), ("info",), ("health",)]
+    "args",
+    [
+        ("add", "sample_jobs:Noop"),
+        ("jobs",),
+        ("queue", "--import", "sample_jobs"),
+        ("info",),
+        ("health",),
+        ("dashboard",),
+    ],
 )
 def test_the_cli_says_so_in_one_line_with_exit_1(standalone: EmbeddedServer, args: tuple[str, ...]) -> None:
     out = cli(*args, uri=standalone.uri)
