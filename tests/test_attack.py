@@ -207,11 +207,11 @@ def test_add_job_once_stalled_producer_leaves_two_active_jobs(
     first, second = Scheduler(db), Scheduler(db)
     real_insert = first.store.insert_job
 
-    def stalled_insert(doc: dict[str, Any]) -> None:
+    def stalled_insert(doc: dict[str, Any], reserved: int | None = None) -> None:
         stale = utcnow() - timedelta(seconds=ONCE_PENDING_SECONDS + 1)
         first.store.once.update_one({"_id": doc["once"]}, {"$set": {"since": stale}})  # 31 s pass...
         second.add_job_once("sample_jobs:Noop", "nightly")  # ...and another producer asks for the same job
-        real_insert(doc)
+        real_insert(doc, reserved)
 
     monkeypatch.setattr(first.store, "insert_job", stalled_insert)
     first.add_job_once("sample_jobs:Noop", "nightly")

@@ -331,3 +331,80 @@ def test_a_run_end_that_schedules_the_next_run_keeps_the_document_size(
     assert len(bson.encode(stored)) == inserted
     size_guard.verify()
     assert size_guard.checked_updates >= 2  # the claim and the run's end
+
+
+# -- add_job_once against a full collection and against a concurrent requeue ---------------------------------------
+
+
+def _active(scheduler: Scheduler, job_class: str) -> list[Any]:
+    return [p for p in scheduler.get_jobs({"class": job_class}) if not p.status.is_terminal]
+
+
+def test_add_job_once_on_a_full_collection_keeps_the_job_it_would_replace(db: Any) -> None:
+    from taskscheduler.errors import QueueFullError
+
+    scheduler = Scheduler(db, options={"job_queue_size": 60_000})
+    kept = scheduler.add_job_once("sample_jobs:Echo", {"k": 1}, retry=1)
+    with pytest.raises(QueueFullError):
+        for _ in range(1000):  # unfinished jobs fill the collection
+            scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 200})
+    with pytest.raises(QueueFullError):
+        scheduler.add_job_once("sample_jobs:Echo", {"k": 1}, retry=2)  # would replace kept: no room for it
+    assert scheduler.get_job(kept.id).status == JobStatus.WAITING  # not canceled by a call that failed
+    assert [p.id for p in _active(scheduler, "sample_jobs:Echo")] == [kept.id]
+
+
+def _failed_once_job(scheduler: Scheduler) -> Any:
+    p = scheduler.add_job_once("sample_jobs:Echo", {"k": "r"})
+    worker = ObjectId()
+    claimed = scheduler.store.claim(p.id, worker, 30.0)
+    assert claimed is not None
+    assert scheduler.lifecycle.end(claimed, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}).record()
+    return p
+
+
+def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one_active_job(db: Any) -> None:
+    adder, operator = Scheduler(db), Scheduler(db)
+    failed = _failed_once_job(adder)
+    take = adder.store.take_once
+    requeued: list[Any] = []
+
+    def requeue_first(*args: Any, **kw: Any) -> bool:
+        if not requeued:  # the operator requeues the failed job after add_job_once read it as finished
+            requeued.append(operator.requeue_job(failed.id))
+        return take(*args, **kw)
+
+    adder.store.take_once = requeue_first  # type: ignore[method-assign]
+    again = adder.add_job_once("sample_jobs:Echo", {"k": "r"})
+    assert requeued and requeued[0].status == JobStatus.WAITING
+    assert again.id == failed.id  # the requeued job is the one active job of the key
+    assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [failed.id]
+
+
+def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(db: Any) -> None:
+    adder, operator = Scheduler(db), Scheduler(db)
+    failed = _failed_once_job(adder)
+    insert = adder.store.insert_job
+    refused: list[Exception] = []
+
+    def requeue_first(*args: Any, **kw: Any) -> None:
+        if not refused:  # the key is the new job's now; the operator requeues the old one
+            with pytest.raises(InvalidArgumentError, match="same add_job_once key") as info:
+                operator.requeue_job(failed.id)
+            refused.append(info.value)
+        insert(*args, **kw)
+
+    adder.store.insert_job = requeue_first  # type: ignore[method-assign]
+    new = adder.add_job_once("sample_jobs:Echo", {"k": "r"})
+    assert refused and new.id != failed.id
+    assert operator.get_job(failed.id).status == JobStatus.FAILED
+    assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [new.id]
+
+
+def test_requeue_of_an_add_job_once_job_takes_its_key_back(db: Any) -> None:
+    scheduler = Scheduler(db)
+    failed = _failed_once_job(scheduler)
+    scheduler.requeue_job(failed.id)
+    holder = scheduler.store.once_holder(scheduler.store.find_job(failed.id)["once"]) or {}
+    assert holder.get("job") == failed.id and holder.get("inserted") is True  # settled, not pending
+    assert scheduler.add_job_once("sample_jobs:Echo", {"k": "r"}).id == failed.id

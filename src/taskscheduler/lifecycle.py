@@ -187,8 +187,8 @@ class Lifecycle:
             "options": opts,
         }
 
-    def add(self, doc: Document) -> Process:
-        self.store.insert_job(doc)
+    def add(self, doc: Document, reserved: int | None = None) -> Process:
+        self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         process = self.process(doc)
         self.emitter.emit_status(doc["status"], process)
@@ -205,13 +205,29 @@ class Lifecycle:
         """
         ignore_data = bool(doc["options"][o.IGNORE_DATA])
         key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
+        # Room first: a full collection must fail this call before it cancels the job it would replace.
+        reservation = _Reservation(self.store, self.store.reserve_job(dict(doc, created=utcnow())))
+        with reservation:
+            return self._add_once(doc, requested, data, key, ignore_data, reservation)
+
+    def _add_once(
+        self,
+        doc: Document,
+        requested: Mapping[str, Any],
+        data: Any,
+        key: str,
+        ignore_data: bool,
+        reservation: _Reservation,
+    ) -> Process:
         pending_since: float | None = None
         for attempt in range(ONCE_ATTEMPTS):
             holder = self.store.once_holder(key)
             held_by = holder.get("job") if holder else None
+            since = holder.get("since") if holder else None
             current = self.store.find_job(held_by) if held_by is not None else None
-            if held_by is not None and current is None and holder and not holder.get("inserted"):
-                # Its caller is inserting it (or died doing so): wait to compare, then take the key over.
+            settling = current is None or current["status"] >= JobStatus.DONE  # being inserted, or requeued
+            if held_by is not None and settling and holder and not holder.get("inserted"):
+                # Its caller is inserting (or requeuing) it, or died doing so: wait to compare, then take over.
                 pending_since = pending_since or time.monotonic()
                 if time.monotonic() - pending_since < ONCE_PENDING_SECONDS and _fresh(holder, self.store):
                     time.sleep(min(0.2, 0.01 * (attempt + 1)))
@@ -228,10 +244,10 @@ class Lifecycle:
             for found in active:
                 with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile: fine
                     self.cancel(found)
-            if not self.store.take_once(key, doc["_id"], held_by):
-                continue  # someone else took it first: compare with theirs
+            if not self.store.take_once(key, doc["_id"], held_by, since):
+                continue  # someone else took it first (or requeued its job): compare with theirs
             try:
-                process = self.add(dict(doc, created=utcnow()))
+                process = self.add(dict(doc, created=utcnow()), reservation.spend())
             except BaseException:
                 self.store.release_once(key, doc["_id"])
                 raise
@@ -326,7 +342,7 @@ class Lifecycle:
                     "requeue it again in a few seconds"
                 )
         if "once" in doc:
-            self._take_key_back(doc)
+            self._hold_key_for_requeue(doc)
         run = int(doc.get("run", 1)) + 1
         event_id = ObjectId()
         options = dict(doc.get("options") or {}, at=0.0)
@@ -348,7 +364,15 @@ class Lifecycle:
         )
         if not moved:
             self.store.delete_events([event_id])
+            if "once" in doc:
+                self.store.confirm_once(doc["once"], doc["_id"])  # it holds its key as before
             raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
+        if "once" in doc and not self.store.confirm_once(doc["once"], doc["_id"]):
+            # Paused past ONCE_PENDING_SECONDS between the two writes: an add_job_once call took the key over and
+            # its job stays; this one goes again.
+            with contextlib.suppress(InvalidArgumentError):
+                self.cancel(self.load(doc["_id"]))
+            raise InvalidArgumentError(f"job {doc['_id']}: an add_job_once call took its key while it was requeued")
         self.logger.info(
             f"job {doc['_id']} ({doc.get('class')}) requeued for run {run}",
             extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run},
@@ -370,22 +394,22 @@ class Lifecycle:
                     self.store.delete_events([event_id])
             raise
 
-    def _take_key_back(self, doc: Mapping[str, Any]) -> None:
-        """A requeued add_job_once job holds its key again, unless another active job holds it now."""
+    def _hold_key_for_requeue(self, doc: Mapping[str, Any]) -> None:
+        """Before a requeued add_job_once job is active again, it holds its key as pending (renewed, so that a
+        caller who read the old hold cannot take it over); concurrent add_job_once calls wait for it and then
+        compare with the requeued job. Refused while another active job holds the key."""
         key = doc["once"]
         holder = self.store.once_holder(key)
         held_by = holder.get("job") if holder else None
-        if held_by == doc["_id"]:
-            return
-        other = self.store.find_job(held_by) if held_by is not None else None
-        if (
-            (other is not None and other["status"] < JobStatus.DONE)
-            or not self.store.take_once(key, doc["_id"], held_by)
-            or not self.store.confirm_once(key, doc["_id"])  # the job exists already
-        ):
-            raise InvalidArgumentError(
-                f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
-            )
+        if held_by is not None and held_by != doc["_id"]:
+            other = self.store.find_job(held_by)
+            pending = other is None and holder is not None and not holder.get("inserted") and _fresh(holder, self.store)
+            if (other is not None and other["status"] < JobStatus.DONE) or pending:
+                raise InvalidArgumentError(
+                    f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
+                )
+        if not self.store.take_once(key, doc["_id"], held_by, holder.get("since") if holder else None):
+            raise InvalidArgumentError(f"job {doc['_id']}: its add_job_once key changed hands meanwhile; try again")
 
     # -- the run ---------------------------------------------------------------------------------------------------
 
@@ -753,6 +777,26 @@ class AfterKill:
         if self.reason == "lost":
             return life.release(doc, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
         return life.release(doc, self.worker, orphaned=True, reason=self.reason)
+
+
+class _Reservation:
+    """Room reserved for a job add_job_once may insert: given back unless an insert took it over."""
+
+    def __init__(self, store: Store, size: int) -> None:
+        self.store = store
+        self.size = size
+        self.spent = False
+
+    def spend(self) -> int:
+        self.spent = True  # from here the store owns the bytes (it keeps them when an insert's outcome is unknown)
+        return self.size
+
+    def __enter__(self) -> _Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.spent:
+            self.store.unreserve_job(self.size)
 
 
 def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:

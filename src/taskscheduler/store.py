@@ -366,13 +366,10 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
-    def insert_job(self, doc: Document) -> None:
-        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error."""
-        size = len(_encode_document(doc))
-        if size > MAX_DOCUMENT_SIZE:
-            raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
-        self.ensure()
-        self._reserve(size)
+    def insert_job(self, doc: Document, reserved: int | None = None) -> None:
+        """Insert a new job. QueueFullError rather than evicting an unfinished job; nothing written on error.
+        ``reserved``: the bytes ``reserve_job`` reserved for it already."""
+        size = self.reserve_job(doc) if reserved is None else reserved
         try:
             with _server_errors():
                 self.jobs.insert_one(doc)
@@ -381,6 +378,20 @@ class Store:
             raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
         # Any other error leaves it unknown whether the job was written: keeping the reservation errs on the
         # safe side (a few bytes too many, never an eviction); see _reconcile.
+
+    def reserve_job(self, doc: Document) -> int:
+        """Room for ``doc`` in the job collection (QueueFullError when there is none); returns its size, to hand
+        to ``insert_job`` or give back with ``unreserve_job``. Lets a caller know there is room before it acts
+        (add_job_once cancels the job it replaces only then)."""
+        size = len(_encode_document(doc))
+        if size > MAX_DOCUMENT_SIZE:
+            raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
+        self.ensure()
+        self._reserve(size)
+        return size
+
+    def unreserve_job(self, size: int) -> None:
+        self._unreserve(size)
 
     # The ledger: a capped collection evicts its oldest documents once the next insert does not fit, and with one
     # document per job for its whole life the oldest may be a recurring job that never ends. So every insert
@@ -497,13 +508,20 @@ class Store:
         with _server_errors():
             return self.once.find_one({"_id": key})
 
-    def take_once(self, key: str, job_id: ObjectId, holder: ObjectId | None) -> bool:
-        """Make ``job_id`` hold ``key`` if ``holder`` still holds it (None: nobody); of racing callers one wins.
-        ``since`` is the server's time, so a producer's clock never decides when a key counts as abandoned."""
+    def take_once(
+        self, key: str, job_id: ObjectId, holder: ObjectId | None, since: datetime | None = None
+    ) -> bool:
+        """Make ``job_id`` hold ``key`` if ``holder`` still holds it (None: nobody) and, with ``since``, still
+        since then (so a caller acts on the hold it read, not one renewed meanwhile, as a requeue renews it); of
+        racing callers one wins. ``since`` is the server's time, so a producer's clock never decides when a key
+        counts as abandoned."""
         stage = {"job": literal(job_id), "since": SERVER_NOW, "inserted": literal(False)}
+        query: Document = {"_id": key, "job": holder}
+        if since is not None:
+            query["since"] = since
         with _server_errors():
             try:
-                done = self.once.update_one({"_id": key, "job": holder}, [{"$set": stage}], upsert=holder is None)
+                done = self.once.update_one(query, [{"$set": stage}], upsert=holder is None)
             except DuplicateKeyError:
                 return False  # someone holds it now
         return done.modified_count == 1 or done.upserted_id is not None
