@@ -105,7 +105,8 @@ class AsyncScheduler:
 
         def relay(name: str, process: Any) -> None:
             if isinstance(process, Process):
-                process.error  # noqa: B018 - loads the outcome here (an I/O thread), never on the loop
+                with contextlib.suppress(Exception):  # an outage must not fail the call that fired the event
+                    process.error  # noqa: B018 - loads the outcome here (an I/O thread), never on the loop
             payload = AsyncProcess(process, self) if isinstance(process, Process) else process
             loop = self._loop
             if loop is None or loop.is_closed():
