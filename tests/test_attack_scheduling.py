@@ -28,7 +28,6 @@ from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError, InvalidJobError
 from taskscheduler.job import load_job_class
 from taskscheduler.lifecycle import next_start
-from taskscheduler.nodeproc import spawn_node
 from taskscheduler.options import MAX_TIMESTAMP
 from taskscheduler.recurrence import cron_expression, next_cron_time, retry_delay
 
@@ -45,36 +44,6 @@ async def async_generator_job(data: dict[str, Any]) -> Any:
     """An async generator function given as a job: its body must run (or add_job must refuse it)."""
     Path(data["marker"]).write_text("ran")
     yield 1
-
-
-@pytest.fixture
-def attack_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """A queue node that serves sample_jobs and this module."""
-    nodes: list[Node] = []
-
-    def start(*args: str) -> Node:
-        log = tmp_path / f"attack-node{len(nodes)}.log"
-        pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
-        proc = spawn_node(
-            server.uri,
-            db_name,
-            ["sample_jobs", "test_attack_scheduling"],
-            ["--orphaned-timeout", "2", *args],
-            log=str(log),
-            env={"PYTHONPATH": pythonpath},
-            log_level="DEBUG",
-        )
-        node = Node(proc, log)
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        if node.proc.poll() is None:
-            try:
-                node.stop(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.kill_group()
 
 
 # -- function jobs: the allow-list --------------------------------------------------------------------------------
@@ -112,7 +81,7 @@ def test_function_job_path_cannot_name_a_method_or_an_imported_function() -> Non
 @pytest.mark.e2e
 @pytest.mark.parametrize("function", [generator_job, async_generator_job], ids=["generator", "async_generator"])
 def test_generator_function_job_ends_done_without_running_its_body(
-    scheduler: Scheduler, attack_node: Callable[..., Node], tmp_path: Path, function: Any
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path, function: Any
 ) -> None:
     """SPEC 2: 'add_job(f, data) ... runs f(data) in a worker'. A (async) generator function is accepted by
     add_job, but the worker only creates the generator object: the job ends DONE (result None, 'not
@@ -123,7 +92,7 @@ def test_generator_function_job_ends_done_without_running_its_body(
         p = scheduler.add_job(function, {"marker": str(marker)})
     except InvalidArgumentError:
         return  # refused up front: fine
-    attack_node()
+    start_node(modules=("sample_jobs", "test_attack_scheduling"))  # this module's job functions too
     p.wait(timeout=30)
     assert marker.exists(), f"job ended {p.status.name} but the body of {function.__name__} never ran"
 
