@@ -194,8 +194,8 @@ def _unindexed(db: Any, commands: list[tuple[str, dict[str, Any]]]) -> tuple[int
         if i in sorts:
             find["sort"] = sorts[i]
         plan = db.command("explain", find)["queryPlanner"]["winningPlan"]
-        # The test server's planner sorts in memory whatever the indexes (real MongoDB serves the node's sorted
-        # scan from status_priority): the order is sent along, so the filter is planned as the library sends it.
+        # A sorted query is planned with its sort, as the library sends it (the test server sorts in memory
+        # whatever the indexes, so only the filter's index is checked).
         if not _uses_index(plan):
             unindexed.append((coll, find))
     return len(queries), unindexed

@@ -279,10 +279,7 @@ class Store:
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
-            # A node's scan hands the backlog to its workers highest priority first, oldest first within one.
-            IndexModel(
-                [("status", ASCENDING), ("options.priority", DESCENDING), ("_id", ASCENDING)], name="status_priority"
-            ),
+
             IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
             IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
         ]
@@ -632,10 +629,10 @@ class Store:
             return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "expires": {"$lt": now}}))
 
     def scan(self, statuses: tuple[int, ...]) -> Iterator[Document]:
-        """Jobs in the given statuses (queue start-up and resync), higher priority first, oldest first within one."""
+        """Jobs in the given statuses (queue start-up and resync). Unsorted: the worker manager orders them by
+        priority in memory, so no index has to follow every status write for their order."""
         with _server_errors():
-            query = {"status": {"$in": [int(s) for s in statuses]}}
-            yield from self.jobs.find(query).sort([("options.priority", DESCENDING), ("_id", ASCENDING)])
+            yield from self.jobs.find({"status": {"$in": [int(s) for s in statuses]}})
 
     # -- the node registry -----------------------------------------------------------------------------------------
 
