@@ -340,3 +340,24 @@ def test_a_requeued_once_job_needs_its_key(scheduler: Scheduler) -> None:
     scheduler.cancel_job(second.id)
     assert scheduler.requeue_job(first.id).status == JobStatus.WAITING
     assert scheduler.add_job_once("test", "k").id == first.id
+
+
+def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two producers on a new collection: the first finds no ledger to reserve in, the second opens it right then;
+    the first must reserve again, not report a collection with 100 MB free as full."""
+    first, second = Scheduler(db), Scheduler(db)
+    real = first.store.room.update_one
+    tries: list[int] = []
+    raced: list[Any] = []
+
+    def racing(query: Any, update: Any, *args: Any, **kw: Any) -> Any:
+        result = real(query, update, *args, **kw)
+        if "$inc" in update and result.modified_count == 0:
+            tries.append(1)
+            if len(tries) == 2 and not raced:  # both sizes found no ledger; it is opened before we look at it
+                raced.append(second.add_job("test"))
+        return result
+
+    monkeypatch.setattr(first.store.room, "update_one", racing)
+    p = first.add_job("test")
+    assert raced and first.get_job(p.id).status == JobStatus.WAITING

@@ -423,6 +423,8 @@ class Store:
                 continue
             if size > limit:
                 raise QueueFullError(f"a {size} byte job does not fit in job collection {self.job_queue!r} at all")
+            if int(ledger["bytes"]) + size <= limit:
+                continue  # there is room: our reservation raced the ledger's creation (or a release); try again
             if self._free(int(ledger["bytes"]) + size - limit) or self._reconcile(int(ledger["bytes"]), limit):
                 continue
             raise QueueFullError(
