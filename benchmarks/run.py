@@ -42,6 +42,21 @@ def start_node(uri: str, database: str, *args: str) -> subprocess.Popen[bytes]:
     return spawn_node(uri, database, ["benchmarks.jobs"], [*args, *NODE_FLAGS], env={"PYTHONPATH": str(ROOT)})
 
 
+@contextlib.contextmanager
+def serving(uri: str, database: str, *node_args: str) -> Iterator[tuple[subprocess.Popen[bytes], Scheduler]]:
+    """A queue node on ``database`` and a Scheduler for it, warmed up with one job; the database is dropped
+    after."""
+    node = start_node(uri, database, *node_args)
+    scheduler = Scheduler(connect(uri, database))
+    try:
+        warm = scheduler.add_job(NOOP).wait(timeout=60)
+        assert warm.status == JobStatus.DONE
+        yield node, scheduler
+    finally:
+        stop_node(node)
+        scheduler._db.client.drop_database(database)
+
+
 def raw_rate(uri: str, n: int) -> float:
     """The server's limit for the same work: N inserts, then for each an atomic claim (``find_one_and_update`` by
     id and status) and a final update, on a capped collection of the default size.
@@ -67,32 +82,20 @@ def raw_rate(uri: str, n: int) -> float:
 
 
 def library_rate(uri: str, n: int) -> float:
-    database = f"lib_{n}"
-    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2")
-    scheduler = Scheduler(connect(uri, database))
-    try:
-        warm = scheduler.add_job(NOOP).wait(timeout=60)
-        assert warm.status == JobStatus.DONE
+    with serving(uri, f"lib_{n}", "--pm", "static", "--min-children", "2", "--max-children", "2") as (_, scheduler):
         started = time.perf_counter()
         jobs = [scheduler.add_job(NOOP) for _ in range(n)]
         scheduler.wait_for(jobs, timeout=600)
         elapsed = time.perf_counter() - started
         assert all(p.status == JobStatus.DONE for p in jobs)
-    finally:
-        stop_node(node)
-        scheduler._db.client.drop_database(database)
     return n / elapsed
 
 
 def latency(uri: str, count: int = 50) -> dict[str, float]:
-    database = "latency"
-    node = start_node(uri, database, "--pm", "dynamic", "--min-children", "2", "--max-children", "2")
-    scheduler = Scheduler(connect(uri, database))
     ping_ms: list[float] = []
     to_start: list[float] = []
     to_wait: list[float] = []
-    try:
-        scheduler.add_job(NOOP).wait(timeout=60)
+    with serving(uri, "latency", "--pm", "dynamic", "--min-children", "2", "--max-children", "2") as (_, scheduler):
         for _ in range(count):
             t0 = time.perf_counter()
             scheduler._db.command("ping")
@@ -104,9 +107,6 @@ def latency(uri: str, count: int = 50) -> dict[str, float]:
             to_wait.append((time.perf_counter() - t1) * 1000)
             assert p.started is not None
             to_start.append((p.started.timestamp() - added_at) * 1000)
-    finally:
-        stop_node(node)
-        scheduler._db.client.drop_database(database)
     return {
         "rtt": statistics.median(ping_ms),
         "start_p50": _pct(to_start, 50),
@@ -119,11 +119,7 @@ def latency(uri: str, count: int = 50) -> dict[str, float]:
 def priority_latency(uri: str, backlog: int = 1000) -> dict[str, float]:
     """Start latency of a priority-90 job added behind ``backlog`` queued priority -90 jobs on a node with one
     worker (each job 50 ms): it should start once the running job ends (target: one run time + 100 ms)."""
-    database = "priority"
-    node = start_node(uri, database, "--pm", "static", "--min-children", "1", "--max-children", "1")
-    scheduler = Scheduler(connect(uri, database))
-    try:
-        scheduler.add_job(NOOP).wait(timeout=60)
+    with serving(uri, "priority", "--pm", "static", "--min-children", "1", "--max-children", "1") as (_, scheduler):
         low = [scheduler.add_job(NAP, None, priority=-90) for _ in range(backlog)]
         # Let the node read the whole burst from its change stream first: measured is the backlog's effect,
         # not the stream's lag behind a burst of inserts.
@@ -152,9 +148,6 @@ def priority_latency(uri: str, backlog: int = 1000) -> dict[str, float]:
             runs.append(run_ms)
             over.append(waited - run_ms)
         waiting = sum(1 for _ in scheduler.get_jobs({"status": int(JobStatus.WAITING)}))
-    finally:
-        stop_node(node)
-        scheduler._db.client.drop_database(database)
     assert waiting > backlog / 2, "the backlog drained before the urgent jobs came: measure with a deeper one"
     del low
     return {
@@ -175,12 +168,10 @@ def async_latency(uri: str, count: int = 40) -> dict[str, float]:
     from taskscheduler import AsyncScheduler
 
     database = "asynclatency"
-    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2")
-    scheduler = Scheduler(connect(uri, database))
     sync_ms: list[float] = []
     async_ms: list[float] = []
 
-    async def run() -> None:
+    async def run(scheduler: Scheduler) -> None:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
         async with AsyncScheduler(client[database]) as aio:
             for _ in range(count):
@@ -193,30 +184,19 @@ def async_latency(uri: str, count: int = 40) -> dict[str, float]:
                 async_ms.append((time.perf_counter() - t1) * 1000)
         await client.close()
 
-    try:
-        scheduler.add_job(NOOP).wait(timeout=60)
-        asyncio.run(run())
-    finally:
-        stop_node(node)
-        scheduler._db.client.drop_database(database)
+    with serving(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2") as (_, scheduler):
+        asyncio.run(run(scheduler))
     return {"sync_p50": _pct(sync_ms, 50), "async_p50": _pct(async_ms, 50)}
 
 
 def round_trips(uri: str, n: int = 100) -> dict[str, float]:
-    database = "roundtrips"
-    node = start_node(uri, database, "--pm", "static", "--min-children", "2", "--max-children", "2")
-    scheduler = Scheduler(connect(uri, database))
-    admin = scheduler._db.client.admin
-    try:
-        scheduler.add_job(NOOP).wait(timeout=60)
+    with serving(uri, "roundtrips", "--pm", "static", "--min-children", "2", "--max-children", "2") as (_, scheduler):
+        admin = scheduler._db.client.admin
         time.sleep(1)
         before = admin.command("serverStatus")["opcounters"]
         jobs = [scheduler.add_job(NOOP) for _ in range(n)]
         scheduler.wait_for(jobs, timeout=600)
         after = admin.command("serverStatus")["opcounters"]
-    finally:
-        stop_node(node)
-        scheduler._db.client.drop_database(database)
     delta = {k: after[k] - before[k] for k in after}
     writes_reads = sum(delta[k] for k in ("insert", "query", "update", "delete"))
     return {
@@ -250,24 +230,18 @@ def process_cost(uri: str, n: int = 120) -> dict[str, tuple[float, float]]:
     """No-op jobs/s and mean unique memory (MiB) of a worker process, per pm mode."""
     out: dict[str, tuple[float, float]] = {}
     for pm in ("ondemand", "dynamic", "static"):
-        database = f"pm_{pm}"
-        node = start_node(uri, database, "--pm", pm, "--min-children", "2", "--max-children", "2")
-        scheduler = Scheduler(connect(uri, database))
         memory: list[float] = []
         done = threading.Event()
-
-        try:
-            scheduler.add_job(NOOP).wait(timeout=60)
+        with serving(uri, f"pm_{pm}", "--pm", pm, "--min-children", "2", "--max-children", "2") as (node, scheduler):
             sampler = threading.Thread(target=_sample_worker_memory, args=(node.pid, done, memory))
             sampler.start()
-            started = time.perf_counter()
-            jobs = [scheduler.add_job("benchmarks.jobs:Nap") for _ in range(n)]
-            scheduler.wait_for(jobs, timeout=300)
-            rate = n / (time.perf_counter() - started)
-        finally:
-            done.set()
-            stop_node(node)
-            scheduler._db.client.drop_database(database)
+            try:
+                started = time.perf_counter()
+                jobs = [scheduler.add_job(NAP) for _ in range(n)]
+                scheduler.wait_for(jobs, timeout=300)
+                rate = n / (time.perf_counter() - started)
+            finally:
+                done.set()
         out[pm] = (rate, statistics.mean(memory) if memory else 0.0)
     return out
 
