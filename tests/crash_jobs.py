@@ -58,3 +58,50 @@ def read_log(path: str) -> list[tuple[str, int, float]]:
             what, pid, at = line.split()
             out.append((what, int(pid), float(at)))
     return out
+
+
+#: What a Ticker's subprocess runs: a line ``sub <pid> <monotonic time>`` every 50 ms, until it is killed.
+_SUB_TICKS = (
+    "import os, sys, time\n"
+    "while True:\n"
+    "    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)\n"
+    "    os.write(fd, f'sub {os.getpid()} {time.monotonic():.4f}\\n'.encode())\n"
+    "    os.close(fd)\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+class Ticker(AbstractJob):
+    """Writes ``start``, then ``tick`` every 50 ms for ``data["seconds"]``, then ``end`` to ``data["log"]``, each
+    ``<what> <pid> <time.monotonic()>`` (one clock for every process of the machine). With ``data["spawn"]`` it
+    first starts a subprocess that ticks as ``sub`` forever (in a session of its own with ``data["new_session"]``)."""
+
+    def start(self) -> str:
+        if self.data.get("spawn"):
+            import subprocess
+            import sys
+
+            subprocess.Popen(
+                [sys.executable, "-c", _SUB_TICKS, self.data["log"]],
+                start_new_session=bool(self.data.get("new_session")),
+                stdin=subprocess.DEVNULL,
+            )
+        self._line("start")
+        end = time.monotonic() + float(self.data.get("seconds", 0))
+        while time.monotonic() < end:
+            time.sleep(0.05)
+            self._line("tick")
+        self._line("end")
+        return "ticked"
+
+    def _line(self, what: str) -> None:
+        fd = os.open(self.data["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{what} {os.getpid()} {time.monotonic():.4f}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def read_ticks(path: str) -> list[tuple[str, int, float]]:
+    """A Ticker's log: (what, pid, monotonic time) per line."""
+    return read_log(path)

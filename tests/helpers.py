@@ -115,7 +115,7 @@ class IdleWorkerFactory(DefaultWorkerFactory):
 
     def build_worker(self, worker_id: ObjectId) -> Any:
         class Idle:
-            def serve(self, connection: Any, job: Any = None) -> None:
+            def serve(self, connection: Any, job: Any = None, slot: Any = None) -> None:
                 connection.recv()
 
         return Idle()

@@ -17,19 +17,45 @@ import psutil
 from .errors import SpawnForkError
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
+def _prctl(option: int, value: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        libc.prctl(option, value, 0, 0, 0)
 
 
-def fork(child: Callable[[], int], close: Iterable[object] = (), new_group: bool = False) -> int:
-    """Fork; the child runs ``child()`` and exits with its return code, never returning into the caller."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
+    _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def become_subreaper() -> None:
+    """Descendants orphaned below this process (a dead worker's job processes) become its children, not init's, so
+    that it can find and end them (Linux; no-op elsewhere)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def kill_strays(known: Iterable[int]) -> None:
+    """SIGKILL every child of this process that is not one of ``known``, and their descendants: with
+    :func:`become_subreaper`, what a dead worker's job left running."""
+    keep = set(known)
+    try:
+        strays = [p for p in psutil.Process().children() if p.pid not in keep]
+    except psutil.Error:
+        return
+    for proc in strays:
+        kill_tree(proc.pid)
+
+
+def fork(
+    child: Callable[[], int], close: Iterable[object] = (), new_group: bool = False, parent_death: bool = True
+) -> int:
+    """Fork; the child runs ``child()`` and exits with its return code, never returning into the caller. With
+    ``parent_death`` the kernel kills the child when this process dies."""
     try:
         pid = os.fork()
     except OSError as exc:
@@ -40,7 +66,8 @@ def fork(child: Callable[[], int], close: Iterable[object] = (), new_group: bool
     try:
         if new_group:
             os.setpgrp()  # the job and its own children form one group: killpg ends them all
-        die_with_parent()
+        if parent_death:
+            die_with_parent()
         for handle in close:
             with contextlib.suppress(Exception):
                 handle.close()  # type: ignore[attr-defined]

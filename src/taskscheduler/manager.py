@@ -27,6 +27,7 @@ from . import options as o
 from .backlog import Backlog
 from .constants import DYNAMIC_IDLE_SECONDS
 from .errors import InvalidArgumentError, SpawnForkError
+from .fencing import FENCE_SIGNAL, LeaseSlot
 from .protocol import (
     CancelJob,
     Claimed,
@@ -55,6 +56,9 @@ TICK_SECONDS = 0.25
 OUTBOX_TICK_SECONDS = 0.01
 #: Seconds to wait before forking again after a worker could not start.
 SPAWN_BACKOFF_SECONDS = 1.0
+#: On a stop, seconds a worker whose job's code still runs has to stop itself (its watchdog sees the request)
+#: before the manager kills it from outside. A worker whose job's code has returned is never killed by a stop.
+STOP_GRACE_SECONDS = 1.0
 
 
 @dataclass
@@ -64,6 +68,7 @@ class _Child:
     id: ObjectId
     pid: int
     conn: Connection
+    slot: LeaseSlot  # shared with the worker: the fence it enforces on itself, and stop requests
     dedicated: bool  # force_spawn or ondemand: runs one job, then exits
     forced: bool = False  # force_spawn: not counted against max_children
     job: ObjectId | None = None
@@ -131,6 +136,7 @@ class WorkerManager:
     def process(self, connection: Connection) -> None:
         """Serve the queue node on ``connection`` until it says stop, goes away, or SIGTERM/SIGINT arrives."""
         self._queue = connection
+        forking.become_subreaper()  # a dead worker's job processes come to us, to be ended
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -208,8 +214,9 @@ class WorkerManager:
             case Fence(deadline=deadline, renewed=renewed):
                 pairs = set(renewed)
                 for child in self._children.values():
-                    if (child.job, child.id) in pairs:
+                    if (child.job, child.id) in pairs and child.claimed:
                         child.fence = max(child.fence, deadline)
+                        child.slot.set_fence(child.fence)
             case Stop():
                 self._stopping = True
 
@@ -221,13 +228,15 @@ class WorkerManager:
 
     def _on_worker_message(self, child: _Child, message: Any) -> None:
         match message:
-            case Claimed(job_id=job_id, timeout=timeout, run=run):
+            case Claimed(job_id=job_id, timeout=timeout, run=run, claimed_at=claimed_at):
                 child.job, child.claimed, child.timeout, child.run = job_id, True, timeout, run
                 now = time.monotonic()
                 child.deadline = now + timeout if timeout > 0 else None
-                child.fence = now + (child.task.lease if child.task else 0.0) / 2
+                # From the claim's moment, not this message's: a claim reported late has no more lease left.
+                child.fence = min(now, claimed_at or now) + (child.task.lease if child.task else 0.0) / 2
+                child.slot.set_fence(child.fence)
                 job_class = str(child.task.doc.get("class", "")) if child.task else ""
-                self._report(JobClaimed(job_id, child.id, run, job_class))
+                self._report(JobClaimed(job_id, child.id, run, job_class, claimed_at or now))
             case Ending():
                 child.ending = True  # start() returned: what is left is recording it, which needs no fence
             case Finished(job_id=job_id, claimed=claimed, status=status):
@@ -333,27 +342,34 @@ class WorkerManager:
             return None
         worker_id = ObjectId()
         parent_end, child_end = Pipe()
+        slot = LeaseSlot()
         others: list[object] = [c.conn for c in self._children.values()] + [parent_end]
+        others += [c.slot for c in self._children.values()]
         others += [h for h in (self._queue, self._wake_r, self._wake_w) if h is not None]
         factory = self.factory
 
         def run() -> int:
             forking.reset_signals()
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the manager's to handle
+            # A stop is the manager's to carry out (systemd sends SIGTERM to every process of the unit): it never
+            # kills a run whose code has returned. A handler, not SIG_IGN, which the job's own programs would inherit.
+            signal.signal(signal.SIGTERM, lambda *_: None)
             worker = factory.build_worker(worker_id)
-            worker.serve(child_end, job)
+            worker.serve(child_end, job, slot)
             return 0
 
         try:
-            pid = forking.fork(run, close=others, new_group=True)
+            # No parent-death signal: a worker whose manager dies ends its job's processes with itself (fencing).
+            pid = forking.fork(run, close=others, new_group=True, parent_death=False)
         except SpawnForkError as exc:
             self.logger.error("cannot spawn worker", extra={"error": str(exc)})
             self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
             parent_end.close()
             child_end.close()
+            slot.close()
             return None
         child_end.close()
-        child = _Child(worker_id, pid, parent_end, dedicated=dedicated or job is not None)
+        child = _Child(worker_id, pid, parent_end, slot, dedicated=dedicated or job is not None)
         if job is not None:
             child.job, child.task = job.doc["_id"], job
             child.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
@@ -393,9 +409,17 @@ class WorkerManager:
 
     def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
         child.conn.close()
+        child.slot.close()
+        # What its job started dies with it: what is left in its group, and what became ours (we are a subreaper).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        forking.kill_strays(self._children)
         self._report(WorkerExited(child.id, child.pid, sig))
         if child.kill_reason is None and self._stopping and sig == signal.SIGTERM:
             child.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
+        if child.kill_reason is None and child.claimed and not child.ending:
+            if sig == FENCE_SIGNAL or time.monotonic() >= child.fence:
+                child.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
         if child.claimed and child.job is not None:
             reason = child.kill_reason or KillReason.DIED
             self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))
@@ -436,16 +460,30 @@ class WorkerManager:
             self._outbox.popleft()
 
     def _stop_all(self) -> None:
-        """Kill every worker group, wait for each, and report the jobs they were running."""
+        """Stop every worker and report the jobs they were running. A worker whose job's code has returned records
+        its end first (it is never killed by a stop: its run must not run again); the others stop themselves at
+        once (their watchdog, atomically with the job's return) or are killed after STOP_GRACE_SECONDS. The node
+        bounds the whole stop."""
+        for child in list(self._children.values()):
+            self._drain(child)  # who has ended already
         for child in self._children.values():
-            if child.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
+            child.slot.request_stop()
+            with contextlib.suppress(OSError, ValueError):
+                child.conn.send(Exit())
+            if child.claimed and not child.ending and child.kill_reason is None:
                 child.kill_reason = KillReason.STOP
-            forking.kill_tree(child.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while self._children and time.monotonic() < deadline:
+        grace = time.monotonic() + STOP_GRACE_SECONDS
+        while self._children:
             self._reap()
+            for child in list(self._children.values()):
+                self._drain(child)
+                if time.monotonic() >= grace and not child.ending:
+                    if child.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
+                        child.kill_reason = KillReason.STOP
+                    forking.kill_tree(child.pid, signal.SIGKILL)
             if self._children:
-                time.sleep(0.02)
+                self._flush_reports()
+                time.sleep(0.01)
         self._flush_reports(block=True)  # the node reads until we exit
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)

@@ -80,6 +80,9 @@ class Claimed(NamedTuple):
     job_id: ObjectId
     timeout: int
     run: int
+    #: ``time.monotonic()`` right before the claim was sent: its lease holds at least a lease from then on, so
+    #: the manager's first fence is half a lease from this moment, however late this message arrives.
+    claimed_at: float = 0.0
 
 
 class Ending(NamedTuple):
@@ -114,6 +117,8 @@ class JobClaimed(NamedTuple):
     run: int
     #: The job's class (the node's metrics label runs by it).
     job_class: str = ""
+    #: When the claim was sent (``time.monotonic()``): a late report of an older claim never replaces a newer one.
+    claimed_at: float = 0.0
 
 
 class JobFinished(NamedTuple):

@@ -114,6 +114,7 @@ class Queue:
         self.store = scheduler.store
         self._running: dict[ObjectId, ObjectId] = {}  # job -> worker, for jobs this node's workers claimed
         self._runs: dict[ObjectId, int] = {}  # job -> the run number its worker claimed
+        self._claimed_at: dict[ObjectId, float] = {}  # job -> when that claim was sent (time.monotonic())
         self._worker_pids: dict[ObjectId, int] = {}
         self._postponed: list[tuple[float, ObjectId, int]] = []  # (at, job, run): runs to move to WAITING
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
@@ -180,9 +181,11 @@ class Queue:
                 while not self._stopping:
                     gaps = self._iterate(feed, timers, gaps)
         finally:
+            # The heartbeat goes on while the manager stops: runs whose code has returned keep their leases while
+            # they record their ends.
+            self._stop_manager()
             if self._heartbeat is not None:
                 self._heartbeat.stop()
-            self._stop_manager()
             self._unregister()
             if self.metrics is not None:
                 self.metrics.close()
@@ -411,9 +414,12 @@ class Queue:
                 self._all_workers.discard(worker_id)
                 self._exited_workers.append(worker_id)
                 self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
-            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run, job_class=job_class):
+            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run, job_class=job_class, claimed_at=claimed_at):
+                if claimed_at < self._claimed_at.get(job_id, 0.0):
+                    return  # a late report of an older claim: the newer one is the live run (the older fences itself)
                 self._running[job_id] = worker_id
                 self._runs[job_id] = run
+                self._claimed_at[job_id] = claimed_at
                 if self.metrics is not None:
                     self.metrics.run_started(job_id, job_class)
             case JobFinished(job_id=job_id, worker_id=worker_id, status=status):
@@ -442,6 +448,7 @@ class Queue:
         if self._running.get(job_id) == worker_id:
             del self._running[job_id]
             self._runs.pop(job_id, None)
+            self._claimed_at.pop(job_id, None)
 
     def _record_kills(self) -> None:
         """Record the ends of killed workers' jobs; what fails stays queued (prepared as it is) for the next round.
@@ -487,6 +494,7 @@ class Queue:
                 self.metrics.run_ended(job_id, None)
         self._running.clear()
         self._runs.clear()
+        self._claimed_at.clear()
         self._record_kills()
         # A worker may have claimed a job and died (killed with its manager) before anyone heard of the claim.
         for doc in self.store.jobs_of_workers([*self._all_workers, *self._exited_workers]):
@@ -498,7 +506,8 @@ class Queue:
         pid = self._manager_pid
         if pid is not None:
             self._send(Stop())
-            deadline = time.monotonic() + STOP_SECONDS
+            # Runs whose code has returned record their ends before their workers exit: wait up to a lease for them.
+            deadline = time.monotonic() + max(STOP_SECONDS, float(self.options[o.ORPHANED_TIMEOUT]))
             exited = False
             while time.monotonic() < deadline:
                 self._read_manager_safely()

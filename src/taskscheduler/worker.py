@@ -15,8 +15,10 @@ from bson.errors import InvalidDocument
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from . import failpoints
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
+from .fencing import LeaseSlot, SelfFence
 from .job import (
     FunctionJob,
     JobInterface,
@@ -73,6 +75,7 @@ class Worker:
         self.job_modules = None if job_modules is None else tuple(job_modules)
         scheduler.owner = worker_id
         self._connection: Connection | None = None  # to the manager, while a job runs
+        self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -83,12 +86,15 @@ class Worker:
         self.run(doc, lease=lease)
         return self.scheduler.get_job(doc["_id"])
 
-    def serve(self, connection: Connection, job: RunJob | None = None) -> None:
-        """The worker process's loop: run what the manager sends until told to exit (one job if ``job``)."""
+    def serve(self, connection: Connection, job: RunJob | None = None, slot: LeaseSlot | None = None) -> None:
+        """The worker process's loop: run what the manager sends until told to exit (one job if ``job``). With the
+        ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.fencing`)."""
+        if slot is not None:
+            self._fence = SelfFence(slot, job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT)
         if job is not None:
             self.run(job.doc, connection, job.lease)
             return
-        while True:
+        while self._fence is None or not self._fence.stop_requested():
             try:
                 message = connection.recv()
             except (EOFError, OSError):
@@ -111,12 +117,26 @@ class Worker:
             )
             _send(connection, Finished(doc["_id"], False))
             return False
-        claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
-        if claimed is None:
+        fence = self._fence if connection is not None else None
+        if fence is not None and fence.stop_requested():
             _send(connection, Finished(doc["_id"], False))
             return False
+        # Armed before the claim is sent: from here on this process dies before the lease it may win can expire,
+        # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.
+        claimed_at = fence.arm(lease) if fence is not None else time.monotonic()
+        claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
+        if claimed is None:
+            if fence is not None:
+                fence.end()
+            _send(connection, Finished(doc["_id"], False))
+            return False
+        failpoints.hit("worker.claimed")
+        if fence is not None and not fence.holds():  # paused or cut off since the claim: never start it now
+            fence.stop_now("the job was claimed, but its lease may have run out before its code could start")
         timeout = int((claimed.get("options") or {}).get("timeout", 0))
-        _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1))))
+        _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1)), claimed_at))
+        if fence is not None:
+            fence.watch()
         self._connection = connection
         self._ended = None
         try:
@@ -168,20 +188,27 @@ class Worker:
             token = set_current_job(instance)
             result = _run_to_completion(instance.start())
         except BaseException as exc:  # sys.exit() or any other exit from start() fails the run, not the worker
-            _send(self._connection, Ending(doc["_id"]))
+            self._returned(doc)
             self._failed(doc, exc, exc_info=True)
             return
         finally:
             self.scheduler.running_job = None
             if token is not None:
                 reset_current_job(token)
-        _send(self._connection, Ending(doc["_id"]))  # from here on, no fence or timeout: the work is done
+        self._returned(doc)  # from here on, no fence or timeout: the work is done
         try:  # the library's own read: an outage here is ridden out, never the job's failure
             self._patiently(lambda: self._check_children(doc))
         except ChildJobFailedError as exc:
             self._failed(doc, exc, exc_info=False)
             return
         self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+
+    def _returned(self, doc: Mapping[str, Any]) -> None:
+        """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
+        if self._fence is not None and self._connection is not None:
+            self._fence.end()
+        _send(self._connection, Ending(doc["_id"]))
+        failpoints.hit("worker.returned")
 
     def _failed(self, doc: dict[str, Any], exc: BaseException, exc_info: bool) -> None:
         self.logger.error(
