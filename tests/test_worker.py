@@ -120,3 +120,45 @@ def test_sys_exit_fails_the_job_not_the_worker(scheduler: Scheduler, worker: Wor
     failed = worker.process_one(p.id)
     assert failed.status == JobStatus.FAILED and failed.error is not None
     assert failed.error["class"] == "SystemExit" and failed.error["message"] == "3"
+
+
+def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
+    scheduler: Scheduler, worker: Worker, client: Any
+) -> None:
+    """The claim's connection breaks and the job is still WAITING: the worker says so (``unsettled``), so that its
+    manager hands the job over again: no change event will announce it, and it must not wait forever."""
+    from multiprocessing import Pipe
+
+    from taskscheduler.protocol import Finished
+
+    p = scheduler.add_job("sample_jobs:Echo", {"x": 1})
+    ours, theirs = Pipe()
+    client.admin.command(
+        "configureFailPoint",
+        "failCommand",
+        mode={"times": 2},  # the claim and its automatic retry
+        data={"failCommands": ["update"], "closeConnection": True},
+    )
+    try:
+        assert worker.run(scheduler.store.find_job(p.id) or {}, theirs) is False
+    finally:
+        client.admin.command("configureFailPoint", "failCommand", mode="off")
+    message = ours.recv()
+    assert isinstance(message, Finished) and message.unsettled and not message.claimed
+    assert p.refresh().status == JobStatus.WAITING
+    assert worker.run(scheduler.store.find_job(p.id) or {}, theirs) is True
+    assert p.refresh().status == JobStatus.DONE
+
+
+def test_a_job_handed_over_without_its_large_data_runs_with_it(scheduler: Scheduler, worker: Worker) -> None:
+    """A job whose data is large travels to the manager and worker without it; the worker reads it when it runs."""
+    from taskscheduler.protocol import DATA_LEFT_OUT, INLINE_DATA_BYTES, handed_over
+
+    data = {"blob": "z" * (INLINE_DATA_BYTES + 1)}
+    p = scheduler.add_job("sample_jobs:Echo", data)
+    stored = scheduler.store.find_job(p.id) or {}
+    slim = handed_over(stored)
+    assert "data" not in slim and slim[DATA_LEFT_OUT] is True
+    assert handed_over(dict(stored, data={"small": 1})) == dict(stored, data={"small": 1})
+    assert worker.run(slim) is True
+    assert p.refresh().status == JobStatus.DONE and p.result == data

@@ -239,9 +239,11 @@ class WorkerManager:
                 self._report(JobClaimed(job_id, child.id, run, job_class, claimed_at or now))
             case Ending():
                 child.ending = True  # start() returned: what is left is recording it, which needs no fence
-            case Finished(job_id=job_id, claimed=claimed, status=status):
+            case Finished(job_id=job_id, claimed=claimed, status=status, unsettled=unsettled):
                 if claimed and child.claimed:
                     self._report(JobFinished(job_id, child.id, status))
+                elif unsettled and child.task is not None and not self._stopping:
+                    self._add(child.task)  # MongoDB could not be reached: it may still be WAITING, try again
                 child.job, child.task, child.claimed, child.deadline = None, None, False, None
                 child.ending = False
                 child.idle_since = time.monotonic()

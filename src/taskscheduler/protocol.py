@@ -15,7 +15,30 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, NamedTuple
 
+import bson
 from bson import ObjectId
+
+#: A job whose data encodes larger than this is handed over without it (the worker reads the job when it claims
+#: it): a backlog of large jobs must not fill a manager's memory, nor large pickles its pipes.
+INLINE_DATA_BYTES = 64 * 1024
+#: Marks a hand-over document whose ``data`` was left out.
+DATA_LEFT_OUT = "data_left_out"
+
+
+def handed_over(doc: dict[str, Any]) -> dict[str, Any]:
+    """What travels in a :class:`RunJob`: the job document, without its data when that is large."""
+    data = doc.get("data")
+    if data is None or isinstance(data, (bool, int, float)):
+        return doc
+    try:
+        size = len(bson.encode({"data": data}))
+    except Exception:  # not encodable here: the worker reads what is stored
+        size = INLINE_DATA_BYTES + 1
+    if size <= INLINE_DATA_BYTES:
+        return doc
+    slim = {name: value for name, value in doc.items() if name != "data"}
+    slim[DATA_LEFT_OUT] = True
+    return slim
 
 
 class KillReason(str, Enum):
@@ -98,6 +121,9 @@ class Finished(NamedTuple):
     claimed: bool
     #: The status the run ended in, as recorded by this worker (None: it recorded no end; metrics only).
     status: int | None = None
+    #: Not claimed because MongoDB could not be reached (or could not say whether the claim was written): the job
+    #: may still be WAITING, and no change event will announce it again, so the manager hands it over again.
+    unsettled: bool = False
 
 
 class WorkerSpawned(NamedTuple):

@@ -46,6 +46,7 @@ from .protocol import (
     Stop,
     WorkerExited,
     WorkerSpawned,
+    handed_over,
 )
 from .scheduler import Scheduler
 from .store import StatusChange, StatusFeed, utcnow
@@ -291,14 +292,14 @@ class Queue:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
             # A job of a module we do not serve waits for a node that does (nodes split work by module).
             if doc is not None and doc.get("status") == JobStatus.WAITING and serves(doc["class"], self.job_modules):
-                self._send(RunJob(doc, float(self.options[o.ORPHANED_TIMEOUT])))
+                self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
             if doc is None or doc.get("status") != JobStatus.POSTPONED:
                 return
             at = float((doc.get("options") or {}).get(o.AT) or 0)
             heapq.heappush(self._postponed, (at, job_id, int(doc.get("run", 1))))
-            self._postponed_docs[(job_id, int(doc.get("run", 1)))] = doc
+            self._postponed_docs[(job_id, int(doc.get("run", 1)))] = handed_over(doc)  # held until due: slim
         elif status == JobStatus.CANCELED:
             self._send(CancelJob(job_id))
         else:

@@ -29,7 +29,7 @@ from .job import (
 )
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
-from .protocol import Claimed, Ending, Exit, Finished, RunJob
+from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
 from .scheduler import Scheduler
 
 #: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
@@ -110,6 +110,16 @@ class Worker:
     ) -> bool:
         """Claim ``job`` and run it; False when another worker had it first (or it may not run)."""
         doc = dict(job)
+        if doc.pop(DATA_LEFT_OUT, False):  # handed over without its large data: read the job as it is now
+            try:
+                stored = self.life.store.find_job(doc["_id"])
+            except ServerUnavailableError:
+                _send(connection, Finished(doc["_id"], False, unsettled=True))
+                return False
+            if stored is None or stored.get("status") != JobStatus.WAITING or stored.get("run") != doc.get("run"):
+                _send(connection, Finished(doc["_id"], False))
+                return False
+            doc = stored
         if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
             self.logger.warning(
                 f"not running job {doc['_id']}: class {doc.get('class')} is outside this node's allowed modules",
@@ -124,11 +134,16 @@ class Worker:
         # Armed before the claim is sent: from here on this process dies before the lease it may win can expire,
         # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.
         claimed_at = fence.arm(lease) if fence is not None else time.monotonic()
-        claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
+        try:
+            claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
+        except ServerUnavailableError:  # the claim's outcome is unknown: hand it over again later
+            claimed, unsettled = None, True
+        else:
+            unsettled = False
         if claimed is None:
             if fence is not None:
                 fence.end()
-            _send(connection, Finished(doc["_id"], False))
+            _send(connection, Finished(doc["_id"], False, unsettled=unsettled))
             return False
         failpoints.hit("worker.claimed")
         if fence is not None and not fence.holds():  # paused or cut off since the claim: never start it now
@@ -162,8 +177,11 @@ class Worker:
                 continue
             if stored is not None and stored.get("status") == JobStatus.PROCESSING and stored.get("worker") == self.id:
                 return stored
+            if stored is not None and stored.get("status") == JobStatus.WAITING:
+                raise ServerUnavailableError(f"the claim of job {doc['_id']} was not written")  # try again later
             return None
-        return None  # if it was written, the lease runs out and the job is orphaned and run again
+        # Still unknown. If it was written, the lease runs out and the job is put back; if not, it is still WAITING.
+        raise ServerUnavailableError(f"cannot tell whether the claim of job {doc['_id']} was written")
 
     def _parent_allows(self, doc: dict[str, Any]) -> bool:
         """A child whose parent ended FAILED, CANCELED or TIMEOUT is CANCELED instead of run."""
