@@ -68,3 +68,13 @@ def test_a_stored_class_outside_the_allow_list_is_never_imported() -> None:
         load_job_class("antigravity.Anything", ["sample_jobs"])
     assert "antigravity" not in sys.modules  # its top-level code (opening a browser) never ran
     assert load_job_class("sample_jobs:Echo", ["sample_jobs"]) is sample_jobs.Echo
+
+
+def test_a_status_prints_as_its_name_and_stores_as_its_number() -> None:
+    import json
+
+    from taskscheduler import JobStatus
+
+    assert str(JobStatus.DONE) == "DONE" and f"{JobStatus.FAILED}" == "FAILED"
+    assert "{}".format(JobStatus.WAITING) == "WAITING"  # noqa: UP032 (str.format is a path of its own)
+    assert JobStatus.DONE == 3 and f"{JobStatus.DONE:d}" == "3" and json.dumps({"s": JobStatus.TIMEOUT}) == '{"s": 6}'

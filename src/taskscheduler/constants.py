@@ -26,6 +26,13 @@ class JobStatus(IntEnum):
     def is_terminal(self) -> bool:
         return self >= JobStatus.DONE
 
+    def __str__(self) -> str:
+        """Its name (``"DONE"``): a printed status reads as a word. Stored and compared, it is the integer."""
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return self.name.__format__(spec) if not spec or spec[-1] not in "bcdoxXn" else int(self).__format__(spec)
+
 
 #: Statuses of a job that has not finished (upstream ``PENDING_JOBS``).
 ACTIVE_STATUSES: tuple[int, ...] = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.PROCESSING)
