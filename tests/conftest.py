@@ -65,7 +65,12 @@ def scheduler(db: Database[dict[str, Any]], size_guard: SizeGuard) -> Scheduler:
 def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
-    def start(*args: str, orphaned_timeout: float = 2.0, modules: tuple[str, ...] = ("sample_jobs",)) -> Node:
+    def start(
+        *args: str,
+        orphaned_timeout: float = 2.0,
+        modules: tuple[str, ...] = ("sample_jobs",),
+        env: dict[str, str] | None = None,
+    ) -> Node:
         log = tmp_path / f"node{len(nodes)}.log"
         pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
         proc = spawn_node(
@@ -74,7 +79,7 @@ def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator
             list(modules),
             ["--orphaned-timeout", str(orphaned_timeout), *args],
             log=str(log),
-            env={"PYTHONPATH": pythonpath},
+            env={"PYTHONPATH": pythonpath, **(env or {})},
             log_level="DEBUG",
         )
         node = Node(proc, log)

@@ -27,6 +27,7 @@ from taskscheduler import AbstractJob, DefaultWorkerFactory, JobStatus, Queue, S
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError, QueueFullError, ServerUnavailableError, WaitTimeoutError
+from taskscheduler.fencing import LeaseSlot
 from taskscheduler.heartbeat import Heartbeat
 from taskscheduler.lifecycle import ONCE_PENDING_SECONDS
 from taskscheduler.manager import WorkerManager, _Child
@@ -86,7 +87,7 @@ def active(db: Database[dict[str, Any]], job_class: str) -> list[dict[str, Any]]
 
 def fake_child(worker: ObjectId, pid: int) -> _Child:
     parent, _ = Pipe()
-    return _Child(worker, pid, parent, dedicated=False)
+    return _Child(worker, pid, parent, LeaseSlot(), dedicated=False)
 
 
 def factory(server: EmbeddedServer, db: Database[dict[str, Any]]) -> DefaultWorkerFactory:

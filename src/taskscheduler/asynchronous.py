@@ -141,7 +141,8 @@ class AsyncScheduler:
         return self._wrap(await self._run(_loaded, self._sync.get_job, job_id))
 
     def get_jobs(self, query: Mapping[str, Any] | None = None) -> AsyncJobs:
-        """``async for process in scheduler.get_jobs(query)``, or ``await`` it for a list."""
+        """``async for process in scheduler.get_jobs(query)``, or ``await`` it for a list. As
+        :meth:`Scheduler.get_jobs`: ``None`` lists the unfinished jobs, ``{}`` every job."""
         return AsyncJobs(self, query)
 
     async def cancel_job(self, job_id: ObjectId | str) -> None:

@@ -41,15 +41,15 @@ from .job import class_path
 from .process import Process
 from .recurrence import next_cron_time, retry_delay
 from .store import (
-    MAX_DOCUMENT_SIZE,
+    MAX_JOB_SIZE,
     StatusChange,
     Store,
     encoded_size,
     fields_equal,
     fingerprint,
+    job_size,
     literal,
     same_value,
-    utcnow,
 )
 
 if TYPE_CHECKING:
@@ -64,9 +64,12 @@ ONCE_PENDING_SECONDS = 30.0
 #: Longest stored error message and traceback (characters): an error is recorded whatever its size.
 MAX_ERROR_TEXT = 64 * 1024
 #: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
-MAX_RESULT_SIZE = MAX_DOCUMENT_SIZE - 256 * 1024
+#: Below the job limit: an event stays under 16 MB in any change stream that carries it.
+MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).
 LATE_WRITE_SECONDS = 2.0
+#: Why a node ends a worker while the node lives on (the others are deaths: a worker or manager died).
+KILLS_SURVIVED = ("timeout", "stop", "lost", "cancel")
 #: Statuses an ended run can have.
 RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -160,10 +163,11 @@ class Lifecycle:
         path = class_path(job_class)
         encoded_size(data)
         opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place
+        clock = self.store.clock  # the server's: a producer whose clock is off neither delays nor hastens a job
         if opts[o.CRON]:  # the first match from the given time (or from now) on
-            opts[o.AT] = next_cron_time(opts[o.CRON], opts[o.TIMEZONE], max(opts[o.AT], time.time()) - 0.001)
-        now = utcnow()
-        status = JobStatus.POSTPONED if opts[o.AT] > time.time() else JobStatus.WAITING
+            opts[o.AT] = next_cron_time(opts[o.CRON], opts[o.TIMEZONE], max(opts[o.AT], clock.time()) - 0.001)
+        now = clock.now()
+        status = JobStatus.POSTPONED if opts[o.AT] > 0 and not clock.reached(opts[o.AT]) else JobStatus.WAITING
         # Every field a later update writes is here from the start, with its final BSON type (see store.py).
         return {
             "_id": job_id,
@@ -206,7 +210,7 @@ class Lifecycle:
         ignore_data = bool(doc["options"][o.IGNORE_DATA])
         key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
         # Room first: a full collection must fail this call before it cancels the job it would replace.
-        reservation = _Reservation(self.store, self.store.reserve_job(dict(doc, created=utcnow())))
+        reservation = _Reservation(self.store, self.store.reserve_job(dict(doc, created=self.store.clock.now())))
         with reservation:
             return self._add_once(doc, requested, data, key, ignore_data, reservation)
 
@@ -247,7 +251,7 @@ class Lifecycle:
             if not self.store.take_once(key, doc["_id"], held_by, since):
                 continue  # someone else took it first (or requeued its job): compare with theirs
             try:
-                process = self.add(dict(doc, created=utcnow()), reservation.spend())
+                process = self.add(dict(doc, created=self.store.clock.now()), reservation.spend())
             except BaseException:
                 self.store.release_once(key, doc["_id"])
                 raise
@@ -290,7 +294,7 @@ class Lifecycle:
                     f"job {doc['_id']} has already ended with status {status.name}; "
                     "only unfinished jobs can be canceled"
                 )
-            now = utcnow()
+            now = self.store.clock.now()
             event_id = ObjectId()
             fields = {
                 "status": literal(int(JobStatus.CANCELED)),
@@ -341,6 +345,7 @@ class Lifecycle:
                     f"job {doc['_id']} was canceled while running and its worker is still being stopped; "
                     "requeue it again in a few seconds"
                 )
+        job_size(doc)  # a job stored over the limit (by an older version) would stop change streams once active
         if "once" in doc:
             self._hold_key_for_requeue(doc)
         run = int(doc.get("run", 1)) + 1
@@ -466,18 +471,72 @@ class Lifecycle:
         has_result: bool = False,
         expires: datetime | None = None,
     ) -> RunEnd:
-        return RunEnd(self, doc, worker, status, error=error, result=result, has_result=has_result, expires=expires)
+        change = RunEnd(self, doc, worker, status, error=error, result=result, has_result=has_result, expires=expires)
+        change.vouches = True  # written by the run's worker, or by its node after a timeout: both live on
+        return change
+
+    # -- orphanings: SPEC 4 counts dead processes only -------------------------------------------------------------
+    #
+    # A job's orphanings in a run are the deaths its own nodes saw (a worker or manager died: stored in
+    # ``orphaned``) plus the sweeps of the run whose owner never vouched for them. A sweep is a release by another
+    # node, of a run whose lease ran out: at that moment nobody can tell a dead owner from one that is cut off or
+    # paused, so the sweep stores no count, only its event (``sweep``). An owner that lives on finds out by
+    # itself: its node records the end of the run it fenced (or stopped, or timed out), or its worker the run's
+    # end, and finds the run put back by someone else; it then vouches for the sweep (``sweep.back``), which no
+    # longer counts. An owner that died never does. The MAX_ORPHANINGS-th orphaning ends the run FAILED.
 
     def release(
         self, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str, expires: datetime | None = None
     ) -> Change:
         """Put a job its worker can no longer run back to WAITING (same id and run), conditional on ownership.
-        ``orphaned`` counts the release; the :data:`MAX_ORPHANINGS`-th one ends the run FAILED instead."""
-        count = int(doc.get("orphaned", 0)) + (1 if orphaned else 0)
-        if orphaned and count >= MAX_ORPHANINGS:
+        ``orphaned``: its node saw the worker (or the manager) die; the death is stored in ``orphaned`` and, with
+        the run's unvouched sweeps, the :data:`MAX_ORPHANINGS`-th orphaning ends the run FAILED instead. A release
+        that is not ``orphaned`` (a stop, a node that fenced itself) counts nothing."""
+        deaths = int(doc.get("orphaned", 0))
+        if not orphaned:
+            change = Release(self, doc, worker, deaths, reason, expires)
+            change.vouches = True  # its node lives on: a sweep that beat it was no death
+            return change
+        swept = self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1))) - {worker}
+        return self._orphaned(doc, worker, deaths + 1, deaths + 1 + len(swept), reason, expires, None)
+
+    def release_orphan(self, doc: Mapping[str, Any], reason: str) -> Change:
+        """A sweep: put back a run whose lease ran out on the server (``doc`` as :meth:`orphans` found it), from
+        any node. It stores no count: its event records the sweep, which counts until the owner vouches for it."""
+        worker, expires = doc["worker"], doc["expires"]
+        # The same worker swept before in this run: an attempt of this sweep whose outcome was unknown, or one that
+        # never took effect (the owner renewed the lease since). A worker dies once.
+        swept = self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1))) - {worker}
+        deaths = int(doc.get("orphaned", 0))
+        return self._orphaned(doc, worker, deaths, deaths + len(swept) + 1, reason, expires, expires)
+
+    def _orphaned(
+        self,
+        doc: Mapping[str, Any],
+        worker: ObjectId,
+        deaths: int,
+        count: int,
+        reason: str,
+        expires: datetime | None,
+        sweep: datetime | None,
+    ) -> Change:
+        """The run's ``count``-th orphaning: FAILED at :data:`MAX_ORPHANINGS`, else back to WAITING with the
+        ``deaths`` its nodes saw stored (and, for a sweep, the lease end it swept in its event)."""
+        if count >= MAX_ORPHANINGS:
             error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {reason}")
             return RunEnd(self, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error, expires=expires)
-        return Release(self, doc, worker, count, reason, expires)
+        return Release(self, doc, worker, deaths, reason, expires, sweep)
+
+    def vouch(self, job_id: ObjectId, run: int, worker: ObjectId, stored: Mapping[str, Any]) -> None:
+        """``worker``'s claim of ``run`` was put back by someone else while its owner (the worker, or its node)
+        lived on: its sweep was no death. Only while the job is still at that run and not ended (``stored``),
+        when a sweep can still count: a run that was canceled or ended needs no write."""
+        if int(stored.get("run", 0)) == run and stored.get("status") in (JobStatus.WAITING, JobStatus.PROCESSING):
+            if self.store.vouch(job_id, run, worker):
+                self.logger.info(
+                    f"job {job_id} run {run}: its owner lives on, so its earlier sweep is no orphaning",
+                    extra={"job_id": job_id, "run": run, "worker": worker},
+                )
 
     def after_kill(self, job_id: ObjectId, worker: ObjectId, run: int, reason: str, timeout: int) -> AfterKill:
         return AfterKill(self, job_id, worker, run, reason, timeout)
@@ -513,6 +572,8 @@ class Change:
         self.fields: dict[str, Any] = {}
         self.recorded = False
         self.uncertain = False  # an attempt failed without an answer: it may have been written
+        #: Written by the run's owner, alive: if the run was swept first, the sweep was no death (vouched for).
+        self.vouches = False
 
     @property
     def marker(self) -> ObjectId:
@@ -543,6 +604,8 @@ class Change:
                     "change was recorded; nothing written",
                     extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
                 )
+                if self.vouches:
+                    self.life.vouch(self.doc["_id"], self.run, self.worker, stored)
                 return False
         self.recorded = True
         self.announce()
@@ -587,7 +650,8 @@ class RunEnd(Change):
         super().__init__(life, doc, worker)
         self.status = status
         self.fallback = False  # set when this records that the real outcome could not be stored
-        self.now = now = utcnow()
+        # The server's clock: a worker whose clock is off neither hastens nor delays the next run.
+        self.now = now = life.store.clock.now()
         if has_result and not _fits(result):
             life.logger.warning(
                 f"job {self.doc['_id']} ({self.doc.get('class')}): result is too large or not BSON-encodable and "
@@ -666,7 +730,8 @@ class RunEnd(Change):
 
 
 class Release(Change):
-    """A run that did not end (its worker or node died, stopped, or lost the lease) goes back to WAITING."""
+    """A run that did not end (its worker or node died, stopped, or lost the lease) goes back to WAITING.
+    ``sweep``: the lease end of a run another node put back (recorded in the event; see :meth:`Lifecycle.release`)."""
 
     def __init__(
         self,
@@ -676,12 +741,14 @@ class Release(Change):
         count: int,
         reason: str,
         expires: datetime | None,
+        sweep: datetime | None = None,
     ) -> None:
         super().__init__(life, doc, worker)
         self.reason = reason
         self.released = dict(self.doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
         note = library_error(JobReleasedError, reason)
-        self.events = [self.processing_event(), Store.event(self.released, JobStatus.WAITING, worker, error=note)]
+        released = Store.event(self.released, JobStatus.WAITING, worker, error=note, sweep=sweep)
+        self.events = [self.processing_event(), released]
         self.when = owned_by(worker, self.run, expires)
         self.fields = {
             "status": literal(int(JobStatus.WAITING)),
@@ -749,6 +816,8 @@ class AfterKill:
             status = doc.get("status")
             if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
                 self._withdraw_unrecorded(doc)  # someone else recorded how the run went
+                if self.reason in KILLS_SURVIVED:  # we live on: if a sweep put the run back, it was no death
+                    self.life.vouch(self.job_id, self.run, self.worker, doc)
                 if status == JobStatus.CANCELED:  # the canceler recorded CANCELED; the run's start is ours
                     store.insert_events([Change(self.life, doc, self.worker).processing_event()])
                     # The worker is gone: a requeue may let another one run the job now.
@@ -823,7 +892,10 @@ def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
 def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
     """The run that follows an ended one: a retry after FAILED/TIMEOUT (its delay growing by ``retry_backoff``
     with each failure in a row), else the next cron match after now, else the next interval run (measured from
-    the end, the start, or for a timeout from now). Returns (status, at, retry left), or None."""
+    the end, the start, or for a timeout from now). Returns (status, at, retry left), or None.
+
+    ``now`` is when the run ended, on the server's clock (unix seconds): a next run due by then is WAITING, a
+    later one POSTPONED (its node starts it when the server's clock reaches its time)."""
     opts = doc.get("options") or {}
     retry = int(opts.get(o.RETRY, 0))
     if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
@@ -851,7 +923,7 @@ def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[J
     else:
         return None
     at = round(float(at), 3)
-    return (JobStatus.POSTPONED if at > time.time() else JobStatus.WAITING), at, retry
+    return (JobStatus.POSTPONED if at > now else JobStatus.WAITING), at, retry
 
 
 def _fits(result: Any) -> bool:

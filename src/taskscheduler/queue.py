@@ -125,7 +125,6 @@ class Queue:
         self._all_workers: set[ObjectId] = set()  # the workers of this node's manager that live
         self._exited_workers: deque[ObjectId] = deque(maxlen=EXITED_WORKERS_KEPT)
         self._heartbeat: Heartbeat | None = None
-        self._clock_offset = 0.0  # server clock minus ours, in seconds
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
         self._started = utcnow()
@@ -306,8 +305,9 @@ class Queue:
             self._send(DropJob(job_id))
 
     def _now(self) -> float:
-        """Unix time on the server's clock (as last measured), so a fast local clock never starts a job early."""
-        return time.time() + self._clock_offset
+        """Unix time on the server's clock (the earliest it can read now), so that a node whose clock is off
+        starts postponed jobs neither early nor late."""
+        return self.store.clock.earliest()
 
     def _next_due(self) -> float:
         if not self._postponed:
@@ -329,16 +329,12 @@ class Queue:
             self._postponed_docs.pop((job_id, run), None)
 
     def _reschedule_orphans(self) -> None:
-        asked = time.time()
-        server_now = self.store.server_time()
-        self._clock_offset = server_now.timestamp() - (asked + time.time()) / 2
+        server_now = self.store.clock.now(earliest=True)  # a lease has ended once the server surely passed it
         for doc in self.store.orphans(server_now):
             if doc["_id"] in self._running:
                 continue  # ours: our manager fences it, and then we record it
-            change = self.life.release(
-                doc, doc["worker"], orphaned=True, reason="its node stopped renewing the lease", expires=doc["expires"]
-            )
-            change.record()
+            # Dead, or only cut off or paused: not known yet. The sweep counts until its owner vouches for it.
+            self.life.release_orphan(doc, reason="its node stopped renewing the lease").record()
 
     # -- the manager -----------------------------------------------------------------------------------------------
 

@@ -105,6 +105,7 @@ class Scheduler:
     def set_options(self, options: Mapping[str, Any]) -> Scheduler:
         """Change scheduler options; changed defaults apply to jobs added from now on."""
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
+        self.store.give_back()  # room the replaced store reserved ahead would be lost with it
         self.lifecycle.store = self._build_store()
         return self
 
@@ -152,8 +153,9 @@ class Scheduler:
         return Process(self.lifecycle.load(_object_id(job_id)), self)
 
     def get_jobs(self, query: Mapping[str, Any] | None = None) -> Iterator[Process]:
-        """Jobs matching a MongoDB filter on the job document (default: WAITING, POSTPONED, PROCESSING)."""
-        if query is None or (isinstance(query, Mapping) and not query):
+        """Jobs matching a MongoDB filter on the job document. ``None`` (the default) means the unfinished ones
+        (WAITING, POSTPONED, PROCESSING); any filter, ``{}`` (every job) included, is used as given."""
+        if query is None:
             query = {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED), int(JobStatus.PROCESSING)]}}
         if not isinstance(query, Mapping):
             raise InvalidArgumentError(f"query must be a mapping (a MongoDB filter), got {type(query).__name__}")
@@ -175,6 +177,18 @@ class Scheduler:
         """Drop all jobs and events. Running queue nodes keep working and pick up jobs added afterwards."""
         self.store.flush()
         self._progress_writes.clear()
+
+    def close(self) -> None:
+        """Give back the room this Scheduler reserved ahead in a capped job collection and did not use: call it
+        when done adding jobs (a process's exit does it too). The database's client stays open (it is the
+        caller's) and the Scheduler stays usable. Never raises."""
+        self.store.give_back()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- progress --------------------------------------------------------------------------------------------------
 

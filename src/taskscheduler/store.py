@@ -10,10 +10,14 @@ fixed-size fields with values of the same BSON type: ``status`` (int32), ``start
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +40,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
+from .clock import ServerClock
 from .constants import NODE_REGISTRY, JobStatus
 from .errors import (
     ConfigurationError,
@@ -43,21 +48,38 @@ from .errors import (
     InvalidArgumentError,
     QueueFullError,
     ServerUnavailableError,
+    TaskSchedulerError,
 )
 
 logger = logging.getLogger("taskscheduler.store")
 
 #: Largest BSON document MongoDB accepts.
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024
+#: Largest job document stored: 15 MB, that is 15 * 1024 * 1024 bytes. A change event carries the whole job
+#: document (inserts, and updates read with ``updateLookup``) plus fields of its own, and MongoDB fails a change
+#: stream whose event exceeds 16 MB, again at every resume: one larger job would stop every node. Checked before
+#: anything is written (add_job, add_job_once, requeue); event results are bounded below it too.
+MAX_JOB_SIZE = 15 * 1024 * 1024
 #: Oldest MongoDB served: deletes from capped collections (the room ledger frees finished jobs) need 5.0.7.
 MIN_SERVER_VERSION = (5, 0, 7)
 #: Reservations tried (each after freeing room) before a busy, full job collection is reported full.
 ROOM_ATTEMPTS = 50
-#: Bytes of the room ledger a producer reserves at a time (1/1024 of the cap when smaller): what it does not use
-#: stays counted until a reconciliation gives it back.
+#: Most bytes of the room ledger a producer reserves at once (1/1024 of the cap when smaller). Its first
+#: reservation is its job's size, each later one twice the one before: one that adds a single job (a
+#: ``taskscheduler add``) holds no room it does not use, a busy one writes the ledger once per many jobs.
 ROOM_CHUNK_BYTES = 64 * 1024
+#: How long room a producer reserved ahead (a grant, on the server's clock) stays counted for it: a producer
+#: killed holding some gives it back to the first reconciliation after this.
+ROOM_GRANT_SECONDS = 300.0
+#: A producer stops spending a grant this long before it ends, on its own monotonic clock counted from before it
+#: asked: the time an insert it starts (or a renewal) has to reach the server.
+ROOM_GRANT_MARGIN_SECONDS = 120.0
 #: Bytes a reconciled room ledger allows for reservations in flight (or 1/64 of the cap if more, 1/8 at most).
 RECONCILE_MARGIN_BYTES = 64 * 1024
+#: A lone reservation of at most this share of that margin is recorded in no grant (see ``Store._take``).
+ROOM_UNRECORDED_SHARE = 16
+#: Longest a process's exit waits for the server to take back room it reserved and did not use.
+ROOM_EXIT_SECONDS = 2.0
 #: Finished jobs looked at per attempt to make room in a full capped job collection.
 ROOM_FREE_BATCH = 100
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
@@ -212,6 +234,48 @@ def shard_keys(job_queue: str, event_queue: str) -> dict[str, dict[str, Any]]:
     }
 
 
+@dataclass
+class _Producer:
+    """The room one producer (a Store, in one process) reserved in the ledger of a capped job collection."""
+
+    pid: int = field(default_factory=os.getpid)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # threads share a Scheduler (AsyncScheduler's)
+    grant: ObjectId = field(default_factory=ObjectId)  # the _id of its grant in the room collection
+    credit: int = 0  # reserved, not yet spent; spendable until ``until``
+    until: float = 0.0  # on the monotonic clock
+    granted: int = 0  # bytes its grant says (0: it has none)
+    pending: int = 0  # spent on jobs not inserted yet, covered by the grant
+    bare: int = 0  # reserved for jobs not inserted yet, in no grant (while it has none: see Store._take)
+    last: int = 0  # its last reservation (the next one is twice as large)
+
+    @property
+    def covered(self) -> int:
+        """What its grant must cover: room it may spend and jobs in flight."""
+        return self.credit + self.pending + self.bare
+
+
+@dataclass(frozen=True)
+class _Reconciled:
+    held: int  # bytes the job collection holds
+    granted: int  # bytes of unexpired grants
+    corrected: bool  # the ledger changed meanwhile (corrected, or moved by another producer)
+
+
+def _reconcile_margin(limit: int) -> int:
+    return min(max(RECONCILE_MARGIN_BYTES, limit // 64), limit // 8)
+
+
+#: Stores that were granted room, to give back what they did not use when the process exits.
+_PRODUCERS: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _give_back_at_exit() -> None:
+    for store in list(_PRODUCERS):
+        with contextlib.suppress(Exception):  # never fail an exit
+            store.give_back(ROOM_EXIT_SECONDS)
+
+
 class Store:
     """Collections, indexes and every read and write of jobs and events."""
 
@@ -234,7 +298,8 @@ class Store:
         self.job_retention = job_retention
         self.jobs = self.db.get_collection(job_queue)
         self.events = self.db.get_collection(event_queue)
-        #: The room ledger of a capped job collection: bytes its documents use, reserved before each insert.
+        #: The room ledger of a capped job collection: ``{_id: "used", bytes}``, the bytes its documents use and
+        #: producers reserved, and one grant ``{_id, bytes, expires}`` per producer holding room (see _reserve).
         self.room = self.db.get_collection(f"{job_queue}.room")
         self.nodes = self.db.get_collection(NODE_REGISTRY)
         #: add_job_once keys: ``{_id: key, job: the job holding it}``, at most one active job per key.
@@ -242,8 +307,11 @@ class Store:
         self._ready = False
         self._checked = False
         self._cap = job_queue_size  # the job collection's real cap, read by ensure()
-        self._chunk = 0  # bytes reserved at a time (see _reserve)
-        self._credit = 0  # bytes this producer reserved and has not used yet
+        self._chunk = 0  # most bytes reserved at once (see _reserve)
+        self._unrecorded = 0  # largest lone reservation recorded in no grant (see _take)
+        self._producer = _Producer()  # the room this producer reserved
+        #: The server's clock, for every time this process decides or stores (schedules never use ours).
+        self.clock = ServerClock(self.server_time)
 
     # -- collections and indexes -------------------------------------------------------------------------------
 
@@ -276,6 +344,7 @@ class Store:
         self._create(self.event_queue, self.event_queue_size)
         self._cap = self._capped_size(self.job_queue)
         self._chunk = min(ROOM_CHUNK_BYTES, self._cap // 1024)
+        self._unrecorded = _reconcile_margin(self._cap) // ROOM_UNRECORDED_SHARE
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
@@ -305,6 +374,10 @@ class Store:
             self.jobs.create_indexes(job_indexes)
             self.events.create_indexes(event_indexes)
             self.nodes.create_indexes([IndexModel([("expires", ASCENDING)], name="expires_ttl", expireAfterSeconds=0)])
+            if self._cap:  # grants: reconciliations sum the unexpired ones, the server deletes the others
+                self.room.create_indexes(
+                    [IndexModel([("expires", ASCENDING)], name="expires_ttl", expireAfterSeconds=0)]
+                )
         self._ready = True
 
     def _capped_size(self, name: str) -> int:
@@ -327,7 +400,9 @@ class Store:
                 raise
 
     def close(self) -> None:
-        """Close the client this store's database belongs to (its owner is done with it)."""
+        """Give back the room this producer reserved and did not use, then close the client this store's database
+        belongs to (its owner is done with it)."""
+        self.give_back(ROOM_EXIT_SECONDS)  # bounded: this may run from a finalizer
         self.db.client.close()
 
     def flush(self) -> None:
@@ -336,26 +411,42 @@ class Store:
         A node or worker writing in the moment between the drop and the create makes the server create the
         collection itself, as an ordinary one (neither capped nor expiring): such a collection is dropped and
         created again, as configured.
+
+        The room ledger stays: producers in other processes may still spend room they reserved before the flush,
+        and their grants keep it counted. The dropped jobs' bytes are given back by reconciling the ledger with
+        the new, empty collection (see _reconcile).
         """
         for _ in range(5):
             with _server_errors():
                 self.jobs.drop()
                 self.events.drop()
-                self.room.drop()
                 self.once.drop()
             self._ready = False
-            self._credit = 0  # the ledger went with the collection
             self.ensure()
             if (not self.job_queue_size or self._capped_size(self.job_queue)) and (
                 not self.event_queue_size or self._capped_size(self.event_queue)
             ):
+                break
+        else:
+            raise ConfigurationError("flush: the job or event collection keeps being created uncapped by writers")
+        for _ in range(ROOM_ATTEMPTS):  # until no producer's reservation races the correction
+            with _server_errors():
+                ledger = self.room.find_one({"_id": "used"})
+            if not self._cap or ledger is None or not self._reconcile(int(ledger["bytes"]), self._cap).corrected:
                 return
-        raise ConfigurationError("flush: the job or event collection keeps being created uncapped by writers")
 
-    def server_time(self) -> datetime:
-        """The server's clock (what leases are measured on)."""
-        with _server_errors():
-            reply = self.db.command("hello")
+    def server_time(self, timeout: float | None = None) -> datetime:
+        """The server's clock (what leases are measured on), read now; ``timeout`` bounds the call (seconds).
+        :attr:`clock` gives it without a command."""
+        with _server_errors(), contextlib.ExitStack() as bounded:
+            if timeout is not None:
+                bounded.enter_context(pymongo.timeout(timeout))
+            try:
+                reply = self.db.command("hello")
+            except PyMongoError as exc:
+                if timeout is None or not exc.timeout:
+                    raise
+                raise ServerUnavailableError(f"MongoDB did not answer in time: {_first_line(exc)}") from exc
         now = reply.get("localTime")
         if not isinstance(now, datetime):
             return utcnow()
@@ -373,16 +464,18 @@ class Store:
         except DuplicateKeyError as exc:
             self._unreserve(size)
             raise DuplicateJobError(f"a job with id {doc['_id']} already exists") from exc
-        # Any other error leaves it unknown whether the job was written: keeping the reservation errs on the
-        # safe side (a few bytes too many, never an eviction); see _reconcile.
+        except BaseException:
+            # Unknown whether the job was written: keeping the reservation errs on the safe side (a few bytes too
+            # many, never an eviction); see _reconcile.
+            self._landed(size)
+            raise
+        self._landed(size)
 
     def reserve_job(self, doc: Document) -> int:
         """Room for ``doc`` in the job collection (QueueFullError when there is none); returns its size, to hand
         to ``insert_job`` or give back with ``unreserve_job``. Lets a caller know there is room before it acts
         (add_job_once cancels the job it replaces only then)."""
-        size = len(_encode_document(doc))
-        if size > MAX_DOCUMENT_SIZE:
-            raise InvalidArgumentError(f"job document is {size} bytes, over MongoDB's limit of {MAX_DOCUMENT_SIZE}")
+        size = job_size(doc)
         self.ensure()
         self._reserve(size)
         return size
@@ -392,30 +485,58 @@ class Store:
 
     # The ledger: a capped collection evicts its oldest documents once the next insert does not fit, and with one
     # document per job for its whole life the oldest may be a recurring job that never ends. So every insert
-    # first reserves its bytes with a conditional $inc (atomic with any number of producers; a producer reserves a
-    # chunk at a time and spends it on its next jobs): while the ledger stays within the cap, the server never
-    # evicts anything. When it would not fit, finished jobs are deleted to
-    # make room (each freed byte is given back by the one producer whose delete removed it). A producer killed
-    # between reserving and inserting leaves a few bytes reserved, on the safe side; when the ledger says full,
-    # it is reconciled with what the collection holds (see _reconcile).
+    # first reserves its bytes in the ledger document with a conditional $inc (atomic with any number of
+    # producers): while the ledger stays within the cap, the server never evicts anything.
+    #
+    # A producer (a Store in one process) reserves ahead and spends what it reserved on its next jobs without a
+    # ledger write: its first reservation is its job's size, each later one twice the one before, up to a chunk.
+    # Room reserved ahead is first recorded as the producer's grant, ``{_id, bytes, expires}`` in the same
+    # collection, ``expires`` on the server's clock; the producer spends it only until ROOM_GRANT_MARGIN_SECONDS
+    # before then on its own monotonic clock, counted from before it asked. Unspent room is given back when the
+    # producer is done (close(), or its process's exit), and a killed producer's by reconciliation once its grant
+    # has expired: when the ledger says full, it is set to what the collection holds plus the unexpired grants
+    # plus a margin for reservations in flight (see _reconcile), so room a live producer holds is never taken
+    # from it, and room nobody holds is never lost for good. flush() keeps the ledger and reconciles it.
+    #
+    # Why no unfinished job is evicted: at every moment the ledger counts at least the bytes the collection
+    # holds, plus the room each producer may still spend (counted since its $inc, and covered by its grant from
+    # before that $inc until the producer stops spending it), plus the jobs reserved but not yet inserted (in a
+    # grant, or at most a lone job of 1/ROOM_UNRECORDED_SHARE of the margin per producer, which the margin
+    # covers). Inserts move bytes from reserved to held; frees delete first and give back after (a free in flight
+    # is also within the margin); a reconciliation reads the grants before the collection (a job leaves its
+    # grant only after it was inserted) and sets the ledger only if nobody changed it meanwhile; a kill leaves
+    # bytes counted, never uncounted. The one assumption is time: a producer's insert reaches the server within
+    # ROOM_GRANT_MARGIN_SECONDS of its decision to spend (a producer paused for longer may find its room taken).
+    #
+    # Only when reconciling does not help are finished jobs deleted to make room, and only while the collection
+    # holds at least half of its cap (each freed byte is given back by the producer whose delete removed it);
+    # otherwise the job is refused with QueueFullError saying what jobs hold and what producers reserved.
 
     def _reserve(self, size: int) -> None:
         limit = self._cap
         if not limit:
             return
-        if self._credit >= size:  # bytes this producer reserved already
-            self._credit -= size
-            return
+        producer = self._current()
+        with producer.lock:
+            if time.monotonic() >= producer.until and producer.credit:
+                # Past its grant: counted until a reconciliation gives it back. A producer this slow to spend
+                # starts again from its job's size.
+                producer.credit = producer.last = 0
+            if producer.credit >= size:  # room this producer reserved already
+                producer.credit -= size
+                producer.pending += size
+                return
+            self._reserve_more(producer, size, limit)
+
+    def _reserve_more(self, producer: _Producer, size: int, limit: int) -> None:
         for _ in range(ROOM_ATTEMPTS):
-            # A chunk at a time while there is room (one ledger write per many jobs), the job's own size near full.
-            for want in sorted({max(size, self._chunk), size}, reverse=True):
-                with _server_errors():
-                    done = self.room.update_one(
-                        {"_id": "used", "bytes": {"$lte": limit - want}}, {"$inc": {"bytes": want}}
-                    )
-                if done.modified_count == 1:
-                    self._credit += want - size
-                    return
+            # Twice the last reservation while there is room (one ledger write per many jobs), the job's own size
+            # near full.
+            grow = min(self._chunk, 2 * producer.last)
+            if any(self._take(producer, size, want, limit) for want in sorted({max(size, grow), size}, reverse=True)):
+                return
+            # No room: the grant goes back to what it still covers.
+            self._record(producer, producer.covered if producer.granted else 0)
             with _server_errors():
                 ledger = self.room.find_one({"_id": "used"})
             if ledger is None:
@@ -423,39 +544,148 @@ class Store:
                 continue
             if size > limit:
                 raise QueueFullError(f"a {size} byte job does not fit in job collection {self.job_queue!r} at all")
-            if int(ledger["bytes"]) + size <= limit:
+            counted = int(ledger["bytes"])
+            if counted + size <= limit:
                 continue  # there is room: our reservation raced the ledger's creation (or a release); try again
-            if self._free(int(ledger["bytes"]) + size - limit) or self._reconcile(int(ledger["bytes"]), limit):
+            room = self._reconcile(counted, limit)
+            if room.corrected:
                 continue
+            half = room.held * 2 >= limit  # below half full, deleting finished jobs is no answer
+            if half and self._free(counted + size - limit):
+                continue
+            why = "no finished job is left to delete" if half else "finished jobs are deleted only from half full"
             raise QueueFullError(
-                f"job collection {self.job_queue!r} is full ({ledger['bytes']} of {limit} bytes used by "
-                f"unfinished jobs): a {size} byte job would evict one; raise job_queue_size"
+                f"job collection {self.job_queue!r} has no room for a {size} byte job: jobs hold {room.held} bytes "
+                f"and producers reserved {max(0, counted - room.held)} bytes more, of a {limit} byte cap "
+                f"(unexpired grants of producers: {room.granted} bytes); {why}: raise job_queue_size"
             )
         raise QueueFullError(f"job collection {self.job_queue!r} has no room for a {size} byte job (busy producers)")
 
-    def _reconcile(self, counted: int, limit: int) -> bool:
-        """Give back bytes the ledger counts but the collection does not hold (a producer that died between its
-        reservation and its insert, or whose insert failed unseen). Reservations of live producers in flight are
-        allowed for with a margin; True when the ledger was corrected."""
+    def _take(self, producer: _Producer, size: int, want: int, limit: int) -> bool:
+        """Reserve ``want`` bytes for a ``size`` byte job (the rest for later jobs). Recorded in the producer's
+        grant first, with what it holds already (its grant then says all it may still spend), unless it is a lone
+        job small enough for the reconciliation margin to cover while it is in flight (a one-shot producer's)."""
+        cover = producer.covered + want
+        recorded = cover > size or size > self._unrecorded
+        asked = time.monotonic()  # before the grant's expiry is set on the server
+        self._record(producer, cover if recorded else 0)
+        with _server_errors():
+            done = self.room.update_one({"_id": "used", "bytes": {"$lte": limit - want}}, {"$inc": {"bytes": want}})
+        if done.modified_count != 1:
+            return False
+        producer.last = want
+        if recorded:
+            producer.until = asked + ROOM_GRANT_SECONDS - ROOM_GRANT_MARGIN_SECONDS
+            producer.credit += want - size
+            producer.pending += producer.bare + size
+            producer.bare = 0
+        else:
+            producer.bare += size
+        return True
+
+    def _record(self, producer: _Producer, cover: int) -> None:
+        """Make the producer's grant say ``cover`` bytes, expiring ROOM_GRANT_SECONDS from now on the server's
+        clock (no grant at all for 0)."""
+        if cover > 0:
+            stage = {"bytes": literal(cover), "expires": {"$add": [SERVER_NOW, ROOM_GRANT_SECONDS * 1000.0]}}
+            with _server_errors():
+                self.room.update_one({"_id": producer.grant}, [{"$set": stage}], upsert=True)
+            producer.granted = cover
+            _PRODUCERS.add(self)
+        elif producer.granted:
+            with _server_errors():
+                self.room.delete_one({"_id": producer.grant})
+            producer.granted = 0
+
+    def _landed(self, size: int) -> None:
+        """An insert of a reserved job is over (written, or unknown): its bytes are the collection's now."""
+        if not self._cap:
+            return
+        producer = self._current()
+        with producer.lock:
+            if producer.bare:
+                producer.bare = max(0, producer.bare - size)
+            else:
+                producer.pending = max(0, producer.pending - size)
+
+    def _unreserve(self, size: int) -> None:
+        """A reserved job will not be inserted: its room is kept for this producer's next job while its grant
+        covers it, else given back to the ledger."""
+        if not self._cap:
+            return
+        producer = self._current()
+        with producer.lock:
+            if producer.bare:  # reserved in no grant (so are all this producer's jobs in flight)
+                producer.bare = max(0, producer.bare - size)
+                with _server_errors():
+                    self.room.update_one({"_id": "used", "bytes": {"$gte": size}}, {"$inc": {"bytes": -size}})
+                return
+            producer.pending = max(0, producer.pending - size)
+            if time.monotonic() < producer.until:
+                producer.credit += size
+
+    def give_back(self, timeout: float | None = None) -> None:
+        """Give back the room this producer reserved and did not use (its owner is done adding jobs; a process's
+        exit does it too). Never raises: room it cannot give back stays counted until a reconciliation (after its
+        grant has expired). ``timeout`` bounds the wait (seconds)."""
+        producer = self._producer
+        if not self._cap or producer.pid != os.getpid():  # a forked child holds none of its parent's room
+            return
+        if not producer.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return
+        try:
+            give = producer.credit if time.monotonic() < producer.until else 0
+            producer.credit, producer.until, producer.last = 0, 0.0, 0
+            with contextlib.ExitStack() as bounded, contextlib.suppress(PyMongoError, TaskSchedulerError):
+                if timeout is not None:
+                    bounded.enter_context(pymongo.timeout(timeout))
+                if give:  # the ledger first, then the grant (a reconciliation between counts it twice, not never)
+                    with _server_errors():
+                        self.room.update_one({"_id": "used", "bytes": {"$gte": give}}, {"$inc": {"bytes": -give}})
+                self._record(producer, producer.covered if producer.granted else 0)
+        finally:
+            producer.lock.release()
+
+    def _current(self) -> _Producer:
+        if self._producer.pid != os.getpid():  # a forked child: the room reserved is the parent's to spend
+            self._producer = _Producer()
+        return self._producer
+
+    def _reconcile(self, counted: int, limit: int) -> _Reconciled:
+        """Give back bytes the ledger counts but neither the collection nor any producer holds (a producer that
+        died between its reservation and its insert, or whose insert failed unseen; room a killed producer was
+        granted and can no longer spend; the jobs a flush dropped): the ledger becomes what the collection holds,
+        plus the unexpired grants, plus a margin for reservations in flight recorded in no grant.
+        ``corrected``: the ledger changed (by this call, or by another producer meanwhile), look again."""
+        granted = self._granted()  # before the collection: a job leaves its grant only once inserted
         with _server_errors():
             held = int(self.db.command("collStats", self.job_queue).get("size", 0))
-        corrected = held + min(max(RECONCILE_MARGIN_BYTES, limit // 64), limit // 8)
+        corrected = held + granted + _reconcile_margin(limit)
         if corrected >= counted:
-            return False
+            return _Reconciled(held, granted, False)
         with _server_errors():
             done = self.room.update_one({"_id": "used", "bytes": counted}, {"$set": {"bytes": corrected}})
         if done.modified_count:
             logger.warning(f"room ledger of {self.job_queue!r} corrected from {counted} to {corrected} bytes")
-        return True
+        return _Reconciled(held, granted, True)
 
-    def _unreserve(self, size: int) -> None:
-        if self._cap:
-            self._credit += size  # kept for this producer's next job
+    def _granted(self) -> int:
+        """Bytes of the grants not yet expired on the server's clock (served by the ``expires_ttl`` index)."""
+        now = self.server_time()
+        with _server_errors():
+            found = list(
+                self.room.aggregate(
+                    [{"$match": {"expires": {"$gt": now}}}, {"$group": {"_id": None, "bytes": {"$sum": "$bytes"}}}]
+                )
+            )
+        return int(found[0]["bytes"]) if found else 0
 
     def _open_ledger(self) -> None:
-        """Start the ledger from what the collection holds (a collection created by an older version)."""
+        """Start the ledger from what the collection holds and the grants say (a collection created by an
+        older version)."""
+        granted = self._granted()
         with _server_errors():
-            used = int(self.db.command("collStats", self.job_queue).get("size", 0))
+            used = int(self.db.command("collStats", self.job_queue).get("size", 0)) + granted
             with contextlib.suppress(DuplicateKeyError):
                 self.room.update_one({"_id": "used"}, {"$setOnInsert": {"bytes": used}}, upsert=True)
 
@@ -573,7 +803,7 @@ class Store:
         doc = job if isinstance(job, Mapping) else self.find_job(job)  # by id: its current run
         if doc is None:
             return None
-        started = utcnow()
+        started = self.clock.now()  # an interval measured from the start counts from it
         when = fields_equal({"status": int(JobStatus.WAITING), "run": doc.get("run", 1)})
         fields = {
             "status": literal(int(JobStatus.PROCESSING)),
@@ -707,8 +937,10 @@ class Store:
         started: datetime | None = None,
         event_id: ObjectId | None = None,
         end: ObjectId | None = None,
+        sweep: datetime | None = None,
     ) -> Document:
-        """An event document: one status change of a job (with its error or result)."""
+        """An event document: one status change of a job (with its error or result). ``sweep``: the lease end
+        of a run another node put back (a release that counts as an orphaning until its owner vouches)."""
         event: Document = {
             "_id": event_id or ObjectId(),
             "job": job["_id"],
@@ -723,6 +955,8 @@ class Store:
             event["ended"] = event["time"]
         if end is not None:
             event["end"] = end  # written by the end of a run: withdrawn if that end is never recorded
+        if sweep is not None:
+            event["sweep"] = {"expires": sweep, "back": False}  # "back" becomes True in place (same size)
         if error is not None:
             event["error"] = dict(error)
         if has_result:
@@ -773,6 +1007,29 @@ class Store:
         """Every event of a job, oldest first."""
         with _server_errors():
             return list(self.events.find({"job": job_id}).sort([("run", ASCENDING), ("time", ASCENDING)]))
+
+    # -- sweeps: runs another node put back when their lease ran out (issue 16) -------------------------------------
+
+    def unvouched_sweeps(self, job_id: ObjectId, run: int) -> set[ObjectId]:
+        """The workers whose claims of a run were swept and whose owner has not shown that it outlived the
+        sweep. A worker counts once, however many events name it (attempts of a sweep whose outcome was unknown)."""
+        return {e["worker"] for e in self._sweeps(job_id, run) if not e["sweep"].get("back")}
+
+    def vouch(self, job_id: ObjectId, run: int, worker: ObjectId) -> int:
+        """The owner of a run (``worker``, or its node for it) lives on after losing it: mark the sweeps of its
+        claims of that run as no death. A bool set in place: the event keeps its size (capped collection)."""
+        ids = [e["_id"] for e in self._sweeps(job_id, run) if e["worker"] == worker and not e["sweep"].get("back")]
+        if not ids:
+            return 0
+        with _server_errors():
+            return self.events.update_many({"_id": {"$in": ids}}, {"$set": {"sweep.back": True}}).modified_count
+
+    def _sweeps(self, job_id: ObjectId, run: int) -> list[Document]:
+        # The few events of one run, by the job's index alone, filtered here: some planners (the test server's)
+        # scan the collection for a filter with a field the index lacks.
+        with _server_errors():
+            found = self.events.find({"job": job_id, "run": run}, {"worker": 1, "sweep": 1})
+            return [e for e in found if isinstance(e.get("sweep"), dict)]
 
     # -- change streams --------------------------------------------------------------------------------------------
 
@@ -1028,6 +1285,19 @@ def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
         ended_run=ended_run,
         fields=known,
     )
+
+
+def job_size(doc: Mapping[str, Any]) -> int:
+    """The BSON size of a job document; InvalidArgumentError (naming the size and the limit) over
+    :data:`MAX_JOB_SIZE`, before anything is written."""
+    size = len(_encode_document(doc))
+    if size > MAX_JOB_SIZE:
+        raise InvalidArgumentError(
+            f"job {doc.get('_id')} is {size} bytes as stored, over the job limit of {MAX_JOB_SIZE} bytes (15 MB: "
+            "a change event carries the whole job, and MongoDB fails events over 16 MB); "
+            "pass large payloads by reference (docs/jobs.md, Large payloads)"
+        )
+    return size
 
 
 def _encode_document(doc: Mapping[str, Any]) -> bytes:

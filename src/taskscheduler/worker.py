@@ -91,19 +91,22 @@ class Worker:
         ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.fencing`)."""
         if slot is not None:
             self._fence = SelfFence(slot, job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT)
-        if job is not None:
-            self.run(job.doc, connection, job.lease)
-            return
-        while self._fence is None or not self._fence.stop_requested():
-            try:
-                message = connection.recv()
-            except (EOFError, OSError):
+        try:
+            if job is not None:
+                self.run(job.doc, connection, job.lease)
                 return
-            match message:
-                case Exit():
+            while self._fence is None or not self._fence.stop_requested():
+                try:
+                    message = connection.recv()
+                except (EOFError, OSError):
                     return
-                case RunJob(doc=doc, lease=lease):
-                    self.run(doc, connection, lease)
+                match message:
+                    case Exit():
+                        return
+                    case RunJob(doc=doc, lease=lease):
+                        self.run(doc, connection, lease)
+        finally:
+            self.scheduler.close()  # room its jobs reserved for child jobs and did not use (the process _exits)
 
     def run(
         self, job: Mapping[str, Any], connection: Connection | None = None, lease: float = DEFAULT_ORPHANED_TIMEOUT

@@ -1,0 +1,261 @@
+"""The room ledger of a capped job collection (SPEC section 5): no unfinished job is ever evicted, across flush()
+and with short-lived producers; room a producer reserved and did not use is never lost for good; no finished job
+is deleted to make room while the collection is less than half full."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo.database import Database
+
+from helpers import TESTS_DIR
+from taskscheduler import JobStatus, Scheduler
+from taskscheduler.constants import DEFAULT_JOB_QUEUE
+from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.errors import QueueFullError
+
+NOOP = "sample_jobs:Noop"
+PAD = {"pad": "p" * 400}
+
+#: A producer in another process: adds ``before`` jobs (so it holds unspent room), says "ready", then on "fill"
+#: adds jobs until the collection is full, printing each id; exits without closing anything.
+PRODUCER = """
+import sys
+from pymongo import MongoClient
+from taskscheduler import Scheduler
+from taskscheduler.errors import QueueFullError
+
+uri, name, cap, chunk, before = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+client = MongoClient(uri)
+scheduler = Scheduler(client[name], options={"job_queue_size": cap})
+scheduler.store.ensure()
+if chunk:
+    scheduler.store._chunk = chunk
+for _ in range(before):
+    scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 400})
+print("ready", flush=True)
+if sys.stdin.readline().strip() == "fill":
+    for _ in range(10_000):
+        try:
+            print(scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 400}).id, flush=True)
+        except QueueFullError:
+            break
+print("done", flush=True)
+"""
+
+
+def producer(db: Database[dict[str, Any]], cap: int, chunk: int = 0) -> Scheduler:
+    """A Scheduler on a capped collection of ``cap`` bytes; ``chunk`` scales its largest reservation to the small
+    cap a test uses (the default is 1/1024 of the cap, too small to hold room worth testing)."""
+    scheduler = Scheduler(db, options={"job_queue_size": cap})
+    scheduler.store.ensure()
+    if chunk:
+        scheduler.store._chunk = chunk
+    return scheduler
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+
+
+CLI = [sys.executable, "-m", "taskscheduler"]
+
+
+def cli_env(server: EmbeddedServer, db_name: str, cap: int) -> dict[str, str]:
+    return dict(
+        env(),
+        TASKSCHEDULER_MONGODB_URI=server.uri,
+        TASKSCHEDULER_DATABASE=db_name,
+        TASKSCHEDULER_JOB_QUEUE_SIZE=str(cap),
+    )
+
+
+def spawn(server: EmbeddedServer, db_name: str, cap: int, chunk: int, before: int) -> subprocess.Popen[str]:
+    args = [server.uri, db_name, str(cap), str(chunk), str(before)]
+    return subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+
+
+def ledger(db: Database[dict[str, Any]]) -> int:
+    found = db[f"{DEFAULT_JOB_QUEUE}.room"].find_one({"_id": "used"})
+    return int(found["bytes"]) if found else 0
+
+
+def held(db: Database[dict[str, Any]]) -> int:
+    return int(db.command("collStats", DEFAULT_JOB_QUEUE)["size"])
+
+
+def fill(producers: list[Scheduler]) -> list[ObjectId]:
+    """Every producer adds jobs, in turn, until each is refused."""
+    added: list[ObjectId] = []
+    active = list(producers)
+    while active:
+        for scheduler in list(active):
+            try:
+                added.append(scheduler.add_job(NOOP, PAD).id)
+            except QueueFullError:
+                active.remove(scheduler)
+    return added
+
+
+def missing(db: Database[dict[str, Any]], added: list[ObjectId]) -> list[ObjectId]:
+    waiting = {d["_id"] for d in db[DEFAULT_JOB_QUEUE].find({"status": int(JobStatus.WAITING)}, {"_id": 1})}
+    return [job for job in added if job not in waiting]
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_room_producers_hold_across_another_flush_never_evicts_an_unfinished_job(
+    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str, children: list[subprocess.Popen[str]]
+) -> None:
+    cap, chunk = 256 * 1024, 16 * 1024
+    # Producers in this process and in two others hold room they reserved and have not used yet.
+    local = [producer(db, cap, chunk) for _ in range(6)]
+    for scheduler in local:
+        for _ in range(12):
+            scheduler.add_job(NOOP, PAD)
+    children.extend(spawn(server, db_name, cap, chunk, 12) for _ in range(2))
+    assert [proc.stdout.readline().strip() for proc in children if proc.stdout] == ["ready", "ready"]
+    assert ledger(db) > held(db)  # unspent room is counted
+
+    # An operator flushes, from another process.
+    flushed = subprocess.run(
+        [*CLI, "flush", "--yes"], env=cli_env(server, db_name, cap), capture_output=True, text=True, timeout=60
+    )
+    assert flushed.returncode == 0, flushed.stderr
+
+    added: list[ObjectId] = []
+    for proc in children:  # the other processes fill the collection...
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("fill\n")
+        proc.stdin.flush()
+        lines = [line.strip() for line in iter(proc.stdout.readline, "")]
+        assert lines[-1] == "done"
+        added.extend(ObjectId(line) for line in lines[:-1])
+    added.extend(fill(local))  # ...then these spend what they held from before the flush
+    lost = missing(db, added)
+    assert not lost, f"{len(lost)} of {len(added)} WAITING jobs added after the flush were evicted"
+    assert held(db) > cap // 2  # the room was there to fill: the flush gave it back
+
+
+def test_reconciling_the_ledger_counts_the_room_other_producers_hold(db: Database[dict[str, Any]]) -> None:
+    cap, chunk = 256 * 1024, 16 * 1024
+    holders = [producer(db, cap, chunk) for _ in range(8)]
+    added = [scheduler.add_job(NOOP, PAD).id for scheduler in holders for _ in range(20)]
+    # A producer killed between its reservation and its insert left the ledger counting room nothing holds: the
+    # next producer to find it full reconciles it with the collection.
+    db[f"{DEFAULT_JOB_QUEUE}.room"].update_one({"_id": "used"}, {"$set": {"bytes": cap}})
+    added += fill([producer(db, cap, chunk), *holders])  # the holders spend their room after the reconciliation
+    lost = missing(db, added)
+    assert not lost, f"{len(lost)} of {len(added)} WAITING jobs were evicted"
+
+
+def one_shot(db: Database[dict[str, Any]], cap: int) -> None:
+    Scheduler(db, options={"job_queue_size": cap}).add_job(NOOP, PAD)  # and dropped, never closed
+
+
+def test_short_lived_producers_leave_the_ledger_counting_only_what_jobs_hold(
+    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str
+) -> None:
+    cap = 4 * 1024 * 1024
+    for _ in range(170):
+        one_shot(db, cap)
+    # Real short-lived processes: a `taskscheduler add` per job, and scripts that add one job and exit.
+    add = [*CLI, "add", NOOP, "--data", '{"pad": "' + "p" * 400 + '"}']
+    script = (
+        "import sys; from pymongo import MongoClient; from taskscheduler import Scheduler; "
+        f"Scheduler(MongoClient(sys.argv[1])[sys.argv[2]], options={{'job_queue_size': {cap}}})"
+        f".add_job({NOOP!r}, {PAD!r})"
+    )
+    procs = [subprocess.Popen(add, env=cli_env(server, db_name, cap), stdout=subprocess.DEVNULL) for _ in range(20)]
+    procs += [subprocess.Popen([sys.executable, "-c", script, server.uri, db_name], env=env()) for _ in range(10)]
+    assert [proc.wait(60) for proc in procs] == [0] * len(procs)
+    assert db[DEFAULT_JOB_QUEUE].count_documents({}) == 200
+    assert ledger(db) <= held(db) + 4096, f"200 one-shot producers hold {ledger(db) - held(db)} bytes of room"
+
+
+def test_finished_jobs_stay_while_the_collection_is_less_than_half_full(db: Database[dict[str, Any]]) -> None:
+    cap = 256 * 1024
+    scheduler = producer(db, cap)
+    done = [scheduler.add_job(NOOP, PAD).id for _ in range(40)]
+    db[DEFAULT_JOB_QUEUE].update_many({}, {"$set": {"status": int(JobStatus.DONE)}})
+    # Room counted but held by no one (producers killed between reserving and inserting, or before a release).
+    db[f"{DEFAULT_JOB_QUEUE}.room"].update_one({"_id": "used"}, {"$set": {"bytes": cap - 100}})
+    p = scheduler.add_job(NOOP, PAD)
+    assert scheduler.get_job(p.id).status == JobStatus.WAITING
+    assert db[DEFAULT_JOB_QUEUE].count_documents({"_id": {"$in": done}}) == 40  # none deleted at 10 % full
+    assert ledger(db) < cap // 2
+
+
+def test_queue_full_says_what_jobs_hold_and_what_producers_reserved(db: Database[dict[str, Any]]) -> None:
+    cap = 256 * 1024
+    scheduler = producer(db, cap)
+    done = [scheduler.add_job(NOOP, PAD).id for _ in range(40)]
+    db[DEFAULT_JOB_QUEUE].update_many({}, {"$set": {"status": int(JobStatus.DONE)}})
+    # Producers that reserved room for big jobs and were killed before inserting them.
+    for pad in ("b" * 20_000, PAD["pad"]):
+        with pytest.raises(QueueFullError):
+            for _ in range(100):
+                producer(db, cap).store.reserve_job({"_id": ObjectId(), "class": NOOP, "data": {"pad": pad}})
+    jobs = held(db)
+    with pytest.raises(QueueFullError) as refused:
+        scheduler.add_job(NOOP, PAD)
+    message = str(refused.value)
+    assert f"jobs hold {jobs} bytes" in message and f"of a {cap} byte cap" in message, message
+    reserved = ledger(db) - jobs
+    assert reserved > cap // 2 and f"producers reserved {reserved} bytes" in message, message
+    assert db[DEFAULT_JOB_QUEUE].count_documents({"_id": {"$in": done}}) == 40  # none deleted at 10 % full
+    # Their room is not lost for good: once their grants have expired, reconciling gives it back.
+    long_ago = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    db[f"{DEFAULT_JOB_QUEUE}.room"].update_many({"expires": {"$exists": True}}, {"$set": {"expires": long_ago}})
+    p = scheduler.add_job(NOOP, PAD)
+    assert scheduler.get_job(p.id).status == JobStatus.WAITING
+    assert db[DEFAULT_JOB_QUEUE].count_documents({"_id": {"$in": done}}) == 40
+
+
+def test_a_producer_gives_back_unspent_room_when_closed_and_at_exit(
+    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str, children: list[subprocess.Popen[str]]
+) -> None:
+    cap, chunk = 256 * 1024, 16 * 1024
+    scheduler = producer(db, cap, chunk)
+    for _ in range(10):
+        scheduler.add_job(NOOP, PAD)
+    assert ledger(db) > held(db)
+    scheduler.close()
+    assert ledger(db) == held(db)
+    scheduler.add_job(NOOP, PAD)  # a closed Scheduler still works; it reserves again
+    scheduler.close()
+    assert ledger(db) == held(db)
+    # Another process that ends without closing anything gives its room back at exit.
+    children.append(spawn(server, db_name, cap, chunk, 10))
+    proc = children[-1]
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    assert ledger(db) > held(db)
+    proc.stdin.write("exit\n")
+    proc.stdin.flush()
+    assert proc.wait(30) == 0
+    assert ledger(db) == held(db)
