@@ -85,6 +85,12 @@ def active(db: Database[dict[str, Any]], job_class: str) -> list[dict[str, Any]]
     return list(db[DEFAULT_JOB_QUEUE].find({"class": job_class, "status": {"$lt": int(JobStatus.DONE)}}))
 
 
+def _report(queue: Queue, message: Any) -> None:
+    """A manager report as the node takes it: tracked by its inbox thread, then handled by its loop."""
+    queue._track(message)
+    queue._on_manager_message(message)
+
+
 def fake_child(worker: ObjectId, pid: int) -> _Child:
     parent, _ = Pipe()
     return _Child(worker, pid, parent, LeaseSlot(), dedicated=False)
@@ -247,11 +253,11 @@ def test_node_forgets_a_claim_when_the_previous_runs_finish_is_read_late(
     queue = Queue(Scheduler(db), db, factory(server, db))
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)
     doc, worker_a = claim(scheduler, p.id, lease=1.0)
-    queue._on_manager_message(JobClaimed(p.id, worker_a, 1))
+    _report(queue, JobClaimed(p.id, worker_a, 1))
     assert scheduler.lifecycle.end(doc, worker_a, JobStatus.DONE).record()  # run 2 WAITING at once
     _, worker_b = claim(scheduler, p.id, lease=1.0)  # the node's other worker claims run 2
-    queue._on_manager_message(JobClaimed(p.id, worker_b, 2))
-    queue._on_manager_message(JobFinished(p.id, worker_a))  # A's Finished, read after B's claim
+    _report(queue, JobClaimed(p.id, worker_b, 2))
+    _report(queue, JobFinished(p.id, worker_a))  # A's Finished, read after B's claim
     beat = Heartbeat(scheduler.lifecycle, 1.0, queue._owners, lambda m: True, logging.getLogger("test"))
     for _ in range(8):  # 1.6 s of heartbeats, as the node's thread does
         beat.beat()

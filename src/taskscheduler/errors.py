@@ -43,6 +43,12 @@ class OrphanedJobError(TaskSchedulerError):
     """Recorded as a job's error when it was orphaned too often (its worker or node died, again and again)."""
 
 
+class LeaseUnconfirmedError(TaskSchedulerError):
+    """Recorded for a run its worker had to stop although its lease held: the job kept the Python interpreter busy
+    in one call (a C call that does not release the GIL) for so long that the worker could not confirm its lease
+    in time. Raise ``orphaned_timeout`` above the longest such call, or release the GIL in it."""
+
+
 class JobReleasedError(TaskSchedulerError):
     """Recorded with a run that was interrupted and put back to WAITING (node stopped, worker died, lease lost)."""
 

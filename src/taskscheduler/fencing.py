@@ -8,9 +8,14 @@ Three lines of defence, each a little later than the one before and all before t
 2. the worker's own watchdog thread kills the worker's process group, and every process its job started, at the
    fence plus :data:`WATCHDOG_GRACE` of a lease: when the manager (or the node behind it) stopped moving the fence
    on (paused, killed, cut off), when the manager is gone, or when the manager asks its workers to stop;
-3. a kernel timer (a POSIX timer whose real-time signal ends the process by default: no Python code has to run)
-   ends the worker at the fence plus :data:`KERNEL_GRACE` of a lease, even when the worker itself was paused or a
-   C call holds the interpreter: a worker continued after that moment dies before it runs one more instruction.
+3. a kernel timer (a POSIX timer that sends SIGKILL: no Python code has to run, and no job can catch or ignore
+   it) ends the worker at the fence plus :data:`KERNEL_GRACE` of a lease, even when the worker itself was paused
+   or a C call holds the interpreter: a worker continued after that moment dies before it runs one more
+   instruction. Only the watchdog moves it on, and the watchdog needs the interpreter: a job that holds it in one
+   call for most of a lease is stopped although its lease holds (its manager records that as the run's failure).
+
+All of it is measured on :func:`lease_clock` (CLOCK_BOOTTIME: it goes on while the machine is suspended, as the
+server's clock does).
 
 The manager and each worker share a :class:`LeaseSlot` (a few bytes of memory mapped into both), so moving a
 fence on costs no message and no server command.
@@ -30,24 +35,28 @@ import time
 
 import psutil
 
-#: Fractions of the lease after the manager's fence at which the watchdog, then the kernel timer, end the worker.
+#: Fractions of the lease after the manager's fence at which the watchdog, then the kernel timer, end the worker
+#: (the lease on the server lasts at least half a lease past the fence).
 WATCHDOG_GRACE = 1 / 8
-KERNEL_GRACE = 1 / 4
+KERNEL_GRACE = 2 / 5
 #: Longest the watchdog sleeps while a job's code runs (it looks at the slot and at its manager this often).
 WATCH_PERIOD_SECONDS = 0.1
-#: The signal of the kernel timer: a real-time signal nothing else uses, whose default action ends the process.
-FENCE_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGKILL
-
 _DEADLINE = struct.Struct("d")
 _STOP = struct.Struct("q")
 
 
-class LeaseSlot:
-    """Memory shared by a manager and one worker (an anonymous shared mapping, inherited by fork): the monotonic
-    time (``time.monotonic()``, one clock for every process of the machine) until which the manager vouches for
-    the worker's lease, and whether the manager asks the worker to stop."""
+def lease_clock() -> float:
+    """The clock fences are measured on, the same for every process of the machine; unlike ``time.monotonic()``
+    it goes on while the machine is suspended (so does the server's clock, and with it every lease)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
-    SIZE = 16
+
+class LeaseSlot:
+    """Memory shared by a manager and one worker (an anonymous shared mapping, inherited by fork): the time (on
+    :func:`lease_clock`) until which the manager vouches for the worker's lease, whether the manager asks the worker
+    to stop, and when the worker's kernel timer is set to end it (so that its manager can tell such a death)."""
+
+    SIZE = 24
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, self.SIZE)
@@ -64,6 +73,14 @@ class LeaseSlot:
 
     def stop_requested(self) -> bool:
         return bool(_STOP.unpack_from(self._map, 8)[0])
+
+    def set_timer(self, deadline: float) -> None:
+        _DEADLINE.pack_into(self._map, 16, deadline)
+
+    def timer(self) -> float:
+        """When the worker's kernel timer ends it (0: not armed)."""
+        value: float = _DEADLINE.unpack_from(self._map, 16)[0]
+        return value
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -87,9 +104,9 @@ class SelfFence:
 
     def arm(self, lease: float) -> float:
         """Call right before a claim is sent: the lease it may win holds at least ``lease`` from now on the server,
-        so the job may run until half of it has passed. Returns the claim's moment (``time.monotonic()``)."""
+        so the job may run until half of it has passed. Returns the claim's moment (on :func:`lease_clock`)."""
         self.lease = float(lease)
-        claimed_at = time.monotonic()
+        claimed_at = lease_clock()
         with self._cond:
             self._own_fence = claimed_at + self.lease / 2
             self._set_timer(self._own_fence, claimed_at)
@@ -99,13 +116,13 @@ class SelfFence:
         """Until when the job may run: the claim's own fence, or a later one the manager shared. A value further
         ahead than a whole lease is not one the manager wrote (it never vouches for more than half), and counts not."""
         shared = self.slot.fence()
-        if not shared < time.monotonic() + self.lease:
+        if not shared < lease_clock() + self.lease:
             shared = 0.0
         return max(self._own_fence, shared)
 
     def holds(self) -> bool:
         """Whether job code may start now: the lease holds, the manager lives and has not asked to stop."""
-        return time.monotonic() < self.fence() and os.getppid() == self._parent and not self.slot.stop_requested()
+        return lease_clock() < self.fence() and os.getppid() == self._parent and not self.slot.stop_requested()
 
     def stop_requested(self) -> bool:
         return self.slot.stop_requested()
@@ -138,7 +155,7 @@ class SelfFence:
             while True:
                 while not self._watching:
                     self._cond.wait()
-                now = time.monotonic()
+                now = lease_clock()
                 fence = self.fence()
                 if os.getppid() != self._parent:
                     self.stop_now("its worker manager is gone")
@@ -153,6 +170,7 @@ class SelfFence:
         if self._timer is None or fence == self._armed:
             return
         self._armed = -1.0 if fence is None else fence
+        self.slot.set_timer(0.0 if fence is None else fence + self.lease * KERNEL_GRACE)
         self._timer.set(None if fence is None else fence + self.lease * KERNEL_GRACE - now)
 
 
@@ -168,9 +186,9 @@ def kill_own_processes() -> None:
 
 
 class KernelTimer:
-    """A POSIX timer on CLOCK_MONOTONIC that sends :data:`FENCE_SIGNAL` to this process (Linux; None elsewhere)."""
+    """A POSIX timer on CLOCK_BOOTTIME that sends SIGKILL to this process (Linux; None elsewhere)."""
 
-    _CLOCK_MONOTONIC = 1
+    _CLOCK_BOOTTIME = 7
     _SIGEV_SIGNAL = 0
 
     def __init__(self, libc: ctypes.CDLL, timer: ctypes.c_void_p) -> None:
@@ -179,14 +197,14 @@ class KernelTimer:
 
     @classmethod
     def create(cls) -> KernelTimer | None:
-        if not sys.platform.startswith("linux") or FENCE_SIGNAL == signal.SIGKILL:
+        if not sys.platform.startswith("linux"):
             return None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             event = ctypes.create_string_buffer(64)  # struct sigevent: value (8 bytes), signo, notify, padding
-            struct.pack_into("ii", event, 8, int(FENCE_SIGNAL), cls._SIGEV_SIGNAL)
+            struct.pack_into("ii", event, 8, int(signal.SIGKILL), cls._SIGEV_SIGNAL)
             timer = ctypes.c_void_p()
-            if libc.timer_create(cls._CLOCK_MONOTONIC, event, ctypes.byref(timer)) != 0:
+            if libc.timer_create(cls._CLOCK_BOOTTIME, event, ctypes.byref(timer)) != 0:
                 return None
         except (OSError, AttributeError):
             return None

@@ -17,6 +17,7 @@ from typing import Any
 from bson import ObjectId
 
 from .errors import ServerUnavailableError
+from .fencing import lease_clock
 from .lifecycle import Lifecycle
 from .protocol import Fence, KillJob, KillReason
 
@@ -86,7 +87,7 @@ class Heartbeat:
         owners = dict(self.running())
         if not owners:
             return
-        sent = time.monotonic()
+        sent = lease_clock()
         lost = self.life.heartbeat(owners)
         self.renewals += 1
         self.reached = time.monotonic()
@@ -96,6 +97,6 @@ class Heartbeat:
                 "killing its worker",
                 extra={"job_id": job_id},
             )
-            self.send(KillJob(job_id, owners[job_id][0], KillReason.LOST))
+            self.send(KillJob(job_id, owners[job_id][0], KillReason.LOST, owners[job_id][1]))
         renewed = tuple((job, worker) for job, (worker, _) in owners.items() if job not in lost)
         self.send(Fence(sent + self.lease / 2, renewed))

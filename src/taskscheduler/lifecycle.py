@@ -32,6 +32,7 @@ from .errors import (
     JobNotFoundError,
     JobReleasedError,
     JobTimeoutError,
+    LeaseUnconfirmedError,
     OrphanedJobError,
     ServerUnavailableError,
     TaskSchedulerError,
@@ -69,7 +70,7 @@ MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).
 LATE_WRITE_SECONDS = 2.0
 #: Why a node ends a worker while the node lives on (the others are deaths: a worker or manager died).
-KILLS_SURVIVED = ("timeout", "stop", "lost", "cancel")
+KILLS_SURVIVED = ("timeout", "stop", "lost", "cancel", "starved")
 #: Statuses an ended run can have.
 RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -845,6 +846,12 @@ class AfterKill:
             return life.release(doc, self.worker, orphaned=False, reason="queue node stopped")
         if self.reason == "lost":
             return life.release(doc, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
+        if self.reason == "starved":
+            message = (
+                "the job kept the Python interpreter busy in one call for so long that its worker could not confirm "
+                "its lease in time, and had to stop it; raise orphaned_timeout above the longest such call"
+            )
+            return life.end(doc, self.worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
         return life.release(doc, self.worker, orphaned=True, reason=self.reason)
 
 

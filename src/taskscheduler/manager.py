@@ -27,7 +27,7 @@ from . import options as o
 from .backlog import Backlog
 from .constants import DYNAMIC_IDLE_SECONDS
 from .errors import InvalidArgumentError, SpawnForkError
-from .fencing import FENCE_SIGNAL, LeaseSlot
+from .fencing import LeaseSlot, lease_clock
 from .protocol import (
     CancelJob,
     Claimed,
@@ -209,8 +209,8 @@ class WorkerManager:
             case CancelJob(job_id=job_id):
                 self._pending.discard(job_id)
                 self._kill_job(job_id, KillReason.CANCEL)
-            case KillJob(job_id=job_id, worker_id=worker_id, reason=reason):
-                self._kill_job(job_id, reason, worker_id)
+            case KillJob(job_id=job_id, worker_id=worker_id, reason=reason, run=run):
+                self._kill_job(job_id, reason, worker_id, run)
             case Fence(deadline=deadline, renewed=renewed):
                 pairs = set(renewed)
                 for child in self._children.values():
@@ -220,9 +220,13 @@ class WorkerManager:
             case Stop():
                 self._stopping = True
 
-    def _kill_job(self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None) -> None:
+    def _kill_job(
+        self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None, run: int | None = None
+    ) -> None:
         for child in self._children.values():
-            if child.job == job_id and child.claimed and child.kill_reason is None and worker_id in (None, child.id):
+            if child.job != job_id or not child.claimed or child.kill_reason is not None:
+                continue
+            if worker_id in (None, child.id) and run in (None, child.run):
                 self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": child.pid})
                 self._kill(child, reason)
 
@@ -233,10 +237,11 @@ class WorkerManager:
                 now = time.monotonic()
                 child.deadline = now + timeout if timeout > 0 else None
                 # From the claim's moment, not this message's: a claim reported late has no more lease left.
-                child.fence = min(now, claimed_at or now) + (child.task.lease if child.task else 0.0) / 2
+                clock = lease_clock()
+                child.fence = min(clock, claimed_at or clock) + (child.task.lease if child.task else 0.0) / 2
                 child.slot.set_fence(child.fence)
                 job_class = str(child.task.doc.get("class", "")) if child.task else ""
-                self._report(JobClaimed(job_id, child.id, run, job_class, claimed_at or now))
+                self._report(JobClaimed(job_id, child.id, run, job_class, claimed_at or clock))
             case Ending():
                 child.ending = True  # start() returned: what is left is recording it, which needs no fence
             case Finished(job_id=job_id, claimed=claimed, status=status, unsettled=unsettled):
@@ -319,7 +324,7 @@ class WorkerManager:
 
     def _enforce_deadlines(self) -> None:
         """Kill workers past their job's timeout, and those whose lease the node could not renew in time."""
-        now = time.monotonic()
+        now, clock = time.monotonic(), lease_clock()
         for child in self._children.values():
             if child.kill_reason is not None or not child.claimed or child.ending:
                 continue
@@ -329,7 +334,7 @@ class WorkerManager:
                     extra={"job_id": child.job, "pid": child.pid},
                 )
                 self._kill(child, KillReason.TIMEOUT)
-            elif now >= child.fence:
+            elif clock >= child.fence:
                 self.logger.error(
                     "lease of a running job not renewed in time (MongoDB or the queue node unresponsive); "
                     "killing its worker so that no other node runs it beside us",
@@ -352,10 +357,13 @@ class WorkerManager:
 
         def run() -> int:
             forking.reset_signals()
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the manager's to handle
-            # A stop is the manager's to carry out (systemd sends SIGTERM to every process of the unit): it never
-            # kills a run whose code has returned. A handler, not SIG_IGN, which the job's own programs would inherit.
+            # Ctrl-C and a stop are the manager's to carry out (systemd sends SIGTERM to every process of the unit):
+            # it never kills a run whose code has returned. Handlers, not SIG_IGN, which the job's programs would
+            # inherit; the worker's own (Worker.serve) also notes a SIGTERM.
+            signal.signal(signal.SIGINT, lambda *_: None)
             signal.signal(signal.SIGTERM, lambda *_: None)
+            # What its job starts and leaves behind (daemons) stays below the worker, and dies with it.
+            forking.become_subreaper()
             worker = factory.build_worker(worker_id)
             worker.serve(child_end, job, slot)
             return 0
@@ -386,7 +394,7 @@ class WorkerManager:
         forking.kill_tree(child.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
-        while self._children:
+        while True:  # workers, and what a dead worker's job left behind (we are its subreaper)
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -411,7 +419,6 @@ class WorkerManager:
 
     def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
         child.conn.close()
-        child.slot.close()
         # What its job started dies with it: what is left in its group, and what became ours (we are a subreaper).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
@@ -420,8 +427,12 @@ class WorkerManager:
         if child.kill_reason is None and self._stopping and sig == signal.SIGTERM:
             child.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
         if child.kill_reason is None and child.claimed and not child.ending:
-            if sig == FENCE_SIGNAL or time.monotonic() >= child.fence:
+            clock, timer = lease_clock(), child.slot.timer()
+            if clock >= child.fence:
                 child.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
+            elif sig == signal.SIGKILL and timer and clock >= timer - 0.05:
+                child.kill_reason = KillReason.STARVED  # its timer fired while its lease held: it could not look
+        child.slot.close()
         if child.claimed and child.job is not None:
             reason = child.kill_reason or KillReason.DIED
             self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))

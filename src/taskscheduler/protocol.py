@@ -49,6 +49,7 @@ class KillReason(str, Enum):
     STOP = "stop"  # the queue node stops: the job goes back to WAITING
     SHRINK = "shrink"  # an idle worker of a dynamic pool is no longer needed
     LOST = "lost"  # the lease could not be renewed or is held by someone else: never run a job twice
+    STARVED = "starved"  # its kernel timer ended it while its lease held: the job kept the interpreter too long
     DIED = "died"  # nobody ended it: it crashed or was killed from outside
 
 
@@ -77,13 +78,15 @@ class KillJob(NamedTuple):
     job_id: ObjectId
     worker_id: ObjectId
     reason: KillReason
+    #: The run the heartbeat renewed for it: a worker that has moved on to the job's next run is not killed.
+    run: int | None = None
 
 
 class Fence(NamedTuple):
     """The node renewed the leases of these (job, worker) pairs: they may go on until ``deadline``
-    (``time.monotonic()``, which all processes of one machine share). Past it, or past half a lease from its
-    claim for a job no renewal named yet, the manager kills a running job, so no other node can ever run it
-    beside ours (self-fencing)."""
+    (:func:`taskscheduler.fencing.lease_clock`, which all processes of one machine share). Past it, or past half
+    a lease from its claim for a job no renewal named yet, the manager kills a running job, so no other node can
+    ever run it beside ours (self-fencing)."""
 
     deadline: float
     renewed: tuple[tuple[ObjectId, ObjectId], ...] = ()
@@ -103,7 +106,7 @@ class Claimed(NamedTuple):
     job_id: ObjectId
     timeout: int
     run: int
-    #: ``time.monotonic()`` right before the claim was sent: its lease holds at least a lease from then on, so
+    #: :func:`~taskscheduler.fencing.lease_clock` right before the claim was sent: its lease holds a lease from then, so
     #: the manager's first fence is half a lease from this moment, however late this message arrives.
     claimed_at: float = 0.0
 
@@ -143,7 +146,7 @@ class JobClaimed(NamedTuple):
     run: int
     #: The job's class (the node's metrics label runs by it).
     job_class: str = ""
-    #: When the claim was sent (``time.monotonic()``): a late report of an older claim never replaces a newer one.
+    #: When the claim was sent (``lease_clock()``): a late report of an older claim never replaces a newer one.
     claimed_at: float = 0.0
 
 

@@ -32,6 +32,7 @@ from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
 from .heartbeat import Heartbeat
+from .inbox import Inbox
 from .job import serves
 from .lifecycle import AfterKill
 from .metrics import NodeMetrics
@@ -57,7 +58,11 @@ from .store import StatusChange, StatusFeed, utcnow
 ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED, JobStatus.PROCESSING)
 
 #: How the node records the run of a worker it killed (metrics; the others are put back to WAITING).
-KILLED_STATUS = {KillReason.TIMEOUT: int(JobStatus.TIMEOUT), KillReason.CANCEL: int(JobStatus.CANCELED)}
+KILLED_STATUS = {
+    KillReason.TIMEOUT: int(JobStatus.TIMEOUT),
+    KillReason.CANCEL: int(JobStatus.CANCELED),
+    KillReason.STARVED: int(JobStatus.FAILED),
+}
 
 #: Seconds the node waits for its manager to stop its workers on SIGTERM/SIGINT.
 STOP_SECONDS = 8.0
@@ -115,7 +120,12 @@ class Queue:
         self.store = scheduler.store
         self._running: dict[ObjectId, ObjectId] = {}  # job -> worker, for jobs this node's workers claimed
         self._runs: dict[ObjectId, int] = {}  # job -> the run number its worker claimed
-        self._claimed_at: dict[ObjectId, float] = {}  # job -> when that claim was sent (time.monotonic())
+        self._claimed_at: dict[ObjectId, float] = {}  # job -> when that claim was sent (fencing.lease_clock())
+        self._ignored_claims: set[tuple[ObjectId, float]] = set()  # late reports of older claims
+        #: Guards the bookkeeping above, kept by the inbox thread as reports arrive (see inbox.py).
+        self._state_lock = threading.Lock()
+        self._inbox: Inbox | None = None
+        self._stuck_manager_killed = False  # we killed an unresponsive manager: its runs' release is not counted
         self._worker_pids: dict[ObjectId, int] = {}
         self._postponed: list[tuple[float, ObjectId, int]] = []  # (at, job, run): runs to move to WAITING
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
@@ -271,8 +281,16 @@ class Queue:
             self.logger.warning(f"could not remove this node from the registry: {exc}")
 
     def _owners(self) -> dict[ObjectId, tuple[ObjectId, int]]:
-        """The jobs our workers run: job -> (worker, run). Read by the heartbeat thread."""
-        return {job: (worker, self._runs.get(job, 1)) for job, worker in list(self._running.items())}
+        """The jobs our workers run: job -> (worker, run). Read by the heartbeat thread. A worker that is dead
+        (its manager, paused or hung, has not reported it yet) has its lease renewed no more: its job must run
+        again elsewhere once the lease ends, not wait for that manager."""
+        with self._state_lock:
+            running, runs, pids = list(self._running.items()), dict(self._runs), dict(self._worker_pids)
+        return {
+            job: (worker, runs.get(job, 1))
+            for job, worker in running
+            if worker not in pids or forking.running(pids[worker])
+        }
 
     # -- change stream ---------------------------------------------------------------------------------------------
 
@@ -359,17 +377,25 @@ class Queue:
             raise
         child_end.close()
         self._conn = parent_end
+        self._inbox = Inbox(parent_end, self._track)
         self.logger.info("worker manager started", extra={"pid": self._manager_pid})
 
     def _send(self, message: Any) -> None:
         conn = self._conn
         try:
-            # While the pipe is full, read what the manager says: it may be blocked sending to us, and two
-            # processes blocked sending to each other would never read again.
+            # The inbox thread reads the manager's reports meanwhile, so the manager is never blocked on us. A
+            # manager that reads nothing for a whole lease (paused, hung) is ended: its restart rescans the jobs.
+            stuck_since = time.monotonic()
             while conn is not None and not conn.closed and not forking.writable(conn, 0.05):
                 self._read_manager()
-                if self._manager_pid is None or not forking.running(self._manager_pid):
+                pid = self._manager_pid
+                if pid is None or not forking.running(pid):
                     return  # the manager is gone: its restart rescans the waiting jobs
+                if time.monotonic() - stuck_since > float(self.options[o.ORPHANED_TIMEOUT]):
+                    self.logger.error("worker manager unresponsive for a whole lease; ending it", extra={"pid": pid})
+                    self._stuck_manager_killed = True
+                    forking.kill_tree(pid)
+                    return
             if conn is not None and not conn.closed:
                 with self._send_lock:
                     conn.send(message)
@@ -389,42 +415,51 @@ class Queue:
         return True
 
     def _read_manager(self) -> None:
-        conn = self._conn
-        while conn is not None and not conn.closed:
-            try:
-                if not conn.poll():
-                    return
-                message = conn.recv()
-            except (EOFError, OSError):
-                conn.close()
-                return
-            self._on_manager_message(message)
+        """Handle the reports the inbox thread has read (and tracked) so far, in order."""
+        if self._inbox is not None:
+            for report in self._inbox.drain():
+                self._on_manager_message(report)
+
+    def _track(self, message: Any) -> None:
+        """The bookkeeping of a report, done by the inbox thread as it arrives: the heartbeat renews a claim from
+        the moment it is reported, however busy the node's loop is."""
+        with self._state_lock:
+            match message:
+                case WorkerSpawned(worker_id=worker_id, pid=pid):
+                    self._worker_pids[worker_id] = pid
+                    self._all_workers.add(worker_id)
+                case WorkerExited(worker_id=worker_id):
+                    self._worker_pids.pop(worker_id, None)
+                    self._all_workers.discard(worker_id)
+                    self._exited_workers.append(worker_id)
+                case JobClaimed(job_id=job_id, worker_id=worker_id, run=run, claimed_at=claimed_at):
+                    if claimed_at < self._claimed_at.get(job_id, 0.0):
+                        # A late report of an older claim: the newer one is the live run (the older fences itself).
+                        self._ignored_claims.add((job_id, claimed_at))
+                        return
+                    self._running[job_id] = worker_id
+                    self._runs[job_id] = run
+                    self._claimed_at[job_id] = claimed_at
+                case JobFinished(job_id=job_id, worker_id=worker_id) | JobKilled(job_id=job_id, worker_id=worker_id):
+                    self._forget_run(job_id, worker_id)
 
     def _on_manager_message(self, message: Any) -> None:
         match message:
             case WorkerSpawned(worker_id=worker_id, pid=pid):
-                self._worker_pids[worker_id] = pid
-                self._all_workers.add(worker_id)
                 self._emitter.emit(WORKER_SPAWN, {"_id": worker_id, "pid": pid, "signal": None})
             case WorkerExited(worker_id=worker_id, pid=pid, signal=sig):
-                self._worker_pids.pop(worker_id, None)
-                self._all_workers.discard(worker_id)
-                self._exited_workers.append(worker_id)
                 self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
-            case JobClaimed(job_id=job_id, worker_id=worker_id, run=run, job_class=job_class, claimed_at=claimed_at):
-                if claimed_at < self._claimed_at.get(job_id, 0.0):
-                    return  # a late report of an older claim: the newer one is the live run (the older fences itself)
-                self._running[job_id] = worker_id
-                self._runs[job_id] = run
-                self._claimed_at[job_id] = claimed_at
+            case JobClaimed(job_id=job_id, job_class=job_class, claimed_at=claimed_at):
+                with self._state_lock:
+                    if (job_id, claimed_at) in self._ignored_claims:
+                        self._ignored_claims.discard((job_id, claimed_at))
+                        return
                 if self.metrics is not None:
                     self.metrics.run_started(job_id, job_class)
-            case JobFinished(job_id=job_id, worker_id=worker_id, status=status):
-                self._forget_run(job_id, worker_id)
+            case JobFinished(job_id=job_id, status=status):
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, status)
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
-                self._forget_run(job_id, worker_id)
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))
                 why = reason.value if reason != KillReason.DIED else f"worker process died (signal {sig})"
@@ -467,8 +502,11 @@ class Queue:
             if not self._stopping:
                 self.logger.error("worker manager died", extra={"pid": pid, "status": status})
             self._manager_pid = None
+            if self._inbox is not None:
+                self._inbox.wait_closed(2.0)  # every report it sent before it died
             self._read_manager()
-            self._abandon_running(orphaned=True)
+            self._abandon_running(orphaned=not self._stuck_manager_killed)
+            self._stuck_manager_killed = False
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
             if len(self._restarts) > MAX_RESTARTS:
@@ -481,17 +519,20 @@ class Queue:
 
     def _abandon_running(self, orphaned: bool) -> None:
         """The manager is gone: make sure its workers are too, and queue their jobs' ends for recording."""
+        with self._state_lock:
+            pids = list(self._worker_pids.values())
+            self._worker_pids.clear()
+        for pid in pids:  # normally dead already; a stray one (e.g. busy in a C call) must not run its job on
+            forking.kill_tree(pid)
         for job_id, worker in list(self._running.items()):
-            pid = self._worker_pids.pop(worker, None)
-            if pid:
-                forking.kill_tree(pid)  # normally dead already; a stray one must not keep running the job
             why = "worker manager died" if orphaned else KillReason.STOP.value
             self._unrecorded.append(self.life.after_kill(job_id, worker, self._runs.get(job_id, 1), why, 0))
             if self.metrics is not None:  # put back to WAITING: its run ended as released
                 self.metrics.run_ended(job_id, None)
-        self._running.clear()
-        self._runs.clear()
-        self._claimed_at.clear()
+        with self._state_lock:
+            self._running.clear()
+            self._runs.clear()
+            self._claimed_at.clear()
         self._record_kills()
         # A worker may have claimed a job and died (killed with its manager) before anyone heard of the claim.
         for doc in self.store.jobs_of_workers([*self._all_workers, *self._exited_workers]):
@@ -517,6 +558,8 @@ class Queue:
                 self.logger.error("worker manager did not stop in time; killing it", extra={"pid": pid})
                 forking.kill_tree(pid)
                 _waitpid(pid, block=True)
+            if self._inbox is not None:
+                self._inbox.wait_closed(2.0)
             self._read_manager_safely()
             self._manager_pid = None
         deadline = time.monotonic() + STOP_SECONDS

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from multiprocessing.connection import Connection
@@ -18,7 +20,7 @@ from pymongo.errors import PyMongoError
 from . import failpoints
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from .fencing import LeaseSlot, SelfFence
+from .fencing import LeaseSlot, SelfFence, lease_clock
 from .job import (
     FunctionJob,
     JobInterface,
@@ -37,6 +39,9 @@ from .scheduler import Scheduler
 RECORD_PATIENCE_SECONDS = 600.0
 #: Reads that look whether a claim whose answer was lost was written.
 CLAIM_CHECKS = 4
+#: Seconds after a SIGTERM during which a job's failure may be the stop's doing (systemd signals every process of
+#: the unit, the job's own programs too): the worker waits this long for its manager's stop before recording it.
+TERMINATED_FAILURE_SECONDS = 3.0
 #: Statuses of a parent that cancel its waiting children instead of running them.
 PARENT_ENDED_BADLY = (JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -76,6 +81,7 @@ class Worker:
         scheduler.owner = worker_id
         self._connection: Connection | None = None  # to the manager, while a job runs
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
+        self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -91,6 +97,7 @@ class Worker:
         ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.fencing`)."""
         if slot is not None:
             self._fence = SelfFence(slot, job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT)
+            signal.signal(signal.SIGTERM, self._on_terminate)  # the stop itself is the manager's to carry out
         try:
             if job is not None:
                 self.run(job.doc, connection, job.lease)
@@ -112,20 +119,12 @@ class Worker:
         self, job: Mapping[str, Any], connection: Connection | None = None, lease: float = DEFAULT_ORPHANED_TIMEOUT
     ) -> bool:
         """Claim ``job`` and run it; False when another worker had it first (or it may not run)."""
-        doc = dict(job)
-        if doc.pop(DATA_LEFT_OUT, False):  # handed over without its large data: read the job as it is now
-            try:
-                stored = self.life.store.find_job(doc["_id"])
-            except ServerUnavailableError:
-                _send(connection, Finished(doc["_id"], False, unsettled=True))
-                return False
-            if stored is None or stored.get("status") != JobStatus.WAITING or stored.get("run") != doc.get("run"):
-                _send(connection, Finished(doc["_id"], False))
-                return False
-            doc = stored
+        doc = self._whole(dict(job), connection)
+        if doc is None or not self._fit(doc, connection):
+            return False
         if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
             self.logger.warning(
-                f"not running job {doc['_id']}: class {doc.get('class')} is outside this node's allowed modules",
+                f"not running job {doc['_id']}: class {doc.get('class')!r} is outside this node's allowed modules",
                 extra={"job_id": doc["_id"], "job_class": doc.get("class")},
             )
             _send(connection, Finished(doc["_id"], False))
@@ -136,7 +135,7 @@ class Worker:
             return False
         # Armed before the claim is sent: from here on this process dies before the lease it may win can expire,
         # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.
-        claimed_at = fence.arm(lease) if fence is not None else time.monotonic()
+        claimed_at = fence.arm(lease) if fence is not None else lease_clock()
         try:
             claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
         except ServerUnavailableError:  # the claim's outcome is unknown: hand it over again later
@@ -162,9 +161,41 @@ class Worker:
         finally:
             self._connection = None
             _send(connection, Finished(claimed["_id"], True, self._ended))
+            if fence is not None:
+                self._reap_orphans()
         return True
 
     # -- steps -----------------------------------------------------------------------------------------------------
+
+    def _whole(self, doc: dict[str, Any], connection: Connection | None) -> dict[str, Any] | None:
+        """The job to claim: as handed over, or, when its large data was left out, as it is stored now (None when
+        it can no longer be claimed, after telling the manager)."""
+        if not doc.pop(DATA_LEFT_OUT, False):
+            return doc
+        try:
+            stored = self.life.store.find_job(doc["_id"])
+        except ServerUnavailableError:
+            _send(connection, Finished(doc["_id"], False, unsettled=True))
+            return None
+        if stored is None or stored.get("status") != JobStatus.WAITING or stored.get("run") != doc.get("run"):
+            _send(connection, Finished(doc["_id"], False))
+            return None
+        return stored
+
+    def _fit(self, doc: dict[str, Any], connection: Connection | None) -> bool:
+        """Whether the job's document fits the schema (SPEC 2); a malformed one is ended FAILED naming the field
+        (or skipped when it cannot take that write), never run, and never the end of this worker."""
+        try:
+            found = problem(doc, capped=self.life.store.capped)
+            if found is not None and not self.life.reject(doc, found):
+                self.logger.warning("not running malformed job %r: %s", doc.get("_id"), found)
+        except ServerUnavailableError:
+            _send(connection, Finished(doc["_id"], False, unsettled=True))
+            return False
+        if found is not None:
+            _send(connection, Finished(doc["_id"], False))
+            return False
+        return True
 
     def _claim(self, doc: Mapping[str, Any], lease: float) -> dict[str, Any] | None:
         try:
@@ -209,6 +240,7 @@ class Worker:
             token = set_current_job(instance)
             result = _run_to_completion(instance.start())
         except BaseException as exc:  # sys.exit() or any other exit from start() fails the run, not the worker
+            self._await_stop_after_terminate()
             self._returned(doc)
             self._failed(doc, exc, exc_info=True)
             return
@@ -223,6 +255,31 @@ class Worker:
             self._failed(doc, exc, exc_info=False)
             return
         self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+
+    def _on_terminate(self, signum: int, frame: object) -> None:
+        self._terminated_at = lease_clock()
+
+    def _await_stop_after_terminate(self) -> None:
+        """A job that failed right after a SIGTERM may have failed because of it (its programs got it too): when
+        its node is stopping, the run is put back like any other a stop interrupts, not recorded FAILED."""
+        fence = self._fence
+        if fence is None or self._terminated_at is None:
+            return
+        deadline = self._terminated_at + TERMINATED_FAILURE_SECONDS
+        while lease_clock() < deadline:
+            if fence.stop_requested():
+                fence.stop_now("its queue node stops (the job failed after the stop's SIGTERM)")
+            time.sleep(0.02)
+
+    def _reap_orphans(self) -> None:
+        """Reap what ended below this worker (it is a subreaper): daemons a job left, now exited."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
 
     def _returned(self, doc: Mapping[str, Any]) -> None:
         """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
