@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -90,6 +92,20 @@ def chaos_line(fd: int, *fields: object) -> None:
     os.write(fd, (" ".join(str(f) for f in fields) + "\n").encode())
 
 
+#: The subprocess of a ChaosJob with ``data["children"]``: its activity lines are its parent execution's (its
+#: token); it ends by itself after ``child_seconds``. ``chaos-child`` in its command line lets the harness find
+#: one left behind by a killed worker.
+CHAOS_CHILD = """
+import os, sys, time
+log, token, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    os.write(fd, f"C {token} {os.getpid()} {time.monotonic()}\\n".encode())
+    time.sleep(0.05)
+"""
+
+
 class ChaosJob(AbstractJob):
     """The job of tests/test_chaos.py. Logs every execution to ``data["log"]`` (lines, fields space-separated):
 
@@ -100,6 +116,11 @@ class ChaosJob(AbstractJob):
 
     Works ``data["seconds"]``, then raises if ``data["fail"]``; from run ``data["cancel_at"]`` on (a recurring
     job) it cancels itself instead of returning.
+
+    With ``data["children"]`` (a list of booleans) it first starts one subprocess per item (in a new session when
+    true) that works ``data["child_seconds"]`` as part of this execution: ``K token pid new_session`` when started,
+    then ``C token pid time`` every ``TICK``; the execution waits for them before it ends, so only a killed
+    worker or node can leave them running.
     """
 
     TICK = 0.05
@@ -114,10 +135,17 @@ class ChaosJob(AbstractJob):
             run = self._run_number()
             if run is not None:
                 chaos_line(fd, "R", token, run, time.monotonic())
+            children = self._start_children(fd, token)
             end = started + float(self.data.get("seconds", 0))
             while time.monotonic() < end:
                 time.sleep(max(0.0, min(self.TICK, end - time.monotonic())))
                 chaos_line(fd, "T", token, time.monotonic())
+            for child in children:
+                try:
+                    child.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    child.kill()  # a child that hangs must not outlive its execution
+                    child.wait()
             cancel_at = self.data.get("cancel_at")
             if cancel_at and run is not None and run >= int(cancel_at):
                 if not self._retry(lambda: self.scheduler.cancel_job(self.id) or True):
@@ -132,6 +160,21 @@ class ChaosJob(AbstractJob):
             return "ok"
         finally:
             os.close(fd)
+
+    def _start_children(self, fd: int, token: str) -> list[subprocess.Popen[bytes]]:
+        children = []
+        for new_session in self.data.get("children") or ():
+            seconds = str(self.data["child_seconds"])
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHAOS_CHILD, self.data["log"], token, seconds, "chaos-child"],
+                start_new_session=bool(new_session),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            chaos_line(fd, "K", token, child.pid, int(bool(new_session)))
+            children.append(child)
+        return children
 
     def _run_number(self) -> int | None:
         """This run's number, read from the job while this worker owns it (None if that cannot be told)."""
