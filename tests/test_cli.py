@@ -71,7 +71,7 @@ def test_postponed_add_with_iso_time(run: Any, scheduler: Scheduler) -> None:
     [
         ("add", "sample_jobs:Noop", "--data", "{not json"),
         ("add", "sample_jobs:Noop", "--retry", "abc"),
-        ("add", "sample_jobs:Noop", "--retry", "-7"),
+        ("add", "sample_jobs:Noop", "--retry", "2147483648"),  # below -1 is endless (upstream); above int32 is not
         ("add", "sample_jobs:Noop", "--at", "tomorrow"),
         ("add", "no_such_module:Job"),
         ("show", "nope"),

@@ -14,7 +14,7 @@ from taskscheduler.job import class_path, load_job_class
 def test_class_path_and_load() -> None:
     assert class_path(sample_jobs.Noop) == "sample_jobs:Noop"
     assert class_path("sample_jobs.Noop") == "sample_jobs:Noop"
-    assert class_path("not_importable.Thing") == "not_importable.Thing"
+    assert class_path("not_importable.Thing") == "not_importable:Thing"  # split without importing
     assert load_job_class("sample_jobs:Echo") is sample_jobs.Echo
     assert load_job_class("sample_jobs.Echo") is sample_jobs.Echo
 

@@ -94,10 +94,10 @@ def test_counters_move_by_exactly_the_runs_that_happened(
 
     # Gauges of the cluster's backlog: counted by the node's loop while it is scraped.
     scheduler.add_job(NOOP, options={"at": time.time() + 3600})
-    scheduler.add_job("other_module:Job", options={"at": 0})  # a class no node serves: it waits
+    scheduler.add_job("other_module:Job", options={"at": 0})  # a class no node serves: it waits, as "other"
     wait_until(
         lambda: sample(scrape(port), "taskscheduler_jobs", **{"class": NOOP, "status": "postponed"}) == 1
-        and sample(scrape(port), "taskscheduler_jobs", **{"class": "other_module:Job", "status": "waiting"}) == 1,
+        and sample(scrape(port), "taskscheduler_jobs", **{"class": "other", "status": "waiting"}) == 1,
         timeout=15,
         what="the waiting and postponed gauges",
     )
@@ -165,4 +165,4 @@ def test_a_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name: s
         port = taken.getsockname()[1]
         out = _cli(server, db_name, "queue", "--import", "sample_jobs", "--metrics-port", str(port))
     assert out.returncode == 1, out.stderr
-    assert f"cannot serve metrics on port {port}" in out.stderr and "Traceback" not in out.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr

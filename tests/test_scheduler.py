@@ -79,12 +79,12 @@ def test_add_job_advanced_options_stored_exactly(scheduler: Scheduler) -> None:
         ("interval", "10"),
         ("interval", True),
         ("interval", 1.5),
-        ("interval", -2),
+        ("interval", 2**31),  # below -1 is "at once", as upstream reads it
         ("interval_reference", "middle"),
         ("interval_reference", 1),
         ("retry", "10"),
         ("retry", False),
-        ("retry", -5),
+        ("retry", 2**31),  # below -1 is endless, as upstream reads it
         ("retry_interval", "1"),
         ("retry_interval", -1),
         ("force_spawn", 1),

@@ -136,7 +136,7 @@ def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
     client.admin.command(
         "configureFailPoint",
         "failCommand",
-        mode={"times": 2},  # the claim and its automatic retry
+        mode="alwaysOn",  # the claim and every retry within its time bound
         data={"failCommands": ["update"], "closeConnection": True},
     )
     try:

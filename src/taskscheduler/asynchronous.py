@@ -305,7 +305,7 @@ class AsyncProcess:
         self._scheduler = scheduler
 
     def __repr__(self) -> str:
-        return f"<AsyncProcess {self.id} {self.job_class} {self.status.name}>"
+        return f"<Async{repr(self.process)[1:]}"  # a malformed status reads as such, never raises
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, (AsyncProcess, Process)) and other.id == self.id

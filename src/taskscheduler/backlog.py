@@ -4,6 +4,8 @@ one priority."""
 from __future__ import annotations
 
 import heapq
+import math
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -14,8 +16,14 @@ from .protocol import RunJob
 
 
 def priority_of(task: RunJob) -> int:
-    value: Any = (task.doc.get("options") or {}).get(o.PRIORITY, 0)
+    value: Any = _options(task.doc).get(o.PRIORITY, 0)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _options(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The job's options, or none when the stored value is no document (a malformed job still takes its place)."""
+    options = doc.get("options")
+    return options if isinstance(options, Mapping) else {}
 
 
 class Backlog:
@@ -71,10 +79,10 @@ def _key(task: RunJob) -> tuple[int, float, ObjectId]:
 
 
 def _due(doc: Any, job_id: ObjectId) -> float:
-    at = (doc.get("options") or {}).get(o.AT)
-    if isinstance(at, (int, float)) and not isinstance(at, bool) and at > 0:
-        return float(at)
+    at = _options(doc).get(o.AT)
+    if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at) and at > 0:
+        return float(at)  # NaN would make the heap unordered
     created = doc.get("created")
     if isinstance(created, datetime):
         return created.timestamp()
-    return job_id.generation_time.timestamp()
+    return job_id.generation_time.timestamp() if isinstance(job_id, ObjectId) else 0.0

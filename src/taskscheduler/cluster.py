@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
-from .constants import JobStatus
+from bson import ObjectId
+
 from .job import serves
 from .scheduler import Scheduler
+from .schema import status_label
 
 
 def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
@@ -19,9 +22,9 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
     by_status: Counter[str] = Counter()
     by_class: dict[str, Counter[str]] = {}
     for row in counts:
-        name = JobStatus(int(row["status"])).name.lower()
+        name = status_label(row["status"])  # "malformed" for what is no status (SPEC 2): shown, never fatal
         by_status[name] += int(row["count"])
-        by_class.setdefault(str(row["class"]), Counter())[name] += int(row["count"])
+        by_class.setdefault(_class_label(row["class"]), Counter())[name] += int(row["count"])
     nodes: list[dict[str, Any]] = []
     for node in store.live_nodes():
         workers = node.get("workers") or []
@@ -31,9 +34,9 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
                 "id": str(node["_id"]),
                 "host": node.get("host"),
                 "pid": node.get("pid"),
-                "started": node["started"].isoformat() if node.get("started") else None,
+                "started": node["started"].isoformat() if isinstance(node.get("started"), datetime) else None,
                 "version": node.get("version"),
-                "modules": list(node.get("modules") or []),
+                "modules": [str(m) for m in modules] if isinstance(modules := node.get("modules"), list) else [],
                 "workers": len(workers),
                 "busy": busy,
                 "idle": len(workers) - busy,
@@ -48,7 +51,7 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
         "jobs": {"total": sum(by_status.values()), "by_status": dict(by_status)},
         "classes": {cls: dict(counter) for cls, counter in sorted(by_class.items())},
         "nodes": nodes,
-        "oldest_waiting_seconds": (now - oldest["created"]).total_seconds() if oldest else None,
+        "oldest_waiting_seconds": _age(now, oldest) if oldest else None,
         "runs_ended": {
             "last_minute": _by_status(e for e in ended_hour if e["time"] >= minute_ago),
             "last_hour": _by_status(ended_hour),
@@ -58,4 +61,18 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
 
 
 def _by_status(events: Any) -> dict[str, int]:
-    return dict(Counter(JobStatus(int(e["status"])).name.lower() for e in events))
+    return dict(Counter(status_label(e.get("status")) for e in events))
+
+
+def _class_label(job_class: Any) -> str:
+    """A stored class as a key: itself, or the ``repr`` of a malformed one (a number, a list: never a name)."""
+    return job_class if isinstance(job_class, str) else repr(job_class)
+
+
+def _age(now: datetime, doc: Mapping[str, Any]) -> float | None:
+    """Seconds since a job was created (by its id's time when ``created`` is malformed)."""
+    created = doc.get("created")
+    if not isinstance(created, datetime):
+        job_id = doc.get("_id")
+        created = job_id.generation_time if isinstance(job_id, ObjectId) else None
+    return (now - created).total_seconds() if created is not None else None

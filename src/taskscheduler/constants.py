@@ -85,6 +85,8 @@ DEFAULT_PRIORITY = 0
 DEFAULT_ORPHANED_TIMEOUT = 30
 #: The orphaning that ends a job FAILED instead of resetting it to WAITING.
 MAX_ORPHANINGS = 3
+#: The address a node's metrics endpoint listens on (``queue --metrics-host``): this machine only, unless told.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 #: Worker manager defaults.
 DEFAULT_PM = "dynamic"

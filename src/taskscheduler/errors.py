@@ -28,7 +28,8 @@ class JobNotFoundError(TaskSchedulerError, LookupError):
 
 
 class InvalidJobError(TaskSchedulerError):
-    """Raised when a job class cannot be imported or does not implement JobInterface."""
+    """Raised when a job class cannot be imported or does not implement JobInterface, or a stored job document
+    does not match the job schema (recorded as a malformed job's error, naming the field)."""
 
 
 class ChildJobFailedError(TaskSchedulerError):

@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -91,8 +92,12 @@ class SelfFence:
     """The worker's side: armed before each claim, watching while the job's code runs, off once the code returned
     (recording a run that ended needs no fence, and must not be killed: its work is done)."""
 
-    def __init__(self, slot: LeaseSlot, lease: float) -> None:
+    def __init__(self, slot: LeaseSlot, lease: float, release: Callable[[float], None] | None = None) -> None:
         self.slot = slot
+        #: Puts the run back itself (bounded by the seconds given) before the worker ends it for a lapsed lease:
+        #: when only its node is paused or stuck, the run goes back to WAITING at once and uncounted, instead of
+        #: waiting for its lease to end and for another node to sweep it (which would count until vouched for).
+        self.release = release
         self.lease = float(lease)
         self._parent = os.getppid()
         self._cond = threading.Condition()
@@ -162,9 +167,27 @@ class SelfFence:
                 elif self.slot.stop_requested():
                     self.stop_now("its queue node stops")
                 elif now >= fence + self.lease * WATCHDOG_GRACE:
+                    kill_descendants()  # first: the job's other processes never wait for the release below
+                    self._release()
                     self.stop_now("its lease was not renewed in time (its node is paused, gone or cut off)")
                 self._set_timer(fence, now)
                 self._cond.wait(min(WATCH_PERIOD_SECONDS, max(0.001, fence + self.lease * WATCHDOG_GRACE - now)))
+
+    def _release(self) -> None:
+        """Try the release on a thread of its own and wait for it no longer than its bound: whatever it waits for
+        (the server, a lock the job's code holds), the worker ends in time, before its kernel timer."""
+        release = self.release
+        if release is None:
+            return
+        seconds = self.lease * (KERNEL_GRACE - WATCHDOG_GRACE) / 2
+
+        def attempt() -> None:
+            with contextlib.suppress(BaseException):  # cut off too: its node or another puts it back later
+                release(seconds)
+
+        thread = threading.Thread(target=attempt, name="taskscheduler-fence-release", daemon=True)
+        thread.start()
+        thread.join(seconds)
 
     def _set_timer(self, fence: float | None, now: float) -> None:
         if self._timer is None or fence == self._armed:
@@ -174,12 +197,17 @@ class SelfFence:
         self._timer.set(None if fence is None else fence + self.lease * KERNEL_GRACE - now)
 
 
-def kill_own_processes() -> None:
-    """SIGKILL every descendant (those that left our process group too), then our whole group, ourselves included."""
+def kill_descendants() -> None:
+    """SIGKILL every descendant of this process (those that left its process group too)."""
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+
+def kill_own_processes() -> None:
+    """SIGKILL every descendant (those that left our process group too), then our whole group, ourselves included."""
+    kill_descendants()
     with contextlib.suppress(OSError):
         os.killpg(0, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

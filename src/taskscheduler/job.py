@@ -8,6 +8,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from bson import ObjectId
@@ -109,16 +110,48 @@ def is_job_function(target: Any) -> bool:
     )
 
 
+def split_name(path: object) -> tuple[str, str]:
+    """The module and qualified name a job name stands for, read without importing anything.
+
+    ``"pkg.mod:Outer.Inner"`` is exact. In the dotted form the last segment is the class or function:
+    ``"pkg.mod.Job"`` is ``("pkg.mod", "Job")`` (a nested class needs the colon form). A bare ``"name"`` (as
+    upstream's tests use) has no module: it is stored as given, and no node serves it. Every segment is a Python
+    identifier, none starts with ``_`` (no ``pkg.__main__``, ``pkg.__init__``, dunder attributes or private
+    names: nodes never run them), so a stored name can never carry a newline or markup into a log or terminal.
+    InvalidArgumentError when ``path`` is not such a name.
+    """
+    if not isinstance(path, str):
+        raise InvalidArgumentError(f"a job name must be a string, got {type(path).__name__}")
+    module, _, qualname = path.partition(":") if ":" in path else path.rpartition(".")
+    segments = [*(module.split(".") if module or ":" in path else []), *qualname.split(".")]
+    if not all(segment.isidentifier() for segment in segments):
+        raise InvalidArgumentError(
+            f"job name {path!r} is not 'module:QualName' (Python identifiers joined by dots, one colon)"
+        )
+    if segments[0] == "__main__":
+        raise InvalidArgumentError(
+            f"job class {path!r} is defined in __main__ (the script you ran), which no worker can import: "
+            "move it into a module of its own and import it from there"
+        )
+    private = next((segment for segment in segments if segment.startswith("_")), None)
+    if private is not None:
+        raise InvalidArgumentError(
+            f"job name {path!r} has the segment {private!r}: nodes never run a name with a segment starting with '_'"
+        )
+    return module, qualname
+
+
 def class_path(job_class: type | Callable[..., Any] | str) -> str:
-    """The stored name of a job class or function: ``"module:QualName"`` (a string is kept, dotted ones
-    normalised)."""
+    """The stored name of a job class or function: ``"module:QualName"``. A string is checked and normalised
+    (see :func:`split_name`) but never imported: a producer need not have the job's code, and naming a module
+    must not run it."""
     if is_job_function(job_class):
         function: Any = job_class
         if "<locals>" in function.__qualname__ or "." in function.__qualname__:
             raise InvalidArgumentError(
                 f"job function {function.__qualname__} must be defined at module level, not inside a function or class"
             )
-        return _importable(f"{function.__module__}:{function.__qualname__}")
+        return _stored(f"{function.__module__}:{function.__qualname__}")
     if callable(job_class) and not isinstance(job_class, (type, str)):
         raise InvalidArgumentError(
             f"a job must be a JobInterface class or a module-level function (not a lambda, generator, method or "
@@ -131,70 +164,72 @@ def class_path(job_class: type | Callable[..., Any] | str) -> str:
             raise InvalidArgumentError(
                 f"job class {job_class.__qualname__} must be importable, not defined in a function"
             )
-        return _importable(f"{job_class.__module__}:{job_class.__qualname__}")
-    if not isinstance(job_class, str) or not job_class.strip() or job_class != job_class.strip():
+        return _stored(f"{job_class.__module__}:{job_class.__qualname__}")
+    if not isinstance(job_class, str):
         raise InvalidArgumentError(f"job class must be a class or a 'module:QualName' string, got {job_class!r}")
-    if ":" not in job_class and "." in job_class:
-        try:
-            return class_path(load_job_class(job_class))
-        except (InvalidJobError, InvalidArgumentError):
-            return _importable(job_class)  # not importable here; the worker decides
-    return _importable(job_class)
+    return _stored(job_class)
 
 
-def _importable(path: str) -> str:
-    if path.split(":")[0].split(".")[0] == "__main__":
-        raise InvalidArgumentError(
-            f"job class {path!r} is defined in __main__ (the script you ran), which no worker can import: "
-            "move it into a module of its own and import it from there"
-        )
-    return path
+def _stored(path: str) -> str:
+    module, qualname = split_name(path)
+    return f"{module}:{qualname}" if module else qualname
 
 
-def serves(path: str, modules: Iterable[str]) -> bool:
-    """Whether a stored class name lies in one of ``modules`` (or their submodules): a node's allow-list."""
-    module = path.partition(":")[0] if ":" in path else path
-    return any(module == m or module.startswith(m + ".") for m in modules)
+def serves(path: object, modules: Iterable[str]) -> bool:
+    """Whether a stored job name lies in one of ``modules`` (or their submodules): a node's allow-list. Only the
+    module part is read (as :func:`split_name` splits it), so a malformed name under a served module is claimed
+    by that node and failed by its worker (InvalidJobError) instead of waiting for ever; a name that is not a
+    string, or has no module, is served by no node."""
+    if not isinstance(path, str):
+        return False
+    module = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
+    return bool(module) and any(module == m or module.startswith(m + ".") for m in modules)
 
 
 def load_job_class(path: str, allowed: Iterable[str] | None = None) -> JobTarget:
-    """Import ``"module:QualName"`` or ``"module.QualName"`` (a job class or a job function); InvalidJobError when
-    that fails. With ``allowed`` (a node's allow-list), nothing outside those modules is ever imported."""
+    """Import the job class or function a stored name names; InvalidJobError when that fails. With ``allowed``
+    (a node's allow-list), nothing outside those modules is ever imported.
+
+    The name must be that of the object itself: the class or function found must have been defined in the named
+    module (its ``__module__``) under exactly the named qualified name (its ``__qualname__``). A class or function
+    an allowed module merely imported, re-exported or holds under another name (``allowed:os.system``,
+    ``allowed:Alias``), or a module reached through an attribute, is refused: the allow-list is by the module
+    that defines the code, not by the module it is reached through.
+    """
+    try:
+        module_name, qualname = split_name(path)
+    except InvalidArgumentError as exc:
+        raise InvalidJobError(str(exc)) from None
+    if not module_name:
+        raise InvalidJobError(f"job name {path!r} names no module")
     modules = None if allowed is None else tuple(allowed)
-    if modules is not None and not serves(path, modules):
+    if modules is not None and not serves(f"{module_name}:{qualname}", modules):
         raise InvalidJobError(f"job class {path!r} is outside this node's allowed modules ({', '.join(modules)})")
-    candidates: list[tuple[str, str]]
-    if ":" in path:
-        module, _, qualname = path.partition(":")
-        candidates = [(module, qualname)]
-    else:
-        parts = path.split(".")
-        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
-        if modules is not None:
-            candidates = [c for c in candidates if serves(c[0], modules)]
-    problem = "it names no module"
-    for module_name, qualname in candidates:
-        try:
-            target: Any = importlib.import_module(module_name)
-        except Exception as exc:  # a broken module must fail the job, not the worker
-            problem = f"{type(exc).__name__}: {exc}"
-            continue
-        try:
-            for attr in qualname.split("."):
-                target = getattr(target, attr)
-        except AttributeError:
-            problem = f"module {module_name!r} has no attribute {qualname!r}"
-            continue
-        if is_job_function(target):
-            # Only a function defined in the module named, at its top level: walking attributes must not reach
-            # a function the module merely imported (os.system) or a method of one of its classes.
-            if target.__module__ != module_name or "." in qualname:
-                raise InvalidJobError(
-                    f"job {path!r} names a function that is not defined at the top level of module {module_name!r}"
-                )
-            function: Callable[[Any], Any] = target
-            return function
-        if not isinstance(target, type) or not issubclass(target, JobInterface):
-            raise InvalidJobError(f"job class {path!r} does not implement taskscheduler.JobInterface")
-        return target
-    raise InvalidJobError(f"job class {path!r} cannot be imported: {problem}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a broken module must fail the job, not the worker
+        raise InvalidJobError(f"job class {path!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    for attr in qualname.split("."):
+        # Read from the namespace itself, not with getattr: no module __getattr__, descriptor or metaclass hook
+        # runs, and nothing is inherited (a nested class is in the __dict__ of the class that defines it).
+        namespace = vars(target) if isinstance(target, (ModuleType, type)) else {}
+        if attr not in namespace:
+            raise InvalidJobError(f"job class {path!r} cannot be imported: module {module_name!r} has no {qualname!r}")
+        target = namespace[attr]
+    if not is_job_function(target) and not isinstance(target, type):
+        raise InvalidJobError(f"job {path!r} names neither a job class nor a job function")
+    defined = f"{target.__module__}:{target.__qualname__}"
+    if defined != f"{module_name}:{qualname}":
+        raise InvalidJobError(
+            f"job {path!r} names {defined}, which module {module_name!r} did not define under that name: "
+            "a job is named by the module that defines it"
+        )
+    if is_job_function(target):
+        if "." in qualname:  # a method: the worker would call it unbound with the job's data
+            raise InvalidJobError(f"job {path!r} names a function that is not defined at the top level of its module")
+        function: Callable[[Any], Any] = target
+        return function
+    if not issubclass(target, JobInterface):
+        raise InvalidJobError(f"job class {path!r} does not implement taskscheduler.JobInterface")
+    job_class: type[JobInterface] = target
+    return job_class

@@ -29,6 +29,7 @@ from . import options as o
 from .constants import MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
 from .errors import (
     InvalidArgumentError,
+    InvalidJobError,
     JobNotFoundError,
     JobReleasedError,
     JobTimeoutError,
@@ -41,6 +42,7 @@ from .events import Emitter
 from .job import class_path
 from .process import Process
 from .recurrence import next_cron_time, retry_delay
+from .schema import end_problem, job_ref, problem, status_problem
 from .store import (
     MAX_JOB_SIZE,
     StatusChange,
@@ -240,7 +242,9 @@ class Lifecycle:
             candidates = [current] if current is not None else []
             if holder is None:  # jobs of an older version hold no key: look for them by class and data
                 candidates = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
-            active = [c for c in candidates if c["status"] < JobStatus.DONE]
+            # A malformed document (SPEC 2) is no job to compare with: a node ends it.
+            active = [c for c in candidates if status_problem(c) is None and c["status"] < JobStatus.DONE]
+            active = [c for c in active if problem(c, capped=self.store.capped) is None]
             same = next((c for c in active if not _changed(c, requested, data, ignore_data)), None)
             if same is not None:
                 if holder is None and not self.store.take_once(key, same["_id"], None):
@@ -287,6 +291,11 @@ class Lifecycle:
     def cancel(self, doc: Document) -> None:
         """Cancel a job for good: a waiting one never runs, a running one is killed by its node."""
         while True:
+            found = end_problem(doc, capped=self.store.capped)
+            if found is not None:  # SPEC 2: refused, nothing written (a node ends it FAILED, or it is skipped)
+                raise InvalidArgumentError(
+                    f"job {job_ref(doc.get('_id'))} cannot be canceled: it is malformed ({found})"
+                )
             status = JobStatus(doc["status"])
             if status == JobStatus.CANCELED:
                 return
@@ -313,7 +322,7 @@ class Lifecycle:
             if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
                 doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
                 self.logger.info(
-                    f"job {doc['_id']} ({doc.get('class')}) canceled",
+                    f"job {doc['_id']} ({doc.get('class')!r}) canceled",
                     extra={"job_id": doc["_id"], "job_class": doc.get("class")},
                 )
                 self.emit(JobStatus.CANCELED, doc)
@@ -328,10 +337,55 @@ class Lifecycle:
             try:
                 self.cancel(child)
             except InvalidArgumentError:
-                pass  # it finished meanwhile
+                pass  # it finished meanwhile, or it is malformed (a node ends it)
+
+    def reject(self, doc: Mapping[str, Any], found: str) -> bool:
+        """End a malformed job document FAILED with an InvalidJobError naming ``found`` (SPEC 2), in one
+        conditional update as every change: only while it still has the status (and mark) it was read with.
+        True when this call ended it. A document that cannot take the write (see :func:`schema.end_problem`) is
+        left as it is: False, and the caller skips it."""
+        if end_problem(doc, capped=self.store.capped) is not None:
+            return False
+        job_id, change = doc["_id"], doc.get("change")
+        run = doc.get("run") if type(doc.get("run")) is int else None
+        # Read as it was; fixed fields only, so the update compares values of the types it was checked for.
+        expect: dict[str, Any] = {"status": doc["status"]}
+        if isinstance(change, ObjectId):
+            expect["change"] = change
+        if run is not None:
+            expect["run"] = run
+        # The same event id for every node that meets this document in this state: retries write it once.
+        salt = b"malformed" + (change.binary if isinstance(change, ObjectId) else b"")
+        event_id = _derived_id(job_id, run or 1, salt) if isinstance(job_id, ObjectId) else ObjectId()
+        now = self.store.clock.now()
+        job_class = doc.get("class")
+        described = {"_id": job_id, "class": job_class if isinstance(job_class, str) else None, "run": run or 1}
+        error = library_error(InvalidJobError, f"job {job_ref(job_id)} is malformed: {found}")
+        self.store.insert_events([Store.event(described, JobStatus.FAILED, time=now, error=error, event_id=event_id)])
+        fields = {
+            "status": literal(int(JobStatus.FAILED)),
+            "ended": literal(now),
+            "outcome": literal(event_id),
+            "change": literal(event_id),
+        }
+        if not self._transition_or_withdraw(job_id, fields_equal(expect), fields, event_id):
+            # Another node may have ended it first, with the same event: that event stays.
+            if (self.store.find_job(job_id) or {}).get("change") != event_id:
+                self.store.delete_events([event_id])
+            return False
+        self.logger.warning(
+            "job %s is malformed and ended FAILED: %s",
+            job_ref(job_id),
+            found,
+            extra={"job_id": job_id, "problem": found},
+        )
+        return True
 
     def requeue(self, doc: Document) -> Document:
         """A FAILED, TIMEOUT or CANCELED job back to WAITING: same id, next run number."""
+        found = problem(doc, capped=self.store.capped)
+        if found is not None:  # SPEC 2: it could not run again (a node would end it FAILED once more)
+            raise InvalidArgumentError(f"job {job_ref(doc.get('_id'))} cannot be requeued: it is malformed ({found})")
         status = JobStatus(doc["status"])
         if status not in (JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED):
             raise InvalidArgumentError(
@@ -354,7 +408,9 @@ class Lifecycle:
         options = dict(doc.get("options") or {}, at=0.0)
         requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
         requeued.update(options=options, change=event_id, failures=0)
-        self.store.insert_events([Store.event(requeued, JobStatus.WAITING, event_id=event_id)])
+        self.store.insert_events(
+            [Store.event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)]
+        )
         fields = {
             "status": literal(int(JobStatus.WAITING)),
             "run": literal(run),
@@ -380,7 +436,7 @@ class Lifecycle:
                 self.cancel(self.load(doc["_id"]))
             raise InvalidArgumentError(f"job {doc['_id']}: an add_job_once call took its key while it was requeued")
         self.logger.info(
-            f"job {doc['_id']} ({doc.get('class')}) requeued for run {run}",
+            f"job {doc['_id']} ({doc.get('class')!r}) requeued for run {run}",
             extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run},
         )
         self.emit(JobStatus.WAITING, requeued)
@@ -426,28 +482,33 @@ class Lifecycle:
         doc = self.store.claim(job, worker, lease)
         if doc is not None:
             self.logger.info(
-                f"claimed job {doc['_id']} ({doc.get('class')}) run {doc.get('run')}",
+                f"claimed job {doc['_id']} ({doc.get('class')!r}) run {doc.get('run')}",
                 extra={"job_id": doc["_id"], "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
             )
             self.emit(JobStatus.PROCESSING, doc)
         return doc
 
-    def unpostpone(self, doc: Mapping[str, Any]) -> bool:
-        """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins."""
-        # Status first, then its event: of many nodes racing, the losers write nothing at all. The event's id is
-        # the same for every node and attempt, so the winner (or its retry, after the event could not be
-        # written) writes it once.
+    def unpostpone(self, doc: Mapping[str, Any]) -> Document | None:
+        """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins. Returns the
+        winner's WAITING event, for :meth:`record_due` (None when another node won)."""
+        # Status first, then its event: of many nodes racing, the losers write nothing at all. The event is
+        # prepared (and stamped) before the status is written, and its id is the same for every node and attempt:
+        # the winner keeps it until it is written (through outages and pauses, after the job has moved on too).
         run = int(doc.get("run", 1))
         when = fields_equal({"status": int(JobStatus.POSTPONED), "run": run})
         event_id = _derived_id(doc["_id"], run, b"due")
+        event = Store.event(doc, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
         fields = {"status": literal(int(JobStatus.WAITING)), "change": literal(event_id)}
         if not self.store.transition(doc["_id"], when, fields):
             stored = self.store.find_job(doc["_id"]) or {}
             if stored.get("change") != event_id or stored.get("run") != run:
-                return False
-        self.store.insert_events([Store.event(doc, JobStatus.WAITING, event_id=event_id)])
-        self.emit(JobStatus.WAITING, dict(doc, change=event_id))
-        return True
+                return None
+        return event
+
+    def record_due(self, doc: Mapping[str, Any], event: Document) -> None:
+        """Write the WAITING event of a job :meth:`unpostpone` moved (again after an outage: written once)."""
+        self.store.insert_events([event])
+        self.emit(JobStatus.WAITING, dict(doc, change=event["_id"]))
 
     def heartbeat(self, owners: Mapping[ObjectId, tuple[ObjectId, int]]) -> set[ObjectId]:
         """Renew the leases of running jobs (job -> (worker, run)); returns the jobs no longer owned by their
@@ -601,7 +662,7 @@ class Change:
                 if not self.uncertain or int(stored.get("run", self.run)) == self.run:
                     store.delete_events([e["_id"] for e in self.events[1:]])
                 self.life.logger.warning(
-                    f"job {self.doc['_id']} ({self.doc.get('class')}) run {self.run} was taken over before its "
+                    f"job {self.doc['_id']} ({self.doc.get('class')!r}) run {self.run} was taken over before its "
                     "change was recorded; nothing written",
                     extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
                 )
@@ -655,7 +716,7 @@ class RunEnd(Change):
         self.now = now = life.store.clock.now()
         if has_result and not _fits(result):
             life.logger.warning(
-                f"job {self.doc['_id']} ({self.doc.get('class')}): result is too large or not BSON-encodable and "
+                f"job {self.doc['_id']} ({self.doc.get('class')!r}): result is too large or not BSON-encodable and "
                 "is not stored",
                 extra={"job_id": self.doc["_id"]},
             )
@@ -713,7 +774,7 @@ class RunEnd(Change):
         doc, life = self.doc, self.life
         follows = f", run {self.run + 1} {JobStatus(self.next_doc['status']).name}" if self.next_doc else ""
         life.logger.info(
-            f"job {doc['_id']} ({doc.get('class')}) run {self.run} ended {self.status.name}{follows}",
+            f"job {doc['_id']} ({doc.get('class')!r}) run {self.run} ended {self.status.name}{follows}",
             extra={
                 "job_id": doc["_id"],
                 "job_class": doc.get("class"),
@@ -748,7 +809,8 @@ class Release(Change):
         self.reason = reason
         self.released = dict(self.doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
         note = library_error(JobReleasedError, reason)
-        released = Store.event(self.released, JobStatus.WAITING, worker, error=note, sweep=sweep)
+        now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
+        released = Store.event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
         self.events = [self.processing_event(), released]
         self.when = owned_by(worker, self.run, expires)
         self.fields = {
@@ -763,7 +825,7 @@ class Release(Change):
         # fenced, between the two writes): they are not the run's end.
         self.life.store.delete_unrecorded_events(self.doc["_id"], self.run, self.worker, self.doc.get("outcome"))
         self.life.logger.warning(
-            f"job {self.doc['_id']} ({self.doc.get('class')}) put back to waiting: {self.reason}",
+            f"job {self.doc['_id']} ({self.doc.get('class')!r}) put back to waiting: {self.reason}",
             extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
         )
         self.life.emit(JobStatus.WAITING, dict(self.released, change=self.marker))
@@ -802,7 +864,7 @@ class AfterKill:
         # Only while the job is still at that run: then its recorded end, if any, is the job's outcome, and every
         # other end the dead worker wrote for it was never recorded. Once the job has moved on, an end of the run
         # cannot be told from its recorded one here, and nothing is withdrawn.
-        if int(doc.get("run", 1)) == self.run:
+        if doc.get("run", 1) == self.run:
             self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
 
     def record(self) -> None:
@@ -811,7 +873,7 @@ class AfterKill:
         store = self.life.store
         if self.change is None:
             doc = store.find_job(self.job_id)
-            if doc is None or int(doc.get("run", 1)) != self.run:
+            if doc is None or doc.get("run", 1) != self.run:
                 self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
                 return
             status = doc.get("status")
@@ -819,7 +881,9 @@ class AfterKill:
                 self._withdraw_unrecorded(doc)  # someone else recorded how the run went
                 if self.reason in KILLS_SURVIVED:  # we live on: if a sweep put the run back, it was no death
                     self.life.vouch(self.job_id, self.run, self.worker, doc)
-                if status == JobStatus.CANCELED:  # the canceler recorded CANCELED; the run's start is ours
+                if status == JobStatus.CANCELED and doc.get("worker") == self.worker:
+                    # The canceler recorded CANCELED while our worker ran it: the run's start is ours. (Canceled
+                    # while another worker held the run, its start and `started` are that worker's, not ours.)
                     store.insert_events([Change(self.life, doc, self.worker).processing_event()])
                     # The worker is gone: a requeue may let another one run the job now.
                     store.transition(
@@ -827,6 +891,11 @@ class AfterKill:
                         fields_equal({"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker}),
                         {"worker": literal(NO_WORKER)},
                     )
+                self.done = True
+                return
+            found = problem(doc, capped=store.capped)
+            if found is not None:  # made malformed while it ran (SPEC 2): ended FAILED (or left), never stuck here
+                self.life.reject(doc, found)
                 self.done = True
                 return
             self.change = self._prepare(doc)

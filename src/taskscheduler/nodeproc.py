@@ -27,15 +27,15 @@ def spawn_node(
         "--log-level",
         log_level,
         "queue",
-        "--mongodb-uri",
-        uri,
         "--database",
         database,
     ]
     for module in imports:
         cmd += ["--import", module]
     cmd += list(args)
-    full_env = dict(os.environ, **(env or {}))
+    # The URI goes by environment, not argument: a command line is readable by every local user (ps, /proc),
+    # and a URI may hold a password.
+    full_env = {**os.environ, **(env or {}), "TASKSCHEDULER_MONGODB_URI": uri}
     if log is None:
         return subprocess.Popen(
             cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd

@@ -6,6 +6,7 @@ Validation never coerces: ``"10"`` or ``True`` for an int option is an error, as
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -46,11 +47,14 @@ DEFAULT_RETRY_INTERVAL = "default_retry_interval"
 DEFAULT_TIMEOUT = "default_timeout"
 JOB_RETENTION = "job_retention"
 PROGRESS_RATE_LIMIT = "progress_rate_limit"
+#: Upstream's option, which upstream never used: accepted for drop-in code, ignored with a DeprecationWarning.
+ORPHANED_RATE_LIMIT = "orphaned_rate_limit"
 
 # Queue node options.
 ORPHANED_TIMEOUT = "orphaned_timeout"
 JOB_MODULES = "job_modules"
 METRICS_PORT = "metrics_port"
+METRICS_HOST = "metrics_host"
 
 # Worker manager options.
 PM = "pm"
@@ -86,6 +90,34 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Check:
         return int(value)
 
     return check
+
+
+def count_or_endless(name: str, value: Any) -> int:
+    """A count where -1 means "no end" (``retry``) or "at once" (``interval``). Upstream reads every value below -1
+    as -1 does, so code ported from it may pass one: stored as -1, so every reader sees one meaning."""
+    if _is_int(value) and value < -1:
+        value = -1
+    count: int = int_at_least(-1, INT32_MAX)(name, value)
+    return count
+
+
+class _Ignored:
+    """What the check of an ignored option returns: ``validate`` leaves such an option out."""
+
+
+IGNORED = _Ignored()
+
+
+def ignored_option(name: str, value: Any) -> _Ignored:
+    """An upstream option this port has no use for: accepted (an int, as upstream casts it) and dropped."""
+    int_at_least(0)(name, value)
+    # stacklevel 4: past this check and validate() to the constructor or set_options the caller called.
+    warnings.warn(
+        f"option {name} is ignored (upstream never used it either); a queue node's lease is its orphaned_timeout",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    return IGNORED
 
 
 def positive_number(name: str, value: Any) -> float:
@@ -166,9 +198,9 @@ def pm_mode(name: str, value: Any) -> str:
 #: Job options: name -> check. Order is the stored order of ``options``.
 JOB_OPTIONS: dict[str, Check] = {
     AT: timestamp,
-    INTERVAL: int_at_least(-1, INT32_MAX),
+    INTERVAL: count_or_endless,
     INTERVAL_REFERENCE: interval_reference,
-    RETRY: int_at_least(-1, INT32_MAX),
+    RETRY: count_or_endless,
     RETRY_INTERVAL: int_at_least(0, INT32_MAX),
     FORCE_SPAWN: boolean,
     TIMEOUT: int_at_least(0, INT32_MAX),
@@ -191,13 +223,14 @@ SCHEDULER_OPTIONS: dict[str, Check] = {
     EVENT_QUEUE: non_empty_string,
     EVENT_QUEUE_SIZE: int_at_least(0, MAX_COLLECTION_BYTES),
     DEFAULT_AT: timestamp,
-    DEFAULT_INTERVAL: int_at_least(-1, INT32_MAX),
+    DEFAULT_INTERVAL: count_or_endless,
     DEFAULT_INTERVAL_REFERENCE: interval_reference,
-    DEFAULT_RETRY: int_at_least(-1, INT32_MAX),
+    DEFAULT_RETRY: count_or_endless,
     DEFAULT_RETRY_INTERVAL: int_at_least(0, INT32_MAX),
     DEFAULT_TIMEOUT: int_at_least(0, INT32_MAX),
     JOB_RETENTION: int_at_least(1),
     PROGRESS_RATE_LIMIT: int_at_least(0),
+    ORPHANED_RATE_LIMIT: ignored_option,
 }
 
 SCHEDULER_DEFAULTS: dict[str, Any] = {
@@ -241,12 +274,29 @@ def port_or_off(name: str, value: Any) -> int | None:
     return port
 
 
+def bind_address(name: str, value: Any) -> str:
+    """An address to listen on: a host name or IP address without port (``0.0.0.0``: every interface)."""
+    allowed = (ch.isascii() and (ch.isalnum() or ch in "._-:") for ch in value) if isinstance(value, str) else ()
+    if not isinstance(value, str) or not value or not all(allowed):
+        raise InvalidArgumentError(
+            f"option {name} must be a host name or IP address such as '127.0.0.1' or '0.0.0.0', got {value!r}"
+        )
+    return value
+
+
 QUEUE_OPTIONS: dict[str, Check] = {
     ORPHANED_TIMEOUT: lease_seconds,
     JOB_MODULES: module_names,
     METRICS_PORT: port_or_off,
+    METRICS_HOST: bind_address,
+    ORPHANED_RATE_LIMIT: ignored_option,
 }
-QUEUE_DEFAULTS: dict[str, Any] = {ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT, JOB_MODULES: (), METRICS_PORT: None}
+QUEUE_DEFAULTS: dict[str, Any] = {
+    ORPHANED_TIMEOUT: c.DEFAULT_ORPHANED_TIMEOUT,
+    JOB_MODULES: (),
+    METRICS_PORT: None,
+    METRICS_HOST: c.DEFAULT_METRICS_HOST,
+}
 
 MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}
 MANAGER_DEFAULTS: dict[str, Any] = {
@@ -266,8 +316,11 @@ def validate(options: Mapping[str, Any] | None, checks: Mapping[str, Check], kin
     for name, value in options.items():
         check = checks.get(name) if isinstance(name, str) else None
         if check is None:
-            raise InvalidArgumentError(f"invalid {kind} option {name!r} given; valid: {', '.join(checks)}")
-        checked[name] = check(name, value)
+            valid = ", ".join(known for known, known_check in checks.items() if known_check is not ignored_option)
+            raise InvalidArgumentError(f"invalid {kind} option {name!r} given; valid: {valid}")
+        value = check(name, value)
+        if value is not IGNORED:
+            checked[name] = value
     return checked
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from bson import ObjectId
 
 from .constants import NO_WORKER, UNSET_TIME, JobStatus
+from .schema import problem, status_label, stored_status
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -49,7 +50,7 @@ class Process:
         self._outcome: Any = _UNLOADED
 
     def __repr__(self) -> str:
-        return f"<Process {self.id} {self.job_class} {self.status.name}>"
+        return f"<Process {self._doc.get('_id')} {self.job_class} {status_label(self._doc.get('status')).upper()}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Process) and other.id == self.id
@@ -72,15 +73,18 @@ class Process:
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self._doc.get("options") or {})
+        options = self._doc.get("options")
+        return dict(options) if isinstance(options, Mapping) else {}
 
     @property
     def status(self) -> JobStatus:
-        return JobStatus(int(self._doc.get("status", JobStatus.WAITING)))
+        """The job's status; ``errors.InvalidJobError`` (naming the field) when the stored one is no status."""
+        return stored_status(self._doc)
 
     @property
     def progress(self) -> float:
-        return float(self._doc.get("progress", 0.0))
+        progress = self._doc.get("progress", 0.0)
+        return float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool) else 0.0
 
     @property
     def worker(self) -> ObjectId | None:
@@ -102,14 +106,22 @@ class Process:
     @property
     def run(self) -> int:
         """The current run's number (1 for the first), or the last run's when the job has ended."""
-        return int(self._doc.get("run", 1))
+        run = self._doc.get("run", 1)
+        return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
+
+    @property
+    def malformed(self) -> str | None:
+        """What makes the stored document unfit to run, naming the field (SPEC 2), or None; judged as in a capped
+        collection, which every document this library writes fits. A queue node ends such a job FAILED when it
+        meets it, unless the document cannot even take that write."""
+        return problem(self._doc, capped=True)
 
     @property
     def error(self) -> dict[str, Any] | None:
         """The error of the last ended run (FAILED, TIMEOUT, orphaned): ``class``, ``message``, ``traceback``."""
         event = self._event()
         error = event.get("error") if event else None
-        return dict(error) if error else None
+        return dict(error) if isinstance(error, Mapping) and error else None
 
     @property
     def result(self) -> Any:

@@ -50,6 +50,7 @@ from .protocol import (
     handed_over,
 )
 from .scheduler import Scheduler
+from .schema import end_problem, job_ref, problem
 from .store import StatusChange, StatusFeed, utcnow
 
 #: Statuses a node's change stream needs when nobody listens to its status events: what to run, what to run
@@ -75,6 +76,8 @@ ERROR_BACKOFF_SECONDS = 0.5
 EXITED_WORKERS_KEPT = 100
 #: Longest the node waits on the change stream before looking at its timers.
 TICK_SECONDS = 0.2
+#: Malformed jobs a node remembers having logged as skipped (each is logged once while remembered).
+SKIPPED_KEPT = 10_000
 
 
 class Queue:
@@ -129,11 +132,13 @@ class Queue:
         self._worker_pids: dict[ObjectId, int] = {}
         self._postponed: list[tuple[float, ObjectId, int]] = []  # (at, job, run): runs to move to WAITING
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
+        self._due_events: list[tuple[dict[str, Any], dict[str, Any]]] = []  # see _release_due
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self._late_sweeps: list[AfterKill] = []  # recorded ones, to look at once more
         self._all_workers: set[ObjectId] = set()  # the workers of this node's manager that live
         self._exited_workers: deque[ObjectId] = deque(maxlen=EXITED_WORKERS_KEPT)
+        self._skipped: dict[str, None] = {}  # malformed jobs logged as skipped, oldest first
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
@@ -145,7 +150,12 @@ class Queue:
         self.metrics: NodeMetrics | None = None
         if self.options[o.METRICS_PORT]:
             self.metrics = NodeMetrics(
-                int(self.options[o.METRICS_PORT]), self._worker_counts, self._heartbeat_age, self.store.waiting_counts
+                int(self.options[o.METRICS_PORT]),
+                self._worker_counts,
+                self._heartbeat_age,
+                self.store.waiting_counts,
+                host=str(self.options[o.METRICS_HOST]),
+                modules=self.job_modules,
             )
 
     def on(self, event: str, handler: Handler) -> Queue:
@@ -296,7 +306,8 @@ class Queue:
 
     def _scan(self) -> None:
         for doc in self.store.scan((JobStatus.WAITING, JobStatus.POSTPONED)):
-            self._route(doc["_id"], int(doc["status"]), doc)
+            if self._fit(doc):  # checked first: the query matches any number equal to a status (0.0, Int64(1)...)
+                self._route(doc["_id"], doc["status"], doc)
 
     def _on_change(self, change: StatusChange) -> None:
         doc = change.document
@@ -307,12 +318,14 @@ class Queue:
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
+            if doc is None or doc.get("status") != JobStatus.WAITING or not self._fit(doc):
+                return
             # A job of a module we do not serve waits for a node that does (nodes split work by module).
-            if doc is not None and doc.get("status") == JobStatus.WAITING and serves(doc["class"], self.job_modules):
+            if serves(doc["class"], self.job_modules):
                 self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
-            if doc is None or doc.get("status") != JobStatus.POSTPONED:
+            if doc is None or doc.get("status") != JobStatus.POSTPONED or not self._fit(doc):
                 return
             at = float((doc.get("options") or {}).get(o.AT) or 0)
             heapq.heappush(self._postponed, (at, job_id, int(doc.get("run", 1))))
@@ -321,6 +334,36 @@ class Queue:
             self._send(CancelJob(job_id))
         else:
             self._send(DropJob(job_id))
+
+    def _fit(self, doc: dict[str, Any]) -> bool:
+        """Whether a WAITING or POSTPONED document can be routed (SPEC 2). Every node checks what it needs to put
+        a job in its place; the nodes that serve its class also what a worker needs to run it. A malformed one is
+        ended FAILED, naming the field, or skipped when it cannot take that write; it never stops the node."""
+        job_class = doc.get("class")
+        served = isinstance(job_class, str) and serves(job_class, self.job_modules)
+        found = problem(doc, capped=self.store.capped, run=served)
+        if found is None:
+            return True
+        self._malformed(doc, found)
+        return False
+
+    def _malformed(self, doc: dict[str, Any], found: str) -> None:
+        blocked = end_problem(doc, capped=self.store.capped)
+        if blocked is None:
+            self.life.reject(doc, found)  # False when another node ended it first, or it changed meanwhile
+            return
+        key = job_ref(doc.get("_id"))  # any BSON value but an array, hashable or not
+        if key not in self._skipped:  # logged once per node (a scan meets it again after every gap)
+            if len(self._skipped) >= SKIPPED_KEPT:
+                self._skipped.pop(next(iter(self._skipped)))
+            self._skipped[key] = None
+            self.logger.warning(
+                "skipping malformed job %s: %s; it cannot be ended FAILED in place (%s)",
+                key,
+                found,
+                blocked,
+                extra={"job_id": doc.get("_id"), "problem": found},
+            )
 
     def _now(self) -> float:
         """Unix time on the server's clock (the earliest it can read now), so that a node whose clock is off
@@ -333,24 +376,35 @@ class Queue:
         return max(0.0, self._postponed[0][0] - self._now())
 
     def _release_due(self) -> None:
+        while self._due_events:  # moved to WAITING by us, their events not yet written (an outage)
+            self.life.record_due(*self._due_events[0])
+            self._due_events.pop(0)
         while self._postponed and self._postponed[0][0] <= self._now():
             _, job_id, run = self._postponed[0]
             doc = self._postponed_docs.get((job_id, run))
             try:
-                if doc is not None:
-                    self.life.unpostpone(doc)
+                event = self.life.unpostpone(doc) if doc is not None else None
             except ServerUnavailableError:
                 raise  # the entry stays for the next round
             except Exception:
                 self.logger.exception("cannot move a due job to waiting", extra={"job_id": job_id})
+                event = None
             heapq.heappop(self._postponed)
             self._postponed_docs.pop((job_id, run), None)
+            if doc is not None and event is not None:
+                self._due_events.append((doc, event))
+                self.life.record_due(doc, event)
+                self._due_events.pop()
 
     def _reschedule_orphans(self) -> None:
         server_now = self.store.clock.now(earliest=True)  # a lease has ended once the server surely passed it
         for doc in self.store.orphans(server_now):
-            if doc["_id"] in self._running:
+            if isinstance(doc["_id"], ObjectId) and doc["_id"] in self._running:
                 continue  # ours: our manager fences it, and then we record it
+            found = problem(doc, capped=self.store.capped)  # a release writes what a run's end writes
+            if found is not None:  # ended FAILED (or skipped): the sweep goes on with the others
+                self._malformed(doc, found)
+                continue
             # Dead, or only cut off or paused: not known yet. The sweep counts until its owner vouches for it.
             self.life.release_orphan(doc, reason="its node stopped renewing the lease").record()
 

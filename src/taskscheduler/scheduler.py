@@ -19,6 +19,7 @@ from .errors import InvalidArgumentError, JobFailedError, JobNotFoundError, Wait
 from .events import Emitter, Handler
 from .lifecycle import Lifecycle
 from .process import Process
+from .schema import stored_status
 from .store import Store
 
 #: Longest a single change-stream poll waits before wait_for/listen look at their deadline again.
@@ -58,6 +59,7 @@ class Scheduler:
     OPTION_DEFAULT_TIMEOUT = o.DEFAULT_TIMEOUT
     OPTION_JOB_RETENTION = o.JOB_RETENTION
     OPTION_PROGRESS_RATE_LIMIT = o.PROGRESS_RATE_LIMIT
+    OPTION_ORPHANED_RATE_LIMIT = o.ORPHANED_RATE_LIMIT  # upstream's, accepted and ignored (DeprecationWarning)
 
     def __init__(
         self,
@@ -330,10 +332,10 @@ class _Wait:
         procs = self.by_id[job_id]
         for p in procs:
             p._replace(doc)
-        status = JobStatus(doc["status"])
-        opts = doc.get("options") or {}
-        recurring = bool(opts.get("interval") or opts.get("cron"))
-        if status.is_terminal or (recurring and int(doc.get("run", 1)) > self.run[job_id]):
+        status = stored_status(doc)  # a malformed one: InvalidJobError naming the field
+        process = procs[0]  # read through its robust accessors: a job ended FAILED as malformed settles too
+        recurring = bool(process.options.get("interval") or process.options.get("cron"))
+        if status.is_terminal or (recurring and process.run > self.run[job_id]):
             self.pending.discard(job_id)
             if self.throw and status == JobStatus.FAILED:
                 raise JobFailedError(procs[0], procs[0].error)

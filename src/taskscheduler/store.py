@@ -50,6 +50,7 @@ from .errors import (
     ServerUnavailableError,
     TaskSchedulerError,
 )
+from .redact import redact_uri, scrub
 
 logger = logging.getLogger("taskscheduler.store")
 
@@ -88,6 +89,9 @@ MAX_SERVER_ID_FILTER = 50
 ID_BATCH = 100
 #: Server-side wait of one change-stream getMore; bounds how late a poll notices its own deadline.
 STREAM_AWAIT_MS = 200
+#: Longest a claim may take (a quarter of the lease when that is less): a claim's ``started`` is stamped before it
+#: is sent, so a claim that waited out an outage must fail rather than record a start from before the outage.
+CLAIM_SECONDS = 1.0
 
 Document = dict[str, Any]
 
@@ -98,8 +102,12 @@ def connect(uri: str, database: str, timeout_ms: int = 10_000) -> Database[Docum
         raise InvalidArgumentError(f'invalid database name {database!r}: 1 to 63 characters, none of / \\ . space " $')
     try:
         client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
-    except PyMongoError as exc:
-        raise InvalidArgumentError(f"invalid MongoDB URI {uri!r}: {_first_line(exc)}") from exc
+    except (PyMongoError, ValueError, TypeError, OSError) as exc:
+        # pymongo raises ValueError for a bad host or port, OSError for an unreadable TLS file. The driver's
+        # error is not chained: no message or traceback may show the URI's password.
+        raise InvalidArgumentError(
+            f"invalid MongoDB URI {redact_uri(uri)!r}: {scrub(_first_line(exc), uri)}"
+        ) from None
     return client[database]
 
 
@@ -399,6 +407,12 @@ class Store:
             if "already exists" not in str(exc) and getattr(exc, "code", None) != 48:
                 raise
 
+    @property
+    def capped(self) -> bool:
+        """Whether the job collection is capped, as it was created (so no update may change a document's size)."""
+        self.ensure()
+        return self._cap > 0
+
     def close(self) -> None:
         """Give back the room this producer reserved and did not use, then close the client this store's database
         belongs to (its owner is done with it)."""
@@ -434,6 +448,18 @@ class Store:
                 ledger = self.room.find_one({"_id": "used"})
             if not self._cap or ledger is None or not self._reconcile(int(ledger["bytes"]), self._cap).corrected:
                 return
+
+    @contextlib.contextmanager
+    def bounded(self, seconds: float) -> Iterator[None]:
+        """Every command inside takes at most ``seconds`` in all (retries included); past it,
+        ServerUnavailableError: whether the last one was written is unknown, as for a lost connection."""
+        try:
+            with pymongo.timeout(seconds):
+                yield
+        except PyMongoError as exc:
+            if not getattr(exc, "timeout", False):
+                raise
+            raise ServerUnavailableError(f"MongoDB did not answer within {seconds:g} s: {_first_line(exc)}") from exc
 
     def server_time(self, timeout: float | None = None) -> datetime:
         """The server's clock (what leases are measured on), read now; ``timeout`` bounds the call (seconds).
@@ -803,7 +829,9 @@ class Store:
         doc = job if isinstance(job, Mapping) else self.find_job(job)  # by id: its current run
         if doc is None:
             return None
-        started = self.clock.now()  # an interval measured from the start counts from it
+        # An interval measured from the start counts from it. The claim is bounded in time, so that the stamp is
+        # never much older than the write (a claim that waits out an outage fails, and is handed over again).
+        started = self.clock.now()
         when = fields_equal({"status": int(JobStatus.WAITING), "run": doc.get("run", 1)})
         fields = {
             "status": literal(int(JobStatus.PROCESSING)),
@@ -814,7 +842,9 @@ class Store:
             "lease": literal(float(lease)),
             "progress": literal(0.0),
         }
-        if not self.transition(doc["_id"], when, fields):
+        with self.bounded(min(CLAIM_SECONDS, max(0.25, lease / 4))):
+            applied = self.transition(doc["_id"], when, fields)
+        if not applied:
             return None
         claimed = dict(doc, status=int(JobStatus.PROCESSING), worker=worker, started=started)
         claimed.update(lease=float(lease), progress=0.0)
@@ -899,7 +929,8 @@ class Store:
         ]
         with _server_errors():
             return [
-                {"class": d["_id"]["class"], "status": d["_id"]["status"], "count": d["count"]}
+                # A group key leaves out a field the documents lack (a malformed job): None, never a KeyError.
+                {"class": d["_id"].get("class"), "status": d["_id"].get("status"), "count": d["count"]}
                 for d in self.jobs.aggregate(pipeline)
             ]
 
@@ -1049,15 +1080,19 @@ class Store:
 
     def waiting_counts(self) -> list[Document]:
         """Waiting and postponed jobs per class: ``{"class", "status", "count"}`` each (a node's metrics).
-        The match is served by the ``status_expires`` index; only jobs not yet run are grouped."""
+        The match is served by the ``status_expires`` index; only jobs not yet run are grouped. A status stored
+        as another number type (0.0, a long, a decimal) is no status (a malformed job, SPEC 2): not counted (left
+        out here: a ``$type`` in the match would cost some planners the index)."""
         pipeline: list[Document] = [
             {"$match": {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}}},
             {"$group": {"_id": {"class": "$class", "status": "$status"}, "count": {"$sum": 1}}},
         ]
         with _server_errors():
             return [
-                {"class": d["_id"]["class"], "status": d["_id"]["status"], "count": d["count"]}
+                # A group key leaves out a field the documents lack (a malformed job): None, never a KeyError.
+                {"class": d["_id"].get("class"), "status": d["_id"].get("status"), "count": d["count"]}
                 for d in self.jobs.aggregate(pipeline)
+                if type(d["_id"].get("status")) is int
             ]
 
     def status_counts(self) -> dict[int, int]:
@@ -1263,13 +1298,21 @@ class ActivityFeed(StatusFeed):
         super()._open()
 
 
+#: The numbers a status change may carry.
+_STATUS_VALUES = frozenset(int(s) for s in JobStatus)
+
+
 def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
     if change.get("operationType") not in ("insert", "update", "replace"):
         return None
     key = change.get("documentKey") or {}
     doc = change.get("fullDocument")
     status = doc.get("status") if isinstance(doc, Mapping) else None
-    if status is None or "_id" not in key:
+    # A status that is no JobStatus number (a malformed document, SPEC 2) is nobody's change to act on: skipped,
+    # never raised into a node's or a watcher's loop.
+    if isinstance(status, bool) or not isinstance(status, (int, float)) or status not in _STATUS_VALUES:
+        return None
+    if "_id" not in key:
         return None
     document = dict(doc) if isinstance(doc, Mapping) and "_id" in doc else None
     run = doc.get("run") if isinstance(doc, Mapping) else None

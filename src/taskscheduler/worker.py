@@ -33,6 +33,7 @@ from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
 from .scheduler import Scheduler
+from .schema import job_ref, problem
 
 #: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
 #: the lease meanwhile, the node kills it first: the job then runs again elsewhere.)
@@ -82,6 +83,7 @@ class Worker:
         self._connection: Connection | None = None  # to the manager, while a job runs
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
+        self._running: dict[str, Any] | None = None  # the claimed run whose code runs now
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -96,7 +98,8 @@ class Worker:
         """The worker process's loop: run what the manager sends until told to exit (one job if ``job``). With the
         ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.fencing`)."""
         if slot is not None:
-            self._fence = SelfFence(slot, job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT)
+            lease = job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT
+            self._fence = SelfFence(slot, lease, self._release_lapsed_run)
             signal.signal(signal.SIGTERM, self._on_terminate)  # the stop itself is the manager's to carry out
         try:
             if job is not None:
@@ -152,6 +155,7 @@ class Worker:
             fence.stop_now("the job was claimed, but its lease may have run out before its code could start")
         timeout = int((claimed.get("options") or {}).get("timeout", 0))
         _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1)), claimed_at))
+        self._running = claimed
         if fence is not None:
             fence.watch()
         self._connection = connection
@@ -188,7 +192,7 @@ class Worker:
         try:
             found = problem(doc, capped=self.life.store.capped)
             if found is not None and not self.life.reject(doc, found):
-                self.logger.warning("not running malformed job %r: %s", doc.get("_id"), found)
+                self.logger.warning("not running malformed job %s: %s", job_ref(doc.get("_id")), found)
         except ServerUnavailableError:
             _send(connection, Finished(doc["_id"], False, unsettled=True))
             return False
@@ -256,6 +260,15 @@ class Worker:
             return
         self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
 
+    def _release_lapsed_run(self, seconds: float) -> None:
+        """From the watchdog, before it ends this worker for a lease its node did not renew: put the run back
+        (conditional on still owning it, within ``seconds``), uncounted, so that it runs again at once."""
+        doc = self._running
+        if doc is None:
+            return
+        with self.life.store.bounded(seconds):
+            self.life.release(doc, self.id, orphaned=False, reason="lease not renewed in time (worker fenced)").record()
+
     def _on_terminate(self, signum: int, frame: object) -> None:
         self._terminated_at = lease_clock()
 
@@ -285,12 +298,13 @@ class Worker:
         """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
         if self._fence is not None and self._connection is not None:
             self._fence.end()
+        self._running = None
         _send(self._connection, Ending(doc["_id"]))
         failpoints.hit("worker.returned")
 
     def _failed(self, doc: dict[str, Any], exc: BaseException, exc_info: bool) -> None:
         self.logger.error(
-            f"job {doc['_id']} ({doc.get('class')}) run {doc.get('run')} failed: {exc!r}",
+            f"job {doc['_id']} ({doc.get('class')!r}) run {doc.get('run')} failed: {exc!r}",
             extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
             exc_info=exc_info,
         )
@@ -357,9 +371,9 @@ class Worker:
         for child in self.life.store.children(doc["_id"]):
             if child.get("parent_run", run) != run:
                 continue  # a child of an earlier run: its outcome was that run's
-            status = JobStatus(child["status"])
-            if status in (JobStatus.FAILED, JobStatus.TIMEOUT):
-                raise ChildJobFailedError(f"child job {child['_id']} ended {status.name}")
+            status = child.get("status")  # anyone may write a child: a malformed one is no failure of this run
+            if type(status) is int and status in (JobStatus.FAILED, JobStatus.TIMEOUT):
+                raise ChildJobFailedError(f"child job {child['_id']} ended {JobStatus(status).name}")
 
 
 def _run_to_completion(result: Any) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 from bson import ObjectId, json_util
@@ -27,16 +27,19 @@ from ..constants import (
     DEFAULT_JOB_QUEUE,
     DEFAULT_JOB_QUEUE_SIZE,
     DEFAULT_MAX_CHILDREN,
+    DEFAULT_METRICS_HOST,
     DEFAULT_MIN_CHILDREN,
     DEFAULT_MONGODB_URI,
     DEFAULT_ORPHANED_TIMEOUT,
     DEFAULT_PM,
     JobStatus,
 )
+from ..dashboard import MAX_STREAMS
 from ..errors import (
     ConfigurationError,
     EmbeddedServerError,
     InvalidArgumentError,
+    InvalidJobError,
     JobNotFoundError,
     MissingExtraError,
     ServerUnavailableError,
@@ -197,7 +200,13 @@ def cli(log_level: str) -> None:
     type=click.IntRange(0, 65535),
     default=0,
     show_default=True,
-    help="Serve Prometheus metrics of this node at http://0.0.0.0:PORT/metrics (0: off; needs the extra metrics).",
+    help="Serve Prometheus metrics of this node at http://HOST:PORT/metrics (0: off; needs the extra metrics).",
+)
+@_option(
+    "--metrics-host",
+    default=DEFAULT_METRICS_HOST,
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a Prometheus on another machine).",
 )
 def queue(
     conn: Connection,
@@ -208,6 +217,7 @@ def queue(
     max_children: int,
     orphaned_timeout: float,
     metrics_port: int,
+    metrics_host: str,
 ) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
     import os
@@ -242,7 +252,7 @@ def queue(
         scheduler,
         scheduler._db,
         factory,
-        options={o.ORPHANED_TIMEOUT: orphaned_timeout, o.METRICS_PORT: metrics_port},
+        options={o.ORPHANED_TIMEOUT: orphaned_timeout, o.METRICS_PORT: metrics_port, o.METRICS_HOST: metrics_host},
     )
     node.process()
     sys.exit(node.exit_code)
@@ -302,10 +312,14 @@ def add(
     as_json: bool,
 ) -> None:
     """Add a job of JOB_CLASS ("module:QualName", a job class or function); prints its id."""
-    if not no_import_check:
-        from ..job import load_job_class
+    from ..job import class_path, load_job_class
 
-        load_job_class(job_class)
+    class_path(job_class)  # a malformed name is refused before anything is imported
+    if not no_import_check:
+        try:
+            load_job_class(job_class)
+        except InvalidJobError as exc:
+            raise InvalidJobError(f"{_first_line(exc)} (--no-import-check adds it anyway)") from None
     payload: Any = None
     if data is not None:
         try:
@@ -390,11 +404,16 @@ def jobs(
 @_option("--json", "as_json", is_flag=True)
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its runs and the error or result of the last one."""
+    from ..schema import status_label
+    from .display import error_line, status_of, visible
+
     process = conn.scheduler().get_job(_object_id(job_id))
     doc = process.to_dict()
     doc["error"] = process.error
     doc["result"] = process.result
-    doc["status_name"] = process.status.name
+    status = status_of(process)
+    doc["status_name"] = status.name if status is not None else "MALFORMED"
+    doc["malformed"] = process.malformed
     doc["next_run"] = _next_run(process)
     doc["runs"] = [
         {key: run.get(key) for key in ("run", "status", "worker", "started", "ended", "error", "result") if key in run}
@@ -406,26 +425,36 @@ def show(conn: Connection, job_id: str, as_json: bool) -> None:
     _print_details(doc)
     for run in doc["runs"]:
         error = run.get("error")
-        outcome = f"{error.get('class')}: {error.get('message')}" if error else repr(run.get("result"))
-        click.echo(f"run {run['run']}: {JobStatus(run['status']).name} {run.get('ended')} {outcome.splitlines()[0]}")
+        outcome = error_line(error) if error else visible(repr(run.get("result")))
+        name = status_label(run.get("status")).upper()
+        click.echo(f"run {visible(run.get('run'))}: {name} {visible(run.get('ended'))} {outcome}")
 
 
 def _next_run(process: Any) -> str | None:
     """When the job's next run may start (ISO 8601, in the cron's zone when it has one), or None when no run
-    is pending."""
-    if process.status not in (JobStatus.WAITING, JobStatus.POSTPONED):
+    is pending (or its document is malformed: then nothing can be said)."""
+    from .display import status_of
+
+    if status_of(process) not in (JobStatus.WAITING, JobStatus.POSTPONED) or process.malformed:
         return None
     options = process.options
-    zone = ZoneInfo(str(options.get(o.TIMEZONE) or "UTC")) if options.get(o.CRON) else timezone.utc
+    try:
+        zone = ZoneInfo(str(options.get(o.TIMEZONE) or "UTC")) if options.get(o.CRON) else timezone.utc
+    except (ValueError, ZoneInfoNotFoundError):  # a stored zone is read again here, never trusted
+        zone = timezone.utc
     at = max(float(options.get(o.AT) or 0), datetime.now(timezone.utc).timestamp())
     return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
 
 
 def _print_details(doc: dict[str, Any]) -> None:
+    """The job's fields, one a line; stored text through ``visible`` (no control character reaches the terminal)."""
+    from .display import error_line, visible
+
     for key in (
         "_id",
         "class",
         "status_name",
+        "malformed",
         "next_run",
         "run",
         "progress",
@@ -439,14 +468,15 @@ def _print_details(doc: dict[str, Any]) -> None:
         "error",
     ):
         value = doc.get(key)
-        if key == "error" and value:
-            click.echo(f"error: {value.get('class')}: {value.get('message')}")
-            if value.get("traceback"):
-                click.echo(value["traceback"].rstrip())
+        if key == "malformed" and not value:
             continue
-        click.echo(
-            f"{key.replace('_name', '')}: {json_util.dumps(value) if isinstance(value, (dict, list)) else value}"
-        )
+        if key == "error" and value:
+            click.echo(f"error: {error_line(value, multiline=True)}")
+            if isinstance(value, dict) and value.get("traceback"):
+                click.echo(visible(str(value["traceback"]).rstrip(), multiline=True))
+            continue
+        shown = json_util.dumps(value) if isinstance(value, (dict, list)) else value
+        click.echo(f"{key.replace('_name', '')}: {visible(shown)}")
 
 
 @cli.command()
@@ -473,6 +503,7 @@ def requeue(conn: Connection, job_id: str) -> None:
 def info(conn: Connection, as_json: bool) -> None:
     """Jobs per status and class, live nodes and their workers, backlog, runs ended lately, unserved classes."""
     from ..cluster import cluster_info
+    from .display import visible
 
     summary = cluster_info(conn.scheduler())
     if as_json:
@@ -482,12 +513,12 @@ def info(conn: Connection, as_json: bool) -> None:
     statuses = ", ".join(f"{name} {n}" for name, n in sorted(jobs["by_status"].items())) or "none"
     click.echo(f"jobs: {jobs['total']} ({statuses})")
     for cls, counts in summary["classes"].items():
-        click.echo(f"  {cls}: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+        click.echo(f"  {visible(cls)}: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
     click.echo(f"nodes: {len(summary['nodes'])} live")
-    for node in summary["nodes"]:
+    for node in summary["nodes"]:  # the registry is stored data too
         click.echo(
-            f"  {node['id']} {node['host']} pid {node['pid']}: {node['busy']} busy, {node['idle']} idle workers; "
-            f"modules {', '.join(node['modules'])}"
+            f"  {node['id']} {visible(node['host'])} pid {visible(node['pid'])}: {node['busy']} busy, "
+            f"{node['idle']} idle workers; modules {visible(', '.join(node['modules']))}"
         )
     oldest = summary["oldest_waiting_seconds"]
     click.echo(f"oldest waiting job: {'none' if oldest is None else f'{oldest:.0f} s'}")
@@ -497,7 +528,7 @@ def info(conn: Connection, as_json: bool) -> None:
         click.echo(f"runs ended in the {span.replace('last_', 'last ')}: {text}")
     unserved = summary["unserved_waiting_classes"]
     if unserved:
-        click.echo(f"waiting classes no live node serves: {', '.join(unserved)}")
+        click.echo(f"waiting classes no live node serves: {visible(', '.join(unserved))}")
 
 
 @cli.command()
@@ -547,18 +578,36 @@ def watch(conn: Connection, refresh: float, once: bool) -> None:
 
 
 @cli.command()
+@_option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. The server has no authentication: this machine only by default.",
+)
 @_option("--port", type=click.IntRange(0, 65535), default=27017, show_default=True)
 @_option(
     "--data-dir",
     default=".taskscheduler/data",
     show_default=True,
-    help="Where the embedded server keeps its data (':memory:' for none).",
+    help="Where the embedded server keeps its data, mode 0700 (':memory:' for none).",
 )
-def server(port: int, data_dir: str) -> None:
-    """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C."""
+def server(host: str, port: int, data_dir: str) -> None:
+    """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C. It has no authentication."""
+    import ipaddress
+
     from ..embedded import EmbeddedServer
 
-    with EmbeddedServer(port=port, data_dir=data_dir) as srv:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    with EmbeddedServer(port=port, data_dir=data_dir, host=host) as srv:
+        if not loopback:
+            click.echo(
+                f"Warning: the embedded server has no authentication; on {host} anyone who reaches port {srv.port} "
+                "can read, add and change every job",
+                err=True,
+            )
         click.echo(f"embedded server listening: {srv.uri}", err=False)
         srv.wait()
 
@@ -590,8 +639,21 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, values: tuple[str
     help="Also answer requests for this Host (a name, '*.DOMAIN', or '*': any), e.g. behind a proxy. Repeatable "
     "(env var: blank-separated). This machine's names and addresses are always answered.",
 )
+@_option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=MAX_STREAMS,
+    show_default=True,
+    help="Live-updating pages served at once; more get 503 and try again later.",
+)
 def dashboard(
-    conn: Connection, host: str, port: int, read_only: bool, token: str | None, allowed_hosts: tuple[str, ...]
+    conn: Connection,
+    host: str,
+    port: int,
+    read_only: bool,
+    token: str | None,
+    allowed_hosts: tuple[str, ...],
+    max_streams: int,
 ) -> None:
     """Serve the web dashboard: counts, a live job table, job pages, nodes, cancel and requeue (needs the extra
     dashboard)."""
@@ -611,6 +673,7 @@ def dashboard(
         announce=click.echo,
         allowed_hosts=allowed_hosts,
         warn=lambda message: click.echo(message, err=True),
+        max_streams=max_streams,
     )
 
 

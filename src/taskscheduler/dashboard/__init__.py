@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 DASHBOARD_EXTRA = 'pip install "mongodb-task-scheduler[dashboard]"'
 #: Seconds uvicorn gives open live streams (server-sent events never end by themselves) when stopping.
 SHUTDOWN_SECONDS = 1
+#: Live streams (open pages) served at once by default (``dashboard --max-streams``); beyond, a page gets 503 and
+#: tries again later. Each costs a connection and a share of every change's fan-out: 2,000 idle ones slowed every
+#: other request to seconds.
+MAX_STREAMS = 100
+#: Connections served at once besides the live streams: uvicorn answers 503 at once beyond ``max_streams`` plus
+#: this (its ``limit_concurrency``), instead of letting a flood slow every request.
+REQUEST_ROOM = 50
 #: Names of this machine as seen from itself, always answered.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 #: Addresses that mean "every interface" (no name of a machine).
@@ -59,9 +66,11 @@ def serve(
     announce: Callable[[str], object] = print,
     allowed_hosts: Iterable[str] = (),
     warn: Callable[[str], object] | None = None,
+    max_streams: int = MAX_STREAMS,
 ) -> None:
     """Serve the dashboard until SIGINT/SIGTERM; ``announce`` gets the one line saying where, ``warn`` (default:
-    stderr) a warning when it serves the network without a token.
+    stderr) a warning when it serves the network without a token. ``max_streams``: live streams (open pages)
+    served at once; the server takes at most ``max_streams`` + :data:`REQUEST_ROOM` connections.
 
     It answers only requests whose Host names this machine (no DNS rebinding from a web page): the bound address,
     the loopback names and, bound to more than loopback, the machine's names and addresses, plus
@@ -74,9 +83,14 @@ def serve(
 
     sock = bind(host, port)
     hosts = trusted_hosts(host, allowed_hosts)
-    app = create_app(scheduler, read_only=read_only, token=token, allowed_hosts=hosts)
+    app = create_app(scheduler, read_only=read_only, token=token, allowed_hosts=hosts, max_streams=max_streams)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_SECONDS, lifespan="on"
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        lifespan="on",
+        limit_concurrency=max_streams + REQUEST_ROOM,
     )
     shown = f"[{host}]" if ":" in host else host
     announce(f"dashboard on http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")

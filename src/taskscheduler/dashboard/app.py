@@ -23,12 +23,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..constants import VERSION
 from ..errors import InvalidArgumentError, JobNotFoundError
 from ..process import Process
 from ..scheduler import Scheduler
-from .live import Broadcaster
+from . import MAX_STREAMS
+from .live import Broadcaster, Message
 from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query, job_row
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,6 +40,13 @@ ACTIONS = ("cancel", "requeue")
 ACTION_HEADER = "X-Taskscheduler-Action"
 #: Seconds between keep-alive comments on an idle event stream (proxies close silent connections).
 KEEPALIVE_SECONDS = 15.0
+#: Longest query string answered, in bytes (the page's own filters take a few hundred): longer ones get 414 before
+#: anything is parsed or read, so no request can make the server match a huge filter.
+MAX_QUERY_BYTES = 2048
+#: Longest class filter of the job table, in characters.
+MAX_CLASS_FILTER = 512
+#: Seconds a page refused for too many live streams is told to wait before it tries again (``Retry-After``).
+STREAM_RETRY_SECONDS = 15
 #: Only our own files: no inline script, no third-party origin, not framed by another site.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -52,9 +61,11 @@ def create_app(
     read_only: bool = False,
     token: str | None = None,
     allowed_hosts: list[str] | None = None,
+    max_streams: int = MAX_STREAMS,
 ) -> Starlette:
-    """The dashboard of ``scheduler``'s jobs. ``allowed_hosts``: Host headers answered (None: any)."""
-    feed = Broadcaster(scheduler)
+    """The dashboard of ``scheduler``'s jobs. ``allowed_hosts``: Host headers answered (None: any);
+    ``max_streams``: live streams (open pages) served at once, 503 beyond."""
+    feed = Broadcaster(scheduler, max_streams)
     views = _Endpoints(scheduler, feed, read_only, token)
 
     @asynccontextmanager
@@ -74,6 +85,7 @@ def create_app(
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    middleware.append(Middleware(_BoundedQuery))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.feed = feed
     return app
@@ -108,7 +120,10 @@ class _Endpoints:
 
     def jobs(self, request: Request) -> Response:
         params = request.query_params
-        query = job_query(params.get("status", "").split(","), params.get("class") or None, params.get("id"))
+        job_class = params.get("class") or None
+        if job_class is not None and len(job_class) > MAX_CLASS_FILTER:
+            return _error(400, f"class filter too long ({len(job_class)} characters, at most {MAX_CLASS_FILTER})")
+        query = job_query(params.get("status", "").split(","), job_class, params.get("id"))
         if query is None:
             return _json({"jobs": [], "total": 0})
         try:
@@ -163,17 +178,52 @@ class _Endpoints:
         return None
 
     async def stream(self, request: Request) -> Response:
-        return StreamingResponse(
-            _events(self.feed, request),
+        queue = self.feed.subscribe()
+        if queue is None:
+            response = _error(503, f"too many live streams open ({self.feed.max_streams}); try again later")
+            response.headers["Retry-After"] = str(STREAM_RETRY_SECONDS)
+            return response
+        return _Stream(self.feed, queue, request)
+
+
+class _Stream(StreamingResponse):
+    """A page's event stream, which gives its subscription back however the response ends, even when the page
+    left before the first event (the generator's own ``finally`` would then never run)."""
+
+    def __init__(self, feed: Broadcaster, queue: asyncio.Queue[Message | None], request: Request) -> None:
+        super().__init__(
+            _events(feed, queue, request),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+        self.feed = feed
+        self.queue = queue
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.feed.unsubscribe(self.queue)
 
 
-async def _events(feed: Broadcaster, request: Request) -> AsyncIterator[str]:
-    """One page's server-sent events: ``ready`` once it is subscribed (it then loads what it shows, missing no
-    change made after), then ``job``, ``counts`` and ``nodes`` as they come."""
-    queue = feed.subscribe()
+class _BoundedQuery:
+    """Answers 414 to a request whose query string is longer than :data:`MAX_QUERY_BYTES`, before any endpoint
+    parses it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        size = len(scope.get("query_string", b"")) if scope["type"] == "http" else 0
+        if size > MAX_QUERY_BYTES:
+            await _error(414, f"query string too long ({size} bytes, at most {MAX_QUERY_BYTES})")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _events(feed: Broadcaster, queue: asyncio.Queue[Message | None], request: Request) -> AsyncIterator[str]:
+    """One page's server-sent events (``queue``: its subscription): ``ready`` once the feed is open (the page then
+    loads what it shows, missing no change made after), then ``job``, ``counts`` and ``nodes`` as they come."""
     try:
         await asyncio.to_thread(feed.wait_ready, 10.0)
         yield "retry: 2000\nevent: ready\ndata: {}\n\n"

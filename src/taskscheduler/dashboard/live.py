@@ -22,6 +22,7 @@ from ..errors import ServerUnavailableError
 from ..process import Process
 from ..scheduler import Scheduler
 from ..store import ActivityFeed
+from . import MAX_STREAMS
 from .views import counts_view, job_row, node_labels, node_view
 
 logger = logging.getLogger("taskscheduler.dashboard")
@@ -41,9 +42,10 @@ Message = tuple[str, str]  # (event name, JSON data)
 class Broadcaster:
     """Follows the job collection in a thread; ``subscribe()`` gives each page its own queue of messages."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, max_streams: int = MAX_STREAMS) -> None:
         self.scheduler = scheduler
         self.store = scheduler.store
+        self.max_streams = max_streams
         self._pages: dict[asyncio.Queue[Message | None], asyncio.AbstractEventLoop] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -89,9 +91,12 @@ class Broadcaster:
             except RuntimeError:  # its loop is closed: nothing left to end
                 pass
 
-    def subscribe(self) -> asyncio.Queue[Message | None]:
+    def subscribe(self) -> asyncio.Queue[Message | None] | None:
+        """A new page's queue of messages, or None when ``max_streams`` pages are subscribed already."""
         queue: asyncio.Queue[Message | None] = asyncio.Queue(PAGE_BACKLOG)
         with self._lock:
+            if len(self._pages) >= self.max_streams:
+                return None
             self._pages[queue] = asyncio.get_running_loop()
         if self._closing.is_set():
             _end(queue)

@@ -12,8 +12,10 @@ from typing import Any
 from bson import ObjectId
 
 from ..constants import JobStatus
+from ..errors import InvalidJobError
 from ..lifecycle import counted_run_ends as lifecycle_run_ends
 from ..process import Process, plain
+from ..schema import MALFORMED, status_label
 
 #: Jobs the table shows at most (newest first).
 MAX_ROWS = 200
@@ -40,10 +42,8 @@ def _finite(value: Any) -> Any:
 
 
 def status_name(status: Any) -> str:
-    try:
-        return JobStatus(int(status)).name.lower()
-    except (TypeError, ValueError):
-        return str(status)
+    """A stored status's name, or ``"malformed"`` for anything else (SPEC 2: shown, never a failed request)."""
+    return status_label(status)
 
 
 def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
@@ -57,12 +57,18 @@ def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 
 
 def job_row(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
-    """One row of the live table. Reads nothing more than the job document (no event lookup per row)."""
+    """One row of the live table. Reads nothing more than the job document (no event lookup per row). A
+    malformed document is shown as it is, with ``malformed`` naming what is wrong (else None)."""
     worker = str(process.worker) if process.worker else None
+    try:
+        status = process.status.name.lower()
+    except InvalidJobError:
+        status = MALFORMED
     return {
         "id": str(process.id),
         "class": process.job_class,
-        "status": process.status.name.lower(),
+        "status": status,
+        "malformed": process.malformed,
         "progress": shown(process.progress),
         "run": process.run,
         "created": plain(process.created),
@@ -124,11 +130,12 @@ def counts_view(counts: Mapping[int, int]) -> dict[str, int]:
 
 
 def job_query(statuses: Iterable[str], job_class: str | None, job_id: str | None) -> dict[str, Any] | None:
-    """The filter of the table (None: an id that cannot match anything). Unknown status names match nothing."""
+    """The filter of the table (None: an id that cannot match anything). Unknown status names match nothing.
+    Each status is sent once however often it is named: the server's cost grows with the ``$in`` list."""
     query: dict[str, Any] = {}
-    wanted = [s.strip().upper() for s in statuses if s.strip()]
+    wanted = {s.strip().upper() for s in statuses if s.strip()}
     if wanted:
-        query["status"] = {"$in": [int(JobStatus[s]) for s in wanted if s in JobStatus.__members__]}
+        query["status"] = {"$in": sorted(int(JobStatus[s]) for s in wanted if s in JobStatus.__members__)}
     if job_class:
         query["class"] = job_class
     if job_id:

@@ -8,6 +8,8 @@ const ENDED_BADLY = ["failed", "timeout", "canceled"];
 const MAX_ROWS = 200;
 // Shortest pause between two reloads of the job page while its job changes (progress moves often).
 const JOB_RELOAD_MS = 1000;
+// Pause before a page whose live stream was refused (too many pages open: 503) asks for one again.
+const STREAM_RETRY_MS = 15000;
 
 const state = { config: null, rows: new Map(), view: "list", jobId: null, online: false };
 
@@ -269,7 +271,11 @@ function connect() {
     updateTotal(counts);
   });
   source.addEventListener("nodes", (event) => renderNodes(JSON.parse(event.data)));
-  source.onerror = () => setOnline(false);
+  source.onerror = () => {
+    setOnline(false);
+    // Refused (e.g. 503: too many live pages open): the browser gives up on it, so try again later ourselves.
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, STREAM_RETRY_MS);
+  };
 }
 
 async function refresh() {
