@@ -25,6 +25,7 @@ from helpers import IdleWorkerFactory, Node, wait_until
 from taskscheduler import DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import QueueFullError, ServerUnavailableError, WaitTimeoutError
+from taskscheduler.fencing import lease_clock
 from taskscheduler.heartbeat import Heartbeat
 from taskscheduler.lifecycle import next_start
 from taskscheduler.manager import WorkerManager
@@ -433,7 +434,7 @@ def test_11_leases_are_renewed_beside_the_loop_and_lost_jobs_killed(scheduler: S
     owners = {mine.id: (worker, 1), taken.id: (stale, 1)}  # the second was taken over by `other`
     beat = Heartbeat(scheduler.lifecycle, 2.0, lambda: owners, lambda m: sent.append(m) or True, logging.getLogger())
     before = scheduler.store.find_job(mine.id)["expires"]
-    began = time.monotonic()
+    began = lease_clock()
     beat.start()
     try:
         wait_until(lambda: any(isinstance(m, Fence) for m in sent), 5, what="a renewal")
@@ -441,11 +442,11 @@ def test_11_leases_are_renewed_beside_the_loop_and_lost_jobs_killed(scheduler: S
         beat.stop()
     assert beat.period == pytest.approx(2 / 6)
     assert scheduler.store.find_job(mine.id)["expires"] > before
-    assert KillJob(taken.id, stale, KillReason.LOST) in sent and not any(
+    assert KillJob(taken.id, stale, KillReason.LOST, 1) in sent and not any(
         isinstance(m, KillJob) and m.job_id == mine.id for m in sent
     )
     fence = next(m for m in sent if isinstance(m, Fence))
-    assert began < fence.deadline - 1.0 <= time.monotonic()  # half a lease from the renewal
+    assert began <= fence.deadline - 1.0 <= lease_clock()  # half a lease from the renewal, on the fences' clock
     assert fence.renewed == ((mine.id, worker),)  # only what was renewed may run on
 
 

@@ -42,6 +42,10 @@ WATCHDOG_GRACE = 1 / 8
 KERNEL_GRACE = 2 / 5
 #: Longest the watchdog sleeps while a job's code runs (it looks at the slot and at its manager this often).
 WATCH_PERIOD_SECONDS = 0.1
+#: A stop request ends a job's code only if it has not returned this long after the watchdog saw the request: the
+#: code's last statements and its return to the worker are not one instant, and a stop never kills a run whose
+#: code has returned.
+STOP_RETURN_SECONDS = 0.05
 _DEADLINE = struct.Struct("d")
 _STOP = struct.Struct("q")
 
@@ -106,6 +110,7 @@ class SelfFence:
         self._timer = KernelTimer.create()
         self._armed = -1.0
         self._thread: threading.Thread | None = None
+        self._stop_seen: float | None = None  # when the watchdog first saw a stop request during this job
 
     def arm(self, lease: float) -> float:
         """Call right before a claim is sent: the lease it may win holds at least ``lease`` from now on the server,
@@ -136,6 +141,7 @@ class SelfFence:
         """The job's code starts: watch it until :meth:`end`."""
         with self._cond:
             self._watching = True
+            self._stop_seen = None
             self._cond.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="taskscheduler-fence", daemon=True)
@@ -165,13 +171,17 @@ class SelfFence:
                 if os.getppid() != self._parent:
                     self.stop_now("its worker manager is gone")
                 elif self.slot.stop_requested():
-                    self.stop_now("its queue node stops")
+                    if self._stop_seen is None:
+                        self._stop_seen = now
+                    elif now - self._stop_seen >= STOP_RETURN_SECONDS:
+                        self.stop_now("its queue node stops")
                 elif now >= fence + self.lease * WATCHDOG_GRACE:
                     kill_descendants()  # first: the job's other processes never wait for the release below
                     self._release()
                     self.stop_now("its lease was not renewed in time (its node is paused, gone or cut off)")
                 self._set_timer(fence, now)
-                self._cond.wait(min(WATCH_PERIOD_SECONDS, max(0.001, fence + self.lease * WATCHDOG_GRACE - now)))
+                period = STOP_RETURN_SECONDS if self._stop_seen is not None else WATCH_PERIOD_SECONDS
+                self._cond.wait(min(period, max(0.001, fence + self.lease * WATCHDOG_GRACE - now)))
 
     def _release(self) -> None:
         """Try the release on a thread of its own and wait for it no longer than its bound: whatever it waits for

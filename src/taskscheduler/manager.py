@@ -115,6 +115,9 @@ class WorkerManager:
         self._outbox: deque[Any] = deque()  # reports waiting for room in the pipe
         self._stopping = False
         self._spawn_blocked_until = 0.0
+        #: Set by process(), which runs in a process of the manager's own: only then are children of this process that
+        #: are not workers a dead worker's leftovers (never kill or reap other children of a caller's process).
+        self._own_process = False
         self._wake_r: socket.socket | None = None  # signals wake the loop through this pair (set in process())
         self._wake_w: socket.socket | None = None
 
@@ -137,6 +140,7 @@ class WorkerManager:
         """Serve the queue node on ``connection`` until it says stop, goes away, or SIGTERM/SIGINT arrives."""
         self._queue = connection
         forking.become_subreaper()  # a dead worker's job processes come to us, to be ended
+        self._own_process = True  # every other child of this process is a worker's leftover
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -394,7 +398,8 @@ class WorkerManager:
         forking.kill_tree(child.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
-        while True:  # workers, and what a dead worker's job left behind (we are its subreaper)
+        # Workers, and in a process of our own what a dead worker's job left behind (we are its subreaper).
+        while self._children or self._own_process:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -422,7 +427,8 @@ class WorkerManager:
         # What its job started dies with it: what is left in its group, and what became ours (we are a subreaper).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
-        forking.kill_strays(self._children)
+        if self._own_process:
+            forking.kill_strays(self._children)
         self._report(WorkerExited(child.id, child.pid, sig))
         if child.kill_reason is None and self._stopping and sig == signal.SIGTERM:
             child.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
