@@ -27,7 +27,9 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
         by_class.setdefault(_class_label(row["class"]), Counter())[name] += int(row["count"])
     nodes: list[dict[str, Any]] = []
     for node in store.live_nodes():
-        workers = node.get("workers") or []
+        # Stored data is hostile input: anything but a list of documents counts as no workers.
+        listed = node.get("workers")
+        workers = [w for w in listed if isinstance(w, Mapping)] if isinstance(listed, list) else []
         busy = sum(1 for w in workers if w.get("job") is not None)
         nodes.append(
             {

@@ -228,7 +228,9 @@ class WorkerManager:
         self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None, run: int | None = None
     ) -> None:
         for child in self._children.values():
-            if child.job != job_id or not child.claimed or child.kill_reason is not None:
+            # A run whose code has returned is never killed: its end is being recorded, conditional on owning the
+            # job, and a worker that loses withdraws what it wrote (killed midway, it could not).
+            if child.job != job_id or not child.claimed or child.kill_reason is not None or child.ending:
                 continue
             if worker_id in (None, child.id) and run in (None, child.run):
                 self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": child.pid})

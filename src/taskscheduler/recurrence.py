@@ -63,7 +63,7 @@ def timezone_name(name: str, value: Any) -> str:
         raise InvalidArgumentError(f"option {name} must be an IANA time zone name, got {value!r}")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe" is a directory of the database
         raise InvalidArgumentError(f"option {name}: unknown time zone {value!r}") from None
     return value
 
@@ -74,7 +74,7 @@ def next_cron_time(expr: str, zone: str, after: float) -> float:
     try:
         tz = ZoneInfo(zone)
         matches = croniter(expr, datetime.fromtimestamp(after, tz))
-    except (ValueError, KeyError, TypeError, OverflowError, ZoneInfoNotFoundError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, ZoneInfoNotFoundError, OSError) as exc:
         raise InvalidArgumentError(f"cron {expr!r} in {zone!r}: {exc}") from None
     hourly = _every_hour(matches)
     while True:

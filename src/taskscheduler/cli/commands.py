@@ -440,7 +440,7 @@ def _next_run(process: Any) -> str | None:
     options = process.options
     try:
         zone = ZoneInfo(str(options.get(o.TIMEZONE) or "UTC")) if options.get(o.CRON) else timezone.utc
-    except (ValueError, ZoneInfoNotFoundError):  # a stored zone is read again here, never trusted
+    except (ValueError, ZoneInfoNotFoundError, OSError):  # a stored zone is read again here, never trusted
         zone = timezone.utc
     at = max(float(options.get(o.AT) or 0), datetime.now(timezone.utc).timestamp())
     return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
@@ -517,7 +517,7 @@ def info(conn: Connection, as_json: bool) -> None:
     click.echo(f"nodes: {len(summary['nodes'])} live")
     for node in summary["nodes"]:  # the registry is stored data too
         click.echo(
-            f"  {node['id']} {visible(node['host'])} pid {visible(node['pid'])}: {node['busy']} busy, "
+            f"  {visible(node['id'])} {visible(node['host'])} pid {visible(node['pid'])}: {node['busy']} busy, "
             f"{node['idle']} idle workers; modules {visible(', '.join(node['modules']))}"
         )
     oldest = summary["oldest_waiting_seconds"]

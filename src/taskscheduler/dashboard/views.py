@@ -51,8 +51,10 @@ def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for node in nodes:
         label = f"{node.get('host')} (pid {node.get('pid')})"
-        for worker in node.get("workers") or []:
-            labels[str(worker.get("_id"))] = label
+        listed = node.get("workers")
+        for worker in listed if isinstance(listed, list) else []:
+            if isinstance(worker, Mapping):
+                labels[str(worker.get("_id"))] = label
     return labels
 
 
