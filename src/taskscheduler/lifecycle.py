@@ -19,14 +19,14 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from . import options as o
-from .constants import MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
+from .constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
 from .errors import (
     InvalidArgumentError,
     InvalidJobError,
@@ -73,6 +73,8 @@ MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 LATE_WRITE_SECONDS = 2.0
 #: Why a node ends a worker while the node lives on (the others are deaths: a worker or manager died).
 KILLS_SURVIVED = ("timeout", "stop", "lost", "cancel", "starved")
+#: Leases after which a run's sweep that its owner has not vouched for counts as a death (see _confirmed_sweeps).
+SWEEP_CONFIRM_LEASES = 2.0
 #: Statuses an ended run can have.
 RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
@@ -559,8 +561,19 @@ class Lifecycle:
             change = Release(self, doc, worker, deaths, reason, expires)
             change.vouches = True  # its node lives on: a sweep that beat it was no death
             return change
-        swept = self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1))) - {worker}
+        swept = self._confirmed_sweeps(doc) - {worker}
         return self._orphaned(doc, worker, deaths + 1, deaths + 1 + len(swept), reason, expires, None)
+
+    def _confirmed_sweeps(self, doc: Mapping[str, Any]) -> set[ObjectId]:
+        """The run's sweeps that count as deaths: unvouched although their owners had time to vouch. An owner that
+        was only cut off vouches once the server answers it again, which after an outage is the moment the
+        sweepers come back too: a sweep younger than SWEEP_CONFIRM_LEASES leases is not evidence yet."""
+        lease = doc.get("lease")
+        seconds = float(DEFAULT_ORPHANED_TIMEOUT)
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
+            seconds = float(lease)
+        before = self.store.clock.now() - timedelta(seconds=SWEEP_CONFIRM_LEASES * seconds)
+        return self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1)), before)
 
     def release_orphan(self, doc: Mapping[str, Any], reason: str) -> Change:
         """A sweep: put back a run whose lease ran out on the server (``doc`` as :meth:`orphans` found it), from
@@ -568,7 +581,7 @@ class Lifecycle:
         worker, expires = doc["worker"], doc["expires"]
         # The same worker swept before in this run: an attempt of this sweep whose outcome was unknown, or one that
         # never took effect (the owner renewed the lease since). A worker dies once.
-        swept = self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1))) - {worker}
+        swept = self._confirmed_sweeps(doc) - {worker}
         deaths = int(doc.get("orphaned", 0))
         return self._orphaned(doc, worker, deaths, deaths + len(swept) + 1, reason, expires, expires)
 

@@ -1041,10 +1041,16 @@ class Store:
 
     # -- sweeps: runs another node put back when their lease ran out (issue 16) -------------------------------------
 
-    def unvouched_sweeps(self, job_id: ObjectId, run: int) -> set[ObjectId]:
-        """The workers whose claims of a run were swept and whose owner has not shown that it outlived the
-        sweep. A worker counts once, however many events name it (attempts of a sweep whose outcome was unknown)."""
-        return {e["worker"] for e in self._sweeps(job_id, run) if not e["sweep"].get("back")}
+    def unvouched_sweeps(self, job_id: ObjectId, run: int, before: datetime | None = None) -> set[ObjectId]:
+        """The workers whose claims of a run were swept (``before`` a time, when given) and whose owner has not
+        shown that it outlived the sweep. A worker counts once, however many events name it (attempts of a sweep
+        whose outcome was unknown)."""
+        return {
+            e["worker"]
+            for e in self._sweeps(job_id, run)
+            if not e["sweep"].get("back")
+            and (before is None or not isinstance(e.get("time"), datetime) or e["time"] <= before)
+        }
 
     def vouch(self, job_id: ObjectId, run: int, worker: ObjectId) -> int:
         """The owner of a run (``worker``, or its node for it) lives on after losing it: mark the sweeps of its
@@ -1059,7 +1065,7 @@ class Store:
         # The few events of one run, by the job's index alone, filtered here: some planners (the test server's)
         # scan the collection for a filter with a field the index lacks.
         with _server_errors():
-            found = self.events.find({"job": job_id, "run": run}, {"worker": 1, "sweep": 1})
+            found = self.events.find({"job": job_id, "run": run}, {"worker": 1, "sweep": 1, "time": 1})
             return [e for e in found if isinstance(e.get("sweep"), dict)]
 
     # -- change streams --------------------------------------------------------------------------------------------
