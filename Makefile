@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Two pytest workers (pytest-xdist), one per core: most tests wait on real processes and the server, so two
-# at a time halve the wall time (about 6 minutes instead of 13). Each worker starts its own embedded server.
+# at a time halve the wall time (about 7 minutes instead of 14). Each worker starts its own embedded server.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2
 
