@@ -66,8 +66,8 @@ MIN_SERVER_VERSION = (5, 0, 7)
 #: Reservations tried (each after freeing room) before a busy, full job collection is reported full.
 ROOM_ATTEMPTS = 50
 #: Most bytes of the room ledger a producer reserves at once (1/1024 of the cap when smaller). Its first
-#: reservation is its job's size, each later one twice the one before: one that adds a single job (a
-#: ``taskscheduler add``) holds no room it does not use, a busy one writes the ledger once per many jobs.
+#: reservation is its job's size, each later one a whole chunk: one that adds a single job (a ``taskscheduler
+#: add``) holds no room it does not use, a busy one writes the ledger once per many jobs from its second job on.
 ROOM_CHUNK_BYTES = 64 * 1024
 #: How long room a producer reserved ahead (a grant, on the server's clock) stays counted for it: a producer
 #: killed holding some gives it back to the first reconciliation after this.
@@ -556,9 +556,9 @@ class Store:
 
     def _reserve_more(self, producer: _Producer, size: int, limit: int) -> None:
         for _ in range(ROOM_ATTEMPTS):
-            # Twice the last reservation while there is room (one ledger write per many jobs), the job's own size
-            # near full.
-            grow = min(self._chunk, 2 * producer.last)
+            # After the first reservation (the job's own size: a one-shot producer holds nothing it does not use),
+            # a whole chunk while there is room (one ledger write per many jobs), the job's own size near full.
+            grow = self._chunk if producer.last else 0
             if any(self._take(producer, size, want, limit) for want in sorted({max(size, grow), size}, reverse=True)):
                 return
             # No room: the grant goes back to what it still covers.
