@@ -42,11 +42,16 @@ class StartLog(AbstractJob):
         self._line("end")
 
     def _line(self, what: str) -> None:
-        fd = os.open(self.data["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{what} {os.getpid()} {time.time():.3f}\n".encode())
-        finally:
-            os.close(fd)
+        append_line(self.data["path"], f"{what} {os.getpid()} {time.time():.3f}")
+
+
+def append_line(path: str, line: str) -> None:
+    """One line appended in one write (lines of several processes never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def read_log(path: str) -> list[tuple[str, int, float]]:
@@ -61,7 +66,7 @@ def read_log(path: str) -> list[tuple[str, int, float]]:
 
 
 #: What a Ticker's subprocess runs: a line ``sub <pid> <monotonic time>`` every 50 ms, until it is killed.
-_SUB_TICKS = (
+SUB_TICKS = (
     "import os, sys, time\n"
     "while True:\n"
     "    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)\n"
@@ -82,7 +87,7 @@ class Ticker(AbstractJob):
             import sys
 
             subprocess.Popen(
-                [sys.executable, "-c", _SUB_TICKS, self.data["log"]],
+                [sys.executable, "-c", SUB_TICKS, self.data["log"]],
                 start_new_session=bool(self.data.get("new_session")),
                 stdin=subprocess.DEVNULL,
             )
@@ -95,11 +100,7 @@ class Ticker(AbstractJob):
         return "ticked"
 
     def _line(self, what: str) -> None:
-        fd = os.open(self.data["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{what} {os.getpid()} {time.monotonic():.4f}\n".encode())
-        finally:
-            os.close(fd)
+        append_line(self.data["log"], f"{what} {os.getpid()} {time.monotonic():.4f}")
 
 
 def read_ticks(path: str) -> list[tuple[str, int, float]]:

@@ -118,6 +118,13 @@ def test_a_worker_paused_between_its_claim_and_the_hand_over_never_runs_the_job(
     assert len(_starts(log)) == 1, "the job ran twice"
     claims = [e for e in scheduler.store.job_events(process.id) if e["status"] == JobStatus.PROCESSING]
     assert len(claims) == 2  # the paused worker's claim, then the one that ran it
+    # Paused, not dead: its node reports the lost claim once the worker's timer has ended it, and the sweep that put
+    # the run back is vouched for (it never counts as an orphaning).
+    def vouched() -> bool:
+        sweeps = [e for e in scheduler.store.job_events(process.id) if isinstance(e.get("sweep"), dict)]
+        return all(e["sweep"]["back"] for e in sweeps)
+
+    wait_until(vouched, 10, what="the paused worker's sweep to be vouched for")
 
 
 def _is_stopped(proc: Any) -> bool:

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from pymongo import MongoClient
 
+from crash_jobs import SUB_TICKS, append_line
 from helpers import Node, wait_until
 from taskscheduler import AbstractJob, JobStatus, Scheduler
 
@@ -35,11 +36,7 @@ MODULES = (__name__, "sample_jobs", "crash_jobs")
 
 def _line(path: str, what: str) -> None:
     """``<what> <pid> <time.monotonic()>``: one clock for every process of the machine."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{what} {os.getpid()} {time.monotonic():.4f}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(path, f"{what} {os.getpid()} {time.monotonic():.4f}")
 
 
 def hold_gil(seconds: float) -> None:
@@ -106,15 +103,7 @@ class HoldGilWithHelper(AbstractJob):
     does), writes ``start``, then holds the GIL in one C call for ``data["hold"]`` s."""
 
     def start(self) -> str:
-        code = (
-            "import os, sys, time\n"
-            "while True:\n"
-            "    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)\n"
-            "    os.write(fd, f'sub {os.getpid()} {time.monotonic():.4f}\\n'.encode())\n"
-            "    os.close(fd)\n"
-            "    time.sleep(0.05)\n"
-        )
-        subprocess.Popen([sys.executable, "-c", code, self.data["log"]], stdin=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-c", SUB_TICKS, self.data["log"]], stdin=subprocess.DEVNULL)
         _line(self.data["log"], "start")
         hold_gil(float(self.data["hold"]))
         return "held"

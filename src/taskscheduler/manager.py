@@ -440,12 +440,23 @@ class WorkerManager:
                 child.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
             elif sig == signal.SIGKILL and timer and clock >= timer - 0.05:
                 child.kill_reason = KillReason.STARVED  # its timer fired while its lease held: it could not look
+        timer = child.slot.timer()
         child.slot.close()
+        # Its timer (armed only around a claim) ended it before it told us of a claim: paused past its lease in
+        # between. The claim may be written: its node puts it back as a lease it lost, not as a death.
+        unreported = child.task is not None and not child.claimed and sig == signal.SIGKILL and bool(timer)
+        unreported = unreported and lease_clock() >= timer - 0.05
         if child.claimed and child.job is not None:
             reason = child.kill_reason or KillReason.DIED
             self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))
         elif child.task is not None and child.kill_reason not in (KillReason.CANCEL, KillReason.STOP):
-            # Handed over but never claimed: it is still WAITING, and no change event will announce it again.
+            if unreported:
+                child.kill_reason = KillReason.LOST
+                run = child.task.doc.get("run")
+                run = run if isinstance(run, int) and not isinstance(run, bool) else 1
+                self._report(JobKilled(child.task.doc["_id"], child.id, run, KillReason.LOST, sig, 0))
+            # Handed over but never claimed (or the claim was not written): still WAITING, and no change event will
+            # announce it again.
             if (child.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
                 self._forced.appendleft(child.task)
             else:
