@@ -570,8 +570,15 @@ class Harness:
         self.later(self.rng.uniform(0.0, 0.5), "restart", self.restart)
         return True
 
+    def _manager_can_act(self, x: Execution) -> bool:
+        """Whether the manager of the worker running ``x`` could end its job's processes were the worker killed
+        now. One that is paused or dead cannot, and then no process of ours is left to end them (a documented
+        limit, docs/concepts.md "The stall window"): a job with subprocesses is not killed then."""
+        node = self.node(x.node)
+        return x.child_last is None or node is None or node.state == "up"
+
     def _kill_worker(self) -> bool:
-        busy = [e for e in self.log.active() if _is_worker(e.pid, self.db_name)]
+        busy = [e for e in self.log.active() if _is_worker(e.pid, self.db_name) and self._manager_can_act(e)]
         if busy and self.rng.random() < 0.8:
             victim = self.rng.choice(busy)
             pid, what = victim.pid, f"worker pid {victim.pid} of {victim.node} running {victim.job}"
@@ -607,7 +614,9 @@ class Harness:
         """SIGKILL of the worker alone, or of the node process alone, while the job's subprocesses run: they must
         die with it (SPEC 4), whether in the worker's process group or in a session of their own."""
         busy = [
-            x for x in self.log.active() if x.child_last is not None and _is_worker(x.pid, self.db_name)
+            x
+            for x in self.log.active()
+            if x.child_last is not None and _is_worker(x.pid, self.db_name) and self._manager_can_act(x)
         ]
         if not busy:
             return False
