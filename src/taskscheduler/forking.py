@@ -9,7 +9,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 
 import psutil
@@ -107,6 +107,18 @@ def writable(connection: Connection, timeout: float = 0.0) -> bool:
         return bool(select.select([], [connection], [], timeout)[1])
     except (OSError, ValueError):
         return True  # closed: let send() raise and the caller handle it
+
+
+def exited() -> Iterator[tuple[int, int]]:
+    """(pid, waitpid status) of each child of this process that has ended, reaped without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def running(pid: int) -> bool:

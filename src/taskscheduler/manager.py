@@ -401,17 +401,15 @@ class WorkerManager:
 
     def _reap(self) -> None:
         # Workers, and in a process of our own what a dead worker's job left behind (we are its subreaper).
-        while self._children or self._own_process:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        if not (self._children or self._own_process):
+            return
+        for pid, status in forking.exited():  # the next child is reaped only when asked for
             child = self._children.pop(pid, None)
             if child is not None:
                 self._drain(child)
                 self._on_exit(child, forking.exit_signal(status), status)
+            if not (self._children or self._own_process):
+                return  # in a caller's process: never reap its other children
 
     def _drain(self, child: _Child) -> None:
         """Read what a dead worker said before it died (its claim, most of all)."""

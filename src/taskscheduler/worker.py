@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -17,7 +16,7 @@ from bson.errors import InvalidDocument
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from . import failpoints
+from . import failpoints, forking
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from .fencing import LeaseSlot, SelfFence, lease_clock
@@ -286,13 +285,8 @@ class Worker:
 
     def _reap_orphans(self) -> None:
         """Reap what ended below this worker (it is a subreaper): daemons a job left, now exited."""
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for _ in forking.exited():
+            pass
 
     def _returned(self, doc: Mapping[str, Any]) -> None:
         """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
