@@ -1660,7 +1660,7 @@ JOBS_PER_CHUNK = 13
 #: per job added, ``F began returned message`` for QueueFullError, ``X ...`` for another error, ``L began returned``
 #: for a flush (times: time.monotonic(), one clock for every process of the machine).
 ROOM_PRODUCER = r'''
-import json, sys, time
+import faulthandler, json, sys, time
 from pymongo import MongoClient
 from taskscheduler import Scheduler
 from taskscheduler.errors import QueueFullError
@@ -1691,8 +1691,11 @@ def run(command, args):
                 break
     elif command == "fill":
         for pad in args:
-            while add(mine, int(pad)):
-                pass
+            for _ in range(FILL_MOST):
+                if not add(mine, int(pad)):
+                    break
+            else:
+                print("X fill: still room after", FILL_MOST, "jobs of", pad, "bytes", flush=True)
     elif command == "oneshots":
         for _ in range(int(args[0])):
             add(Scheduler(db, options=options), 0)
@@ -1702,12 +1705,16 @@ def run(command, args):
         print("L", began, time.monotonic(), flush=True)
 
 
+FILL_MOST = 4000  # far more small jobs than the collection holds: an endless fill is a finding, not a hang
 for line in sys.stdin:
     command, *args = line.split()
+    # A command stuck for a minute prints where it is stuck (stderr reaches the test's output).
+    faulthandler.dump_traceback_later(60, exit=False)
     try:
         run(command, args)
     except Exception as exc:  # reported by the test, with what the command was
         print("X", command, repr(exc).replace("\n", " ")[:300], flush=True)
+    faulthandler.cancel_dump_traceback_later()
     print("ok", flush=True)
 '''
 
