@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
-from pymongo.errors import PyMongoError
 
 from . import options as o
 from .constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
@@ -43,22 +42,12 @@ from .job import class_path
 from .process import Process
 from .recurrence import next_cron_time, retry_delay
 from .schema import end_problem, job_ref, problem, status_problem
-from .store import (
-    MAX_JOB_SIZE,
-    StatusChange,
-    Store,
-    encoded_size,
-    fields_equal,
-    fingerprint,
-    job_size,
-    literal,
-    same_value,
-)
+from .store import MAX_JOB_SIZE, JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
-#: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store`).
+#: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
 NO_EVENT = NO_WORKER
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
 ONCE_ATTEMPTS = 400
@@ -124,19 +113,19 @@ def _derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
 
 
 def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> dict[str, Any]:
-    """Expression: the job is PROCESSING, owned by ``worker`` (in that run, with that lease end)."""
+    """What a job is while ``worker`` owns it: PROCESSING (in that run, with that lease end)."""
     expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
     if run is not None:
         expect["run"] = run
     if expires is not None:
         expect["expires"] = expires
-    return fields_equal(expect)
+    return expect
 
 
 class Lifecycle:
     """Every state change of a job, used alike by the client API, queue nodes and workers."""
 
-    def __init__(self, scheduler: Scheduler, store: Store, emitter: Emitter, logger: logging.Logger) -> None:
+    def __init__(self, scheduler: Scheduler, store: JobStore, emitter: Emitter, logger: logging.Logger) -> None:
         self.scheduler = scheduler
         self.store = store
         self.emitter = emitter
@@ -173,7 +162,7 @@ class Lifecycle:
             opts[o.AT] = next_cron_time(opts[o.CRON], opts[o.TIMEZONE], max(opts[o.AT], clock.time()) - 0.001)
         now = clock.now()
         status = JobStatus.POSTPONED if opts[o.AT] > 0 and not clock.reached(opts[o.AT]) else JobStatus.WAITING
-        # Every field a later update writes is here from the start, with its final BSON type (see store.py).
+        # Every field a later update writes is here from the start, with its final BSON type (see store/mongo/documents.py).
         return {
             "_id": job_id,
             "class": path,
@@ -309,17 +298,17 @@ class Lifecycle:
             now = self.store.clock.now()
             event_id = ObjectId()
             fields = {
-                "status": literal(int(JobStatus.CANCELED)),
-                "ended": literal(now),
-                "outcome": literal(event_id),
-                "change": literal(event_id),
+                "status": int(JobStatus.CANCELED),
+                "ended": now,
+                "outcome": event_id,
+                "change": event_id,
             }
-            when = fields_equal({"status": int(status), "run": doc.get("run", 1)})
+            when = {"status": int(status), "run": doc.get("run", 1)}
             running = status == JobStatus.PROCESSING
             worker = doc.get("worker") if running else None
             started = doc.get("started") if running else None
             self.store.insert_events(
-                [Store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
+                [self.store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
             )
             if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
                 doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
@@ -363,14 +352,15 @@ class Lifecycle:
         job_class = doc.get("class")
         described = {"_id": job_id, "class": job_class if isinstance(job_class, str) else None, "run": run or 1}
         error = library_error(InvalidJobError, f"job {job_ref(job_id)} is malformed: {found}")
-        self.store.insert_events([Store.event(described, JobStatus.FAILED, time=now, error=error, event_id=event_id)])
+        event = self.store.event(described, JobStatus.FAILED, time=now, error=error, event_id=event_id)
+        self.store.insert_events([event])
         fields = {
-            "status": literal(int(JobStatus.FAILED)),
-            "ended": literal(now),
-            "outcome": literal(event_id),
-            "change": literal(event_id),
+            "status": int(JobStatus.FAILED),
+            "ended": now,
+            "outcome": event_id,
+            "change": event_id,
         }
-        if not self._transition_or_withdraw(job_id, fields_equal(expect), fields, event_id):
+        if not self._transition_or_withdraw(job_id, expect, fields, event_id):
             # Another node may have ended it first, with the same event: that event stays.
             if (self.store.find_job(job_id) or {}).get("change") != event_id:
                 self.store.delete_events([event_id])
@@ -411,20 +401,20 @@ class Lifecycle:
         requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
         requeued.update(options=options, change=event_id, failures=0)
         self.store.insert_events(
-            [Store.event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)]
+            [self.store.event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)]
         )
         fields = {
-            "status": literal(int(JobStatus.WAITING)),
-            "run": literal(run),
-            "worker": literal(NO_WORKER),
-            "progress": literal(0.0),
-            "orphaned": literal(0),
-            "failures": literal(0),
-            "options.at": literal(0.0),
-            "change": literal(event_id),
+            "status": int(JobStatus.WAITING),
+            "run": run,
+            "worker": NO_WORKER,
+            "progress": 0.0,
+            "orphaned": 0,
+            "failures": 0,
+            "options.at": 0.0,
+            "change": event_id,
         }
         moved = self._transition_or_withdraw(
-            doc["_id"], fields_equal({"status": int(status), "run": run - 1}), fields, event_id
+            doc["_id"], {"status": int(status), "run": run - 1}, fields, event_id
         )
         if not moved:
             self.store.delete_events([event_id])
@@ -450,7 +440,7 @@ class Lifecycle:
         """A transition whose event is written already: on an error without an answer, the job's mark tells
         whether it was written; the event of one that was not is withdrawn (best effort during an outage)."""
         try:
-            return self.store.transition(job_id, when, fields)
+            return self.store.change(job_id, when, fields)
         except ServerUnavailableError:
             with contextlib.suppress(ServerUnavailableError):
                 stored = self.store.find_job(job_id) or {}
@@ -497,11 +487,11 @@ class Lifecycle:
         # prepared (and stamped) before the status is written, and its id is the same for every node and attempt:
         # the winner keeps it until it is written (through outages and pauses, after the job has moved on too).
         run = int(doc.get("run", 1))
-        when = fields_equal({"status": int(JobStatus.POSTPONED), "run": run})
+        when = {"status": int(JobStatus.POSTPONED), "run": run}
         event_id = _derived_id(doc["_id"], run, b"due")
-        event = Store.event(doc, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
-        fields = {"status": literal(int(JobStatus.WAITING)), "change": literal(event_id)}
-        if not self.store.transition(doc["_id"], when, fields):
+        event = self.store.event(doc, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
+        fields = {"status": int(JobStatus.WAITING), "change": event_id}
+        if not self.store.change(doc["_id"], when, fields):
             stored = self.store.find_job(doc["_id"]) or {}
             if stored.get("change") != event_id or stored.get("run") != run:
                 return None
@@ -623,7 +613,7 @@ class Lifecycle:
         with a warning (the run goes on, and its end is recorded once the server is back)."""
         try:
             return self.store.set_progress(job_id, progress, owner, wait)
-        except (ServerUnavailableError, PyMongoError) as exc:
+        except ServerUnavailableError as exc:
             if owner is None:
                 raise
             self.logger.warning(
@@ -661,9 +651,9 @@ class Change:
             return True
         store = self.life.store
         store.insert_events(self.events)
-        fields = dict(self.fields, change=literal(self.marker))
+        fields = dict(self.fields, change=self.marker)
         try:
-            written = store.transition(self.doc["_id"], self.when, fields)
+            written = store.change(self.doc["_id"], self.when, fields)
         except ServerUnavailableError:
             self.uncertain = True  # written or not: only the job document can tell, later
             raise
@@ -695,7 +685,7 @@ class Change:
 
     def processing_event(self) -> Document:
         started = self.doc.get("started")
-        return Store.event(
+        return self.life.store.event(
             self.doc,
             JobStatus.PROCESSING,
             self.worker,
@@ -736,7 +726,7 @@ class RunEnd(Change):
             result, has_result = None, True
         started = self.doc.get("started") if isinstance(self.doc.get("started"), datetime) else None
         end_id = ObjectId()
-        end = Store.event(
+        end = self.life.store.event(
             self.doc,
             status,
             worker,
@@ -751,11 +741,11 @@ class RunEnd(Change):
         self.events = [self.processing_event(), end]
         self.when = owned_by(worker, self.run, expires)
         self.fields = {
-            "status": literal(int(status)),
-            "ended": literal(now),
-            "progress": literal(100.0),
-            "orphaned": literal(int(self.doc.get("orphaned", 0))),
-            "outcome": literal(end["_id"]),
+            "status": int(status),
+            "ended": now,
+            "progress": 100.0,
+            "orphaned": int(self.doc.get("orphaned", 0)),
+            "outcome": end["_id"],
         }
         self.ended_doc = dict(self.doc, status=int(status), ended=now, progress=100.0, outcome=end["_id"])
         self.next_doc: Document | None = None
@@ -768,17 +758,17 @@ class RunEnd(Change):
             self.next_doc.update(progress=0.0, orphaned=0, options=options, failures=failures)
             self.fields.update(
                 {
-                    "status": literal(int(next_status)),
-                    "run": literal(self.run + 1),
-                    "worker": literal(NO_WORKER),
-                    "progress": literal(0.0),
-                    "orphaned": literal(0),
-                    "failures": literal(failures),
-                    "options.at": literal(at),
-                    "options.retry": literal(retry),
+                    "status": int(next_status),
+                    "run": self.run + 1,
+                    "worker": NO_WORKER,
+                    "progress": 0.0,
+                    "orphaned": 0,
+                    "failures": failures,
+                    "options.at": at,
+                    "options.retry": retry,
                 }
             )
-            self.events.append(Store.event(self.next_doc, next_status, worker, time=now, end=end_id))
+            self.events.append(self.life.store.event(self.next_doc, next_status, worker, time=now, end=end_id))
 
     def outcome(self) -> Any:
         return self.ended_doc["outcome"]
@@ -823,14 +813,14 @@ class Release(Change):
         self.released = dict(self.doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
         note = library_error(JobReleasedError, reason)
         now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
-        released = Store.event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
+        released = self.life.store.event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
         self.events = [self.processing_event(), released]
         self.when = owned_by(worker, self.run, expires)
         self.fields = {
-            "status": literal(int(JobStatus.WAITING)),
-            "worker": literal(NO_WORKER),
-            "orphaned": literal(count),
-            "progress": literal(0.0),
+            "status": int(JobStatus.WAITING),
+            "worker": NO_WORKER,
+            "orphaned": count,
+            "progress": 0.0,
         }
 
     def announce(self) -> None:
@@ -899,10 +889,10 @@ class AfterKill:
                     # while another worker held the run, its start and `started` are that worker's, not ours.)
                     store.insert_events([Change(self.life, doc, self.worker).processing_event()])
                     # The worker is gone: a requeue may let another one run the job now.
-                    store.transition(
+                    store.change(
                         self.job_id,
-                        fields_equal({"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker}),
-                        {"worker": literal(NO_WORKER)},
+                        {"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker},
+                        {"worker": NO_WORKER},
                     )
                 self.done = True
                 return
@@ -940,7 +930,7 @@ class AfterKill:
 class _Reservation:
     """Room reserved for a job add_job_once may insert: given back unless an insert took it over."""
 
-    def __init__(self, store: Store, size: int) -> None:
+    def __init__(self, store: JobStore, size: int) -> None:
         self.store = store
         self.size = size
         self.spent = False
@@ -1022,7 +1012,7 @@ def _fits(result: Any) -> bool:
         return False
 
 
-def _fresh(holder: Mapping[str, Any], store: Store) -> bool:
+def _fresh(holder: Mapping[str, Any], store: JobStore) -> bool:
     """Whether a key was taken less than ONCE_PENDING_SECONDS ago, on the server's clock."""
     since = holder.get("since")
     return isinstance(since, datetime) and (store.server_time() - since).total_seconds() < ONCE_PENDING_SECONDS

@@ -76,7 +76,8 @@ class Scheduler:
         self._options: dict[str, Any] = dict(o.SCHEDULER_DEFAULTS)
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
         #: The one owner of job state changes; queue nodes and workers use it through their Scheduler.
-        self.lifecycle = Lifecycle(self, self._build_store(), self._emitter, self.logger)
+        self._store = self._build_store()
+        self.lifecycle = Lifecycle(self, self._store, self._emitter, self.logger)
         self._progress_writes: dict[ObjectId, float] = {}
         #: Set inside a worker: progress writes then require that this worker still owns the job.
         self.owner: ObjectId | None = None
@@ -96,7 +97,7 @@ class Scheduler:
     @property
     def store(self) -> Store:
         """Where jobs and events are kept (the only object that talks to pymongo)."""
-        return self.lifecycle.store
+        return self._store
 
     @property
     def emitter(self) -> Emitter:
@@ -108,7 +109,7 @@ class Scheduler:
         """Change scheduler options; changed defaults apply to jobs added from now on."""
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
         self.store.give_back()  # room the replaced store reserved ahead would be lost with it
-        self.lifecycle.store = self._build_store()
+        self.lifecycle.store = self._store = self._build_store()
         return self
 
     def get_options(self) -> dict[str, Any]:

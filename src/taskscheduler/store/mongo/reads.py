@@ -1,0 +1,105 @@
+"""What operators, metrics and the dashboard ask: reads only, each served by an index."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING
+
+from ...constants import JobStatus
+from .connection import server_errors
+from .deployment import Deployment
+from .documents import Document
+
+
+class OperatorReads(Deployment):
+    """Counts and listings for operators (CLI, metrics, dashboard)."""
+
+    def job_counts(self) -> list[Document]:
+        """How many jobs there are per class and status: ``{"class", "status", "count"}`` each."""
+        pipeline: list[Document] = [
+            {"$group": {"_id": {"class": "$class", "status": "$status"}, "count": {"$sum": 1}}},
+        ]
+        with server_errors():
+            return [
+                # A group key leaves out a field the documents lack (a malformed job): None, never a KeyError.
+                {"class": d["_id"].get("class"), "status": d["_id"].get("status"), "count": d["count"]}
+                for d in self.jobs.aggregate(pipeline)
+            ]
+
+    def oldest_waiting(self) -> Document | None:
+        with server_errors():
+            return self.jobs.find_one({"status": int(JobStatus.WAITING)}, sort=[("_id", ASCENDING)])
+
+    def waiting_classes(self) -> list[str]:
+        with server_errors():
+            return sorted(str(c) for c in self.jobs.distinct("class", {"status": int(JobStatus.WAITING)}))
+
+    def run_ends_since(self, since: datetime) -> list[Document]:
+        """Events of runs that ended since ``since`` (found by their ids, which start with their time)."""
+        ends = [int(s) for s in JobStatus if s.is_terminal]
+        with server_errors():
+            return list(
+                self.events.find(
+                    {"_id": {"$gte": ObjectId.from_datetime(since)}, "status": {"$in": ends}},
+                    {"status": 1, "time": 1, "class": 1},
+                )
+            )
+
+    def waiting_counts(self) -> list[Document]:
+        """Waiting and postponed jobs per class: ``{"class", "status", "count"}`` each (a node's metrics).
+        The match is served by the ``status_expires`` index; only jobs not yet run are grouped. A status stored
+        as another number type (0.0, a long, a decimal) is no status (a malformed job, SPEC 2): not counted (left
+        out here: a ``$type`` in the match would cost some planners the index)."""
+        pipeline: list[Document] = [
+            {"$match": {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}}},
+            {"$group": {"_id": {"class": "$class", "status": "$status"}, "count": {"$sum": 1}}},
+        ]
+        with server_errors():
+            return [
+                # A group key leaves out a field the documents lack (a malformed job): None, never a KeyError.
+                {"class": d["_id"].get("class"), "status": d["_id"].get("status"), "count": d["count"]}
+                for d in self.jobs.aggregate(pipeline)
+                if type(d["_id"].get("status")) is int
+            ]
+
+    def status_counts(self) -> dict[int, int]:
+        """Jobs per status, every status present (the dashboard). One count per status, each answered from the
+        ``status_expires`` index alone, where one grouping would read every document."""
+        with server_errors():
+            return {int(s): int(self.jobs.count_documents({"status": int(s)})) for s in JobStatus}
+
+    def recent_run_events(self, job_id: ObjectId, limit: int) -> tuple[list[Document], int]:
+        """The events of a job's newest ``limit`` ended runs, oldest first (with the next-run announcements that
+        tell which end of a run counted), and how many runs of the job ended (a job page). Both are served by the
+        ``job_run`` index: the run numbers are read newest first and only until ``limit`` of them are found."""
+        ends = [int(s) for s in JobStatus if s.is_terminal]
+        ended = {"job": job_id, "status": {"$in": ends}}
+        runs: list[int] = []
+        with server_errors():
+            cursor = self.events.find(ended, {"run": 1}).sort("run", DESCENDING).batch_size(max(limit, 1) + 1)
+            try:
+                for event in cursor:
+                    run = int(event.get("run", 0))
+                    if not runs or run != runs[-1]:
+                        if len(runs) == limit:
+                            break
+                        runs.append(run)
+            finally:
+                cursor.close()
+            if not runs:
+                return [], 0
+            events = list(
+                self.events.find({"job": job_id, "run": {"$gte": runs[-1]}}).sort(
+                    [("run", ASCENDING), ("time", ASCENDING)]
+                )
+            )
+            total = len(runs)
+            if len(runs) == limit:  # maybe more: count the distinct run numbers on the server
+                counted = list(
+                    self.events.aggregate([{"$match": ended}, {"$group": {"_id": "$run"}}, {"$count": "runs"}])
+                )
+                total = int(counted[0]["runs"]) if counted else total
+        return events, total
+

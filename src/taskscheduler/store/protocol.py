@@ -1,0 +1,109 @@
+"""The storage seam: the verbs the lifecycle (which decides every state change) asks of a store.
+
+:class:`~taskscheduler.store.mongo.Store` implements it on MongoDB. Another store (a test double that records,
+a different database) implements these and nothing else of the library changes: the lifecycle builds no query
+or update itself, it says which fields it expects and which it sets (:meth:`JobStore.change`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+from bson import ObjectId
+
+from ..clock import ServerClock
+
+Document = dict[str, Any]
+
+
+class JobStore(Protocol):
+    """What the lifecycle needs of a store. Every write of a job is conditional; every read returns plain
+    documents (the fields SPEC 2 names); a store that cannot reach its server raises ServerUnavailableError."""
+
+    #: The server's clock: every time the library decides or stores is read from it.
+    clock: ServerClock
+
+    @property
+    def capped(self) -> bool:
+        """Whether no update may change a stored job's size (a capped collection)."""
+
+    def server_time(self, timeout: float | None = None) -> datetime: ...
+
+    def bounded(self, seconds: float) -> AbstractContextManager[None]:
+        """Every command inside takes at most ``seconds`` in all; past it, ServerUnavailableError."""
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+
+    def reserve_job(self, doc: Document) -> int:
+        """Room for a job (QueueFullError when there is none); its size, for insert_job or unreserve_job."""
+
+    def unreserve_job(self, size: int) -> None: ...
+
+    def insert_job(self, doc: Document, reserved: int | None = None) -> None: ...
+
+    def find_job(self, job_id: Any) -> Document | None: ...
+
+    def find_active(self, job_class: str, key: str | None) -> list[Document]: ...
+
+    def children(self, parent_id: ObjectId, active_only: bool = False) -> list[Document]: ...
+
+    def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
+        """Set ``sets`` if every field of ``expect`` has its value, in one atomic write; True when it did."""
+
+    def claim(self, job: Mapping[str, Any] | ObjectId, worker: ObjectId, lease: float) -> Document | None:
+        """WAITING -> PROCESSING for ``worker`` with a lease on the server's clock; None when it lost."""
+
+    def heartbeat(self, owners: Mapping[ObjectId, ObjectId]) -> dict[ObjectId, Document | None]:
+        """Renew leases (job -> worker); the jobs no longer owned so, as they are now (None: gone)."""
+
+    def orphans(self, now: datetime) -> list[Document]:
+        """Running jobs whose lease ended before ``now`` on the server's clock."""
+
+    def set_progress(self, job_id: ObjectId, progress: float, owner: ObjectId | None, wait: float | None) -> bool: ...
+
+    # -- add_job_once keys -------------------------------------------------------------------------------------------
+
+    def once_holder(self, key: str) -> Document | None: ...
+
+    def take_once(self, key: str, job_id: ObjectId, holder: ObjectId | None, since: datetime | None = None) -> bool: ...
+
+    def confirm_once(self, key: str, job_id: ObjectId) -> bool: ...
+
+    def release_once(self, key: str, job_id: ObjectId) -> None: ...
+
+    # -- events ------------------------------------------------------------------------------------------------------
+
+    def event(
+        self,
+        job: Mapping[str, Any],
+        status: int,
+        worker: ObjectId | None = None,
+        *,
+        error: Mapping[str, Any] | None = None,
+        result: Any = None,
+        has_result: bool = False,
+        time: datetime | None = None,
+        started: datetime | None = None,
+        event_id: ObjectId | None = None,
+        end: ObjectId | None = None,
+        sweep: datetime | None = None,
+    ) -> Document:
+        """A new event of ``job`` (not written)."""
+
+    def insert_events(self, events: list[Document]) -> list[ObjectId]:
+        """Write events; one whose id is stored already (a retry) is skipped."""
+
+    def delete_events(self, ids: Iterable[ObjectId]) -> None: ...
+
+    def delete_unrecorded_events(self, job_id: ObjectId, run: int, worker: ObjectId, keep: Any) -> int: ...
+
+    def find_event(self, event_id: ObjectId) -> Document | None: ...
+
+    def job_events(self, job_id: ObjectId) -> list[Document]: ...
+
+    def unvouched_sweeps(self, job_id: ObjectId, run: int, before: datetime | None = None) -> set[ObjectId]: ...
+
+    def vouch(self, job_id: ObjectId, run: int, worker: ObjectId) -> int: ...
