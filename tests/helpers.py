@@ -17,6 +17,8 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from taskscheduler import DefaultWorkerFactory, Scheduler
+from taskscheduler.constants import JobStatus
+from taskscheduler.records import JobRecord
 
 #: The tests directory (on sys.path for the job modules the tests' queue nodes import).
 TESTS_DIR = Path(__file__).resolve().parent
@@ -119,3 +121,12 @@ class IdleWorkerFactory(DefaultWorkerFactory):
                 connection.recv()
 
         return Idle()
+
+
+def as_record(doc: dict[str, Any]) -> JobRecord:
+    """The record of a job document, or of the few fields of one a test names (the others as add_job stores
+    them): what the lifecycle's policies read."""
+    full = {"class": "sample_jobs:Noop", "status": int(JobStatus.PROCESSING), **doc}
+    if not isinstance(full.get("_id"), ObjectId):
+        full["_id"] = ObjectId()
+    return JobRecord.from_doc(full)

@@ -22,7 +22,7 @@ from pymongo import AsyncMongoClient
 from pymongo.database import Database
 
 import sample_jobs
-from helpers import TESTS_DIR, Node
+from helpers import TESTS_DIR, Node, as_record
 from taskscheduler import AsyncScheduler, JobStatus, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError, InvalidJobError
@@ -141,7 +141,7 @@ def test_retry_max_interval_bounds_the_delay_without_backoff() -> None:
     bound is not applied: retry_interval=600, retry_max_interval=60 waits 600 s."""
     doc = {"options": {"retry": 3, "retry_interval": 600, "retry_max_interval": 60, "retry_backoff": 1.0}}
     now = 1_700_000_000.0
-    follow = next_start(doc, JobStatus.FAILED, now)
+    follow = next_start(as_record(doc), JobStatus.FAILED, now)
     assert follow is not None
     assert follow[1] - now <= 60, f"retry delay {follow[1] - now} s exceeds retry_max_interval 60 s"
 
@@ -340,6 +340,6 @@ def test_cron_match_runs_once_when_the_worker_clock_is_behind() -> None:
         "failures": 0,
         "options": {"cron": "0 * * * *", "timezone": "UTC", "retry": 0, "at": match, "interval": 0},
     }
-    follow = next_start(doc, JobStatus.DONE, match - 0.5)  # the worker's clock: half a second behind
+    follow = next_start(as_record(doc), JobStatus.DONE, match - 0.5)  # the worker's clock: half a second behind
     assert follow is not None
     assert follow[1] > match, f"the 12:00 match is scheduled again (next at {follow[1]} == its own at {match})"

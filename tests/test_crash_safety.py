@@ -21,7 +21,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from crash_jobs import HUGE, read_log
-from helpers import IdleWorkerFactory, Node, wait_until
+from helpers import IdleWorkerFactory, Node, as_record, wait_until
 from taskscheduler import DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import QueueFullError, ServerUnavailableError, WaitTimeoutError
@@ -330,10 +330,10 @@ def test_8_progress_during_an_outage_is_dropped_not_raised(
 
 def test_9_next_runs_keep_milliseconds() -> None:
     doc = {"options": {"retry": 1, "retry_interval": 2, "interval": 0}}
-    follow = next_start(doc, JobStatus.FAILED, 4_000_000_000.25)
+    follow = next_start(as_record(doc), JobStatus.FAILED, 4_000_000_000.25)
     assert follow is not None and follow[1] == 4_000_000_002.25
     doc = {"options": {"retry": 0, "interval": 5, "interval_reference": "end"}}
-    follow = next_start(doc, JobStatus.DONE, 4_000_000_000.125)
+    follow = next_start(as_record(doc), JobStatus.DONE, 4_000_000_000.125)
     assert follow is not None and follow[1] == 4_000_000_005.125
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pymongo.database import Database
 
+from helpers import as_record
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.cli.commands import main
 from taskscheduler.constants import DEFAULT_JOB_QUEUE, NODE_REGISTRY
@@ -87,7 +88,7 @@ def test_the_end_of_a_run_of_a_stored_cron_job_with_such_a_zone_never_raises(zon
     and an OSError there escapes RunEnd, so the run can never be recorded as ended."""
     doc = {"options": {"cron": "* * * * *", "timezone": zone, "at": 0.0, "retry": 0}}
     try:
-        next_start(doc, JobStatus.DONE, 1_000_000_000.0)
+        next_start(as_record(doc), JobStatus.DONE, 1_000_000_000.0)
     except InvalidArgumentError:
         pass  # typed: what the caller handles (or None: the schedule ends with this run)
     except OSError as exc:

@@ -337,7 +337,7 @@ def _terminal_injection(db: Database[dict[str, Any]], scheduler: Scheduler) -> t
     message = "boom\x1b]0;pwned\x07\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07\rover\x08\u202etxt"
     failed = scheduler.add_job(NOOP)
     error = {"class": "x\x1b[2J", "message": message, "traceback": f"line 1\n{message}"}
-    event = scheduler.store.event({"_id": failed.id, "class": NOOP}, JobStatus.FAILED, time=NOW, error=error)
+    event = {"_id": ObjectId(), "job": failed.id, "class": NOOP, "run": 1, "status": 4, "time": NOW, "error": error}
     db["taskscheduler.events"].insert_one(event)
     db[DEFAULT_JOB_QUEUE].update_one({"_id": failed.id}, {"$set": {"status": 4, "outcome": event["_id"]}})
     db[DEFAULT_JOB_QUEUE].insert_one(job)

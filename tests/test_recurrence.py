@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from helpers import as_record
 from taskscheduler.constants import JobStatus
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.lifecycle import next_start
@@ -103,7 +104,7 @@ def test_no_catch_up_storm_after_downtime() -> None:
     # not the three it missed.
     now = time.time()
     doc = {"options": {"cron": "0 * * * *", "timezone": "UTC", "at": now - 3 * 3600, "retry": 0}}
-    follow = next_start(doc, JobStatus.DONE, now)
+    follow = next_start(as_record(doc), JobStatus.DONE, now)
     assert follow is not None
     status, at, _ = follow
     assert status == JobStatus.POSTPONED and now < at <= now + 3600 and at % 3600 == 0
@@ -112,10 +113,10 @@ def test_no_catch_up_storm_after_downtime() -> None:
 def test_cron_follows_failure_once_retries_are_spent() -> None:
     now = time.time()
     doc = {"options": {"cron": "*/10 * * * *", "timezone": "UTC", "retry": 0, "retry_interval": 5}}
-    status, at, retry = next_start(doc, JobStatus.FAILED, now) or (None, 0.0, 0)
+    status, at, retry = next_start(as_record(doc), JobStatus.FAILED, now) or (None, 0.0, 0)
     assert status == JobStatus.POSTPONED and at % 600 == 0 and now < at <= now + 600 and retry == 0
     retrying = {"options": dict(doc["options"], retry=2)}
-    status, at, retry = next_start(retrying, JobStatus.FAILED, now) or (None, 0.0, 0)
+    status, at, retry = next_start(as_record(retrying), JobStatus.FAILED, now) or (None, 0.0, 0)
     assert at == pytest.approx(now + 5, abs=0.01) and retry == 1
 
 
@@ -139,12 +140,12 @@ def test_retry_jitter_draws_from_half_the_delay_to_the_delay() -> None:
 def test_next_start_counts_failures_in_a_row() -> None:
     now = time.time()
     opts = {"retry": -1, "retry_interval": 2, "retry_backoff": 3.0, "retry_max_interval": 3600}
-    delays = [next_start({"options": opts, "failures": f}, JobStatus.FAILED, now) for f in range(4)]
+    delays = [next_start(as_record({"options": opts, "failures": f}), JobStatus.FAILED, now) for f in range(4)]
     assert [round(d[1] - now, 2) for d in delays if d] == [2, 6, 18, 54]
 
 
 def test_a_stored_schedule_without_a_next_match_ends_the_job() -> None:
     doc = {"options": {"cron": "0 0 30 2 *", "timezone": "UTC", "retry": 0}}  # never validated, e.g. edited
-    assert next_start(doc, JobStatus.DONE, time.time()) is None
+    assert next_start(as_record(doc), JobStatus.DONE, time.time()) is None
     with pytest.raises(InvalidArgumentError, match="no next match"):
         next_cron_time("0 0 30 2 *", "UTC", time.time())

@@ -40,9 +40,10 @@ from .errors import (
 from .events import Emitter
 from .job import class_path
 from .process import Process
+from .records import EventRecord, JobRecord
 from .recurrence import next_cron_time, retry_delay
 from .schema import end_problem, job_ref, problem, status_problem
-from .store import MAX_JOB_SIZE, JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value
+from .store import MAX_JOB_SIZE, JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value, utcnow
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -131,11 +132,19 @@ class Lifecycle:
         self.emitter = emitter
         self.logger = logger
 
-    def process(self, doc: Mapping[str, Any]) -> Process:
-        return Process(dict(doc), self.scheduler)
+    def process(self, job: JobRecord | Mapping[str, Any]) -> Process:
+        return Process(job.to_doc() if isinstance(job, JobRecord) else dict(job), self.scheduler)
 
-    def emit(self, status: int, doc: Mapping[str, Any]) -> None:
-        self.emitter.emit_status(status, self.process(dict(doc, status=int(status))))
+    def emit(self, status: int, job: JobRecord | Mapping[str, Any]) -> None:
+        if isinstance(job, JobRecord):
+            shown: JobRecord | Mapping[str, Any] = job.evolve(status=JobStatus(status))
+        else:
+            shown = dict(job, status=int(status))
+        self.emitter.emit_status(status, self.process(shown))
+
+    def job(self, job: JobRecord | Mapping[str, Any]) -> JobRecord:
+        """The record of a job given as one or as its stored document (InvalidJobError when malformed)."""
+        return job if isinstance(job, JobRecord) else JobRecord.from_doc(job)
 
     def observe(self, change: StatusChange, doc: Mapping[str, Any], emitter: Emitter) -> None:
         """Emit on ``emitter`` what a change seen in a change stream means: a run's end, when the same update
@@ -162,28 +171,9 @@ class Lifecycle:
             opts[o.AT] = next_cron_time(opts[o.CRON], opts[o.TIMEZONE], max(opts[o.AT], clock.time()) - 0.001)
         now = clock.now()
         status = JobStatus.POSTPONED if opts[o.AT] > 0 and not clock.reached(opts[o.AT]) else JobStatus.WAITING
-        # Every field a later update writes is here from the start, with its final BSON type (see store/mongo/documents.py).
-        return {
-            "_id": job_id,
-            "class": path,
-            "status": int(status),
-            "run": 1,
-            "created": now,
-            "started": UNSET_TIME,
-            "ended": UNSET_TIME,
-            "alive": UNSET_TIME,
-            "expires": UNSET_TIME,
-            "lease": 0.0,
-            "worker": NO_WORKER,
-            "progress": 0.0,
-            "orphaned": 0,
-            "failures": 0,
-            "outcome": NO_EVENT,
-            "change": NO_EVENT,
-            "key": fingerprint(path, data),
-            "data": data,
-            "options": opts,
-        }
+        # Every field a later update writes is stored from the start, with its final BSON type (JobRecord.to_doc).
+        job = JobRecord(job_id, path, status, data=data, options=opts, created=now, key=fingerprint(path, data))
+        return job.to_doc()
 
     def add(self, doc: Document, reserved: int | None = None) -> Process:
         self.store.insert_job(doc, reserved)
@@ -307,9 +297,7 @@ class Lifecycle:
             running = status == JobStatus.PROCESSING
             worker = doc.get("worker") if running else None
             started = doc.get("started") if running else None
-            self.store.insert_events(
-                [self.store.event(doc, JobStatus.CANCELED, worker, time=now, started=started, event_id=event_id)]
-            )
+            self.store.insert_events([_raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started)])
             if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
                 doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
                 self.logger.info(
@@ -350,10 +338,9 @@ class Lifecycle:
         event_id = _derived_id(job_id, run or 1, salt) if isinstance(job_id, ObjectId) else ObjectId()
         now = self.store.clock.now()
         job_class = doc.get("class")
-        described = {"_id": job_id, "class": job_class if isinstance(job_class, str) else None, "run": run or 1}
         error = library_error(InvalidJobError, f"job {job_ref(job_id)} is malformed: {found}")
-        event = self.store.event(described, JobStatus.FAILED, time=now, error=error, event_id=event_id)
-        self.store.insert_events([event])
+        described = dict(doc, run=run or 1, worker=None, **{"class": job_class if isinstance(job_class, str) else None})
+        self.store.insert_events([_raw_event(described, JobStatus.FAILED, None, now, event_id, error=error)])
         fields = {
             "status": int(JobStatus.FAILED),
             "ended": now,
@@ -393,16 +380,16 @@ class Lifecycle:
                     "requeue it again in a few seconds"
                 )
         job_size(doc)  # a job stored over the limit (by an older version) would stop change streams once active
-        if "once" in doc:
-            self._hold_key_for_requeue(doc)
-        run = int(doc.get("run", 1)) + 1
+        job = JobRecord.from_doc(doc)
+        if job.once is not None:
+            self._hold_key_for_requeue(job.id, job.once)
+        run = job.run + 1
         event_id = ObjectId()
-        options = dict(doc.get("options") or {}, at=0.0)
-        requeued = dict(doc, status=int(JobStatus.WAITING), run=run, worker=NO_WORKER, progress=0.0, orphaned=0)
-        requeued.update(options=options, change=event_id, failures=0)
-        self.store.insert_events(
-            [self.store.event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)]
-        )
+        options = dict(job.options, at=0.0)
+        requeued = job.evolve(status=JobStatus.WAITING, run=run, worker=None, progress=0.0, orphaned=0, failures=0)
+        requeued = requeued.evolve(options=options, change=event_id)
+        event = new_event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
+        self.store.insert_events([event])
         fields = {
             "status": int(JobStatus.WAITING),
             "run": run,
@@ -413,26 +400,24 @@ class Lifecycle:
             "options.at": 0.0,
             "change": event_id,
         }
-        moved = self._transition_or_withdraw(
-            doc["_id"], {"status": int(status), "run": run - 1}, fields, event_id
-        )
+        moved = self._transition_or_withdraw(job.id, {"status": int(status), "run": run - 1}, fields, event_id)
         if not moved:
             self.store.delete_events([event_id])
-            if "once" in doc:
-                self.store.confirm_once(doc["once"], doc["_id"])  # it holds its key as before
-            raise InvalidArgumentError(f"job {doc['_id']} changed while being requeued; try again")
-        if "once" in doc and not self.store.confirm_once(doc["once"], doc["_id"]):
+            if job.once is not None:
+                self.store.confirm_once(job.once, job.id)  # it holds its key as before
+            raise InvalidArgumentError(f"job {job.id} changed while being requeued; try again")
+        if job.once is not None and not self.store.confirm_once(job.once, job.id):
             # Paused past ONCE_PENDING_SECONDS between the two writes: an add_job_once call took the key over and
             # its job stays; this one goes again.
             with contextlib.suppress(InvalidArgumentError):
-                self.cancel(self.load(doc["_id"]))
-            raise InvalidArgumentError(f"job {doc['_id']}: an add_job_once call took its key while it was requeued")
+                self.cancel(self.load(job.id))
+            raise InvalidArgumentError(f"job {job.id}: an add_job_once call took its key while it was requeued")
         self.logger.info(
-            f"job {doc['_id']} ({doc.get('class')!r}) requeued for run {run}",
-            extra={"job_id": doc["_id"], "job_class": doc.get("class"), "run": run},
+            f"job {job.id} ({job.job_class!r}) requeued for run {run}",
+            extra={"job_id": job.id, "job_class": job.job_class, "run": run},
         )
         self.emit(JobStatus.WAITING, requeued)
-        return requeued
+        return requeued.to_doc()
 
     def _transition_or_withdraw(
         self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any], event_id: ObjectId
@@ -448,22 +433,21 @@ class Lifecycle:
                     self.store.delete_events([event_id])
             raise
 
-    def _hold_key_for_requeue(self, doc: Mapping[str, Any]) -> None:
+    def _hold_key_for_requeue(self, job_id: ObjectId, key: str) -> None:
         """Before a requeued add_job_once job is active again, it holds its key as pending (renewed, so that a
         caller who read the old hold cannot take it over); concurrent add_job_once calls wait for it and then
         compare with the requeued job. Refused while another active job holds the key."""
-        key = doc["once"]
         holder = self.store.once_holder(key)
         held_by = holder.get("job") if holder else None
-        if held_by is not None and held_by != doc["_id"]:
+        if held_by is not None and held_by != job_id:
             other = self.store.find_job(held_by)
             pending = other is None and holder is not None and not holder.get("inserted") and _fresh(holder, self.store)
             if (other is not None and other["status"] < JobStatus.DONE) or pending:
                 raise InvalidArgumentError(
-                    f"job {doc['_id']} cannot be requeued: an active job with the same add_job_once key exists"
+                    f"job {job_id} cannot be requeued: an active job with the same add_job_once key exists"
                 )
-        if not self.store.take_once(key, doc["_id"], held_by, holder.get("since") if holder else None):
-            raise InvalidArgumentError(f"job {doc['_id']}: its add_job_once key changed hands meanwhile; try again")
+        if not self.store.take_once(key, job_id, held_by, holder.get("since") if holder else None):
+            raise InvalidArgumentError(f"job {job_id}: its add_job_once key changed hands meanwhile; try again")
 
     # -- the run ---------------------------------------------------------------------------------------------------
 
@@ -480,27 +464,28 @@ class Lifecycle:
             self.emit(JobStatus.PROCESSING, doc)
         return doc
 
-    def unpostpone(self, doc: Mapping[str, Any]) -> Document | None:
+    def unpostpone(self, doc: Mapping[str, Any]) -> EventRecord | None:
         """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins. Returns the
         winner's WAITING event, for :meth:`record_due` (None when another node won)."""
         # Status first, then its event: of many nodes racing, the losers write nothing at all. The event is
         # prepared (and stamped) before the status is written, and its id is the same for every node and attempt:
         # the winner keeps it until it is written (through outages and pauses, after the job has moved on too).
-        run = int(doc.get("run", 1))
+        # Read as routed: a job of a class this node does not run was checked for its routing fields only.
+        job_id, run = doc["_id"], int(doc.get("run", 1))
         when = {"status": int(JobStatus.POSTPONED), "run": run}
-        event_id = _derived_id(doc["_id"], run, b"due")
-        event = self.store.event(doc, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
+        event_id = _derived_id(job_id, run, b"due")
+        event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
         fields = {"status": int(JobStatus.WAITING), "change": event_id}
-        if not self.store.change(doc["_id"], when, fields):
-            stored = self.store.find_job(doc["_id"]) or {}
+        if not self.store.change(job_id, when, fields):
+            stored = self.store.find_job(job_id) or {}
             if stored.get("change") != event_id or stored.get("run") != run:
                 return None
         return event
 
-    def record_due(self, doc: Mapping[str, Any], event: Document) -> None:
+    def record_due(self, doc: Mapping[str, Any], event: EventRecord) -> None:
         """Write the WAITING event of a job :meth:`unpostpone` moved (again after an outage: written once)."""
         self.store.insert_events([event])
-        self.emit(JobStatus.WAITING, dict(doc, change=event["_id"]))
+        self.emit(JobStatus.WAITING, dict(doc, change=event.id))
 
     def heartbeat(self, owners: Mapping[ObjectId, tuple[ObjectId, int]]) -> set[ObjectId]:
         """Renew the leases of running jobs (job -> (worker, run)); returns the jobs no longer owned by their
@@ -516,7 +501,7 @@ class Lifecycle:
 
     def end(
         self,
-        doc: Mapping[str, Any],
+        doc: JobRecord | Mapping[str, Any],
         worker: ObjectId,
         status: JobStatus,
         *,
@@ -525,7 +510,8 @@ class Lifecycle:
         has_result: bool = False,
         expires: datetime | None = None,
     ) -> RunEnd:
-        change = RunEnd(self, doc, worker, status, error=error, result=result, has_result=has_result, expires=expires)
+        job = self.job(doc)
+        change = RunEnd(self, job, worker, status, error=error, result=result, has_result=has_result, expires=expires)
         change.vouches = True  # written by the run's worker, or by its node after a timeout: both live on
         return change
 
@@ -540,44 +526,51 @@ class Lifecycle:
     # longer counts. An owner that died never does. The MAX_ORPHANINGS-th orphaning ends the run FAILED.
 
     def release(
-        self, doc: Mapping[str, Any], worker: ObjectId, *, orphaned: bool, reason: str, expires: datetime | None = None
+        self,
+        doc: JobRecord | Mapping[str, Any],
+        worker: ObjectId,
+        *,
+        orphaned: bool,
+        reason: str,
+        expires: datetime | None = None,
     ) -> Change:
         """Put a job its worker can no longer run back to WAITING (same id and run), conditional on ownership.
         ``orphaned``: its node saw the worker (or the manager) die; the death is stored in ``orphaned`` and, with
         the run's unvouched sweeps, the :data:`MAX_ORPHANINGS`-th orphaning ends the run FAILED instead. A release
         that is not ``orphaned`` (a stop, a node that fenced itself) counts nothing."""
-        deaths = int(doc.get("orphaned", 0))
+        job = self.job(doc)
+        deaths = job.orphaned
         if not orphaned:
-            change = Release(self, doc, worker, deaths, reason, expires)
+            change = Release(self, job, worker, deaths, reason, expires)
             change.vouches = True  # its node lives on: a sweep that beat it was no death
             return change
-        swept = self._confirmed_sweeps(doc) - {worker}
-        return self._orphaned(doc, worker, deaths + 1, deaths + 1 + len(swept), reason, expires, None)
+        swept = self._confirmed_sweeps(job) - {worker}
+        return self._orphaned(job, worker, deaths + 1, deaths + 1 + len(swept), reason, expires, None)
 
-    def _confirmed_sweeps(self, doc: Mapping[str, Any]) -> set[ObjectId]:
+    def _confirmed_sweeps(self, job: JobRecord) -> set[ObjectId]:
         """The run's sweeps that count as deaths: unvouched although their owners had time to vouch. An owner that
         was only cut off vouches once the server answers it again, which after an outage is the moment the
         sweepers come back too: a sweep younger than SWEEP_CONFIRM_LEASES leases is not evidence yet."""
-        lease = doc.get("lease")
-        seconds = float(DEFAULT_ORPHANED_TIMEOUT)
-        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
-            seconds = float(lease)
+        seconds = job.lease if job.lease > 0 else float(DEFAULT_ORPHANED_TIMEOUT)
         before = self.store.clock.now() - timedelta(seconds=SWEEP_CONFIRM_LEASES * seconds)
-        return self.store.unvouched_sweeps(doc["_id"], int(doc.get("run", 1)), before)
+        return self.store.unvouched_sweeps(job.id, job.run, before)
 
-    def release_orphan(self, doc: Mapping[str, Any], reason: str) -> Change:
+    def release_orphan(self, doc: JobRecord | Mapping[str, Any], reason: str) -> Change:
         """A sweep: put back a run whose lease ran out on the server (``doc`` as :meth:`orphans` found it), from
         any node. It stores no count: its event records the sweep, which counts until the owner vouches for it."""
-        worker, expires = doc["worker"], doc["expires"]
+        job = self.job(doc)
+        worker, expires = job.worker, job.expires
+        if worker is None or expires is None:
+            raise InvalidJobError(f"job {job.id} is not running under a lease: there is no run to put back")
         # The same worker swept before in this run: an attempt of this sweep whose outcome was unknown, or one that
         # never took effect (the owner renewed the lease since). A worker dies once.
-        swept = self._confirmed_sweeps(doc) - {worker}
-        deaths = int(doc.get("orphaned", 0))
-        return self._orphaned(doc, worker, deaths, deaths + len(swept) + 1, reason, expires, expires)
+        swept = self._confirmed_sweeps(job) - {worker}
+        deaths = job.orphaned
+        return self._orphaned(job, worker, deaths, deaths + len(swept) + 1, reason, expires, expires)
 
     def _orphaned(
         self,
-        doc: Mapping[str, Any],
+        job: JobRecord,
         worker: ObjectId,
         deaths: int,
         count: int,
@@ -589,8 +582,8 @@ class Lifecycle:
         ``deaths`` its nodes saw stored (and, for a sweep, the lease end it swept in its event)."""
         if count >= MAX_ORPHANINGS:
             error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {reason}")
-            return RunEnd(self, dict(doc, orphaned=count), worker, JobStatus.FAILED, error=error, expires=expires)
-        return Release(self, doc, worker, deaths, reason, expires, sweep)
+            return RunEnd(self, job.evolve(orphaned=count), worker, JobStatus.FAILED, error=error, expires=expires)
+        return Release(self, job, worker, deaths, reason, expires, sweep)
 
     def vouch(self, job_id: ObjectId, run: int, worker: ObjectId, stored: Mapping[str, Any]) -> None:
         """``worker``'s claim of ``run`` was put back by someone else while its owner (the worker, or its node)
@@ -627,12 +620,12 @@ class Change:
     """A prepared state change of one job: events with fixed ids, then one conditional update. ``record()`` may
     be called again after an outage: it writes nothing twice and announces the change once."""
 
-    def __init__(self, life: Lifecycle, doc: Mapping[str, Any], worker: ObjectId) -> None:
+    def __init__(self, life: Lifecycle, job: JobRecord, worker: ObjectId) -> None:
         self.life = life
-        self.doc = dict(doc)
+        self.job = job
         self.worker = worker
-        self.run = int(doc.get("run", 1))
-        self.events: list[Document] = []
+        self.run = job.run
+        self.events: list[EventRecord] = []
         self.when: dict[str, Any] = {}
         self.fields: dict[str, Any] = {}
         self.recorded = False
@@ -642,35 +635,34 @@ class Change:
 
     @property
     def marker(self) -> ObjectId:
-        mark: ObjectId = self.events[-1]["_id"]
-        return mark
+        return self.events[-1].id
 
     def record(self) -> bool:
         """Write it; True when it is written (now or by an earlier attempt), False when the job was lost."""
         if self.recorded:
             return True
-        store = self.life.store
+        store, job = self.life.store, self.job
         store.insert_events(self.events)
         fields = dict(self.fields, change=self.marker)
         try:
-            written = store.change(self.doc["_id"], self.when, fields)
+            written = store.change(job.id, self.when, fields)
         except ServerUnavailableError:
             self.uncertain = True  # written or not: only the job document can tell, later
             raise
         if not written:
-            stored = store.find_job(self.doc["_id"]) or {}
+            stored = store.find_job(job.id) or {}
             if stored.get("change") != self.marker:
                 # Not ours now. Unless an earlier attempt may have been written and the job has moved on since
                 # (then its run number has moved on too), we lost it: withdraw what we wrote about it.
                 if not self.uncertain or int(stored.get("run", self.run)) == self.run:
-                    store.delete_events([e["_id"] for e in self.events[1:]])
+                    store.delete_events([e.id for e in self.events[1:]])
                 self.life.logger.warning(
-                    f"job {self.doc['_id']} ({self.doc.get('class')!r}) run {self.run} was taken over before its "
-                    "change was recorded; nothing written",
-                    extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "worker": self.worker},
+                    f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
+                    "recorded; nothing written",
+                    extra={"job_id": job.id, "job_class": job.job_class, "worker": self.worker},
                 )
                 if self.vouches:
-                    self.life.vouch(self.doc["_id"], self.run, self.worker, stored)
+                    self.life.vouch(job.id, self.run, self.worker, stored)
                 return False
         self.recorded = True
         self.announce()
@@ -679,21 +671,14 @@ class Change:
     def announce(self) -> None:
         """Log and emit the change (once it is written)."""
 
-    def outcome(self) -> Any:
+    def outcome(self) -> ObjectId | None:
         """The job's recorded outcome once this change is written (the id of the last ended run's event)."""
-        return self.doc.get("outcome")
+        return self.job.outcome
 
-    def processing_event(self) -> Document:
-        started = self.doc.get("started")
-        return self.life.store.event(
-            self.doc,
-            JobStatus.PROCESSING,
-            self.worker,
-            time=started if isinstance(started, datetime) else None,
-            event_id=processing_event_id(
-                self.doc["_id"], self.run, self.worker, started if isinstance(started, datetime) else None
-            ),
-        )
+    def processing_event(self) -> EventRecord:
+        started = self.job.started
+        event_id = processing_event_id(self.job.id, self.run, self.worker, started)
+        return new_event(self.job, JobStatus.PROCESSING, self.worker, time=started or UNSET_TIME, event_id=event_id)
 
 
 class RunEnd(Change):
@@ -703,7 +688,7 @@ class RunEnd(Change):
     def __init__(
         self,
         life: Lifecycle,
-        doc: Mapping[str, Any],
+        job: JobRecord,
         worker: ObjectId,
         status: JobStatus,
         *,
@@ -712,50 +697,44 @@ class RunEnd(Change):
         has_result: bool = False,
         expires: datetime | None = None,
     ) -> None:
-        super().__init__(life, doc, worker)
+        super().__init__(life, job, worker)
         self.status = status
         self.fallback = False  # set when this records that the real outcome could not be stored
         # The server's clock: a worker whose clock is off neither hastens nor delays the next run.
         self.now = now = life.store.clock.now()
         if has_result and not _fits(result):
             life.logger.warning(
-                f"job {self.doc['_id']} ({self.doc.get('class')!r}): result is too large or not BSON-encodable and "
-                "is not stored",
-                extra={"job_id": self.doc["_id"]},
+                f"job {job.id} ({job.job_class!r}): result is too large or not BSON-encodable and is not stored",
+                extra={"job_id": job.id},
             )
             result, has_result = None, True
-        started = self.doc.get("started") if isinstance(self.doc.get("started"), datetime) else None
         end_id = ObjectId()
-        end = self.life.store.event(
-            self.doc,
+        end = new_event(
+            job,
             status,
             worker,
             error=fit_error(error) if error is not None else None,
             result=result,
             has_result=has_result,
             time=now,
-            started=started,
+            started=job.started,
             event_id=end_id,
             end=end_id,
         )
         self.events = [self.processing_event(), end]
         self.when = owned_by(worker, self.run, expires)
-        self.fields = {
-            "status": int(status),
-            "ended": now,
-            "progress": 100.0,
-            "orphaned": int(self.doc.get("orphaned", 0)),
-            "outcome": end["_id"],
-        }
-        self.ended_doc = dict(self.doc, status=int(status), ended=now, progress=100.0, outcome=end["_id"])
-        self.next_doc: Document | None = None
-        follow = next_start(self.doc, status, now.timestamp())
+        self.fields = {"status": int(status), "ended": now, "progress": 100.0, "orphaned": job.orphaned}
+        self.fields["outcome"] = end_id
+        self.ended = job.evolve(status=status, ended=now, progress=100.0, outcome=end_id)
+        self.following: JobRecord | None = None
+        follow = next_start(job, status, now.timestamp())
         if follow is not None:
             next_status, at, retry = follow
-            failures = int(self.doc.get("failures", 0)) + 1 if status != JobStatus.DONE else 0
-            options = dict(self.doc.get("options") or {}, at=at, retry=retry)
-            self.next_doc = dict(self.ended_doc, status=int(next_status), run=self.run + 1, worker=NO_WORKER)
-            self.next_doc.update(progress=0.0, orphaned=0, options=options, failures=failures)
+            failures = job.failures + 1 if status != JobStatus.DONE else 0
+            options = dict(job.options, at=at, retry=retry)
+            self.following = self.ended.evolve(
+                status=next_status, run=self.run + 1, worker=None, progress=0.0, orphaned=0, failures=failures
+            ).evolve(options=options)
             self.fields.update(
                 {
                     "status": int(next_status),
@@ -768,30 +747,30 @@ class RunEnd(Change):
                     "options.retry": retry,
                 }
             )
-            self.events.append(self.life.store.event(self.next_doc, next_status, worker, time=now, end=end_id))
+            self.events.append(new_event(self.following, next_status, worker, time=now, end=end_id))
 
-    def outcome(self) -> Any:
-        return self.ended_doc["outcome"]
+    def outcome(self) -> ObjectId | None:
+        return self.ended.outcome
 
     def announce(self) -> None:
-        doc, life = self.doc, self.life
-        follows = f", run {self.run + 1} {JobStatus(self.next_doc['status']).name}" if self.next_doc else ""
+        job, life, following = self.job, self.life, self.following
+        follows = f", run {self.run + 1} {following.status.name}" if following is not None else ""
         life.logger.info(
-            f"job {doc['_id']} ({doc.get('class')!r}) run {self.run} ended {self.status.name}{follows}",
+            f"job {job.id} ({job.job_class!r}) run {self.run} ended {self.status.name}{follows}",
             extra={
-                "job_id": doc["_id"],
-                "job_class": doc.get("class"),
+                "job_id": job.id,
+                "job_class": job.job_class,
                 "status": self.status.name,
                 "run": self.run,
                 "worker": self.worker,
-                "next_run": self.next_doc["status"] if self.next_doc else None,
+                "next_run": int(following.status) if following is not None else None,
             },
         )
-        life.emit(self.status, dict(self.ended_doc, worker=self.worker, change=self.marker))
+        life.emit(self.status, self.ended.evolve(worker=self.worker, change=self.marker))
         if self.status == JobStatus.TIMEOUT:
-            life.cancel_children(doc["_id"])
-        if self.next_doc is not None:
-            life.emit(self.next_doc["status"], dict(self.next_doc, change=self.marker))
+            life.cancel_children(job.id)
+        if following is not None:
+            life.emit(following.status, following.evolve(change=self.marker))
 
 
 class Release(Change):
@@ -801,37 +780,33 @@ class Release(Change):
     def __init__(
         self,
         life: Lifecycle,
-        doc: Mapping[str, Any],
+        job: JobRecord,
         worker: ObjectId,
         count: int,
         reason: str,
         expires: datetime | None,
         sweep: datetime | None = None,
     ) -> None:
-        super().__init__(life, doc, worker)
+        super().__init__(life, job, worker)
         self.reason = reason
-        self.released = dict(self.doc, status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
+        self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
         note = library_error(JobReleasedError, reason)
         now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
-        released = self.life.store.event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
+        released = new_event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
         self.events = [self.processing_event(), released]
         self.when = owned_by(worker, self.run, expires)
-        self.fields = {
-            "status": int(JobStatus.WAITING),
-            "worker": NO_WORKER,
-            "orphaned": count,
-            "progress": 0.0,
-        }
+        self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
 
     def announce(self) -> None:
+        job = self.job
         # The worker that lost the run may have written the events of an end it never recorded (it died, or was
         # fenced, between the two writes): they are not the run's end.
-        self.life.store.delete_unrecorded_events(self.doc["_id"], self.run, self.worker, self.doc.get("outcome"))
+        self.life.store.delete_unrecorded_events(job.id, self.run, self.worker, job.outcome)
         self.life.logger.warning(
-            f"job {self.doc['_id']} ({self.doc.get('class')!r}) put back to waiting: {self.reason}",
-            extra={"job_id": self.doc["_id"], "job_class": self.doc.get("class"), "reason": self.reason},
+            f"job {job.id} ({job.job_class!r}) put back to waiting: {self.reason}",
+            extra={"job_id": job.id, "job_class": job.job_class, "reason": self.reason},
         )
-        self.life.emit(JobStatus.WAITING, dict(self.released, change=self.marker))
+        self.life.emit(JobStatus.WAITING, self.released.evolve(change=self.marker))
 
 
 class AfterKill:
@@ -881,19 +856,7 @@ class AfterKill:
                 return
             status = doc.get("status")
             if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
-                self._withdraw_unrecorded(doc)  # someone else recorded how the run went
-                if self.reason in KILLS_SURVIVED:  # we live on: if a sweep put the run back, it was no death
-                    self.life.vouch(self.job_id, self.run, self.worker, doc)
-                if status == JobStatus.CANCELED and doc.get("worker") == self.worker:
-                    # The canceler recorded CANCELED while our worker ran it: the run's start is ours. (Canceled
-                    # while another worker held the run, its start and `started` are that worker's, not ours.)
-                    store.insert_events([Change(self.life, doc, self.worker).processing_event()])
-                    # The worker is gone: a requeue may let another one run the job now.
-                    store.change(
-                        self.job_id,
-                        {"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker},
-                        {"worker": NO_WORKER},
-                    )
+                self._someone_else_recorded(doc)
                 self.done = True
                 return
             found = problem(doc, capped=store.capped)
@@ -901,7 +864,7 @@ class AfterKill:
                 self.life.reject(doc, found)
                 self.done = True
                 return
-            self.change = self._prepare(doc)
+            self.change = self._prepare(JobRecord.from_doc(doc))
         # Withdrawn only after our own record won: an end the worker sent just before it died may still land
         # first, and then it is the run's end and stays. Once ours won, any other end of the run is not.
         if self.change.record():
@@ -909,22 +872,39 @@ class AfterKill:
             store.delete_unrecorded_events(self.job_id, self.run, self.worker, self.keep)
         self.done = True
 
-    def _prepare(self, doc: Document) -> Change:
+    def _someone_else_recorded(self, doc: Mapping[str, Any]) -> None:
+        store = self.life.store
+        self._withdraw_unrecorded(doc)  # someone else recorded how the run went
+        if self.reason in KILLS_SURVIVED:  # we live on: if a sweep put the run back, it was no death
+            self.life.vouch(self.job_id, self.run, self.worker, doc)
+        if doc.get("status") == JobStatus.CANCELED and doc.get("worker") == self.worker:
+            # The canceler recorded CANCELED while our worker ran it: the run's start is ours. (Canceled while
+            # another worker held the run, its start and `started` are that worker's, not ours.)
+            with contextlib.suppress(InvalidJobError):  # a malformed start is no start to record
+                store.insert_events([Change(self.life, JobRecord.from_doc(doc), self.worker).processing_event()])
+            # The worker is gone: a requeue may let another one run the job now.
+            store.change(
+                self.job_id,
+                {"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker},
+                {"worker": NO_WORKER},
+            )
+
+    def _prepare(self, job: JobRecord) -> Change:
         life = self.life
         if self.reason == "timeout":
             message = f"job exceeded its timeout of {self.timeout} s and was killed"
-            return life.end(doc, self.worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
+            return life.end(job, self.worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
         if self.reason == "stop":
-            return life.release(doc, self.worker, orphaned=False, reason="queue node stopped")
+            return life.release(job, self.worker, orphaned=False, reason="queue node stopped")
         if self.reason == "lost":
-            return life.release(doc, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
+            return life.release(job, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
         if self.reason == "starved":
             message = (
                 "the job kept the Python interpreter busy in one call for so long that its worker could not confirm "
                 "its lease in time, and had to stop it; raise orphaned_timeout above the longest such call"
             )
-            return life.end(doc, self.worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
-        return life.release(doc, self.worker, orphaned=True, reason=self.reason)
+            return life.end(job, self.worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
+        return life.release(job, self.worker, orphaned=True, reason=self.reason)
 
 
 class _Reservation:
@@ -968,22 +948,22 @@ def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
     return [by_run[run] for run in sorted(by_run)]
 
 
-def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
+def next_start(job: JobRecord, status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
     """The run that follows an ended one: a retry after FAILED/TIMEOUT (its delay growing by ``retry_backoff``
     with each failure in a row), else the next cron match after now, else the next interval run (measured from
     the end, the start, or for a timeout from now). Returns (status, at, retry left), or None.
 
     ``now`` is when the run ended, on the server's clock (unix seconds): a next run due by then is WAITING, a
     later one POSTPONED (its node starts it when the server's clock reaches its time)."""
-    opts = doc.get("options") or {}
+    opts = job.options
     retry = int(opts.get(o.RETRY, 0))
     if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
-        at = now + retry_delay(dict(opts), int(doc.get("failures", 0)) + 1)
+        at = now + retry_delay(dict(opts), job.failures + 1)
         retry = retry - 1 if retry > 0 else retry
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT) and opts.get(o.CRON):
         # After the match that just ran, too: a worker whose clock is behind the server's may end the 12:00 run
         # "before" 12:00, and that match must not run again.
-        after = max(now, float(opts.get(o.AT) or 0))
+        after = max(now, job.at)
         try:
             at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), after)
         except InvalidArgumentError:
@@ -991,9 +971,8 @@ def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[J
     elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
         interval = int(opts.get(o.INTERVAL, 0))
         if interval > 0:
-            started = doc.get("started")
             from_start = opts.get(o.INTERVAL_REFERENCE) == "start" and status != JobStatus.TIMEOUT
-            reference = started.timestamp() if from_start and isinstance(started, datetime) else now
+            reference = job.started.timestamp() if from_start and job.started is not None else now
             at = reference + interval
         elif interval == -1:
             at = 0.0
@@ -1003,6 +982,70 @@ def next_start(doc: Mapping[str, Any], status: JobStatus, now: float) -> tuple[J
         return None
     at = round(float(at), 3)
     return (JobStatus.POSTPONED if at > now else JobStatus.WAITING), at, retry
+
+
+def new_event(
+    job: JobRecord,
+    status: int,
+    worker: ObjectId | None = None,
+    *,
+    error: Mapping[str, Any] | None = None,
+    result: Any = None,
+    has_result: bool = False,
+    time: datetime | None = None,
+    started: datetime | None = None,
+    event_id: ObjectId | None = None,
+    end: ObjectId | None = None,
+    sweep: datetime | None = None,
+) -> EventRecord:
+    """An event of ``job`` in its current run (not written). ``started``: a run's start, for the event that
+    records its end; ``sweep``: the lease end of a run another node put back (a release that counts as an
+    orphaning until its owner vouches)."""
+    at = time or utcnow()
+    return EventRecord(
+        id=event_id or ObjectId(),
+        job=job.id,
+        job_class=job.job_class,
+        run=job.run,
+        status=int(status),
+        time=at,
+        worker=worker,
+        started=started,
+        ended=at if started is not None else None,
+        error=dict(error) if error is not None else None,
+        result=result,
+        has_result=has_result,
+        end=end,
+        sweep_expires=sweep,
+    )
+
+
+def _raw_event(
+    doc: Mapping[str, Any],
+    status: JobStatus,
+    worker: Any,
+    time: datetime,
+    event_id: ObjectId,
+    *,
+    started: Any = None,
+    error: Mapping[str, Any] | None = None,
+) -> EventRecord:
+    """An event of a stored job that may be malformed (a cancel, or the end of a malformed job: SPEC 2), from
+    the fields such an end reads; the others may hold anything."""
+    job_class, run = doc.get("class"), doc.get("run", 1)
+    begun = started if isinstance(started, datetime) else None
+    return EventRecord(
+        id=event_id,
+        job=doc["_id"],
+        job_class=job_class if isinstance(job_class, str) else None,
+        run=run if type(run) is int else 1,
+        status=int(status),
+        time=time,
+        worker=worker if isinstance(worker, ObjectId) else None,
+        started=begun,
+        ended=time if begun is not None else None,
+        error=dict(error) if error is not None else None,
+    )
 
 
 def _fits(result: Any) -> bool:

@@ -49,6 +49,7 @@ from .protocol import (
     WorkerSpawned,
     handed_over,
 )
+from .records import EventRecord
 from .scheduler import Scheduler
 from .schema import end_problem, job_ref, problem
 from .store import StatusChange, StatusFeed, utcnow
@@ -132,7 +133,7 @@ class Queue:
         self._worker_pids: dict[ObjectId, int] = {}
         self._postponed: list[tuple[float, ObjectId, int]] = []  # (at, job, run): runs to move to WAITING
         self._postponed_docs: dict[tuple[ObjectId, int], dict[str, Any]] = {}
-        self._due_events: list[tuple[dict[str, Any], dict[str, Any]]] = []  # see _release_due
+        self._due_events: list[tuple[dict[str, Any], EventRecord]] = []  # see _release_due
         self._restarts: list[float] = []
         self._unrecorded: list[AfterKill] = []  # ends of killed workers' jobs, to record
         self._late_sweeps: list[AfterKill] = []  # recorded ones, to look at once more
@@ -590,6 +591,10 @@ class Queue:
         self._record_kills()
         # A worker may have claimed a job and died (killed with its manager) before anyone heard of the claim.
         for doc in self.store.jobs_of_workers([*self._all_workers, *self._exited_workers]):
+            found = problem(doc, capped=self.store.capped)  # made malformed while it ran: ended FAILED, or left
+            if found is not None:
+                self._malformed(doc, found)
+                continue
             reason = "worker manager died" if orphaned else "queue node stopped"
             self.life.release(doc, doc["worker"], orphaned=orphaned, reason=reason).record()
 

@@ -17,6 +17,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from . import failpoints, forking
+from . import options as o
 from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from .fencing import LeaseSlot, SelfFence, lease_clock
@@ -31,6 +32,7 @@ from .job import (
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
+from .records import JobRecord
 from .scheduler import Scheduler
 from .schema import job_ref, problem
 
@@ -82,7 +84,7 @@ class Worker:
         self._connection: Connection | None = None  # to the manager, while a job runs
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
-        self._running: dict[str, Any] | None = None  # the claimed run whose code runs now
+        self._running: JobRecord | None = None  # the claimed run whose code runs now
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -152,18 +154,19 @@ class Worker:
         failpoints.hit("worker.claimed")
         if fence is not None and not fence.holds():  # paused or cut off since the claim: never start it now
             fence.stop_now("the job was claimed, but its lease may have run out before its code could start")
-        timeout = int((claimed.get("options") or {}).get("timeout", 0))
-        _send(connection, Claimed(claimed["_id"], timeout, int(claimed.get("run", 1)), claimed_at))
-        self._running = claimed
+        record = JobRecord.from_doc(claimed)  # checked before the claim (_fit), and the claim wrote its own fields
+        timeout = int(record.option(o.TIMEOUT, 0))
+        _send(connection, Claimed(record.id, timeout, record.run, claimed_at))
+        self._running = record
         if fence is not None:
             fence.watch()
         self._connection = connection
         self._ended = None
         try:
-            self._execute(claimed)
+            self._execute(record)
         finally:
             self._connection = None
-            _send(connection, Finished(claimed["_id"], True, self._ended))
+            _send(connection, Finished(record.id, True, self._ended))
             if fence is not None:
                 self._reap_orphans()
         return True
@@ -235,29 +238,29 @@ class Worker:
             pass  # it ended meanwhile
         return False
 
-    def _execute(self, doc: dict[str, Any]) -> None:
-        self.scheduler.running_job = (doc["_id"], int(doc.get("run", 1)))
+    def _execute(self, job: JobRecord) -> None:
+        self.scheduler.running_job = (job.id, job.run)
         token = None
         try:
-            instance = self._instantiate(doc)
+            instance = self._instantiate(job)
             token = set_current_job(instance)
             result = _run_to_completion(instance.start())
         except BaseException as exc:  # sys.exit() or any other exit from start() fails the run, not the worker
             self._await_stop_after_terminate()
-            self._returned(doc)
-            self._failed(doc, exc, exc_info=True)
+            self._returned(job)
+            self._failed(job, exc, exc_info=True)
             return
         finally:
             self.scheduler.running_job = None
             if token is not None:
                 reset_current_job(token)
-        self._returned(doc)  # from here on, no fence or timeout: the work is done
+        self._returned(job)  # from here on, no fence or timeout: the work is done
         try:  # the library's own read: an outage here is ridden out, never the job's failure
-            self._patiently(lambda: self._check_children(doc))
+            self._patiently(lambda: self._check_children(job))
         except ChildJobFailedError as exc:
-            self._failed(doc, exc, exc_info=False)
+            self._failed(job, exc, exc_info=False)
             return
-        self._record(self.life.end(doc, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+        self._record(self.life.end(job, self.id, JobStatus.DONE, result=result, has_result=result is not None))
 
     def _release_lapsed_run(self, seconds: float) -> None:
         """From the watchdog, before it ends this worker for a lease its node did not renew: put the run back
@@ -288,21 +291,21 @@ class Worker:
         for _ in forking.exited():
             pass
 
-    def _returned(self, doc: Mapping[str, Any]) -> None:
+    def _returned(self, job: JobRecord) -> None:
         """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
         if self._fence is not None and self._connection is not None:
             self._fence.end()
         self._running = None
-        _send(self._connection, Ending(doc["_id"]))
+        _send(self._connection, Ending(job.id))
         failpoints.hit("worker.returned")
 
-    def _failed(self, doc: dict[str, Any], exc: BaseException, exc_info: bool) -> None:
+    def _failed(self, job: JobRecord, exc: BaseException, exc_info: bool) -> None:
         self.logger.error(
-            f"job {doc['_id']} ({doc.get('class')!r}) run {doc.get('run')} failed: {exc!r}",
-            extra={"job_id": doc["_id"], "job_class": doc.get("class"), "error": repr(exc)},
+            f"job {job.id} ({job.job_class!r}) run {job.run} failed: {exc!r}",
+            extra={"job_id": job.id, "job_class": job.job_class, "error": repr(exc)},
             exc_info=exc_info,
         )
-        self._record(self.life.end(doc, self.id, JobStatus.FAILED, error=describe_error(exc)))
+        self._record(self.life.end(job, self.id, JobStatus.FAILED, error=describe_error(exc)))
 
     def _patiently(self, step: Callable[[], None]) -> None:
         """Run a step that reads or writes MongoDB, trying again while the server is unreachable."""
@@ -334,7 +337,7 @@ class Worker:
                     raise
                 attempt += 1
                 self.logger.warning(
-                    f"cannot record the end of job {change.doc['_id']} yet (MongoDB unreachable); retrying",
+                    f"cannot record the end of job {change.job.id} yet (MongoDB unreachable); retrying",
                     extra={"attempt": attempt},
                 )
                 time.sleep(min(2.0, 0.1 * 2**attempt))
@@ -344,25 +347,25 @@ class Worker:
                 self.logger.exception("cannot record job end; recording the failure to record it instead")
                 error = describe_error(exc)
                 error["message"] = f"the run's outcome could not be stored: {error['message']}"
-                change = self.life.end(change.doc, self.id, JobStatus.FAILED, error=error)
+                change = self.life.end(change.job, self.id, JobStatus.FAILED, error=error)
                 change.fallback = True
 
-    def _instantiate(self, doc: Mapping[str, Any]) -> JobInterface:
-        target = load_job_class(str(doc.get("class")), self.job_modules)
+    def _instantiate(self, job: JobRecord) -> JobInterface:
+        target = load_job_class(job.job_class, self.job_modules)
         if not isinstance(target, type):
             instance: Any = FunctionJob(target)
         else:
             instance = self.container.get(target) if self.container is not None else target()
         if not isinstance(instance, JobInterface):
-            raise InvalidJobError(f"job class {doc.get('class')!r} does not implement taskscheduler.JobInterface")
-        instance.data = doc.get("data")
-        instance.id = doc["_id"]
+            raise InvalidJobError(f"job class {job.job_class!r} does not implement taskscheduler.JobInterface")
+        instance.data = job.data
+        instance.id = job.id
         instance.scheduler = self.scheduler
         return instance
 
-    def _check_children(self, doc: Mapping[str, Any]) -> None:
-        run = int(doc.get("run", 1))
-        for child in self.life.store.children(doc["_id"]):
+    def _check_children(self, job: JobRecord) -> None:
+        run = job.run
+        for child in self.life.store.children(job.id):
             if child.get("parent_run", run) != run:
                 continue  # a child of an earlier run: its outcome was that run's
             status = child.get("status")  # anyone may write a child: a malformed one is no failure of this run

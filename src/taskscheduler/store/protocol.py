@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from ..clock import ServerClock
+from ..records import EventRecord
 
 Document = dict[str, Any]
 
@@ -76,24 +77,7 @@ class JobStore(Protocol):
 
     # -- events ------------------------------------------------------------------------------------------------------
 
-    def event(
-        self,
-        job: Mapping[str, Any],
-        status: int,
-        worker: ObjectId | None = None,
-        *,
-        error: Mapping[str, Any] | None = None,
-        result: Any = None,
-        has_result: bool = False,
-        time: datetime | None = None,
-        started: datetime | None = None,
-        event_id: ObjectId | None = None,
-        end: ObjectId | None = None,
-        sweep: datetime | None = None,
-    ) -> Document:
-        """A new event of ``job`` (not written)."""
-
-    def insert_events(self, events: list[Document]) -> list[ObjectId]:
+    def insert_events(self, events: list[EventRecord]) -> list[ObjectId]:
         """Write events; one whose id is stored already (a retry) is skipped."""
 
     def delete_events(self, ids: Iterable[ObjectId]) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -11,63 +11,25 @@ from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError
 
 from ...constants import JobStatus
+from ...records import EventRecord
 from .connection import server_errors
 from .deployment import Deployment
-from .documents import Document, utcnow
+from .documents import Document
 
 
 class EventLog(Deployment):
     """Writing and reading the events of jobs."""
 
-    @staticmethod
-    def event(
-        job: Mapping[str, Any],
-        status: int,
-        worker: ObjectId | None = None,
-        *,
-        error: Mapping[str, Any] | None = None,
-        result: Any = None,
-        has_result: bool = False,
-        time: datetime | None = None,
-        started: datetime | None = None,
-        event_id: ObjectId | None = None,
-        end: ObjectId | None = None,
-        sweep: datetime | None = None,
-    ) -> Document:
-        """An event document: one status change of a job (with its error or result). ``sweep``: the lease end
-        of a run another node put back (a release that counts as an orphaning until its owner vouches)."""
-        event: Document = {
-            "_id": event_id or ObjectId(),
-            "job": job["_id"],
-            "class": job.get("class"),
-            "run": int(job.get("run", 1)),
-            "status": int(status),
-            "time": time or utcnow(),
-            "worker": worker,
-        }
-        if started is not None:
-            event["started"] = started
-            event["ended"] = event["time"]
-        if end is not None:
-            event["end"] = end  # written by the end of a run: withdrawn if that end is never recorded
-        if sweep is not None:
-            event["sweep"] = {"expires": sweep, "back": False}  # "back" becomes True in place (same size)
-        if error is not None:
-            event["error"] = dict(error)
-        if has_result:
-            event["result"] = result
-        return event
-
-    def insert_events(self, events: list[Document]) -> list[ObjectId]:
+    def insert_events(self, events: list[EventRecord]) -> list[ObjectId]:
         """Insert events in one round trip; events whose ``_id`` is stored already (a retry) are skipped."""
         self.ensure()
         try:
             with server_errors():
-                self.events.insert_many(events, ordered=False)
+                self.events.insert_many([event.to_doc() for event in events], ordered=False)
         except BulkWriteError as exc:
             if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
                 raise
-        return [ObjectId(e["_id"]) for e in events]
+        return [event.id for event in events]
 
     def delete_events(self, ids: Iterable[ObjectId]) -> None:
         with server_errors():

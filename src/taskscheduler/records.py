@@ -1,0 +1,233 @@
+"""Typed, frozen records of what is stored: a job (:class:`JobRecord`) and one recorded status change of it
+(:class:`EventRecord`). The library decides on records; documents are their stored form.
+
+A record is read from a document that passed the checks of :mod:`taskscheduler.schema` (a malformed one raises
+InvalidJobError naming the field, SPEC 2), and written back with :meth:`JobRecord.to_doc`. Unset times, the
+unset worker and unset event ids are ``None`` here; in a document they are fixed-size sentinels
+(:data:`~taskscheduler.constants.UNSET_TIME`, :data:`~taskscheduler.constants.NO_WORKER`), because an update
+of a capped collection must not change a document's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from bson import ObjectId
+
+from . import options as o
+from .constants import NO_WORKER, UNSET_TIME, JobStatus
+from .errors import InvalidJobError
+from .schema import job_ref, problem
+
+#: The unset value of ``outcome`` and ``change`` (an event id) in a document.
+NO_EVENT = NO_WORKER
+
+
+def _time(value: Any) -> datetime | None:
+    return value if isinstance(value, datetime) and value != UNSET_TIME else None
+
+
+def _id(value: Any) -> ObjectId | None:
+    return value if isinstance(value, ObjectId) and value != NO_WORKER else None
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _count(value: Any, default: int) -> int:
+    return value if type(value) is int else default
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job: what it runs, where its current run stands, and the bookkeeping of its runs (SPEC 2)."""
+
+    id: ObjectId
+    job_class: str
+    status: JobStatus
+    #: The current run's number (1 for the first); the last run's once the job has ended.
+    run: int = 1
+    data: Any = None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    created: datetime | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+    #: The lease of the current run, on the server's clock: renewed at ``alive``, ends at ``expires``.
+    alive: datetime | None = None
+    expires: datetime | None = None
+    lease: float = 0.0
+    worker: ObjectId | None = None
+    progress: float = 0.0
+    #: Deaths of the current run's owners its nodes saw (SPEC 4, orphanings).
+    orphaned: int = 0
+    #: Failed runs in a row (retry backoff).
+    failures: int = 0
+    #: The event of the last ended run.
+    outcome: ObjectId | None = None
+    #: The first event of the last change written (its mark: a retried change knows it was written).
+    change: ObjectId | None = None
+    #: Fingerprint of class and data (add_job_once), and the add_job_once key the job holds, if any.
+    key: str | None = None
+    once: str | None = None
+    #: A child job added by a run of its parent: that run's number (a later run of the parent does not inherit
+    #: the child's failure).
+    parent_run: int | None = None
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], *, capped: bool = False) -> JobRecord:
+        """The record of a stored job; InvalidJobError naming the field when it cannot run (SPEC 2). ``capped``:
+        judged as in a capped collection (every field an update writes must be stored with its type)."""
+        found = problem(doc, capped=capped)
+        if found is not None:
+            raise InvalidJobError(f"job {job_ref(doc.get('_id'))} is malformed: {found}")
+        options = doc.get("options")
+        key, once = doc.get("key"), doc.get("once")
+        return cls(
+            id=doc["_id"],
+            job_class=doc["class"],
+            status=JobStatus(doc["status"]),
+            run=_count(doc.get("run"), 1),
+            data=doc.get("data"),
+            options=MappingProxyType(dict(options) if isinstance(options, Mapping) else {}),
+            created=_time(doc.get("created")),
+            started=_time(doc.get("started")),
+            ended=_time(doc.get("ended")),
+            alive=_time(doc.get("alive")),
+            expires=_time(doc.get("expires")),
+            lease=_number(doc.get("lease"), 0.0),
+            worker=_id(doc.get("worker")),
+            progress=_number(doc.get("progress"), 0.0),
+            orphaned=_count(doc.get("orphaned"), 0),
+            failures=_count(doc.get("failures"), 0),
+            outcome=_id(doc.get("outcome")),
+            change=_id(doc.get("change")),
+            key=key if isinstance(key, str) else None,
+            once=once if isinstance(once, str) else None,
+            parent_run=doc.get("parent_run") if type(doc.get("parent_run")) is int else None,
+        )
+
+    def to_doc(self) -> dict[str, Any]:
+        """The stored form: every field an update may write is present with its final BSON type."""
+        doc: dict[str, Any] = {
+            "_id": self.id,
+            "class": self.job_class,
+            "status": int(self.status),
+            "run": int(self.run),
+            "created": self.created or UNSET_TIME,
+            "started": self.started or UNSET_TIME,
+            "ended": self.ended or UNSET_TIME,
+            "alive": self.alive or UNSET_TIME,
+            "expires": self.expires or UNSET_TIME,
+            "lease": float(self.lease),
+            "worker": self.worker or NO_WORKER,
+            "progress": float(self.progress),
+            "orphaned": int(self.orphaned),
+            "failures": int(self.failures),
+            "outcome": self.outcome or NO_EVENT,
+            "change": self.change or NO_EVENT,
+        }
+        if self.key is not None:
+            doc["key"] = self.key
+        doc["data"] = self.data
+        doc["options"] = dict(self.options)
+        if self.once is not None:
+            doc["once"] = self.once
+        if self.parent_run is not None:
+            doc["parent_run"] = self.parent_run
+        return doc
+
+    def evolve(self, **changes: Any) -> JobRecord:
+        """A copy with ``changes`` (the record itself never changes)."""
+        if "options" in changes:
+            changes["options"] = MappingProxyType(dict(changes["options"]))
+        return dataclasses.replace(self, **changes)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """A stored job option (``options.<name>``)."""
+        return self.options.get(name, default)
+
+    @property
+    def retry(self) -> int:
+        return _count(self.options.get(o.RETRY), 0)
+
+    @property
+    def at(self) -> float:
+        """When the current run may start (unix seconds on the server's clock; 0: at once)."""
+        return _number(self.options.get(o.AT), 0.0)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One recorded status change of a job: a claim (PROCESSING), a run's end (with its error or result), a
+    release, a due or requeued run (WAITING/POSTPONED)."""
+
+    id: ObjectId
+    job: ObjectId
+    job_class: str | None
+    run: int
+    status: int
+    time: datetime | None
+    worker: ObjectId | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+    error: Mapping[str, Any] | None = None
+    result: Any = None
+    has_result: bool = False
+    #: Written by the end of a run (the id of that end's event): withdrawn if that end is never recorded.
+    end: ObjectId | None = None
+    #: For a run another node put back: the lease end it swept, and whether its owner vouched it lived on.
+    sweep_expires: datetime | None = None
+    sweep_back: bool = False
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> EventRecord:
+        sweep = doc.get("sweep")
+        error = doc.get("error")
+        job_class = doc.get("class")
+        return cls(
+            id=doc["_id"],
+            job=doc.get("job"),  # type: ignore[arg-type]  # any stored _id
+            job_class=job_class if isinstance(job_class, str) else None,
+            run=_count(doc.get("run"), 0),
+            status=_count(doc.get("status"), -1),
+            time=_time(doc.get("time")),
+            worker=doc.get("worker") if isinstance(doc.get("worker"), ObjectId) else None,
+            started=_time(doc.get("started")),
+            ended=_time(doc.get("ended")),
+            error=dict(error) if isinstance(error, Mapping) else None,
+            result=doc.get("result"),
+            has_result="result" in doc,
+            end=doc.get("end") if isinstance(doc.get("end"), ObjectId) else None,
+            sweep_expires=_time(sweep.get("expires")) if isinstance(sweep, Mapping) else None,
+            sweep_back=bool(sweep.get("back")) if isinstance(sweep, Mapping) else False,
+        )
+
+    def to_doc(self) -> dict[str, Any]:
+        """The stored form (the fields an event has: see :meth:`taskscheduler.store.JobStore.event`)."""
+        doc: dict[str, Any] = {
+            "_id": self.id,
+            "job": self.job,
+            "class": self.job_class,
+            "run": self.run,
+            "status": self.status,
+            "time": self.time,
+            "worker": self.worker,
+        }
+        if self.started is not None:
+            doc["started"] = self.started
+            doc["ended"] = self.ended if self.ended is not None else self.time
+        if self.end is not None:
+            doc["end"] = self.end
+        if self.sweep_expires is not None:
+            doc["sweep"] = {"expires": self.sweep_expires, "back": self.sweep_back}
+        if self.error is not None:
+            doc["error"] = dict(self.error)
+        if self.has_result:
+            doc["result"] = self.result
+        return doc
