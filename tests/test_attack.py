@@ -32,6 +32,7 @@ from taskscheduler.heartbeat import Heartbeat
 from taskscheduler.lifecycle import ONCE_PENDING_SECONDS
 from taskscheduler.manager import WorkerManager, _Child
 from taskscheduler.protocol import Claimed, JobClaimed, JobFinished, KillReason, RunJob
+from taskscheduler.records import RunContext
 from taskscheduler.store import StatusFeed, utcnow
 
 # -- job classes (importable as test_attack:..., also by queue nodes started with --import test_attack) ---------------
@@ -598,9 +599,8 @@ def test_a_child_of_an_earlier_run_does_not_fail_later_runs_of_its_parent(
     """One document per job for its whole life: a child that run 1 spawned and that failed fails run 1 only."""
     worker = Worker(ObjectId(), scheduler, db)
     parent = scheduler.add_job("sample_jobs:Noop", interval=-1)
-    scheduler.running_job = (parent.id, 1)  # as inside the worker running run 1 of the parent
-    child = scheduler.add_job("sample_jobs:Fail", {"parent": parent.id})
-    scheduler.running_job = None
+    in_run_1 = scheduler.for_run(RunContext(worker.id, parent.id, 1))  # as inside the worker running run 1
+    child = in_run_1.add_job("sample_jobs:Fail", {"parent": parent.id})
     assert scheduler.store.find_job(child.id)["parent_run"] == 1
     assert worker.process_one(child.id).status == JobStatus.FAILED
     worker.process_one(parent.id)

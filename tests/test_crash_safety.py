@@ -31,6 +31,7 @@ from taskscheduler.lifecycle import next_start
 from taskscheduler.manager import WorkerManager
 from taskscheduler.protocol import Fence, KillJob, KillReason, RunJob
 from taskscheduler.queue import _Timers
+from taskscheduler.records import RunContext
 from taskscheduler.store import StatusFeed
 
 
@@ -307,7 +308,7 @@ def test_8_progress_during_an_outage_is_dropped_not_raised(
     scheduler = Scheduler(outage_client[db_name])
     p = scheduler.add_job("sample_jobs:Noop")
     _, worker = claim(scheduler, p.id)
-    scheduler.owner = worker  # as inside the worker that runs it
+    scheduler = scheduler.for_run(RunContext(worker, p.id, 1))  # as inside the worker that runs it
     client.admin.command(
         "configureFailPoint",
         "failCommand",

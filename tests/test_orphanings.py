@@ -22,7 +22,7 @@ from pymongo.database import Database
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler import lifecycle as lifecycle_module
-from taskscheduler.constants import NODE_REGISTRY
+from taskscheduler.constants import NODE_REGISTRY, KillReason
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.lifecycle import Change
 from taskscheduler.nodeproc import spawn_node
@@ -132,7 +132,7 @@ def test_deaths_a_node_saw_and_unvouched_sweeps_add_up(scheduler: Scheduler) -> 
     first, change = sweep(scheduler, p.id)
     assert change.record()
     # The node saw its worker die, but too late: the sweep was first. A death vouches for nothing.
-    scheduler.lifecycle.after_kill(p.id, first, 1, "worker process died (signal 9)", 0).record()
+    scheduler.lifecycle.after_kill(p.id, first, 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
     second, change = sweep(scheduler, p.id)
     assert change.record()
     assert swept_back(scheduler, p.id) == {first: False, second: False}
@@ -150,7 +150,7 @@ def test_a_death_seen_by_its_node_is_stored_and_a_fenced_release_counts_nothing(
     p = scheduler.add_job("sample_jobs:Noop")
     worker = ObjectId()
     assert scheduler.store.claim(p.id, worker, LEASE) is not None
-    scheduler.lifecycle.after_kill(p.id, worker, 1, "worker process died (signal 9)", 0).record()
+    scheduler.lifecycle.after_kill(p.id, worker, 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
     assert scheduler.store.find_job(p.id)["orphaned"] == 1
     worker = ObjectId()
     assert scheduler.store.claim(p.id, worker, LEASE) is not None

@@ -408,7 +408,7 @@ def test_custom_emitter_namespace(db: Any, size_guard: Any) -> None:
 def test_wait_for_already_finished(scheduler: Scheduler) -> None:
     p = scheduler.add_job("test")
     scheduler.cancel_job(p.id)
-    stale = Process(dict(p._doc), scheduler)
+    stale = Process(p.document(), scheduler)
     scheduler.wait_for([stale], timeout=5)
     assert stale.status == JobStatus.CANCELED
 

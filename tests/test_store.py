@@ -12,6 +12,7 @@ from pymongo import MongoClient, monitoring
 
 from helpers import SizeGuard
 from taskscheduler import JobStatus, Scheduler
+from taskscheduler.constants import KillReason
 from taskscheduler.errors import InvalidArgumentError, QueueFullError
 from taskscheduler.store import ID_BATCH, fields_equal, fingerprint, literal, same_value, utcnow, with_prefix
 
@@ -263,7 +264,7 @@ def test_recording_a_killed_workers_end_is_served_by_indexes(server: Any, db_nam
             store.insert_events(life.end(doc, worker, JobStatus.DONE).events)  # written, then the worker died
         recorder.commands.clear()
         life.after_kill(timed.id, workers[timed.id], 1, "timeout", 1).record()
-        life.after_kill(died.id, workers[died.id], 1, "worker process died (signal 9)", 0).record()
+        life.after_kill(died.id, workers[died.id], 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
         assert [r["status"] for r in s.get_job(timed.id).runs()] == [JobStatus.TIMEOUT]
         assert store.find_job(died.id)["status"] == JobStatus.WAITING
         count, unindexed = _unindexed(db, recorder.commands)

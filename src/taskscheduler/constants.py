@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 from bson import ObjectId
 
 #: The library's version (the distribution's, in pyproject.toml).
 VERSION = "0.1.0"
+
+
+class KillReason(str, Enum):
+    """Why a worker process was ended; decides what its node records for the job it ran."""
+
+    TIMEOUT = "timeout"  # the job's timeout passed: TIMEOUT, then retry/interval rules
+    CANCEL = "cancel"  # the job was canceled: the canceler recorded CANCELED
+    STOP = "stop"  # the queue node stops: the job goes back to WAITING
+    SHRINK = "shrink"  # an idle worker of a dynamic pool is no longer needed
+    LOST = "lost"  # the lease could not be renewed or is held by someone else: never run a job twice
+    STARVED = "starved"  # its kernel timer ended it while its lease held: the job kept the interpreter too long
+    DIED = "died"  # nobody ended it: it crashed or was killed from outside
+    MANAGER_DIED = "manager died"  # its worker manager died, and the node ended what was left of its workers
+
+    @property
+    def survived(self) -> bool:
+        """Whether the node that ended the worker lives on: then a sweep that put the run back was no death."""
+        return self in (KillReason.TIMEOUT, KillReason.STOP, KillReason.LOST, KillReason.CANCEL, KillReason.STARVED)
 
 
 class JobStatus(IntEnum):

@@ -7,6 +7,7 @@ status events and ``{"_id": ObjectId, "pid": int, "signal": int | None}`` for wo
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -75,6 +76,20 @@ def resolve(event: str) -> str:
 SEEN_CHANGES = 10_000
 
 
+#: Status changes fired per namespace (by ``id``: a Namespace is an unhashable dict), so that each is fired once
+#: on it however many emitters see it; an entry goes with its namespace.
+_SEEN: dict[int, tuple[weakref.ref[Namespace], OrderedDict[Hashable, None]]] = {}
+
+
+def _seen_on(namespace: Namespace) -> OrderedDict[Hashable, None]:
+    key = id(namespace)
+    entry = _SEEN.get(key)
+    if entry is None or entry[0]() is not namespace:  # none yet, or an id reused after its namespace went
+        entry = (weakref.ref(namespace, lambda _: _SEEN.pop(key, None)), OrderedDict())
+        _SEEN[key] = entry
+    return entry[1]
+
+
 class Emitter:
     """Connects handlers to a blinker namespace and fires events on it (the specific signal, then ``*``).
 
@@ -87,11 +102,8 @@ class Emitter:
             raise InvalidArgumentError(f"emitter must be a blinker.Namespace, got {type(namespace).__name__}")
         self.namespace = namespace if namespace is not None else Namespace()
         self._receivers: list[Callable[..., Any]] = []  # blinker holds receivers weakly; keep them alive
-        seen = getattr(self.namespace, "_taskscheduler_seen", None)
-        if not isinstance(seen, OrderedDict):
-            seen = OrderedDict()
-            setattr(self.namespace, "_taskscheduler_seen", seen)  # noqa: B010 - shared by all emitters on it
-        self._seen: OrderedDict[Hashable, None] = seen
+        # Shared by every emitter on the namespace (a caller's Namespace may serve several schedulers).
+        self._seen: OrderedDict[Hashable, None] = _seen_on(self.namespace)
 
     def on(self, event: str, handler: Handler) -> None:
         if not callable(handler):
@@ -113,9 +125,10 @@ class Emitter:
         self.namespace.signal(name).send(name, payload=payload)
         self.namespace.signal(ALL).send(name, payload=payload)
 
-    def emit_status(self, status: int, payload: Any) -> None:
-        """Fire the event of ``status`` for a Process, unless this change was fired on this namespace already."""
-        key = _change_key(status, payload)
+    def emit_status(self, status: int, payload: Any, change: Hashable | None = None) -> None:
+        """Fire the event of ``status`` for a Process, unless this change was fired on this namespace already.
+        ``change`` tells this change of the job from its others (see :func:`change_key`); None: always fire."""
+        key = None if change is None else (int(status), change)
         if key is not None:
             if key in self._seen:
                 self._seen.move_to_end(key)
@@ -126,10 +139,8 @@ class Emitter:
         self.emit(STATUS_EVENTS[JobStatus(status)], payload)
 
 
-def _change_key(status: int, payload: Any) -> Hashable | None:
-    """What tells one status change of a job from another: the job, the status, its run, when that run started
-    and the mark of the change that recorded it (a claim sets a new start; every other change a new mark)."""
-    doc = getattr(payload, "_doc", None)
-    if not isinstance(doc, dict) or "_id" not in doc:
-        return None
-    return (doc["_id"], int(status), doc.get("run"), doc.get("started"), doc.get("change"))
+def change_key(job_id: Any, run: Any, started: Any, mark: Any) -> Hashable:
+    """What tells one status change of a job from another (with its status): the job, its run, when that run
+    started and the mark of the change that recorded it (a claim sets a new start; every other change a new
+    mark)."""
+    return (job_id, run, started, mark)

@@ -18,14 +18,14 @@ import hashlib
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
 from . import options as o
-from .constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus
+from .constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus, KillReason
 from .errors import (
     InvalidArgumentError,
     InvalidJobError,
@@ -37,7 +37,7 @@ from .errors import (
     ServerUnavailableError,
     TaskSchedulerError,
 )
-from .events import Emitter
+from .events import Emitter, change_key
 from .job import class_path
 from .process import Process
 from .records import EventRecord, JobRecord
@@ -61,8 +61,6 @@ MAX_ERROR_TEXT = 64 * 1024
 MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).
 LATE_WRITE_SECONDS = 2.0
-#: Why a node ends a worker while the node lives on (the others are deaths: a worker or manager died).
-KILLS_SURVIVED = ("timeout", "stop", "lost", "cancel", "starved")
 #: Leases after which a run's sweep that its owner has not vouched for counts as a death (see _confirmed_sweeps).
 SWEEP_CONFIRM_LEASES = 2.0
 #: Statuses an ended run can have.
@@ -140,7 +138,7 @@ class Lifecycle:
             shown: JobRecord | Mapping[str, Any] = job.evolve(status=JobStatus(status))
         else:
             shown = dict(job, status=int(status))
-        self.emitter.emit_status(status, self.process(shown))
+        self.emitter.emit_status(status, self.process(shown), _change_of(shown))
 
     def job(self, job: JobRecord | Mapping[str, Any]) -> JobRecord:
         """The record of a job given as one or as its stored document (InvalidJobError when malformed)."""
@@ -154,8 +152,8 @@ class Lifecycle:
             if event is not None:
                 ended = dict(doc, status=int(event["status"]), run=event.get("run"), worker=event.get("worker"))
                 ended.update(outcome=change.ended_run, ended=event.get("time"))
-                emitter.emit_status(int(event["status"]), self.process(ended))
-        emitter.emit_status(change.status, self.process(dict(doc, status=change.status)))
+                emitter.emit_status(int(event["status"]), self.process(ended), _change_of(ended))
+        emitter.emit_status(change.status, self.process(dict(doc, status=change.status)), _change_of(doc))
 
     # -- adding ----------------------------------------------------------------------------------------------------
 
@@ -179,7 +177,7 @@ class Lifecycle:
         self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         process = self.process(doc)
-        self.emitter.emit_status(doc["status"], process)
+        self.emitter.emit_status(doc["status"], process, _change_of(doc))
         return process
 
     def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Process:
@@ -596,8 +594,12 @@ class Lifecycle:
                     extra={"job_id": job_id, "run": run, "worker": worker},
                 )
 
-    def after_kill(self, job_id: ObjectId, worker: ObjectId, run: int, reason: str, timeout: int) -> AfterKill:
-        return AfterKill(self, job_id, worker, run, reason, timeout)
+    def after_kill(
+        self, job_id: ObjectId, worker: ObjectId, run: int, reason: KillReason, timeout: int, detail: str = ""
+    ) -> AfterKill:
+        """What to record for ``run`` of a job whose ``worker`` ended (``reason``; ``detail`` says how a worker
+        that died died) before it recorded the run's end."""
+        return AfterKill(self, job_id, worker, run, KillReason(reason), timeout, detail)
 
     # -- progress --------------------------------------------------------------------------------------------------
 
@@ -816,12 +818,22 @@ class AfterKill:
     have written the events of an end it never recorded: those are withdrawn first.
     """
 
-    def __init__(self, life: Lifecycle, job_id: ObjectId, worker: ObjectId, run: int, reason: str, timeout: int):
+    def __init__(
+        self,
+        life: Lifecycle,
+        job_id: ObjectId,
+        worker: ObjectId,
+        run: int,
+        reason: KillReason,
+        timeout: int,
+        detail: str,
+    ) -> None:
         self.life = life
         self.job_id = job_id
         self.worker = worker
         self.run = run
         self.reason = reason
+        self.detail = detail
         self.timeout = timeout
         self.change: Change | None = None
         self.done = False
@@ -875,7 +887,7 @@ class AfterKill:
     def _someone_else_recorded(self, doc: Mapping[str, Any]) -> None:
         store = self.life.store
         self._withdraw_unrecorded(doc)  # someone else recorded how the run went
-        if self.reason in KILLS_SURVIVED:  # we live on: if a sweep put the run back, it was no death
+        if self.reason.survived:  # we live on: if a sweep put the run back, it was no death
             self.life.vouch(self.job_id, self.run, self.worker, doc)
         if doc.get("status") == JobStatus.CANCELED and doc.get("worker") == self.worker:
             # The canceler recorded CANCELED while our worker ran it: the run's start is ours. (Canceled while
@@ -890,21 +902,25 @@ class AfterKill:
             )
 
     def _prepare(self, job: JobRecord) -> Change:
-        life = self.life
-        if self.reason == "timeout":
-            message = f"job exceeded its timeout of {self.timeout} s and was killed"
-            return life.end(job, self.worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
-        if self.reason == "stop":
-            return life.release(job, self.worker, orphaned=False, reason="queue node stopped")
-        if self.reason == "lost":
-            return life.release(job, self.worker, orphaned=False, reason="lease not renewed in time (node fenced)")
-        if self.reason == "starved":
-            message = (
-                "the job kept the Python interpreter busy in one call for so long that its worker could not confirm "
-                "its lease in time, and had to stop it; raise orphaned_timeout above the longest such call"
-            )
-            return life.end(job, self.worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
-        return life.release(job, self.worker, orphaned=True, reason=self.reason)
+        life, worker = self.life, self.worker
+        match self.reason:
+            case KillReason.TIMEOUT:
+                message = f"job exceeded its timeout of {self.timeout} s and was killed"
+                return life.end(job, worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
+            case KillReason.STOP:
+                return life.release(job, worker, orphaned=False, reason="queue node stopped")
+            case KillReason.LOST:
+                return life.release(job, worker, orphaned=False, reason="lease not renewed in time (node fenced)")
+            case KillReason.STARVED:
+                message = (
+                    "the job kept the Python interpreter busy in one call for so long that its worker could not "
+                    "confirm its lease in time, and had to stop it; raise orphaned_timeout above the longest such call"
+                )
+                return life.end(job, worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
+            case KillReason.MANAGER_DIED:
+                return life.release(job, worker, orphaned=True, reason=self.detail or "worker manager died")
+            case _:  # it died (or, for CANCEL and SHRINK, was never meant to be running this run): a death
+                return life.release(job, worker, orphaned=True, reason=self.detail or "worker process died")
 
 
 class _Reservation:
@@ -1046,6 +1062,18 @@ def _raw_event(
         ended=time if begun is not None else None,
         error=dict(error) if error is not None else None,
     )
+
+
+def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
+    """What tells this change of the job from its others (events.change_key), alike from a record and from a
+    stored document; None for a document without an id (always fired)."""
+    if isinstance(job, JobRecord):
+        return change_key(job.id, job.run, job.started, job.change)
+    if "_id" not in job:
+        return None
+    started, mark = job.get("started"), job.get("change")
+    started = None if started == UNSET_TIME else started
+    return change_key(job["_id"], job.get("run", 1), started, None if mark == NO_EVENT else mark)
 
 
 def _fits(result: Any) -> bool:

@@ -141,7 +141,7 @@ class Process:
 
     def refresh(self) -> Process:
         """Reload the job from MongoDB (JobNotFoundError if it is gone)."""
-        self._replace(self._scheduler.lifecycle.load(self.id))
+        self.refresh_from(self._scheduler.lifecycle.load(self.id))
         return self
 
     def wait(self, timeout: float | None = None, throw: bool = False) -> Process:
@@ -163,7 +163,12 @@ class Process:
         plain_doc: dict[str, Any] = plain(doc)
         return plain_doc
 
-    def _replace(self, document: dict[str, Any]) -> None:
+    def document(self) -> dict[str, Any]:
+        """The stored job as this handle last read it (a copy; ``to_dict()`` gives it as plain JSON)."""
+        return dict(self._doc)
+
+    def refresh_from(self, document: dict[str, Any]) -> None:
+        """Show ``document``, the job as it was read anew (the Scheduler does so while it waits for it)."""
         if document.get("outcome") != self._doc.get("outcome") or document.get("status") != self._doc.get("status"):
             self._outcome = _UNLOADED
         self._doc = document

@@ -12,11 +12,14 @@ One NamedTuple per message, dispatched with ``match``. Who sends what:
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, NamedTuple
 
 import bson
 from bson import ObjectId
+
+from .constants import KillReason
+
+__all__ = ["KillReason"]  # re-exported: messages carry it
 
 #: A job whose data encodes larger than this is handed over without it (the worker reads the job when it claims
 #: it): a backlog of large jobs must not fill a manager's memory, nor large pickles its pipes.
@@ -39,18 +42,6 @@ def handed_over(doc: dict[str, Any]) -> dict[str, Any]:
     slim = {name: value for name, value in doc.items() if name != "data"}
     slim[DATA_LEFT_OUT] = True
     return slim
-
-
-class KillReason(str, Enum):
-    """Why a worker process was ended; decides what its node records for the job it ran."""
-
-    TIMEOUT = "timeout"  # the job's timeout passed: TIMEOUT, then retry/interval rules
-    CANCEL = "cancel"  # the job was canceled: the canceler recorded CANCELED
-    STOP = "stop"  # the queue node stops: the job goes back to WAITING
-    SHRINK = "shrink"  # an idle worker of a dynamic pool is no longer needed
-    LOST = "lost"  # the lease could not be renewed or is held by someone else: never run a job twice
-    STARVED = "starved"  # its kernel timer ended it while its lease held: the job kept the interpreter too long
-    DIED = "died"  # nobody ended it: it crashed or was killed from outside
 
 
 class RunJob(NamedTuple):

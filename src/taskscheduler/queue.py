@@ -517,8 +517,8 @@ class Queue:
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))
-                why = reason.value if reason != KillReason.DIED else f"worker process died (signal {sig})"
-                self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, why, timeout))
+                died = f"worker process died (signal {sig})" if reason == KillReason.DIED else ""
+                self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, reason, timeout, died))
 
     def _worker_counts(self) -> tuple[int, int]:
         """(busy, idle) workers of this node (read by the metrics thread at scrape time)."""
@@ -580,7 +580,7 @@ class Queue:
         for pid in pids:  # normally dead already; a stray one (e.g. busy in a C call) must not run its job on
             forking.kill_tree(pid)
         for job_id, worker in list(self._running.items()):
-            why = "worker manager died" if orphaned else KillReason.STOP.value
+            why = KillReason.MANAGER_DIED if orphaned else KillReason.STOP
             self._unrecorded.append(self.life.after_kill(job_id, worker, self._runs.get(job_id, 1), why, 0))
             if self.metrics is not None:  # put back to WAITING: its run ended as released
                 self.metrics.run_ended(job_id, None)

@@ -231,3 +231,13 @@ class EventRecord:
         if self.has_result:
             doc["result"] = self.result
         return doc
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run a job's code belongs to, inside its worker: the worker (its progress writes require that it still
+    owns the job) and the job and run number (the child jobs it adds belong to that run)."""
+
+    worker: ObjectId
+    job: ObjectId | None = None
+    run: int = 1

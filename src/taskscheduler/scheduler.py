@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -19,6 +20,7 @@ from .errors import InvalidArgumentError, JobFailedError, JobNotFoundError, Wait
 from .events import Emitter, Handler
 from .lifecycle import Lifecycle
 from .process import Process
+from .records import RunContext
 from .schema import stored_status
 from .store import Store
 
@@ -79,10 +81,8 @@ class Scheduler:
         self._store = self._build_store()
         self.lifecycle = Lifecycle(self, self._store, self._emitter, self.logger)
         self._progress_writes: dict[ObjectId, float] = {}
-        #: Set inside a worker: progress writes then require that this worker still owns the job.
-        self.owner: ObjectId | None = None
-        #: Set inside a worker while a job runs: (job id, run), so children it adds belong to that run.
-        self.running_job: tuple[ObjectId, int] | None = None
+        #: Inside a worker, the run this scheduler serves (see :meth:`for_run`); None everywhere else.
+        self._run: RunContext | None = None
 
     def _build_store(self) -> Store:
         return Store(
@@ -93,6 +93,24 @@ class Scheduler:
             event_queue_size=self._options[o.EVENT_QUEUE_SIZE],
             job_retention=self._options[o.JOB_RETENTION],
         )
+
+    def for_run(self, run: RunContext) -> Scheduler:
+        """This scheduler as the code of one run uses it inside its worker (the same store, options and events):
+        its progress writes require that the run's worker still owns the job, and the child jobs it adds belong
+        to that run (a later run of the parent does not inherit their failure)."""
+        view = copy.copy(self)
+        view._run = run
+        return view
+
+    @property
+    def owner(self) -> ObjectId | None:
+        """The worker whose run this scheduler serves (:meth:`for_run`), or None."""
+        return self._run.worker if self._run is not None else None
+
+    @property
+    def db(self) -> Database[dict[str, Any]]:
+        """The database this scheduler was built on (a queue node on this scheduler uses it too)."""
+        return self._db
 
     @property
     def store(self) -> Store:
@@ -145,8 +163,9 @@ class Scheduler:
         """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a
         later run of the parent (a retry, an interval run) does not inherit its failure."""
         data = doc.get("data")
-        if self.running_job is not None and isinstance(data, Mapping) and data.get("parent") == self.running_job[0]:
-            doc["parent_run"] = self.running_job[1]
+        run = self._run
+        if run is not None and run.job is not None and isinstance(data, Mapping) and data.get("parent") == run.job:
+            doc["parent_run"] = run.run
         return doc
 
     # -- reading jobs ----------------------------------------------------------------------------------------------
@@ -269,7 +288,7 @@ class Scheduler:
                     continue
                 if change is None or change.job_id not in by_id:
                     continue
-                doc = dict(change.document or by_id[change.job_id][0]._doc)
+                doc = dict(change.document or by_id[change.job_id][0].document())
                 doc.update(change.fields, status=change.status)
                 if listening:
                     self.lifecycle.observe(change, doc, self._emitter)
@@ -279,7 +298,7 @@ class Scheduler:
         if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
             for doc in self.store.find_by_ids(by_id):
                 for p in by_id[doc["_id"]]:
-                    p._replace(doc)
+                    p.refresh_from(doc)
 
     def _read_pending(self, wait: _Wait, ids: list[ObjectId]) -> None:
         found = {doc["_id"]: doc for doc in self.store.find_by_ids(ids)}
@@ -332,7 +351,7 @@ class _Wait:
             return  # already finished: a late, older change must not move it back
         procs = self.by_id[job_id]
         for p in procs:
-            p._replace(doc)
+            p.refresh_from(doc)
         status = stored_status(doc)  # a malformed one: InvalidJobError naming the field
         process = procs[0]  # read through its robust accessors: a job ended FAILED as malformed settles too
         recurring = bool(process.options.get("interval") or process.options.get("cron"))

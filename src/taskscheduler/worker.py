@@ -32,7 +32,7 @@ from .job import (
 from .lifecycle import Change, RunEnd, describe_error
 from .process import Process
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
-from .records import JobRecord
+from .records import JobRecord, RunContext
 from .scheduler import Scheduler
 from .schema import job_ref, problem
 
@@ -80,7 +80,6 @@ class Worker:
         self.container = container
         #: The allow-list: job code is imported from these modules (and their submodules) only; None: any.
         self.job_modules = None if job_modules is None else tuple(job_modules)
-        scheduler.owner = worker_id
         self._connection: Connection | None = None  # to the manager, while a job runs
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
@@ -239,7 +238,6 @@ class Worker:
         return False
 
     def _execute(self, job: JobRecord) -> None:
-        self.scheduler.running_job = (job.id, job.run)
         token = None
         try:
             instance = self._instantiate(job)
@@ -251,7 +249,6 @@ class Worker:
             self._failed(job, exc, exc_info=True)
             return
         finally:
-            self.scheduler.running_job = None
             if token is not None:
                 reset_current_job(token)
         self._returned(job)  # from here on, no fence or timeout: the work is done
@@ -360,7 +357,7 @@ class Worker:
             raise InvalidJobError(f"job class {job.job_class!r} does not implement taskscheduler.JobInterface")
         instance.data = job.data
         instance.id = job.id
-        instance.scheduler = self.scheduler
+        instance.scheduler = self.scheduler.for_run(RunContext(self.id, job.id, job.run))
         return instance
 
     def _check_children(self, job: JobRecord) -> None:

@@ -250,7 +250,7 @@ def queue(
     scheduler = conn.scheduler()
     node = Queue(
         scheduler,
-        scheduler._db,
+        scheduler.db,
         factory,
         options={o.ORPHANED_TIMEOUT: orphaned_timeout, o.METRICS_PORT: metrics_port, o.METRICS_HOST: metrics_host},
     )

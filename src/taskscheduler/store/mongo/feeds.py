@@ -101,7 +101,7 @@ class StatusFeed:
                         "$ifNull": ["$updateDescription.updatedFields.status", "$fullDocument.status"]
                     },
                     # What tells this change from others of the job, from the change itself where it carries
-                    # it (a late lookup shows a later state): see events._change_key.
+                    # it (a late lookup shows a later state): see events.change_key.
                     **{
                         f"fullDocument.{name}": {
                             "$ifNull": [f"$updateDescription.updatedFields.{name}", f"$fullDocument.{name}"]
