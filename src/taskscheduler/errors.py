@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .process import Process
+
+class _Handle(Protocol):
+    """A job's handle (a Process) as an error shows it."""
+
+    @property
+    def id(self) -> Any: ...
 
 
 class TaskSchedulerError(Exception):
@@ -61,7 +65,7 @@ class QueueFullError(TaskSchedulerError):
 class JobFailedError(TaskSchedulerError):
     """Raised by wait_for with OPTION_THROW_EXCEPTION when a job ended FAILED."""
 
-    def __init__(self, process: Process, error: dict[str, Any] | None) -> None:
+    def __init__(self, process: _Handle, error: dict[str, Any] | None) -> None:
         self.process = process
         self.error = error
         detail = f"{error.get('class')}: {error.get('message')}" if error else "no error recorded"

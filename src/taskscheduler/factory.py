@@ -6,16 +6,16 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bson import ObjectId
 
 from . import options as o
 from .errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from .manager import WorkerManager
-    from .worker import Worker
+from .manager import WorkerManager
+from .scheduler import Scheduler
+from .store import connect
+from .worker import Worker
 
 
 class WorkerFactory(ABC):
@@ -58,17 +58,11 @@ class DefaultWorkerFactory(WorkerFactory):
             importlib.import_module(name)
 
     def build_worker(self, worker_id: ObjectId) -> Worker:
-        from .scheduler import Scheduler
-        from .store import connect
-        from .worker import Worker
-
         self.import_modules()
         db = connect(self.mongodb_uri, self.database)
         scheduler = Scheduler(db, self.logger, self.scheduler_options)
         return Worker(worker_id, scheduler, db, self.logger, job_modules=self.imports)
 
     def build_manager(self) -> WorkerManager:
-        from .manager import WorkerManager
-
         self.import_modules()
         return WorkerManager(self, self.logger, self.manager_options)

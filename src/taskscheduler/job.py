@@ -6,17 +6,38 @@ from __future__ import annotations
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from bson import ObjectId
 
 from .errors import InvalidArgumentError, InvalidJobError
+from .process import Process
 
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
+
+class JobScheduler(Protocol):
+    """The Scheduler as a job's code uses it (``self.scheduler``): the worker sets the one it runs the job with
+    (a :class:`taskscheduler.Scheduler`), whose other methods are there too."""
+
+    def add_job(
+        self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Process: ...
+
+    def add_job_once(
+        self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Process: ...
+
+    def get_job(self, job_id: ObjectId) -> Process: ...
+
+    def get_jobs(self, query: Mapping[str, Any] | None = None) -> Iterator[Process]: ...
+
+    def cancel_job(self, job_id: ObjectId) -> None: ...
+
+    def update_progress(self, job_id: ObjectId, progress: float | None = None) -> None: ...
+
+    def wait_for(self, processes: Iterable[Process], options: int = 0, timeout: float | None = None) -> None: ...
 
 
 class JobInterface(ABC):
@@ -24,7 +45,7 @@ class JobInterface(ABC):
 
     data: Any
     id: ObjectId
-    scheduler: Scheduler
+    scheduler: JobScheduler
 
     @abstractmethod
     def start(self) -> Any:
@@ -41,7 +62,7 @@ class AbstractJob(JobInterface):
     def __init__(self) -> None:
         self.data: Any = None
         self.id: ObjectId = ObjectId()
-        self.scheduler: Scheduler  # set by the worker before start()
+        self.scheduler: JobScheduler  # set by the worker before start()
 
     def update_progress(self, progress: float | None = None) -> None:
         self.scheduler.update_progress(self.id, progress)
@@ -61,7 +82,7 @@ class AbstractJob(JobInterface):
     def get_id(self) -> ObjectId:
         return self.id
 
-    def set_scheduler(self, scheduler: Scheduler) -> AbstractJob:
+    def set_scheduler(self, scheduler: JobScheduler) -> AbstractJob:
         self.scheduler = scheduler
         return self
 

@@ -18,9 +18,9 @@ import hashlib
 import logging
 import time
 import traceback
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bson import ObjectId
 
@@ -38,15 +38,10 @@ from .errors import (
     TaskSchedulerError,
 )
 from .events import Emitter, change_key
-from .job import class_path
-from .process import Process
 from .records import EventRecord, JobRecord
 from .recurrence import next_cron_time, retry_delay
 from .schema import end_problem, job_ref, problem, status_problem
 from .store import MAX_JOB_SIZE, JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value, utcnow
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
 NO_EVENT = NO_WORKER
@@ -124,14 +119,17 @@ def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None 
 class Lifecycle:
     """Every state change of a job, used alike by the client API, queue nodes and workers."""
 
-    def __init__(self, scheduler: Scheduler, store: JobStore, emitter: Emitter, logger: logging.Logger) -> None:
-        self.scheduler = scheduler
+    def __init__(
+        self, store: JobStore, emitter: Emitter, logger: logging.Logger, present: Callable[[Document], object]
+    ) -> None:
         self.store = store
         self.emitter = emitter
         self.logger = logger
+        #: What an event carries for a job (the Scheduler's Process handle of it).
+        self.present = present
 
-    def process(self, job: JobRecord | Mapping[str, Any]) -> Process:
-        return Process(job.to_doc() if isinstance(job, JobRecord) else dict(job), self.scheduler)
+    def process(self, job: JobRecord | Mapping[str, Any]) -> object:
+        return self.present(job.to_doc() if isinstance(job, JobRecord) else dict(job))
 
     def emit(self, status: int, job: JobRecord | Mapping[str, Any]) -> None:
         if isinstance(job, JobRecord):
@@ -157,11 +155,10 @@ class Lifecycle:
 
     # -- adding ----------------------------------------------------------------------------------------------------
 
-    def prepare(self, job_class: Any, data: Any, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> Document:
-        """A new job document, validated; nothing is written."""
+    def prepare(self, path: str, data: Any, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> Document:
+        """A new job document of the job class at ``path`` (``module:QualName``), validated; nothing is written."""
         opts = o.job_options(given, defaults)
         job_id = opts.pop(o.ID, None) or ObjectId()
-        path = class_path(job_class)
         encoded_size(data)
         opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place
         clock = self.store.clock  # the server's: a producer whose clock is off neither delays nor hastens a job
@@ -173,14 +170,14 @@ class Lifecycle:
         job = JobRecord(job_id, path, status, data=data, options=opts, created=now, key=fingerprint(path, data))
         return job.to_doc()
 
-    def add(self, doc: Document, reserved: int | None = None) -> Process:
+    def add(self, doc: Document, reserved: int | None = None) -> Document:
         self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
-        process = self.process(doc)
-        self.emitter.emit_status(doc["status"], process, _change_of(doc))
-        return process
+        self.emitter.emit_status(doc["status"], self.process(doc), _change_of(doc))
+        return doc
 
-    def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Process:
+    def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Document:
+        """The job kept: ``doc`` as added, or the active job found with the same options."""
         """Add ``doc`` unless an active job of its class (and data) has the same options; replace one that
         differs. Concurrent callers leave exactly one active job.
 
@@ -204,7 +201,7 @@ class Lifecycle:
         key: str,
         ignore_data: bool,
         reservation: _Reservation,
-    ) -> Process:
+    ) -> Document:
         pending_since: float | None = None
         for attempt in range(ONCE_ATTEMPTS):
             holder = self.store.once_holder(key)
@@ -228,19 +225,19 @@ class Lifecycle:
             if same is not None:
                 if holder is None and not self.store.take_once(key, same["_id"], None):
                     continue
-                return self.process(same)
+                return dict(same)
             for found in active:
                 with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile: fine
                     self.cancel(found)
             if not self.store.take_once(key, doc["_id"], held_by, since):
                 continue  # someone else took it first (or requeued its job): compare with theirs
             try:
-                process = self.add(dict(doc, created=self.store.clock.now()), reservation.spend())
+                added = self.add(dict(doc, created=self.store.clock.now()), reservation.spend())
             except BaseException:
                 self.store.release_once(key, doc["_id"])
                 raise
             if self.store.confirm_once(key, doc["_id"]):
-                return process
+                return added
             # We were too slow (paused past ONCE_PENDING_SECONDS): the key is someone else's now; ours goes.
             with contextlib.suppress(InvalidArgumentError):
                 self.cancel(self.load(doc["_id"]))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 from bson import ObjectId
 
@@ -46,9 +46,15 @@ from .protocol import (
     WorkerExited,
     WorkerSpawned,
 )
+from .worker import Worker
 
-if TYPE_CHECKING:
-    from .factory import WorkerFactory
+
+@runtime_checkable
+class WorkerBuilder(Protocol):
+    """What a manager asks of its worker factory (a :class:`taskscheduler.WorkerFactory`): a Worker for each
+    freshly forked worker process."""
+
+    def build_worker(self, worker_id: ObjectId) -> Worker: ...
 
 #: Longest the manager sleeps before looking at timers again.
 TICK_SECONDS = 0.25
@@ -95,13 +101,11 @@ class WorkerManager:
 
     def __init__(
         self,
-        worker_factory: WorkerFactory,
+        worker_factory: WorkerBuilder,
         logger: logging.Logger | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
-        from .factory import WorkerFactory
-
-        if not isinstance(worker_factory, WorkerFactory):
+        if not isinstance(worker_factory, WorkerBuilder):
             raise InvalidArgumentError(
                 f"worker_factory must be a taskscheduler.WorkerFactory, got {type(worker_factory).__name__}"
             )

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bson import ObjectId
 
 from .constants import NO_WORKER, UNSET_TIME, JobStatus
+from .lifecycle import Lifecycle
 from .schema import problem, status_label, stored_status
 
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
+
+class Source(Protocol):
+    """What a Process asks of the Scheduler it came from."""
+
+    @property
+    def OPTION_THROW_EXCEPTION(self) -> int: ...  # noqa: N802 - the Scheduler's constant
+    lifecycle: Lifecycle
+
+    def wait_for(self, processes: Iterable[Process], options: int = 0, timeout: float | None = None) -> None: ...
 
 _UNLOADED = object()
 
@@ -44,7 +52,7 @@ def _time(value: Any) -> datetime | None:
 class Process:
     """A read-only view of a stored job, with ``refresh()``, ``wait()`` and ``to_dict()``."""
 
-    def __init__(self, document: dict[str, Any], scheduler: Scheduler) -> None:
+    def __init__(self, document: dict[str, Any], scheduler: Source) -> None:
         self._doc = document
         self._scheduler = scheduler
         self._outcome: Any = _UNLOADED

@@ -18,6 +18,7 @@ from . import options as o
 from .constants import JobStatus
 from .errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
 from .events import Emitter, Handler
+from .job import class_path
 from .lifecycle import Lifecycle
 from .process import Process
 from .records import RunContext
@@ -79,7 +80,7 @@ class Scheduler:
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
         #: The one owner of job state changes; queue nodes and workers use it through their Scheduler.
         self._store = self._build_store()
-        self.lifecycle = Lifecycle(self, self._store, self._emitter, self.logger)
+        self.lifecycle = Lifecycle(self._store, self._emitter, self.logger, present=lambda doc: Process(doc, self))
         self._progress_writes: dict[ObjectId, float] = {}
         #: Inside a worker, the run this scheduler serves (see :meth:`for_run`); None everywhere else.
         self._run: RunContext | None = None
@@ -144,8 +145,8 @@ class Scheduler:
         self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
     ) -> Process:
         """Spool a job; returns its Process. Nothing is written when any argument is invalid."""
-        doc = self.lifecycle.prepare(job_class, data, _merge(options, kw), self._options)
-        return self.lifecycle.add(self._mark_child(doc))
+        doc = self.lifecycle.prepare(class_path(job_class), data, _merge(options, kw), self._options)
+        return Process(self.lifecycle.add(self._mark_child(doc)), self)
 
     def add_job_once(
         self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
@@ -156,8 +157,8 @@ class Scheduler:
         canceled and replaced. Concurrent calls leave exactly one active job.
         """
         requested = _merge(options, kw)
-        doc = self._mark_child(self.lifecycle.prepare(job_class, data, requested, self._options))
-        return self.lifecycle.add_once(doc, o.validate(requested, o.JOB_OPTIONS, "job"), data)
+        doc = self._mark_child(self.lifecycle.prepare(class_path(job_class), data, requested, self._options))
+        return Process(self.lifecycle.add_once(doc, o.validate(requested, o.JOB_OPTIONS, "job"), data), self)
 
     def _mark_child(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a

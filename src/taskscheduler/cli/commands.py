@@ -34,7 +34,7 @@ from ..constants import (
     DEFAULT_PM,
     JobStatus,
 )
-from ..dashboard import MAX_STREAMS
+from ..dashboard.limits import MAX_STREAMS
 from ..errors import (
     ConfigurationError,
     EmbeddedServerError,

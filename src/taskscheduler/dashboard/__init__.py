@@ -11,21 +11,24 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError, MissingExtraError
+from .limits import MAX_STREAMS, REQUEST_ROOM, SHUTDOWN_SECONDS
+
+__all__ = [
+    "MAX_STREAMS",
+    "REQUEST_ROOM",
+    "SHUTDOWN_SECONDS",
+    "bind",
+    "check_allowed_host",
+    "require_extra",
+    "serve",
+    "trusted_hosts",
+]
 
 if TYPE_CHECKING:
     from ..scheduler import Scheduler
 
 #: The install that brings the dashboard's dependencies.
 DASHBOARD_EXTRA = 'pip install "mongodb-task-scheduler[dashboard]"'
-#: Seconds uvicorn gives open live streams (server-sent events never end by themselves) when stopping.
-SHUTDOWN_SECONDS = 1
-#: Live streams (open pages) served at once by default (``dashboard --max-streams``); beyond, a page gets 503 and
-#: tries again later. Each costs a connection and a share of every change's fan-out: 2,000 idle ones slowed every
-#: other request to seconds.
-MAX_STREAMS = 100
-#: Connections served at once besides the live streams: uvicorn answers 503 at once beyond ``max_streams`` plus
-#: this (its ``limit_concurrency``), instead of letting a flood slow every request.
-REQUEST_ROOM = 50
 #: Names of this machine as seen from itself, always answered.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 #: Addresses that mean "every interface" (no name of a machine).

@@ -29,7 +29,7 @@ from ..constants import VERSION
 from ..errors import InvalidArgumentError, JobNotFoundError
 from ..process import Process
 from ..scheduler import Scheduler
-from . import MAX_STREAMS
+from .limits import MAX_STREAMS
 from .live import Broadcaster, Message
 from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query, job_row
 

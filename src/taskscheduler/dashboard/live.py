@@ -22,7 +22,7 @@ from ..errors import ServerUnavailableError
 from ..process import Process
 from ..scheduler import Scheduler
 from ..store import ActivityFeed
-from . import MAX_STREAMS
+from .limits import MAX_STREAMS
 from .views import counts_view, job_row, node_labels, node_view
 
 logger = logging.getLogger("taskscheduler.dashboard")
