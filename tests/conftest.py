@@ -17,8 +17,8 @@ from pymongo.database import Database
 from helpers import TESTS_DIR, Node, SizeGuard
 from taskscheduler import Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
-from taskscheduler.embedded import EmbeddedServer
-from taskscheduler.nodeproc import spawn_node
+from taskscheduler.node.nodeproc import spawn_node
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pymongo.database import Database
 
 from taskscheduler import DefaultWorkerFactory, Scheduler
 from taskscheduler.constants import JobStatus
-from taskscheduler.records import JobRecord
+from taskscheduler.store.records import JobRecord
 
 #: The tests directory (on sys.path for the job modules the tests' queue nodes import).
 TESTS_DIR = Path(__file__).resolve().parent

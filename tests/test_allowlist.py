@@ -25,9 +25,9 @@ import allowlist_fixtures.allowed.jobs
 import allowlist_fixtures.elsewhere
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import AsyncScheduler, JobStatus, Scheduler, Worker
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.client.job import class_path, load_job_class, serves
 from taskscheduler.errors import InvalidArgumentError, InvalidJobError
-from taskscheduler.job import class_path, load_job_class, serves
+from taskscheduler.ops.embedded import EmbeddedServer
 
 ALLOWED = ("allowlist_fixtures.allowed",)
 #: What a node serving ALLOWED may run: the jobs the allowed modules define, by the names they define them under

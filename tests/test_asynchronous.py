@@ -15,8 +15,8 @@ from pymongo.database import Database
 import sample_jobs
 from helpers import Node
 from taskscheduler import AsyncProcess, AsyncScheduler, JobStatus, Process, Scheduler
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 class Api:

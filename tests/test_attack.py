@@ -25,15 +25,15 @@ from pymongo.errors import AutoReconnect
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import AbstractJob, DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.core.lifecycle import ONCE_PENDING_SECONDS
 from taskscheduler.errors import InvalidArgumentError, QueueFullError, ServerUnavailableError, WaitTimeoutError
-from taskscheduler.fencing import LeaseSlot
-from taskscheduler.heartbeat import Heartbeat
-from taskscheduler.lifecycle import ONCE_PENDING_SECONDS
-from taskscheduler.manager import WorkerManager, _Child
-from taskscheduler.protocol import Claimed, JobClaimed, JobFinished, KillReason, RunJob
-from taskscheduler.records import RunContext
+from taskscheduler.node.fencing import LeaseSlot
+from taskscheduler.node.heartbeat import Heartbeat
+from taskscheduler.node.manager import WorkerManager, _Child
+from taskscheduler.node.protocol import Claimed, JobClaimed, JobFinished, KillReason, RunJob
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import StatusFeed, utcnow
+from taskscheduler.store.records import RunContext
 
 # -- job classes (importable as test_attack:..., also by queue nodes started with --import test_attack) ---------------
 

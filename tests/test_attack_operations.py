@@ -25,10 +25,10 @@ from starlette.testclient import TestClient
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import Scheduler, Worker
-from taskscheduler.dashboard import bind
-from taskscheduler.dashboard.app import create_app
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import ServerUnavailableError
+from taskscheduler.ops.dashboard import bind
+from taskscheduler.ops.dashboard.app import create_app
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:

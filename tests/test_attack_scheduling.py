@@ -24,10 +24,10 @@ from pymongo.database import Database
 import sample_jobs
 from helpers import TESTS_DIR, Node, as_record
 from taskscheduler import AsyncScheduler, JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.client.job import load_job_class
+from taskscheduler.core.runs import next_start
 from taskscheduler.errors import InvalidArgumentError, InvalidJobError
-from taskscheduler.job import load_job_class
-from taskscheduler.lifecycle import next_start
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.options import MAX_TIMESTAMP
 from taskscheduler.recurrence import cron_expression, next_cron_time, retry_delay
 
@@ -263,8 +263,8 @@ def test_backlog_put_back_keeps_first_in_first_out_within_a_priority() -> None:
     (-1, -2, ...), so the last one put back runs first: two crashed hand-overs come back in reverse order."""
     from bson import ObjectId
 
-    from taskscheduler.backlog import Backlog
-    from taskscheduler.protocol import RunJob
+    from taskscheduler.node.backlog import Backlog
+    from taskscheduler.node.protocol import RunJob
 
     def task(name: str) -> RunJob:
         return RunJob({"_id": ObjectId(), "name": name, "options": {"priority": 0}}, 30.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
-from taskscheduler.backlog import Backlog
-from taskscheduler.protocol import RunJob
+from taskscheduler.node.backlog import Backlog
+from taskscheduler.node.protocol import RunJob
 
 
 def _task(priority: int | None = None, **doc: object) -> RunJob:

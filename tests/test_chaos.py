@@ -94,8 +94,8 @@ from pymongo.database import Database
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import MAX_ORPHANINGS
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.ops.embedded import EmbeddedServer
 
 JOB = "sample_jobs:ChaosJob"
 ORPHANED_TIMEOUT = 2.0

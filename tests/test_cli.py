@@ -17,7 +17,7 @@ from bson import ObjectId
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import fields_equal, literal, utcnow
 
 
@@ -278,7 +278,7 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 
     import psutil
 
-    from taskscheduler.embedded import free_port
+    from taskscheduler.ops.embedded import free_port
     from taskscheduler.store import connect
 
     port = free_port()

@@ -23,16 +23,16 @@ from pymongo.database import Database
 from crash_jobs import HUGE, read_log
 from helpers import IdleWorkerFactory, Node, as_record, wait_until
 from taskscheduler import DefaultWorkerFactory, JobStatus, Queue, Scheduler, Worker
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.core.runs import next_start
 from taskscheduler.errors import QueueFullError, ServerUnavailableError, WaitTimeoutError
-from taskscheduler.fencing import lease_clock
-from taskscheduler.heartbeat import Heartbeat
-from taskscheduler.lifecycle import next_start
-from taskscheduler.manager import WorkerManager
-from taskscheduler.protocol import Fence, KillJob, KillReason, RunJob
-from taskscheduler.queue import _Timers
-from taskscheduler.records import RunContext
+from taskscheduler.node.fencing import lease_clock
+from taskscheduler.node.heartbeat import Heartbeat
+from taskscheduler.node.manager import WorkerManager
+from taskscheduler.node.protocol import Fence, KillJob, KillReason, RunJob
+from taskscheduler.node.queue import _Timers
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import StatusFeed
+from taskscheduler.store.records import RunContext
 
 
 def claim(scheduler: Scheduler, job_id: ObjectId, lease: float = 30.0) -> tuple[dict[str, Any], ObjectId]:

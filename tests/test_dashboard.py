@@ -22,9 +22,9 @@ from starlette.testclient import TestClient
 
 from helpers import TESTS_DIR, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
-from taskscheduler.dashboard import bind
-from taskscheduler.dashboard.app import ACTION_HEADER, STATIC, create_app
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.dashboard import bind
+from taskscheduler.ops.dashboard.app import ACTION_HEADER, STATIC, create_app
+from taskscheduler.ops.embedded import EmbeddedServer
 
 ACT = {ACTION_HEADER: "1"}
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -216,7 +216,7 @@ def test_cli_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name:
 
 
 def test_host_check_answers_the_bound_address_and_this_machine_and_allowed_names() -> None:
-    from taskscheduler.dashboard import check_allowed_host, trusted_hosts
+    from taskscheduler.ops.dashboard import check_allowed_host, trusted_hosts
 
     assert "127.0.0.2" in (trusted_hosts("127.0.0.2") or [])
     assert socket.gethostname().lower() not in (trusted_hosts("127.0.0.1") or [])  # loopback: no network names

@@ -24,9 +24,9 @@ from starlette.testclient import TestClient
 
 from helpers import TESTS_DIR, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
-from taskscheduler.dashboard import REQUEST_ROOM, bind
-from taskscheduler.dashboard.app import MAX_CLASS_FILTER, MAX_QUERY_BYTES, create_app
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.dashboard import REQUEST_ROOM, bind
+from taskscheduler.ops.dashboard.app import MAX_CLASS_FILTER, MAX_QUERY_BYTES, create_app
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 class JobQueries(monitoring.CommandListener):

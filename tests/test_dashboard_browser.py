@@ -22,7 +22,7 @@ import pytest
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.embedded import EmbeddedServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

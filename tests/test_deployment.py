@@ -14,8 +14,8 @@ from pymongo import MongoClient
 
 from helpers import TESTS_DIR
 from taskscheduler import Scheduler
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import ConfigurationError
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ from bson import ObjectId
 
 from helpers import wait_until
 from taskscheduler import JobStatus, Process, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from taskscheduler.embedded import EmbeddedServer
-from taskscheduler.nodeproc import spawn_node, stop_node
+from taskscheduler.node.nodeproc import spawn_node, stop_node
+from taskscheduler.ops.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.e2e
 

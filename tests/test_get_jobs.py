@@ -12,7 +12,7 @@ from pymongo import AsyncMongoClient
 
 import sample_jobs
 from taskscheduler import AsyncScheduler, JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.ops.embedded import EmbeddedServer
 
 FUTURE = 2_000_000_000
 

@@ -23,9 +23,9 @@ from pymongo.database import Database
 
 from helpers import TESTS_DIR, wait_until
 from taskscheduler import DefaultWorkerFactory, Queue, Scheduler
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.nodeproc import spawn_node
+from taskscheduler.node.nodeproc import spawn_node
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.redact import redact_uri, scrub
 from taskscheduler.store import connect
 

@@ -19,9 +19,9 @@ from helpers import as_record
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.cli.commands import main
 from taskscheduler.constants import DEFAULT_JOB_QUEUE, NODE_REGISTRY
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.core.runs import next_start
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.lifecycle import next_start
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.recurrence import timezone_name
 from taskscheduler.redact import redact_uri
 from taskscheduler.store import connect

@@ -7,8 +7,8 @@ from bson import ObjectId
 
 import sample_jobs
 from taskscheduler import AbstractJob, JobInterface
+from taskscheduler.client.job import class_path, load_job_class
 from taskscheduler.errors import InvalidArgumentError, InvalidJobError
-from taskscheduler.job import class_path, load_job_class
 
 
 def test_class_path_and_load() -> None:
@@ -51,7 +51,7 @@ def test_main_classes_are_refused_with_advice() -> None:
 
 
 def test_allow_list_covers_modules_and_submodules_only() -> None:
-    from taskscheduler.job import serves
+    from taskscheduler.client.job import serves
 
     assert serves("sample_jobs:Noop", ["sample_jobs"])
     assert serves("pkg.jobs.mail:Send", ["pkg.jobs"]) and serves("pkg.jobs.mail.Send", ["pkg.jobs"])

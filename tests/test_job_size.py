@@ -23,11 +23,11 @@ from pymongo.database import Database
 import sample_jobs
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import AbstractJob, AsyncScheduler, JobStatus, Scheduler
-from taskscheduler.embedded import EmbeddedServer
+from taskscheduler.core.changes import MAX_RESULT_SIZE
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.lifecycle import MAX_RESULT_SIZE
+from taskscheduler.node.worker import Worker
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import MAX_JOB_SIZE
-from taskscheduler.worker import Worker
 
 FUTURE = 2_000_000_000
 

@@ -11,8 +11,9 @@ import pytest
 from bson import ObjectId
 
 from helpers import SizeGuard, as_record
-from taskscheduler import JobStatus, Scheduler, Worker, lifecycle
+from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.constants import NO_WORKER, UNSET_TIME
+from taskscheduler.core import lifecycle, runs
 from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
 from taskscheduler.store import utcnow
 
@@ -149,12 +150,12 @@ def test_interval_after_timeout_is_measured_from_now(scheduler: Scheduler) -> No
     doc, _ = claimed(scheduler, interval=60, interval_reference="start")
     long_ago = dict(doc, started=utcnow().replace(year=2000))
     now = time.time()
-    after_timeout = lifecycle.next_start(as_record(long_ago), JobStatus.TIMEOUT, now)
+    after_timeout = runs.next_start(as_record(long_ago), JobStatus.TIMEOUT, now)
     assert after_timeout is not None
     status, at, retry = after_timeout
     assert status == JobStatus.POSTPONED and at == pytest.approx(now + 60, abs=0.01) and retry == 0
     # A run that ended normally is measured from its start, as asked: long overdue, so due at once.
-    after_done = lifecycle.next_start(as_record(long_ago), JobStatus.DONE, now)
+    after_done = runs.next_start(as_record(long_ago), JobStatus.DONE, now)
     assert after_done is not None
     assert after_done[0] == JobStatus.WAITING
     assert after_done[1] == pytest.approx(long_ago["started"].timestamp() + 60, abs=0.01)

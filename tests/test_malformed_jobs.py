@@ -25,15 +25,15 @@ from starlette.testclient import TestClient
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.backlog import Backlog
 from taskscheduler.cli.display import visible
+from taskscheduler.client.process import Process
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
-from taskscheduler.dashboard.app import ACTION_HEADER, create_app
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidJobError
-from taskscheduler.process import Process
-from taskscheduler.protocol import RunJob
-from taskscheduler.schema import problem
+from taskscheduler.node.backlog import Backlog
+from taskscheduler.node.protocol import RunJob
+from taskscheduler.ops.dashboard.app import ACTION_HEADER, create_app
+from taskscheduler.ops.embedded import EmbeddedServer
+from taskscheduler.store.schema import problem
 
 NOOP = "sample_jobs:Noop"
 REJECTED = "taskscheduler.errors.InvalidJobError"

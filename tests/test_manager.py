@@ -11,7 +11,7 @@ import pytest
 from helpers import IdleWorkerFactory, wait_until
 from taskscheduler import DefaultWorkerFactory, WorkerManager
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned
+from taskscheduler.node.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned
 
 
 def factory(**manager: Any) -> DefaultWorkerFactory:

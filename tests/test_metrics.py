@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import Queue, Scheduler
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.factory import DefaultWorkerFactory
-from taskscheduler.metrics import status_label
+from taskscheduler.node.factory import DefaultWorkerFactory
+from taskscheduler.node.metrics import status_label
+from taskscheduler.ops.embedded import EmbeddedServer
 
 NOOP, FAIL = "sample_jobs:Noop", "sample_jobs:Fail"
 

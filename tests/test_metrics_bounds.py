@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import sample_jobs  # noqa: F401  (loaded: its classes are ones this process serves)
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Queue, Scheduler
-from taskscheduler import metrics as m
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.factory import DefaultWorkerFactory
-from taskscheduler.metrics import NodeMetrics
+from taskscheduler.node import metrics as m
+from taskscheduler.node.factory import DefaultWorkerFactory
+from taskscheduler.node.metrics import NodeMetrics
+from taskscheduler.ops.embedded import EmbeddedServer
 from test_metrics import _cli, free_port, sample, scrape, scrape_when_up
 
 NOOP = "sample_jobs:Noop"

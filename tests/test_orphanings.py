@@ -21,11 +21,11 @@ from pymongo.database import Database
 
 from helpers import TESTS_DIR, Node, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler import lifecycle as lifecycle_module
 from taskscheduler.constants import NODE_REGISTRY, KillReason
-from taskscheduler.embedded import EmbeddedServer
-from taskscheduler.lifecycle import Change
-from taskscheduler.nodeproc import spawn_node
+from taskscheduler.core import lifecycle as lifecycle_module
+from taskscheduler.core.lifecycle import Change
+from taskscheduler.node.nodeproc import spawn_node
+from taskscheduler.ops.embedded import EmbeddedServer
 from test_store import Recorder, _unindexed
 
 LEASE = 30.0

@@ -12,8 +12,8 @@ import pytest
 
 from helpers import as_record
 from taskscheduler.constants import JobStatus
+from taskscheduler.core.runs import next_start
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.lifecycle import next_start
 from taskscheduler.recurrence import cron_expression, next_cron_time, retry_delay, timezone_name
 
 ZURICH = ZoneInfo("Europe/Zurich")

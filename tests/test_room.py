@@ -18,8 +18,8 @@ from pymongo.database import Database
 from helpers import TESTS_DIR
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import QueueFullError
+from taskscheduler.ops.embedded import EmbeddedServer
 
 NOOP = "sample_jobs:Noop"
 PAD = {"pad": "p" * 400}

@@ -30,8 +30,8 @@ from pymongo import MongoClient, monitoring
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.clock import MAX_WALL_DRIFT, REFRESH_SECONDS, RETRY_SECONDS, ServerClock
-from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import ServerUnavailableError
+from taskscheduler.ops.embedded import EmbeddedServer
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 CHAOS = "sample_jobs:ChaosJob"

@@ -129,7 +129,7 @@ def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
     manager hands the job over again: no change event will announce it, and it must not wait forever."""
     from multiprocessing import Pipe
 
-    from taskscheduler.protocol import Finished
+    from taskscheduler.node.protocol import Finished
 
     p = scheduler.add_job("sample_jobs:Echo", {"x": 1})
     ours, theirs = Pipe()
@@ -152,7 +152,7 @@ def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
 
 def test_a_job_handed_over_without_its_large_data_runs_with_it(scheduler: Scheduler, worker: Worker) -> None:
     """A job whose data is large travels to the manager and worker without it; the worker reads it when it runs."""
-    from taskscheduler.protocol import DATA_LEFT_OUT, INLINE_DATA_BYTES, handed_over
+    from taskscheduler.node.protocol import DATA_LEFT_OUT, INLINE_DATA_BYTES, handed_over
 
     data = {"blob": "z" * (INLINE_DATA_BYTES + 1)}
     p = scheduler.add_job("sample_jobs:Echo", data)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from . import errors, events
-from .asynchronous import AsyncProcess, AsyncScheduler
+from .client.asynchronous import AsyncProcess, AsyncScheduler
+from .client.job import AbstractJob, JobInterface, current_job
+from .client.process import Process
+from .client.scheduler import Scheduler
 from .constants import VERSION, JobStatus
-from .factory import DefaultWorkerFactory, WorkerFactory
-from .job import AbstractJob, JobInterface, current_job
-from .manager import WorkerManager
-from .process import Process
-from .queue import Queue
-from .scheduler import Scheduler
-from .worker import Worker
+from .node.factory import DefaultWorkerFactory, WorkerFactory
+from .node.manager import WorkerManager
+from .node.queue import Queue
+from .node.worker import Worker
 
 __version__ = VERSION
 

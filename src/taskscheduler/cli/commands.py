@@ -34,7 +34,6 @@ from ..constants import (
     DEFAULT_PM,
     JobStatus,
 )
-from ..dashboard.limits import MAX_STREAMS
 from ..errors import (
     ConfigurationError,
     EmbeddedServerError,
@@ -45,6 +44,7 @@ from ..errors import (
     ServerUnavailableError,
     TaskSchedulerError,
 )
+from ..ops.dashboard.limits import MAX_STREAMS
 
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
@@ -74,7 +74,7 @@ class Connection:
     scheduler_options: dict[str, Any]
 
     def scheduler(self, timeout_ms: int = 5_000) -> Any:
-        from ..scheduler import Scheduler
+        from ..client.scheduler import Scheduler
         from ..store import connect
 
         scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
@@ -134,7 +134,7 @@ def _object_id(value: str) -> ObjectId:
 
 def _print_json(value: Any) -> None:
     """Plain JSON, as jq users expect: ids as strings, times as ISO 8601 (no MongoDB Extended JSON)."""
-    from ..process import plain
+    from ..client.process import plain
 
     click.echo(json.dumps(plain(value), indent=2))
 
@@ -222,13 +222,13 @@ def queue(
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
     import os
 
-    from ..factory import DefaultWorkerFactory
-    from ..queue import Queue
+    from ..node.factory import DefaultWorkerFactory
+    from ..node.queue import Queue
 
     if not imports:
         raise click.UsageError("name the modules of the jobs this node runs: --import MODULE (repeatable)")
     if metrics_port:
-        from ..metrics import require_prometheus_client
+        from ..node.metrics import require_prometheus_client
 
         require_prometheus_client()  # before connecting: a missing extra is the operator's to fix, at once
     for path in reversed(paths):
@@ -312,7 +312,7 @@ def add(
     as_json: bool,
 ) -> None:
     """Add a job of JOB_CLASS ("module:QualName", a job class or function); prints its id."""
-    from ..job import class_path, load_job_class
+    from ..client.job import class_path, load_job_class
 
     class_path(job_class)  # a malformed name is refused before anything is imported
     if not no_import_check:
@@ -376,7 +376,7 @@ def jobs(
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
-    from ..process import Process
+    from ..client.process import Process
     from .display import jobs_table
 
     query: dict[str, Any] = {}
@@ -404,7 +404,7 @@ def jobs(
 @_option("--json", "as_json", is_flag=True)
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its runs and the error or result of the last one."""
-    from ..schema import status_label
+    from ..store.schema import status_label
     from .display import error_line, status_of, visible
 
     process = conn.scheduler().get_job(_object_id(job_id))
@@ -502,7 +502,7 @@ def requeue(conn: Connection, job_id: str) -> None:
 @_option("--json", "as_json", is_flag=True, help="Print plain JSON.")
 def info(conn: Connection, as_json: bool) -> None:
     """Jobs per status and class, live nodes and their workers, backlog, runs ended lately, unserved classes."""
-    from ..cluster import cluster_info
+    from ..ops.cluster import cluster_info
     from .display import visible
 
     summary = cluster_info(conn.scheduler())
@@ -595,7 +595,7 @@ def server(host: str, port: int, data_dir: str) -> None:
     """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C. It has no authentication."""
     import ipaddress
 
-    from ..embedded import EmbeddedServer
+    from ..ops.embedded import EmbeddedServer
 
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -613,7 +613,7 @@ def server(host: str, port: int, data_dir: str) -> None:
 
 
 def _allowed_hosts(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    from ..dashboard import check_allowed_host
+    from ..ops.dashboard import check_allowed_host
 
     try:
         return tuple(check_allowed_host(value) for value in values)
@@ -657,7 +657,7 @@ def dashboard(
 ) -> None:
     """Serve the web dashboard: counts, a live job table, job pages, nodes, cancel and requeue (needs the extra
     dashboard)."""
-    from ..dashboard import require_extra, serve
+    from ..ops.dashboard import require_extra, serve
 
     require_extra()  # before connecting: a missing extra is the operator's to fix, at once
     if token is not None:

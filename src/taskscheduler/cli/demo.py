@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from ..client.job import AbstractJob
 from ..constants import JobStatus
-from ..job import AbstractJob
-from ..nodeproc import spawn_node, stop_node
+from ..node.nodeproc import spawn_node, stop_node
 
 
 class Countdown(AbstractJob):
@@ -60,7 +60,7 @@ class AsyncPing(AbstractJob):
 
 def shout(data: Any) -> str:
     """A plain function as a job; ``current_job()`` gives what ``self`` gives a class."""
-    from ..job import current_job
+    from ..client.job import current_job
 
     job = current_job()
     if job is not None:
@@ -70,9 +70,9 @@ def shout(data: Any) -> str:
 
 def run_demo(limit: float = 45.0, plain: bool = False) -> int:
     """Run the demo; 0 when every example ended as expected."""
-    from ..embedded import EmbeddedServer
+    from ..client.scheduler import Scheduler
     from ..errors import EmbeddedServerError
-    from ..scheduler import Scheduler
+    from ..ops.embedded import EmbeddedServer
     from ..store import connect
     from .display import console as make_console
 

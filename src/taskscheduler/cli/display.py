@@ -15,13 +15,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ..client.process import Process as ProcessView
 from ..constants import JobStatus
 from ..errors import InvalidJobError
-from ..process import Process as ProcessView
 
 if TYPE_CHECKING:
-    from ..process import Process
-    from ..scheduler import Scheduler
+    from ..client.process import Process
+    from ..client.scheduler import Scheduler
 
 STATUS_STYLE = {
     JobStatus.WAITING: "cyan",

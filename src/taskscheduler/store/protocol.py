@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from ..clock import ServerClock
-from ..records import EventRecord
+from .records import EventRecord
 
 Document = dict[str, Any]
 

@@ -11,7 +11,7 @@ from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError
 
 from ...constants import JobStatus
-from ...records import EventRecord
+from ..records import EventRecord
 from .connection import server_errors
 from .deployment import Deployment
 from .documents import Document

@@ -20,9 +20,9 @@ from typing import Any
 
 from bson import ObjectId
 
-from . import options as o
-from .constants import JobStatus
-from .errors import InvalidArgumentError, InvalidJobError
+from .. import options as o
+from ..constants import JobStatus
+from ..errors import InvalidArgumentError, InvalidJobError
 
 #: What views show for a status that is not a JobStatus.
 MALFORMED = "malformed"

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError, MissingExtraError
+from ...errors import ConfigurationError, MissingExtraError
 from .limits import MAX_STREAMS, REQUEST_ROOM, SHUTDOWN_SECONDS
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ..scheduler import Scheduler
+    from ...client.scheduler import Scheduler
 
 #: The install that brings the dashboard's dependencies.
 DASHBOARD_EXTRA = 'pip install "mongodb-task-scheduler[dashboard]"'

@@ -22,11 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from bson import ObjectId
 
+from .. import options as o
+from ..constants import DYNAMIC_IDLE_SECONDS
+from ..errors import InvalidArgumentError, SpawnForkError
 from . import forking
-from . import options as o
 from .backlog import Backlog
-from .constants import DYNAMIC_IDLE_SECONDS
-from .errors import InvalidArgumentError, SpawnForkError
 from .fencing import LeaseSlot, lease_clock
 from .protocol import (
     CancelJob,

@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 
 import psutil
 
-from .errors import SpawnForkError
+from ..errors import SpawnForkError
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeAlias
 
 from bson import ObjectId
 
-from .errors import InvalidArgumentError, InvalidJobError
+from ..errors import InvalidArgumentError, InvalidJobError
 from .process import Process
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of one queue node (``queue --metrics-port N``), served at ``/metrics``.
 
 Every series comes from what the node knows anyway: its manager reports each claim and each end of its own
-workers' runs (:class:`~taskscheduler.protocol.JobClaimed`, ``JobFinished``, ``JobKilled``), the heartbeat thread
+workers' runs (:class:`~taskscheduler.node.protocol.JobClaimed`, ``JobFinished``, ``JobKilled``), the heartbeat thread
 records when it last reached the server, the node keeps its worker list. So a run costs the server nothing extra.
 The only query is the count of waiting and postponed jobs: one aggregation on the status index, made by the
 node's loop at most every :data:`REFRESH_SECONDS` and only while someone scrapes.
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
-from .constants import DEFAULT_METRICS_HOST, JobStatus
-from .errors import ConfigurationError, InvalidArgumentError, InvalidJobError, MissingExtraError
-from .job import load_job_class, serves, split_name
+from ..client.job import load_job_class, serves, split_name
+from ..constants import DEFAULT_METRICS_HOST, JobStatus
+from ..errors import ConfigurationError, InvalidArgumentError, InvalidJobError, MissingExtraError
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -11,11 +11,11 @@ from typing import Any
 
 from bson import ObjectId
 
-from ..constants import JobStatus
-from ..errors import InvalidJobError
-from ..lifecycle import counted_run_ends as lifecycle_run_ends
-from ..process import Process, plain
-from ..schema import MALFORMED, status_label
+from ...client.process import Process, plain
+from ...constants import JobStatus
+from ...core.runs import counted_run_ends as lifecycle_run_ends
+from ...errors import InvalidJobError
+from ...store.schema import MALFORMED, status_label
 
 #: Jobs the table shows at most (newest first).
 MAX_ROWS = 200

@@ -2,8 +2,8 @@
 
 It runs beside the node's loop so that nothing the loop does (a long scan of waiting jobs, a slow change-stream
 poll, a full pipe) can delay a renewal: a late renewal would make the manager fence (kill) healthy jobs.
-After each renewal it tells the manager how long its jobs may run on (:class:`~taskscheduler.protocol.Fence`);
-a job found owned by someone else has its worker killed at once (:class:`~taskscheduler.protocol.KillJob`).
+After each renewal it tells the manager how long its jobs may run on (:class:`~taskscheduler.node.protocol.Fence`);
+a job found owned by someone else has its worker killed at once (:class:`~taskscheduler.node.protocol.KillJob`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from bson import ObjectId
 
-from .errors import ServerUnavailableError
+from ..core.lifecycle import Lifecycle
+from ..errors import ServerUnavailableError
 from .fencing import lease_clock
-from .lifecycle import Lifecycle
 from .protocol import Fence, KillJob, KillReason
 
 #: Renewals per lease: two may fail before the manager fences the node's jobs at half the lease, and then

@@ -18,10 +18,10 @@ import threading
 import time
 from typing import Any
 
-from ..errors import ServerUnavailableError
-from ..process import Process
-from ..scheduler import Scheduler
-from ..store import ActivityFeed
+from ...client.process import Process
+from ...client.scheduler import Scheduler
+from ...errors import ServerUnavailableError
+from ...store import ActivityFeed
 from .limits import MAX_STREAMS
 from .views import counts_view, job_row, node_labels, node_view
 

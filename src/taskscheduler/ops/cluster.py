@@ -9,9 +9,9 @@ from typing import Any
 
 from bson import ObjectId
 
-from .job import serves
-from .scheduler import Scheduler
-from .schema import status_label
+from ..client.job import serves
+from ..client.scheduler import Scheduler
+from ..store.schema import status_label
 
 
 def cluster_info(scheduler: Scheduler) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..constants import VERSION
-from ..errors import InvalidArgumentError, JobNotFoundError
-from ..process import Process
-from ..scheduler import Scheduler
+from ...client.process import Process
+from ...client.scheduler import Scheduler
+from ...constants import VERSION
+from ...errors import InvalidArgumentError, JobNotFoundError
 from .limits import MAX_STREAMS
 from .live import Broadcaster, Message
 from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query, job_row

@@ -14,34 +14,40 @@ lost (another worker or node owns the job now) withdraws its events.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
-import traceback
 from collections.abc import Callable, Hashable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 
-from . import options as o
-from .constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus, KillReason
-from .errors import (
+from .. import options as o
+from ..constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus, KillReason
+from ..errors import (
     InvalidArgumentError,
     InvalidJobError,
     JobNotFoundError,
-    JobReleasedError,
     JobTimeoutError,
     LeaseUnconfirmedError,
     OrphanedJobError,
     ServerUnavailableError,
     TaskSchedulerError,
 )
-from .events import Emitter, change_key
-from .records import EventRecord, JobRecord
-from .recurrence import next_cron_time, retry_delay
-from .schema import end_problem, job_ref, problem, status_problem
-from .store import MAX_JOB_SIZE, JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value, utcnow
+from ..events import Emitter, change_key
+from ..recurrence import next_cron_time
+from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value
+from ..store.records import EventRecord, JobRecord
+from ..store.schema import end_problem, job_ref, problem, status_problem
+from .changes import (
+    Change,
+    Release,
+    RunEnd,
+    derived_id,
+    library_error,
+    new_event,
+)
+from .runs import counted_run_ends
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
 NO_EVENT = NO_WORKER
@@ -49,71 +55,12 @@ NO_EVENT = NO_WORKER
 ONCE_ATTEMPTS = 400
 #: Seconds a caller that took an add_job_once key may take to insert its job before others take the key over.
 ONCE_PENDING_SECONDS = 30.0
-#: Longest stored error message and traceback (characters): an error is recorded whatever its size.
-MAX_ERROR_TEXT = 64 * 1024
-#: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
-#: Below the job limit: an event stays under 16 MB in any change stream that carries it.
-MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).
 LATE_WRITE_SECONDS = 2.0
 #: Leases after which a run's sweep that its owner has not vouched for counts as a death (see _confirmed_sweeps).
 SWEEP_CONFIRM_LEASES = 2.0
-#: Statuses an ended run can have.
-RUN_END_STATUSES = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMEOUT)
 
 Document = dict[str, Any]
-
-
-def describe_error(exc: BaseException) -> dict[str, str]:
-    """The stored form of an exception: class, message and traceback text (truncated to fit)."""
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return fit_error(
-        {
-            "class": name,
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
-        }
-    )
-
-
-def library_error(cls: type[TaskSchedulerError], message: str) -> dict[str, str]:
-    """An error the library records itself (timeout, orphaned, released), named by its class in errors.py."""
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": ""}
-
-
-def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:
-    """An error whose texts fit in an event document: long ones keep their start and end."""
-    fitted = dict(error)
-    for key in ("message", "traceback"):
-        text = fitted.get(key)
-        if isinstance(text, str) and len(text) > MAX_ERROR_TEXT:
-            half = MAX_ERROR_TEXT // 2
-            fitted[key] = f"{text[:half]}\n... [{len(text) - MAX_ERROR_TEXT} characters cut] ...\n{text[-half:]}"
-    return fitted
-
-
-def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId, started: datetime | None = None) -> ObjectId:
-    """The id of a claim's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node),
-    and another for each claim (its ``started``, in ms): a worker may claim a run again after it was released."""
-    millis = int(started.timestamp() * 1000) if isinstance(started, datetime) and started != UNSET_TIME else 0
-    return _derived_id(job_id, run, worker.binary + millis.to_bytes(8, "big", signed=True))
-
-
-def _derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
-    """An event id derived from what it records, so that every writer of that record writes the same one."""
-    digest = hashlib.sha1(job_id.binary + run.to_bytes(8, "big", signed=True) + salt).digest()
-    return ObjectId(digest[:12])
-
-
-def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> dict[str, Any]:
-    """What a job is while ``worker`` owns it: PROCESSING (in that run, with that lease end)."""
-    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
-    if run is not None:
-        expect["run"] = run
-    if expires is not None:
-        expect["expires"] = expires
-    return expect
 
 
 class Lifecycle:
@@ -330,7 +277,7 @@ class Lifecycle:
             expect["run"] = run
         # The same event id for every node that meets this document in this state: retries write it once.
         salt = b"malformed" + (change.binary if isinstance(change, ObjectId) else b"")
-        event_id = _derived_id(job_id, run or 1, salt) if isinstance(job_id, ObjectId) else ObjectId()
+        event_id = derived_id(job_id, run or 1, salt) if isinstance(job_id, ObjectId) else ObjectId()
         now = self.store.clock.now()
         job_class = doc.get("class")
         error = library_error(InvalidJobError, f"job {job_ref(job_id)} is malformed: {found}")
@@ -468,7 +415,7 @@ class Lifecycle:
         # Read as routed: a job of a class this node does not run was checked for its routing fields only.
         job_id, run = doc["_id"], int(doc.get("run", 1))
         when = {"status": int(JobStatus.POSTPONED), "run": run}
-        event_id = _derived_id(job_id, run, b"due")
+        event_id = derived_id(job_id, run, b"due")
         event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
         fields = {"status": int(JobStatus.WAITING), "change": event_id}
         if not self.store.change(job_id, when, fields):
@@ -615,199 +562,6 @@ class Lifecycle:
             return True
 
 
-class Change:
-    """A prepared state change of one job: events with fixed ids, then one conditional update. ``record()`` may
-    be called again after an outage: it writes nothing twice and announces the change once."""
-
-    def __init__(self, life: Lifecycle, job: JobRecord, worker: ObjectId) -> None:
-        self.life = life
-        self.job = job
-        self.worker = worker
-        self.run = job.run
-        self.events: list[EventRecord] = []
-        self.when: dict[str, Any] = {}
-        self.fields: dict[str, Any] = {}
-        self.recorded = False
-        self.uncertain = False  # an attempt failed without an answer: it may have been written
-        #: Written by the run's owner, alive: if the run was swept first, the sweep was no death (vouched for).
-        self.vouches = False
-
-    @property
-    def marker(self) -> ObjectId:
-        return self.events[-1].id
-
-    def record(self) -> bool:
-        """Write it; True when it is written (now or by an earlier attempt), False when the job was lost."""
-        if self.recorded:
-            return True
-        store, job = self.life.store, self.job
-        store.insert_events(self.events)
-        fields = dict(self.fields, change=self.marker)
-        try:
-            written = store.change(job.id, self.when, fields)
-        except ServerUnavailableError:
-            self.uncertain = True  # written or not: only the job document can tell, later
-            raise
-        if not written:
-            stored = store.find_job(job.id) or {}
-            if stored.get("change") != self.marker:
-                # Not ours now. Unless an earlier attempt may have been written and the job has moved on since
-                # (then its run number has moved on too), we lost it: withdraw what we wrote about it.
-                if not self.uncertain or int(stored.get("run", self.run)) == self.run:
-                    store.delete_events([e.id for e in self.events[1:]])
-                self.life.logger.warning(
-                    f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
-                    "recorded; nothing written",
-                    extra={"job_id": job.id, "job_class": job.job_class, "worker": self.worker},
-                )
-                if self.vouches:
-                    self.life.vouch(job.id, self.run, self.worker, stored)
-                return False
-        self.recorded = True
-        self.announce()
-        return True
-
-    def announce(self) -> None:
-        """Log and emit the change (once it is written)."""
-
-    def outcome(self) -> ObjectId | None:
-        """The job's recorded outcome once this change is written (the id of the last ended run's event)."""
-        return self.job.outcome
-
-    def processing_event(self) -> EventRecord:
-        started = self.job.started
-        event_id = processing_event_id(self.job.id, self.run, self.worker, started)
-        return new_event(self.job, JobStatus.PROCESSING, self.worker, time=started or UNSET_TIME, event_id=event_id)
-
-
-class RunEnd(Change):
-    """The end of one run: its terminal status, or, when a retry or the next interval run follows, straight to
-    POSTPONED/WAITING for that run (same document, ``run`` + 1). One atomic update either way."""
-
-    def __init__(
-        self,
-        life: Lifecycle,
-        job: JobRecord,
-        worker: ObjectId,
-        status: JobStatus,
-        *,
-        error: Mapping[str, Any] | None = None,
-        result: Any = None,
-        has_result: bool = False,
-        expires: datetime | None = None,
-    ) -> None:
-        super().__init__(life, job, worker)
-        self.status = status
-        self.fallback = False  # set when this records that the real outcome could not be stored
-        # The server's clock: a worker whose clock is off neither hastens nor delays the next run.
-        self.now = now = life.store.clock.now()
-        if has_result and not _fits(result):
-            life.logger.warning(
-                f"job {job.id} ({job.job_class!r}): result is too large or not BSON-encodable and is not stored",
-                extra={"job_id": job.id},
-            )
-            result, has_result = None, True
-        end_id = ObjectId()
-        end = new_event(
-            job,
-            status,
-            worker,
-            error=fit_error(error) if error is not None else None,
-            result=result,
-            has_result=has_result,
-            time=now,
-            started=job.started,
-            event_id=end_id,
-            end=end_id,
-        )
-        self.events = [self.processing_event(), end]
-        self.when = owned_by(worker, self.run, expires)
-        self.fields = {"status": int(status), "ended": now, "progress": 100.0, "orphaned": job.orphaned}
-        self.fields["outcome"] = end_id
-        self.ended = job.evolve(status=status, ended=now, progress=100.0, outcome=end_id)
-        self.following: JobRecord | None = None
-        follow = next_start(job, status, now.timestamp())
-        if follow is not None:
-            next_status, at, retry = follow
-            failures = job.failures + 1 if status != JobStatus.DONE else 0
-            options = dict(job.options, at=at, retry=retry)
-            self.following = self.ended.evolve(
-                status=next_status, run=self.run + 1, worker=None, progress=0.0, orphaned=0, failures=failures
-            ).evolve(options=options)
-            self.fields.update(
-                {
-                    "status": int(next_status),
-                    "run": self.run + 1,
-                    "worker": NO_WORKER,
-                    "progress": 0.0,
-                    "orphaned": 0,
-                    "failures": failures,
-                    "options.at": at,
-                    "options.retry": retry,
-                }
-            )
-            self.events.append(new_event(self.following, next_status, worker, time=now, end=end_id))
-
-    def outcome(self) -> ObjectId | None:
-        return self.ended.outcome
-
-    def announce(self) -> None:
-        job, life, following = self.job, self.life, self.following
-        follows = f", run {self.run + 1} {following.status.name}" if following is not None else ""
-        life.logger.info(
-            f"job {job.id} ({job.job_class!r}) run {self.run} ended {self.status.name}{follows}",
-            extra={
-                "job_id": job.id,
-                "job_class": job.job_class,
-                "status": self.status.name,
-                "run": self.run,
-                "worker": self.worker,
-                "next_run": int(following.status) if following is not None else None,
-            },
-        )
-        life.emit(self.status, self.ended.evolve(worker=self.worker, change=self.marker))
-        if self.status == JobStatus.TIMEOUT:
-            life.cancel_children(job.id)
-        if following is not None:
-            life.emit(following.status, following.evolve(change=self.marker))
-
-
-class Release(Change):
-    """A run that did not end (its worker or node died, stopped, or lost the lease) goes back to WAITING.
-    ``sweep``: the lease end of a run another node put back (recorded in the event; see :meth:`Lifecycle.release`)."""
-
-    def __init__(
-        self,
-        life: Lifecycle,
-        job: JobRecord,
-        worker: ObjectId,
-        count: int,
-        reason: str,
-        expires: datetime | None,
-        sweep: datetime | None = None,
-    ) -> None:
-        super().__init__(life, job, worker)
-        self.reason = reason
-        self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
-        note = library_error(JobReleasedError, reason)
-        now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
-        released = new_event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
-        self.events = [self.processing_event(), released]
-        self.when = owned_by(worker, self.run, expires)
-        self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
-
-    def announce(self) -> None:
-        job = self.job
-        # The worker that lost the run may have written the events of an end it never recorded (it died, or was
-        # fenced, between the two writes): they are not the run's end.
-        self.life.store.delete_unrecorded_events(job.id, self.run, self.worker, job.outcome)
-        self.life.logger.warning(
-            f"job {job.id} ({job.job_class!r}) put back to waiting: {self.reason}",
-            extra={"job_id": job.id, "job_class": job.job_class, "reason": self.reason},
-        )
-        self.life.emit(JobStatus.WAITING, self.released.evolve(change=self.marker))
-
-
 class AfterKill:
     """What a node records for a job whose worker it saw die before the worker recorded the job's end.
 
@@ -940,99 +694,6 @@ class _Reservation:
             self.store.unreserve_job(self.size)
 
 
-def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
-    """One end event per run number, oldest run first, from a job's events (oldest first; the run ends of any
-    range of runs, with the events that announced the runs after them).
-
-    The end that counted is the one the job's outcome names, or the one whose next run was announced: an end
-    written by a worker that then died before recording it can only linger if it was written late."""
-    announced = {e.get("end") for e in events if e.get("status") in (JobStatus.WAITING, JobStatus.POSTPONED)}
-
-    def weight(event: Document) -> tuple[bool, bool]:
-        return event["_id"] == outcome, event["_id"] in announced
-
-    by_run: dict[int, Document] = {}
-    for event in events:  # oldest first: among equals, the later end of a run number is the one that counted
-        if event.get("status") not in RUN_END_STATUSES:
-            continue
-        run = int(event.get("run", 0))
-        if run not in by_run or weight(event) >= weight(by_run[run]):
-            by_run[run] = event
-    return [by_run[run] for run in sorted(by_run)]
-
-
-def next_start(job: JobRecord, status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:
-    """The run that follows an ended one: a retry after FAILED/TIMEOUT (its delay growing by ``retry_backoff``
-    with each failure in a row), else the next cron match after now, else the next interval run (measured from
-    the end, the start, or for a timeout from now). Returns (status, at, retry left), or None.
-
-    ``now`` is when the run ended, on the server's clock (unix seconds): a next run due by then is WAITING, a
-    later one POSTPONED (its node starts it when the server's clock reaches its time)."""
-    opts = job.options
-    retry = int(opts.get(o.RETRY, 0))
-    if status in (JobStatus.FAILED, JobStatus.TIMEOUT) and retry != 0:
-        at = now + retry_delay(dict(opts), job.failures + 1)
-        retry = retry - 1 if retry > 0 else retry
-    elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT) and opts.get(o.CRON):
-        # After the match that just ran, too: a worker whose clock is behind the server's may end the 12:00 run
-        # "before" 12:00, and that match must not run again.
-        after = max(now, job.at)
-        try:
-            at = next_cron_time(str(opts[o.CRON]), str(opts.get(o.TIMEZONE) or "UTC"), after)
-        except InvalidArgumentError:
-            return None  # a stored schedule with no next match (never validated): the job ends with this run
-    elif status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT):
-        interval = int(opts.get(o.INTERVAL, 0))
-        if interval > 0:
-            from_start = opts.get(o.INTERVAL_REFERENCE) == "start" and status != JobStatus.TIMEOUT
-            reference = job.started.timestamp() if from_start and job.started is not None else now
-            at = reference + interval
-        elif interval == -1:
-            at = 0.0
-        else:
-            return None
-    else:
-        return None
-    at = round(float(at), 3)
-    return (JobStatus.POSTPONED if at > now else JobStatus.WAITING), at, retry
-
-
-def new_event(
-    job: JobRecord,
-    status: int,
-    worker: ObjectId | None = None,
-    *,
-    error: Mapping[str, Any] | None = None,
-    result: Any = None,
-    has_result: bool = False,
-    time: datetime | None = None,
-    started: datetime | None = None,
-    event_id: ObjectId | None = None,
-    end: ObjectId | None = None,
-    sweep: datetime | None = None,
-) -> EventRecord:
-    """An event of ``job`` in its current run (not written). ``started``: a run's start, for the event that
-    records its end; ``sweep``: the lease end of a run another node put back (a release that counts as an
-    orphaning until its owner vouches)."""
-    at = time or utcnow()
-    return EventRecord(
-        id=event_id or ObjectId(),
-        job=job.id,
-        job_class=job.job_class,
-        run=job.run,
-        status=int(status),
-        time=at,
-        worker=worker,
-        started=started,
-        ended=at if started is not None else None,
-        error=dict(error) if error is not None else None,
-        result=result,
-        has_result=has_result,
-        end=end,
-        sweep_expires=sweep,
-    )
-
-
 def _raw_event(
     doc: Mapping[str, Any],
     status: JobStatus,
@@ -1071,13 +732,6 @@ def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
     started, mark = job.get("started"), job.get("change")
     started = None if started == UNSET_TIME else started
     return change_key(job["_id"], job.get("run", 1), started, None if mark == NO_EVENT else mark)
-
-
-def _fits(result: Any) -> bool:
-    try:
-        return encoded_size(result) <= MAX_RESULT_SIZE
-    except InvalidArgumentError:
-        return False
 
 
 def _fresh(holder: Mapping[str, Any], store: JobStore) -> bool:

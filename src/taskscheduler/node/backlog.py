@@ -11,7 +11,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from . import options as o
+from .. import options as o
 from .protocol import RunJob
 
 

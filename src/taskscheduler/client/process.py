@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 from bson import ObjectId
 
-from .constants import NO_WORKER, UNSET_TIME, JobStatus
-from .lifecycle import Lifecycle
-from .schema import problem, status_label, stored_status
+from ..constants import NO_WORKER, UNSET_TIME, JobStatus
+from ..core.lifecycle import Lifecycle
+from ..store.schema import problem, status_label, stored_status
 
 
 class Source(Protocol):

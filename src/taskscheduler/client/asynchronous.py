@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 from blinker import Namespace
 from bson import ObjectId
 
-from .constants import JobStatus
-from .errors import InvalidArgumentError, SchedulerClosedError
+from ..constants import JobStatus
+from ..errors import InvalidArgumentError, SchedulerClosedError
+from ..store import sync_twin
 from .process import Process
 from .scheduler import Scheduler
-from .store import sync_twin
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import EmbeddedServerError, InvalidArgumentError, ServerUnavailableError
+from ..errors import EmbeddedServerError, InvalidArgumentError, ServerUnavailableError
 
 #: Seconds to wait for the server to answer after it was started.
 START_SECONDS = 30.0
@@ -133,7 +133,7 @@ class EmbeddedServer:
                 raise EmbeddedServerError(f"cannot listen on {self.host} port {self.port}: {exc.strerror}") from None
 
     def _wait_ready(self) -> None:
-        from .store import connect
+        from ..store import connect
 
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:

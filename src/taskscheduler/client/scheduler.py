@@ -14,16 +14,16 @@ from blinker import Namespace
 from bson import ObjectId
 from pymongo.database import Database
 
-from . import options as o
-from .constants import JobStatus
-from .errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
-from .events import Emitter, Handler
+from .. import options as o
+from ..constants import JobStatus
+from ..core.lifecycle import Lifecycle
+from ..errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
+from ..events import Emitter, Handler
+from ..store import Store
+from ..store.records import RunContext
+from ..store.schema import stored_status
 from .job import class_path
-from .lifecycle import Lifecycle
 from .process import Process
-from .records import RunContext
-from .schema import stored_status
-from .store import Store
 
 #: Longest a single change-stream poll waits before wait_for/listen look at their deadline again.
 POLL_SECONDS = 1.0

@@ -1,7 +1,7 @@
 """Typed, frozen records of what is stored: a job (:class:`JobRecord`) and one recorded status change of it
 (:class:`EventRecord`). The library decides on records; documents are their stored form.
 
-A record is read from a document that passed the checks of :mod:`taskscheduler.schema` (a malformed one raises
+A record is read from a document that passed the checks of :mod:`taskscheduler.store.schema` (a malformed one raises
 InvalidJobError naming the field, SPEC 2), and written back with :meth:`JobRecord.to_doc`. Unset times, the
 unset worker and unset event ids are ``None`` here; in a document they are fixed-size sentinels
 (:data:`~taskscheduler.constants.UNSET_TIME`, :data:`~taskscheduler.constants.NO_WORKER`), because an update
@@ -19,9 +19,9 @@ from typing import Any
 
 from bson import ObjectId
 
-from . import options as o
-from .constants import NO_WORKER, UNSET_TIME, JobStatus
-from .errors import InvalidJobError
+from .. import options as o
+from ..constants import NO_WORKER, UNSET_TIME, JobStatus
+from ..errors import InvalidJobError
 from .schema import job_ref, problem
 
 #: The unset value of ``outcome`` and ``change`` (an event id) in a document.

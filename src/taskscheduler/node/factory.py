@@ -10,11 +10,11 @@ from typing import Any
 
 from bson import ObjectId
 
-from . import options as o
-from .errors import InvalidArgumentError
+from .. import options as o
+from ..client.scheduler import Scheduler
+from ..errors import InvalidArgumentError
+from ..store import connect
 from .manager import WorkerManager
-from .scheduler import Scheduler
-from .store import connect
 from .worker import Worker
 
 

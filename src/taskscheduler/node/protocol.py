@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import bson
 from bson import ObjectId
 
-from .constants import KillReason
+from ..constants import KillReason
 
 __all__ = ["KillReason"]  # re-exported: messages carry it
 
@@ -75,7 +75,7 @@ class KillJob(NamedTuple):
 
 class Fence(NamedTuple):
     """The node renewed the leases of these (job, worker) pairs: they may go on until ``deadline``
-    (:func:`taskscheduler.fencing.lease_clock`, which all processes of one machine share). Past it, or past half
+    (:func:`taskscheduler.node.fencing.lease_clock`, which all processes of one machine share). Past it, or past half
     a lease from its claim for a job no renewal named yet, the manager kills a running job, so no other node can
     ever run it beside ours (self-fencing)."""
 
@@ -97,8 +97,8 @@ class Claimed(NamedTuple):
     job_id: ObjectId
     timeout: int
     run: int
-    #: :func:`~taskscheduler.fencing.lease_clock` right before the claim was sent: its lease holds a lease from then, so
-    #: the manager's first fence is half a lease from this moment, however late this message arrives.
+    #: :func:`~taskscheduler.node.fencing.lease_clock` right before the claim was sent: its lease holds a lease from
+    #: then, so the manager's first fence is half a lease from this moment, however late this message arrives.
     claimed_at: float = 0.0
 
 

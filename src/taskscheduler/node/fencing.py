@@ -4,7 +4,7 @@ the lease it runs under can expire on the server, whatever happens to its node, 
 Three lines of defence, each a little later than the one before and all before the lease can end on the server
 (a renewal sent at ``t`` holds the lease until at least ``t + lease``; the manager's fence is ``t + lease / 2``):
 
-1. the manager kills a worker whose lease its node did not renew in time (:class:`~taskscheduler.protocol.Fence`);
+1. the manager kills a worker whose lease its node did not renew in time (:class:`~taskscheduler.node.protocol.Fence`);
 2. the worker's own watchdog thread kills the worker's process group, and every process its job started, at the
    fence plus :data:`WATCHDOG_GRACE` of a lease: when the manager (or the node behind it) stopped moving the fence
    on (paused, killed, cut off), when the manager is gone, or when the manager asks its workers to stop;

@@ -16,12 +16,9 @@ from bson.errors import InvalidDocument
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from . import failpoints, forking
-from . import options as o
-from .constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
-from .errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from .fencing import LeaseSlot, SelfFence, lease_clock
-from .job import (
+from .. import failpoints
+from .. import options as o
+from ..client.job import (
     FunctionJob,
     JobInterface,
     load_job_class,
@@ -29,12 +26,16 @@ from .job import (
     serves,
     set_current_job,
 )
-from .lifecycle import Change, RunEnd, describe_error
-from .process import Process
+from ..client.process import Process
+from ..client.scheduler import Scheduler
+from ..constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
+from ..core.changes import Change, RunEnd, describe_error
+from ..errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
+from ..store.records import JobRecord, RunContext
+from ..store.schema import job_ref, problem
+from . import forking
+from .fencing import LeaseSlot, SelfFence, lease_clock
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
-from .records import JobRecord, RunContext
-from .scheduler import Scheduler
-from .schema import job_ref, problem
 
 #: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
 #: the lease meanwhile, the node kills it first: the job then runs again elsewhere.)
@@ -96,7 +97,7 @@ class Worker:
 
     def serve(self, connection: Connection, job: RunJob | None = None, slot: LeaseSlot | None = None) -> None:
         """The worker process's loop: run what the manager sends until told to exit (one job if ``job``). With the
-        ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.fencing`)."""
+        ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.node.fencing`)."""
         if slot is not None:
             lease = job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT
             self._fence = SelfFence(slot, lease, self._release_lapsed_run)

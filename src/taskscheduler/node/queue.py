@@ -2,7 +2,7 @@
 
 The node is the only process of the three that writes on behalf of its workers after they die or are killed:
 it records timeouts, puts interrupted and orphaned jobs back to WAITING, renews its running jobs' leases (a
-:class:`~taskscheduler.heartbeat.Heartbeat` thread beside the loop), and moves POSTPONED jobs to WAITING when
+:class:`~taskscheduler.node.heartbeat.Heartbeat` thread beside the loop), and moves POSTPONED jobs to WAITING when
 their time has come.
 """
 
@@ -25,16 +25,20 @@ from blinker import Namespace
 from bson import ObjectId
 from pymongo.database import Database
 
+from .. import options as o
+from ..client.job import serves
+from ..client.scheduler import Scheduler
+from ..constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
+from ..core.lifecycle import AfterKill
+from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
+from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
+from ..store import StatusChange, StatusFeed, utcnow
+from ..store.records import EventRecord
+from ..store.schema import end_problem, job_ref, problem
 from . import forking
-from . import options as o
-from .constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
-from .errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
-from .events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from .factory import WorkerFactory
 from .heartbeat import Heartbeat
 from .inbox import Inbox
-from .job import serves
-from .lifecycle import AfterKill
 from .metrics import NodeMetrics
 from .protocol import (
     CancelJob,
@@ -49,10 +53,6 @@ from .protocol import (
     WorkerSpawned,
     handed_over,
 )
-from .records import EventRecord
-from .scheduler import Scheduler
-from .schema import end_problem, job_ref, problem
-from .store import StatusChange, StatusFeed, utcnow
 
 #: Statuses a node's change stream needs when nobody listens to its status events: what to run, what to run
 #: later, what to kill, and claims (so that a job another node took leaves this node's queue at once, instead of

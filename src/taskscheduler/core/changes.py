@@ -1,0 +1,333 @@
+"""Prepared state changes of one job, written idempotently: events with fixed ids first, then one conditional
+update of the job document that marks it with the change (``change``). Recording one again after an outage
+writes nothing twice; a change that lost (another worker or node owns the job now) withdraws its events.
+
+The lifecycle (:mod:`taskscheduler.core.lifecycle`) decides which change to make; a change only records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from bson import ObjectId
+
+from ..constants import NO_WORKER, UNSET_TIME, JobStatus
+from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
+from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
+from ..store.records import EventRecord, JobRecord
+from .runs import next_start
+
+#: Longest stored error message and traceback (characters): an error is recorded whatever its size.
+MAX_ERROR_TEXT = 64 * 1024
+
+
+#: Largest result stored with a run; a larger one is stored as None (room for the rest of the event document).
+#: Below the job limit: an event stays under 16 MB in any change stream that carries it.
+MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
+
+
+class Recorder(Protocol):
+    """What a change needs of the lifecycle that prepared it."""
+
+    store: JobStore
+
+    @property
+    def logger(self) -> Any: ...
+
+    def emit(self, status: int, job: JobRecord | Mapping[str, Any]) -> None: ...
+
+    def vouch(self, job_id: ObjectId, run: int, worker: ObjectId, stored: Mapping[str, Any]) -> None: ...
+
+    def cancel_children(self, parent_id: ObjectId) -> None: ...
+
+
+def describe_error(exc: BaseException) -> dict[str, str]:
+    """The stored form of an exception: class, message and traceback text (truncated to fit)."""
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return fit_error(
+        {
+            "class": name,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+        }
+    )
+
+
+def library_error(cls: type[TaskSchedulerError], message: str) -> dict[str, str]:
+    """An error the library records itself (timeout, orphaned, released), named by its class in errors.py."""
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": ""}
+
+
+def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    """An error whose texts fit in an event document: long ones keep their start and end."""
+    fitted = dict(error)
+    for key in ("message", "traceback"):
+        text = fitted.get(key)
+        if isinstance(text, str) and len(text) > MAX_ERROR_TEXT:
+            half = MAX_ERROR_TEXT // 2
+            fitted[key] = f"{text[:half]}\n... [{len(text) - MAX_ERROR_TEXT} characters cut] ...\n{text[-half:]}"
+    return fitted
+
+
+def processing_event_id(job_id: ObjectId, run: int, worker: ObjectId, started: datetime | None = None) -> ObjectId:
+    """The id of a claim's PROCESSING event: the same whoever writes it (the worker or, after a kill, its node),
+    and another for each claim (its ``started``, in ms): a worker may claim a run again after it was released."""
+    millis = int(started.timestamp() * 1000) if isinstance(started, datetime) and started != UNSET_TIME else 0
+    return derived_id(job_id, run, worker.binary + millis.to_bytes(8, "big", signed=True))
+
+
+def derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
+    """An event id derived from what it records, so that every writer of that record writes the same one."""
+    digest = hashlib.sha1(job_id.binary + run.to_bytes(8, "big", signed=True) + salt).digest()
+    return ObjectId(digest[:12])
+
+
+def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> dict[str, Any]:
+    """What a job is while ``worker`` owns it: PROCESSING (in that run, with that lease end)."""
+    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
+    if run is not None:
+        expect["run"] = run
+    if expires is not None:
+        expect["expires"] = expires
+    return expect
+
+
+def new_event(
+    job: JobRecord,
+    status: int,
+    worker: ObjectId | None = None,
+    *,
+    error: Mapping[str, Any] | None = None,
+    result: Any = None,
+    has_result: bool = False,
+    time: datetime | None = None,
+    started: datetime | None = None,
+    event_id: ObjectId | None = None,
+    end: ObjectId | None = None,
+    sweep: datetime | None = None,
+) -> EventRecord:
+    """An event of ``job`` in its current run (not written). ``started``: a run's start, for the event that
+    records its end; ``sweep``: the lease end of a run another node put back (a release that counts as an
+    orphaning until its owner vouches)."""
+    at = time or utcnow()
+    return EventRecord(
+        id=event_id or ObjectId(),
+        job=job.id,
+        job_class=job.job_class,
+        run=job.run,
+        status=int(status),
+        time=at,
+        worker=worker,
+        started=started,
+        ended=at if started is not None else None,
+        error=dict(error) if error is not None else None,
+        result=result,
+        has_result=has_result,
+        end=end,
+        sweep_expires=sweep,
+    )
+
+
+class Change:
+    """A prepared state change of one job: events with fixed ids, then one conditional update. ``record()`` may
+    be called again after an outage: it writes nothing twice and announces the change once."""
+
+    def __init__(self, life: Recorder, job: JobRecord, worker: ObjectId) -> None:
+        self.life = life
+        self.job = job
+        self.worker = worker
+        self.run = job.run
+        self.events: list[EventRecord] = []
+        self.when: dict[str, Any] = {}
+        self.fields: dict[str, Any] = {}
+        self.recorded = False
+        self.uncertain = False  # an attempt failed without an answer: it may have been written
+        #: Written by the run's owner, alive: if the run was swept first, the sweep was no death (vouched for).
+        self.vouches = False
+
+    @property
+    def marker(self) -> ObjectId:
+        return self.events[-1].id
+
+    def record(self) -> bool:
+        """Write it; True when it is written (now or by an earlier attempt), False when the job was lost."""
+        if self.recorded:
+            return True
+        store, job = self.life.store, self.job
+        store.insert_events(self.events)
+        fields = dict(self.fields, change=self.marker)
+        try:
+            written = store.change(job.id, self.when, fields)
+        except ServerUnavailableError:
+            self.uncertain = True  # written or not: only the job document can tell, later
+            raise
+        if not written:
+            stored = store.find_job(job.id) or {}
+            if stored.get("change") != self.marker:
+                # Not ours now. Unless an earlier attempt may have been written and the job has moved on since
+                # (then its run number has moved on too), we lost it: withdraw what we wrote about it.
+                if not self.uncertain or int(stored.get("run", self.run)) == self.run:
+                    store.delete_events([e.id for e in self.events[1:]])
+                self.life.logger.warning(
+                    f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
+                    "recorded; nothing written",
+                    extra={"job_id": job.id, "job_class": job.job_class, "worker": self.worker},
+                )
+                if self.vouches:
+                    self.life.vouch(job.id, self.run, self.worker, stored)
+                return False
+        self.recorded = True
+        self.announce()
+        return True
+
+    def announce(self) -> None:
+        """Log and emit the change (once it is written)."""
+
+    def outcome(self) -> ObjectId | None:
+        """The job's recorded outcome once this change is written (the id of the last ended run's event)."""
+        return self.job.outcome
+
+    def processing_event(self) -> EventRecord:
+        started = self.job.started
+        event_id = processing_event_id(self.job.id, self.run, self.worker, started)
+        return new_event(self.job, JobStatus.PROCESSING, self.worker, time=started or UNSET_TIME, event_id=event_id)
+
+
+class RunEnd(Change):
+    """The end of one run: its terminal status, or, when a retry or the next interval run follows, straight to
+    POSTPONED/WAITING for that run (same document, ``run`` + 1). One atomic update either way."""
+
+    def __init__(
+        self,
+        life: Recorder,
+        job: JobRecord,
+        worker: ObjectId,
+        status: JobStatus,
+        *,
+        error: Mapping[str, Any] | None = None,
+        result: Any = None,
+        has_result: bool = False,
+        expires: datetime | None = None,
+    ) -> None:
+        super().__init__(life, job, worker)
+        self.status = status
+        self.fallback = False  # set when this records that the real outcome could not be stored
+        # The server's clock: a worker whose clock is off neither hastens nor delays the next run.
+        self.now = now = life.store.clock.now()
+        if has_result and not _fits(result):
+            life.logger.warning(
+                f"job {job.id} ({job.job_class!r}): result is too large or not BSON-encodable and is not stored",
+                extra={"job_id": job.id},
+            )
+            result, has_result = None, True
+        end_id = ObjectId()
+        end = new_event(
+            job,
+            status,
+            worker,
+            error=fit_error(error) if error is not None else None,
+            result=result,
+            has_result=has_result,
+            time=now,
+            started=job.started,
+            event_id=end_id,
+            end=end_id,
+        )
+        self.events = [self.processing_event(), end]
+        self.when = owned_by(worker, self.run, expires)
+        self.fields = {"status": int(status), "ended": now, "progress": 100.0, "orphaned": job.orphaned}
+        self.fields["outcome"] = end_id
+        self.ended = job.evolve(status=status, ended=now, progress=100.0, outcome=end_id)
+        self.following: JobRecord | None = None
+        follow = next_start(job, status, now.timestamp())
+        if follow is not None:
+            next_status, at, retry = follow
+            failures = job.failures + 1 if status != JobStatus.DONE else 0
+            options = dict(job.options, at=at, retry=retry)
+            self.following = self.ended.evolve(
+                status=next_status, run=self.run + 1, worker=None, progress=0.0, orphaned=0, failures=failures
+            ).evolve(options=options)
+            self.fields.update(
+                {
+                    "status": int(next_status),
+                    "run": self.run + 1,
+                    "worker": NO_WORKER,
+                    "progress": 0.0,
+                    "orphaned": 0,
+                    "failures": failures,
+                    "options.at": at,
+                    "options.retry": retry,
+                }
+            )
+            self.events.append(new_event(self.following, next_status, worker, time=now, end=end_id))
+
+    def outcome(self) -> ObjectId | None:
+        return self.ended.outcome
+
+    def announce(self) -> None:
+        job, life, following = self.job, self.life, self.following
+        follows = f", run {self.run + 1} {following.status.name}" if following is not None else ""
+        life.logger.info(
+            f"job {job.id} ({job.job_class!r}) run {self.run} ended {self.status.name}{follows}",
+            extra={
+                "job_id": job.id,
+                "job_class": job.job_class,
+                "status": self.status.name,
+                "run": self.run,
+                "worker": self.worker,
+                "next_run": int(following.status) if following is not None else None,
+            },
+        )
+        life.emit(self.status, self.ended.evolve(worker=self.worker, change=self.marker))
+        if self.status == JobStatus.TIMEOUT:
+            life.cancel_children(job.id)
+        if following is not None:
+            life.emit(following.status, following.evolve(change=self.marker))
+
+
+class Release(Change):
+    """A run that did not end (its worker or node died, stopped, or lost the lease) goes back to WAITING.
+    ``sweep``: the lease end of a run another node put back (recorded in the event; see :meth:`Lifecycle.release`)."""
+
+    def __init__(
+        self,
+        life: Recorder,
+        job: JobRecord,
+        worker: ObjectId,
+        count: int,
+        reason: str,
+        expires: datetime | None,
+        sweep: datetime | None = None,
+    ) -> None:
+        super().__init__(life, job, worker)
+        self.reason = reason
+        self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
+        note = library_error(JobReleasedError, reason)
+        now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
+        released = new_event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
+        self.events = [self.processing_event(), released]
+        self.when = owned_by(worker, self.run, expires)
+        self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
+
+    def announce(self) -> None:
+        job = self.job
+        # The worker that lost the run may have written the events of an end it never recorded (it died, or was
+        # fenced, between the two writes): they are not the run's end.
+        self.life.store.delete_unrecorded_events(job.id, self.run, self.worker, job.outcome)
+        self.life.logger.warning(
+            f"job {job.id} ({job.job_class!r}) put back to waiting: {self.reason}",
+            extra={"job_id": job.id, "job_class": job.job_class, "reason": self.reason},
+        )
+        self.life.emit(JobStatus.WAITING, self.released.evolve(change=self.marker))
+
+
+def _fits(result: Any) -> bool:
+    try:
+        return encoded_size(result) <= MAX_RESULT_SIZE
+    except InvalidArgumentError:
+        return False
