@@ -12,7 +12,7 @@ from bson import ObjectId
 
 from helpers import SizeGuard, as_record
 from taskscheduler import JobStatus, Scheduler, Worker
-from taskscheduler.constants import NO_WORKER, UNSET_TIME
+from taskscheduler.constants import NO_WORKER, UNSET_TIME, KillReason
 from taskscheduler.core import lifecycle, runs
 from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
 from taskscheduler.store import utcnow
@@ -121,7 +121,7 @@ def test_a_dead_workers_unrecorded_end_is_withdrawn_entirely(scheduler: Schedule
     doc, worker = claimed(scheduler, retry=1, retry_interval=0)
     unrecorded = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error=ERROR)
     scheduler.store.insert_events(unrecorded.events)
-    scheduler.lifecycle.after_kill(doc["_id"], worker, 1, "worker process died (signal 9)", 0).record()
+    scheduler.lifecycle.after_kill(doc["_id"], worker, 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
     job = scheduler.store.find_job(doc["_id"])
     assert job["status"] == JobStatus.WAITING and job["run"] == 1 and job["orphaned"] == 1
     assert statuses(scheduler, doc["_id"]) == [(1, JobStatus.PROCESSING), (1, JobStatus.WAITING)]
