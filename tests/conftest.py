@@ -14,7 +14,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Node, SizeGuard
+from helpers import TESTS_DIR, Node, Recorder, SizeGuard
 from taskscheduler import Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.embedded import EmbeddedServer
@@ -59,6 +59,18 @@ def size_guard(db: Database[dict[str, Any]]) -> Iterator[SizeGuard]:
 @pytest.fixture
 def scheduler(db: Database[dict[str, Any]], size_guard: SizeGuard) -> Scheduler:
     return Scheduler(db)
+
+
+@pytest.fixture
+def recorded(server: EmbeddedServer, db_name: str) -> Iterator[tuple[Database[dict[str, Any]], Recorder]]:
+    """The test's database reached through a client of its own that records every command it sends."""
+    recorder = Recorder()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        yield client[db_name], recorder
+    finally:
+        client.drop_database(db_name)
+        client.close()
 
 
 @pytest.fixture

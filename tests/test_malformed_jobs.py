@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,7 +22,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 from starlette.testclient import TestClient
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, free_port, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.backlog import Backlog
 from taskscheduler.cli.display import visible
@@ -141,12 +140,6 @@ def settled(scheduler: Scheduler, case: Case) -> bool:
         return True
     status = JobStatus.FAILED if case.expect == "failed" else JobStatus.DONE
     return bool(stored.get("status") == status and event is not None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli_env(server: EmbeddedServer, database: str, **extra: str) -> dict[str, str]:

@@ -16,14 +16,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sample_jobs  # noqa: F401  (loaded: its classes are ones this process serves)
-from helpers import Node, wait_until
+from helpers import Node, free_port, sample, scrape, scrape_when_up, wait_until
 from taskscheduler import JobStatus, Queue, Scheduler
 from taskscheduler import metrics as m
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.factory import DefaultWorkerFactory
 from taskscheduler.metrics import NodeMetrics
-from test_metrics import _cli, free_port, sample, scrape, scrape_when_up
+from test_metrics import _cli
 
 NOOP = "sample_jobs:Noop"
 DONE, FAILED = int(JobStatus.DONE), int(JobStatus.FAILED)

@@ -25,7 +25,7 @@ import pytest
 from pymongo import MongoClient
 
 from crash_jobs import SUB_TICKS, append_line
-from helpers import Node, wait_until
+from helpers import Node, alive, wait_until
 from taskscheduler import AbstractJob, JobStatus, Scheduler
 
 LEASE = 2.0
@@ -145,13 +145,6 @@ def _times(log: Path, what: str, pid: int | None = None) -> list[float]:
     return [at for kind, p, at in _read(log) if kind == what and (pid is None or p == pid)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD))
-    except psutil.Error:
-        return False
-
-
 def _manager_of(node: Node) -> int:
     children = wait_until(lambda: psutil.Process(node.pid).children(), 15, what="the node's worker manager")
     assert len(children) == 1, children
@@ -222,9 +215,9 @@ def test_a_double_forked_daemon_of_a_job_dies_when_the_manager_is_killed(
     daemon, worker = _pids(log, "daemon")[0], _pids(log, "start")[0]
     reaper.append(daemon)
     os.kill(psutil.Process(worker).ppid(), signal.SIGKILL)
-    wait_until(lambda: not _alive(worker), 5, what="the worker to stop with its manager")
+    wait_until(lambda: not alive(worker), 5, what="the worker to stop with its manager")
     wait_until(lambda: len(_pids(log, "start")) >= 2, 15, what="the job to run again")
-    assert not _alive(daemon), "the dead worker's daemon still runs its job's code beside the new run"
+    assert not alive(daemon), "the dead worker's daemon still runs its job's code beside the new run"
     assert process.wait(timeout=20).status == JobStatus.DONE
     assert node.proc.poll() is None
 
@@ -246,8 +239,8 @@ def test_a_double_forked_daemon_of_a_job_stops_before_the_lease_when_the_node_gr
         start_node(orphaned_timeout=LEASE, modules=MODULES)
         wait_until(lambda: len(_pids(log, "start")) >= 2, 20, what="the second node's run")
         second_start = _times(log, "start", _pids(log, "start")[1])[0]
-        assert not _alive(worker)
-        assert not _alive(daemon), "the daemon of the paused node's job still runs beside the second node's run"
+        assert not alive(worker)
+        assert not alive(daemon), "the daemon of the paused node's job still runs beside the second node's run"
         assert max(_times(log, "daemon", daemon)) < second_start
     finally:
         os.killpg(first.pid, signal.SIGCONT)
@@ -285,7 +278,7 @@ def test_a_paused_manager_does_not_keep_a_dead_workers_job_from_running(
     manager = _manager_of(first)
     os.kill(manager, signal.SIGSTOP)
     try:
-        wait_until(lambda: not _alive(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, 10)
+        wait_until(lambda: not alive(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, 10)
         start_node(orphaned_timeout=LEASE, modules=MODULES)
         try:
             wait_until(lambda: process.refresh().status == JobStatus.DONE, 5 * LEASE, what="the job to run again")
@@ -323,7 +316,7 @@ def test_a_job_ignoring_real_time_signals_still_stops_before_its_lease_expires(
     os.killpg(node.pid, signal.SIGSTOP)
     try:
         worker = _pids(log, "start")[-1]
-        wait_until(lambda: not _alive(worker) or time.monotonic() > paused_at + hold + 1, 2 * hold)
+        wait_until(lambda: not alive(worker) or time.monotonic() > paused_at + hold + 1, 2 * hold)
         ran_until = max(_times(log, "after", worker) or _times(log, "start", worker))
         assert ran_until < paused_at + LEASE, f"job code ran {ran_until - paused_at:.1f} s after its node paused"
     finally:
@@ -351,8 +344,8 @@ def test_a_job_holding_the_gil_in_a_paused_node_group_takes_its_subprocess_down_
     paused_at = time.monotonic()
     os.killpg(first.pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: not _alive(worker), 2 * LEASE, what="the kernel timer to end the worker")
-        wait_until(lambda: not _alive(helper) or time.monotonic() > paused_at + 2 * LEASE, 3 * LEASE)
+        wait_until(lambda: not alive(worker), 2 * LEASE, what="the kernel timer to end the worker")
+        wait_until(lambda: not alive(helper) or time.monotonic() > paused_at + 2 * LEASE, 3 * LEASE)
         last = max(_times(log, "sub", helper))
         assert last < paused_at + LEASE, f"the job's helper ran {last - paused_at:.1f} s after its node paused"
     finally:
@@ -433,8 +426,8 @@ def test_a_claim_the_node_never_heard_of_is_not_run_again_while_its_worker_runs(
     wait_until(lambda: _pids(log, "start"), 5, interval=0.01, what="the job's code to start")
     first = _pids(log, "start")[0]
     os.kill(manager, signal.SIGKILL)
-    wait_until(lambda: len(_pids(log, "start")) >= 2 or not _alive(first), 10, interval=0.01)
-    overlap = _alive(first) and len(_pids(log, "start")) >= 2
+    wait_until(lambda: len(_pids(log, "start")) >= 2 or not alive(first), 10, interval=0.01)
+    overlap = alive(first) and len(_pids(log, "start")) >= 2
     assert not overlap, "the job runs again while its first worker still runs it"
     assert process.wait(timeout=20).status == JobStatus.DONE
 
@@ -452,7 +445,7 @@ def test_an_idle_ondemand_manager_leaves_no_zombies(
     wait_until(lambda: _pids(log, "daemon"), 15, what="the daemon")
     reaper.append(_pids(log, "daemon")[0])
     assert process.wait(timeout=15).status == JobStatus.DONE
-    wait_until(lambda: not [p for p in manager.children() if _alive(p.pid)], 10, what="the worker and daemon to end")
+    wait_until(lambda: not [p for p in manager.children() if alive(p.pid)], 10, what="the worker and daemon to end")
 
     def zombies() -> list[int]:
         return [p.pid for p in manager.children() if p.status() == psutil.STATUS_ZOMBIE]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from multiprocessing import Pipe
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from pymongo.database import Database
 
+import sample_jobs
+from crash_jobs import HUGE
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.errors import InvalidArgumentError
 
@@ -94,7 +100,6 @@ def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
 
 
 def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
-    import sample_jobs
 
     calls: list[type] = []
 
@@ -127,7 +132,6 @@ def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
 ) -> None:
     """The claim's connection breaks and the job is still WAITING: the worker says so (``unsettled``), so that its
     manager hands the job over again: no change event will announce it, and it must not wait forever."""
-    from multiprocessing import Pipe
 
     from taskscheduler.protocol import Finished
 
@@ -162,3 +166,47 @@ def test_a_job_handed_over_without_its_large_data_runs_with_it(scheduler: Schedu
     assert handed_over(dict(stored, data={"small": 1})) == dict(stored, data={"small": 1})
     assert worker.run(slim) is True
     assert p.refresh().status == JobStatus.DONE and p.result == data
+
+
+def test_a_base_exception_in_start_fails_the_job_with_its_own_error(
+    scheduler: Scheduler, db: Database[dict[str, Any]]
+) -> None:
+    """SPEC 4: an exception in start() ends the job FAILED with its class, also one that is not an Exception."""
+    worker = Worker(ObjectId(), scheduler, db)
+    p = scheduler.add_job("crash_jobs:RaisesBaseException")
+    with contextlib.suppress(BaseException):
+        worker.process_one(p.id)
+    p.refresh()
+    assert p.status == JobStatus.FAILED and p.error is not None and p.error["class"].endswith("Abort")
+
+
+def test_a_child_of_an_earlier_run_does_not_fail_later_runs_of_its_parent(
+    scheduler: Scheduler, db: Database[dict[str, Any]]
+) -> None:
+    """One document per job for its whole life: a child that run 1 spawned and that failed fails run 1 only."""
+    worker = Worker(ObjectId(), scheduler, db)
+    parent = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    scheduler.running_job = (parent.id, 1)  # as inside the worker running run 1 of the parent
+    child = scheduler.add_job("sample_jobs:Fail", {"parent": parent.id})
+    scheduler.running_job = None
+    assert scheduler.store.find_job(child.id)["parent_run"] == 1
+    assert worker.process_one(child.id).status == JobStatus.FAILED
+    worker.process_one(parent.id)
+    assert [r["status"] for r in parent.runs()] == [JobStatus.FAILED]  # run 1: its child failed
+    worker.process_one(parent.id)  # run 2 spawned no child
+    assert [r["status"] for r in scheduler.get_job(parent.id).runs()] == [JobStatus.FAILED, JobStatus.DONE]
+
+
+def test_an_oversized_result_and_error_are_recorded_cut(
+    scheduler: Scheduler, db: Database[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result or error over 16 MB ends the run (result None, error cut) instead of crashing the worker."""
+    worker = Worker(ObjectId(), scheduler, db)
+    with caplog.at_level(logging.WARNING, logger="taskscheduler"):
+        done = worker.process_one(scheduler.add_job("crash_jobs:HugeResult").id)
+    assert done.status == JobStatus.DONE and done.result is None
+    assert "result is too large" in caplog.text
+    failed = worker.process_one(scheduler.add_job("crash_jobs:HugeError").id)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error["class"] == "RuntimeError" and "characters cut" in failed.error["message"]
+    assert len(failed.error["message"]) < HUGE // 100
