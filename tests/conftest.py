@@ -111,5 +111,5 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--chaos-seeds",
         default="5",
-        help="seeds of tests/test_chaos.py: a count N (seeds 0..N-1, default 5), or a list/range ('3,17', '10-19')",
+        help="seeds of tests/chaos/test_chaos.py: a count N (0..N-1, default 5), or a list/range ('3,17', '10-19')",
     )

@@ -109,7 +109,7 @@ while time.monotonic() < end:
 
 
 class ChaosJob(AbstractJob):
-    """The job of tests/test_chaos.py. Logs every execution to ``data["log"]`` (lines, fields space-separated):
+    """The job of tests/chaos/. Logs every execution to ``data["log"]`` (lines, fields space-separated):
 
     ``S token job worker node pid ppid time`` at the start, ``R token run time`` once the run number is known,
     ``T token time`` every ``TICK`` seconds of work and ``E token time outcome`` at the end (``ok``, ``fail`` or
