@@ -219,7 +219,9 @@ def test_a_cancelled_wait_frees_its_thread_and_async_callbacks_work(
         p = await scheduler.add_job(sample_jobs.Noop)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(p.wait(), 0.3)
-        await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not handled and asyncio.get_running_loop().time() < deadline:  # the callback runs on the loop
+            await asyncio.sleep(0.01)
         assert handled == ["taskscheduler.onWaiting"]
         started = asyncio.get_running_loop().time()
         await scheduler.close()  # the cancelled wait's thread ends within a second: close does not hang
@@ -243,8 +245,16 @@ def test_async_close_while_a_wait_is_pending_ends_the_wait_without_reporting_the
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
         aio = AsyncScheduler(client[db.name])
         p = await aio.add_job(sample_jobs.Noop)  # no node: it stays WAITING
+        watching = threading.Event()
+        read = aio.scheduler._read_pending
+
+        def read_then_watch(wait: Any, ids: Any) -> None:
+            read(wait, ids)
+            watching.set()
+
+        aio.scheduler._read_pending = read_then_watch  # type: ignore[method-assign]
         waiting = asyncio.ensure_future(aio.wait_for([p], timeout=30))
-        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(watching.wait, 10), "the wait never started"
         await aio.close()
         try:
             await asyncio.wait_for(asyncio.shield(waiting), 5)

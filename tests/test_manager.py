@@ -139,7 +139,7 @@ def test_a_claim_the_heartbeat_never_renewed_is_killed_before_its_lease_ends(
         manager._enforce_deadlines()
         if unknown.id in [d["_id"] for d in scheduler.lifecycle.orphans()]:  # any node may take it over now
             assert (unknown.id, KillReason.LOST) in killed, "its lease ran out while its worker was allowed to run on"
-        time.sleep(0.2)
+        time.sleep(0.2)  # the heartbeat thread's pace (L/6), not a wait for anything
 
 
 def test_a_stale_heartbeat_snapshot_spares_the_worker_of_the_next_run(

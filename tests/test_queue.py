@@ -32,7 +32,7 @@ def test_a_late_finish_of_the_previous_run_keeps_the_nodes_claim_of_the_next(
     beat = Heartbeat(scheduler.lifecycle, 1.0, queue._owners, lambda m: True, logging.getLogger("test"))
     for _ in range(8):  # 1.6 s of heartbeats, as the node's thread does
         beat.beat()
-        time.sleep(0.2)
+        time.sleep(0.2)  # the heartbeat thread's pace: past the 1 s lease, which only these beats renew
     queue._reschedule_orphans()
     now = scheduler.store.find_job(p.id)
     assert now["status"] == JobStatus.PROCESSING and now["worker"] == worker_b, "the node released its own live job"

@@ -431,14 +431,31 @@ def test_wait_for_already_finished(scheduler: Scheduler) -> None:
     assert stale.status == JobStatus.CANCELED
 
 
-def test_wait_for_sees_changes_and_updates_in_place(scheduler: Scheduler, db: Any) -> None:
+def watching(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the scheduler opens a change stream (a wait or a listen watches: changes after it are seen)."""
+    opened = threading.Event()
+    real = scheduler.store.status_feed
+
+    def feed(*args: Any, **kw: Any) -> Any:
+        stream = real(*args, **kw)
+        opened.set()
+        return stream
+
+    monkeypatch.setattr(scheduler.store, "status_feed", feed)
+    return opened
+
+
+def test_wait_for_sees_changes_and_updates_in_place(
+    scheduler: Scheduler, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = scheduler.add_job("test"), scheduler.add_job("test")
     other = Scheduler(db)
+    opened = watching(scheduler, monkeypatch)
 
     def finish() -> None:
-        time.sleep(0.3)
+        assert opened.wait(10)
         other.cancel_job(a.id)
-        time.sleep(0.2)
+        wait_until(lambda: seen, what="the first cancel seen by the wait")
         other.cancel_job(b.id)
 
     seen: list[str] = []
@@ -466,13 +483,14 @@ def test_wait_for_rejects_non_process(scheduler: Scheduler) -> None:
         scheduler.wait_for([ObjectId()])  # type: ignore[list-item]
 
 
-def test_listen_by_id(scheduler: Scheduler, db: Any) -> None:
+def test_listen_by_id(scheduler: Scheduler, db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     p = scheduler.add_job("test")
     q = scheduler.add_job("test")
     calls: list[tuple[ObjectId, JobStatus]] = []
+    opened = watching(scheduler, monkeypatch)
 
     def cancel_later() -> None:
-        time.sleep(0.3)
+        assert opened.wait(10)
         Scheduler(db).cancel_job(q.id)
         Scheduler(db).cancel_job(p.id)
 
