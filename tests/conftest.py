@@ -62,6 +62,18 @@ def scheduler(db: Database[dict[str, Any]], size_guard: SizeGuard) -> Scheduler:
 
 
 @pytest.fixture
+def new_scheduler(db: Database[dict[str, Any]]) -> Callable[..., Scheduler]:
+    """Makes another Scheduler on the test's database: another process's client, or one with options of its own
+    (``new_scheduler({"job_queue_size": 8192})``, ``new_scheduler(emitter=namespace)``). Without the size guard of
+    the ``scheduler`` fixture."""
+
+    def make(options: dict[str, Any] | None = None, **kw: Any) -> Scheduler:
+        return Scheduler(db, options=options, **kw)
+
+    return make
+
+
+@pytest.fixture
 def recorded(server: EmbeddedServer, db_name: str) -> Iterator[tuple[Database[dict[str, Any]], Recorder]]:
     """The test's database reached through a client of its own that records every command it sends."""
     recorder = Recorder()

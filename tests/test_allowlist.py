@@ -179,14 +179,17 @@ def test_a_name_reaching_code_defined_elsewhere_is_an_invalid_job(markers: Path)
 
 
 def test_a_worker_runs_only_jobs_defined_in_its_allowed_modules(
-    db: Database[dict[str, Any]], markers: Path, caplog: pytest.LogCaptureFixture
+    db: Database[dict[str, Any]],
+    markers: Path,
+    caplog: pytest.LogCaptureFixture,
+    new_scheduler: Callable[..., Scheduler],
 ) -> None:
     """Documents written straight into the collection: the runnable names end DONE with their job's result,
     every other name under an allowed module ends FAILED with InvalidJobError without running anything, names
     outside are never claimed, and no log line carries a stored name's newline."""
     caplog.set_level("DEBUG", logger="taskscheduler")
-    scheduler = Scheduler(db)
-    worker = Worker(ObjectId(), Scheduler(db), db, job_modules=ALLOWED)
+    scheduler = new_scheduler()
+    worker = Worker(ObjectId(), new_scheduler(), db, job_modules=ALLOWED)
     runs = {**RUNNABLE, "allowlist_fixtures.allowed.Good": "Good", "allowlist_fixtures.allowed.jobs.hello": "hello"}
     names = [*runs, *REFUSED]
     ids = {name: insert_raw(scheduler, name) for name in [*names, *OUTSIDE]}

@@ -272,10 +272,10 @@ def test_async_close_while_a_wait_is_pending_ends_the_wait_without_reporting_the
 
 
 def test_async_wait_for_rejects_a_non_iterable_with_invalid_argument(
-    server: EmbeddedServer, db: Database[dict[str, Any]]
+    server: EmbeddedServer, db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """SPEC 2: wait_for(5), wait_for(None) (sync and async) raise InvalidArgumentError."""
-    sync = Scheduler(db)
+    sync = new_scheduler()
 
     async def main() -> list[str]:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
@@ -307,7 +307,7 @@ def test_async_wait_for_rejects_a_non_iterable_with_invalid_argument(
 
 
 def test_async_process_outcome_after_a_timed_out_wait_is_read_off_the_event_loop(
-    server: EmbeddedServer, db: Database[dict[str, Any]]
+    server: EmbeddedServer, db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """SPEC 6: after a WaitTimeoutError a changed process's outcome is loaded, never read on the event loop."""
     from taskscheduler.errors import WaitTimeoutError
@@ -330,7 +330,7 @@ def test_async_process_outcome_after_a_timed_out_wait_is_read_off_the_event_loop
         try:
             stays = await aio.add_job(sample_jobs.Noop)  # no node: stays WAITING
             ends = await aio.add_job(sample_jobs.Noop)
-            Scheduler(db).cancel_job(ends.id)  # another client ends it
+            new_scheduler().cancel_job(ends.id)  # another client ends it
             with pytest.raises(WaitTimeoutError):
                 await aio.wait_for([ends, stays], timeout=1.5)
             assert ends.status == JobStatus.CANCELED  # updated in place by the wait

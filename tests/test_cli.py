@@ -259,13 +259,15 @@ def _python_children() -> set[int]:
 
 
 @pytest.mark.e2e
-def test_queue_and_add_use_custom_collections(run: Any, db: Any, start_node: Callable[..., Node]) -> None:
+def test_queue_and_add_use_custom_collections(
+    run: Any, db: Any, start_node: Callable[..., Node], new_scheduler: Callable[..., Scheduler]
+) -> None:
     options = {"job_queue": "my.jobs", "event_queue": "my.events", "job_queue_size": 0, "event_queue_size": 0}
     flags = ["--job-queue", "my.jobs", "--event-queue", "my.events", "--job-queue-size", "0", "--event-queue-size", "0"]
     node = start_node(*flags)
     added = run("add", "sample_jobs:Echo", "--data", '"custom"', *flags)
     assert added.returncode == 0, added.stderr
-    s = Scheduler(db, options=options)
+    s = new_scheduler(options)
     p = s.get_job(ObjectId(added.stdout.strip())).wait(timeout=30)
     assert p.status == JobStatus.DONE and p.result == "custom"
     assert not db["my.jobs"].options().get("capped")

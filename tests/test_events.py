@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,11 +41,13 @@ def test_emitter_calls_specific_then_all() -> None:
         events.Emitter(object())  # type: ignore[arg-type]
 
 
-def test_a_shared_emitter_fires_each_change_once(db: Database[dict[str, Any]], server: EmbeddedServer) -> None:
+def test_a_shared_emitter_fires_each_change_once(
+    db: Database[dict[str, Any]], server: EmbeddedServer, new_scheduler: Callable[..., Scheduler]
+) -> None:
     """A Scheduler and a Queue sharing one emitter fire each status change once."""
     shared = Namespace()
     seen: list[tuple[str, ObjectId]] = []
-    scheduler = Scheduler(db, emitter=shared)
+    scheduler = new_scheduler(emitter=shared)
     queue = Queue(scheduler, db, worker_factory(server.uri, db.name), emitter=shared)
     queue.on("*", lambda name, process: seen.append((name, process.id)))
     with scheduler.store.status_feed(lookup=True) as feed:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import bson
 import pytest
 from bson import ObjectId
-from pymongo.database import Database
 
 from helpers import SizeGuard, claim, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker, lifecycle
@@ -188,7 +188,7 @@ def _canceled(scheduler: Scheduler, job_id: ObjectId) -> None:
     [(JobStatus.FAILED, _failed), (JobStatus.TIMEOUT, _timed_out), (JobStatus.CANCELED, _canceled)],
 )
 def test_requeue_puts_an_ended_job_back_to_waiting_with_the_next_run(
-    scheduler: Scheduler, db: Any, status: JobStatus, end: Any
+    scheduler: Scheduler, db: Any, status: JobStatus, end: Any, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     p = scheduler.add_job("sample_jobs:Noop", {"n": 1})
     end(scheduler, p.id)
@@ -204,7 +204,7 @@ def test_requeue_puts_an_ended_job_back_to_waiting_with_the_next_run(
     assert seen == [("taskscheduler.onWaiting", p.id, 2)]
     assert [p.id for p in scheduler.get_jobs()] == [p.id]
     # A worker runs it again, as run 2 of the same job; the first run stays in its history.
-    done = Worker(ObjectId(), Scheduler(db), db).process_one(p.id)
+    done = Worker(ObjectId(), new_scheduler(), db).process_one(p.id)
     assert done.id == p.id and done.status == JobStatus.DONE and done.run == 2
     assert [(r["run"], r["status"]) for r in done.runs()] == [(1, status), (2, JobStatus.DONE)]
 
@@ -270,7 +270,9 @@ def test_requeue_refuses_a_second_active_add_job_once_job(scheduler: Scheduler) 
 # -- the run history -----------------------------------------------------------------------------------------------
 
 
-def test_runs_after_a_retry_chain_lists_each_run_oldest_first(scheduler: Scheduler, db: Any) -> None:
+def test_runs_after_a_retry_chain_lists_each_run_oldest_first(
+    scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
     p = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
     # Run 1 times out (recorded by its node after the kill), runs 2 and 3 fail in two different workers.
     _, first_worker = claim(scheduler, p.id)
@@ -280,7 +282,7 @@ def test_runs_after_a_retry_chain_lists_each_run_oldest_first(scheduler: Schedul
     assert after_first.error is not None and after_first.error["class"] == "taskscheduler.errors.JobTimeoutError"
     workers = [first_worker]
     for _ in range(2):
-        worker = Worker(ObjectId(), Scheduler(db), db)
+        worker = Worker(ObjectId(), new_scheduler(), db)
         workers.append(worker.id)
         worker.process_one(p.id)
     final = scheduler.get_job(p.id)
@@ -320,12 +322,12 @@ def test_a_run_end_that_schedules_the_next_run_keeps_the_document_size(
     size_guard: SizeGuard,
     job_class: str,
     options: dict[str, Any],
-    next_status: JobStatus,
+    next_status: JobStatus, new_scheduler: Callable[..., Scheduler],
 ) -> None:
     # An int ``at`` in the past: the next run's time (a double) is written over it in place.
     p = scheduler.add_job(job_class, {"payload": [1, 2, 3]}, options, at=int(time.time()) - 5)
     inserted = len(bson.encode(scheduler.store.find_job(p.id)))
-    worker = Worker(ObjectId(), Scheduler(db), db)
+    worker = Worker(ObjectId(), new_scheduler(), db)
     worker.process_one(p.id)
     stored = scheduler.store.find_job(p.id)
     assert stored["status"] == next_status and stored["run"] == 2
@@ -342,9 +344,11 @@ def _active(scheduler: Scheduler, job_class: str) -> list[Any]:
     return [p for p in scheduler.get_jobs({"class": job_class}) if not p.status.is_terminal]
 
 
-def test_add_job_once_on_a_full_collection_keeps_the_job_it_would_replace(db: Any) -> None:
+def test_add_job_once_on_a_full_collection_keeps_the_job_it_would_replace(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
 
-    scheduler = Scheduler(db, options={"job_queue_size": 60_000})
+    scheduler = new_scheduler({"job_queue_size": 60_000})
     kept = scheduler.add_job_once("sample_jobs:Echo", {"k": 1}, retry=1)
     with pytest.raises(QueueFullError):
         for _ in range(1000):  # unfinished jobs fill the collection
@@ -364,8 +368,10 @@ def _failed_once_job(scheduler: Scheduler) -> Any:
     return p
 
 
-def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one_active_job(db: Any) -> None:
-    adder, operator = Scheduler(db), Scheduler(db)
+def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one_active_job(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
+    adder, operator = new_scheduler(), new_scheduler()
     failed = _failed_once_job(adder)
     take = adder.store.take_once
     requeued: list[Any] = []
@@ -382,8 +388,10 @@ def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one
     assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [failed.id]
 
 
-def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(db: Any) -> None:
-    adder, operator = Scheduler(db), Scheduler(db)
+def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
+    adder, operator = new_scheduler(), new_scheduler()
     failed = _failed_once_job(adder)
     insert = adder.store.insert_job
     refused: list[Exception] = []
@@ -402,8 +410,8 @@ def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(db: Any
     assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [new.id]
 
 
-def test_requeue_of_an_add_job_once_job_takes_its_key_back(db: Any) -> None:
-    scheduler = Scheduler(db)
+def test_requeue_of_an_add_job_once_job_takes_its_key_back(new_scheduler: Callable[..., Scheduler]) -> None:
+    scheduler = new_scheduler()
     failed = _failed_once_job(scheduler)
     scheduler.requeue_job(failed.id)
     holder = scheduler.store.once_holder(scheduler.store.find_job(failed.id)["once"]) or {}
@@ -411,9 +419,11 @@ def test_requeue_of_an_add_job_once_job_takes_its_key_back(db: Any) -> None:
     assert scheduler.add_job_once("sample_jobs:Echo", {"k": "r"}).id == failed.id
 
 
-def test_add_job_once_adds_at_once_when_the_key_holders_finished_job_was_deleted(db: Database[dict[str, Any]]) -> None:
+def test_add_job_once_adds_at_once_when_the_key_holders_finished_job_was_deleted(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
     """SPEC 2: add_job_once always returns a Process: a key whose finished job made room for others is free at once."""
-    scheduler = Scheduler(db, options={"job_queue_size": 50_000})
+    scheduler = new_scheduler({"job_queue_size": 50_000})
     p = scheduler.add_job_once("sample_jobs:Noop", "refresh")
     doc, worker = claim(scheduler, p.id)
     assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record()
@@ -425,10 +435,10 @@ def test_add_job_once_adds_at_once_when_the_key_holders_finished_job_was_deleted
 
 
 def test_add_job_once_of_a_producer_stalled_past_its_key_leaves_one_active_job(
-    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SPEC 2: two add_job_once calls leave one active job, also when the first stalls past its key's pending time."""
-    first, second = Scheduler(db), Scheduler(db)
+    first, second = new_scheduler(), new_scheduler()
     real_insert = first.store.insert_job
 
     def stalled_insert(doc: dict[str, Any], reserved: int | None = None) -> None:

@@ -271,11 +271,11 @@ def test_malformed_documents_never_stop_nodes_workers_or_views(
 
 
 def test_a_job_made_malformed_while_it_runs_never_holds_up_its_node(
-    db: Database[dict[str, Any]], start_node: Callable[..., Node]
+    db: Database[dict[str, Any]], start_node: Callable[..., Node], new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """Given a running job whose document is made malformed (its options no document); when its timeout kills
     it; then its node ends it FAILED naming the field and goes on recording the next job's timeout."""
-    scheduler = Scheduler(db)  # no size guard: this test changes a document's size on purpose
+    scheduler = new_scheduler()  # no size guard: this test changes a document's size on purpose
     node = start_node()
     odd = scheduler.add_job("sample_jobs:Sleep", {"seconds": 30}, timeout=3)  # time to change it while it runs
     wait_until(lambda: odd.refresh().status == JobStatus.PROCESSING, timeout=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,10 +19,10 @@ from taskscheduler.queue import _Timers
 
 
 def test_a_late_finish_of_the_previous_run_keeps_the_nodes_claim_of_the_next(
-    db: Database[dict[str, Any]], server: EmbeddedServer, scheduler: Scheduler
+    db: Database[dict[str, Any]], server: EmbeddedServer, scheduler: Scheduler, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """SPEC 4: a node keeps renewing worker B's claim of run 2 when worker A's Finished of run 1 is read after it."""
-    queue = Queue(Scheduler(db), db, worker_factory(server.uri, db.name))
+    queue = Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)
     doc, worker_a = claim(scheduler, p.id, lease=1.0)
     _report(queue, JobClaimed(p.id, worker_a, 1))
@@ -39,10 +40,13 @@ def test_a_late_finish_of_the_previous_run_keeps_the_nodes_claim_of_the_next(
 
 
 def test_one_failing_step_of_a_node_round_skips_nothing_else(
-    db: Database[dict[str, Any]], server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+    db: Database[dict[str, Any]],
+    server: EmbeddedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    new_scheduler: Callable[..., Scheduler],
 ) -> None:
     """One failing step of a node's round (recording a kill) skips neither the due jobs, the orphans nor the manager."""
-    queue = Queue(Scheduler(db), db, worker_factory(server.uri, db.name))
+    queue = Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
     ran: list[str] = []
 
     def broken() -> None:

@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -266,11 +266,11 @@ def test_a_producer_gives_back_unspent_room_when_closed_and_at_exit(
 
 
 def test_the_ledger_limit_is_the_collections_real_cap_whatever_a_producer_is_configured_with(
-    db: Database[dict[str, Any]],
+    db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler],
 ) -> None:
     """SPEC 5: a producer configured larger than the capped collection gets no unfinished job evicted."""
-    Scheduler(db, options={"job_queue_size": 8192}).store.ensure()  # how the collection was first created
-    producer = Scheduler(db, options={"job_queue_size": 1_000_000})
+    new_scheduler({"job_queue_size": 8192}).store.ensure()  # how the collection was first created
+    producer = new_scheduler({"job_queue_size": 1_000_000})
     added: list[ObjectId] = []
     for _ in range(40):
         try:
@@ -282,9 +282,11 @@ def test_the_ledger_limit_is_the_collections_real_cap_whatever_a_producer_is_con
     assert len(lost) == 0, f"{len(lost)} of {len(added)} WAITING jobs add_job returned were evicted by later inserts"
 
 
-def test_finished_jobs_make_room_for_a_job_larger_than_one_batch_of_them(db: Database[dict[str, Any]]) -> None:
+def test_finished_jobs_make_room_for_a_job_larger_than_one_batch_of_them(
+    db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
+) -> None:
     """SPEC 5: QueueFullError only when there is no room; a collection full of finished jobs takes a large new job."""
-    scheduler = Scheduler(db, options={"job_queue_size": 400_000})
+    scheduler = new_scheduler({"job_queue_size": 400_000})
     with pytest.raises(QueueFullError):
         for _ in range(2000):
             scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 100})
@@ -295,10 +297,10 @@ def test_finished_jobs_make_room_for_a_job_larger_than_one_batch_of_them(db: Dat
 
 
 def test_inserts_that_failed_in_an_outage_leave_room_for_new_jobs(
-    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """SPEC 5: room reserved by inserts that never reached the server is not lost: an empty collection takes a job."""
-    scheduler = Scheduler(db, options={"job_queue_size": 20_000})
+    scheduler = new_scheduler({"job_queue_size": 20_000})
     jobs = scheduler.store.jobs
 
     def outage(doc: Any, *args: Any, **kw: Any) -> None:
@@ -328,10 +330,10 @@ def _produce(uri: str, name: str, attempts: int, out: Any) -> None:
 
 
 def test_concurrent_producers_never_evict_an_unfinished_job(
-    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str
+    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """QueueFullError is decided with the insert: concurrent producers near a full collection evict no job."""
-    Scheduler(db, options={"job_queue_size": 40_000}).store.ensure()
+    new_scheduler({"job_queue_size": 40_000}).store.ensure()
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
     for _ in range(4):
@@ -348,9 +350,9 @@ def test_concurrent_producers_never_evict_an_unfinished_job(
     assert stored == set(added)  # every job a producer was told was added is still there
 
 
-def test_a_retry_needs_no_room_in_a_full_collection(db: Database[dict[str, Any]]) -> None:
+def test_a_retry_needs_no_room_in_a_full_collection(new_scheduler: Callable[..., Scheduler]) -> None:
     """A next run is the same document: it takes no room, and is never dropped from a full collection."""
-    scheduler = Scheduler(db, options={"job_queue_size": 8_000})
+    scheduler = new_scheduler({"job_queue_size": 8_000})
     p = scheduler.add_job("sample_jobs:Fail", "x", retry=1, retry_interval=0)
     with pytest.raises(QueueFullError):
         for _ in range(100):

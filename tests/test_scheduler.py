@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -13,7 +14,6 @@ import pytest
 from blinker import Namespace
 from bson import ObjectId
 from pymongo import MongoClient
-from pymongo.database import Database
 from pymongo.errors import AutoReconnect
 
 import sample_jobs
@@ -269,13 +269,13 @@ def test_add_job_once_ignore_data_replaces(scheduler: Scheduler) -> None:
     assert scheduler.add_job_once("test", "bar", {"ignore_data": True}).id == b.id
 
 
-def test_add_job_once_is_race_free(scheduler: Scheduler, db: Any) -> None:
+def test_add_job_once_is_race_free(scheduler: Scheduler, new_scheduler: Callable[..., Scheduler]) -> None:
     results: list[ObjectId] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(10)
 
     def call() -> None:
-        own = Scheduler(db)
+        own = new_scheduler()
         barrier.wait()
         try:
             results.append(own.add_job_once("test", {"k": 1}, {"retry": 1}).id)
@@ -302,8 +302,10 @@ def test_update_progress(scheduler: Scheduler) -> None:
     assert scheduler.get_job(p.id).progress == 100.0
 
 
-def test_update_progress_none_keeps_progress_and_writes_nothing(scheduler: Scheduler, db: Any) -> None:
-    s = Scheduler(db, options={"progress_rate_limit": 0})
+def test_update_progress_none_keeps_progress_and_writes_nothing(
+    scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    s = new_scheduler({"progress_rate_limit": 0})
     p = s.add_job("test")
     s.update_progress(p.id, 42)
     before = s.store.find_job(p.id)
@@ -413,13 +415,13 @@ def test_on_rejects_unknown_event(scheduler: Scheduler) -> None:
         scheduler.on("exploded", lambda *a: None)
 
 
-def test_custom_emitter_namespace(db: Any, size_guard: Any) -> None:
+def test_custom_emitter_namespace(new_scheduler: Callable[..., Scheduler], size_guard: Any) -> None:
     ns = Namespace()
     got: list[Any] = []
     ns.signal("taskscheduler.onPostponed").connect(
         lambda sender, **kw: got.append((sender, kw["payload"].id)), weak=False
     )
-    p = Scheduler(db, emitter=ns).add_job("test", at=time.time() + 60)
+    p = new_scheduler(emitter=ns).add_job("test", at=time.time() + 60)
     assert got == [("taskscheduler.onPostponed", p.id)]
 
 
@@ -446,10 +448,10 @@ def watching(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> threading
 
 
 def test_wait_for_sees_changes_and_updates_in_place(
-    scheduler: Scheduler, db: Any, monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = scheduler.add_job("test"), scheduler.add_job("test")
-    other = Scheduler(db)
+    other = new_scheduler()
     opened = watching(scheduler, monkeypatch)
 
     def finish() -> None:
@@ -483,7 +485,9 @@ def test_wait_for_rejects_non_process(scheduler: Scheduler) -> None:
         scheduler.wait_for([ObjectId()])  # type: ignore[list-item]
 
 
-def test_listen_by_id(scheduler: Scheduler, db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_listen_by_id(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     p = scheduler.add_job("test")
     q = scheduler.add_job("test")
     calls: list[tuple[ObjectId, JobStatus]] = []
@@ -491,8 +495,8 @@ def test_listen_by_id(scheduler: Scheduler, db: Any, monkeypatch: pytest.MonkeyP
 
     def cancel_later() -> None:
         assert opened.wait(10)
-        Scheduler(db).cancel_job(q.id)
-        Scheduler(db).cancel_job(p.id)
+        new_scheduler().cancel_job(q.id)
+        new_scheduler().cancel_job(p.id)
 
     t = threading.Thread(target=cancel_later)
     t.start()
@@ -519,10 +523,10 @@ def test_process_refresh_and_to_dict(scheduler: Scheduler) -> None:
 
 
 def test_wait_returns_when_the_stream_breaks_before_its_first_answer(
-    scheduler: Scheduler, db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SPEC 2: wait_for sees the end of a job that ended while its stream's connection dropped before a first answer."""
-    other = Scheduler(db)  # the worker's process
+    other = new_scheduler()  # the worker's process
     p = scheduler.add_job("sample_jobs:Noop")
     doc, worker = claim(scheduler, p.id)
     real = scheduler.store.status_feed
@@ -583,12 +587,12 @@ def test_own_cancel_fires_once_while_waiting(scheduler: Scheduler, monkeypatch: 
 
 
 def test_a_second_claim_of_a_released_run_fires_while_waiting(
-    scheduler: Scheduler, db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SPEC 2 events: two changes to the same status in one run both fire during a wait_for."""
     seen: list[str] = []
     scheduler.on("*", lambda name, process: seen.append(name.removeprefix("taskscheduler.on").lower()))
-    other = Scheduler(db)  # the queue nodes' side
+    other = new_scheduler()  # the queue nodes' side
     p = other.add_job("sample_jobs:Noop")
     waiter = _waiting_in_thread(scheduler, scheduler.get_job(p.id), monkeypatch)
     doc, worker_a = claim(other, p.id)

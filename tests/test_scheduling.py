@@ -203,8 +203,8 @@ def test_async_jobs_run_in_their_own_loop_and_are_killed_like_sync_ones(
     assert time.monotonic() - canceled_at < 10
 
 
-def test_a_default_interval_does_not_apply_to_cron_jobs(db: Any) -> None:
-    scheduler = Scheduler(db, options={"default_interval": 60})
+def test_a_default_interval_does_not_apply_to_cron_jobs(new_scheduler: Callable[..., Scheduler]) -> None:
+    scheduler = new_scheduler({"default_interval": 60})
     p = scheduler.add_job(sample_jobs.Noop, cron="@hourly")
     assert p.options["interval"] == 0 and p.options["cron"] == "@hourly"
     assert scheduler.add_job(sample_jobs.Noop).options["interval"] == 60

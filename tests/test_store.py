@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -102,8 +103,8 @@ def test_a_status_change_that_lost_its_race_changes_nothing(scheduler: Scheduler
     assert after["worker"] == winner and after["status"] == JobStatus.DONE and after["progress"] == 100.0
 
 
-def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
-    s = Scheduler(db, options={"job_queue": "small.jobs", "job_queue_size": 4096})
+def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
+    s = new_scheduler({"job_queue": "small.jobs", "job_queue_size": 4096})
     added = []
     with pytest.raises(QueueFullError, match="small.jobs"):
         for _ in range(100):
@@ -117,9 +118,9 @@ def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
     assert {d["_id"] for d in jobs.find({"status": 0})} == {p.id for p in more}
 
 
-def test_size_guard_catches_a_size_change(db: Any) -> None:
+def test_size_guard_catches_a_size_change(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     guard = SizeGuard(db, "taskscheduler.jobs")
-    p = Scheduler(db).add_job("test")
+    p = new_scheduler().add_job("test")
     db["taskscheduler.jobs"].update_one({"_id": p.id}, {"$set": {"status": "a longer value than an int"}})
     with pytest.raises(AssertionError, match="sizes changed"):
         guard.verify()
@@ -239,11 +240,11 @@ def test_helpers() -> None:
     }
 
 
-def test_every_index_fits_the_documented_shard_keys(db: Any) -> None:
+def test_every_index_fits_the_documented_shard_keys(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     """MongoDB requires a unique index on a sharded collection to start with the shard key."""
     from taskscheduler.store import shard_keys
 
-    s = Scheduler(db, options={"job_queue_size": 0, "event_queue_size": 0})
+    s = new_scheduler({"job_queue_size": 0, "event_queue_size": 0})
     s.add_job_once("test", {"a": 1})  # creates every collection the library uses
     keys = shard_keys(s.store.job_queue, s.store.event_queue)
     assert set(keys) <= set(db.list_collection_names())
@@ -280,10 +281,12 @@ def test_a_requeued_once_job_needs_its_key(scheduler: Scheduler) -> None:
     assert scheduler.add_job_once("test", "k").id == first.id
 
 
-def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(
+    new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two producers on a new collection: the first finds no ledger to reserve in, the second opens it right then;
     the first must reserve again, not report a collection with 100 MB free as full."""
-    first, second = Scheduler(db), Scheduler(db)
+    first, second = new_scheduler(), new_scheduler()
     real = first.store.room.update_one
     tries: list[int] = []
     raced: list[Any] = []
@@ -302,10 +305,10 @@ def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(db: Any, m
 
 
 def test_flush_while_a_worker_records_keeps_the_event_collection_bounded(
-    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """SPEC 2/5: a run's end written between flush()'s drop and create leaves the event collection bounded."""
-    operator, worker_side = Scheduler(db), Scheduler(db)
+    operator, worker_side = new_scheduler(), new_scheduler()
     p = worker_side.add_job("sample_jobs:Noop")
     doc, worker = claim(worker_side, p.id)
     real_drop = operator.store.events.drop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from multiprocessing import Pipe
 from typing import Any
 
@@ -19,8 +20,8 @@ from taskscheduler.errors import InvalidArgumentError
 
 
 @pytest.fixture
-def worker(scheduler: Scheduler, db: Any) -> Worker:
-    return Worker(ObjectId(), Scheduler(db), db)
+def worker(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> Worker:
+    return Worker(ObjectId(), new_scheduler(), db)
 
 
 def test_success_job(scheduler: Scheduler, worker: Worker) -> None:
@@ -44,9 +45,11 @@ def test_invalid_job_class(scheduler: Scheduler, worker: Worker) -> None:
     assert "InvalidJobError" in failed.error["class"]
 
 
-def test_already_claimed_job_is_not_run_twice(scheduler: Scheduler, worker: Worker, db: Any) -> None:
+def test_already_claimed_job_is_not_run_twice(
+    scheduler: Scheduler, worker: Worker, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
-    other = Worker(ObjectId(), Scheduler(db), db)
+    other = Worker(ObjectId(), new_scheduler(), db)
     assert other.run(scheduler.store.find_job(p.id))
     assert not worker.run(scheduler.store.find_job(p.id))
     assert scheduler.get_job(p.id).worker == other.id
@@ -90,8 +93,8 @@ def test_endless_interval(scheduler: Scheduler, worker: Worker) -> None:
     assert [q.id for q in scheduler.get_jobs()] == [p.id]
 
 
-def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
-    own = Scheduler(db)
+def test_events_in_worker_process(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
+    own = new_scheduler()
     seen: list[str] = []
     own.on("*", lambda name, p: seen.append(name.removeprefix("taskscheduler.on")))
     p = scheduler.add_job("sample_jobs:Noop")
@@ -99,7 +102,7 @@ def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
     assert seen == ["Processing", "Done"]
 
 
-def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
+def test_container_builds_job(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
 
     calls: list[type] = []
 
@@ -109,13 +112,13 @@ def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
             return sample_jobs.Echo()
 
     p = scheduler.add_job("sample_jobs:Noop", "from container")
-    done = Worker(ObjectId(), Scheduler(db), db, container=Container()).process_one(p.id)
+    done = Worker(ObjectId(), new_scheduler(), db, container=Container()).process_one(p.id)
     assert calls == [sample_jobs.Noop] and done.result == "from container"
 
 
-def test_constructor_validation(db: Any) -> None:
+def test_constructor_validation(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     with pytest.raises(InvalidArgumentError):
-        Worker("nope", Scheduler(db), db)  # type: ignore[arg-type]
+        Worker("nope", new_scheduler(), db)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         Worker(ObjectId(), object(), db)  # type: ignore[arg-type]
 
