@@ -191,6 +191,14 @@ def scrape_when_up(port: int, node: Node) -> dict[Any, float]:
     return found
 
 
+def metrics_node(start_node: Callable[..., Node], workers: int) -> tuple[Node, int, Samples]:
+    """A queue node with a static pool of ``workers`` and metrics on a free port: (node, port, its first scrape)."""
+    port = free_port()
+    pool = ["--pm", "static", "--min-children", str(workers), "--max-children", str(workers)]
+    node = start_node("--metrics-port", str(port), *pool)
+    return node, port, scrape_when_up(port, node)
+
+
 # -- the commands a client sends -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ event stream. The page itself is driven in a real browser in test_dashboard_brow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -280,39 +281,39 @@ def test_job_page_of_a_job_whose_data_holds_nan_is_served(web: TestClient, sched
     assert row.status_code == 200
 
 
+@contextlib.contextmanager
+def dashboard_on(server: EmbeddedServer, db_name: str, tmp_path: Path, host: str) -> Iterator[tuple[str, int]]:
+    """`taskscheduler dashboard --host HOST` on a free port, up: (its URL, the port); terminated after."""
+    port = free_port(host)
+    proc = start_dashboard(server, db_name, tmp_path, "--host", host, "--port", str(port))
+    try:
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        wait_up(url, proc, tmp_path)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def test_dashboard_bound_to_another_loopback_address_answers_requests_naming_it(
     server: EmbeddedServer, db_name: str, tmp_path: Path
 ) -> None:
     """`--host 127.0.0.2` (a loopback address) answers requests whose Host names it."""
-    port = free_port("127.0.0.2")
-    proc = start_dashboard(server, db_name, tmp_path, "--host", "127.0.0.2", "--port", str(port))
-    try:
-        url = f"http://127.0.0.2:{port}"
-        wait_up(url, proc, tmp_path)
+    with dashboard_on(server, db_name, tmp_path, "127.0.0.2") as (url, _):
         reply = httpx2.get(f"{url}/api/config", timeout=5)
         assert reply.status_code == 200, reply.text
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_dashboard_on_all_interfaces_still_refuses_a_foreign_host_header(
     server: EmbeddedServer, db_name: str, tmp_path: Path, scheduler: Scheduler
 ) -> None:
     """With `--host 0.0.0.0` a request naming a foreign host (DNS rebinding) is still refused."""
-    port = free_port("0.0.0.0")
-    proc = start_dashboard(server, db_name, tmp_path, "--host", "0.0.0.0", "--port", str(port))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url, proc, tmp_path)
+    with dashboard_on(server, db_name, tmp_path, "0.0.0.0") as (url, port):
         assert httpx2.get(f"{url}/api/config", timeout=5).status_code == 200
         job = scheduler.add_job("sample_jobs:Noop")
         rebound = {"Host": f"attacker.example:{port}", "X-Taskscheduler-Action": "1"}
         assert httpx2.get(f"{url}/api/jobs/{job.id}", headers=rebound, timeout=5).status_code == 400
         assert httpx2.post(f"{url}/api/jobs/{job.id}/cancel", headers=rebound, timeout=5).status_code in (400, 403)
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_pages_learn_of_changes_missed_while_the_feed_thread_restarted(

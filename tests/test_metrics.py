@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import TESTS_DIR, Node, free_port, sample, scrape, scrape_when_up, wait_until
+from helpers import TESTS_DIR, Node, metrics_node, sample, scrape, wait_until
 from taskscheduler import Queue, Scheduler
 from taskscheduler.embedded import EmbeddedServer
 from taskscheduler.errors import InvalidArgumentError
@@ -27,9 +27,7 @@ NOOP, FAIL = "sample_jobs:Noop", "sample_jobs:Fail"
 def test_counters_move_by_exactly_the_runs_that_happened(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
-    port = free_port()
-    node = start_node("--metrics-port", str(port), "--pm", "static", "--min-children", "2", "--max-children", "2")
-    before = scrape_when_up(port, node)
+    node, port, before = metrics_node(start_node, workers=2)
     assert sample(before, "taskscheduler_runs_started_total", **{"class": NOOP}) == 0
     wait_until(lambda: sample(scrape(port), "taskscheduler_workers_idle") == 2, what="two idle workers")
 
@@ -161,9 +159,7 @@ def test_manager_death_counts_the_interrupted_run_as_ended(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
     """SPEC 7: a run interrupted by its manager's death counts as ended (released), so counters move by the runs."""
-    port = free_port()
-    node = start_node("--metrics-port", str(port), "--pm", "static", "--min-children", "1", "--max-children", "1")
-    scrape_when_up(port, node)
+    node, port, _ = metrics_node(start_node, workers=1)
     wait_until(lambda: sample(scrape(port), "taskscheduler_workers_idle") == 1, 20, what="an idle worker")
     cls = "sample_jobs:Sleep"
     job = scheduler.add_job(cls, {"seconds": 2})

@@ -18,11 +18,16 @@ from taskscheduler.protocol import JobClaimed, JobFinished
 from taskscheduler.queue import _Timers
 
 
+@pytest.fixture
+def queue(db: Database[dict[str, Any]], server: EmbeddedServer, new_scheduler: Callable[..., Scheduler]) -> Queue:
+    """A queue node of the test's database, driven in this process (nothing forked: its loop is not started)."""
+    return Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
+
+
 def test_a_late_finish_of_the_previous_run_keeps_the_nodes_claim_of_the_next(
-    db: Database[dict[str, Any]], server: EmbeddedServer, scheduler: Scheduler, new_scheduler: Callable[..., Scheduler]
+    queue: Queue, scheduler: Scheduler
 ) -> None:
     """SPEC 4: a node keeps renewing worker B's claim of run 2 when worker A's Finished of run 1 is read after it."""
-    queue = Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)
     doc, worker_a = claim(scheduler, p.id, lease=1.0)
     _report(queue, JobClaimed(p.id, worker_a, 1))
@@ -39,14 +44,8 @@ def test_a_late_finish_of_the_previous_run_keeps_the_nodes_claim_of_the_next(
     assert now["status"] == JobStatus.PROCESSING and now["worker"] == worker_b, "the node released its own live job"
 
 
-def test_one_failing_step_of_a_node_round_skips_nothing_else(
-    db: Database[dict[str, Any]],
-    server: EmbeddedServer,
-    monkeypatch: pytest.MonkeyPatch,
-    new_scheduler: Callable[..., Scheduler],
-) -> None:
+def test_one_failing_step_of_a_node_round_skips_nothing_else(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
     """One failing step of a node's round (recording a kill) skips neither the due jobs, the orphans nor the manager."""
-    queue = Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
     ran: list[str] = []
 
     def broken() -> None:
