@@ -1,4 +1,4 @@
-"""The event catalogue."""
+"""The event catalogue, and emitters shared between a Scheduler and a Queue."""
 
 from __future__ import annotations
 

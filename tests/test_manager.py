@@ -1,4 +1,5 @@
-"""WorkerManager options (upstream WorkerManagerTest) and pool behaviour driven over its pipe."""
+"""WorkerManager options (upstream WorkerManagerTest), pool behaviour driven over its pipe, and the kills a heartbeat
+asks of it (fences, lost leases) on fake workers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a queue node (SPEC 7): a real node, scraped over HTTP while its jobs run."""
+"""Prometheus metrics of a queue node (SPEC 7): a real node, scraped over HTTP while its jobs run (and while its
+manager dies)."""
 
 from __future__ import annotations
 

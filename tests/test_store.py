@@ -1,4 +1,4 @@
-"""The storage model: collections, indexes, capped rules (SPEC section 5) and query plans."""
+"""The storage model: collections, indexes, capped rules (SPEC section 5), flush() racing a writer, query plans."""
 
 from __future__ import annotations
 

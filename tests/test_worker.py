@@ -1,4 +1,5 @@
-"""Worker in-process (upstream WorkerTest cases that still apply): claim, run, record, retry, interval."""
+"""Worker in-process (upstream WorkerTest cases that still apply): claim, run, record, retry, interval; errors that
+are not Exceptions, outcomes too large to store, child jobs of earlier runs."""
 
 from __future__ import annotations
 
