@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE_SIZE
-from taskscheduler.embedded import EmbeddedServer
-from taskscheduler.nodeproc import spawn_node, stop_node
+from taskscheduler.node.nodeproc import spawn_node, stop_node
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import connect
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Node, SizeGuard
+from helpers import TESTS_DIR, Node, Recorder, SizeGuard
 from taskscheduler import Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.node.nodeproc import spawn_node
@@ -62,6 +62,30 @@ def scheduler(db: Database[dict[str, Any]], size_guard: SizeGuard) -> Scheduler:
 
 
 @pytest.fixture
+def new_scheduler(db: Database[dict[str, Any]]) -> Callable[..., Scheduler]:
+    """Makes another Scheduler on the test's database: another process's client, or one with options of its own
+    (``new_scheduler({"job_queue_size": 8192})``, ``new_scheduler(emitter=namespace)``). Without the size guard of
+    the ``scheduler`` fixture."""
+
+    def make(options: dict[str, Any] | None = None, **kw: Any) -> Scheduler:
+        return Scheduler(db, options=options, **kw)
+
+    return make
+
+
+@pytest.fixture
+def recorded(server: EmbeddedServer, db_name: str) -> Iterator[tuple[Database[dict[str, Any]], Recorder]]:
+    """The test's database reached through a client of its own that records every command it sends."""
+    recorder = Recorder()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        yield client[db_name], recorder
+    finally:
+        client.drop_database(db_name)
+        client.close()
+
+
+@pytest.fixture
 def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
@@ -99,5 +123,5 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--chaos-seeds",
         default="5",
-        help="seeds of tests/test_chaos.py: a count N (seeds 0..N-1, default 5), or a list/range ('3,17', '10-19')",
+        help="seeds of tests/chaos/test_chaos.py: a count N (0..N-1, default 5), or a list/range ('3,17', '10-19')",
     )

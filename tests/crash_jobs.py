@@ -1,4 +1,5 @@
-"""Job classes of the crash-safety regression tests (kept apart from sample_jobs, which the fault harness extends)."""
+"""Job classes of the crash, outage and self-fencing tests (kept apart from sample_jobs, which the fault harness
+extends): huge outcomes, progress through an outage, logged starts and ends, a BaseException, a ticker."""
 
 from __future__ import annotations
 
@@ -106,3 +107,25 @@ class Ticker(AbstractJob):
 def read_ticks(path: str) -> list[tuple[str, int, float]]:
     """A Ticker's log: (what, pid, monotonic time) per line."""
     return read_log(path)
+
+
+class Abort(BaseException):
+    """Like asyncio.CancelledError, gevent.Timeout or trio.Cancelled: an exception that is not an Exception."""
+
+
+class RaisesBaseException(AbstractJob):
+    def start(self) -> None:
+        raise Abort("job gave up")
+
+
+class EndThenLinger(AbstractJob):
+    """Appends ``start`` and ``end`` lines (its work), then lingers ``data["linger"]`` s before returning."""
+
+    def start(self) -> str:
+        self._line("start")
+        self._line("end")
+        time.sleep(float(self.data["linger"]))
+        return "done"
+
+    def _line(self, what: str) -> None:
+        append_line(self.data["path"], f"{what} {os.getpid()}")

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bson
+import psutil
 from bson import ObjectId
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import monitoring
 from pymongo.database import Database
 
-from taskscheduler import DefaultWorkerFactory, Scheduler
-from taskscheduler.constants import JobStatus
+from taskscheduler import DefaultWorkerFactory, JobStatus, Scheduler
 from taskscheduler.store.records import JobRecord
 
 #: The tests directory (on sys.path for the job modules the tests' queue nodes import).
@@ -121,6 +125,144 @@ class IdleWorkerFactory(DefaultWorkerFactory):
                 connection.recv()
 
         return Idle()
+
+
+def worker_factory(uri: str, database: str) -> DefaultWorkerFactory:
+    """The factory of a node that serves the ``sample_jobs`` module (nothing is forked until a worker is needed)."""
+    return DefaultWorkerFactory(uri, database, imports=["sample_jobs"])
+
+
+def claim(
+    scheduler: Scheduler, job_id: ObjectId, worker: ObjectId | None = None, *, lease: float = 30.0
+) -> tuple[dict[str, Any], ObjectId]:
+    """Claim the job's current run for ``worker`` (a new id by default), as a worker does; it must succeed."""
+    worker = worker or ObjectId()
+    doc = scheduler.lifecycle.claim(job_id, worker, lease)
+    assert doc is not None and doc["worker"] == worker and doc["status"] == JobStatus.PROCESSING
+    return doc, worker
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie or a reaped pid does not)."""
+    try:
+        return bool(psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD))
+    except psutil.Error:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+#: A scrape: (name, sorted labels) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the metrics endpoint on 127.0.0.1:``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape_when_up(port: int, node: Node) -> dict[Any, float]:
+    """The first scrape of the node's endpoint once it answers (the node must stay up meanwhile)."""
+
+    def up() -> dict[Any, float] | None:
+        assert node.proc.poll() is None, node.output()
+        try:
+            return scrape(port)
+        except OSError:
+            return None
+
+    found: dict[Any, float] = wait_until(up, timeout=20, what="the metrics endpoint")
+    return found
+
+
+def metrics_node(start_node: Callable[..., Node], workers: int) -> tuple[Node, int, Samples]:
+    """A queue node with a static pool of ``workers`` and metrics on a free port: (node, port, its first scrape)."""
+    port = free_port()
+    pool = ["--pm", "static", "--min-children", str(workers), "--max-children", str(workers)]
+    node = start_node("--metrics-port", str(port), *pool)
+    return node, port, scrape_when_up(port, node)
+
+
+# -- the commands a client sends -----------------------------------------------------------------------------------
+
+
+class Recorder(monitoring.CommandListener):
+    """Records every command a client starts: (name, command)."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.commands.append((event.command_name, dict(event.command)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def _uses_index(plan: Any) -> bool:
+    if isinstance(plan, dict):
+        if plan.get("stage") in ("IXSCAN", "IDHACK", "EXPRESS_IXSCAN", "EXPRESS_IDHACK"):
+            return True
+        return any(_uses_index(v) for v in plan.values())
+    if isinstance(plan, list):
+        return any(_uses_index(v) for v in plan)
+    return False
+
+
+def _by_id(query: dict[str, Any]) -> bool:
+    # Real MongoDB serves an _id equality through the _id index (IDHACK) whatever else the filter holds; the
+    # test server's planner reports a scan for {_id, status} (or the room ledger's {_id: "used", bytes}), so
+    # that shape is accepted as indexed here.
+    value = query.get("_id")
+    return isinstance(value, (ObjectId, str)) or (isinstance(value, dict) and "$in" in value)
+
+
+def unindexed(db: Any, commands: list[tuple[str, dict[str, Any]]]) -> tuple[int, list[tuple[str, Any]]]:
+    """How many queries the commands issued, and those the server's planner serves without an index."""
+    queries: list[tuple[str, dict[str, Any]]] = []
+    sorts: dict[int, Any] = {}  # query number -> its sort
+    for name, cmd in commands:
+        if name == "find":
+            if cmd.get("sort"):
+                sorts[len(queries)] = cmd["sort"]
+            queries.append((cmd["find"], cmd.get("filter", {})))
+        elif name == "update":
+            queries += [(cmd["update"], u["q"]) for u in cmd["updates"]]
+        elif name == "delete":
+            queries += [(cmd["delete"], d["q"]) for d in cmd["deletes"]]
+    found = []
+    for i, (coll, query) in enumerate(queries):
+        if _by_id(query) and i not in sorts:
+            continue
+        find: dict[str, Any] = {"find": coll, "filter": query}
+        if i in sorts:
+            find["sort"] = sorts[i]
+        plan = db.command("explain", find)["queryPlanner"]["winningPlan"]
+        # A sorted query is planned with its sort, as the library sends it (the test server sorts in memory
+        # whatever the indexes, so only the filter's index is checked).
+        if not _uses_index(plan):
+            found.append((coll, find))
+    return len(queries), found
 
 
 def as_record(doc: dict[str, Any]) -> JobRecord:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from taskscheduler import AbstractJob
@@ -107,7 +109,7 @@ while time.monotonic() < end:
 
 
 class ChaosJob(AbstractJob):
-    """The job of tests/test_chaos.py. Logs every execution to ``data["log"]`` (lines, fields space-separated):
+    """The job of tests/chaos/. Logs every execution to ``data["log"]`` (lines, fields space-separated):
 
     ``S token job worker node pid ppid time`` at the start, ``R token run time`` once the run number is known,
     ``T token time`` every ``TICK`` seconds of work and ``E token time outcome`` at the end (``ok``, ``fail`` or
@@ -277,3 +279,15 @@ class SlowProgress(AbstractJob):
             time.sleep(float(self.data.get("pause", 0.3)))
             self.update_progress(100.0 * step / steps)
         return f"{steps} steps"
+
+
+def generator_job(data: dict[str, Any]) -> Iterator[int]:
+    """A generator function given as a job: its body must run (or add_job must refuse it)."""
+    Path(data["marker"]).write_text("ran")
+    yield 1
+
+
+async def async_generator_job(data: dict[str, Any]) -> Any:
+    """An async generator function given as a job: its body must run (or add_job must refuse it)."""
+    Path(data["marker"]).write_text("ran")
+    yield 1

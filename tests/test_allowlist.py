@@ -9,6 +9,8 @@ re-export of its own submodule, aliases, private names and a ``__main__.py``; ``
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,14 +179,17 @@ def test_a_name_reaching_code_defined_elsewhere_is_an_invalid_job(markers: Path)
 
 
 def test_a_worker_runs_only_jobs_defined_in_its_allowed_modules(
-    db: Database[dict[str, Any]], markers: Path, caplog: pytest.LogCaptureFixture
+    db: Database[dict[str, Any]],
+    markers: Path,
+    caplog: pytest.LogCaptureFixture,
+    new_scheduler: Callable[..., Scheduler],
 ) -> None:
     """Documents written straight into the collection: the runnable names end DONE with their job's result,
     every other name under an allowed module ends FAILED with InvalidJobError without running anything, names
     outside are never claimed, and no log line carries a stored name's newline."""
     caplog.set_level("DEBUG", logger="taskscheduler")
-    scheduler = Scheduler(db)
-    worker = Worker(ObjectId(), Scheduler(db), db, job_modules=ALLOWED)
+    scheduler = new_scheduler()
+    worker = Worker(ObjectId(), new_scheduler(), db, job_modules=ALLOWED)
     runs = {**RUNNABLE, "allowlist_fixtures.allowed.Good": "Good", "allowlist_fixtures.allowed.jobs.hello": "hello"}
     names = [*runs, *REFUSED]
     ids = {name: insert_raw(scheduler, name) for name in [*names, *OUTSIDE]}
@@ -314,8 +319,6 @@ def test_names_are_stored_as_module_colon_qualname_without_importing(scheduler: 
 
 
 def _cli(server: EmbeddedServer, db: Database[dict[str, Any]], markers: Path, *args: str) -> Any:
-    import os
-    import subprocess
 
     env = dict(
         os.environ,
@@ -346,3 +349,25 @@ def test_cli_add_checks_the_name_and_where_the_job_is_defined(
     assert out.returncode == 0, out.stderr
     assert scheduler.get_job(ObjectId(out.stdout.strip())).job_class == "allowlist_fixtures.sidefx:Nothing"
     assert "imported-allowlist_fixtures.sidefx" not in [m.name for m in markers.iterdir()]
+
+
+@pytest.mark.e2e
+def test_a_function_path_through_an_allowed_modules_import_never_runs(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """SPEC 2/4: 'sample_jobs:os.popen' (a module sample_jobs imports) fails InvalidJobError and runs nothing."""
+    pwned = tmp_path / "pwned"
+    start_node()
+    p = scheduler.add_job("sample_jobs:os.popen", f"touch {pwned}")
+    p.wait(timeout=30)
+    # Failed loading the name: nothing was called (a popen that ran would have ended the job DONE).
+    assert p.status == JobStatus.FAILED and p.error is not None
+    assert p.error["class"].endswith("InvalidJobError")
+    assert not pwned.exists(), "a shell command ran through 'sample_jobs:os.popen'"
+
+
+def test_function_job_path_cannot_name_a_method_or_an_imported_function() -> None:
+    """A worker's loader refuses a class's method and a function another module defines."""
+    for path in ("sample_jobs:os.popen", "sample_jobs:Noop.start", "sample_jobs:AbstractJob.update_progress"):
+        with pytest.raises(InvalidJobError):
+            load_job_class(path, ["sample_jobs"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,7 +16,12 @@ from pymongo.database import Database
 import sample_jobs
 from helpers import Node
 from taskscheduler import AsyncProcess, AsyncScheduler, JobStatus, Process, Scheduler
-from taskscheduler.errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
+from taskscheduler.errors import (
+    InvalidArgumentError,
+    JobFailedError,
+    JobNotFoundError,
+    WaitTimeoutError,
+)
 from taskscheduler.ops.embedded import EmbeddedServer
 
 
@@ -213,7 +219,9 @@ def test_a_cancelled_wait_frees_its_thread_and_async_callbacks_work(
         p = await scheduler.add_job(sample_jobs.Noop)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(p.wait(), 0.3)
-        await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not handled and asyncio.get_running_loop().time() < deadline:  # the callback runs on the loop
+            await asyncio.sleep(0.01)
         assert handled == ["taskscheduler.onWaiting"]
         started = asyncio.get_running_loop().time()
         await scheduler.close()  # the cancelled wait's thread ends within a second: close does not hang
@@ -226,3 +234,111 @@ def test_async_scheduler_needs_an_async_database(db: Database[dict[str, Any]]) -
     with pytest.raises(InvalidArgumentError, match="AsyncDatabase"):
         AsyncScheduler(db)
     assert AsyncScheduler.OPTION_PRIORITY == Scheduler.OPTION_PRIORITY == "priority"
+
+
+def test_async_close_while_a_wait_is_pending_ends_the_wait_without_reporting_the_job_finished(
+    server: EmbeddedServer, db: Database[dict[str, Any]], scheduler: Scheduler
+) -> None:
+    """SPEC 2: close() during a pending wait_for makes it raise (or be cancelled), never return with the job WAITING."""
+
+    async def main() -> tuple[bool, BaseException | None, JobStatus]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        aio = AsyncScheduler(client[db.name])
+        p = await aio.add_job(sample_jobs.Noop)  # no node: it stays WAITING
+        watching = threading.Event()
+        read = aio.scheduler._read_pending
+
+        def read_then_watch(wait: Any, ids: Any) -> None:
+            read(wait, ids)
+            watching.set()
+
+        aio.scheduler._read_pending = read_then_watch  # type: ignore[method-assign]
+        waiting = asyncio.ensure_future(aio.wait_for([p], timeout=30))
+        assert await asyncio.to_thread(watching.wait, 10), "the wait never started"
+        await aio.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), 5)
+            outcome: BaseException | None = None
+        except BaseException as exc:  # noqa: BLE001 - any way of saying "not finished" is fine
+            outcome = exc
+        await client.close()
+        return waiting.done(), outcome, p.status
+
+    done, outcome, status = asyncio.run(main())
+    assert done
+    assert outcome is not None or status.is_terminal, (
+        f"wait_for() returned normally after close() with the job still {status.name}"
+    )
+
+
+def test_async_wait_for_rejects_a_non_iterable_with_invalid_argument(
+    server: EmbeddedServer, db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 2: wait_for(5), wait_for(None) (sync and async) raise InvalidArgumentError."""
+    sync = new_scheduler()
+
+    async def main() -> list[str]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        aio = AsyncScheduler(client[db.name])
+        problems = []
+        try:
+            for bad in (5, None):
+                try:
+                    await aio.wait_for(bad, timeout=1)  # type: ignore[arg-type]
+                    problems.append(f"async wait_for({bad!r}) returned")
+                except InvalidArgumentError:
+                    pass
+                except Exception as exc:  # noqa: BLE001
+                    problems.append(f"async wait_for({bad!r}): {type(exc).__name__}")
+        finally:
+            await aio.close()
+            await client.close()
+        return problems
+
+    problems = asyncio.run(main())
+    for bad in (5, None):
+        try:
+            sync.wait_for(bad, timeout=1)  # type: ignore[arg-type]
+        except InvalidArgumentError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"sync wait_for({bad!r}): {type(exc).__name__}")
+    assert not problems, problems
+
+
+def test_async_process_outcome_after_a_timed_out_wait_is_read_off_the_event_loop(
+    server: EmbeddedServer, db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 6: after a WaitTimeoutError a changed process's outcome is loaded, never read on the event loop."""
+    from taskscheduler.errors import WaitTimeoutError
+
+    loop_reads: list[str] = []
+
+    async def main() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        aio = AsyncScheduler(client[db.name])
+        life = aio.scheduler.lifecycle
+        original = life.outcome
+        loop_thread = threading.current_thread()
+
+        def outcome(doc: Any) -> Any:
+            if threading.current_thread() is loop_thread:
+                loop_reads.append(str(doc.get("_id")))
+            return original(doc)
+
+        life.outcome = outcome  # type: ignore[method-assign]
+        try:
+            stays = await aio.add_job(sample_jobs.Noop)  # no node: stays WAITING
+            ends = await aio.add_job(sample_jobs.Noop)
+            new_scheduler().cancel_job(ends.id)  # another client ends it
+            with pytest.raises(WaitTimeoutError):
+                await aio.wait_for([ends, stays], timeout=1.5)
+            assert ends.status == JobStatus.CANCELED  # updated in place by the wait
+            ends.error  # noqa: B018 - must not touch MongoDB here, on the loop
+            ends.result  # noqa: B018
+        finally:
+            await aio.close()
+            await client.close()
+
+    asyncio.run(main())
+    assert not loop_reads, f"outcome read on the event loop for {loop_reads}"

@@ -82,3 +82,24 @@ def test_a_malformed_priority_counts_as_zero(bad: object) -> None:
     backlog.add(odd)
     backlog.add(high)
     assert backlog.pop() is high
+
+
+def test_backlog_put_back_keeps_first_in_first_out_within_a_priority() -> None:
+    """SPEC 6: jobs put back after their workers died come back first in, first out within their priority."""
+    from bson import ObjectId
+
+    from taskscheduler.node.backlog import Backlog
+    from taskscheduler.node.protocol import RunJob
+
+    def task(name: str) -> RunJob:
+        return RunJob({"_id": ObjectId(), "name": name, "options": {"priority": 0}}, 30.0)
+
+    backlog = Backlog()
+    a, b, c = task("a"), task("b"), task("c")
+    for t in (a, b, c):
+        backlog.add(t)
+    first, second = backlog.pop(), backlog.pop()
+    assert [first.doc["name"], second.doc["name"]] == ["a", "b"]
+    backlog.put_back(first)  # the workers a and b were handed to died; reaped in the order they were handed
+    backlog.put_back(second)
+    assert [backlog.pop().doc["name"] for _ in range(3)] == ["a", "b", "c"]

@@ -259,13 +259,15 @@ def _python_children() -> set[int]:
 
 
 @pytest.mark.e2e
-def test_queue_and_add_use_custom_collections(run: Any, db: Any, start_node: Callable[..., Node]) -> None:
+def test_queue_and_add_use_custom_collections(
+    run: Any, db: Any, start_node: Callable[..., Node], new_scheduler: Callable[..., Scheduler]
+) -> None:
     options = {"job_queue": "my.jobs", "event_queue": "my.events", "job_queue_size": 0, "event_queue_size": 0}
     flags = ["--job-queue", "my.jobs", "--event-queue", "my.events", "--job-queue-size", "0", "--event-queue-size", "0"]
     node = start_node(*flags)
     added = run("add", "sample_jobs:Echo", "--data", '"custom"', *flags)
     assert added.returncode == 0, added.stderr
-    s = Scheduler(db, options=options)
+    s = new_scheduler(options)
     p = s.get_job(ObjectId(added.stdout.strip())).wait(timeout=30)
     assert p.status == JobStatus.DONE and p.result == "custom"
     assert not db["my.jobs"].options().get("capped")
@@ -322,3 +324,73 @@ def test_requeue_and_show_follow_one_job_through_its_runs(run: Any, scheduler: S
     shown = json.loads(run("show", str(p.id), "--json").stdout)
     assert shown["run"] == 2 and [r["status"] for r in shown["runs"]] == [JobStatus.CANCELED]
     assert "run 1: CANCELED" in run("show", str(p.id)).stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs", "--limit", "99999999999999999999"],
+        ["add", "sample_jobs:Noop", "--job-queue", ".jobs"],
+        ["add", "sample_jobs:Noop", "--job-queue", "a..b"],
+        ["add", "sample_jobs:Noop", "--job-queue", "system.jobs"],
+        ["add", "sample_jobs:Noop", "--job-queue", "big", "--job-queue-size", "99999999999999999999"],
+        ["jobs", "--event-queue", "a..b"],
+        ["jobs", "--mongodb-uri", "mongodb://someone:wrong@{host}/?directConnection=true"],
+        ["add", "sample_jobs:Noop", "--data", '{{"owner": {{"$oid": "zz"}}}}'],
+        ["server", "--port", "0", "--data-dir", "/proc/no/such/dir"],
+    ],
+    ids=[
+        "huge-limit",
+        "leading-dot",
+        "double-dot",
+        "system-name",
+        "huge-size",
+        "event-queue-name",
+        "wrong-password",
+        "bad-extended-json",
+        "bad-data-dir",
+    ],
+)
+def test_cli_operator_mistakes_print_one_line_not_a_traceback(
+    server: EmbeddedServer, db_name: str, args: list[str]
+) -> None:
+    """SPEC 3: an operator's mistake (names, numbers, credentials, extended JSON, data dir): one line, exit 1 or 2."""
+    host = server.uri.split("//")[1].split("/")[0]
+    env = dict(os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri)
+    env["TASKSCHEDULER_DATABASE"] = db_name
+    done = subprocess.run(
+        [sys.executable, "-m", "taskscheduler", *[a.format(host=host) for a in args]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert done.returncode in (1, 2) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cli_add_cron_with_a_far_at_is_one_line_exit_2(server: EmbeddedServer, db_name: str, scheduler: Any) -> None:
+    """SPEC 3: bad input is one line on stderr, exit 2, never a traceback, nothing written."""
+    env = dict(
+        os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskscheduler",
+            "add",
+            "sample_jobs:Noop",
+            "--cron",
+            "* * * * *",
+            "--at",
+            "9999-12-31T23:59:58+00:00",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr[-500:])
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr[-500:]
+    assert scheduler.store.jobs.count_documents({}) == 0

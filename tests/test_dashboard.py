@@ -3,13 +3,16 @@ event stream. The page itself is driven in a real browser in test_dashboard_brow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ import uvicorn
 from bson import ObjectId
 from starlette.testclient import TestClient
 
-from helpers import TESTS_DIR, wait_until
+from helpers import TESTS_DIR, free_port, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
+from taskscheduler.errors import ServerUnavailableError
 from taskscheduler.ops.dashboard import bind
 from taskscheduler.ops.dashboard.app import ACTION_HEADER, STATIC, create_app
 from taskscheduler.ops.embedded import EmbeddedServer
@@ -242,3 +246,195 @@ def test_non_finite_numbers_and_the_runs_of_a_job_page(web: TestClient, schedule
     page = web.get(f"/api/jobs/{job.id}").json()
     assert page["data"] == page["result"] == {"values": ["NaN", "Infinity", "-Infinity", 1.5]}
     assert page["runs_total"] == 1 and page["runs"][0]["result"]["values"][0] == "NaN"
+
+
+def start_dashboard(server: EmbeddedServer, db_name: str, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(tmp_path / "dashboard.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "taskscheduler", "dashboard", *args],
+            env=dict(os.environ, TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name,
+                     PYTHONPATH=str(TESTS_DIR)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
+        try:
+            with socket.create_connection((url.split("//")[1].split(":")[0], int(url.rsplit(":", 1)[1])), 1):
+                return True
+        except OSError:
+            return False
+
+    wait_until(up, timeout=20, what="the dashboard")
+
+
+def test_job_page_of_a_job_whose_data_holds_nan_is_served(web: TestClient, scheduler: Scheduler) -> None:
+    """SPEC 7: data and results are any BSON: a job page with NaN and Infinity in them is served."""
+    job = scheduler.add_job("sample_jobs:Echo", {"ratio": float("nan"), "limit": float("inf")})
+    run_in_process(scheduler, job.id)  # its result is the same data
+    reply = web.get(f"/api/jobs/{job.id}")
+    assert reply.status_code == 200, reply.text
+    row = web.get(f"/api/jobs?id={job.id}")
+    assert row.status_code == 200
+
+
+@contextlib.contextmanager
+def dashboard_on(server: EmbeddedServer, db_name: str, tmp_path: Path, host: str) -> Iterator[tuple[str, int]]:
+    """`taskscheduler dashboard --host HOST` on a free port, up: (its URL, the port); terminated after."""
+    port = free_port(host)
+    proc = start_dashboard(server, db_name, tmp_path, "--host", host, "--port", str(port))
+    try:
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        wait_up(url, proc, tmp_path)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_dashboard_bound_to_another_loopback_address_answers_requests_naming_it(
+    server: EmbeddedServer, db_name: str, tmp_path: Path
+) -> None:
+    """`--host 127.0.0.2` (a loopback address) answers requests whose Host names it."""
+    with dashboard_on(server, db_name, tmp_path, "127.0.0.2") as (url, _):
+        reply = httpx2.get(f"{url}/api/config", timeout=5)
+        assert reply.status_code == 200, reply.text
+
+
+def test_dashboard_on_all_interfaces_still_refuses_a_foreign_host_header(
+    server: EmbeddedServer, db_name: str, tmp_path: Path, scheduler: Scheduler
+) -> None:
+    """With `--host 0.0.0.0` a request naming a foreign host (DNS rebinding) is still refused."""
+    with dashboard_on(server, db_name, tmp_path, "0.0.0.0") as (url, port):
+        assert httpx2.get(f"{url}/api/config", timeout=5).status_code == 200
+        job = scheduler.add_job("sample_jobs:Noop")
+        rebound = {"Host": f"attacker.example:{port}", "X-Taskscheduler-Action": "1"}
+        assert httpx2.get(f"{url}/api/jobs/{job.id}", headers=rebound, timeout=5).status_code == 400
+        assert httpx2.post(f"{url}/api/jobs/{job.id}/cancel", headers=rebound, timeout=5).status_code in (400, 403)
+
+
+def test_pages_learn_of_changes_missed_while_the_feed_thread_restarted(
+    live_url: str, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 7: a change made while the feed thread restarts reaches open pages, or they are told to reload."""
+    url = live_url
+    store = scheduler.store
+    original = store.live_nodes
+    missed: list[ObjectId] = []
+    armed = threading.Event()
+
+    def flaky() -> Any:
+        if armed.is_set() and not missed:
+            missed.append(scheduler.add_job("sample_jobs:Noop").id)  # happens while the feed is down
+            raise ServerUnavailableError("connection refused (simulated outage)")
+        return original()
+
+    monkeypatch.setattr(store, "live_nodes", flaky)
+    seen: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + 12
+    with httpx2.stream("GET", f"{url}/api/stream", timeout=20) as reply:
+        event = None
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event is not None:
+                seen.append((event, json.loads(line[len("data: "):])))
+                if event == "ready" and not armed.is_set():
+                    armed.set()
+                    continue
+                if event == "ready":  # told to reload: fine
+                    break
+                if event == "job" and missed and seen[-1][1]["id"] == str(missed[0]):
+                    break
+            if time.monotonic() > deadline:
+                break
+    assert missed, "the simulated outage never happened"
+    told = [e for e, _ in seen].count("ready") >= 2 or any(
+        e == "job" and d["id"] == str(missed[0]) for e, d in seen
+    )
+    assert told, f"job {missed[0]} added during the feed restart never reached the page, and no reload: {seen}"
+
+
+def test_dashboard_stops_promptly_on_sigint_with_live_pages_open(
+    server: EmbeddedServer, db_name: str, tmp_path: Path
+) -> None:
+    """SPEC 7: with live pages open, Ctrl-C stops the dashboard within a few seconds, without a traceback."""
+    port = free_port()
+    proc = start_dashboard(server, db_name, tmp_path, "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(url, proc, tmp_path)
+        opened: list[Any] = []
+
+        def page() -> None:
+            try:
+                with httpx2.stream("GET", f"{url}/api/stream", timeout=30) as reply:
+                    opened.append(reply)
+                    for _ in reply.iter_lines():
+                        pass
+            except Exception:
+                pass
+
+        threads = [threading.Thread(target=page, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(opened) == 3, what="three live pages")
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    log = (tmp_path / "dashboard.log").read_text()
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert "Traceback" not in log, log
+    assert code in (0, 130), log
+
+
+def test_a_token_with_surrounding_blanks_is_refused_or_usable(
+    server: EmbeddedServer, db_name: str, scheduler: Scheduler, tmp_path: Path
+) -> None:
+    """SPEC 7: `--token ' s3cret '` is either refused (exit 2) or usable as the header browsers send (trimmed)."""
+    job = scheduler.add_job("sample_jobs:Noop")
+    port = free_port()
+    proc = start_dashboard(server, db_name, tmp_path, "--port", str(port), "--token", " s3cret ")
+    try:
+        try:
+            code = proc.wait(4)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is not None:
+            assert code == 2, (tmp_path / "dashboard.log").read_text()
+            return
+        url = f"http://127.0.0.1:{port}"
+        wait_up(url, proc, tmp_path)
+        reply = httpx2.post(f"{url}/api/jobs/{job.id}/cancel", timeout=5,
+                            headers={"X-Taskscheduler-Action": "1", "Authorization": "Bearer s3cret"})
+        assert reply.status_code == 200, f"the token can never be sent: {reply.status_code} {reply.text}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_job_page_of_a_long_running_recurring_job_is_bounded(web: TestClient, scheduler: Scheduler) -> None:
+    """SPEC 7: a job page sends at most 200 runs, however many runs the job had."""
+    job = scheduler.add_job("sample_jobs:Echo", {"pad": "x" * 200})
+    run_in_process(scheduler, job.id)
+    (end,) = [e for e in scheduler.store.events.find({"job": job.id}) if e.get("run") == 1 and "result" in e]
+    copies = []
+    for run in range(2, 3002):  # as the runs of a recurring job: one run end per run number
+        copy = dict(end, _id=ObjectId(), run=run)
+        if "end" in copy:
+            copy["end"] = copy["_id"]
+        copies.append(copy)
+    scheduler.store.events.insert_many(copies)
+    reply = web.get(f"/api/jobs/{job.id}")
+    assert reply.status_code == 200
+    runs = reply.json()["runs"]
+    assert len(runs) <= 200, f"the job page sent {len(runs)} runs ({len(reply.content)} bytes)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,11 @@ from typing import Any
 
 import pytest
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import (
+    TESTS_DIR,
+    Node,
+    wait_until,
+)
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.ops.embedded import EmbeddedServer
 
@@ -65,7 +70,6 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def dashboard_url(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator[str]:
     """``taskscheduler dashboard`` as an operator runs it: its own process, on a free port."""
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -183,3 +187,46 @@ def test_the_dashboard_in_a_real_browser(
     assert browser.execute_script("return window.__xss") is None
     assert browser.execute_script("return window.__loaded_once") is True
     assert node.stop() == 0
+
+
+def _shown(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, "shown").text)
+
+
+@pytest.mark.e2e
+def test_live_table_total_stays_exact_when_a_job_beyond_the_first_200_changes(
+    browser: Any, dashboard_url: str, scheduler: Scheduler
+) -> None:
+    """SPEC 3/7: the table's "N of TOTAL" stays exact when a job older than the 200 loaded ones changes."""
+    oldest = scheduler.add_job("sample_jobs:Noop", options={"at": time.time() + 3600})
+    for _ in range(204):
+        scheduler.add_job("sample_jobs:Noop", options={"at": time.time() + 3600})
+    browser.get(dashboard_url + "/")
+    wait_until(lambda: _shown(browser) == "200 of 205 shown", timeout=20, what="the table loaded")
+    scheduler.cancel_job(oldest.id)  # an old job changes: still 205 jobs
+    newest = scheduler.add_job("sample_jobs:Noop")  # then one new job: 206
+    wait_until(
+        lambda: browser.execute_script("return state.rows.has(arguments[0])", str(newest.id)),
+        timeout=20,
+        what="the new job on the page",
+    )
+    assert _shown(browser) == "200 of 206 shown"
+
+
+@pytest.mark.e2e
+def test_live_table_keeps_a_bounded_number_of_rows_while_jobs_pour_in(
+    browser: Any, dashboard_url: str, scheduler: Scheduler
+) -> None:
+    """The live table holds at most 200 rows however many jobs it is told of."""
+    browser.get(dashboard_url + "/")
+    wait_until(lambda: _shown(browser) == "0 of 0 shown", timeout=20, what="the empty table")
+    wait_until(lambda: browser.execute_script("return state.online"), timeout=20, what="live updates")
+    jobs = [scheduler.add_job("sample_jobs:Noop", options={"at": time.time() + 3600}) for _ in range(300)]
+    wait_until(
+        lambda: browser.execute_script("return state.rows.has(arguments[0])", str(jobs[-1].id)),
+        timeout=30,
+        what="the last job on the page",
+    )
+    assert browser.execute_script("return state.rows.size") <= 200

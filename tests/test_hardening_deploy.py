@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -279,8 +279,8 @@ def test_retry_and_interval_below_minus_one_mean_what_minus_one_means(scheduler:
         scheduler.add_job("sample_jobs:Noop", interval=2**31)
 
 
-def test_default_retry_and_interval_below_minus_one_too(db: Database[dict[str, Any]]) -> None:
-    scheduler = Scheduler(db, options={"default_retry": -10, "default_interval": -2})
+def test_default_retry_and_interval_below_minus_one_too(new_scheduler: Callable[..., Scheduler]) -> None:
+    scheduler = new_scheduler({"default_retry": -10, "default_interval": -2})
     assert scheduler.get_options()["default_retry"] == -1
     p = scheduler.add_job("sample_jobs:Noop")
     assert p.options["retry"] == -1 and p.options["interval"] == -1

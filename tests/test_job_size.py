@@ -143,9 +143,9 @@ def test_cli_add_takes_a_job_at_the_limit_and_refuses_one_byte_more(
     assert written(scheduler) == before
 
 
-def test_requeue_refuses_a_job_stored_over_the_limit(db: Database[dict[str, Any]]) -> None:
+def test_requeue_refuses_a_job_stored_over_the_limit(new_scheduler: Callable[..., Scheduler]) -> None:
     # An older version stored jobs up to 16 MB; requeuing one would put it back in every node's change stream.
-    scheduler = Scheduler(db)
+    scheduler = new_scheduler()
     small = scheduler.add_job(sample_jobs.Noop, "", at=FUTURE)
     scheduler.cancel_job(small.id)
     doc = scheduler.store.jobs.find_one_and_delete({"_id": small.id})
@@ -173,10 +173,10 @@ class SizedResult(AbstractJob):
 
 
 def test_a_result_over_the_result_limit_is_stored_as_none(
-    db: Database[dict[str, Any]], caplog: pytest.LogCaptureFixture
+    db: Database[dict[str, Any]], caplog: pytest.LogCaptureFixture, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     # No size guard: its change stream of 15 MB documents with pre-images outgrows the test server's messages.
-    scheduler = Scheduler(db)
+    scheduler = new_scheduler()
     worker = Worker(ObjectId(), scheduler, db)
     fits = worker.process_one(scheduler.add_job(f"{__name__}:SizedResult", MAX_RESULT_SIZE).id)
     assert fits.status == JobStatus.DONE and isinstance(fits.result, str)
@@ -190,9 +190,9 @@ def test_a_result_over_the_result_limit_is_stored_as_none(
 
 @pytest.mark.e2e
 def test_a_job_just_under_the_limit_runs_while_other_jobs_keep_running(
-    db: Database[dict[str, Any]], start_node: Callable[..., Node]
+    new_scheduler: Callable[..., Scheduler], start_node: Callable[..., Node]
 ) -> None:
-    scheduler = Scheduler(db)  # no size guard, as above
+    scheduler = new_scheduler()  # no size guard, as above
     start_node()
     n = padding(scheduler, scheduler.add_job(sample_jobs.Noop, "", at=FUTURE).id)
     running = scheduler.add_job(sample_jobs.Sleep, {"seconds": 1.5})

@@ -3,29 +3,31 @@ recording an end again after an outage."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import bson
 import pytest
 from bson import ObjectId
 
-from helpers import SizeGuard, as_record
+from helpers import SizeGuard, as_record, claim, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.constants import NO_WORKER, UNSET_TIME, KillReason
 from taskscheduler.core import lifecycle, runs
-from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
+from taskscheduler.core.lifecycle import ONCE_PENDING_SECONDS
+from taskscheduler.errors import (
+    InvalidArgumentError,
+    JobNotFoundError,
+    QueueFullError,
+    ServerUnavailableError,
+)
 from taskscheduler.store import utcnow
 
 LEASE = 30.0
 ERROR = {"class": "E", "message": "m", "traceback": ""}
-
-
-def claim(scheduler: Scheduler, job_id: ObjectId, worker: ObjectId | None = None) -> tuple[dict[str, Any], ObjectId]:
-    worker = worker or ObjectId()
-    doc = scheduler.store.claim(job_id, worker, LEASE)
-    assert doc is not None and doc["worker"] == worker and doc["status"] == JobStatus.PROCESSING
-    return doc, worker
 
 
 def claimed(scheduler: Scheduler, **options: Any) -> tuple[dict[str, Any], ObjectId]:
@@ -187,7 +189,7 @@ def _canceled(scheduler: Scheduler, job_id: ObjectId) -> None:
     [(JobStatus.FAILED, _failed), (JobStatus.TIMEOUT, _timed_out), (JobStatus.CANCELED, _canceled)],
 )
 def test_requeue_puts_an_ended_job_back_to_waiting_with_the_next_run(
-    scheduler: Scheduler, db: Any, status: JobStatus, end: Any
+    scheduler: Scheduler, db: Any, status: JobStatus, end: Any, new_scheduler: Callable[..., Scheduler]
 ) -> None:
     p = scheduler.add_job("sample_jobs:Noop", {"n": 1})
     end(scheduler, p.id)
@@ -203,7 +205,7 @@ def test_requeue_puts_an_ended_job_back_to_waiting_with_the_next_run(
     assert seen == [("taskscheduler.onWaiting", p.id, 2)]
     assert [p.id for p in scheduler.get_jobs()] == [p.id]
     # A worker runs it again, as run 2 of the same job; the first run stays in its history.
-    done = Worker(ObjectId(), Scheduler(db), db).process_one(p.id)
+    done = Worker(ObjectId(), new_scheduler(), db).process_one(p.id)
     assert done.id == p.id and done.status == JobStatus.DONE and done.run == 2
     assert [(r["run"], r["status"]) for r in done.runs()] == [(1, status), (2, JobStatus.DONE)]
 
@@ -269,7 +271,9 @@ def test_requeue_refuses_a_second_active_add_job_once_job(scheduler: Scheduler) 
 # -- the run history -----------------------------------------------------------------------------------------------
 
 
-def test_runs_after_a_retry_chain_lists_each_run_oldest_first(scheduler: Scheduler, db: Any) -> None:
+def test_runs_after_a_retry_chain_lists_each_run_oldest_first(
+    scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
     p = scheduler.add_job("sample_jobs:Fail", "r", retry=2, retry_interval=0)
     # Run 1 times out (recorded by its node after the kill), runs 2 and 3 fail in two different workers.
     _, first_worker = claim(scheduler, p.id)
@@ -279,7 +283,7 @@ def test_runs_after_a_retry_chain_lists_each_run_oldest_first(scheduler: Schedul
     assert after_first.error is not None and after_first.error["class"] == "taskscheduler.errors.JobTimeoutError"
     workers = [first_worker]
     for _ in range(2):
-        worker = Worker(ObjectId(), Scheduler(db), db)
+        worker = Worker(ObjectId(), new_scheduler(), db)
         workers.append(worker.id)
         worker.process_one(p.id)
     final = scheduler.get_job(p.id)
@@ -319,12 +323,12 @@ def test_a_run_end_that_schedules_the_next_run_keeps_the_document_size(
     size_guard: SizeGuard,
     job_class: str,
     options: dict[str, Any],
-    next_status: JobStatus,
+    next_status: JobStatus, new_scheduler: Callable[..., Scheduler],
 ) -> None:
     # An int ``at`` in the past: the next run's time (a double) is written over it in place.
     p = scheduler.add_job(job_class, {"payload": [1, 2, 3]}, options, at=int(time.time()) - 5)
     inserted = len(bson.encode(scheduler.store.find_job(p.id)))
-    worker = Worker(ObjectId(), Scheduler(db), db)
+    worker = Worker(ObjectId(), new_scheduler(), db)
     worker.process_one(p.id)
     stored = scheduler.store.find_job(p.id)
     assert stored["status"] == next_status and stored["run"] == 2
@@ -341,10 +345,11 @@ def _active(scheduler: Scheduler, job_class: str) -> list[Any]:
     return [p for p in scheduler.get_jobs({"class": job_class}) if not p.status.is_terminal]
 
 
-def test_add_job_once_on_a_full_collection_keeps_the_job_it_would_replace(db: Any) -> None:
-    from taskscheduler.errors import QueueFullError
+def test_add_job_once_on_a_full_collection_keeps_the_job_it_would_replace(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
 
-    scheduler = Scheduler(db, options={"job_queue_size": 60_000})
+    scheduler = new_scheduler({"job_queue_size": 60_000})
     kept = scheduler.add_job_once("sample_jobs:Echo", {"k": 1}, retry=1)
     with pytest.raises(QueueFullError):
         for _ in range(1000):  # unfinished jobs fill the collection
@@ -364,8 +369,10 @@ def _failed_once_job(scheduler: Scheduler) -> Any:
     return p
 
 
-def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one_active_job(db: Any) -> None:
-    adder, operator = Scheduler(db), Scheduler(db)
+def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one_active_job(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
+    adder, operator = new_scheduler(), new_scheduler()
     failed = _failed_once_job(adder)
     take = adder.store.take_once
     requeued: list[Any] = []
@@ -382,8 +389,10 @@ def test_a_requeue_between_add_job_once_reading_the_key_and_taking_it_leaves_one
     assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [failed.id]
 
 
-def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(db: Any) -> None:
-    adder, operator = Scheduler(db), Scheduler(db)
+def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
+    adder, operator = new_scheduler(), new_scheduler()
     failed = _failed_once_job(adder)
     insert = adder.store.insert_job
     refused: list[Exception] = []
@@ -402,10 +411,193 @@ def test_a_requeue_while_add_job_once_inserts_its_replacement_is_refused(db: Any
     assert [p.id for p in _active(adder, "sample_jobs:Echo")] == [new.id]
 
 
-def test_requeue_of_an_add_job_once_job_takes_its_key_back(db: Any) -> None:
-    scheduler = Scheduler(db)
+def test_requeue_of_an_add_job_once_job_takes_its_key_back(new_scheduler: Callable[..., Scheduler]) -> None:
+    scheduler = new_scheduler()
     failed = _failed_once_job(scheduler)
     scheduler.requeue_job(failed.id)
     holder = scheduler.store.once_holder(scheduler.store.find_job(failed.id)["once"]) or {}
     assert holder.get("job") == failed.id and holder.get("inserted") is True  # settled, not pending
     assert scheduler.add_job_once("sample_jobs:Echo", {"k": "r"}).id == failed.id
+
+
+def test_add_job_once_adds_at_once_when_the_key_holders_finished_job_was_deleted(
+    new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 2: add_job_once always returns a Process: a key whose finished job made room for others is free at once."""
+    scheduler = new_scheduler({"job_queue_size": 50_000})
+    p = scheduler.add_job_once("sample_jobs:Noop", "refresh")
+    doc, worker = claim(scheduler, p.id)
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record()
+    assert scheduler.store._free(1)  # another producer made room: the finished job goes
+    assert scheduler.store.find_job(p.id) is None
+    began = time.monotonic()
+    again = scheduler.add_job_once("sample_jobs:Noop", "refresh")
+    assert again.status == JobStatus.WAITING and time.monotonic() - began < 5
+
+
+def test_add_job_once_of_a_producer_stalled_past_its_key_leaves_one_active_job(
+    new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2: two add_job_once calls leave one active job, also when the first stalls past its key's pending time."""
+    first, second = new_scheduler(), new_scheduler()
+    real_insert = first.store.insert_job
+
+    def stalled_insert(doc: dict[str, Any], reserved: int | None = None) -> None:
+        stale = utcnow() - timedelta(seconds=ONCE_PENDING_SECONDS + 1)
+        first.store.once.update_one({"_id": doc["once"]}, {"$set": {"since": stale}})  # 31 s pass...
+        second.add_job_once("sample_jobs:Noop", "nightly")  # ...and another producer asks for the same job
+        real_insert(doc, reserved)
+
+    monkeypatch.setattr(first.store, "insert_job", stalled_insert)
+    first.add_job_once("sample_jobs:Noop", "nightly")
+    assert len(_active(first, "sample_jobs:Noop")) == 1
+
+
+def test_a_canceled_running_job_is_not_claimed_again_while_its_run_may_go_on(scheduler: Scheduler) -> None:
+    """SPEC 4: a job runs on at most one worker: a requeue right after a cancel never lets a second worker claim it."""
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 60})
+    _, first = claim(scheduler, p.id)  # node 1's worker runs it
+    scheduler.cancel_job(p.id)  # node 1 has not seen the cancel in its change stream yet
+    with contextlib.suppress(InvalidArgumentError):  # refusing the requeue until the run is over would be fine
+        scheduler.requeue_job(p.id)
+    second = scheduler.lifecycle.claim(p.id, ObjectId(), 30.0)  # node 2
+    assert second is None, f"worker {second and second['worker']} started the job while worker {first} still runs it"
+
+
+def test_a_dead_workers_end_landing_after_its_node_withdrew_its_events_is_still_recorded(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2: every ended run is recorded, also when a killed worker's in-flight end lands during its cleanup."""
+    p = scheduler.add_job("sample_jobs:Echo", "payload", interval=-1)
+    doc, worker = claim(scheduler, p.id)
+    store = scheduler.store
+    dying = scheduler.lifecycle.end(doc, worker, JobStatus.DONE, result="payload", has_result=True)
+    store.insert_events(dying.events)  # the worker wrote its events and sent its transition; then SIGKILL (stop)
+    real = store.transition
+
+    def in_flight_lands_first(*args: Any, **kw: Any) -> bool:
+        monkeypatch.setattr(store, "transition", real)
+        assert store.change(p.id, dying.when, dict(dying.fields, change=dying.marker))  # the worker's write
+        return real(*args, **kw)  # then the node's
+
+    monkeypatch.setattr(store, "transition", in_flight_lands_first)
+    scheduler.lifecycle.after_kill(p.id, worker, 1, "stop", 0).record()
+    job = scheduler.get_job(p.id)
+    assert job.run == 2  # run 1 ended (the worker's end counted) and run 2 follows: fine
+    assert [r["status"] for r in job.runs()] == [JobStatus.DONE] and job.result == "payload", "run 1's end is lost"
+
+
+def jobs_of(scheduler: Scheduler, job_class: str) -> list[dict[str, Any]]:
+    return list(scheduler.store.jobs.find({"class": job_class}))
+
+
+def end_events(scheduler: Scheduler, job_id: ObjectId) -> list[tuple[int, int]]:
+    """(run, status) of the events that record a run's end."""
+    ends = (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED)
+    return [(e["run"], e["status"]) for e in scheduler.store.job_events(job_id) if e["status"] in ends]
+
+
+def applied_then_lost(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next transition is written, but its answer never arrives (the connection drops)."""
+    real = store.transition
+
+    def transition(*args: Any, **kw: Any) -> bool:
+        monkeypatch.setattr(store, "transition", real)
+        real(*args, **kw)
+        raise ServerUnavailableError("connection closed")
+
+    monkeypatch.setattr(store, "transition", transition)
+
+
+def test_a_worker_killed_mid_end_leaves_one_next_run_and_no_stale_outcome(scheduler: Scheduler) -> None:
+    """A worker killed between writing its run's end and the job's status leaves one next run (the node adds none)."""
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 60}, interval=60, timeout=1)
+    doc, worker = claim(scheduler, p.id)
+    dying = scheduler.lifecycle.end(doc, worker, JobStatus.DONE, result="late", has_result=True)
+    scheduler.store.insert_events(dying.events)  # ...and SIGKILL (timeout) before the status write
+    scheduler.lifecycle.after_kill(p.id, worker, 1, "timeout", 1).record()
+    (stored,) = jobs_of(scheduler, "sample_jobs:Sleep")
+    assert stored["_id"] == p.id and stored["status"] == JobStatus.POSTPONED and stored["run"] == 2
+    assert end_events(scheduler, p.id) == [(1, JobStatus.TIMEOUT)]  # the dead worker's DONE is withdrawn
+    assert scheduler.get_job(p.id).error["class"] == "taskscheduler.errors.JobTimeoutError"
+    # Recording the kill again (the node's retry) changes nothing.
+    scheduler.lifecycle.after_kill(p.id, worker, 1, "timeout", 1).record()
+    assert len(jobs_of(scheduler, "sample_jobs:Sleep")) == 1 and scheduler.get_job(p.id).run == 2
+
+
+def test_cancelling_a_running_interval_job_ends_its_series(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker = claim(scheduler, p.id)
+    scheduler.cancel_job(p.id)
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record() is False  # the worker lost it
+    scheduler.lifecycle.after_kill(p.id, worker, 1, "cancel", 0).record()
+    (stored,) = jobs_of(scheduler, "sample_jobs:Noop")
+    assert stored["status"] == JobStatus.CANCELED and stored["run"] == 1
+    assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
+
+
+def test_a_kill_recorded_again_after_a_lost_answer_writes_everything_once(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's retry of a kill's record after an outage adds one next run and one TIMEOUT event, not two."""
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 9}, retry=3, retry_interval=0, timeout=1)
+    doc, worker = claim(scheduler, p.id)
+    kill = scheduler.lifecycle.after_kill(p.id, worker, 1, "timeout", 1)
+    applied_then_lost(scheduler.store, monkeypatch)
+    with pytest.raises(ServerUnavailableError):
+        kill.record()
+    kill.record()  # the node's next round
+    (stored,) = jobs_of(scheduler, "sample_jobs:Sleep")
+    assert stored["run"] == 2 and stored["status"] == JobStatus.WAITING and stored["options"]["retry"] == 2
+    statuses = [e["status"] for e in scheduler.store.job_events(p.id)]
+    assert statuses == [JobStatus.PROCESSING, JobStatus.TIMEOUT, JobStatus.WAITING]
+
+
+def test_the_lease_is_the_owners_and_on_the_server_clock(scheduler: Scheduler) -> None:
+    """An orphan check uses the owner's lease on the server's clock, never the checker's timeout or clock."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc, worker = claim(scheduler, p.id, lease=30)
+    assert scheduler.lifecycle.orphans() == []  # whatever the checker's own orphaned_timeout
+    stored = scheduler.store.find_job(p.id)  # alive and expires are the server's own times
+    assert stored["expires"] > stored["alive"] and abs((stored["alive"] - doc["started"]).total_seconds()) < 5
+    q = scheduler.add_job("sample_jobs:Noop")
+    _, short = claim(scheduler, q.id, lease=0.3)
+    wait_until(lambda: [d["_id"] for d in scheduler.lifecycle.orphans()] == [q.id], 10, what="the short lease to end")
+
+
+def test_a_heartbeat_reports_jobs_taken_over(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc, worker = claim(scheduler, p.id, lease=0.2)
+    orphan = wait_until(lambda: scheduler.lifecycle.orphans(), 10, what="expiry")[0]
+    assert scheduler.lifecycle.release(
+        orphan, worker, orphaned=True, reason="test", expires=orphan["expires"]
+    ).record()
+    claim(scheduler, p.id)  # another node's worker
+    assert scheduler.lifecycle.heartbeat({p.id: (worker, 1)}) == {p.id}
+    renewed = scheduler.store.find_job(p.id)
+    assert renewed["worker"] != worker
+
+
+def test_a_heartbeat_after_the_orphan_check_saves_the_job(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    _, worker = claim(scheduler, p.id, lease=0.2)
+    orphan = wait_until(lambda: scheduler.lifecycle.orphans(), 10, what="expiry")[0]
+    assert scheduler.lifecycle.heartbeat({p.id: (worker, 1)}) == set()  # its node came back just in time
+    change = scheduler.lifecycle.release(orphan, worker, orphaned=True, reason="test", expires=orphan["expires"])
+    assert change.record() is False
+    assert scheduler.get_job(p.id).status == JobStatus.PROCESSING
+
+
+def test_a_retried_end_of_an_add_job_once_series_keeps_the_series(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = scheduler.add_job_once("sample_jobs:Noop", "once", interval=60)
+    doc, worker = claim(scheduler, p.id)
+    end = scheduler.lifecycle.end(doc, worker, JobStatus.DONE)
+    applied_then_lost(scheduler.store, monkeypatch)
+    with pytest.raises(ServerUnavailableError):
+        end.record()
+    assert end.record() is True
+    again = scheduler.get_job(p.id)
+    assert again.status == JobStatus.POSTPONED and again.run == 2
+    assert scheduler.add_job_once("sample_jobs:Noop", "once", interval=60).id == p.id  # still the active one

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,7 +22,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 from starlette.testclient import TestClient
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, free_port, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.cli.display import visible
 from taskscheduler.client.process import Process
@@ -141,12 +140,6 @@ def settled(scheduler: Scheduler, case: Case) -> bool:
         return True
     status = JobStatus.FAILED if case.expect == "failed" else JobStatus.DONE
     return bool(stored.get("status") == status and event is not None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli_env(server: EmbeddedServer, database: str, **extra: str) -> dict[str, str]:
@@ -278,11 +271,11 @@ def test_malformed_documents_never_stop_nodes_workers_or_views(
 
 
 def test_a_job_made_malformed_while_it_runs_never_holds_up_its_node(
-    db: Database[dict[str, Any]], start_node: Callable[..., Node]
+    db: Database[dict[str, Any]], start_node: Callable[..., Node], new_scheduler: Callable[..., Scheduler]
 ) -> None:
     """Given a running job whose document is made malformed (its options no document); when its timeout kills
     it; then its node ends it FAILED naming the field and goes on recording the next job's timeout."""
-    scheduler = Scheduler(db)  # no size guard: this test changes a document's size on purpose
+    scheduler = new_scheduler()  # no size guard: this test changes a document's size on purpose
     node = start_node()
     odd = scheduler.add_job("sample_jobs:Sleep", {"seconds": 30}, timeout=3)  # time to change it while it runs
     wait_until(lambda: odd.refresh().status == JobStatus.PROCESSING, timeout=20)

@@ -1,17 +1,34 @@
-"""WorkerManager options (upstream WorkerManagerTest) and pool behaviour driven over its pipe."""
+"""WorkerManager options (upstream WorkerManagerTest), pool behaviour driven over its pipe, and the kills a heartbeat
+asks of it (fences, lost leases) on fake workers."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from multiprocessing import Pipe
 from typing import Any
 
 import pytest
+from bson import ObjectId
+from pymongo.database import Database
 
-from helpers import IdleWorkerFactory, wait_until
-from taskscheduler import DefaultWorkerFactory, WorkerManager
+from helpers import IdleWorkerFactory, claim, wait_until, worker_factory
+from taskscheduler import DefaultWorkerFactory, JobStatus, Scheduler
 from taskscheduler.errors import InvalidArgumentError
-from taskscheduler.node.protocol import JobKilled, Stop, WorkerExited, WorkerSpawned
+from taskscheduler.node.fencing import LeaseSlot
+from taskscheduler.node.heartbeat import Heartbeat
+from taskscheduler.node.manager import WorkerManager, _WorkerProc
+from taskscheduler.node.protocol import (
+    Claimed,
+    JobKilled,
+    KillReason,
+    RunJob,
+    Stop,
+    WorkerExited,
+    WorkerSpawned,
+)
+from taskscheduler.ops.embedded import EmbeddedServer
 
 
 def factory(**manager: Any) -> DefaultWorkerFactory:
@@ -88,3 +105,83 @@ def test_manager_forks_min_children_and_stops_them() -> None:
     assert not [m for m in messages if isinstance(m, JobKilled)]  # idle workers: no job to report
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_claim_the_heartbeat_never_renewed_is_killed_before_its_lease_ends(
+    db: Database[dict[str, Any]], server: EmbeddedServer, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 4: the fences other jobs earn never keep a worker running past the lease of a claim nobody renewed."""
+    known, unknown = scheduler.add_job("sample_jobs:Noop"), scheduler.add_job("sample_jobs:Noop")
+    doc_a, worker_a = claim(scheduler, known.id, lease=1.2)
+    doc_b, worker_b = claim(scheduler, unknown.id, lease=1.2)
+    manager = WorkerManager(worker_factory(server.uri, db.name))
+    killed: list[tuple[ObjectId, KillReason]] = []
+
+    def kill(child: _WorkerProc, reason: KillReason) -> None:
+        child.kill_reason = reason
+        killed.append((child.job, reason))
+
+    monkeypatch.setattr(manager, "_kill", kill)
+    for pid, (worker, doc) in enumerate([(worker_a, doc_a), (worker_b, doc_b)], start=1):
+        child = manager._workers[pid] = fake_child(worker, pid)
+        child.job, child.task = doc["_id"], RunJob(doc, 1.2)
+        manager._on_worker_message(child, Claimed(doc["_id"], 0, 1))
+    # The node's loop has read the first claim only; its heartbeat thread goes on.
+    beat = Heartbeat(
+        scheduler.lifecycle,
+        1.2,
+        lambda: {known.id: (worker_a, 1)},
+        lambda m: manager._on_queue_message(m) or True,
+        logging.getLogger("test"),
+    )
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        beat.beat()
+        manager._enforce_deadlines()
+        if unknown.id in [d["_id"] for d in scheduler.lifecycle.orphans()]:  # any node may take it over now
+            assert (unknown.id, KillReason.LOST) in killed, "its lease ran out while its worker was allowed to run on"
+        time.sleep(0.2)  # the heartbeat thread's pace (L/6), not a wait for anything
+
+
+def test_a_stale_heartbeat_snapshot_spares_the_worker_of_the_next_run(
+    db: Database[dict[str, Any]], server: EmbeddedServer, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 4: a heartbeat kill names the worker and the run: run 1's stale owner never gets run 2's worker killed."""
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker_a = claim(scheduler, p.id)
+    assert scheduler.lifecycle.end(doc, worker_a, JobStatus.DONE).record()
+    doc2, worker_b = claim(scheduler, p.id)
+    manager = WorkerManager(worker_factory(server.uri, db.name))
+    killed: list[ObjectId] = []
+    monkeypatch.setattr(manager, "_kill", lambda child, reason: killed.append(child.id))
+    idle_a = manager._workers[1] = fake_child(worker_a, 1)  # A finished run 1: idle
+    busy_b = manager._workers[2] = fake_child(worker_b, 2)
+    busy_b.job, busy_b.task = p.id, RunJob(doc2, 30.0)
+    manager._on_worker_message(busy_b, Claimed(p.id, 0, 2))
+    beat = Heartbeat(
+        scheduler.lifecycle,
+        30.0,
+        lambda: {p.id: (worker_a, 1)},  # the snapshot, taken before the node read A's Finished
+        lambda m: manager._on_queue_message(m) or True,
+        logging.getLogger("test"),
+    )
+    beat.beat()
+    assert idle_a.job is None
+    assert worker_b not in killed, "the healthy worker of run 2 was killed because run 1's worker had moved on"
+
+
+def test_a_force_spawn_job_during_a_spawn_backoff_runs_after_it() -> None:
+    manager = WorkerManager(IdleWorkerFactory(), options={"pm": "ondemand", "min_children": 0})
+    manager._spawn_blocked_until = time.monotonic() + 0.3  # a fork just failed
+    manager._add(RunJob({"_id": ObjectId(), "options": {"force_spawn": True}}, 30.0))
+    assert manager.count() == 0
+    try:
+        wait_until(lambda: manager._spawn_forced() or manager.count() == 1, 5, what="the forced worker")
+    finally:
+        manager._stop_all()
+    assert manager.count() == 0
+
+
+def fake_child(worker: ObjectId, pid: int) -> _WorkerProc:
+    parent, _ = Pipe()
+    return _WorkerProc(worker, pid, parent, LeaseSlot(), dedicated=False)

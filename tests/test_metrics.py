@@ -1,4 +1,5 @@
-"""Prometheus metrics of a queue node (SPEC 7): a real node, scraped over HTTP while its jobs run."""
+"""Prometheus metrics of a queue node (SPEC 7): a real node, scraped over HTTP while its jobs run (and while its
+manager dies)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, metrics_node, sample, scrape, wait_until
 from taskscheduler import Queue, Scheduler
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.node.factory import DefaultWorkerFactory
@@ -25,46 +24,11 @@ from taskscheduler.ops.embedded import EmbeddedServer
 NOOP, FAIL = "sample_jobs:Noop", "sample_jobs:Fail"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the endpoint: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def scrape_when_up(port: int, node: Node) -> dict[Any, float]:
-    def up() -> dict[Any, float] | None:
-        assert node.proc.poll() is None, node.output()
-        try:
-            return scrape(port)
-        except OSError:
-            return None
-
-    found: dict[Any, float] = wait_until(up, timeout=20, what="the metrics endpoint")
-    return found
-
-
 @pytest.mark.e2e
 def test_counters_move_by_exactly_the_runs_that_happened(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
-    port = free_port()
-    node = start_node("--metrics-port", str(port), "--pm", "static", "--min-children", "2", "--max-children", "2")
-    before = scrape_when_up(port, node)
+    node, port, before = metrics_node(start_node, workers=2)
     assert sample(before, "taskscheduler_runs_started_total", **{"class": NOOP}) == 0
     wait_until(lambda: sample(scrape(port), "taskscheduler_workers_idle") == 2, what="two idle workers")
 
@@ -166,3 +130,55 @@ def test_a_port_in_use_is_one_line_and_exit_1(server: EmbeddedServer, db_name: s
         out = _cli(server, db_name, "queue", "--import", "sample_jobs", "--metrics-port", str(port))
     assert out.returncode == 1, out.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def _kill_manager(node: Node) -> None:
+    import psutil
+
+    (manager,) = psutil.Process(node.pid).children()
+    manager.kill()
+    wait_until(
+        lambda: [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+        not in ([], [manager.pid]),
+        20,
+        what="a new manager",
+    )
+
+
+def _settle(read: Callable[[], Any], ok: Callable[[Any], bool], seconds: float) -> Any:
+    """The last value read within ``seconds`` (early when ``ok``)."""
+    deadline = time.monotonic() + seconds
+    value = read()
+    while not ok(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = read()
+    return value
+
+
+@pytest.mark.e2e
+def test_manager_death_counts_the_interrupted_run_as_ended(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    """SPEC 7: a run interrupted by its manager's death counts as ended (released), so counters move by the runs."""
+    node, port, _ = metrics_node(start_node, workers=1)
+    wait_until(lambda: sample(scrape(port), "taskscheduler_workers_idle") == 1, 20, what="an idle worker")
+    cls = "sample_jobs:Sleep"
+    job = scheduler.add_job(cls, {"seconds": 2})
+    wait_until(lambda: sample(scrape(port), "taskscheduler_runs_started_total", **{"class": cls}) == 1, 20)
+    _kill_manager(node)
+    assert job.wait(timeout=40).status.name == "DONE"
+
+    def counts() -> tuple[float, float, float]:
+        s = scrape(port)
+        ended = sum(v for (name, labels), v in s.items() if name == "taskscheduler_runs_ended_total")
+        return (
+            sample(s, "taskscheduler_runs_started_total", **{"class": cls}),
+            ended,
+            sample(s, "taskscheduler_runs_ended_total", **{"class": cls, "status": "released"}),
+        )
+
+    started, ended, released = _settle(counts, lambda v: v == (2, 2, 1), 10)
+    assert (started, ended, released) == (2, 2, 1), (
+        f"{started} runs started, {ended} ended ({released} released): the interrupted run is never counted"
+    )
+    assert node.stop() == 0

@@ -16,14 +16,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sample_jobs  # noqa: F401  (loaded: its classes are ones this process serves)
-from helpers import Node, wait_until
+from helpers import Node, metrics_node, sample, scrape, wait_until
 from taskscheduler import JobStatus, Queue, Scheduler
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.node import metrics as m
 from taskscheduler.node.factory import DefaultWorkerFactory
 from taskscheduler.node.metrics import NodeMetrics
 from taskscheduler.ops.embedded import EmbeddedServer
-from test_metrics import _cli, free_port, sample, scrape, scrape_when_up
+from test_metrics import _cli
 
 NOOP = "sample_jobs:Noop"
 DONE, FAILED = int(JobStatus.DONE), int(JobStatus.FAILED)
@@ -191,9 +191,7 @@ def this_machines_address() -> str | None:
 def test_a_node_labels_made_up_classes_other_and_listens_on_localhost(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
-    port = free_port()
-    node = start_node("--metrics-port", str(port), "--pm", "static", "--min-children", "1", "--max-children", "1")
-    scrape_when_up(port, node)
+    node, port, _ = metrics_node(start_node, workers=1)
     made_up = [scheduler.add_job(f"sample_jobs:Made{i}") for i in range(15)]
     noop = scheduler.add_job(NOOP)
     for i in range(5):

@@ -19,14 +19,13 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, Recorder, unindexed, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import NODE_REGISTRY, KillReason
 from taskscheduler.core import lifecycle as lifecycle_module
 from taskscheduler.core.lifecycle import Change
 from taskscheduler.node.nodeproc import spawn_node
 from taskscheduler.ops.embedded import EmbeddedServer
-from test_store import Recorder, _unindexed
 
 LEASE = 30.0
 SWEPT = "its node stopped renewing the lease"
@@ -173,26 +172,20 @@ def test_attempts_of_one_sweep_count_once(scheduler: Scheduler) -> None:
     assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING  # 2 orphanings, not 3
 
 
-def test_sweeping_and_vouching_are_served_by_indexes(server: Any, db_name: str) -> None:
-    recorder = Recorder()
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        db = client[db_name]
-        s = Scheduler(db)
-        p = s.add_job("test")
-        worker, change = sweep(s, p.id)
-        recorder.commands.clear()
-        assert change.record()
-        s.lifecycle.after_kill(p.id, worker, 1, "lost", 0).record()
-        _, change = sweep(s, p.id)
-        assert change.record()
-        assert swept_back(s, p.id)[worker] is True
-        count, unindexed = _unindexed(db, recorder.commands)
-        assert count >= 4
-        assert unindexed == [], "\n".join(map(str, unindexed))
-    finally:
-        client.drop_database(db_name)
-        client.close()
+def test_sweeping_and_vouching_are_served_by_indexes(recorded: tuple[Database[dict[str, Any]], Recorder]) -> None:
+    db, recorder = recorded
+    s = Scheduler(db)
+    p = s.add_job("test")
+    worker, change = sweep(s, p.id)
+    recorder.commands.clear()
+    assert change.record()
+    s.lifecycle.after_kill(p.id, worker, 1, "lost", 0).record()
+    _, change = sweep(s, p.id)
+    assert change.record()
+    assert swept_back(s, p.id)[worker] is True
+    count, slow = unindexed(db, recorder.commands)
+    assert count >= 4
+    assert slow == [], "\n".join(map(str, slow))
 
 
 # -- across real queue nodes ------------------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from helpers import as_record
-from taskscheduler.constants import JobStatus
+from taskscheduler import JobStatus
 from taskscheduler.core.runs import next_start
-from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.errors import (
+    InvalidArgumentError,
+)
 from taskscheduler.recurrence import cron_expression, next_cron_time, retry_delay, timezone_name
 
 ZURICH = ZoneInfo("Europe/Zurich")
@@ -149,3 +151,57 @@ def test_a_stored_schedule_without_a_next_match_ends_the_job() -> None:
     assert next_start(as_record(doc), JobStatus.DONE, time.time()) is None
     with pytest.raises(InvalidArgumentError, match="no next match"):
         next_cron_time("0 0 30 2 *", "UTC", time.time())
+
+
+def test_cron_expression_with_random_field_is_refused_or_deterministic() -> None:
+    """SPEC 6: croniter's 'R' field is refused, or gives the same next run for the same input."""
+    try:
+        expr = cron_expression("cron", "R * * * *")
+    except InvalidArgumentError:
+        return
+    after = 1_704_067_200.0  # 2024-01-01 00:00 UTC
+    seen = {next_cron_time(expr, "UTC", after) for _ in range(20)}
+    assert len(seen) == 1, f"'R * * * *' gives {len(seen)} different next runs for the same input"
+
+
+def test_retry_max_interval_bounds_the_delay_without_backoff() -> None:
+    """SPEC 6: retry_max_interval bounds the delay with the default retry_backoff 1.0 too."""
+    doc = {"options": {"retry": 3, "retry_interval": 600, "retry_max_interval": 60, "retry_backoff": 1.0}}
+    now = 1_700_000_000.0
+    follow = next_start(as_record(doc), JobStatus.FAILED, now)
+    assert follow is not None
+    assert follow[1] - now <= 60, f"retry delay {follow[1] - now} s exceeds retry_max_interval 60 s"
+
+
+def test_retry_delay_formula_holds_for_many_failures() -> None:
+    """SPEC 6: retry_interval * retry_backoff ** (n - 1) holds once the power overflows a float (retry_interval 0)."""
+    options = {"retry_interval": 0, "retry_backoff": 2.0, "retry_max_interval": 3600}
+    assert retry_delay(options, 10) == 0.0
+    assert retry_delay(options, 2000) == 0.0
+
+
+def test_cron_match_runs_once_when_the_worker_clock_is_behind() -> None:
+    """SPEC 4/6: the next cron match lies after the run's own match, whatever the worker's clock says."""
+    from datetime import datetime, timezone
+
+    match = 1_704_110_400.0  # 2024-01-01 12:00:00 UTC, a match of "0 * * * *"
+    doc = {
+        "_id": None,
+        "run": 1,
+        "started": datetime.fromtimestamp(match + 0.010, timezone.utc),  # server clock, at the claim
+        "failures": 0,
+        "options": {"cron": "0 * * * *", "timezone": "UTC", "retry": 0, "at": match, "interval": 0},
+    }
+    follow = next_start(as_record(doc), JobStatus.DONE, match - 0.5)  # the worker's clock: half a second behind
+    assert follow is not None
+    assert follow[1] > match, f"the 12:00 match is scheduled again (next at {follow[1]} == its own at {match})"
+
+
+def test_next_runs_keep_milliseconds() -> None:
+    """Retry and interval next starts keep milliseconds (no run starts up to 1 s early)."""
+    doc = {"options": {"retry": 1, "retry_interval": 2, "interval": 0}}
+    follow = next_start(as_record(doc), JobStatus.FAILED, 4_000_000_000.25)
+    assert follow is not None and follow[1] == 4_000_000_002.25
+    doc = {"options": {"retry": 0, "interval": 5, "interval_reference": "end"}}
+    follow = next_start(as_record(doc), JobStatus.DONE, 4_000_000_000.125)
+    assert follow is not None and follow[1] == 4_000_000_005.125

@@ -4,21 +4,25 @@ is deleted to make room while the collection is less than half full."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from pymongo import MongoClient
 from pymongo.database import Database
+from pymongo.errors import AutoReconnect
 
-from helpers import TESTS_DIR
+from helpers import TESTS_DIR, claim
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
-from taskscheduler.errors import QueueFullError
+from taskscheduler.errors import QueueFullError, ServerUnavailableError
 from taskscheduler.ops.embedded import EmbeddedServer
 
 NOOP = "sample_jobs:Noop"
@@ -259,3 +263,103 @@ def test_a_producer_gives_back_unspent_room_when_closed_and_at_exit(
     proc.stdin.flush()
     assert proc.wait(30) == 0
     assert ledger(db) == held(db)
+
+
+def test_the_ledger_limit_is_the_collections_real_cap_whatever_a_producer_is_configured_with(
+    db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler],
+) -> None:
+    """SPEC 5: a producer configured larger than the capped collection gets no unfinished job evicted."""
+    new_scheduler({"job_queue_size": 8192}).store.ensure()  # how the collection was first created
+    producer = new_scheduler({"job_queue_size": 1_000_000})
+    added: list[ObjectId] = []
+    for _ in range(40):
+        try:
+            added.append(producer.add_job("sample_jobs:Noop", {"pad": "x" * 400}).id)
+        except QueueFullError:
+            break
+    stored = {d["_id"] for d in db[DEFAULT_JOB_QUEUE].find({}, {"_id": 1})}
+    lost = [job for job in added if job not in stored]
+    assert len(lost) == 0, f"{len(lost)} of {len(added)} WAITING jobs add_job returned were evicted by later inserts"
+
+
+def test_finished_jobs_make_room_for_a_job_larger_than_one_batch_of_them(
+    db: Database[dict[str, Any]], new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 5: QueueFullError only when there is no room; a collection full of finished jobs takes a large new job."""
+    scheduler = new_scheduler({"job_queue_size": 400_000})
+    with pytest.raises(QueueFullError):
+        for _ in range(2000):
+            scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 100})
+    # They all ran and finished (a status write keeps the size).
+    db[DEFAULT_JOB_QUEUE].update_many({}, {"$set": {"status": int(JobStatus.DONE)}})
+    big = scheduler.add_job("sample_jobs:Noop", {"pad": "b" * 150_000})  # 38 % of the collection, all finished
+    assert scheduler.get_job(big.id).status == JobStatus.WAITING
+
+
+def test_inserts_that_failed_in_an_outage_leave_room_for_new_jobs(
+    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 5: room reserved by inserts that never reached the server is not lost: an empty collection takes a job."""
+    scheduler = new_scheduler({"job_queue_size": 20_000})
+    jobs = scheduler.store.jobs
+
+    def outage(doc: Any, *args: Any, **kw: Any) -> None:
+        raise AutoReconnect("connection closed")  # the insert never reached the server
+
+    monkeypatch.setattr(jobs, "insert_one", outage)
+    for _ in range(60):
+        with contextlib.suppress(ServerUnavailableError, QueueFullError):
+            scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 200})
+    monkeypatch.undo()
+    assert db[DEFAULT_JOB_QUEUE].count_documents({}) == 0
+    # The outage is over and the collection is empty: there is room for any job.
+    scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 200})  # QueueFullError: "full (19459 of 20000 bytes used...)"
+
+
+def _produce(uri: str, name: str, attempts: int, out: Any) -> None:
+    client: MongoClient[dict[str, Any]] = MongoClient(uri, tz_aware=True)
+    scheduler = Scheduler(client[name], options={"job_queue_size": 40_000})
+    added = []
+    for _ in range(attempts):
+        try:
+            added.append(str(scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 500}).id))
+        except QueueFullError:
+            pass
+    out.send(added)
+    client.close()
+
+
+def test_concurrent_producers_never_evict_an_unfinished_job(
+    server: EmbeddedServer, db: Database[dict[str, Any]], db_name: str, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """QueueFullError is decided with the insert: concurrent producers near a full collection evict no job."""
+    new_scheduler({"job_queue_size": 40_000}).store.ensure()
+    ctx = multiprocessing.get_context("fork")
+    pipes, procs = [], []
+    for _ in range(4):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_produce, args=(server.uri, db_name, 40, child))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    added = [job_id for pipe in pipes for job_id in pipe.recv()]
+    for proc in procs:
+        proc.join(30)
+    stored = {str(d["_id"]) for d in db["taskscheduler.jobs"].find({}, {"_id": 1})}
+    assert 0 < len(added) < 160  # it filled up
+    assert stored == set(added)  # every job a producer was told was added is still there
+
+
+def test_a_retry_needs_no_room_in_a_full_collection(new_scheduler: Callable[..., Scheduler]) -> None:
+    """A next run is the same document: it takes no room, and is never dropped from a full collection."""
+    scheduler = new_scheduler({"job_queue_size": 8_000})
+    p = scheduler.add_job("sample_jobs:Fail", "x", retry=1, retry_interval=0)
+    with pytest.raises(QueueFullError):
+        for _ in range(100):
+            scheduler.add_job("sample_jobs:Noop", {"pad": "p" * 200})
+    before = scheduler.store.jobs.count_documents({})
+    doc, worker = claim(scheduler, p.id)
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}).record()
+    assert scheduler.store.jobs.count_documents({}) == before
+    retried = scheduler.get_job(p.id)
+    assert retried.status == JobStatus.WAITING and retried.run == 2

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from blinker import Namespace
 from bson import ObjectId
+from pymongo import MongoClient
+from pymongo.errors import AutoReconnect
 
-from taskscheduler import JobStatus, Process, Scheduler
+import sample_jobs
+from helpers import (
+    claim,
+    wait_until,
+)
+from taskscheduler import (
+    JobStatus,
+    Process,
+    Scheduler,
+)
 from taskscheduler.constants import UNSET_TIME
-from taskscheduler.errors import InvalidArgumentError, JobNotFoundError, WaitTimeoutError
-from taskscheduler.store import fields_equal, literal, utcnow
+from taskscheduler.errors import (
+    InvalidArgumentError,
+    JobNotFoundError,
+    WaitTimeoutError,
+)
+from taskscheduler.ops.embedded import EmbeddedServer
+from taskscheduler.store import StatusFeed, fields_equal, literal, utcnow
+from taskscheduler.store.records import RunContext
 
 NOOP = "sample_jobs:Noop"
 
@@ -251,13 +270,13 @@ def test_add_job_once_ignore_data_replaces(scheduler: Scheduler) -> None:
     assert scheduler.add_job_once("test", "bar", {"ignore_data": True}).id == b.id
 
 
-def test_add_job_once_is_race_free(scheduler: Scheduler, db: Any) -> None:
+def test_add_job_once_is_race_free(scheduler: Scheduler, new_scheduler: Callable[..., Scheduler]) -> None:
     results: list[ObjectId] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(10)
 
     def call() -> None:
-        own = Scheduler(db)
+        own = new_scheduler()
         barrier.wait()
         try:
             results.append(own.add_job_once("test", {"k": 1}, {"retry": 1}).id)
@@ -284,8 +303,10 @@ def test_update_progress(scheduler: Scheduler) -> None:
     assert scheduler.get_job(p.id).progress == 100.0
 
 
-def test_update_progress_none_keeps_progress_and_writes_nothing(scheduler: Scheduler, db: Any) -> None:
-    s = Scheduler(db, options={"progress_rate_limit": 0})
+def test_update_progress_none_keeps_progress_and_writes_nothing(
+    scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    s = new_scheduler({"progress_rate_limit": 0})
     p = s.add_job("test")
     s.update_progress(p.id, 42)
     before = s.store.find_job(p.id)
@@ -395,13 +416,13 @@ def test_on_rejects_unknown_event(scheduler: Scheduler) -> None:
         scheduler.on("exploded", lambda *a: None)
 
 
-def test_custom_emitter_namespace(db: Any, size_guard: Any) -> None:
+def test_custom_emitter_namespace(new_scheduler: Callable[..., Scheduler], size_guard: Any) -> None:
     ns = Namespace()
     got: list[Any] = []
     ns.signal("taskscheduler.onPostponed").connect(
         lambda sender, **kw: got.append((sender, kw["payload"].id)), weak=False
     )
-    p = Scheduler(db, emitter=ns).add_job("test", at=time.time() + 60)
+    p = new_scheduler(emitter=ns).add_job("test", at=time.time() + 60)
     assert got == [("taskscheduler.onPostponed", p.id)]
 
 
@@ -413,14 +434,31 @@ def test_wait_for_already_finished(scheduler: Scheduler) -> None:
     assert stale.status == JobStatus.CANCELED
 
 
-def test_wait_for_sees_changes_and_updates_in_place(scheduler: Scheduler, db: Any) -> None:
+def watching(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the scheduler opens a change stream (a wait or a listen watches: changes after it are seen)."""
+    opened = threading.Event()
+    real = scheduler.store.status_feed
+
+    def feed(*args: Any, **kw: Any) -> Any:
+        stream = real(*args, **kw)
+        opened.set()
+        return stream
+
+    monkeypatch.setattr(scheduler.store, "status_feed", feed)
+    return opened
+
+
+def test_wait_for_sees_changes_and_updates_in_place(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = scheduler.add_job("test"), scheduler.add_job("test")
-    other = Scheduler(db)
+    other = new_scheduler()
+    opened = watching(scheduler, monkeypatch)
 
     def finish() -> None:
-        time.sleep(0.3)
+        assert opened.wait(10)
         other.cancel_job(a.id)
-        time.sleep(0.2)
+        wait_until(lambda: seen, what="the first cancel seen by the wait")
         other.cancel_job(b.id)
 
     seen: list[str] = []
@@ -448,15 +486,18 @@ def test_wait_for_rejects_non_process(scheduler: Scheduler) -> None:
         scheduler.wait_for([ObjectId()])  # type: ignore[list-item]
 
 
-def test_listen_by_id(scheduler: Scheduler, db: Any) -> None:
+def test_listen_by_id(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     p = scheduler.add_job("test")
     q = scheduler.add_job("test")
     calls: list[tuple[ObjectId, JobStatus]] = []
+    opened = watching(scheduler, monkeypatch)
 
     def cancel_later() -> None:
-        time.sleep(0.3)
-        Scheduler(db).cancel_job(q.id)
-        Scheduler(db).cancel_job(p.id)
+        assert opened.wait(10)
+        new_scheduler().cancel_job(q.id)
+        new_scheduler().cancel_job(p.id)
 
     t = threading.Thread(target=cancel_later)
     t.start()
@@ -480,3 +521,170 @@ def test_process_refresh_and_to_dict(scheduler: Scheduler) -> None:
     assert d["ended"] == p.ended.isoformat() and d["data"] == {"a": 1}
     json.dumps(d)  # plain JSON-ready
     assert p.error is None and p.result is None
+
+
+def test_wait_returns_when_the_stream_breaks_before_its_first_answer(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2: wait_for sees the end of a job that ended while its stream's connection dropped before a first answer."""
+    other = new_scheduler()  # the worker's process
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc, worker = claim(scheduler, p.id)
+    real = scheduler.store.status_feed
+
+    def dropping_feed(*args: Any, **kw: Any) -> StatusFeed:
+        feed = real(*args, **kw)
+        assert feed._stream is not None
+        first = feed._stream.try_next
+
+        def try_next() -> Any:
+            monkeypatch.setattr(feed._stream, "try_next", first)
+            assert other.lifecycle.end(doc, worker, JobStatus.DONE).record()  # the run ends...
+            raise AutoReconnect("connection closed")  # ...and the stream's connection drops
+
+        monkeypatch.setattr(feed._stream, "try_next", try_next)
+        return feed
+
+    monkeypatch.setattr(scheduler.store, "status_feed", dropping_feed)
+    try:
+        p.wait(timeout=5)
+    except WaitTimeoutError:
+        pytest.fail(f"wait() never saw the end of job {p.id} (stored: {scheduler.get_job(p.id).status.name})")
+    assert p.status == JobStatus.DONE
+
+
+def test_listen_with_a_bad_query_is_an_invalid_argument(scheduler: Scheduler) -> None:
+    """SPEC 2: listen's query is get_jobs' filter language: a bad one raises InvalidArgumentError as get_jobs does."""
+    with pytest.raises(InvalidArgumentError):
+        scheduler.listen(lambda process: True, {"status": {"$bogus": 1}}, timeout=3)
+
+
+def _waiting_in_thread(scheduler: Scheduler, process: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Thread:
+    """Start process.wait() in a thread; return once it has read the job and watches the stream."""
+    ready = threading.Event()
+    real = scheduler._read_pending
+
+    def read(wait: Any, ids: Any) -> None:
+        real(wait, ids)
+        ready.set()
+
+    monkeypatch.setattr(scheduler, "_read_pending", read)
+    waiter = threading.Thread(target=lambda: process.wait(timeout=15))
+    waiter.start()
+    assert ready.wait(10)
+    return waiter
+
+
+def test_own_cancel_fires_once_while_waiting(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 2 events: each status change fires once per observer, also its own cancel_job during a wait_for."""
+    fired: list[ObjectId] = []
+    scheduler.on("cancel", lambda name, process: fired.append(process.id))
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 60})
+    waiter = _waiting_in_thread(scheduler, scheduler.get_job(p.id), monkeypatch)
+    scheduler.cancel_job(p.id)
+    waiter.join(15)
+    assert not waiter.is_alive()
+    assert fired == [p.id], f"cancel fired {len(fired)} times"
+
+
+def test_a_second_claim_of_a_released_run_fires_while_waiting(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2 events: two changes to the same status in one run both fire during a wait_for."""
+    seen: list[str] = []
+    scheduler.on("*", lambda name, process: seen.append(name.removeprefix("taskscheduler.on").lower()))
+    other = new_scheduler()  # the queue nodes' side
+    p = other.add_job("sample_jobs:Noop")
+    waiter = _waiting_in_thread(scheduler, scheduler.get_job(p.id), monkeypatch)
+    doc, worker_a = claim(other, p.id)
+    assert other.lifecycle.release(doc, worker_a, orphaned=True, reason="node died").record()
+    doc, worker_b = claim(other, p.id)
+    assert other.lifecycle.end(doc, worker_b, JobStatus.DONE).record()
+    waiter.join(15)
+    assert not waiter.is_alive()
+    assert seen == ["processing", "waiting", "processing", "done"]
+
+
+def test_add_job_once_with_cron_and_at_is_idempotent(scheduler: Scheduler) -> None:
+    """SPEC 2: add_job_once of a cron job with an `at` returns the active job (its stored `at` is the first match)."""
+    at = time.time() + 2 * 86400
+    first = scheduler.add_job_once(sample_jobs.Noop, {"k": 1}, cron="0 3 * * *", at=at)
+    second = scheduler.add_job_once(sample_jobs.Noop, {"k": 1}, cron="0 3 * * *", at=at)
+    assert second.id == first.id, "the same add_job_once replaced the cron job"
+    assert first.refresh().status == JobStatus.POSTPONED
+
+
+def test_progress_during_an_outage_is_dropped_not_raised(
+    server: EmbeddedServer, db_name: str, client: MongoClient[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A MongoDB outage drops a running job's progress with a warning; it never fails the job."""
+    outage_client: MongoClient[dict[str, Any]] = MongoClient(
+        server.uri, tz_aware=True, appname="progress-outage", serverSelectionTimeoutMS=2000
+    )
+    scheduler = Scheduler(outage_client[db_name])
+    p = scheduler.add_job("sample_jobs:Noop")
+    _, worker = claim(scheduler, p.id)
+    scheduler = scheduler.for_run(RunContext(worker, p.id, 1))  # as inside the worker that runs it
+    client.admin.command(
+        "configureFailPoint",
+        "failCommand",
+        mode="alwaysOn",
+        data={"failCommands": ["update"], "closeConnection": True, "appName": "progress-outage"},
+    )
+    try:
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="taskscheduler"):
+            scheduler.update_progress(p.id, 50)
+        assert time.monotonic() - began < 10
+        assert "not stored (MongoDB unreachable)" in caplog.text
+    finally:
+        client.admin.command("configureFailPoint", "failCommand", mode="off")
+        outage_client.close()
+
+
+def test_a_postponed_time_is_stored_with_milliseconds(scheduler: Scheduler) -> None:
+    at = time.time() + 100.375
+    p = scheduler.add_job("sample_jobs:Noop", at=at)
+    assert scheduler.get_job(p.id).options["at"] == pytest.approx(at, abs=0.001)
+
+
+def test_wait_for_rereads_after_a_stream_gap(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait_for reads the jobs again after a gap in its stream, so it returns when a job ended in the gap."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc, worker = claim(scheduler, p.id)
+    opened: list[StatusFeed] = []
+    real = scheduler.store.status_feed
+
+    def deaf_feed(*args: Any, **kw: Any) -> StatusFeed:
+        feed = real(*args, **kw)
+        opened.append(feed)
+        monkeypatch.setattr(feed, "poll", lambda timeout: time.sleep(min(timeout, 0.05)))  # hears nothing
+        return feed
+
+    monkeypatch.setattr(scheduler.store, "status_feed", deaf_feed)
+    waiter = threading.Thread(target=lambda: p.wait(timeout=20))
+    waiter.start()
+    wait_until(lambda: opened, 10, what="wait() to watch")
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record()
+    opened[0].gaps += 1  # the stream restarted without its token: whatever it missed is gone
+    waiter.join(20)
+    assert not waiter.is_alive() and p.status == JobStatus.DONE
+
+
+def test_listen_understands_expr_filters(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc, worker = claim(scheduler, p.id)
+    seen: list[JobStatus] = []
+    timer = threading.Timer(0.5, lambda: scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record())
+    timer.start()
+    try:
+        scheduler.listen(
+            lambda process: seen.append(process.status) or True,
+            {"$expr": {"$eq": ["$status", int(JobStatus.DONE)]}, "_id": p.id},
+            timeout=15,
+        )
+    except WaitTimeoutError:
+        pytest.fail("listen() never matched an $expr filter")
+    finally:
+        timer.join()
+    assert seen == [JobStatus.DONE]

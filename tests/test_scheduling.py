@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import sample_jobs
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.options import MAX_TIMESTAMP
 
 ONE_WORKER = ("--pm", "static", "--min-children", "1", "--max-children", "1")
 
@@ -201,8 +203,34 @@ def test_async_jobs_run_in_their_own_loop_and_are_killed_like_sync_ones(
     assert time.monotonic() - canceled_at < 10
 
 
-def test_a_default_interval_does_not_apply_to_cron_jobs(db: Any) -> None:
-    scheduler = Scheduler(db, options={"default_interval": 60})
+def test_a_default_interval_does_not_apply_to_cron_jobs(new_scheduler: Callable[..., Scheduler]) -> None:
+    scheduler = new_scheduler({"default_interval": 60})
     p = scheduler.add_job(sample_jobs.Noop, cron="@hourly")
     assert p.options["interval"] == 0 and p.options["cron"] == "@hourly"
     assert scheduler.add_job(sample_jobs.Noop).options["interval"] == 60
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "function", [sample_jobs.generator_job, sample_jobs.async_generator_job], ids=["generator", "async_generator"]
+)
+def test_a_generator_function_job_runs_its_body_or_is_refused(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path, function: Any
+) -> None:
+    """SPEC 2: add_job(f, data) runs f(data): an (async) generator function's body runs, or add_job refuses it."""
+    marker = tmp_path / f"{function.__name__}.ran"
+    try:
+        p = scheduler.add_job(function, {"marker": str(marker)})
+    except InvalidArgumentError:
+        return  # refused up front: fine
+    start_node()
+    p.wait(timeout=30)
+    assert marker.exists(), f"job ended {p.status.name} but the body of {function.__name__} never ran"
+
+
+def test_cron_with_an_at_near_the_end_of_time_is_an_invalid_argument(scheduler: Scheduler) -> None:
+    """SPEC 2/6: a cron whose first match after `at` lies past year 9999 is an InvalidArgumentError, nothing written."""
+    for cron in ("* * * * *", "@yearly"):
+        with pytest.raises(InvalidArgumentError):
+            scheduler.add_job(sample_jobs.Noop, cron=cron, at=MAX_TIMESTAMP - 5)
+    assert scheduler.store.jobs.count_documents({}) == 0

@@ -291,3 +291,10 @@ def test_a_node_with_a_skewed_clock_runs_schedules_on_the_server_clock(
     ends = [run["ended"].timestamp() for run in retried.runs()]
     assert all(INTERVAL - MS <= b - a <= INTERVAL + LATE for a, b in zip(ends, ends[1:], strict=False)), ends
     assert node.proc.poll() is None
+
+
+def test_the_server_clock_is_read_as_aware_utc(scheduler: Scheduler) -> None:
+    """A naive reading would be taken for local time: hours off on a machine whose zone is not UTC."""
+    server_now = scheduler.store.server_time()
+    assert server_now.utcoffset() is not None and server_now.utcoffset().total_seconds() == 0
+    assert abs(server_now.timestamp() - time.time()) < 5

@@ -1,20 +1,35 @@
-"""The storage model: collections, indexes, capped rules (SPEC section 5) and query plans."""
+"""The storage model: collections, indexes, capped rules (SPEC section 5), flush() racing a writer, query plans."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import bson
 import pytest
 from bson import ObjectId
-from pymongo import MongoClient, monitoring
+from pymongo.database import Database
 
-from helpers import SizeGuard
+from helpers import (
+    Recorder,
+    SizeGuard,
+    claim,
+    unindexed,
+)
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import KillReason
 from taskscheduler.errors import InvalidArgumentError, QueueFullError
-from taskscheduler.store import ID_BATCH, fields_equal, fingerprint, literal, same_value, utcnow, with_prefix
+from taskscheduler.store import (
+    ID_BATCH,
+    fields_equal,
+    fingerprint,
+    literal,
+    same_value,
+    utcnow,
+    with_prefix,
+)
 
 
 def test_collections_are_capped_by_default_with_named_indexes(scheduler: Scheduler, db: Any) -> None:
@@ -89,8 +104,8 @@ def test_a_status_change_that_lost_its_race_changes_nothing(scheduler: Scheduler
     assert after["worker"] == winner and after["status"] == JobStatus.DONE and after["progress"] == 100.0
 
 
-def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
-    s = Scheduler(db, options={"job_queue": "small.jobs", "job_queue_size": 4096})
+def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
+    s = new_scheduler({"job_queue": "small.jobs", "job_queue_size": 4096})
     added = []
     with pytest.raises(QueueFullError, match="small.jobs"):
         for _ in range(100):
@@ -104,9 +119,9 @@ def test_queue_full_instead_of_evicting_unfinished_jobs(db: Any) -> None:
     assert {d["_id"] for d in jobs.find({"status": 0})} == {p.id for p in more}
 
 
-def test_size_guard_catches_a_size_change(db: Any) -> None:
+def test_size_guard_catches_a_size_change(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     guard = SizeGuard(db, "taskscheduler.jobs")
-    p = Scheduler(db).add_job("test")
+    p = new_scheduler().add_job("test")
     db["taskscheduler.jobs"].update_one({"_id": p.id}, {"$set": {"status": "a longer value than an int"}})
     with pytest.raises(AssertionError, match="sizes changed"):
         guard.verify()
@@ -142,153 +157,78 @@ def test_lifecycle_updates_keep_the_document_size(scheduler: Scheduler, size_gua
     assert size_guard.checked_updates >= 10
 
 
-class Recorder(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.commands: list[tuple[str, dict[str, Any]]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.commands.append((event.command_name, dict(event.command)))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
-def _uses_index(plan: Any) -> bool:
-    if isinstance(plan, dict):
-        if plan.get("stage") in ("IXSCAN", "IDHACK", "EXPRESS_IXSCAN", "EXPRESS_IDHACK"):
-            return True
-        return any(_uses_index(v) for v in plan.values())
-    if isinstance(plan, list):
-        return any(_uses_index(v) for v in plan)
-    return False
-
-
-def _by_id(query: dict[str, Any]) -> bool:
-    # Real MongoDB serves an _id equality through the _id index (IDHACK) whatever else the filter holds; the
-    # test server's planner reports a scan for {_id, status} (or the room ledger's {_id: "used", bytes}), so
-    # that shape is accepted as indexed here.
-    value = query.get("_id")
-    return isinstance(value, (ObjectId, str)) or (isinstance(value, dict) and "$in" in value)
-
-
-def _unindexed(db: Any, commands: list[tuple[str, dict[str, Any]]]) -> tuple[int, list[tuple[str, Any]]]:
-    """How many queries the commands issued, and those the server's planner serves without an index."""
-    queries: list[tuple[str, dict[str, Any]]] = []
-    sorts: dict[int, Any] = {}  # query number -> its sort
-    for name, cmd in commands:
-        if name == "find":
-            if cmd.get("sort"):
-                sorts[len(queries)] = cmd["sort"]
-            queries.append((cmd["find"], cmd.get("filter", {})))
-        elif name == "update":
-            queries += [(cmd["update"], u["q"]) for u in cmd["updates"]]
-        elif name == "delete":
-            queries += [(cmd["delete"], d["q"]) for d in cmd["deletes"]]
-    unindexed = []
-    for i, (coll, query) in enumerate(queries):
-        if _by_id(query) and i not in sorts:
-            continue
-        find: dict[str, Any] = {"find": coll, "filter": query}
-        if i in sorts:
-            find["sort"] = sorts[i]
-        plan = db.command("explain", find)["queryPlanner"]["winningPlan"]
-        # A sorted query is planned with its sort, as the library sends it (the test server sorts in memory
-        # whatever the indexes, so only the filter's index is checked).
-        if not _uses_index(plan):
-            unindexed.append((coll, find))
-    return len(queries), unindexed
+def test_steady_state_queries_are_served_by_indexes(recorded: tuple[Database[dict[str, Any]], Recorder]) -> None:
+    db, recorder = recorded
+    s = Scheduler(db, options={"progress_rate_limit": 0})
+    store, life = s.store, s.lifecycle
+    parent = s.add_job("test")
+    child = s.add_job("test", {"parent": parent.id})
+    once = s.add_job_once("test", {"a": 1}, {"retry": 1})
+    s.add_job_once("test", {"a": 1}, {"retry": 1})
+    later = s.add_job("test", {"later": 1}, at=time.time() + 3600)
+    s.get_job(child.id)
+    s.update_progress(child.id, 10)
+    worker = ObjectId()
+    claimed = store.claim(parent.id, worker, 30.0)
+    store.heartbeat({parent.id: worker})
+    life.orphans()
+    list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
+    store.children(parent.id, active_only=True)
+    s.cancel_job(once.id)
+    s.wait_for([s.get_job(once.id)], timeout=5)
+    s.get_job(once.id).runs()
+    recorder.commands.clear()
+    s.cancel_job(child.id)
+    s.add_job_once("test", {"a": 2})
+    assert claimed is not None
+    assert life.end(claimed, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}).record()
+    s.requeue_job(parent.id)
+    assert store.claim(parent.id, worker, 30.0) is not None
+    store.heartbeat({parent.id: worker})
+    life.orphans()
+    assert life.unpostpone(store.find_job(later.id))
+    list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
+    store.children(parent.id)
+    s.wait_for([s.get_job(child.id)], timeout=5)
+    assert s.get_job(child.id).runs()[0]["status"] == JobStatus.CANCELED
+    assert s.get_job(parent.id).error is not None
+    count, slow = unindexed(db, recorder.commands)
+    assert count >= 10
+    assert slow == [], "\n".join(map(str, slow))
 
 
-def test_steady_state_queries_are_served_by_indexes(server: Any, db_name: str) -> None:
-    recorder = Recorder()
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        db = client[db_name]
-        s = Scheduler(db, options={"progress_rate_limit": 0})
-        store, life = s.store, s.lifecycle
-        parent = s.add_job("test")
-        child = s.add_job("test", {"parent": parent.id})
-        once = s.add_job_once("test", {"a": 1}, {"retry": 1})
-        s.add_job_once("test", {"a": 1}, {"retry": 1})
-        later = s.add_job("test", {"later": 1}, at=time.time() + 3600)
-        s.get_job(child.id)
-        s.update_progress(child.id, 10)
-        worker = ObjectId()
-        claimed = store.claim(parent.id, worker, 30.0)
-        store.heartbeat({parent.id: worker})
-        life.orphans()
-        list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
-        store.children(parent.id, active_only=True)
-        s.cancel_job(once.id)
-        s.wait_for([s.get_job(once.id)], timeout=5)
-        s.get_job(once.id).runs()
-        recorder.commands.clear()
-        s.cancel_job(child.id)
-        s.add_job_once("test", {"a": 2})
-        assert claimed is not None
-        assert life.end(claimed, worker, JobStatus.FAILED, error={"class": "E", "message": "m"}).record()
-        s.requeue_job(parent.id)
-        assert store.claim(parent.id, worker, 30.0) is not None
-        store.heartbeat({parent.id: worker})
-        life.orphans()
-        assert life.unpostpone(store.find_job(later.id))
-        list(store.scan((JobStatus.WAITING, JobStatus.POSTPONED)))
-        store.children(parent.id)
-        s.wait_for([s.get_job(child.id)], timeout=5)
-        assert s.get_job(child.id).runs()[0]["status"] == JobStatus.CANCELED
-        assert s.get_job(parent.id).error is not None
-        count, unindexed = _unindexed(db, recorder.commands)
-        assert count >= 10
-        assert unindexed == [], "\n".join(map(str, unindexed))
-    finally:
-        client.drop_database(db_name)
-        client.close()
-
-
-def test_recording_a_killed_workers_end_is_served_by_indexes(server: Any, db_name: str) -> None:
+def test_recording_a_killed_workers_end_is_served_by_indexes(
+    recorded: tuple[Database[dict[str, Any]], Recorder],
+) -> None:
     """What a node records after a kill (a timeout, a dead worker) is steady state too: every timeout does it."""
-    recorder = Recorder()
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        db = client[db_name]
-        s = Scheduler(db)
-        store, life = s.store, s.lifecycle
-        timed, died = s.add_job("test", retry=1, retry_interval=0), s.add_job("test")
-        workers = {timed.id: ObjectId(), died.id: ObjectId()}
-        for job_id, worker in workers.items():
-            doc = store.claim(job_id, worker, 30.0)
-            assert doc is not None
-            store.insert_events(life.end(doc, worker, JobStatus.DONE).events)  # written, then the worker died
-        recorder.commands.clear()
-        life.after_kill(timed.id, workers[timed.id], 1, "timeout", 1).record()
-        life.after_kill(died.id, workers[died.id], 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
-        assert [r["status"] for r in s.get_job(timed.id).runs()] == [JobStatus.TIMEOUT]
-        assert store.find_job(died.id)["status"] == JobStatus.WAITING
-        count, unindexed = _unindexed(db, recorder.commands)
-        assert count >= 4
-        assert unindexed == [], "\n".join(map(str, unindexed))
-    finally:
-        client.drop_database(db_name)
-        client.close()
+    db, recorder = recorded
+    s = Scheduler(db)
+    store, life = s.store, s.lifecycle
+    timed, died = s.add_job("test", retry=1, retry_interval=0), s.add_job("test")
+    workers = {timed.id: ObjectId(), died.id: ObjectId()}
+    for job_id, worker in workers.items():
+        doc = store.claim(job_id, worker, 30.0)
+        assert doc is not None
+        store.insert_events(life.end(doc, worker, JobStatus.DONE).events)  # written, then the worker died
+    recorder.commands.clear()
+    life.after_kill(timed.id, workers[timed.id], 1, "timeout", 1).record()
+    life.after_kill(died.id, workers[died.id], 1, KillReason.DIED, 0, "worker process died (signal 9)").record()
+    assert [r["status"] for r in s.get_job(timed.id).runs()] == [JobStatus.TIMEOUT]
+    assert store.find_job(died.id)["status"] == JobStatus.WAITING
+    count, slow = unindexed(db, recorder.commands)
+    assert count >= 4
+    assert slow == [], "\n".join(map(str, slow))
 
 
-def test_many_jobs_are_read_by_id_in_batches(server: Any, db_name: str) -> None:
-    recorder = Recorder()
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        s = Scheduler(client[db_name], options={"job_queue_size": 0, "event_queue_size": 0})
-        added = [s.add_job("test") for _ in range(ID_BATCH * 2 + 5)]
-        recorder.commands.clear()
-        found = list(s.store.find_by_ids([p.id for p in added] + [ObjectId()]))
-        assert sorted(d["_id"] for d in found) == sorted(p.id for p in added)
-        sizes = [len(cmd["filter"]["_id"]["$in"]) for name, cmd in recorder.commands if name == "find"]
-        assert sizes == [ID_BATCH, ID_BATCH, 6]
-    finally:
-        client.drop_database(db_name)
-        client.close()
+def test_many_jobs_are_read_by_id_in_batches(recorded: tuple[Database[dict[str, Any]], Recorder]) -> None:
+    db, recorder = recorded
+    s = Scheduler(db, options={"job_queue_size": 0, "event_queue_size": 0})
+    added = [s.add_job("test") for _ in range(ID_BATCH * 2 + 5)]
+    recorder.commands.clear()
+    found = list(s.store.find_by_ids([p.id for p in added] + [ObjectId()]))
+    assert sorted(d["_id"] for d in found) == sorted(p.id for p in added)
+    sizes = [len(cmd["filter"]["_id"]["$in"]) for name, cmd in recorder.commands if name == "find"]
+    assert sizes == [ID_BATCH, ID_BATCH, 6]
 
 
 def test_helpers() -> None:
@@ -301,11 +241,11 @@ def test_helpers() -> None:
     }
 
 
-def test_every_index_fits_the_documented_shard_keys(db: Any) -> None:
+def test_every_index_fits_the_documented_shard_keys(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     """MongoDB requires a unique index on a sharded collection to start with the shard key."""
     from taskscheduler.store import shard_keys
 
-    s = Scheduler(db, options={"job_queue_size": 0, "event_queue_size": 0})
+    s = new_scheduler({"job_queue_size": 0, "event_queue_size": 0})
     s.add_job_once("test", {"a": 1})  # creates every collection the library uses
     keys = shard_keys(s.store.job_queue, s.store.event_queue)
     assert set(keys) <= set(db.list_collection_names())
@@ -321,7 +261,6 @@ def test_every_index_fits_the_documented_shard_keys(db: Any) -> None:
 
 def test_a_stale_add_job_once_key_is_taken_over(scheduler: Scheduler) -> None:
     """A caller that took a key and died before inserting its job does not block the key for ever."""
-    from datetime import timedelta
 
     key = fingerprint("test", {"a": 1})
     scheduler.store.ensure()
@@ -343,10 +282,12 @@ def test_a_requeued_once_job_needs_its_key(scheduler: Scheduler) -> None:
     assert scheduler.add_job_once("test", "k").id == first.id
 
 
-def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(
+    new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two producers on a new collection: the first finds no ledger to reserve in, the second opens it right then;
     the first must reserve again, not report a collection with 100 MB free as full."""
-    first, second = Scheduler(db), Scheduler(db)
+    first, second = new_scheduler(), new_scheduler()
     real = first.store.room.update_one
     tries: list[int] = []
     raced: list[Any] = []
@@ -362,3 +303,24 @@ def test_a_reservation_that_races_the_ledgers_creation_is_tried_again(db: Any, m
     monkeypatch.setattr(first.store.room, "update_one", racing)
     p = first.add_job("test")
     assert raced and first.get_job(p.id).status == JobStatus.WAITING
+
+
+def test_flush_while_a_worker_records_keeps_the_event_collection_bounded(
+    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 2/5: a run's end written between flush()'s drop and create leaves the event collection bounded."""
+    operator, worker_side = new_scheduler(), new_scheduler()
+    p = worker_side.add_job("sample_jobs:Noop")
+    doc, worker = claim(worker_side, p.id)
+    real_drop = operator.store.events.drop
+
+    def drop_then_a_run_ends(*args: Any, **kw: Any) -> None:
+        real_drop(*args, **kw)
+        monkeypatch.setattr(operator.store.events, "drop", real_drop)  # the race happens once
+        worker_side.lifecycle.end(doc, worker, JobStatus.DONE).record()  # a worker records its run's end
+
+    monkeypatch.setattr(operator.store.events, "drop", drop_then_a_run_ends)
+    operator.flush()
+    options = {c["name"]: c.get("options", {}) for c in db.list_collections()}
+    ttl = [i for i in db["taskscheduler.events"].list_indexes() if "expireAfterSeconds" in i]
+    assert options["taskscheduler.events"].get("capped") or ttl, "the event collection is now unbounded"

@@ -1,20 +1,29 @@
-"""Worker in-process (upstream WorkerTest cases that still apply): claim, run, record, retry, interval."""
+"""Worker in-process (upstream WorkerTest cases that still apply): claim, run, record, retry, interval; errors that
+are not Exceptions, outcomes too large to store, child jobs of earlier runs."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Callable
+from multiprocessing import Pipe
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from pymongo.database import Database
 
+import sample_jobs
+from crash_jobs import HUGE
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.errors import InvalidArgumentError
+from taskscheduler.store.records import RunContext
 
 
 @pytest.fixture
-def worker(scheduler: Scheduler, db: Any) -> Worker:
-    return Worker(ObjectId(), Scheduler(db), db)
+def worker(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> Worker:
+    return Worker(ObjectId(), new_scheduler(), db)
 
 
 def test_success_job(scheduler: Scheduler, worker: Worker) -> None:
@@ -38,9 +47,11 @@ def test_invalid_job_class(scheduler: Scheduler, worker: Worker) -> None:
     assert "InvalidJobError" in failed.error["class"]
 
 
-def test_already_claimed_job_is_not_run_twice(scheduler: Scheduler, worker: Worker, db: Any) -> None:
+def test_already_claimed_job_is_not_run_twice(
+    scheduler: Scheduler, worker: Worker, db: Any, new_scheduler: Callable[..., Scheduler]
+) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
-    other = Worker(ObjectId(), Scheduler(db), db)
+    other = Worker(ObjectId(), new_scheduler(), db)
     assert other.run(scheduler.store.find_job(p.id))
     assert not worker.run(scheduler.store.find_job(p.id))
     assert scheduler.get_job(p.id).worker == other.id
@@ -84,8 +95,8 @@ def test_endless_interval(scheduler: Scheduler, worker: Worker) -> None:
     assert [q.id for q in scheduler.get_jobs()] == [p.id]
 
 
-def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
-    own = Scheduler(db)
+def test_events_in_worker_process(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
+    own = new_scheduler()
     seen: list[str] = []
     own.on("*", lambda name, p: seen.append(name.removeprefix("taskscheduler.on")))
     p = scheduler.add_job("sample_jobs:Noop")
@@ -93,8 +104,7 @@ def test_events_in_worker_process(scheduler: Scheduler, db: Any) -> None:
     assert seen == ["Processing", "Done"]
 
 
-def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
-    import sample_jobs
+def test_container_builds_job(scheduler: Scheduler, db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
 
     calls: list[type] = []
 
@@ -104,13 +114,13 @@ def test_container_builds_job(scheduler: Scheduler, db: Any) -> None:
             return sample_jobs.Echo()
 
     p = scheduler.add_job("sample_jobs:Noop", "from container")
-    done = Worker(ObjectId(), Scheduler(db), db, container=Container()).process_one(p.id)
+    done = Worker(ObjectId(), new_scheduler(), db, container=Container()).process_one(p.id)
     assert calls == [sample_jobs.Noop] and done.result == "from container"
 
 
-def test_constructor_validation(db: Any) -> None:
+def test_constructor_validation(db: Any, new_scheduler: Callable[..., Scheduler]) -> None:
     with pytest.raises(InvalidArgumentError):
-        Worker("nope", Scheduler(db), db)  # type: ignore[arg-type]
+        Worker("nope", new_scheduler(), db)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         Worker(ObjectId(), object(), db)  # type: ignore[arg-type]
 
@@ -127,7 +137,6 @@ def test_a_claim_whose_outcome_the_server_could_not_give_is_handed_back(
 ) -> None:
     """The claim's connection breaks and the job is still WAITING: the worker says so (``unsettled``), so that its
     manager hands the job over again: no change event will announce it, and it must not wait forever."""
-    from multiprocessing import Pipe
 
     from taskscheduler.node.protocol import Finished
 
@@ -162,3 +171,46 @@ def test_a_job_handed_over_without_its_large_data_runs_with_it(scheduler: Schedu
     assert handed_over(dict(stored, data={"small": 1})) == dict(stored, data={"small": 1})
     assert worker.run(slim) is True
     assert p.refresh().status == JobStatus.DONE and p.result == data
+
+
+def test_a_base_exception_in_start_fails_the_job_with_its_own_error(
+    scheduler: Scheduler, db: Database[dict[str, Any]]
+) -> None:
+    """SPEC 4: an exception in start() ends the job FAILED with its class, also one that is not an Exception."""
+    worker = Worker(ObjectId(), scheduler, db)
+    p = scheduler.add_job("crash_jobs:RaisesBaseException")
+    with contextlib.suppress(BaseException):
+        worker.process_one(p.id)
+    p.refresh()
+    assert p.status == JobStatus.FAILED and p.error is not None and p.error["class"].endswith("Abort")
+
+
+def test_a_child_of_an_earlier_run_does_not_fail_later_runs_of_its_parent(
+    scheduler: Scheduler, db: Database[dict[str, Any]]
+) -> None:
+    """One document per job for its whole life: a child that run 1 spawned and that failed fails run 1 only."""
+    worker = Worker(ObjectId(), scheduler, db)
+    parent = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    in_run_1 = scheduler.for_run(RunContext(worker.id, parent.id, 1))  # as inside the worker running run 1
+    child = in_run_1.add_job("sample_jobs:Fail", {"parent": parent.id})
+    assert scheduler.store.find_job(child.id)["parent_run"] == 1
+    assert worker.process_one(child.id).status == JobStatus.FAILED
+    worker.process_one(parent.id)
+    assert [r["status"] for r in parent.runs()] == [JobStatus.FAILED]  # run 1: its child failed
+    worker.process_one(parent.id)  # run 2 spawned no child
+    assert [r["status"] for r in scheduler.get_job(parent.id).runs()] == [JobStatus.FAILED, JobStatus.DONE]
+
+
+def test_an_oversized_result_and_error_are_recorded_cut(
+    scheduler: Scheduler, db: Database[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result or error over 16 MB ends the run (result None, error cut) instead of crashing the worker."""
+    worker = Worker(ObjectId(), scheduler, db)
+    with caplog.at_level(logging.WARNING, logger="taskscheduler"):
+        done = worker.process_one(scheduler.add_job("crash_jobs:HugeResult").id)
+    assert done.status == JobStatus.DONE and done.result is None
+    assert "result is too large" in caplog.text
+    failed = worker.process_one(scheduler.add_job("crash_jobs:HugeError").id)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error["class"] == "RuntimeError" and "characters cut" in failed.error["message"]
+    assert len(failed.error["message"]) < HUGE // 100

@@ -68,7 +68,7 @@ STOP_GRACE_SECONDS = 1.0
 
 
 @dataclass
-class _Child:
+class _WorkerProc:
     """One worker process as the manager sees it."""
 
     id: ObjectId
@@ -112,7 +112,7 @@ class WorkerManager:
         self.factory = worker_factory
         self.logger = logger or logging.getLogger("taskscheduler.manager")
         self.options = o.manager_options(options)
-        self._children: dict[int, _Child] = {}
+        self._workers: dict[int, _WorkerProc] = {}
         self._pending = Backlog()
         self._forced: deque[RunJob] = deque()  # force_spawn jobs waiting for a fork to succeed
         self._queue: Connection | None = None
@@ -136,7 +136,7 @@ class WorkerManager:
 
     def count(self) -> int:
         """Live worker processes (force_spawn ones included)."""
-        return len(self._children)
+        return len(self._workers)
 
     # -- main loop -------------------------------------------------------------------------------------------------
 
@@ -162,7 +162,7 @@ class WorkerManager:
                 self._dispatch()
                 self._shrink()
                 self._flush_reports()
-                conns = [c.conn for c in self._children.values() if not c.conn.closed]
+                conns = [c.conn for c in self._workers.values() if not c.conn.closed]
                 ready = wait([connection, self._wake_r, *conns], OUTBOX_TICK_SECONDS if self._outbox else TICK_SECONDS)
                 for handle in ready:
                     self._receive(handle)
@@ -198,15 +198,15 @@ class WorkerManager:
                 return
             self._on_queue_message(message)
             return
-        child = next((c for c in self._children.values() if c.conn is handle), None)
-        if child is None:
+        proc = next((c for c in self._workers.values() if c.conn is handle), None)
+        if proc is None:
             return
         try:
             message = handle.recv()
         except (EOFError, OSError):
-            self._forget_connection(child)
+            self._forget_connection(proc)
             return
-        self._on_worker_message(child, message)
+        self._on_worker_message(proc, message)
 
     def _on_queue_message(self, message: Any) -> None:
         match message:
@@ -221,47 +221,47 @@ class WorkerManager:
                 self._kill_job(job_id, reason, worker_id, run)
             case Fence(deadline=deadline, renewed=renewed):
                 pairs = set(renewed)
-                for child in self._children.values():
-                    if (child.job, child.id) in pairs and child.claimed:
-                        child.fence = max(child.fence, deadline)
-                        child.slot.set_fence(child.fence)
+                for proc in self._workers.values():
+                    if (proc.job, proc.id) in pairs and proc.claimed:
+                        proc.fence = max(proc.fence, deadline)
+                        proc.slot.set_fence(proc.fence)
             case Stop():
                 self._stopping = True
 
     def _kill_job(
         self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None, run: int | None = None
     ) -> None:
-        for child in self._children.values():
+        for proc in self._workers.values():
             # A run whose code has returned is never killed: its end is being recorded, conditional on owning the
             # job, and a worker that loses withdraws what it wrote (killed midway, it could not).
-            if child.job != job_id or not child.claimed or child.kill_reason is not None or child.ending:
+            if proc.job != job_id or not proc.claimed or proc.kill_reason is not None or proc.ending:
                 continue
-            if worker_id in (None, child.id) and run in (None, child.run):
-                self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": child.pid})
-                self._kill(child, reason)
+            if worker_id in (None, proc.id) and run in (None, proc.run):
+                self.logger.warning(f"killing the worker of job {job_id}: {reason.value}", extra={"pid": proc.pid})
+                self._kill(proc, reason)
 
-    def _on_worker_message(self, child: _Child, message: Any) -> None:
+    def _on_worker_message(self, proc: _WorkerProc, message: Any) -> None:
         match message:
             case Claimed(job_id=job_id, timeout=timeout, run=run, claimed_at=claimed_at):
-                child.job, child.claimed, child.timeout, child.run = job_id, True, timeout, run
+                proc.job, proc.claimed, proc.timeout, proc.run = job_id, True, timeout, run
                 now = time.monotonic()
-                child.deadline = now + timeout if timeout > 0 else None
+                proc.deadline = now + timeout if timeout > 0 else None
                 # From the claim's moment, not this message's: a claim reported late has no more lease left.
                 clock = lease_clock()
-                child.fence = min(clock, claimed_at or clock) + (child.task.lease if child.task else 0.0) / 2
-                child.slot.set_fence(child.fence)
-                job_class = str(child.task.doc.get("class", "")) if child.task else ""
-                self._report(JobClaimed(job_id, child.id, run, job_class, claimed_at or clock))
+                proc.fence = min(clock, claimed_at or clock) + (proc.task.lease if proc.task else 0.0) / 2
+                proc.slot.set_fence(proc.fence)
+                job_class = str(proc.task.doc.get("class", "")) if proc.task else ""
+                self._report(JobClaimed(job_id, proc.id, run, job_class, claimed_at or clock))
             case Ending():
-                child.ending = True  # start() returned: what is left is recording it, which needs no fence
+                proc.ending = True  # start() returned: what is left is recording it, which needs no fence
             case Finished(job_id=job_id, claimed=claimed, status=status, unsettled=unsettled):
-                if claimed and child.claimed:
-                    self._report(JobFinished(job_id, child.id, status))
-                elif unsettled and child.task is not None and not self._stopping:
-                    self._add(child.task)  # MongoDB could not be reached: it may still be WAITING, try again
-                child.job, child.task, child.claimed, child.deadline = None, None, False, None
-                child.ending = False
-                child.idle_since = time.monotonic()
+                if claimed and proc.claimed:
+                    self._report(JobFinished(job_id, proc.id, status))
+                elif unsettled and proc.task is not None and not self._stopping:
+                    self._add(proc.task)  # MongoDB could not be reached: it may still be WAITING, try again
+                proc.job, proc.task, proc.claimed, proc.deadline = None, None, False, None
+                proc.ending = False
+                proc.idle_since = time.monotonic()
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 
@@ -284,7 +284,7 @@ class WorkerManager:
     def _dispatch(self) -> None:
         while self._pending and not self._stopping:
             idle = next(
-                (c for c in self._children.values() if c.job is None and not c.dedicated and not c.kill_reason), None
+                (c for c in self._workers.values() if c.job is None and not c.dedicated and not c.kill_reason), None
             )
             if idle is not None:
                 task = self._pending.pop()
@@ -308,7 +308,7 @@ class WorkerManager:
                 return
 
     def _pool_size(self) -> int:
-        return sum(1 for c in self._children.values() if not c.kill_reason and not c.forced)
+        return sum(1 for c in self._workers.values() if not c.kill_reason and not c.forced)
 
     def _keep_minimum(self) -> None:
         if self._stopping or self.options[o.PM] == o.PM_ONDEMAND:
@@ -322,46 +322,46 @@ class WorkerManager:
             return
         now = time.monotonic()
         spare = self._pool_size() - self.options[o.MIN_CHILDREN]
-        for child in list(self._children.values()):
+        for proc in list(self._workers.values()):
             if spare <= 0:
                 return
-            if child.job is None and not child.dedicated and not child.kill_reason:
-                if now - child.idle_since >= DYNAMIC_IDLE_SECONDS:
-                    child.kill_reason = KillReason.SHRINK
+            if proc.job is None and not proc.dedicated and not proc.kill_reason:
+                if now - proc.idle_since >= DYNAMIC_IDLE_SECONDS:
+                    proc.kill_reason = KillReason.SHRINK
                     with contextlib.suppress(OSError, ValueError):
-                        child.conn.send(Exit())
+                        proc.conn.send(Exit())
                     spare -= 1
 
     def _enforce_deadlines(self) -> None:
         """Kill workers past their job's timeout, and those whose lease the node could not renew in time."""
         now, clock = time.monotonic(), lease_clock()
-        for child in self._children.values():
-            if child.kill_reason is not None or not child.claimed or child.ending:
+        for proc in self._workers.values():
+            if proc.kill_reason is not None or not proc.claimed or proc.ending:
                 continue
-            if child.deadline is not None and now >= child.deadline:
+            if proc.deadline is not None and now >= proc.deadline:
                 self.logger.warning(
-                    f"job {child.job} timed out after {child.timeout} s; killing its worker (pid {child.pid})",
-                    extra={"job_id": child.job, "pid": child.pid},
+                    f"job {proc.job} timed out after {proc.timeout} s; killing its worker (pid {proc.pid})",
+                    extra={"job_id": proc.job, "pid": proc.pid},
                 )
-                self._kill(child, KillReason.TIMEOUT)
-            elif clock >= child.fence:
+                self._kill(proc, KillReason.TIMEOUT)
+            elif clock >= proc.fence:
                 self.logger.error(
                     "lease of a running job not renewed in time (MongoDB or the queue node unresponsive); "
                     "killing its worker so that no other node runs it beside us",
-                    extra={"job_id": child.job, "pid": child.pid},
+                    extra={"job_id": proc.job, "pid": proc.pid},
                 )
-                self._kill(child, KillReason.LOST)
+                self._kill(proc, KillReason.LOST)
 
     # -- processes -------------------------------------------------------------------------------------------------
 
-    def _spawn(self, job: RunJob | None = None, dedicated: bool = False) -> _Child | None:
+    def _spawn(self, job: RunJob | None = None, dedicated: bool = False) -> _WorkerProc | None:
         if time.monotonic() < self._spawn_blocked_until:
             return None
         worker_id = ObjectId()
         parent_end, child_end = Pipe()
         slot = LeaseSlot()
-        others: list[object] = [c.conn for c in self._children.values()] + [parent_end]
-        others += [c.slot for c in self._children.values()]
+        others: list[object] = [c.conn for c in self._workers.values()] + [parent_end]
+        others += [c.slot for c in self._workers.values()]
         others += [h for h in (self._queue, self._wake_r, self._wake_w) if h is not None]
         factory = self.factory
 
@@ -389,88 +389,88 @@ class WorkerManager:
             slot.close()
             return None
         child_end.close()
-        child = _Child(worker_id, pid, parent_end, slot, dedicated=dedicated or job is not None)
+        proc = _WorkerProc(worker_id, pid, parent_end, slot, dedicated=dedicated or job is not None)
         if job is not None:
-            child.job, child.task = job.doc["_id"], job
-            child.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
-        self._children[pid] = child
+            proc.job, proc.task = job.doc["_id"], job
+            proc.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
+        self._workers[pid] = proc
         self.logger.info(f"worker {worker_id} spawned (pid {pid})", extra={"worker": worker_id, "pid": pid})
         self._report(WorkerSpawned(worker_id, pid))
-        return child
+        return proc
 
-    def _kill(self, child: _Child, reason: KillReason) -> None:
-        child.kill_reason = reason
-        child.deadline = None
-        forking.kill_tree(child.pid, signal.SIGKILL)
+    def _kill(self, proc: _WorkerProc, reason: KillReason) -> None:
+        proc.kill_reason = reason
+        proc.deadline = None
+        forking.kill_tree(proc.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         # Workers, and in a process of our own what a dead worker's job left behind (we are its subreaper).
-        if not (self._children or self._own_process):
+        if not (self._workers or self._own_process):
             return
         for pid, status in forking.exited():  # the next child is reaped only when asked for
-            child = self._children.pop(pid, None)
-            if child is not None:
-                self._drain(child)
-                self._on_exit(child, forking.exit_signal(status), status)
-            if not (self._children or self._own_process):
+            proc = self._workers.pop(pid, None)
+            if proc is not None:
+                self._drain(proc)
+                self._on_exit(proc, forking.exit_signal(status), status)
+            if not (self._workers or self._own_process):
                 return  # in a caller's process: never reap its other children
 
-    def _drain(self, child: _Child) -> None:
+    def _drain(self, proc: _WorkerProc) -> None:
         """Read what a dead worker said before it died (its claim, most of all)."""
-        while not child.conn.closed:
+        while not proc.conn.closed:
             try:
-                if not child.conn.poll():
+                if not proc.conn.poll():
                     return
-                message = child.conn.recv()
+                message = proc.conn.recv()
             except (EOFError, OSError):
                 return
-            self._on_worker_message(child, message)
+            self._on_worker_message(proc, message)
 
-    def _on_exit(self, child: _Child, sig: int | None, status: int) -> None:
-        child.conn.close()
+    def _on_exit(self, proc: _WorkerProc, sig: int | None, status: int) -> None:
+        proc.conn.close()
         # What its job started dies with it: what is left in its group, and what became ours (we are a subreaper).
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
         if self._own_process:
-            forking.kill_strays(self._children)
-        self._report(WorkerExited(child.id, child.pid, sig))
-        if child.kill_reason is None and self._stopping and sig == signal.SIGTERM:
-            child.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
-        if child.kill_reason is None and child.claimed and not child.ending:
-            clock, timer = lease_clock(), child.slot.timer()
-            if clock >= child.fence:
-                child.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
+            forking.kill_strays(self._workers)
+        self._report(WorkerExited(proc.id, proc.pid, sig))
+        if proc.kill_reason is None and self._stopping and sig == signal.SIGTERM:
+            proc.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
+        if proc.kill_reason is None and proc.claimed and not proc.ending:
+            clock, timer = lease_clock(), proc.slot.timer()
+            if clock >= proc.fence:
+                proc.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
             elif sig == signal.SIGKILL and timer and clock >= timer - 0.05:
-                child.kill_reason = KillReason.STARVED  # its timer fired while its lease held: it could not look
-        timer = child.slot.timer()
-        child.slot.close()
+                proc.kill_reason = KillReason.STARVED  # its timer fired while its lease held: it could not look
+        timer = proc.slot.timer()
+        proc.slot.close()
         # Its timer (armed only around a claim) ended it before it told us of a claim: paused past its lease in
         # between. The claim may be written: its node puts it back as a lease it lost, not as a death.
-        unreported = child.task is not None and not child.claimed and sig == signal.SIGKILL and bool(timer)
+        unreported = proc.task is not None and not proc.claimed and sig == signal.SIGKILL and bool(timer)
         unreported = unreported and lease_clock() >= timer - 0.05
-        if child.claimed and child.job is not None:
-            reason = child.kill_reason or KillReason.DIED
-            self._report(JobKilled(child.job, child.id, child.run, reason, sig, child.timeout))
-        elif child.task is not None and child.kill_reason not in (KillReason.CANCEL, KillReason.STOP):
+        if proc.claimed and proc.job is not None:
+            reason = proc.kill_reason or KillReason.DIED
+            self._report(JobKilled(proc.job, proc.id, proc.run, reason, sig, proc.timeout))
+        elif proc.task is not None and proc.kill_reason not in (KillReason.CANCEL, KillReason.STOP):
             if unreported:
-                child.kill_reason = KillReason.LOST
-                run = child.task.doc.get("run")
+                proc.kill_reason = KillReason.LOST
+                run = proc.task.doc.get("run")
                 run = run if isinstance(run, int) and not isinstance(run, bool) else 1
-                self._report(JobKilled(child.task.doc["_id"], child.id, run, KillReason.LOST, sig, 0))
+                self._report(JobKilled(proc.task.doc["_id"], proc.id, run, KillReason.LOST, sig, 0))
             # Handed over but never claimed (or the claim was not written): still WAITING, and no change event will
             # announce it again.
-            if (child.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
-                self._forced.appendleft(child.task)
+            if (proc.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
+                self._forced.appendleft(proc.task)
             else:
-                self._pending.put_back(child.task)
-        if child.kill_reason is None and status != 0 and not child.claimed:
-            self.logger.error("worker exited unexpectedly", extra={"pid": child.pid, "status": status})
+                self._pending.put_back(proc.task)
+        if proc.kill_reason is None and status != 0 and not proc.claimed:
+            self.logger.error("worker exited unexpectedly", extra={"pid": proc.pid, "status": status})
             self._spawn_blocked_until = time.monotonic() + SPAWN_BACKOFF_SECONDS
 
-    def _forget_connection(self, child: _Child) -> None:
+    def _forget_connection(self, proc: _WorkerProc) -> None:
         """The worker's end of the pipe closed: it is exiting; the reaper reports the rest."""
         with contextlib.suppress(OSError):
-            child.conn.close()
+            proc.conn.close()
 
     def _report(self, message: Any) -> None:
         if self._queue is None:
@@ -498,24 +498,24 @@ class WorkerManager:
         its end first (it is never killed by a stop: its run must not run again); the others stop themselves at
         once (their watchdog, atomically with the job's return) or are killed after STOP_GRACE_SECONDS. The node
         bounds the whole stop."""
-        for child in list(self._children.values()):
-            self._drain(child)  # who has ended already
-        for child in self._children.values():
-            child.slot.request_stop()
+        for proc in list(self._workers.values()):
+            self._drain(proc)  # who has ended already
+        for proc in self._workers.values():
+            proc.slot.request_stop()
             with contextlib.suppress(OSError, ValueError):
-                child.conn.send(Exit())
-            if child.claimed and not child.ending and child.kill_reason is None:
-                child.kill_reason = KillReason.STOP
+                proc.conn.send(Exit())
+            if proc.claimed and not proc.ending and proc.kill_reason is None:
+                proc.kill_reason = KillReason.STOP
         grace = time.monotonic() + STOP_GRACE_SECONDS
-        while self._children:
+        while self._workers:
             self._reap()
-            for child in list(self._children.values()):
-                self._drain(child)
-                if time.monotonic() >= grace and not child.ending:
-                    if child.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
-                        child.kill_reason = KillReason.STOP
-                    forking.kill_tree(child.pid, signal.SIGKILL)
-            if self._children:
+            for proc in list(self._workers.values()):
+                self._drain(proc)
+                if time.monotonic() >= grace and not proc.ending:
+                    if proc.kill_reason not in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.LOST):
+                        proc.kill_reason = KillReason.STOP
+                    forking.kill_tree(proc.pid, signal.SIGKILL)
+            if self._workers:
                 self._flush_reports()
                 time.sleep(0.01)
         self._flush_reports(block=True)  # the node reads until we exit

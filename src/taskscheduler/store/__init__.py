@@ -8,28 +8,24 @@ collection, the add_job_once keys and the node registry.
 
 from __future__ import annotations
 
-from .mongo import (
-    CLAIM_SECONDS,
-    ID_BATCH,
+from .mongo.connection import connect, sync_twin
+from .mongo.deployment import shard_keys
+from .mongo.documents import (
     MAX_DOCUMENT_SIZE,
     MAX_JOB_SIZE,
-    ActivityFeed,
     Document,
-    StatusChange,
-    StatusFeed,
-    Store,
-    connect,
     encoded_size,
     fields_equal,
     fingerprint,
     job_size,
     literal,
     same_value,
-    shard_keys,
-    sync_twin,
     utcnow,
     with_prefix,
 )
+from .mongo.feeds import ActivityFeed, StatusChange, StatusFeed
+from .mongo.jobs import CLAIM_SECONDS, ID_BATCH
+from .mongo.store import Store
 from .protocol import JobStore
 
 __all__ = [

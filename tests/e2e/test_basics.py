@@ -9,7 +9,11 @@ from typing import Any
 
 import pytest
 
-from helpers import Node, wait_until
+from helpers import (
+    Node,
+    alive,
+    wait_until,
+)
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import JobFailedError
 
@@ -93,7 +97,7 @@ def test_cancel_running_job_kills_it(scheduler: Scheduler, start_node: Callable[
     pid = int(wait_until(pid_file.read_text, 5))
     scheduler.cancel_job(p.id)
     canceled_at = time.monotonic()
-    wait_until(lambda: not _alive(pid), 5, what="worker killed")
+    wait_until(lambda: not alive(pid), 5, what="worker killed")
     assert time.monotonic() - canceled_at < 2.5
     assert scheduler.get_job(p.id).status == JobStatus.CANCELED
     assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
@@ -129,14 +133,22 @@ def test_progress_reaches_100(scheduler: Scheduler, start_node: Callable[..., No
     assert p.status == JobStatus.DONE and p.progress == 100.0
 
 
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def unused(*_: Any) -> None:
     pass
+
+
+@pytest.mark.e2e
+def test_interval_job_with_timeouts_keeps_one_document_until_canceled(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    start_node()
+    p = scheduler.add_job("sample_jobs:Sleep", {"seconds": 60}, interval=1, timeout=1)
+    wait_until(lambda: len(scheduler.get_job(p.id).runs()) >= 2, 30, what="two timed-out runs")
+    wait_until(lambda: scheduler.get_job(p.id).status == JobStatus.PROCESSING, 15, what="the third run")
+    scheduler.cancel_job(p.id)
+    p.wait(timeout=10)
+    runs = p.runs()
+    assert p.status == JobStatus.CANCELED
+    assert [r["status"] for r in runs[:-1]] == [JobStatus.TIMEOUT] * (len(runs) - 1)
+    assert runs[-1]["status"] == JobStatus.CANCELED and [r["run"] for r in runs] == list(range(1, len(runs) + 1))
+    assert [d["_id"] for d in scheduler.store.jobs.find({"class": "sample_jobs:Sleep"})] == [p.id]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
-from crash_jobs import read_ticks
-from helpers import Node, wait_until
+from crash_jobs import read_log, read_ticks
+from helpers import Node, alive, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.failpoints import ENVIRONMENT, ONCE_ENVIRONMENT
 
@@ -26,13 +27,6 @@ LEASE = 2.0
 
 def _starts(log: Path) -> list[tuple[int, float]]:
     return [(pid, at) for what, pid, at in read_ticks(str(log)) if what == "start"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _last_activity(log: Path, pid: int) -> float:
@@ -55,7 +49,7 @@ def test_a_worker_whose_node_is_paused_stops_its_job_before_another_node_runs_it
         start_node(orphaned_timeout=LEASE, modules=MODULES)
         wait_until(lambda: len(_starts(log)) >= 2, 20, what="the second node's execution")
         second_start = _starts(log)[1][1]
-        assert not _alive(worker_pid), "the paused node's worker still runs the job"
+        assert not alive(worker_pid), "the paused node's worker still runs the job"
         assert _last_activity(log, worker_pid) < second_start
     finally:
         os.killpg(first.pid, signal.SIGCONT)
@@ -82,7 +76,7 @@ def test_the_processes_a_job_started_die_with_its_worker(
     worker_pid = _starts(log)[0][0]
     sub_pid = next(p for w, p, _ in read_ticks(str(log)) if w == "sub")
     os.kill(worker_pid if victim == "worker" else node.pid, signal.SIGKILL)
-    wait_until(lambda: not _alive(sub_pid), 5, what="the job's subprocess to die with its worker")
+    wait_until(lambda: not alive(sub_pid), 5, what="the job's subprocess to die with its worker")
 
 
 def test_a_graceful_stop_lets_a_returned_run_record_its_end(
@@ -132,3 +126,25 @@ def _is_stopped(proc: Any) -> bool:
         return bool(proc.status() == psutil.STATUS_STOPPED and "taskscheduler" in " ".join(proc.cmdline()))
     except psutil.Error:
         return False
+
+
+@pytest.mark.e2e
+def test_a_stalled_node_never_runs_a_job_beside_its_successor(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    log = str(tmp_path / "runs.log")
+    stalled = start_node("--import", "crash_jobs", orphaned_timeout=2)
+    p = scheduler.add_job("crash_jobs:StartLog", {"path": log, "seconds": 6})
+    first = wait_until(lambda: [pid for what, pid, _ in read_log(log) if what == "start"], 30, what="first run")[0]
+    os.kill(stalled.pid, signal.SIGSTOP)  # the queue process only: its manager and worker go on
+    try:
+        died_at = wait_until(lambda: None if alive(first) else time.time(), 10, what="the stalled node to fence")
+        start_node("--import", "crash_jobs", orphaned_timeout=2)
+        starts = wait_until(lambda: [e for e in read_log(log) if e[0] == "start"][1:], 30, what="second run")
+        assert starts[0][2] > died_at, "the successor started while the stalled node's worker still ran the job"
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+    p.wait(timeout=30)
+    assert p.status == JobStatus.DONE
+    assert [what for what, _, _ in read_log(log)] == ["start", "start", "end"]
+    assert stalled.proc.poll() is None, stalled.output()[-2000:]

@@ -29,7 +29,8 @@ def test_static_pool_has_exactly_min_children(scheduler: Scheduler, start_node: 
     node = start_node("--pm", "static", "--min-children", "3", "--max-children", "5")
     wait_until(lambda: len(workers_of(node)) == 3, 20, what="3 workers")
     jobs = [scheduler.add_job("sample_jobs:Sleep", {"seconds": 0.5}) for _ in range(6)]
-    time.sleep(0.3)
+    busy = {"status": JobStatus.PROCESSING}
+    wait_until(lambda: scheduler.store.jobs.count_documents(busy) == 3, 20, what="three jobs running, three waiting")
     assert len(workers_of(node)) == 3
     scheduler.wait_for(jobs, timeout=30)
     assert len(workers_of(node)) == 3
@@ -46,6 +47,8 @@ def test_dynamic_pool_grows_to_max_and_shrinks_back(scheduler: Scheduler, start_
 
 def test_ondemand_workers_exit_after_their_job(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     node = start_node("--pm", "ondemand", "--max-children", "2")
+    wait_until(lambda: "worker manager started" in node.output(), 20, what="the manager")
+    # An idle ondemand pool forks nothing, and nothing says "I did not fork": give a fork time to show.
     time.sleep(0.5)
     assert workers_of(node) == []
     jobs = [scheduler.add_job("sample_jobs:Sleep", {"seconds": 0.5}) for _ in range(3)]

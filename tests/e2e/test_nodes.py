@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
@@ -135,3 +137,28 @@ def test_health_of_an_unreachable_server_is_exit_1(db_name: str) -> None:
     env = dict(os.environ, TASKSCHEDULER_MONGODB_URI="mongodb://127.0.0.1:1/?directConnection=true")
     out = subprocess.run([sys.executable, "-m", "taskscheduler", "health"], capture_output=True, text=True, env=env)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_a_free_worker_starts_a_new_job_at_once_after_other_nodes_took_many(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """SPEC 4: a WAITING job starts within 1 s of a free slot, however many jobs other nodes claimed meanwhile."""
+    start_node("--import", "crash_jobs", "--pm", "static", "--min-children", "1", "--max-children", "1")
+    flag = tmp_path / "busy"
+    flag.touch()
+    busy = scheduler.add_job("crash_jobs:ProgressThroughOutage", {"flag": str(flag)})  # runs while the flag exists
+    wait_until(lambda: scheduler.get_job(busy.id).status == JobStatus.PROCESSING, 30, what="the node to be busy")
+    elsewhere = ObjectId()  # the workers of other nodes, which take every job at once
+    for _ in range(300):
+        scheduler.lifecycle.claim(scheduler.add_job("sample_jobs:Noop").id, elsewhere, 120.0)
+    # The node must have read them all in its change stream: it tells nothing per job it hands over (no log
+    # line, no metric of jobs claimed elsewhere), so this waits a time many times its stream's latency.
+    time.sleep(1)
+    flag.unlink()
+    busy.wait(timeout=30)
+    began = time.monotonic()
+    fresh = scheduler.add_job("sample_jobs:Noop")
+    fresh.wait(timeout=60)
+    took = time.monotonic() - began
+    assert took < 2.0, f"a new job waited {took:.1f} s for a free worker (SPEC: within 1 s)"

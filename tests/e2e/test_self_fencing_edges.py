@@ -5,16 +5,13 @@ process its job started) stops running the job before the lease it ran under can
 manager or the whole process group is paused, killed or cut off; a worker that dies takes the processes its job
 started with it; a graceful stop never kills a run whose code has returned; no job runs twice, none is lost.
 
-The job classes live here too: the test's queue nodes import this module (``MODULES``)."""
+Its job classes are in tests/fencing_jobs.py (a job module the test's queue nodes import: ``MODULES``)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,101 +21,11 @@ import psutil
 import pytest
 from pymongo import MongoClient
 
-from crash_jobs import SUB_TICKS, append_line
-from helpers import Node, wait_until
-from taskscheduler import AbstractJob, JobStatus, Scheduler
+from helpers import Node, alive, wait_until
+from taskscheduler import JobStatus, Scheduler
 
 LEASE = 2.0
-MODULES = (__name__, "sample_jobs", "crash_jobs")
-
-# -- job classes (run by the nodes' workers) -----------------------------------------------------------------------
-
-
-def _line(path: str, what: str) -> None:
-    """``<what> <pid> <time.monotonic()>``: one clock for every process of the machine."""
-    append_line(path, f"{what} {os.getpid()} {time.monotonic():.4f}")
-
-
-def hold_gil(seconds: float) -> None:
-    """One C call that holds the interpreter lock for ``seconds`` (as a long regex, a big-integer power, a sort of
-    a huge list or a C extension that does not release it would; this one lasts exactly as long on any machine)."""
-
-    class Timespec(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-    libc = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL (CDLL would release it)
-    request = Timespec(int(seconds), int((seconds % 1) * 1e9))
-    remaining = Timespec(0, 0)
-    while libc.nanosleep(ctypes.byref(request), ctypes.byref(remaining)) != 0:  # interrupted by a signal
-        request = Timespec(remaining.tv_sec, remaining.tv_nsec)
-
-
-class HoldGil(AbstractJob):
-    """``start``, one GIL-holding C call of ``data["hold"]`` s, then ``after``. With ``data["ignore_fence_signal"]``
-    it first sets the real-time signal the library's kernel timer uses to SIG_IGN (as a job using real-time signals
-    for itself, or a library that ignores "all signals it does not know", would)."""
-
-    def start(self) -> str:
-        if self.data.get("ignore_fence_signal"):
-            signal.signal(signal.SIGRTMIN + 2, signal.SIG_IGN)
-        _line(self.data["log"], "start")
-        hold_gil(float(self.data["hold"]))
-        _line(self.data["log"], "after")
-        return "held"
-
-
-#: A daemon in the classic way (fork, setsid, fork; the middle process exits): what `nohup cmd &`, a
-#: `start-stop-daemon`, or a server the job launches for itself do. It ticks ``daemon <pid> <time>`` until killed.
-_DAEMON = (
-    "import os, sys, time\n"
-    "if os.fork():\n"
-    "    os._exit(0)\n"
-    "os.setsid()\n"
-    "if os.fork():\n"
-    "    os._exit(0)\n"
-    "while True:\n"
-    "    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)\n"
-    "    os.write(fd, f'daemon {os.getpid()} {time.monotonic():.4f}\\n'.encode())\n"
-    "    os.close(fd)\n"
-    "    time.sleep(0.05)\n"
-)
-
-
-class WithDaemon(AbstractJob):
-    """Starts a double-forked daemon (a process of its job), then ticks ``tick`` for ``data["seconds"]`` s."""
-
-    def start(self) -> str:
-        subprocess.run([sys.executable, "-c", _DAEMON, self.data["log"]], check=True, stdin=subprocess.DEVNULL)
-        _line(self.data["log"], "start")
-        end = time.monotonic() + float(self.data["seconds"])
-        while time.monotonic() < end:
-            time.sleep(0.05)
-            _line(self.data["log"], "tick")
-        _line(self.data["log"], "end")
-        return "done"
-
-
-class HoldGilWithHelper(AbstractJob):
-    """Starts a helper process that ticks ``sub`` (in the worker's own process group, as ``subprocess.Popen``
-    does), writes ``start``, then holds the GIL in one C call for ``data["hold"]`` s."""
-
-    def start(self) -> str:
-        subprocess.Popen([sys.executable, "-c", SUB_TICKS, self.data["log"]], stdin=subprocess.DEVNULL)
-        _line(self.data["log"], "start")
-        hold_gil(float(self.data["hold"]))
-        return "held"
-
-
-class RunsCommand(AbstractJob):
-    """Runs a program and waits for it (ffmpeg, rsync, a shell script...): ``start``, then the command."""
-
-    def start(self) -> str:
-        _line(self.data["log"], "start")
-        code = "import time; time.sleep(float(__import__('sys').argv[1]))"
-        subprocess.run([sys.executable, "-c", code, str(self.data["seconds"])], check=True)
-        _line(self.data["log"], "end")
-        return "ran"
-
+MODULES = ("fencing_jobs", "sample_jobs", "crash_jobs")
 
 # -- helpers -------------------------------------------------------------------------------------------------------
 
@@ -143,13 +50,6 @@ def _pids(log: Path, what: str) -> list[int]:
 
 def _times(log: Path, what: str, pid: int | None = None) -> list[float]:
     return [at for kind, p, at in _read(log) if kind == what and (pid is None or p == pid)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD))
-    except psutil.Error:
-        return False
 
 
 def _manager_of(node: Node) -> int:
@@ -184,7 +84,7 @@ def test_a_job_holding_the_interpreter_past_its_lease_fails_once_instead_of_loop
     LeaseUnconfirmedError (retry rules apply) instead of going back to WAITING to be killed again forever."""
     log = tmp_path / "ticks.log"
     start_node(orphaned_timeout=LEASE, modules=MODULES)
-    process = scheduler.add_job(f"{__name__}:HoldGil", {"log": str(log), "hold": 1.5 * LEASE})
+    process = scheduler.add_job("fencing_jobs:HoldGil", {"log": str(log), "hold": 1.5 * LEASE})
     assert process.wait(timeout=30).status == JobStatus.FAILED
     assert process.error is not None and process.error["class"] == "taskscheduler.errors.LeaseUnconfirmedError"
     assert len(_pids(log, "start")) == 1
@@ -199,7 +99,7 @@ def test_a_healthy_job_in_one_long_c_call_is_not_killed(
     lease could expire."""
     log = tmp_path / "ticks.log"
     start_node(orphaned_timeout=LEASE, modules=MODULES)
-    process = scheduler.add_job(f"{__name__}:HoldGil", {"log": str(log), "hold": 0.8 * LEASE})
+    process = scheduler.add_job("fencing_jobs:HoldGil", {"log": str(log), "hold": 0.8 * LEASE})
     wait_until(
         lambda: process.refresh().status == JobStatus.DONE or len(_pids(log, "start")) >= 3,
         30,
@@ -217,14 +117,14 @@ def test_a_double_forked_daemon_of_a_job_dies_when_the_manager_is_killed(
     OOM killer). SPEC 4: a worker that dies takes the processes its job started with it."""
     log = tmp_path / "ticks.log"
     node = start_node(orphaned_timeout=LEASE, modules=MODULES)
-    process = scheduler.add_job(f"{__name__}:WithDaemon", {"log": str(log), "seconds": 2.5})
+    process = scheduler.add_job("fencing_jobs:WithDaemon", {"log": str(log), "seconds": 2.5})
     wait_until(lambda: _pids(log, "daemon") and _pids(log, "start"), 15, what="the job and its daemon")
     daemon, worker = _pids(log, "daemon")[0], _pids(log, "start")[0]
     reaper.append(daemon)
     os.kill(psutil.Process(worker).ppid(), signal.SIGKILL)
-    wait_until(lambda: not _alive(worker), 5, what="the worker to stop with its manager")
+    wait_until(lambda: not alive(worker), 5, what="the worker to stop with its manager")
     wait_until(lambda: len(_pids(log, "start")) >= 2, 15, what="the job to run again")
-    assert not _alive(daemon), "the dead worker's daemon still runs its job's code beside the new run"
+    assert not alive(daemon), "the dead worker's daemon still runs its job's code beside the new run"
     assert process.wait(timeout=20).status == JobStatus.DONE
     assert node.proc.poll() is None
 
@@ -237,7 +137,7 @@ def test_a_double_forked_daemon_of_a_job_stops_before_the_lease_when_the_node_gr
     every process the job started stops running the job before the lease can expire."""
     log = tmp_path / "ticks.log"
     first = start_node(orphaned_timeout=LEASE, modules=MODULES)
-    scheduler.add_job(f"{__name__}:WithDaemon", {"log": str(log), "seconds": 3})
+    scheduler.add_job("fencing_jobs:WithDaemon", {"log": str(log), "seconds": 3})
     wait_until(lambda: _pids(log, "daemon") and _pids(log, "start"), 15, what="the job and its daemon")
     daemon, worker = _pids(log, "daemon")[0], _pids(log, "start")[0]
     reaper.append(daemon)
@@ -246,8 +146,8 @@ def test_a_double_forked_daemon_of_a_job_stops_before_the_lease_when_the_node_gr
         start_node(orphaned_timeout=LEASE, modules=MODULES)
         wait_until(lambda: len(_pids(log, "start")) >= 2, 20, what="the second node's run")
         second_start = _times(log, "start", _pids(log, "start")[1])[0]
-        assert not _alive(worker)
-        assert not _alive(daemon), "the daemon of the paused node's job still runs beside the second node's run"
+        assert not alive(worker)
+        assert not alive(daemon), "the daemon of the paused node's job still runs beside the second node's run"
         assert max(_times(log, "daemon", daemon)) < second_start
     finally:
         os.killpg(first.pid, signal.SIGCONT)
@@ -261,7 +161,7 @@ def test_a_worker_exit_does_not_kill_the_daemon_of_another_running_job(
     worker that dies takes its job's processes with it; a healthy job is never fenced."""
     log = tmp_path / "ticks.log"
     start_node("--pm", "ondemand", "--max-children", "3", orphaned_timeout=LEASE, modules=MODULES)
-    job_a = scheduler.add_job(f"{__name__}:WithDaemon", {"log": str(log), "seconds": 3})
+    job_a = scheduler.add_job("fencing_jobs:WithDaemon", {"log": str(log), "seconds": 3})
     wait_until(lambda: _pids(log, "daemon") and _pids(log, "start"), 15, what="job A and its helper")
     daemon = _pids(log, "daemon")[0]
     reaper.append(daemon)
@@ -285,7 +185,7 @@ def test_a_paused_manager_does_not_keep_a_dead_workers_job_from_running(
     manager = _manager_of(first)
     os.kill(manager, signal.SIGSTOP)
     try:
-        wait_until(lambda: not _alive(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, 10)
+        wait_until(lambda: not alive(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, 10)
         start_node(orphaned_timeout=LEASE, modules=MODULES)
         try:
             wait_until(lambda: process.refresh().status == JobStatus.DONE, 5 * LEASE, what="the job to run again")
@@ -312,18 +212,18 @@ def test_a_job_ignoring_real_time_signals_still_stops_before_its_lease_expires(
     log = tmp_path / "ticks.log"
     node = start_node("--pm", "static", "--min-children", "1", orphaned_timeout=LEASE, modules=MODULES)
     if who == "an earlier job on the same worker":
-        earlier = scheduler.add_job(f"{__name__}:HoldGil", {"log": str(log), "hold": 0, "ignore_fence_signal": True})
+        earlier = scheduler.add_job("fencing_jobs:HoldGil", {"log": str(log), "hold": 0, "ignore_fence_signal": True})
         assert earlier.wait(timeout=15).status == JobStatus.DONE
     hold = 2 * LEASE
     data = {"log": str(log), "hold": hold, "ignore_fence_signal": who == "the job itself"}
-    scheduler.add_job(f"{__name__}:HoldGil", data)
+    scheduler.add_job("fencing_jobs:HoldGil", data)
     runs = 2 if who == "an earlier job on the same worker" else 1
     wait_until(lambda: len(_times(log, "start")) == runs, 15, what="the run")
     paused_at = time.monotonic()
     os.killpg(node.pid, signal.SIGSTOP)
     try:
         worker = _pids(log, "start")[-1]
-        wait_until(lambda: not _alive(worker) or time.monotonic() > paused_at + hold + 1, 2 * hold)
+        wait_until(lambda: not alive(worker) or time.monotonic() > paused_at + hold + 1, 2 * hold)
         ran_until = max(_times(log, "after", worker) or _times(log, "start", worker))
         assert ran_until < paused_at + LEASE, f"job code ran {ran_until - paused_at:.1f} s after its node paused"
     finally:
@@ -344,15 +244,15 @@ def test_a_job_holding_the_gil_in_a_paused_node_group_takes_its_subprocess_down_
     before the lease can expire."""
     log = tmp_path / "ticks.log"
     first = start_node(orphaned_timeout=LEASE, modules=MODULES)
-    scheduler.add_job(f"{__name__}:HoldGilWithHelper", {"log": str(log), "hold": 3 * LEASE})
+    scheduler.add_job("fencing_jobs:HoldGilWithHelper", {"log": str(log), "hold": 3 * LEASE})
     wait_until(lambda: _pids(log, "sub") and _pids(log, "start"), 15, what="the job and its helper")
     helper, worker = _pids(log, "sub")[0], _pids(log, "start")[0]
     reaper.append(helper)
     paused_at = time.monotonic()
     os.killpg(first.pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: not _alive(worker), 2 * LEASE, what="the kernel timer to end the worker")
-        wait_until(lambda: not _alive(helper) or time.monotonic() > paused_at + 2 * LEASE, 3 * LEASE)
+        wait_until(lambda: not alive(worker), 2 * LEASE, what="the kernel timer to end the worker")
+        wait_until(lambda: not alive(helper) or time.monotonic() > paused_at + 2 * LEASE, 3 * LEASE)
         last = max(_times(log, "sub", helper))
         assert last < paused_at + LEASE, f"the job's helper ran {last - paused_at:.1f} s after its node paused"
     finally:
@@ -368,7 +268,7 @@ def test_a_systemd_stop_puts_a_job_running_a_command_back(
     graceful stop; each interrupted job is reset to WAITING (same id), none is failed."""
     log = tmp_path / "ticks.log"
     node = start_node(orphaned_timeout=LEASE, modules=MODULES)
-    process = scheduler.add_job(f"{__name__}:RunsCommand", {"log": str(log), "seconds": 30})
+    process = scheduler.add_job("fencing_jobs:RunsCommand", {"log": str(log), "seconds": 30})
     wait_until(lambda: _pids(log, "start"), 15, what="the job to start")
     worker = psutil.Process(_pids(log, "start")[0])
     wait_until(lambda: worker.children(), 5, what="the command to start")
@@ -427,14 +327,14 @@ def test_a_claim_the_node_never_heard_of_is_not_run_again_while_its_worker_runs(
     monkeypatch.setenv("TASKSCHEDULER_FAILPOINTS_ONCE", str(once))
     node = start_node(orphaned_timeout=LEASE, modules=MODULES)
     manager = _manager_of(node)
-    process = scheduler.add_job(f"{__name__}:HoldGil", {"log": str(log), "hold": LEASE / 2})
+    process = scheduler.add_job("fencing_jobs:HoldGil", {"log": str(log), "hold": LEASE / 2})
     wait_until(lambda: process.refresh().status == JobStatus.PROCESSING, 15, interval=0.01, what="the claim")
     os.kill(manager, signal.SIGSTOP)  # in the failpoint's half second: the worker's Claimed is not read
     wait_until(lambda: _pids(log, "start"), 5, interval=0.01, what="the job's code to start")
     first = _pids(log, "start")[0]
     os.kill(manager, signal.SIGKILL)
-    wait_until(lambda: len(_pids(log, "start")) >= 2 or not _alive(first), 10, interval=0.01)
-    overlap = _alive(first) and len(_pids(log, "start")) >= 2
+    wait_until(lambda: len(_pids(log, "start")) >= 2 or not alive(first), 10, interval=0.01)
+    overlap = alive(first) and len(_pids(log, "start")) >= 2
     assert not overlap, "the job runs again while its first worker still runs it"
     assert process.wait(timeout=20).status == JobStatus.DONE
 
@@ -448,11 +348,11 @@ def test_an_idle_ondemand_manager_leaves_no_zombies(
     log = tmp_path / "ticks.log"
     node = start_node("--pm", "ondemand", orphaned_timeout=LEASE, modules=MODULES)
     manager = psutil.Process(_manager_of(node))
-    process = scheduler.add_job(f"{__name__}:WithDaemon", {"log": str(log), "seconds": 0.2})
+    process = scheduler.add_job("fencing_jobs:WithDaemon", {"log": str(log), "seconds": 0.2})
     wait_until(lambda: _pids(log, "daemon"), 15, what="the daemon")
     reaper.append(_pids(log, "daemon")[0])
     assert process.wait(timeout=15).status == JobStatus.DONE
-    wait_until(lambda: not [p for p in manager.children() if _alive(p.pid)], 10, what="the worker and daemon to end")
+    wait_until(lambda: not [p for p in manager.children() if alive(p.pid)], 10, what="the worker and daemon to end")
 
     def zombies() -> list[int]:
         return [p.pid for p in manager.children() if p.status() == psutil.STATUS_ZOMBIE]

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import MongoClient
 
-from helpers import Node, wait_until
+from helpers import Node, alive, wait_until
 from taskscheduler import JobStatus, Scheduler
 
 pytestmark = pytest.mark.e2e
@@ -78,7 +79,7 @@ def test_sigterm_puts_running_job_back_and_exits_zero(
     assert time.monotonic() - started < 10
     back = scheduler.get_job(p.id)
     assert back.status == JobStatus.WAITING and back.worker is None
-    assert not _alive(worker_pid)
+    assert not alive(worker_pid)
     assert scheduler.store.jobs.count_documents({"status": JobStatus.PROCESSING}) == 0
 
 
@@ -116,7 +117,6 @@ def test_worker_crash_three_times_ends_failed(
 def test_orphan_of_a_dead_node_is_reset_by_another(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     # A job claimed by a node that died before doing anything else: its short lease runs out, never renewed.
-    from bson import ObjectId
 
     dead = ObjectId()
     assert scheduler.store.claim(p.id, dead, 0.5) is not None
@@ -148,7 +148,7 @@ def test_node_recovers_after_server_closes_connections(
         data={"failCommands": ["getMore", "aggregate", "update", "insert", "find"], "closeConnection": True},
     )
     try:
-        time.sleep(3)
+        time.sleep(3)  # the fault itself: connections closed for 3 s (not a wait for anything)
     finally:
         client.admin.command("configureFailPoint", "failCommand", mode="off")
     assert node.proc.poll() is None, node.output()
@@ -159,15 +159,6 @@ def test_node_recovers_after_server_closes_connections(
     assert busy.status == JobStatus.DONE
     log = node.output()
     assert "round failed" in log or "interrupted" in log, log[-2000:]
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_node_keeps_working_after_flush(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
@@ -196,3 +187,28 @@ def test_node_restarts_a_dead_manager(scheduler: Scheduler, start_node: Callable
     )
     assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE
     assert node.stop() == 0
+
+
+@pytest.mark.e2e
+def test_a_run_that_returned_during_a_short_outage_runs_once_and_ends_done(
+    scheduler: Scheduler,
+    start_node: Callable[..., Node],
+    tmp_path: Path,
+    client: Any,
+) -> None:
+    """SPEC 4: an outage shorter than orphaned_timeout fails no job: a returned run is recorded once after it."""
+    log = tmp_path / "runs.log"
+    start_node("--import", "crash_jobs", orphaned_timeout=3)
+    p = scheduler.add_job("crash_jobs:EndThenLinger", {"path": str(log), "linger": 0.3})
+    wait_until(lambda: log.exists() and "end" in log.read_text(), 30, interval=0.01, what="the job's work")
+    client.admin.command(
+        "configureFailPoint", "failCommand", mode="alwaysOn", data={"failCommands": ["update"], "closeConnection": True}
+    )
+    try:
+        time.sleep(2.5)  # shorter than orphaned_timeout (3 s)
+    finally:
+        client.admin.command("configureFailPoint", "failCommand", mode="off")
+    p.wait(timeout=30)
+    assert scheduler.add_job("sample_jobs:Noop").wait(timeout=30).status == JobStatus.DONE  # the node went on
+    starts = [line for line in log.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) == 1 and p.status == JobStatus.DONE, f"ran {len(starts)} times, ended {p.status.name}"
