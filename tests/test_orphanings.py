@@ -99,15 +99,38 @@ def test_a_sweep_counts_until_its_owner_vouches_for_it(scheduler: Scheduler) -> 
     assert swept_back(scheduler, p.id) == {first: True, second: False}
     third, change = sweep(scheduler, p.id)
     assert change.record()
-    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING  # 2: the second and this one
+    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING  # 1 confirmed: the second
     fourth, change = sweep(scheduler, p.id)
+    assert change.record()
+    # 2 confirmed (the second, the third): the fourth's owner may be only paused, so it is no death yet.
+    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING
+    fifth, change = sweep(scheduler, p.id)
     assert change.record()
     failed = scheduler.get_job(p.id)
     assert failed.status == JobStatus.FAILED and failed.run == 1
     assert failed.error is not None and failed.error["class"] == ORPHANED_ERROR
     assert failed.error["message"] == f"job orphaned 3 times; last: {SWEPT}"
     assert scheduler.store.find_job(p.id)["orphaned"] == 3
-    assert [(r["status"], r["worker"]) for r in failed.runs()] == [(JobStatus.FAILED, fourth)]
+    assert [(r["status"], r["worker"]) for r in failed.runs()] == [(JobStatus.FAILED, fifth)]
+
+
+@pytest.mark.usefixtures("sweeps_confirmed_at_once")
+def test_two_deaths_and_then_an_owner_cut_off_leave_the_run_waiting(scheduler: Scheduler) -> None:
+    """SPEC 4, orphanings count dead processes only: after two confirmed deaths, the sweep of a run whose owner
+    is only paused or cut off puts it back, and when that owner comes back and vouches, its sweep never counts."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    for _ in range(2):
+        _, change = sweep(scheduler, p.id)
+        assert change.record()
+    paused, change = sweep(scheduler, p.id)
+    assert change.record()
+    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING
+    scheduler.lifecycle.after_kill(p.id, paused, 1, KillReason.LOST, 0).record()  # its node comes back, fenced
+    assert swept_back(scheduler, p.id)[paused] is True
+    worker = ObjectId()
+    assert scheduler.store.claim(p.id, worker, LEASE) is not None
+    assert scheduler.lifecycle.end(scheduler.store.find_job(p.id), worker, JobStatus.DONE).record()
+    assert scheduler.get_job(p.id).status == JobStatus.DONE
 
 
 def test_an_owner_that_ends_its_run_after_a_sweep_vouches_for_it(scheduler: Scheduler) -> None:

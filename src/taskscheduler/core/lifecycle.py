@@ -508,7 +508,12 @@ class Lifecycle:
         # never took effect (the owner renewed the lease since). A worker dies once.
         swept = self._confirmed_sweeps(job) - {worker}
         deaths = job.orphaned
-        return self._orphaned(job, worker, deaths, deaths + len(swept) + 1, reason, expires, expires)
+        # This sweep is no death yet (its owner may be only paused or cut off, SPEC 4): it counts once it is
+        # confirmed, at the run's next orphaning. Only deaths confirmed before it can fail the run now.
+        confirmed = deaths + len(swept)
+        if confirmed >= MAX_ORPHANINGS:
+            return self._orphaned(job, worker, deaths, confirmed, reason, expires, expires)
+        return Release(self, job, worker, deaths, reason, expires, expires)
 
     def _orphaned(
         self,
