@@ -20,7 +20,9 @@ from taskscheduler.node.fencing import LeaseSlot
 from taskscheduler.node.heartbeat import Heartbeat
 from taskscheduler.node.manager import WorkerManager, _WorkerProc
 from taskscheduler.node.protocol import (
+    CancelJob,
     Claimed,
+    Ending,
     JobKilled,
     KillReason,
     RunJob,
@@ -168,6 +170,28 @@ def test_a_stale_heartbeat_snapshot_spares_the_worker_of_the_next_run(
     beat.beat()
     assert idle_a.job is None
     assert worker_b not in killed, "the healthy worker of run 2 was killed because run 1's worker had moved on"
+
+
+@pytest.mark.parametrize("why", ["cancel", "timeout", "fence"])
+def test_a_worker_whose_ending_waits_in_the_pipe_is_never_killed(why: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 4: a run whose code returned is never killed (cancel, timeout or fence): its worker sends Ending before
+    it writes anything about the end, and the manager reads what a worker sent before it decides a kill. Killed
+    midway through recording, the worker could not withdraw an end that lost (a canceled run kept a DONE event)."""
+    manager = WorkerManager(IdleWorkerFactory())
+    killed: list[KillReason] = []
+    monkeypatch.setattr(manager, "_kill", lambda child, reason: killed.append(reason))
+    job_id, parent, worker_end = ObjectId(), *Pipe()
+    proc = manager._workers[1] = _WorkerProc(ObjectId(), 1, parent, LeaseSlot(), dedicated=False)
+    proc.job, proc.task = job_id, RunJob({"_id": job_id, "options": {"timeout": 1}}, 30.0)
+    manager._on_worker_message(proc, Claimed(job_id, 1, 1))
+    worker_end.send(Ending(job_id))  # the job's code returned; the manager has not read it yet
+    if why == "cancel":
+        manager._on_queue_message(CancelJob(job_id))
+    else:
+        proc.deadline = time.monotonic() - 1 if why == "timeout" else None
+        proc.fence = 0.0 if why == "fence" else proc.fence
+        manager._enforce_deadlines()
+    assert killed == [] and proc.ending
 
 
 def test_a_force_spawn_job_during_a_spawn_backoff_runs_after_it() -> None:

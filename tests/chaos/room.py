@@ -215,10 +215,14 @@ class RoomChaos:
         self.missing: set[str] = set()
 
     def batch(self, workers: list[RoomProcess], lines: list[str]) -> None:
+        began = time.monotonic()
         for worker, line in zip(workers, lines, strict=True):
             worker.send(line)
         for worker in workers:
             self.room.take(worker.answer())
+        # How long each step took (a slow server shows here, in the report of a seed that ran out of time too).
+        self.steps.append(f"  {time.monotonic() - began:6.1f} s  {lines[0].split()[0]} x{len(lines)}")
+        print(self.steps[-1], flush=True)  # shown by pytest when the seed runs out of time
 
     def adds(self) -> list[str]:
         return [f"add {self.rng.randint(1, 13)} 0" for _ in self.producers]

@@ -231,7 +231,9 @@ class WorkerManager:
     def _kill_job(
         self, job_id: ObjectId, reason: KillReason, worker_id: ObjectId | None = None, run: int | None = None
     ) -> None:
-        for proc in self._workers.values():
+        for proc in list(self._workers.values()):
+            if proc.job == job_id:
+                self._drain(proc)  # an Ending it sent already must be heard before a kill is decided
             # A run whose code has returned is never killed: its end is being recorded, conditional on owning the
             # job, and a worker that loses withdraws what it wrote (killed midway, it could not).
             if proc.job != job_id or not proc.claimed or proc.kill_reason is not None or proc.ending:
@@ -335,9 +337,14 @@ class WorkerManager:
     def _enforce_deadlines(self) -> None:
         """Kill workers past their job's timeout, and those whose lease the node could not renew in time."""
         now, clock = time.monotonic(), lease_clock()
-        for proc in self._workers.values():
+        for proc in list(self._workers.values()):
             if proc.kill_reason is not None or not proc.claimed or proc.ending:
                 continue
+            due = (proc.deadline is not None and now >= proc.deadline) or clock >= proc.fence
+            if due:
+                self._drain(proc)  # an Ending it sent already must be heard before a kill is decided
+                if proc.ending or proc.kill_reason is not None or not proc.claimed:
+                    continue
             if proc.deadline is not None and now >= proc.deadline:
                 self.logger.warning(
                     f"job {proc.job} timed out after {proc.timeout} s; killing its worker (pid {proc.pid})",
@@ -416,7 +423,9 @@ class WorkerManager:
                 return  # in a caller's process: never reap its other children
 
     def _drain(self, proc: _WorkerProc) -> None:
-        """Read what a dead worker said before it died (its claim, most of all)."""
+        """Read what a worker has sent so far, without waiting: what a dead one said before it died (its claim,
+        most of all), or the Ending a live one sent before it began recording its end (so that no kill meets a
+        run whose code returned: the worker sends Ending before it writes anything about the end)."""
         while not proc.conn.closed:
             try:
                 if not proc.conn.poll():
