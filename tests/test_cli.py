@@ -39,6 +39,58 @@ def run(server: EmbeddedServer, db_name: str) -> Callable[..., subprocess.Comple
     return call
 
 
+#: The console script users run (``taskscheduler``), not ``python -m taskscheduler``: only ``-m`` puts the
+#: current folder on ``sys.path``, so tests that run ``-m`` alone miss what users see.
+SCRIPT = str(Path(sys.executable).with_name("taskscheduler"))
+
+
+@pytest.fixture
+def script(server: EmbeddedServer, db_name: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs the console script as a user does: from a folder of their own, no PYTHONPATH set for them."""
+
+    def call(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        full_env.update(TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name, **(env or {}))
+        return subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60)
+
+    return call
+
+
+def _job_module(folder: Path, name: str = "mymod") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text("def job(data):\n    return data\n")
+    return folder
+
+
+def test_add_finds_job_modules_in_the_current_folder_as_queue_does(
+    script: Any, scheduler: Scheduler, tmp_path: Path
+) -> None:
+    project = _job_module(tmp_path / "project")
+    added = script("add", "mymod:job", cwd=project)
+    assert added.returncode == 0, added.stderr
+    assert scheduler.get_job(ObjectId(added.stdout.strip())).job_class == "mymod:job"
+
+
+def test_add_path_names_where_job_modules_are(script: Any, scheduler: Scheduler, tmp_path: Path) -> None:
+    _job_module(tmp_path / "jobs_here")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert script("add", "mymod:job", "--path", str(tmp_path / "jobs_here"), cwd=elsewhere).returncode == 0
+    relative = script("add", "mymod:job", "--path", "../jobs_here", cwd=elsewhere)
+    assert relative.returncode == 0, relative.stderr
+    assert scheduler.store.jobs.count_documents({}) == 2
+
+
+def test_a_failed_import_check_says_where_it_looked_and_how_to_add_anyway(
+    script: Any, scheduler: Scheduler, tmp_path: Path
+) -> None:
+    out = script("add", "mymod:job", cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "No module named 'mymod'" in out.stderr and "--no-import-check" in out.stderr
+    assert str(tmp_path) in out.stderr and "--path" in out.stderr
+    assert scheduler.store.jobs.count_documents({}) == 0
+
+
 def test_add_jobs_show_cancel_flush(run: Any, scheduler: Scheduler) -> None:
     added = run("add", "sample_jobs:Echo", "--data", '{"n": 1}', "--retry", "2", "--timeout", "5")
     assert added.returncode == 0, added.stderr

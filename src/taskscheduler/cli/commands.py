@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,28 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(plain(value), indent=2))
 
 
+#: ``--path`` of ``queue`` and ``add``: where job modules are looked up first, as ``rq worker`` does. The console
+#: script does not put the current folder on ``sys.path`` (only ``python -m`` does), hence the default ".".
+_path_option = _option(
+    "--path",
+    "paths",
+    multiple=True,
+    default=(".",),
+    show_default=True,
+    help="Directory put first on sys.path to import job modules from; repeatable.",
+)
+
+
+def _search_first(paths: Sequence[str]) -> None:
+    """Put ``paths`` first on ``sys.path``, in the order given."""
+    for path in reversed(paths):
+        sys.path.insert(0, os.path.abspath(path))
+
+
+def _where(paths: Sequence[str]) -> str:
+    return ", ".join(os.path.abspath(p) for p in paths)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mongodb-task-scheduler")
 @_option(
@@ -160,14 +183,7 @@ def cli(log_level: str) -> None:
     multiple=True,
     help="Module whose job classes this node runs (its allow-list, submodules included); repeatable, required.",
 )
-@_option(
-    "--path",
-    "paths",
-    multiple=True,
-    default=(".",),
-    show_default=True,
-    help="Directory put first on sys.path to import job modules from; repeatable.",
-)
+@_path_option
 @_option(
     "--pm",
     type=click.Choice(list(o.PM_MODES)),
@@ -220,8 +236,6 @@ def queue(
     metrics_host: str,
 ) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
-    import os
-
     from ..node.factory import DefaultWorkerFactory
     from ..node.queue import Queue
 
@@ -231,8 +245,7 @@ def queue(
         from ..node.metrics import require_prometheus_client
 
         require_prometheus_client()  # before connecting: a missing extra is the operator's to fix, at once
-    for path in reversed(paths):
-        sys.path.insert(0, os.path.abspath(path))
+    _search_first(paths)
     factory = DefaultWorkerFactory(
         conn.uri,
         conn.database,
@@ -243,9 +256,8 @@ def queue(
     try:
         factory.import_modules()
     except Exception as exc:  # the operator's module: say what is wrong with it in one line
-        where = ", ".join(os.path.abspath(p) for p in paths)
         raise click.UsageError(
-            f"cannot import job module: {type(exc).__name__}: {exc} (searched {where} first)"
+            f"cannot import job module: {type(exc).__name__}: {exc} (searched {_where(paths)} first)"
         ) from exc
     scheduler = conn.scheduler()
     node = Queue(
@@ -290,6 +302,7 @@ def _parse_at(value: str | None) -> float | None:
 @_option("--retry-jitter", is_flag=True, default=False, help="Draw each retry delay from [delay/2, delay].")
 @_option("--priority", type=int, default=None, help="-100..100: higher starts first among due jobs.")
 @_option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
+@_path_option
 @_option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
 @_option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
 def add(
@@ -308,6 +321,7 @@ def add(
     retry_jitter: bool,
     priority: int | None,
     force_spawn: bool,
+    paths: Sequence[str],
     no_import_check: bool,
     as_json: bool,
 ) -> None:
@@ -316,10 +330,14 @@ def add(
 
     class_path(job_class)  # a malformed name is refused before anything is imported
     if not no_import_check:
+        _search_first(paths)
         try:
             load_job_class(job_class)
         except InvalidJobError as exc:
-            raise InvalidJobError(f"{_first_line(exc)} (--no-import-check adds it anyway)") from None
+            raise InvalidJobError(
+                f"{_first_line(exc)} (searched {_where(paths)} first: --path DIR names another folder; "
+                "--no-import-check adds it anyway)"
+            ) from None
     payload: Any = None
     if data is not None:
         try:
