@@ -446,3 +446,43 @@ def test_cli_add_cron_with_a_far_at_is_one_line_exit_2(server: EmbeddedServer, d
     assert out.returncode == 2, (out.returncode, out.stderr[-500:])
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr[-500:]
     assert scheduler.store.jobs.count_documents({}) == 0
+
+
+def _live_node(scheduler: Scheduler, *modules: str) -> ObjectId:
+    node_id = ObjectId()
+    facts = {"host": "h", "pid": 1, "started": utcnow(), "modules": list(modules), "workers": []}
+    scheduler.store.register_node(node_id, facts, 60)
+    return node_id
+
+
+def test_add_warns_when_no_live_node_serves_the_jobs_module(run: Any, scheduler: Scheduler) -> None:
+    _live_node(scheduler, "other_jobs", "more_jobs")
+    added = run("add", "sample_jobs:Noop")
+    assert added.returncode == 0 and ObjectId(added.stdout.strip())  # stdout: the id alone, for scripts
+    assert len(added.stderr.strip().splitlines()) == 1, added.stderr
+    assert "no live queue node serves sample_jobs" in added.stderr and "--import sample_jobs" in added.stderr
+    assert "other_jobs, more_jobs" in added.stderr  # what the live nodes do serve
+    as_json = run("add", "sample_jobs:Noop", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["class"] == "sample_jobs:Noop"
+    assert "no live queue node serves sample_jobs" in as_json.stderr
+    assert scheduler.store.jobs.count_documents({}) == 2
+
+
+def test_add_says_nothing_more_when_a_live_node_serves_the_job(run: Any, scheduler: Scheduler) -> None:
+    _live_node(scheduler, "other_jobs")
+    _live_node(scheduler, "sample_jobs")
+    added = run("add", "sample_jobs:Echo", "--data", "1")
+    assert added.returncode == 0 and added.stderr == "", added.stderr
+
+
+def test_add_says_when_no_queue_node_is_running(run: Any, scheduler: Scheduler) -> None:
+    added = run("add", "sample_jobs:Noop")
+    assert added.returncode == 0 and ObjectId(added.stdout.strip())
+    assert len(added.stderr.strip().splitlines()) == 1, added.stderr
+    assert "no queue node is running" in added.stderr and "--import sample_jobs" in added.stderr
+
+
+def test_add_of_a_name_without_a_module_says_no_node_serves_it(run: Any, scheduler: Scheduler) -> None:
+    _live_node(scheduler, "sample_jobs")
+    added = run("add", "test", "--no-import-check")
+    assert added.returncode == 0 and "no queue node serves test, a name without a module" in added.stderr

@@ -359,11 +359,42 @@ def add(
         o.FORCE_SPAWN: force_spawn or None,
     }
     job_options = {k: v for k, v in given.items() if v is not None}
-    process = conn.scheduler().add_job(job_class, payload, job_options)
+    scheduler = conn.scheduler()
+    process = scheduler.add_job(job_class, payload, job_options)
     if as_json:
         _print_json(process.to_dict())
     else:
         click.echo(str(process.id))
+    _warn_when_unserved(scheduler, job_class)
+
+
+def _warn_when_unserved(scheduler: Any, job_class: str) -> None:
+    """One line on stderr when no live queue node would claim the job just added (SPEC 3): it would wait without a
+    word. Never an error: the job is added, and a script reading its id from stdout must not add it again."""
+    from ..client.job import serves, split_name
+    from ..ops.cluster import allow_lists
+    from .display import visible
+
+    try:
+        nodes = allow_lists(scheduler)
+    except Exception:  # the registry is a hint only: the add succeeded and its exit code says so
+        return
+    if any(serves(job_class, modules) for modules in nodes):
+        return
+    module = visible(split_name(job_class)[0])
+    if not module:  # a bare name ("test", as upstream's tests use) is stored as given and served by no node
+        click.echo(f"Warning: no queue node serves {visible(job_class)}, a name without a module", err=True)
+        return
+    if not nodes:
+        click.echo(f"Note: no queue node is running; the job waits for one started with --import {module}", err=True)
+        return
+    served = visible(", ".join(dict.fromkeys(m for modules in nodes for m in modules)) or "nothing")
+    count = f"{len(nodes)} live node{'s' if len(nodes) > 1 else ''}"
+    click.echo(
+        f"Warning: no live queue node serves {module} ({count}, serving {served}); the job waits for a node started "
+        f"with --import {module}",
+        err=True,
+    )
 
 
 def _status_names() -> list[str]:

@@ -38,7 +38,7 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
                 "pid": node.get("pid"),
                 "started": node["started"].isoformat() if isinstance(node.get("started"), datetime) else None,
                 "version": node.get("version"),
-                "modules": [str(m) for m in modules] if isinstance(modules := node.get("modules"), list) else [],
+                "modules": _modules(node),
                 "workers": len(workers),
                 "busy": busy,
                 "idle": len(workers) - busy,
@@ -60,6 +60,17 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
         },
         "unserved_waiting_classes": [c for c in store.waiting_classes() if not serves(c, served)],
     }
+
+
+def allow_lists(scheduler: Scheduler) -> list[list[str]]:
+    """The allow-list (modules served) of each live queue node, oldest node first: ``[]`` when none runs."""
+    return [_modules(node) for node in scheduler.store.live_nodes()]
+
+
+def _modules(node: Mapping[str, Any]) -> list[str]:
+    """A registry entry's modules (stored data: anything but a list counts as none)."""
+    modules = node.get("modules")
+    return [str(m) for m in modules] if isinstance(modules, list) else []
 
 
 def _by_status(events: Any) -> dict[str, int]:
