@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -486,3 +487,70 @@ def test_add_of_a_name_without_a_module_says_no_node_serves_it(run: Any, schedul
     _live_node(scheduler, "sample_jobs")
     added = run("add", "test", "--no-import-check")
     assert added.returncode == 0 and "no queue node serves test, a name without a module" in added.stderr
+
+
+def _in_a_terminal(*args: str, columns: int, env: dict[str, str]) -> str:
+    """What the console script prints to a terminal ``columns`` wide (a pty, as a user's shell gives it)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+        os.environ.update(env, COLUMNS=str(columns))
+        os.execv(SCRIPT, [SCRIPT, *args])
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # the child is gone: EIO on Linux
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, seen
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())  # colours and cursor moves out
+
+
+@pytest.mark.parametrize("columns", [80, 60])
+def test_job_ids_print_whole_in_a_narrow_terminal(
+    server: EmbeddedServer, db_name: str, scheduler: Scheduler, columns: int
+) -> None:
+    ids = [
+        scheduler.add_job("sample_jobs:add_numbers", {"a": 1}).id,
+        scheduler.add_job("sample_jobs:Noop", None, {"at": time.time() + 86_400 * 3}).id,
+        scheduler.add_job("a_rather_long_package_name.with_a_module:AndAVeryLongJobClassName").id,
+    ]
+    env = {"TASKSCHEDULER_MONGODB_URI": server.uri, "TASKSCHEDULER_DATABASE": db_name}
+    for command in (("jobs",), ("watch", "--once")):
+        shown = _in_a_terminal(*command, columns=columns, env=env)
+        for job_id in ids:
+            assert str(job_id) in shown, shown  # whole, so it can be pasted into show or cancel
+        assert max(len(line) for line in shown.splitlines()) <= columns, shown
+        assert "…" not in shown.split("jobs", 1)[1] or columns < 80, shown
+
+
+def test_the_job_table_keeps_ids_whole_at_every_width(scheduler: Scheduler) -> None:
+    from rich.console import Console
+
+    from taskscheduler.cli.display import jobs_table
+
+    scheduler.add_job("sample_jobs:Noop", None, {"at": time.time() + 3600})
+    scheduler.add_job("a_rather_long_package_name.with_a_module:AndAVeryLongJobClassName")
+    found = list(scheduler.get_jobs({}))
+    for width in range(40, 201, 7):
+        out = Console(width=width, record=True, file=io.StringIO())
+        out.print(jobs_table(found, title="jobs", width=width))
+        text = out.export_text()
+        assert all(str(p.id) in text for p in found), (width, text)
+        assert max(len(line) for line in text.splitlines()) <= width, (width, text)

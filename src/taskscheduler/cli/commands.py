@@ -444,7 +444,8 @@ def jobs(
 
         total = scheduler.store.count_jobs(query)
         more = f"; --limit {total} to see all" if total > len(found) else ""
-        console().print(jobs_table(found, title=f"{len(found)} of {total} jobs, newest first{more}"))
+        out = console()
+        out.print(jobs_table(found, title=f"{len(found)} of {total} jobs, newest first{more}", width=out.width))
 
 
 @cli.command()

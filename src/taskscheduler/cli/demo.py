@@ -141,7 +141,7 @@ def _show(scheduler: Any, jobs: dict[str, Any], console: Console, limit: float, 
                 scheduler.cancel_job(cancel_target.id)
                 canceled = True
             if live is not None:
-                live.update(jobs_table(everything, title="demo jobs"))
+                live.update(jobs_table(everything, title="demo jobs", width=console.width))
             else:
                 for p in everything:
                     if seen.get(p.id) != p.status:

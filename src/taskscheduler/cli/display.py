@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -91,10 +92,49 @@ def _age(when: datetime | None) -> str:
     return f"{seconds / 3600:.0f}h"
 
 
-def jobs_table(processes: Iterable[Process], title: str | None = None) -> Table:
-    table = Table(title=title, expand=False)
-    for column in ("id", "class", "status", "progress", "worker", "age", "note"):
-        table.add_column(column, no_wrap=column != "note")
+#: The job table's columns in the order they are given up when a terminal is narrow (the id never is: a cut id
+#: cannot be pasted into ``show`` or ``cancel``), each with its width: fixed, or the least a folding one gets.
+_ID_WIDTH = 24
+_BY_IMPORTANCE: tuple[tuple[str, tuple[int, ...], bool], ...] = (
+    # (name, widths to try, folds)
+    ("id", (_ID_WIDTH,), False),
+    ("status", (10,), False),
+    ("class", (16,), True),
+    ("age", (4,), False),
+    ("progress", (20, 10), False),
+    ("note", (16,), True),
+    ("worker", (8,), False),
+)
+_SHOWN_ORDER = ("id", "class", "status", "progress", "worker", "age", "note")
+_GAP = 3  # a blank, a separator, a blank between two columns
+
+
+def _layout(width: int) -> dict[str, int]:
+    """The columns that fit in ``width`` terminal columns, with their (least) widths: the most important first,
+    each at the widest of its widths that still fits."""
+    chosen: dict[str, int] = {}
+    used = -_GAP
+    for name, widths, _folds in _BY_IMPORTANCE:
+        for w in widths:
+            if used + _GAP + w <= width or name == "id":
+                chosen[name] = w
+                used += _GAP + w
+                break
+    return chosen
+
+
+def jobs_table(processes: Iterable[Process], title: str | None = None, width: int = 200) -> Table:
+    """The job table for a terminal ``width`` columns wide: ids always whole; other columns shrink, fold or go
+    (the note then goes under the class) when the terminal is narrow."""
+    layout = _layout(width)
+    folds = {name for name, _widths, f in _BY_IMPORTANCE if f}
+    table = Table(title=title, expand=False, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    shown = [name for name in _SHOWN_ORDER if name in layout]
+    for name in shown:
+        if name in folds:
+            table.add_column(name, min_width=layout[name], overflow="fold")
+        else:
+            table.add_column(name, width=layout[name], no_wrap=True)
     for p in processes:
         status, malformed = status_of(p), p.malformed
         note = ""
@@ -105,15 +145,19 @@ def jobs_table(processes: Iterable[Process], title: str | None = None) -> Table:
         elif status == JobStatus.POSTPONED:
             note = f"at {datetime.fromtimestamp(float(p.options.get('at', 0)), timezone.utc):%H:%M:%S}"
         name, style = ("malformed", "bold red") if status is None else (status.name.lower(), STATUS_STYLE[status])
-        table.add_row(
-            cell(p.id),
-            cell(p.job_class),
-            Text(name, style=style),
-            ProgressBar(total=100, completed=p.progress, width=20),
-            cell(str(p.worker)[-8:]) if p.worker else "-",
-            _age(p.created),
-            cell(note),
-        )
+        job_class = cell(p.job_class)
+        if note and "note" not in layout:  # no room for its own column: under the class
+            job_class.append("\n" + visible(note), style="dim")
+        cells: dict[str, Any] = {
+            "id": cell(p.id),
+            "class": job_class,
+            "status": Text(name, style=style),
+            "progress": ProgressBar(total=100, completed=p.progress, width=layout.get("progress")),
+            "worker": cell(str(p.worker)[-8:]) if p.worker else "-",
+            "age": _age(p.created),
+            "note": cell(note),
+        }
+        table.add_row(*(cells[name] for name in shown))
     return table
 
 
@@ -122,11 +166,11 @@ def watch_jobs(scheduler: Scheduler, interval: float = 0.5, once: bool = False, 
     out = console()
     jobs: dict[object, Process] = {p.id: p for p in _recent(scheduler, limit)}
     if once:
-        out.print(jobs_table(jobs.values(), title="jobs"))
+        out.print(jobs_table(jobs.values(), title="jobs", width=out.width))
         return
     feed = scheduler.store.status_feed()
     try:
-        with Live(jobs_table(jobs.values(), title="jobs"), console=out, refresh_per_second=4) as live:
+        with Live(jobs_table(jobs.values(), title="jobs", width=out.width), console=out, refresh_per_second=4) as live:
             next_refresh = 0.0
             while True:
                 change = feed.poll(interval)
@@ -137,7 +181,7 @@ def watch_jobs(scheduler: Scheduler, interval: float = 0.5, once: bool = False, 
                         if status_of(p) == JobStatus.PROCESSING:
                             p.refresh()  # progress is not a status change: read it
                     shown = sorted(jobs.values(), key=lambda p: p.id)[-limit:]
-                    live.update(jobs_table(shown, title="jobs (Ctrl-C to quit)"))
+                    live.update(jobs_table(shown, title="jobs (Ctrl-C to quit)", width=out.width))
                     next_refresh = time.monotonic() + interval
     except KeyboardInterrupt:
         pass
