@@ -554,3 +554,41 @@ def test_the_job_table_keeps_ids_whole_at_every_width(scheduler: Scheduler) -> N
         text = out.export_text()
         assert all(str(p.id) in text for p in found), (width, text)
         assert max(len(line) for line in text.splitlines()) <= width, (width, text)
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (("info", "--log-level", "DEBUG"), "put it before the command: taskscheduler --log-level DEBUG info"),
+        (("jobs", "--log-level=DEBUG", "--json"), "put it before the command: taskscheduler --log-level DEBUG jobs"),
+        (("info", "--version"), "put it before the command: taskscheduler --version"),
+    ],
+)
+def test_an_option_of_taskscheduler_itself_after_the_command_says_where_it_goes(
+    script: Any, tmp_path: Path, args: tuple[str, ...], hint: str
+) -> None:
+    out = script(*args, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "No such option" in out.stderr and hint in out.stderr, out.stderr
+    assert "TASKSCHEDULER_LOG_LEVEL" in out.stderr or "--version" in args
+
+
+def test_the_log_level_before_the_command_is_taken(script: Any, tmp_path: Path) -> None:
+    out = script("--log-level", "DEBUG", "jobs", "--json", cwd=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout) == [], out.stderr
+
+
+def test_add_help_says_a_time_without_a_zone_is_utc(script: Any, tmp_path: Path) -> None:
+    text = " ".join(script("add", "--help", cwd=tmp_path).stdout.split())
+    assert "a time without a zone is read as UTC" in text, text
+    assert "--timezone" in text and "only with --cron" in text, text
+
+
+def test_a_timezone_without_a_cron_is_refused(run: Any, scheduler: Scheduler) -> None:
+    out = run("add", "sample_jobs:Noop", "--timezone", "Europe/Zurich", "--at", "2099-01-01T07:00:00")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("Error:") and "--timezone" in out.stderr and "--cron" in out.stderr, out.stderr
+    assert "+01:00" in out.stderr  # how to give --at a zone of its own
+    assert scheduler.store.jobs.count_documents({}) == 0
+    zoned = run("add", "sample_jobs:Noop", "--cron", "0 7 * * *", "--timezone", "Europe/Zurich")
+    assert zoned.returncode == 0, zoned.stderr

@@ -290,13 +290,22 @@ def _parse_at(value: str | None) -> float | None:
 @common
 @click.argument("job_class")
 @_option("--data", default=None, help="Job data as JSON (extended JSON for ObjectIds and dates).")
-@_option("--at", default=None, help="Earliest start: unix seconds or ISO 8601 time.")
+@_option(
+    "--at",
+    default=None,
+    help="Earliest start: unix seconds or ISO 8601 time; a time without a zone is read as UTC (another zone: "
+    "2026-12-07T07:00:00+01:00).",
+)
 @_option("--interval", type=int, default=None, help="Seconds between runs (-1: again at once).")
 @_option("--retry", type=int, default=None, help="Retries after a failure or timeout (-1: endless).")
 @_option("--retry-interval", type=int, default=None, help="Seconds before a retry.")
 @_option("--timeout", type=int, default=None, help="Hard timeout in seconds (0: none).")
 @_option("--cron", default=None, help='Cron expression: run at each match, e.g. "*/15 * * * *" or "@daily".')
-@_option("--timezone", default=None, help='IANA zone in which --cron is read (default "UTC").')
+@_option(
+    "--timezone",
+    default=None,
+    help='IANA zone in which --cron is read (default "UTC"); only with --cron (--at carries its own zone).',
+)
 @_option("--retry-backoff", type=float, default=None, help="Growth factor of the retry delay (>= 1).")
 @_option("--retry-max-interval", type=int, default=None, help="Longest retry delay in seconds.")
 @_option("--retry-jitter", is_flag=True, default=False, help="Draw each retry delay from [delay/2, delay].")
@@ -329,6 +338,12 @@ def add(
     from ..client.job import class_path, load_job_class
 
     class_path(job_class)  # a malformed name is refused before anything is imported
+    given_here = click.get_current_context().get_parameter_source("timezone") == click.core.ParameterSource.COMMANDLINE
+    if timezone is not None and cron is None and given_here:  # it would be ignored: say so instead
+        raise click.UsageError(
+            "--timezone is the zone a --cron expression is read in; without --cron it means nothing. For --at, "
+            "write the zone into the time: 2026-12-07T07:00:00+01:00"
+        )
     if not no_import_check:
         _search_first(paths)
         try:
@@ -743,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="taskscheduler")
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.NoSuchOption as exc:
+        click.echo(f"Error: {_where_it_goes(exc) or exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(EXIT_USAGE)
@@ -761,6 +779,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(EXIT_OK)
+
+
+def _where_it_goes(exc: click.NoSuchOption) -> str | None:
+    """For an option of ``taskscheduler`` itself given after a command (``info --log-level DEBUG``): where it goes.
+    Click knows the option only where it was declared, so its error alone reads as if it did not exist."""
+    for param in cli.params:
+        if isinstance(param, click.Option) and exc.option_name in (*param.opts, *param.secondary_opts):
+            name = param.opts[0]
+            value = " VALUE"
+            if param.is_flag:
+                value = ""
+            elif isinstance(param.type, click.Choice):
+                value = f" {param.type.choices[0]}"
+            command = exc.ctx.info_name if exc.ctx is not None and exc.ctx.parent is not None else None
+            example = f"taskscheduler {name}{value}" + (f" {command}" if command and not param.is_eager else "")
+            env = f" (or set {param.envvar})" if isinstance(param.envvar, str) else ""
+            where = f" for {command}" if command else ""
+            return (
+                f"No such option {exc.option_name!r}{where}: it belongs to taskscheduler itself, so put it before "
+                f"the command: {example}{env}"
+            )
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
