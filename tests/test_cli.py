@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from bson import ObjectId
@@ -187,7 +188,8 @@ def test_add_with_scheduling_options_and_show_the_next_run(run: Any, scheduler: 
     assert next_run.strftime("%H:%M") == "09:30" and next_run.weekday() < 5  # read in New York, shown there
     assert next_run.timestamp() == p.options["at"]
     text = run("show", str(p.id)).stdout
-    assert f"next_run: {shown['next_run']}" in text
+    in_utc = next_run.astimezone(timezone.utc)
+    assert f"next_run: {in_utc:%Y-%m-%d %H:%M:%S} UTC ({next_run:%Y-%m-%d %H:%M:%S} America/New_York)" in text, text
 
 
 def test_cancel_finished_job_is_exit_2(run: Any, scheduler: Scheduler) -> None:
@@ -592,3 +594,38 @@ def test_a_timezone_without_a_cron_is_refused(run: Any, scheduler: Scheduler) ->
     assert scheduler.store.jobs.count_documents({}) == 0
     zoned = run("add", "sample_jobs:Noop", "--cron", "0 7 * * *", "--timezone", "Europe/Zurich")
     assert zoned.returncode == 0, zoned.stderr
+
+
+def _tomorrow_at_seven_in_zurich_cron(scheduler: Scheduler) -> Any:
+    return scheduler.add_job("sample_jobs:Noop", None, {"cron": "0 7 * * *", "timezone": "Europe/Zurich"})
+
+
+def test_jobs_shows_start_times_with_their_date_and_zone(run: Any, scheduler: Scheduler) -> None:
+    from datetime import timedelta
+
+    far = datetime(5138, 3, 1, 9, 46, 39, tzinfo=timezone.utc)
+    scheduler.add_job("sample_jobs:Noop", None, {"at": far.timestamp()})
+    cron = _tomorrow_at_seven_in_zurich_cron(scheduler)
+    soon = datetime.now(timezone.utc) + timedelta(seconds=90)
+    scheduler.add_job("sample_jobs:Noop", None, {"at": soon.timestamp()})
+    table = run("jobs").stdout
+    assert "at 5138-03-01 09:46:39 UTC" in table, table
+    next_start = datetime.fromtimestamp(cron.options["at"], timezone.utc)
+    assert f"at {next_start:%Y-%m-%d %H:%M:%S} UTC" in table, table  # 07:00 in Zurich, said in UTC with its date
+    today = soon.date() == datetime.now(timezone.utc).date()
+    assert (f"at {soon:%H:%M:%S} UTC" if today else f"at {soon:%Y-%m-%d %H:%M:%S} UTC") in table, table
+    as_json = json.loads(run("jobs", "--json").stdout)
+    assert sorted(j["options"]["at"] for j in as_json)[-1] == far.timestamp()  # JSON unchanged: unix seconds
+
+
+def test_show_says_times_with_their_date_and_zone(run: Any, scheduler: Scheduler) -> None:
+    cron = _tomorrow_at_seven_in_zurich_cron(scheduler)
+    text = run("show", str(cron.id)).stdout
+    next_start = datetime.fromtimestamp(cron.options["at"], timezone.utc)
+    local = next_start.astimezone(ZoneInfo("Europe/Zurich"))
+    assert f"next_run: {next_start:%Y-%m-%d %H:%M:%S} UTC ({local:%Y-%m-%d %H:%M:%S} Europe/Zurich)" in text, text
+    created = scheduler.get_job(cron.id).created
+    assert created is not None and f"created: {created.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC" in text, text
+    assert f'"at": "{next_start:%Y-%m-%d %H:%M:%S} UTC"' in text, text  # no unix seconds for a reader
+    shown = json.loads(run("show", str(cron.id), "--json").stdout)  # JSON unchanged: ISO 8601 and unix seconds
+    assert datetime.fromisoformat(shown["next_run"]) == local and shown["options"]["at"] == cron.options["at"]

@@ -13,9 +13,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 from bson import ObjectId, json_util
@@ -470,7 +469,7 @@ def jobs(
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its runs and the error or result of the last one."""
     from ..store.schema import status_label
-    from .display import error_line, status_of, visible
+    from .display import cron_zone, error_line, readable_time, status_of, visible
 
     process = conn.scheduler().get_job(_object_id(job_id))
     doc = process.to_dict()
@@ -487,33 +486,32 @@ def show(conn: Connection, job_id: str, as_json: bool) -> None:
     if as_json:
         _print_json(doc)
         return
-    _print_details(doc)
+    _print_details(doc, cron_zone(process.options))
     for run in doc["runs"]:
         error = run.get("error")
         outcome = error_line(error) if error else visible(repr(run.get("result")))
         name = status_label(run.get("status")).upper()
-        click.echo(f"run {visible(run.get('run'))}: {name} {visible(run.get('ended'))} {outcome}")
+        ended = readable_time(run["ended"]) if run.get("ended") is not None else "-"
+        click.echo(f"run {visible(run.get('run'))}: {name} {ended} {outcome}")
 
 
 def _next_run(process: Any) -> str | None:
     """When the job's next run may start (ISO 8601, in the cron's zone when it has one), or None when no run
     is pending (or its document is malformed: then nothing can be said)."""
-    from .display import status_of
+    from .display import cron_zone, status_of
 
     if status_of(process) not in (JobStatus.WAITING, JobStatus.POSTPONED) or process.malformed:
         return None
     options = process.options
-    try:
-        zone = ZoneInfo(str(options.get(o.TIMEZONE) or "UTC")) if options.get(o.CRON) else timezone.utc
-    except (ValueError, ZoneInfoNotFoundError, OSError):  # a stored zone is read again here, never trusted
-        zone = timezone.utc
+    zone = cron_zone(options)
     at = max(float(options.get(o.AT) or 0), datetime.now(timezone.utc).timestamp())
     return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
 
 
-def _print_details(doc: dict[str, Any]) -> None:
-    """The job's fields, one a line; stored text through ``visible`` (no control character reaches the terminal)."""
-    from .display import error_line, visible
+def _print_details(doc: dict[str, Any], zone: tzinfo) -> None:
+    """The job's fields, one a line; stored text through ``visible`` (no control character reaches the terminal);
+    times in UTC with their date and saying so, the next run also in its cron's ``zone``."""
+    from .display import error_line, in_its_zone, readable_time, visible
 
     for key in (
         "_id",
@@ -540,6 +538,12 @@ def _print_details(doc: dict[str, Any]) -> None:
             if isinstance(value, dict) and value.get("traceback"):
                 click.echo(visible(str(value["traceback"]).rstrip(), multiline=True))
             continue
+        if key in ("created", "started", "ended") and value is not None:
+            value = readable_time(value)
+        elif key == "next_run" and value is not None:
+            value = in_its_zone(value, zone)
+        elif key == "options" and isinstance(value, dict) and value.get(o.AT) is not None:
+            value = {**value, o.AT: readable_time(value[o.AT])}
         shown = json_util.dumps(value) if isinstance(value, (dict, list)) else value
         click.echo(f"{key.replace('_name', '')}: {visible(shown)}")
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rich import box
 from rich.console import Console
@@ -72,6 +73,56 @@ def error_line(error: Any, multiline: bool = False) -> str:
     """``class: message`` of a recorded error, visible (on one line unless ``multiline``)."""
     text = f"{error.get('class')}: {error.get('message')}" if isinstance(error, Mapping) else error
     return visible(text, multiline)
+
+
+def readable_time(value: Any, short: bool = False) -> str:
+    """A time as an operator reads it: in UTC and saying so, to the second (``2026-12-07 06:00:00 UTC``); with
+    ``short``, without the date when it is today. Takes a datetime, unix seconds or ISO 8601 text; anything else
+    (stored data) is shown as it is, visibly."""
+    moment = _moment(value)
+    if moment is None:
+        return visible(value)
+    if short and moment.date() == datetime.now(timezone.utc).date():
+        return f"{moment:%H:%M:%S} UTC"
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _moment(value: Any) -> datetime | None:
+    moment: datetime
+    try:
+        if isinstance(value, datetime):
+            moment = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            moment = datetime.fromtimestamp(value, timezone.utc)
+        elif isinstance(value, str):
+            moment = datetime.fromisoformat(value)
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def cron_zone(options: Mapping[str, Any]) -> tzinfo:
+    """The zone a job's next starts are read in: its cron's zone (UTC when none or unreadable: a stored zone is
+    read again here, never trusted), else UTC."""
+    if not options.get("cron"):
+        return timezone.utc
+    try:
+        return ZoneInfo(str(options.get("timezone") or "UTC"))
+    except (ValueError, ZoneInfoNotFoundError, OSError):
+        return timezone.utc
+
+
+def in_its_zone(value: Any, zone: tzinfo, short: bool = False) -> str:
+    """:func:`readable_time`, followed by the time in ``zone`` when that is another zone than UTC:
+    ``2026-12-07 06:00:00 UTC (2026-12-07 07:00:00 Europe/Zurich)``, or ``(07:00 Europe/Zurich)`` when ``short``."""
+    text = readable_time(value, short)
+    moment = _moment(value)
+    if moment is None or not isinstance(zone, ZoneInfo) or zone.key == "UTC":
+        return text
+    local = moment.astimezone(zone)
+    return f"{text} ({local:%H:%M} {zone.key})" if short else f"{text} ({local:%Y-%m-%d %H:%M:%S} {zone.key})"
 
 
 def console() -> Console:
@@ -143,7 +194,7 @@ def jobs_table(processes: Iterable[Process], title: str | None = None, width: in
         elif status in (JobStatus.FAILED, JobStatus.TIMEOUT) and p.error:
             note = error_line(p.error)[:60]
         elif status == JobStatus.POSTPONED:
-            note = f"at {datetime.fromtimestamp(float(p.options.get('at', 0)), timezone.utc):%H:%M:%S}"
+            note = f"at {in_its_zone(p.options.get('at'), cron_zone(p.options), short=True)}"
         name, style = ("malformed", "bold red") if status is None else (status.name.lower(), STATUS_STYLE[status])
         job_class = cell(p.job_class)
         if note and "note" not in layout:  # no room for its own column: under the class
