@@ -29,6 +29,7 @@ def run(server: EmbeddedServer, db_name: str) -> Callable[..., subprocess.Comple
         full_env = dict(
             os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name
         )
+        full_env["TZ"] = "UTC"  # times are shown in the terminal's zone: the same on every machine (a test may set it)
         full_env.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "taskscheduler", *args],
@@ -616,6 +617,16 @@ def test_jobs_shows_start_times_with_their_date_and_zone(run: Any, scheduler: Sc
     assert (f"at {soon:%H:%M:%S} UTC" if today else f"at {soon:%Y-%m-%d %H:%M:%S} UTC") in table, table
     as_json = json.loads(run("jobs", "--json").stdout)
     assert sorted(j["options"]["at"] for j in as_json)[-1] == far.timestamp()  # JSON unchanged: unix seconds
+
+
+def test_times_are_shown_in_the_terminals_zone_and_in_utc_with_the_utc_flag(run: Any, scheduler: Scheduler) -> None:
+    """SPEC 7: the CLI shows times in the terminal's local zone, saying which; ``--utc`` shows them in UTC."""
+    far = datetime(5138, 3, 1, 9, 46, 39, tzinfo=timezone.utc)
+    scheduler.add_job("sample_jobs:Noop", None, {"at": far.timestamp()})
+    zurich = {"TZ": "Europe/Zurich"}
+    assert "at 5138-03-01 10:46:39 CET" in run("jobs", env=zurich).stdout
+    assert "at 5138-03-01 09:46:39 UTC" in run("--utc", "jobs", env=zurich).stdout
+    assert "at 5138-03-01 09:46:39 UTC" in run("jobs", env={**zurich, "TASKSCHEDULER_UTC": "1"}).stdout
 
 
 def test_show_says_times_with_their_date_and_zone(run: Any, scheduler: Scheduler) -> None:

@@ -169,9 +169,13 @@ def _where(paths: Sequence[str]) -> str:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def cli(log_level: str) -> None:
+@_option("--utc", is_flag=True, help="Show times in UTC instead of the terminal's local zone.")
+def cli(log_level: str, utc: bool) -> None:
     """Run jobs in parallel across processes and machines, with MongoDB as the only infrastructure."""
+    from .display import show_utc
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    show_utc(utc)
 
 
 @cli.command()

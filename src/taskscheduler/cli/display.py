@@ -3,6 +3,7 @@ every command passes stored text through before a terminal sees it (SPEC 7, Hard
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -75,16 +76,31 @@ def error_line(error: Any, multiline: bool = False) -> str:
     return visible(text, multiline)
 
 
+#: The zone times are shown in: None for the terminal's local zone, UTC with ``taskscheduler --utc``.
+_shown_zone: tzinfo | None = None
+
+
+def show_utc(utc: bool) -> None:
+    """Show times in UTC (``--utc``) instead of the terminal's local zone."""
+    global _shown_zone
+    _shown_zone = timezone.utc if utc else None
+
+
 def readable_time(value: Any, short: bool = False) -> str:
-    """A time as an operator reads it: in UTC and saying so, to the second (``2026-12-07 06:00:00 UTC``); with
-    ``short``, without the date when it is today. Takes a datetime, unix seconds or ISO 8601 text; anything else
-    (stored data) is shown as it is, visibly."""
+    """A time as an operator reads it: in the terminal's local zone (UTC with ``--utc``) and saying which, to the
+    second (``2026-12-07 07:00:00 CET``); with ``short``, without the date when it is today there. Takes a
+    datetime, unix seconds or ISO 8601 text; anything else (stored data) is shown as it is, visibly."""
     moment = _moment(value)
     if moment is None:
         return visible(value)
-    if short and moment.date() == datetime.now(timezone.utc).date():
-        return f"{moment:%H:%M:%S} UTC"
-    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+    try:
+        shown = moment.astimezone(_shown_zone)
+    except (ValueError, OverflowError, OSError):  # beyond what the local zone's rules cover: said in UTC
+        shown = moment
+    zone = shown.tzname() or "UTC"
+    if short and shown.date() == datetime.now(shown.tzinfo).date():
+        return f"{shown:%H:%M:%S} {zone}"
+    return f"{shown:%Y-%m-%d %H:%M:%S} {zone}"
 
 
 def _moment(value: Any) -> datetime | None:
@@ -115,12 +131,15 @@ def cron_zone(options: Mapping[str, Any]) -> tzinfo:
 
 
 def in_its_zone(value: Any, zone: tzinfo, short: bool = False) -> str:
-    """:func:`readable_time`, followed by the time in ``zone`` when that is another zone than UTC:
+    """:func:`readable_time`, followed by the time in ``zone`` (a cron's) when that zone shows it otherwise:
     ``2026-12-07 06:00:00 UTC (2026-12-07 07:00:00 Europe/Zurich)``, or ``(07:00 Europe/Zurich)`` when ``short``."""
     text = readable_time(value, short)
     moment = _moment(value)
     if moment is None or not isinstance(zone, ZoneInfo) or zone.key == "UTC":
         return text
+    with contextlib.suppress(ValueError, OverflowError, OSError):
+        if moment.astimezone(_shown_zone).utcoffset() == moment.astimezone(zone).utcoffset():
+            return text  # the same clock already
     local = moment.astimezone(zone)
     return f"{text} ({local:%H:%M} {zone.key})" if short else f"{text} ({local:%Y-%m-%d %H:%M:%S} {zone.key})"
 
