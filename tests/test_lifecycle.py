@@ -601,3 +601,41 @@ def test_a_retried_end_of_an_add_job_once_series_keeps_the_series(
     again = scheduler.get_job(p.id)
     assert again.status == JobStatus.POSTPONED and again.run == 2
     assert scheduler.add_job_once("sample_jobs:Noop", "once", interval=60).id == p.id  # still the active one
+
+
+def _due_now(scheduler: Scheduler) -> Any:
+    """A POSTPONED job whose time has come (stored as a node finds it)."""
+    p = scheduler.add_job("sample_jobs:Noop", at=time.time() + 60)
+    scheduler.store.jobs.update_one({"_id": p.id}, {"$set": {"options.at": time.time() - 1.0}})
+    return scheduler.store.find_job(p.id)
+
+
+def test_a_node_dying_while_it_moves_a_due_job_leaves_its_event_for_the_next_node(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2 (events): a node killed between the two writes that move a due job to WAITING never leaves the run
+    WAITING without its event (it was then claimed with no WAITING event before its claim: chaos seed 31)."""
+    doc = _due_now(scheduler)
+
+    def dies(*args: Any, **kw: Any) -> bool:
+        raise ServerUnavailableError("the node died here")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduler.store, "change", dies)
+        with pytest.raises(ServerUnavailableError):
+            scheduler.lifecycle.unpostpone(doc)
+    assert scheduler.store.find_job(doc["_id"])["status"] == JobStatus.POSTPONED
+    event = scheduler.lifecycle.unpostpone(scheduler.store.find_job(doc["_id"]))  # the next node
+    assert event is not None
+    stored = scheduler.store.find_job(doc["_id"])
+    assert stored["status"] == JobStatus.WAITING and stored["change"] == event.id
+    waiting = [e for e in scheduler.store.job_events(doc["_id"]) if e["status"] == JobStatus.WAITING]
+    assert [e["_id"] for e in waiting] == [event.id]
+
+
+def test_a_due_job_canceled_before_its_node_moves_it_keeps_no_waiting_event(scheduler: Scheduler) -> None:
+    doc = _due_now(scheduler)
+    scheduler.cancel_job(doc["_id"])
+    assert scheduler.lifecycle.unpostpone(doc) is None  # read before the cancel: the node loses
+    statuses = [e["status"] for e in scheduler.store.job_events(doc["_id"])]
+    assert JobStatus.WAITING not in statuses and JobStatus.CANCELED in statuses

@@ -409,18 +409,22 @@ class Lifecycle:
     def unpostpone(self, doc: Mapping[str, Any]) -> EventRecord | None:
         """POSTPONED -> WAITING once its time has come (this run only); of all nodes racing, one wins. Returns the
         winner's WAITING event, for :meth:`record_due` (None when another node won)."""
-        # Status first, then its event: of many nodes racing, the losers write nothing at all. The event is
-        # prepared (and stamped) before the status is written, and its id is the same for every node and attempt:
-        # the winner keeps it until it is written (through outages and pauses, after the job has moved on too).
+        # Its event first, then the status (a node that dies between the two leaves the event, never a WAITING
+        # run without one). The event's id is derived from the run, the same for every node and attempt: of many
+        # nodes racing, the losers' inserts change nothing, and the winner's status names it (``change``). A node
+        # that loses to a cancel withdraws the event it wrote itself (never the winner's, which it did not write).
         # Read as routed: a job of a class this node does not run was checked for its routing fields only.
         job_id, run = doc["_id"], int(doc.get("run", 1))
         when = {"status": int(JobStatus.POSTPONED), "run": run}
         event_id = derived_id(job_id, run, b"due")
         event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
+        written = self.store.insert_events([event])
         fields = {"status": int(JobStatus.WAITING), "change": event_id}
         if not self.store.change(job_id, when, fields):
             stored = self.store.find_job(job_id) or {}
             if stored.get("change") != event_id or stored.get("run") != run:
+                if written and stored.get("run") == run:  # this run never became WAITING (canceled, say)
+                    self.store.delete_events(written)
                 return None
         return event
 

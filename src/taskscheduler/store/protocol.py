@@ -78,7 +78,7 @@ class JobStore(Protocol):
     # -- events ------------------------------------------------------------------------------------------------------
 
     def insert_events(self, events: list[EventRecord]) -> list[ObjectId]:
-        """Write events; one whose id is stored already (a retry) is skipped."""
+        """Write events; one whose id is stored already (a retry) is skipped. The ids this call wrote."""
 
     def delete_events(self, ids: Iterable[ObjectId]) -> None: ...
 

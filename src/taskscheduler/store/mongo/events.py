@@ -21,15 +21,19 @@ class EventLog(Deployment):
     """Writing and reading the events of jobs."""
 
     def insert_events(self, events: list[EventRecord]) -> list[ObjectId]:
-        """Insert events in one round trip; events whose ``_id`` is stored already (a retry) are skipped."""
+        """Insert events in one round trip; events whose ``_id`` is stored already (a retry, or another node's
+        write of an event with the same derived id) are skipped. Returns the ids this call wrote."""
         self.ensure()
+        stored: set[int] = set()
         try:
             with server_errors():
                 self.events.insert_many([event.to_doc() for event in events], ordered=False)
         except BulkWriteError as exc:
-            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
                 raise
-        return [event.id for event in events]
+            stored = {int(e.get("index", -1)) for e in errors}
+        return [event.id for index, event in enumerate(events) if index not in stored]
 
     def delete_events(self, ids: Iterable[ObjectId]) -> None:
         with server_errors():
