@@ -56,10 +56,15 @@ def test_a_worker_whose_node_is_paused_stops_its_job_before_another_node_runs_it
     assert process.wait(timeout=20).status == JobStatus.DONE
     assert [e["status"] for e in process.runs()] == [JobStatus.DONE]
     assert first.proc.poll() is None, "the continued node should serve on"
-    # The worker put its run back itself before it ended it: at once, and not counted as an orphaning.
-    releases = [e for e in scheduler.store.job_events(process.id) if e["status"] == JobStatus.WAITING and "error" in e]
-    assert [e["error"]["message"] for e in releases] == ["lease not renewed in time (worker fenced)"]
-    assert "sweep" not in releases[0] and (scheduler.store.find_job(process.id) or {})["orphaned"] == 0
+    # The worker wrote nothing (its job's thread ran on until it died): the second node swept the run, and the
+    # continued node, finding its worker fenced and the run put back, vouched for the sweep: no orphaning counts.
+    def vouched() -> list[dict[str, Any]]:
+        events = scheduler.store.job_events(process.id)
+        return [e for e in events if e["status"] == JobStatus.WAITING and e.get("sweep", {}).get("back")]
+
+    (release,) = wait_until(vouched, 20, what="the continued node vouching for the sweep")
+    assert release["error"]["message"] == "its node stopped renewing the lease"
+    assert (scheduler.store.find_job(process.id) or {})["orphaned"] == 0
 
 
 @pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "own-session"])

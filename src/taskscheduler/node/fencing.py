@@ -32,7 +32,6 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 import psutil
 
@@ -96,12 +95,8 @@ class SelfFence:
     """The worker's side: armed before each claim, watching while the job's code runs, off once the code returned
     (recording a run that ended needs no fence, and must not be killed: its work is done)."""
 
-    def __init__(self, slot: LeaseSlot, lease: float, release: Callable[[float], None] | None = None) -> None:
+    def __init__(self, slot: LeaseSlot, lease: float) -> None:
         self.slot = slot
-        #: Puts the run back itself (bounded by the seconds given) before the worker ends it for a lapsed lease:
-        #: when only its node is paused or stuck, the run goes back to WAITING at once and uncounted, instead of
-        #: waiting for its lease to end and for another node to sweep it (which would count until vouched for).
-        self.release = release
         self.lease = float(lease)
         self._parent = os.getppid()
         self._cond = threading.Condition()
@@ -176,28 +171,13 @@ class SelfFence:
                     elif now - self._stop_seen >= STOP_RETURN_SECONDS:
                         self.stop_now("its queue node stops")
                 elif now >= fence + self.lease * WATCHDOG_GRACE:
-                    kill_descendants()  # first: the job's other processes never wait for the release below
-                    self._release()
+                    # Nothing is written from here: the job's own thread runs on until the process dies, so a run
+                    # put back from here could end (its code return) after another node took it. Its lease ends
+                    # on the server and the run is swept, or its manager records it as a lease it lost (vouched).
                     self.stop_now("its lease was not renewed in time (its node is paused, gone or cut off)")
                 self._set_timer(fence, now)
                 period = STOP_RETURN_SECONDS if self._stop_seen is not None else WATCH_PERIOD_SECONDS
                 self._cond.wait(min(period, max(0.001, fence + self.lease * WATCHDOG_GRACE - now)))
-
-    def _release(self) -> None:
-        """Try the release on a thread of its own and wait for it no longer than its bound: whatever it waits for
-        (the server, a lock the job's code holds), the worker ends in time, before its kernel timer."""
-        release = self.release
-        if release is None:
-            return
-        seconds = self.lease * (KERNEL_GRACE - WATCHDOG_GRACE) / 2
-
-        def attempt() -> None:
-            with contextlib.suppress(BaseException):  # cut off too: its node or another puts it back later
-                release(seconds)
-
-        thread = threading.Thread(target=attempt, name="taskscheduler-fence-release", daemon=True)
-        thread.start()
-        thread.join(seconds)
 
     def _set_timer(self, fence: float | None, now: float) -> None:
         if self._timer is None or fence == self._armed:

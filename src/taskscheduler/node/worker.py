@@ -84,7 +84,6 @@ class Worker:
         self._connection: Connection | None = None  # to the manager, while a job runs
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
-        self._running: JobRecord | None = None  # the claimed run whose code runs now
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
 
     # -- entry points ----------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ class Worker:
         ``slot`` its manager shares, the worker fences itself (see :mod:`taskscheduler.node.fencing`)."""
         if slot is not None:
             lease = job.lease if job is not None else DEFAULT_ORPHANED_TIMEOUT
-            self._fence = SelfFence(slot, lease, self._release_lapsed_run)
+            self._fence = SelfFence(slot, lease)
             signal.signal(signal.SIGTERM, self._on_terminate)  # the stop itself is the manager's to carry out
         try:
             if job is not None:
@@ -157,7 +156,6 @@ class Worker:
         record = JobRecord.from_doc(claimed)  # checked before the claim (_fit), and the claim wrote its own fields
         timeout = int(record.option(o.TIMEOUT, 0))
         _send(connection, Claimed(record.id, timeout, record.run, claimed_at))
-        self._running = record
         if fence is not None:
             fence.watch()
         self._connection = connection
@@ -260,15 +258,6 @@ class Worker:
             return
         self._record(self.life.end(job, self.id, JobStatus.DONE, result=result, has_result=result is not None))
 
-    def _release_lapsed_run(self, seconds: float) -> None:
-        """From the watchdog, before it ends this worker for a lease its node did not renew: put the run back
-        (conditional on still owning it, within ``seconds``), uncounted, so that it runs again at once."""
-        doc = self._running
-        if doc is None:
-            return
-        with self.life.store.bounded(seconds):
-            self.life.release(doc, self.id, orphaned=False, reason="lease not renewed in time (worker fenced)").record()
-
     def _on_terminate(self, signum: int, frame: object) -> None:
         self._terminated_at = lease_clock()
 
@@ -293,7 +282,6 @@ class Worker:
         """The job's code returned: what is left is recording its end, which no fence, timeout or stop may kill."""
         if self._fence is not None and self._connection is not None:
             self._fence.end()
-        self._running = None
         _send(self._connection, Ending(job.id))
         failpoints.hit("worker.returned")
 
