@@ -372,11 +372,25 @@ def check_orphanings(j: Judged, deaths: Mapping[str, float], leases: Mapping[tup
         # Dead before its hold on the run ended (the node that sees the death needs a moment to put it back).
         return not held or any(lease.ended is None or deaths[worker] <= lease.ended + 0.5 for lease in held)
 
+    def never_came_back(attempt: Mapping[str, Any], failed: Mapping[str, Any]) -> bool:
+        """Swept while cut off, then dead before it could vouch for the sweep (its node killed before the run
+        ended): to everyone else it is a dead owner, and so it counts (nothing could tell it apart)."""
+        worker = attempt.get("worker")
+        swept = [
+            e
+            for e in j.events
+            if e["run"] == attempt["run"] and e.get("worker") == worker and isinstance(e.get("sweep"), Mapping)
+        ]
+        died = deaths.get(str(worker))
+        ended = failed.get("time")
+        before_end = died is not None and (not isinstance(ended, datetime) or died <= ended.timestamp())
+        return before_end and any(not e["sweep"].get("back") for e in swept)
+
     for e in j.ends():
         if _error_class(e) != ORPHANED_ERROR:
             continue
         attempts = [a for a in j.events if a["status"] == JobStatus.PROCESSING and a["run"] == e["run"]]
-        died = [a for a in attempts if died_holding(a)]
+        died = [a for a in attempts if died_holding(a) or never_came_back(a, e)]
         if len(died) < MAX_ORPHANINGS:
             j.problems.append(
                 f"run {e['run']} ended FAILED as orphaned, but only {len(died)} of its {len(attempts)} attempts "

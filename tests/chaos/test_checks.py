@@ -232,6 +232,15 @@ def test_checks_catch_a_job_orphaned_without_dead_processes() -> None:
     assert j.problems == []
     check_orphanings(j, {str(w1): 1.0, str(w2): 9.0}, leases)  # w2 died after its attempt was put back
     assert any("only 1 of its 3 attempts lost their process" in p for p in j.problems)
+    # Swept while cut off, and its node died before it could vouch (before the run ended): a dead owner to all.
+    base = 1_700_000_000
+    events[4]["sweep"] = {"expires": events[4]["time"], "back": False}
+    swept = Judged(Spec("plain", {}, {}, job), {}, events, [])
+    check_orphanings(swept, {str(w1): 1.0, str(w2): base + 7.5, str(w3): 7.0}, leases)
+    assert swept.problems == []
+    events[4]["sweep"]["back"] = True  # it came back and vouched: no death
+    check_orphanings(swept, {str(w1): 1.0, str(w2): base + 7.5, str(w3): 7.0}, leases)
+    assert any("only 2 of its 3 attempts lost their process" in p for p in swept.problems)
 
 
 def test_checks_tolerate_the_stall_window_of_a_stopped_worker_only() -> None:
