@@ -268,7 +268,7 @@ def unindexed(db: Any, commands: list[tuple[str, dict[str, Any]]]) -> tuple[int,
 def as_record(doc: dict[str, Any]) -> JobRecord:
     """The record of a job document, or of the few fields of one a test names (the others as add_job stores
     them): what the lifecycle's policies read."""
-    full = {"class": "sample_jobs:Noop", "status": int(JobStatus.PROCESSING), **doc}
+    full = {"class": "sample_jobs:Noop", "status": int(JobStatus.PROCESSING), "worker": ObjectId(), **doc}
     if not isinstance(full.get("_id"), ObjectId):
         full["_id"] = ObjectId()
     return JobRecord.from_doc(full)

@@ -4,6 +4,7 @@ recording an end again after an outage."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -639,3 +640,36 @@ def test_a_due_job_canceled_before_its_node_moves_it_keeps_no_waiting_event(sche
     assert scheduler.lifecycle.unpostpone(doc) is None  # read before the cancel: the node loses
     statuses = [e["status"] for e in scheduler.store.job_events(doc["_id"])]
     assert JobStatus.WAITING not in statuses and JobStatus.CANCELED in statuses
+
+
+def _hostile_child(scheduler: Scheduler, parent: ObjectId, **change: object) -> ObjectId:
+    doc = scheduler.lifecycle.prepare("sample_jobs:Noop", {"parent": parent}, {}, scheduler.get_options())
+    for name, value in change.items():
+        if value is KeyError:
+            del doc[name]
+        else:
+            doc[name] = value
+    scheduler.store.jobs.insert_one(doc)  # anyone who can write the job collection
+    return doc["_id"]
+
+
+def test_a_node_recording_a_timeout_cancels_the_children_past_one_without_a_run(scheduler: Scheduler) -> None:
+    """SPEC 2: a hostile child (no ``run``) made its parent's cancel look again for ever, in the node's loop."""
+    parent = scheduler.add_job("sample_jobs:Noop", timeout=1)
+    _, worker = claim(scheduler, parent.id)
+    _hostile_child(scheduler, parent.id, run=KeyError)
+    sibling = scheduler.add_job("sample_jobs:Noop", {"parent": parent.id})
+    after_kill = scheduler.lifecycle.after_kill(parent.id, worker, 1, KillReason.TIMEOUT, 1)
+    node_loop = threading.Thread(target=after_kill.record, daemon=True)  # what the node's _record_kills runs
+    node_loop.start()
+    node_loop.join(5)
+    assert not node_loop.is_alive(), "the node's loop is stuck canceling the hostile child (it never returns)"
+    assert scheduler.store.find_job(sibling.id)["status"] == JobStatus.CANCELED
+
+
+def test_a_cancel_goes_on_past_a_child_whose_run_is_a_list(scheduler: Scheduler) -> None:
+    parent = scheduler.add_job("sample_jobs:Noop")
+    _hostile_child(scheduler, parent.id, run=[1])
+    sibling = scheduler.add_job("sample_jobs:Noop", {"parent": parent.id})
+    scheduler.cancel_job(parent.id)  # it raised TypeError (the event's dedupe key) and left the sibling running
+    assert scheduler.store.find_job(sibling.id)["status"] == JobStatus.CANCELED

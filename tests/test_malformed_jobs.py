@@ -22,11 +22,11 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 from starlette.testclient import TestClient
 
-from helpers import TESTS_DIR, Node, free_port, wait_until
-from taskscheduler import JobStatus, Scheduler
+from helpers import TESTS_DIR, Node, free_port, wait_until, worker_factory
+from taskscheduler import JobStatus, Queue, Scheduler
 from taskscheduler.cli.display import visible
 from taskscheduler.client.process import Process
-from taskscheduler.constants import DEFAULT_JOB_QUEUE
+from taskscheduler.constants import DEFAULT_JOB_QUEUE, NO_WORKER, UNSET_TIME
 from taskscheduler.errors import InvalidJobError
 from taskscheduler.node.backlog import Backlog
 from taskscheduler.node.protocol import RunJob
@@ -370,3 +370,34 @@ def test_visible_escapes_what_a_terminal_would_obey() -> None:
     assert visible("a\x1b[31mb\tc\nd\x9b\u202e") == "a\\x1b[31mb\\x09c\\x0ad\\x9b\\u202e"
     assert visible("line\n\tnext\r", multiline=True) == "line\n\tnext\\x0d"
     assert visible("[bold]ok[/bold] ümlaut 日本") == "[bold]ok[/bold] ümlaut 日本"
+
+
+@pytest.mark.parametrize("hostile", ["unowned", "no lease"])
+def test_a_running_job_without_a_worker_or_lease_never_stops_the_sweep_of_the_others(
+    hostile: str, db: Database[dict[str, Any]], server: EmbeddedServer, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    """SPEC 2: a PROCESSING document whose worker or lease end is the unset value stopped the sweep of every orphan
+    after it: now one without a worker is malformed (ended FAILED), one without a lease end is put back, and the
+    orphans after it are put back in the same round."""
+    scheduler = new_scheduler()
+    scheduler.store.ensure()
+    doc = scheduler.lifecycle.prepare(NOOP, None, {}, scheduler.get_options())
+    hour_ago = scheduler.store.server_time() - timedelta(hours=1)
+    if hostile == "unowned":
+        doc.update(status=int(JobStatus.PROCESSING), worker=NO_WORKER, expires=hour_ago)
+    else:
+        doc.update(status=int(JobStatus.PROCESSING), worker=ObjectId(), expires=UNSET_TIME)
+    scheduler.store.jobs.insert_one(doc)
+    good = scheduler.add_job(NOOP)
+    assert scheduler.store.claim(good.id, ObjectId(), 30.0) is not None
+    minute_ago = scheduler.store.server_time() - timedelta(seconds=60)
+    scheduler.store.jobs.update_one({"_id": good.id}, {"$set": {"expires": minute_ago}})  # its node died
+    queue = Queue(new_scheduler(), db, worker_factory(server.uri, db.name))
+    assert queue._step(queue._reschedule_orphans)
+    assert scheduler.store.find_job(good.id)["status"] == JobStatus.WAITING
+    bad = scheduler.get_job(doc["_id"])
+    if hostile == "unowned":  # no worker to condition a write on: ended FAILED, naming the field
+        assert bad.status == JobStatus.FAILED and bad.error is not None
+        assert bad.error["class"].endswith("InvalidJobError") and "'worker'" in bad.error["message"]
+    else:  # owned, with no lease end stored: put back as any orphan
+        assert bad.status == JobStatus.WAITING

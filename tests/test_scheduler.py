@@ -688,3 +688,12 @@ def test_listen_understands_expr_filters(scheduler: Scheduler) -> None:
     finally:
         timer.join()
     assert seen == [JobStatus.DONE]
+
+
+def test_set_options_through_a_run_view_keeps_one_store(new_scheduler: Callable[..., Scheduler]) -> None:
+    """A job's code that changes options through its run's view changes its worker's Scheduler as a whole: the
+    worker reads and gives back room through the store its lifecycle uses."""
+    worker_scheduler = new_scheduler()
+    view = worker_scheduler.for_run(RunContext(ObjectId(), ObjectId(), 1))
+    view.set_options({"progress_rate_limit": 0})
+    assert worker_scheduler.store is worker_scheduler.lifecycle.store is view.store

@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from blinker import Namespace
 from bson import ObjectId
@@ -79,8 +79,8 @@ class Scheduler:
         self._options: dict[str, Any] = dict(o.SCHEDULER_DEFAULTS)
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
         #: The one owner of job state changes; queue nodes and workers use it through their Scheduler.
-        self._store = self._build_store()
-        self.lifecycle = Lifecycle(self._store, self._emitter, self.logger, present=lambda doc: Process(doc, self))
+        present = lambda doc: Process(doc, self)  # noqa: E731 - the events' payload of a job
+        self.lifecycle = Lifecycle(self._build_store(), self._emitter, self.logger, present=present)
         self._progress_writes: dict[ObjectId, float] = {}
         #: Inside a worker, the run this scheduler serves (see :meth:`for_run`); None everywhere else.
         self._run: RunContext | None = None
@@ -116,7 +116,8 @@ class Scheduler:
     @property
     def store(self) -> Store:
         """Where jobs and events are kept (the only object that talks to pymongo)."""
-        return self._store
+        # The one this Scheduler built and gave its lifecycle (set_options, also through a for_run view, replaces it).
+        return cast(Store, self.lifecycle.store)
 
     @property
     def emitter(self) -> Emitter:
@@ -128,7 +129,7 @@ class Scheduler:
         """Change scheduler options; changed defaults apply to jobs added from now on."""
         self._options.update(o.validate(options, o.SCHEDULER_OPTIONS, "scheduler"))
         self.store.give_back()  # room the replaced store reserved ahead would be lost with it
-        self.lifecycle.store = self._store = self._build_store()
+        self.lifecycle.store = self._build_store()
         return self
 
     def get_options(self) -> dict[str, Any]:

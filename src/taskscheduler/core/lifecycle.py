@@ -25,6 +25,7 @@ from bson import ObjectId
 from .. import options as o
 from ..constants import DEFAULT_ORPHANED_TIMEOUT, MAX_ORPHANINGS, NO_WORKER, UNSET_TIME, JobStatus, KillReason
 from ..errors import (
+    ConfigurationError,
     InvalidArgumentError,
     InvalidJobError,
     JobNotFoundError,
@@ -51,6 +52,8 @@ from .runs import counted_run_ends
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
 NO_EVENT = NO_WORKER
+#: How often a cancel decides again when the job changed under it (a busy job settles in a few).
+CANCEL_ATTEMPTS = 100
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
 ONCE_ATTEMPTS = 400
 #: Seconds a caller that took an add_job_once key may take to insert its job before others take the key over.
@@ -213,7 +216,7 @@ class Lifecycle:
 
     def cancel(self, doc: Document) -> None:
         """Cancel a job for good: a waiting one never runs, a running one is killed by its node."""
-        while True:
+        for _ in range(CANCEL_ATTEMPTS):
             found = end_problem(doc, capped=self.store.capped)
             if found is not None:  # SPEC 2: refused, nothing written (a node ends it FAILED, or it is skipped)
                 raise InvalidArgumentError(
@@ -235,7 +238,13 @@ class Lifecycle:
                 "outcome": event_id,
                 "change": event_id,
             }
-            when = {"status": int(status), "run": doc.get("run", 1)}
+            # As read, and only the fields of the types a write compares (a hostile ``run`` is left out, as a
+            # malformed job's end leaves it out: it never matches, and the cancel would look again for ever).
+            when: dict[str, Any] = {"status": int(status)}
+            if type(doc.get("run")) is int:
+                when["run"] = doc["run"]
+            elif isinstance(doc.get("change"), ObjectId):
+                when["change"] = doc["change"]
             running = status == JobStatus.PROCESSING
             worker = doc.get("worker") if running else None
             started = doc.get("started") if running else None
@@ -251,14 +260,19 @@ class Lifecycle:
                 return
             self.store.delete_events([event_id])
             doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
+        raise TaskSchedulerError(f"job {job_ref(doc.get('_id'))}: cancel gave up, the job kept changing under it")
 
     def cancel_children(self, parent_id: ObjectId) -> None:
         """Cancel the unfinished children (``data.parent``) of a job."""
         for child in self.store.children(parent_id, active_only=True):
             try:
                 self.cancel(child)
+            except (ServerUnavailableError, ConfigurationError):
+                raise
             except InvalidArgumentError:
                 pass  # it finished meanwhile, or it is malformed (a node ends it)
+            except Exception as exc:  # anyone may write a child: one that cannot be canceled keeps no other running
+                self.logger.warning("cannot cancel child %s of job %s: %r", job_ref(child.get("_id")), parent_id, exc)
 
     def reject(self, doc: Mapping[str, Any], found: str) -> bool:
         """End a malformed job document FAILED with an InvalidJobError naming ``found`` (SPEC 2), in one
@@ -505,9 +519,9 @@ class Lifecycle:
         """A sweep: put back a run whose lease ran out on the server (``doc`` as :meth:`orphans` found it), from
         any node. It stores no count: its event records the sweep, which counts until the owner vouches for it."""
         job = self.job(doc)
-        worker, expires = job.worker, job.expires
-        if worker is None or expires is None:
-            raise InvalidJobError(f"job {job.id} is not running under a lease: there is no run to put back")
+        worker, expires = job.worker, job.expires  # no lease end stored (a hostile write): put back all the same
+        if worker is None:
+            raise InvalidJobError(f"job {job.id} is not running under a worker: there is no run to put back")
         # The same worker swept before in this run: an attempt of this sweep whose outcome was unknown, or one that
         # never took effect (the owner renewed the lease since). A worker dies once.
         swept = self._confirmed_sweeps(job) - {worker}
@@ -740,7 +754,12 @@ def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
         return None
     started, mark = job.get("started"), job.get("change")
     started = None if started == UNSET_TIME else started
-    return change_key(job["_id"], job.get("run", 1), started, None if mark == NO_EVENT else mark)
+    key = change_key(job["_id"], job.get("run", 1), started, None if mark == NO_EVENT else mark)
+    try:
+        hash(key)
+    except TypeError:  # a hostile document (a list where an id or a run belongs): its changes are always fired
+        return None
+    return key
 
 
 def _fresh(holder: Mapping[str, Any], store: JobStore) -> bool:

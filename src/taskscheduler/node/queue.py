@@ -407,7 +407,12 @@ class Queue:
                 self._malformed(doc, found)
                 continue
             # Dead, or only cut off or paused: not known yet. The sweep counts until its owner vouches for it.
-            self.life.release_orphan(doc, reason="its node stopped renewing the lease").record()
+            try:
+                self.life.release_orphan(doc, reason="its node stopped renewing the lease").record()
+            except ServerUnavailableError:
+                raise  # the next round sweeps it (and the ones after it)
+            except Exception:  # one document the sweep cannot handle never keeps the others from being swept
+                self.logger.exception("cannot put back orphaned job %s", job_ref(doc.get("_id")))
 
     # -- the manager -----------------------------------------------------------------------------------------------
 

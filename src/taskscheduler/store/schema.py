@@ -21,7 +21,7 @@ from typing import Any
 from bson import ObjectId
 
 from .. import options as o
-from ..constants import JobStatus
+from ..constants import NO_WORKER, JobStatus
 from ..errors import InvalidArgumentError, InvalidJobError
 
 #: What views show for a status that is not a JobStatus.
@@ -138,6 +138,8 @@ def problem(doc: Mapping[str, Any], *, capped: bool, run: bool = True) -> str | 
         check, expected = FIXED[name]
         if (capped or name in doc) and not check(doc.get(name)):
             return _field(name, doc, expected)
+    if run and doc["status"] == JobStatus.PROCESSING and doc.get("worker", NO_WORKER) == NO_WORKER:
+        return _field("worker", doc, "the ObjectId of the worker running it")  # every write about a run names it
     options = doc.get("options")
     if options is None and not capped and "options" not in doc:
         return None
