@@ -129,7 +129,7 @@ def test_chaos(
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_chaos_room(
     chaos_seed: int,
     server: EmbeddedServer,
