@@ -336,7 +336,7 @@ class Lifecycle:
                     "requeue it again in a few seconds"
                 )
         job_size(doc)  # a job stored over the limit (by an older version) would stop change streams once active
-        job = JobRecord.from_doc(doc)
+        job = JobRecord.from_doc(doc, checked=True)  # checked on entry
         if job.once is not None:
             self._hold_key_for_requeue(job.id, job.once)
         run = job.run + 1
@@ -650,7 +650,7 @@ class AfterKill:
                 self.life.reject(doc, found)
                 self.done = True
                 return
-            self.change = self._prepare(JobRecord.from_doc(doc))
+            self.change = self._prepare(JobRecord.from_doc(doc, checked=True))  # checked just above
         # Withdrawn only after our own record won: an end the worker sent just before it died may still land
         # first, and then it is the run's end and stays. Once ours won, any other end of the run is not.
         if self.change.record():

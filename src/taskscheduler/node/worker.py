@@ -153,7 +153,8 @@ class Worker:
         failpoints.hit("worker.claimed")
         if fence is not None and not fence.holds():  # paused or cut off since the claim: never start it now
             fence.stop_now("the job was claimed, but its lease may have run out before its code could start")
-        record = JobRecord.from_doc(claimed)  # checked before the claim (_fit), and the claim wrote its own fields
+        # Checked before the claim (_fit); the claim wrote its own fields, with their types.
+        record = JobRecord.from_doc(claimed, checked=True)
         timeout = int(record.option(o.TIMEOUT, 0))
         _send(connection, Claimed(record.id, timeout, record.run, claimed_at))
         if fence is not None:

@@ -80,10 +80,11 @@ class JobRecord:
     parent_run: int | None = None
 
     @classmethod
-    def from_doc(cls, doc: Mapping[str, Any], *, capped: bool = False) -> JobRecord:
+    def from_doc(cls, doc: Mapping[str, Any], *, capped: bool = False, checked: bool = False) -> JobRecord:
         """The record of a stored job; InvalidJobError naming the field when it cannot run (SPEC 2). ``capped``:
-        judged as in a capped collection (every field an update writes must be stored with its type)."""
-        found = problem(doc, capped=capped)
+        judged as in a capped collection (every field an update writes must be stored with its type).
+        ``checked``: the caller has just run that check on this document (it is not run twice on a hot path)."""
+        found = None if checked else problem(doc, capped=capped)
         if found is not None:
             raise InvalidJobError(f"job {job_ref(doc.get('_id'))} is malformed: {found}")
         options = doc.get("options")
