@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -140,6 +141,17 @@ def claim(
     doc = scheduler.lifecycle.claim(job_id, worker, lease)
     assert doc is not None and doc["worker"] == worker and doc["status"] == JobStatus.PROCESSING
     return doc, worker
+
+
+def live_children(pid: int) -> list[psutil.Process]:
+    """The running children of a process; one that exits while they are listed is not one (no NoSuchProcess)."""
+    found = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    found.append(child)
+    return found
 
 
 def alive(pid: int) -> bool:

@@ -537,6 +537,59 @@ def test_cancelling_a_running_interval_job_ends_its_series(scheduler: Scheduler)
     assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
 
 
+def test_a_worker_that_loses_its_end_to_a_cancel_settles_the_run_itself(scheduler: Scheduler) -> None:
+    """The job canceled itself (or was canceled) while it ran: the worker's end loses, and lets go of the run."""
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker = claim(scheduler, p.id)
+    scheduler.cancel_job(p.id)
+    assert scheduler.store.find_job(p.id)["expires"] > UNSET_TIME  # its run is not settled yet
+    assert scheduler.lifecycle.end(doc, worker, JobStatus.DONE).record() is False
+    stored = scheduler.store.find_job(p.id)
+    assert (stored["status"], stored["worker"], stored["expires"]) == (JobStatus.CANCELED, NO_WORKER, UNSET_TIME)
+    assert statuses(scheduler, p.id) == [(1, JobStatus.PROCESSING), (1, JobStatus.CANCELED)]
+
+
+def test_a_canceled_run_whose_worker_died_mid_end_is_settled_by_a_sweep(scheduler: Scheduler) -> None:
+    """SPEC 2: a worker SIGKILLed with its whole node between writing its end (and the next run) and the job's
+    status, on a job canceled meanwhile, leaves no end of the run but the cancel once the lease has run out."""
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker = claim(scheduler, p.id, lease=0.5)
+    dying = scheduler.lifecycle.end(doc, worker, JobStatus.DONE)
+    scheduler.store.insert_events(dying.events)  # ...then SIGKILL of the node's process group
+    scheduler.cancel_job(p.id)
+    store = scheduler.store
+    assert store.unsettled_cancels(store.server_time()) == []  # the lease runs on: its node may still settle it
+    wait_until(lambda: [d["_id"] for d in store.unsettled_cancels(store.server_time())] == [p.id], timeout=10)
+    (found,) = store.unsettled_cancels(store.server_time())
+    scheduler.lifecycle.settle_cancel(found)
+    assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
+    assert [(r, s) for r, s in statuses(scheduler, p.id) if r > 1] == [], "the dead worker's next run is left"
+    assert [(r["run"], r["status"]) for r in scheduler.get_job(p.id).runs()] == [(1, JobStatus.CANCELED)]
+    assert store.unsettled_cancels(store.server_time()) == []  # settled once
+    stored = store.find_job(p.id)
+    assert (stored["worker"], stored["expires"]) == (NO_WORKER, UNSET_TIME)
+
+
+def test_a_requeue_after_the_lease_of_a_dead_canceled_run_settles_it_first(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker = claim(scheduler, p.id, lease=0.3)
+    scheduler.store.insert_events(scheduler.lifecycle.end(doc, worker, JobStatus.DONE).events)  # then it died
+    scheduler.cancel_job(p.id)
+    wait_until(lambda: scheduler.store.server_time() > scheduler.store.find_job(p.id)["expires"], timeout=10)
+    scheduler.requeue_job(p.id)
+    assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
+    assert [r for r, s in statuses(scheduler, p.id) if s == JobStatus.WAITING] == [2]  # the requeue's, only
+
+
+def test_cancelling_a_job_that_is_not_running_stores_no_lease(scheduler: Scheduler) -> None:
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    _, worker = claim(scheduler, p.id, lease=30.0)
+    scheduler.lifecycle.release_orphan(scheduler.store.find_job(p.id), reason="test").record()  # an old lease end
+    scheduler.cancel_job(p.id)
+    assert scheduler.store.find_job(p.id)["expires"] == UNSET_TIME
+    assert scheduler.store.unsettled_cancels(scheduler.store.server_time() + timedelta(hours=1)) == []
+
+
 def test_a_kill_recorded_again_after_a_lost_answer_writes_everything_once(
     scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import TESTS_DIR, Node, metrics_node, sample, scrape, wait_until
+from helpers import TESTS_DIR, Node, live_children, metrics_node, sample, scrape, wait_until
 from taskscheduler import Queue, Scheduler
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.node.factory import DefaultWorkerFactory
@@ -138,7 +138,7 @@ def _kill_manager(node: Node) -> None:
     (manager,) = psutil.Process(node.pid).children()
     manager.kill()
     wait_until(
-        lambda: [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+        lambda: [c.pid for c in live_children(node.pid)]
         not in ([], [manager.pid]),
         20,
         what="a new manager",

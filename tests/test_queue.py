@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from pymongo.database import Database
 
-from helpers import claim, worker_factory
+from helpers import claim, wait_until, worker_factory
 from taskscheduler import JobStatus, Queue, Scheduler
+from taskscheduler.constants import NO_WORKER
 from taskscheduler.node.heartbeat import Heartbeat
 from taskscheduler.node.protocol import JobClaimed, JobFinished
 from taskscheduler.node.queue import _Timers
@@ -68,3 +69,16 @@ def _report(queue: Queue, message: Any) -> None:
     """A manager report as the node takes it: tracked by its inbox thread, then handled by its loop."""
     queue._track(message)
     queue._on_manager_message(message)
+
+
+def test_a_nodes_sweep_settles_a_canceled_run_whose_node_died(queue: Queue, scheduler: Scheduler) -> None:
+    """The worker and its node died between the worker's end events and its status write, on a canceled job."""
+    p = scheduler.add_job("sample_jobs:Noop", interval=-1)
+    doc, worker = claim(scheduler, p.id, lease=0.3)
+    scheduler.store.insert_events(scheduler.lifecycle.end(doc, worker, JobStatus.DONE).events)
+    scheduler.cancel_job(p.id)
+    wait_until(lambda: scheduler.store.server_time() > scheduler.store.find_job(p.id)["expires"], timeout=10)
+    queue._reschedule_orphans()
+    assert scheduler.store.find_job(p.id)["worker"] == NO_WORKER
+    ends = [(e["run"], e["status"]) for e in scheduler.store.job_events(p.id) if e["status"] != JobStatus.PROCESSING]
+    assert ends == [(1, JobStatus.CANCELED)]

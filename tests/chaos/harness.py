@@ -38,6 +38,7 @@ from chaos.processes import _chaos_children, _node_processes, tail
 from chaos.runlog import NodeState, RunLog, Spec
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
+from taskscheduler.constants import UNSET_TIME
 
 # -- the driver ---------------------------------------------------------------------------------------------------
 
@@ -355,15 +356,22 @@ class Harness(Faults):
             time.sleep(0.1)
         self.timings["settle"] = self.now() - started
         for job in self.unfinished():
+            state = JobStatus(job["status"]).name
+            if job["status"] == JobStatus.CANCELED:
+                state = f"CANCELED with its worker ..{str(job['worker'])[-6:]} unsettled"
             self.violations.append(
-                f"job {job['_id']} ({self.spec(job['_id']).kind}) still {JobStatus(job['status']).name} "
+                f"job {job['_id']} ({self.spec(job['_id']).kind}) still {state} "
                 f"(run {job['run']}) {SETTLE_SECONDS:.0f} s after the faults stopped"
             )
         self.stop_nodes()
 
     def unfinished(self) -> list[dict[str, Any]]:
         ids = [s.id for s in self.specs]
-        return list(self.scheduler.store.jobs.find({"_id": {"$in": ids}, "status": {"$lt": int(JobStatus.DONE)}}))
+        # A job canceled while it ran keeps its lease end until its run is settled (its worker's unrecorded end
+        # withdrawn): by the worker, its node, or a sweep once the lease ran out.
+        unsettled = {"status": int(JobStatus.CANCELED), "expires": {"$gt": UNSET_TIME}}
+        query = {"_id": {"$in": ids}, "$or": [{"status": {"$lt": int(JobStatus.DONE)}}, unsettled]}
+        return list(self.scheduler.store.jobs.find(query))
 
     def spec(self, job_id: Any) -> Spec:
         return next(s for s in self.specs if str(s.id) == str(job_id))

@@ -14,7 +14,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from helpers import Node, alive, wait_until
+from helpers import Node, alive, live_children, wait_until
 from taskscheduler import JobStatus, Scheduler
 
 pytestmark = pytest.mark.e2e
@@ -179,7 +179,7 @@ def test_node_restarts_a_dead_manager(scheduler: Scheduler, start_node: Callable
     manager.kill()
     wait_until(
         lambda: (
-            [c.pid for c in psutil.Process(node.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+            [c.pid for c in live_children(node.pid)]
             not in ([], [manager.pid])
         ),
         20,

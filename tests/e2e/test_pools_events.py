@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import Node, wait_until
+from helpers import Node, live_children, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.ops.embedded import EmbeddedServer
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 def workers_of(node: Node) -> list[psutil.Process]:
-    managers = psutil.Process(node.pid).children()
-    return [w for m in managers for w in m.children() if w.status() != psutil.STATUS_ZOMBIE]
+    return [w for m in live_children(node.pid) for w in live_children(m.pid)]
 
 
 def test_static_pool_has_exactly_min_children(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:

@@ -44,6 +44,8 @@ class Recorder(Protocol):
 
     def cancel_children(self, parent_id: ObjectId) -> None: ...
 
+    def settle_cancel(self, doc: Mapping[str, Any]) -> None: ...
+
 
 def describe_error(exc: BaseException) -> dict[str, str]:
     """The stored form of an exception: class, message and traceback text (truncated to fit)."""
@@ -180,6 +182,8 @@ class Change:
                 )
                 if self.vouches:
                     self.life.vouch(job.id, self.run, self.worker, stored)
+                if stored.get("status") == JobStatus.CANCELED and stored.get("worker") == self.worker:
+                    self.life.settle_cancel(stored)  # canceled under us: the run is ours to settle
                 return False
         self.recorded = True
         self.announce()

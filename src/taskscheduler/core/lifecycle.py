@@ -232,12 +232,17 @@ class Lifecycle:
                 )
             now = self.store.clock.now()
             event_id = ObjectId()
+            running = status == JobStatus.PROCESSING
             fields = {
                 "status": int(JobStatus.CANCELED),
                 "ended": now,
                 "outcome": event_id,
                 "change": event_id,
             }
+            if not running:
+                # Only a canceled run keeps its lease end: until someone settles it (see settle_cancel), its
+                # worker may have written an end it never recorded. A released run's old lease end is no lease.
+                fields["expires"] = UNSET_TIME
             # As read, and only the fields of the types a write compares (a hostile ``run`` is left out, as a
             # malformed job's end leaves it out: it never matches, and the cancel would look again for ever).
             when: dict[str, Any] = {"status": int(status)}
@@ -245,12 +250,11 @@ class Lifecycle:
                 when["run"] = doc["run"]
             elif isinstance(doc.get("change"), ObjectId):
                 when["change"] = doc["change"]
-            running = status == JobStatus.PROCESSING
             worker = doc.get("worker") if running else None
             started = doc.get("started") if running else None
             self.store.insert_events([_raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started)])
             if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
-                doc.update(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
+                doc.update(fields)
                 self.logger.info(
                     f"job {doc['_id']} ({doc.get('class')!r}) canceled",
                     extra={"job_id": doc["_id"], "job_class": doc.get("class")},
@@ -335,6 +339,7 @@ class Lifecycle:
                     f"job {doc['_id']} was canceled while running and its worker is still being stopped; "
                     "requeue it again in a few seconds"
                 )
+            self.settle_cancel(doc)  # its node died with it: what its worker left of the run goes first
         job_size(doc)  # a job stored over the limit (by an older version) would stop change streams once active
         job = JobRecord.from_doc(doc, checked=True)  # checked on entry
         if job.once is not None:
@@ -561,6 +566,31 @@ class Lifecycle:
                     extra={"job_id": job_id, "run": run, "worker": worker},
                 )
 
+    def settle_cancel(self, doc: Mapping[str, Any]) -> None:
+        """Settle a run canceled while its worker ran it (``doc`` as stored, CANCELED): the worker is stopped,
+        dead, or lost its end to the cancel. Whatever end it wrote of the run but never recorded (it died between
+        the two writes) is withdrawn, the run's start is recorded, and the job lets go of the worker and its lease
+        end. Written by whoever learns first (the worker, its node, or any node's sweep once the lease ran out),
+        each step idempotent."""
+        job_id, worker, run, expires = doc.get("_id"), doc.get("worker"), doc.get("run"), doc.get("expires")
+        if doc.get("status") != JobStatus.CANCELED or not isinstance(job_id, ObjectId):
+            return
+        if isinstance(worker, ObjectId) and worker != NO_WORKER and type(run) is int:
+            self.store.delete_unrecorded_events(job_id, run, worker, doc.get("outcome"))
+            with contextlib.suppress(InvalidJobError):  # a malformed start is no start to record
+                record = JobRecord.from_doc(doc)
+                self.store.insert_events([Change(self, record, worker).processing_event()])
+        # Conditional on what was read: a hostile ``worker`` is kept (a write must not change the document's size),
+        # and the lease end alone takes the job out of the sweep's sight.
+        expect: dict[str, Any] = {"status": int(JobStatus.CANCELED), "worker": worker}
+        sets: dict[str, Any] = {"expires": UNSET_TIME}
+        if isinstance(worker, ObjectId):
+            sets["worker"] = NO_WORKER
+        if isinstance(expires, datetime):
+            expect["expires"] = expires
+        if expires != UNSET_TIME or sets.get("worker", worker) != worker:
+            self.store.change(job_id, expect, sets)
+
     def after_kill(
         self, job_id: ObjectId, worker: ObjectId, run: int, reason: KillReason, timeout: int, detail: str = ""
     ) -> AfterKill:
@@ -659,21 +689,13 @@ class AfterKill:
         self.done = True
 
     def _someone_else_recorded(self, doc: Mapping[str, Any]) -> None:
-        store = self.life.store
         self._withdraw_unrecorded(doc)  # someone else recorded how the run went
         if self.reason.survived:  # we live on: if a sweep put the run back, it was no death
             self.life.vouch(self.job_id, self.run, self.worker, doc)
         if doc.get("status") == JobStatus.CANCELED and doc.get("worker") == self.worker:
-            # The canceler recorded CANCELED while our worker ran it: the run's start is ours. (Canceled while
-            # another worker held the run, its start and `started` are that worker's, not ours.)
-            with contextlib.suppress(InvalidJobError):  # a malformed start is no start to record
-                store.insert_events([Change(self.life, JobRecord.from_doc(doc), self.worker).processing_event()])
-            # The worker is gone: a requeue may let another one run the job now.
-            store.change(
-                self.job_id,
-                {"status": int(JobStatus.CANCELED), "run": self.run, "worker": self.worker},
-                {"worker": NO_WORKER},
-            )
+            # The canceler recorded CANCELED while our worker ran it. (Canceled while another worker held the run,
+            # the run is that worker's to settle, not ours.)
+            self.life.settle_cancel(doc)
 
     def _prepare(self, job: JobRecord) -> Change:
         life, worker = self.life, self.worker

@@ -413,6 +413,17 @@ class Queue:
                 raise  # the next round sweeps it (and the ones after it)
             except Exception:  # one document the sweep cannot handle never keeps the others from being swept
                 self.logger.exception("cannot put back orphaned job %s", job_ref(doc.get("_id")))
+        # Canceled while running, and neither the worker nor its node settled the run before the lease ran out:
+        # they died (or are cut off, and find it settled when they come back).
+        for doc in self.store.unsettled_cancels(server_now):
+            if isinstance(doc["_id"], ObjectId) and doc["_id"] in self._running:
+                continue  # ours: our manager stops its worker, and then we settle it
+            try:
+                self.life.settle_cancel(doc)
+            except ServerUnavailableError:
+                raise
+            except Exception:
+                self.logger.exception("cannot settle canceled job %s", job_ref(doc.get("_id")))
 
     # -- the manager -----------------------------------------------------------------------------------------------
 

@@ -63,6 +63,9 @@ class JobStore(Protocol):
     def orphans(self, now: datetime) -> list[Document]:
         """Running jobs whose lease ended before ``now`` on the server's clock."""
 
+    def unsettled_cancels(self, now: datetime) -> list[Document]:
+        """Jobs canceled while running, their worker's lease ended before ``now``, that nobody settled yet."""
+
     def set_progress(self, job_id: ObjectId, progress: float, owner: ObjectId | None, wait: float | None) -> bool: ...
 
     # -- add_job_once keys -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from bson import ObjectId
 from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
-from ...constants import JobStatus
+from ...constants import UNSET_TIME, JobStatus
 from ...errors import DuplicateJobError, InvalidArgumentError, ServerUnavailableError
 from .connection import first_line, server_errors
 from .documents import SERVER_NOW, Document, fields_equal, lease_end, literal
@@ -182,6 +182,14 @@ class JobWrites(RoomLedger):
         """PROCESSING jobs whose lease ended before ``now`` (the server's time)."""
         with server_errors():
             return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "expires": {"$lt": now}}))
+
+    def unsettled_cancels(self, now: datetime) -> list[Document]:
+        """Jobs canceled while running whose worker's lease ended before ``now`` (the server's time) and which
+        nobody settled: a cancel of a running job keeps its lease end, and settling it stores UNSET_TIME."""
+        with server_errors():
+            return list(
+                self.jobs.find({"status": int(JobStatus.CANCELED), "expires": {"$gt": UNSET_TIME, "$lt": now}})
+            )
 
     def scan(self, statuses: tuple[int, ...]) -> Iterator[Document]:
         """Jobs in the given statuses (queue start-up and resync). Unsorted: the worker manager orders them by
