@@ -21,7 +21,7 @@ from pymongo.database import Database
 
 from helpers import TESTS_DIR, Node, Recorder, unindexed, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.constants import NODE_REGISTRY, KillReason
+from taskscheduler.constants import NO_WORKER, NODE_REGISTRY, KillReason
 from taskscheduler.core import lifecycle as lifecycle_module
 from taskscheduler.core.lifecycle import Change
 from taskscheduler.node.nodeproc import spawn_node
@@ -57,9 +57,8 @@ def owns(scheduler: Scheduler, job_id: ObjectId, worker: ObjectId) -> bool:
 def settled(scheduler: Scheduler, job_id: ObjectId, worker: ObjectId) -> bool:
     """The worker's claim was put back, and that counts as no death: its owner vouched for the sweep (or put the
     run back itself)."""
-    releases = [
-        e for e in scheduler.store.job_events(job_id) if e["status"] == JobStatus.WAITING and e["worker"] == worker
-    ]
+    put_back = (JobStatus.WAITING, JobStatus.POSTPONED)  # POSTPONED: held for a verdict
+    releases = [e for e in scheduler.store.job_events(job_id) if e["status"] in put_back and e["worker"] == worker]
     return bool(releases) and all(e.get("sweep", {"back": True})["back"] for e in releases)
 
 
@@ -72,14 +71,71 @@ def sweeps_confirmed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lifecycle_module, "SWEEP_CONFIRM_LEASES", 0.0)
 
 
+def held(scheduler: Scheduler, job_id: ObjectId) -> dict[str, Any]:
+    """The job, held for a verdict after a sweep: POSTPONED, naming the swept worker, not claimable."""
+    job = scheduler.store.find_job(job_id)
+    assert job["status"] == JobStatus.POSTPONED and job["worker"] != NO_WORKER, job
+    assert scheduler.store.claim(job_id, ObjectId(), LEASE) is None  # the run does not go again meanwhile
+    return job
+
+
 def test_a_fresh_sweep_is_no_evidence_until_its_owner_had_time_to_vouch(scheduler: Scheduler) -> None:
     """After an outage the sweepers and the cut-off owners come back at once: a sweep younger than
-    SWEEP_CONFIRM_LEASES leases does not count yet, so two quick sweeps and a third never fail the job."""
+    SWEEP_CONFIRM_LEASES leases does not count yet, so two quick sweeps and a third never fail the job at once.
+    The third is held until its owners had time to vouch; they were only cut off, so it runs again."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    owners = []
+    for _ in range(3):
+        owner, change = sweep(scheduler, p.id)
+        assert change.record()
+        owners.append(owner)
+    doc = held(scheduler, p.id)
+    assert doc["options"]["at"] >= time.time() + 2 * LEASE  # SWEEP_CONFIRM_LEASES leases (plus a second)
+    for owner in owners:  # each comes back, finds its run put back, and vouches
+        scheduler.lifecycle.after_kill(p.id, owner, 1, KillReason.LOST, 0).record()
+    assert scheduler.lifecycle.unpostpone(doc) is not None  # the verdict, once due: no death
+    job = scheduler.store.find_job(p.id)
+    assert (job["status"], job["worker"], job["run"]) == (JobStatus.WAITING, NO_WORKER, 1)
+    due = [e for e in scheduler.store.job_events(p.id) if e["status"] == JobStatus.WAITING and not e.get("error")]
+    assert len(due) == 1 and job["change"] == due[0]["_id"]
+
+
+def test_a_held_run_whose_owners_never_vouch_fails_at_its_third_orphaning(scheduler: Scheduler) -> None:
+    """SPEC 4: the third orphaning fails the run: three nodes died with it in quick succession, and it never
+    runs a fourth time. Every node due to decide races: the verdict is recorded once."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    for _ in range(3):
+        third, change = sweep(scheduler, p.id)
+        assert change.record()
+    doc = held(scheduler, p.id)
+    seen: list[str] = []
+    scheduler.on("*", lambda name, job: seen.append(name.removeprefix("taskscheduler.on")))
+    assert scheduler.lifecycle.unpostpone(doc) is None  # a node decides
+    assert scheduler.lifecycle.unpostpone(doc) is None  # and another, a moment later
+    failed = scheduler.get_job(p.id)
+    assert failed.status == JobStatus.FAILED and failed.run == 1 and failed.error is not None
+    assert failed.error == {
+        "class": ORPHANED_ERROR,
+        "message": f"job orphaned 3 times; last: {SWEPT}",
+        "traceback": "",
+    }
+    assert [(r["status"], r["worker"]) for r in failed.runs()] == [(JobStatus.FAILED, third)]
+    ends = [e for e in scheduler.store.job_events(p.id) if e["status"] == JobStatus.FAILED]
+    assert len(ends) == 1 and seen.count("Failed") <= 1
+
+
+def test_a_held_run_that_is_canceled_is_not_decided(scheduler: Scheduler) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     for _ in range(3):
         _, change = sweep(scheduler, p.id)
         assert change.record()
-    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING
+    doc = held(scheduler, p.id)
+    scheduler.cancel_job(p.id)
+    assert scheduler.lifecycle.unpostpone(doc) is None
+    assert scheduler.get_job(p.id).status == JobStatus.CANCELED
+    assert [e["status"] for e in scheduler.store.job_events(p.id) if e["status"] >= JobStatus.DONE] == [
+        JobStatus.CANCELED
+    ]
 
 
 @pytest.mark.usefixtures("sweeps_confirmed_at_once")
@@ -102,16 +158,16 @@ def test_a_sweep_counts_until_its_owner_vouches_for_it(scheduler: Scheduler) -> 
     assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING  # 1 confirmed: the second
     fourth, change = sweep(scheduler, p.id)
     assert change.record()
-    # 2 confirmed (the second, the third): the fourth's owner may be only paused, so it is no death yet.
-    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING
-    fifth, change = sweep(scheduler, p.id)
-    assert change.record()
+    # 2 confirmed (the second, the third): the fourth's owner may be only paused, so it is no death yet, and the
+    # run is held until it had time to vouch. It never does: the verdict is the third orphaning.
+    doc = held(scheduler, p.id)
+    assert scheduler.lifecycle.unpostpone(doc) is None
     failed = scheduler.get_job(p.id)
     assert failed.status == JobStatus.FAILED and failed.run == 1
     assert failed.error is not None and failed.error["class"] == ORPHANED_ERROR
     assert failed.error["message"] == f"job orphaned 3 times; last: {SWEPT}"
     assert scheduler.store.find_job(p.id)["orphaned"] == 3
-    assert [(r["status"], r["worker"]) for r in failed.runs()] == [(JobStatus.FAILED, fifth)]
+    assert [(r["status"], r["worker"]) for r in failed.runs()] == [(JobStatus.FAILED, fourth)]
 
 
 @pytest.mark.usefixtures("sweeps_confirmed_at_once")
@@ -124,9 +180,10 @@ def test_two_deaths_and_then_an_owner_cut_off_leave_the_run_waiting(scheduler: S
         assert change.record()
     paused, change = sweep(scheduler, p.id)
     assert change.record()
-    assert scheduler.store.find_job(p.id)["status"] == JobStatus.WAITING
+    doc = held(scheduler, p.id)  # it would be the third: held until its owner had time to vouch
     scheduler.lifecycle.after_kill(p.id, paused, 1, KillReason.LOST, 0).record()  # its node comes back, fenced
     assert swept_back(scheduler, p.id)[paused] is True
+    assert scheduler.lifecycle.unpostpone(doc) is not None  # the verdict: no death, the run goes again
     worker = ObjectId()
     assert scheduler.store.claim(p.id, worker, LEASE) is not None
     assert scheduler.lifecycle.end(scheduler.store.find_job(p.id), worker, JobStatus.DONE).record()
@@ -305,9 +362,9 @@ def test_a_node_killed_again_and_again_with_the_job_fails_it(
     scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
 ) -> None:
     """The job's node (its whole process group) is SIGKILLed while it runs the job, again and again, a fresh node
-    started after each kill: none of the dead owners ever comes back, so once two earlier sweeps are confirmed (their
-    owners had SWEEP_CONFIRM_LEASES leases to vouch and did not) the next sweep is the third orphaning and fails the
-    job, with no further run."""
+    started after each kill: none of the dead owners ever comes back. The third sweep would be the third orphaning
+    were the earlier owners dead: the run is held until all had SWEEP_CONFIRM_LEASES leases to vouch, then fails,
+    with no further run."""
     pid_file = tmp_path / "pid"
     p = scheduler.add_job("sample_jobs:WritePid", {"path": str(pid_file), "seconds": 60})
     node = start_node()
@@ -325,7 +382,7 @@ def test_a_node_killed_again_and_again_with_the_job_fails_it(
         kills += 1
         node = start_node()
     p.wait(timeout=60)
-    assert 3 <= kills <= 5
+    assert kills == 3  # held after the third sweep, then failed: never a fourth run
     assert p.status == JobStatus.FAILED and p.run == 1
     assert p.error is not None and p.error["class"] == ORPHANED_ERROR
     assert p.error["message"] == f"job orphaned 3 times; last: {SWEPT}"

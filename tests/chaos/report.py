@@ -76,6 +76,7 @@ LOG_MARKS = {
     "lost": "is no longer ours",
     "timed out": "timed out after",
     "released": "put back to waiting",
+    "held": "its third orphaning if its owner is dead",
     "step failures": "queue node step failed",
 }
 

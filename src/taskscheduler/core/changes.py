@@ -151,6 +151,9 @@ class Change:
         self.uncertain = False  # an attempt failed without an answer: it may have been written
         #: Written by the run's owner, alive: if the run was swept first, the sweep was no death (vouched for).
         self.vouches = False
+        #: Its event ids are derived from the run: every node racing to make this very change writes the same
+        #: events, one update wins, and the others find it written (announced by the winner only).
+        self.shared = False
 
     @property
     def marker(self) -> ObjectId:
@@ -171,9 +174,10 @@ class Change:
         if not written:
             stored = store.find_job(job.id) or {}
             if stored.get("change") != self.marker:
-                # Not ours now. Unless an earlier attempt may have been written and the job has moved on since
-                # (then its run number has moved on too), we lost it: withdraw what we wrote about it.
-                if not self.uncertain or int(stored.get("run", self.run)) == self.run:
+                # Not ours now. Unless an earlier attempt (or, for a shared change, another writer) may have written
+                # it and the job has moved on since (then its run number has moved on too), we lost it: withdraw
+                # what we wrote about it.
+                if not (self.uncertain or self.shared) or int(stored.get("run", self.run)) == self.run:
                     store.delete_events([e.id for e in self.events[1:]])
                 self.life.logger.warning(
                     f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
@@ -185,6 +189,9 @@ class Change:
                 if stored.get("status") == JobStatus.CANCELED and stored.get("worker") == self.worker:
                     self.life.settle_cancel(stored)  # canceled under us: the run is ours to settle
                 return False
+            if self.shared and not self.uncertain:
+                self.recorded = True  # another node made this very change first, and announced it
+                return True
         self.recorded = True
         self.announce()
         return True
@@ -217,6 +224,7 @@ class RunEnd(Change):
         result: Any = None,
         has_result: bool = False,
         expires: datetime | None = None,
+        salt: bytes | None = None,
     ) -> None:
         super().__init__(life, job, worker)
         self.status = status
@@ -229,7 +237,8 @@ class RunEnd(Change):
                 extra={"job_id": job.id},
             )
             result, has_result = None, True
-        end_id = ObjectId()
+        # ``salt``: a shared change (see Change.shared), its event ids derived from the run and the salt.
+        end_id = derived_id(job.id, self.run, salt) if salt is not None else ObjectId()
         end = new_event(
             job,
             status,
@@ -268,7 +277,10 @@ class RunEnd(Change):
                     "options.retry": retry,
                 }
             )
-            self.events.append(new_event(self.following, next_status, worker, time=now, end=end_id))
+            follow_id = derived_id(job.id, self.run, salt + b"+1") if salt is not None else None
+            self.events.append(
+                new_event(self.following, next_status, worker, time=now, end=end_id, event_id=follow_id)
+            )
 
     def outcome(self) -> ObjectId | None:
         return self.ended.outcome
@@ -307,27 +319,38 @@ class Release(Change):
         reason: str,
         expires: datetime | None,
         sweep: datetime | None = None,
+        hold: float | None = None,
     ) -> None:
         super().__init__(life, job, worker)
         self.reason = reason
-        self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
-        note = library_error(JobReleasedError, reason)
+        self.hold = hold
         now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
-        released = new_event(self.released, JobStatus.WAITING, worker, time=now, error=note, sweep=sweep)
+        if hold is None:
+            self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
+            self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
+        else:
+            # Held for a verdict (see Lifecycle.release_orphan): POSTPONED until ``hold`` (seconds since the epoch,
+            # on the server's clock), still naming the worker whose owner may vouch meanwhile.
+            at = now.timestamp() + hold
+            held = job.evolve(status=JobStatus.POSTPONED, orphaned=count, progress=0.0)
+            self.released = held.evolve(options=dict(job.options, at=at))
+            self.fields = {"status": int(JobStatus.POSTPONED), "orphaned": count, "progress": 0.0, "options.at": at}
+        note = library_error(JobReleasedError, reason)
+        released = new_event(self.released, self.released.status, worker, time=now, error=note, sweep=sweep)
         self.events = [self.processing_event(), released]
         self.when = owned_by(worker, self.run, expires)
-        self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
 
     def announce(self) -> None:
         job = self.job
         # The worker that lost the run may have written the events of an end it never recorded (it died, or was
         # fenced, between the two writes): they are not the run's end.
         self.life.store.delete_unrecorded_events(job.id, self.run, self.worker, job.outcome)
+        held = "" if self.hold is None else f" (held {self.hold:.0f} s: its third orphaning if its owner is dead)"
         self.life.logger.warning(
-            f"job {job.id} ({job.job_class!r}) put back to waiting: {self.reason}",
+            f"job {job.id} ({job.job_class!r}) put back to {self.released.status.name.lower()}: {self.reason}{held}",
             extra={"job_id": job.id, "job_class": job.job_class, "reason": self.reason},
         )
-        self.life.emit(JobStatus.WAITING, self.released.evolve(change=self.marker))
+        self.life.emit(self.released.status, self.released.evolve(change=self.marker))
 
 
 def _fits(result: Any) -> bool:

@@ -433,19 +433,10 @@ class Lifecycle:
         # nodes racing, the losers' inserts change nothing, and the winner's status names it (``change``). A node
         # that loses to a cancel withdraws the event it wrote itself (never the winner's, which it did not write).
         # Read as routed: a job of a class this node does not run was checked for its routing fields only.
-        job_id, run = doc["_id"], int(doc.get("run", 1))
-        when = {"status": int(JobStatus.POSTPONED), "run": run}
-        event_id = derived_id(job_id, run, b"due")
-        event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
-        written = self.store.insert_events([event])
-        fields = {"status": int(JobStatus.WAITING), "change": event_id}
-        if not self.store.change(job_id, when, fields):
-            stored = self.store.find_job(job_id) or {}
-            if stored.get("change") != event_id or stored.get("run") != run:
-                if written and stored.get("run") == run:  # this run never became WAITING (canceled, say)
-                    self.store.delete_events(written)
-                return None
-        return event
+        worker = doc.get("worker", NO_WORKER)
+        if isinstance(worker, ObjectId) and worker != NO_WORKER:
+            return self._verdict(doc)  # a run held after a sweep
+        return self._due(doc, {})
 
     def record_due(self, doc: Mapping[str, Any], event: EventRecord) -> None:
         """Write the WAITING event of a job :meth:`unpostpone` moved (again after an outage: written once)."""
@@ -488,7 +479,10 @@ class Lifecycle:
     # paused, so the sweep stores no count, only its event (``sweep``). An owner that lives on finds out by
     # itself: its node records the end of the run it fenced (or stopped, or timed out), or its worker the run's
     # end, and finds the run put back by someone else; it then vouches for the sweep (``sweep.back``), which no
-    # longer counts. An owner that died never does. The MAX_ORPHANINGS-th orphaning ends the run FAILED.
+    # longer counts. An owner that died never does. The MAX_ORPHANINGS-th orphaning ends the run FAILED. An
+    # orphaning that would be the MAX_ORPHANINGS-th were every unvouched sweep a death holds the run (POSTPONED,
+    # naming the worker) until every owner had time to vouch: then its verdict fails the run or puts it back, and a
+    # job whose nodes keep dying with it never runs more than MAX_ORPHANINGS times in a run.
 
     def release(
         self,
@@ -510,7 +504,15 @@ class Lifecycle:
             change.vouches = True  # its node lives on: a sweep that beat it was no death
             return change
         swept = self._confirmed_sweeps(job) - {worker}
-        return self._orphaned(job, worker, deaths + 1, deaths + 1 + len(swept), reason, expires, None)
+        count = deaths + 1 + len(swept)
+        if count < MAX_ORPHANINGS and self._third_if_dead(job, worker, deaths + 1):
+            return Release(self, job, worker, deaths + 1, reason, expires, hold=self._verdict_delay(job))
+        return self._orphaned(job, worker, deaths + 1, count, reason, expires, None)
+
+    def _third_if_dead(self, job: JobRecord, worker: ObjectId, deaths: int) -> bool:
+        """Whether the run reaches MAX_ORPHANINGS should every sweep whose owner has not vouched yet be a death
+        (``deaths``: the ones its nodes saw, this orphaning included)."""
+        return deaths + len(self.store.unvouched_sweeps(job.id, job.run) - {worker}) >= MAX_ORPHANINGS
 
     def _confirmed_sweeps(self, job: JobRecord) -> set[ObjectId]:
         """The run's sweeps that count as deaths: unvouched although their owners had time to vouch. An owner that
@@ -532,11 +534,65 @@ class Lifecycle:
         swept = self._confirmed_sweeps(job) - {worker}
         deaths = job.orphaned
         # This sweep is no death yet (its owner may be only paused or cut off, SPEC 4): it counts once it is
-        # confirmed, at the run's next orphaning. Only deaths confirmed before it can fail the run now.
+        # confirmed. Only deaths confirmed before it can fail the run now.
         confirmed = deaths + len(swept)
         if confirmed >= MAX_ORPHANINGS:
             return self._orphaned(job, worker, deaths, confirmed, reason, expires, expires)
+        if self._third_if_dead(job, worker, deaths + 1):
+            # Were every unvouched sweep a death, this one would be the third: the run must not go again before
+            # the verdict. Held POSTPONED (naming the worker) until every owner had time to vouch; then
+            # :meth:`unpostpone` fails the run or puts it back.
+            return Release(self, job, worker, deaths, reason, expires, expires, hold=self._verdict_delay(job))
         return Release(self, job, worker, deaths, reason, expires, expires)
+
+    def _verdict_delay(self, job: JobRecord) -> float:
+        """How long a held run waits for its owner: until its sweep is old enough to count (plus a second)."""
+        seconds = job.lease if job.lease > 0 else float(DEFAULT_ORPHANED_TIMEOUT)
+        return SWEEP_CONFIRM_LEASES * seconds + 1.0
+
+    def _verdict(self, doc: Mapping[str, Any]) -> EventRecord | None:
+        """A run held after a sweep that would be its third orphaning, now due: FAILED if its owner never vouched
+        (a death), else WAITING as any due run (letting go of the worker). Every node may race to decide: the
+        verdict's events have derived ids, one update wins."""
+        job_id, run, worker = doc["_id"], int(doc.get("run", 1)), doc["worker"]
+        stored = self.store.find_job(job_id)
+        if stored is None or (stored.get("status"), stored.get("run"), stored.get("worker")) != (
+            JobStatus.POSTPONED,
+            run,
+            worker,
+        ):
+            return None  # decided, canceled or changed meanwhile
+        job = JobRecord.from_doc(stored)
+        # Every sweep of the run is at least as old as the one that held it: all had time to be vouched for.
+        count = job.orphaned + len(self.store.unvouched_sweeps(job.id, job.run))
+        if count >= MAX_ORPHANINGS:
+            reason = "its node stopped renewing the lease"
+            error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {reason}")
+            end = RunEnd(self, job.evolve(orphaned=count), worker, JobStatus.FAILED, error=error, salt=b"verdict")
+            end.when = {"status": int(JobStatus.POSTPONED), "run": run, "worker": worker}
+            end.shared = True
+            end.record()
+            return None
+        return self._due(stored, {"worker": NO_WORKER}, b"due after " + worker.binary)
+
+    def _due(self, doc: Mapping[str, Any], sets: Mapping[str, Any], salt: bytes = b"due") -> EventRecord | None:
+        """POSTPONED -> WAITING for this run (also setting ``sets``); see :meth:`unpostpone`. ``salt``: what makes
+        this move's event id differ from another's of the same run (a retry's due run, then a held one's)."""
+        job_id, run = doc["_id"], int(doc.get("run", 1))
+        when = {"status": int(JobStatus.POSTPONED), "run": run}
+        if "worker" in doc:  # a run held for a verdict names its worker: a due run of the same number never moves it
+            when["worker"] = doc["worker"]
+        event_id = derived_id(job_id, run, salt)
+        event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
+        written = self.store.insert_events([event])
+        fields = {"status": int(JobStatus.WAITING), "change": event_id, **sets}
+        if not self.store.change(job_id, when, fields):
+            stored = self.store.find_job(job_id) or {}
+            if stored.get("change") != event_id or stored.get("run") != run:
+                if written and stored.get("run") == run:  # this run never became WAITING (canceled, say)
+                    self.store.delete_events(written)
+                return None
+        return event
 
     def _orphaned(
         self,
@@ -559,7 +615,8 @@ class Lifecycle:
         """``worker``'s claim of ``run`` was put back by someone else while its owner (the worker, or its node)
         lived on: its sweep was no death. Only while the job is still at that run and not ended (``stored``),
         when a sweep can still count: a run that was canceled or ended needs no write."""
-        if int(stored.get("run", 0)) == run and stored.get("status") in (JobStatus.WAITING, JobStatus.PROCESSING):
+        live = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.PROCESSING)  # POSTPONED: held for a verdict
+        if int(stored.get("run", 0)) == run and stored.get("status") in live:
             if self.store.vouch(job_id, run, worker):
                 self.logger.info(
                     f"job {job_id} run {run}: its owner lives on, so its earlier sweep is no orphaning",
