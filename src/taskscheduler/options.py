@@ -55,6 +55,7 @@ ORPHANED_TIMEOUT = "orphaned_timeout"
 JOB_MODULES = "job_modules"
 METRICS_PORT = "metrics_port"
 METRICS_HOST = "metrics_host"
+BURST = "burst"
 
 # Worker manager options.
 PM = "pm"
@@ -289,6 +290,7 @@ QUEUE_OPTIONS: dict[str, Check] = {
     JOB_MODULES: module_names,
     METRICS_PORT: port_or_off,
     METRICS_HOST: bind_address,
+    BURST: boolean,
     ORPHANED_RATE_LIMIT: ignored_option,
 }
 QUEUE_DEFAULTS: dict[str, Any] = {
@@ -296,6 +298,7 @@ QUEUE_DEFAULTS: dict[str, Any] = {
     JOB_MODULES: (),
     METRICS_PORT: None,
     METRICS_HOST: c.DEFAULT_METRICS_HOST,
+    BURST: False,
 }
 
 MANAGER_OPTIONS: dict[str, Check] = {PM: pm_mode, MIN_CHILDREN: int_at_least(0), MAX_CHILDREN: int_at_least(1)}

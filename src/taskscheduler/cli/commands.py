@@ -227,6 +227,12 @@ def cli(log_level: str, utc: bool) -> None:
     show_default=True,
     help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a Prometheus on another machine).",
 )
+@_option(
+    "--burst",
+    is_flag=True,
+    help="Stop (exit 0, gracefully) once no job of these modules is due or running here; jobs postponed to "
+    "later do not keep it running. For CI and batch hosts run by cron.",
+)
 def queue(
     conn: Connection,
     imports: Sequence[str],
@@ -237,8 +243,9 @@ def queue(
     orphaned_timeout: float,
     metrics_port: int,
     metrics_host: str,
+    burst: bool,
 ) -> None:
-    """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully)."""
+    """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully; with --burst, also when idle)."""
     from ..node.factory import DefaultWorkerFactory
     from ..node.queue import Queue
 
@@ -267,7 +274,12 @@ def queue(
         scheduler,
         scheduler.db,
         factory,
-        options={o.ORPHANED_TIMEOUT: orphaned_timeout, o.METRICS_PORT: metrics_port, o.METRICS_HOST: metrics_host},
+        options={
+            o.ORPHANED_TIMEOUT: orphaned_timeout,
+            o.METRICS_PORT: metrics_port,
+            o.METRICS_HOST: metrics_host,
+            o.BURST: burst,
+        },
     )
     node.process()
     sys.exit(node.exit_code)

@@ -77,6 +77,10 @@ ERROR_BACKOFF_SECONDS = 0.5
 EXITED_WORKERS_KEPT = 100
 #: Longest the node waits on the change stream before looking at its timers.
 TICK_SECONDS = 0.2
+#: How often a node in burst mode looks whether any job of its modules is still due or running.
+BURST_CHECK_SECONDS = 0.25
+#: Looks in a row that must find nothing before a node in burst mode stops (a claim's report may be on its way).
+BURST_QUIET_LOOKS = 2
 #: Malformed jobs a node remembers having logged as skipped (each is logged once while remembered).
 SKIPPED_KEPT = 10_000
 
@@ -140,6 +144,7 @@ class Queue:
         self._all_workers: set[ObjectId] = set()  # the workers of this node's manager that live
         self._exited_workers: deque[ObjectId] = deque(maxlen=EXITED_WORKERS_KEPT)
         self._skipped: dict[str, None] = {}  # malformed jobs logged as skipped, oldest first
+        self._quiet_looks = 0  # burst mode: looks in a row that found nothing to do
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
@@ -230,6 +235,9 @@ class Queue:
             timers.orphans = now + timers.orphans_every
             failed = not self._step(self._reschedule_orphans) or failed
         failed = not self._step(self._check_manager) or failed
+        if self.options[o.BURST] and now >= timers.burst:
+            timers.burst = now + BURST_CHECK_SECONDS
+            failed = not self._step(self._end_burst) or failed
         if self.metrics is not None:
             failed = not self._step(self.metrics.refresh) or failed
         if failed:
@@ -264,6 +272,24 @@ class Queue:
         change = feed.poll(min(TICK_SECONDS, self._next_due()))
         if change is not None:
             self._on_change(change)
+
+    def _end_burst(self) -> None:
+        """Burst mode (SPEC 9): stop as on SIGTERM once no job of this node's modules is due (a postponed one not
+        yet due does not count) and none runs here, in BURST_QUIET_LOOKS looks in a row."""
+        with self._state_lock:
+            busy = bool(self._running)
+            workers = list(self._all_workers)
+        busy = busy or bool(self._unrecorded or self._due_events)
+        # A worker's claim is in the database before its report reaches us: ask the database too.
+        busy = busy or bool(self.store.jobs_of_workers(workers))
+        if not busy:
+            now = self._now()
+            due = (job for job, cls in self.store.due_jobs(now) if serves(cls, self.job_modules))
+            busy = any(job_ref(job) not in self._skipped for job in due)  # a skipped malformed job never runs
+        self._quiet_looks = 0 if busy else self._quiet_looks + 1
+        if self._quiet_looks >= BURST_QUIET_LOOKS:
+            self.logger.info("burst mode: no job of this node's modules is due or running; stopping")
+            self._stopping = True
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
@@ -666,6 +692,7 @@ class _Timers:
     def __init__(self, orphaned_timeout: float) -> None:
         self.orphans_every = max(0.5, min(orphaned_timeout / 2, 15.0))
         self.orphans = time.monotonic()
+        self.burst = time.monotonic()
 
 
 def _waitpid(pid: int, block: bool = False) -> tuple[int, int]:

@@ -7,7 +7,7 @@ or update itself, it says which fields it expects and which it sets (:meth:`JobS
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -62,6 +62,9 @@ class JobStore(Protocol):
 
     def orphans(self, now: datetime) -> list[Document]:
         """Running jobs whose lease ended before ``now`` on the server's clock."""
+
+    def due_jobs(self, now: float) -> Iterator[tuple[Any, str]]:
+        """(id, class) of the due jobs (WAITING, or POSTPONED with ``at`` <= ``now``), lazily."""
 
     def unsettled_cancels(self, now: datetime) -> list[Document]:
         """Jobs canceled while running, their worker's lease ended before ``now``, that nobody settled yet."""

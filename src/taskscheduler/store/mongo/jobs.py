@@ -183,6 +183,21 @@ class JobWrites(RoomLedger):
         with server_errors():
             return list(self.jobs.find({"status": int(JobStatus.PROCESSING), "expires": {"$lt": now}}))
 
+    def due_jobs(self, now: float) -> Iterator[tuple[Any, str]]:
+        """(id, class) of every due job: WAITING, or POSTPONED with its ``at`` (seconds since the epoch, on the
+        server's clock) not after ``now``; lazily, so that a caller looking for one stops at the first. A job
+        without a class name, or postponed without a number in ``at``, is no job a node could start."""
+        waiting, postponed = int(JobStatus.WAITING), int(JobStatus.POSTPONED)
+        query = {"status": {"$in": [waiting, postponed]}}
+        with server_errors():
+            for doc in self.jobs.find(query, {"class": 1, "status": 1, "options.at": 1}):
+                options = doc.get("options")
+                at = options.get("at") if isinstance(options, dict) else None
+                due_at = at <= now if isinstance(at, (int, float)) and not isinstance(at, bool) else False
+                due = doc.get("status") == waiting or due_at
+                if due and isinstance(doc.get("class"), str):
+                    yield doc["_id"], doc["class"]
+
     def unsettled_cancels(self, now: datetime) -> list[Document]:
         """Jobs canceled while running whose worker's lease ended before ``now`` (the server's time) and which
         nobody settled: a cancel of a running job keeps its lease end, and settling it stores UNSET_TIME."""
