@@ -1,9 +1,9 @@
 """The layers of the package, checked over its import graph (run by `make lint` and `make test`).
 
 Every import statement counts: at module level, inside functions and under ``if TYPE_CHECKING``. Layers, top
-down: ``cli``; ``node`` and ``ops`` (neither imports the other); ``client``; ``core``; ``store``; the base
-modules at the package's top (constants, errors, options, events, ...). A module imports its own layer or
-lower ones, and no import cycle exists anywhere (within a layer neither).
+down: ``cli`` and ``testing`` (the pytest plugin); ``node`` and ``ops`` (neither imports the other); ``client``;
+``core``; ``store``; the base modules at the package's top (constants, errors, options, events, ...). A module
+imports its own layer or lower ones, and no import cycle exists anywhere (within a layer neither).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "taskscheduler"
 #: Rank of each layer: a module may import modules of its rank or lower (equal ranks of two different layers
 #: may not import each other).
-RANKS = {"base": 0, "store": 1, "core": 2, "client": 3, "node": 4, "ops": 4, "cli": 5}
+RANKS = {"base": 0, "store": 1, "core": 2, "client": 3, "node": 4, "ops": 4, "cli": 5, "testing": 5}
 #: The facade (``from taskscheduler import ...``) and ``python -m taskscheduler`` stand above every layer.
 FACADE = {"taskscheduler", "taskscheduler.__main__"}
 

@@ -16,8 +16,7 @@ from .protocol import RunJob
 
 
 def priority_of(task: RunJob) -> int:
-    value: Any = _options(task.doc).get(o.PRIORITY, 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return -start_order(task.doc)[0]
 
 
 def _options(doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -73,9 +72,16 @@ class Backlog:
 
 
 def _key(task: RunJob) -> tuple[int, float, ObjectId]:
-    doc = task.doc
+    return start_order(task.doc)
+
+
+def start_order(doc: Mapping[str, Any]) -> tuple[int, float, ObjectId]:
+    """Where a job stands in the order a node starts jobs (smallest first): higher priority first, then the one due
+    first (its ``at``, else its creation), then by id."""
     job_id: ObjectId = doc["_id"]
-    return (-priority_of(task), _due(doc, job_id), job_id)
+    value: Any = _options(doc).get(o.PRIORITY, 0)
+    priority = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return (-priority, _due(doc, job_id), job_id)
 
 
 def _due(doc: Any, job_id: ObjectId) -> float:

@@ -1,0 +1,126 @@
+"""A pytest plugin for testing code that uses taskscheduler (SPEC 9), registered through the ``pytest11`` entry
+point: inert (nothing imported, nothing started) unless a test asks for one of its fixtures.
+
+Fixtures:
+
+- ``taskscheduler_uri``: the URI of a MongoDB for the whole session: the server named by ``TASKSCHEDULER_TEST_URI``,
+  or an embedded server (SecantusDB, in memory) started once for the session in a process of its own.
+- ``taskscheduler_db``: a fresh database on it for each test, dropped after the test.
+- ``taskscheduler_scheduler``: a :class:`~taskscheduler.Scheduler` on that database.
+
+And :func:`run_jobs`, which runs the due jobs in the calling process, without a queue node or a fork::
+
+    def test_welcome_mail(taskscheduler_scheduler):
+        taskscheduler_scheduler.add_job("myapp.jobs:SendWelcome", {"user": 42})
+        (job,) = run_jobs(taskscheduler_scheduler)
+        assert job.status == JobStatus.DONE
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from bson import ObjectId
+
+if TYPE_CHECKING:
+    from pymongo.database import Database
+
+    from .client.process import Process
+    from .client.scheduler import Scheduler
+
+#: The environment variable naming a MongoDB to test against instead of the embedded server.
+URI_VARIABLE = "TASKSCHEDULER_TEST_URI"
+
+
+def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
+    """Run the due jobs in this process (no node, no fork) until none is due, and return them, each once, in the
+    order they first started.
+
+    Each job goes through the same lifecycle as on a node: its claim, events, run end, retries and next runs
+    scheduled as usual; a postponed job whose time has come (on the server's clock) is due, one postponed to
+    later is not. Jobs start in the order a node would start them: higher priority first, then first in, first
+    out. Any module's jobs run (there is no allow-list here).
+
+    Not as on a node: a job's ``timeout`` option is not enforced (nothing kills the calling process), and a job
+    that waits for another job to run (``wait()`` on a child) waits in vain, as nothing else runs meanwhile.
+    ``timeout`` bounds the whole call: if jobs are still due after that many seconds (a job that schedules itself
+    again at once, say), :class:`~taskscheduler.errors.WaitTimeoutError` is raised.
+    """
+    from .constants import JobStatus
+    from .errors import InvalidArgumentError, WaitTimeoutError
+    from .node.backlog import start_order
+    from .node.worker import Worker
+
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    worker = Worker(ObjectId(), scheduler, scheduler.db)
+    life, store = scheduler.lifecycle, scheduler.store
+    started: dict[Any, None] = {}  # job ids, in the order they first started
+    unrunnable: set[tuple[Any, Any]] = set()  # (job, run) a worker refused and left as it was (malformed)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = store.clock.earliest()  # the server's clock, as a node reads it
+        for doc in store.scan((JobStatus.POSTPONED,)):
+            at = (doc.get("options") or {}).get("at") if isinstance(doc.get("options"), dict) else None
+            if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now:
+                event = life.unpostpone(doc)
+                if event is not None:
+                    life.record_due(doc, event)
+        due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
+        if not due:
+            break
+        if time.monotonic() > deadline:
+            raise WaitTimeoutError(f"run_jobs: {len(due)} job(s) still due after {timeout:g} s")
+        doc = min(due, key=start_order)
+        if worker.run(doc):
+            started.setdefault(doc["_id"])
+            continue
+        stored = store.find_job(doc["_id"])
+        if stored is not None and stored.get("status") == JobStatus.WAITING and stored.get("run") == doc.get("run"):
+            unrunnable.add((doc["_id"], doc.get("run")))  # refused and unchanged: it would be picked again
+        elif stored is not None:
+            started.setdefault(doc["_id"])  # ended without running (malformed, or its parent failed)
+    return [scheduler.get_job(job_id) for job_id in started]
+
+
+@pytest.fixture(scope="session")
+def taskscheduler_uri() -> Iterator[str]:
+    """A MongoDB for the session: ``TASKSCHEDULER_TEST_URI``, or an embedded server started for it."""
+    named = os.environ.get(URI_VARIABLE)
+    if named:
+        yield named
+        return
+    from .ops.embedded import EmbeddedServer
+
+    with EmbeddedServer(port=0, data_dir=":memory:") as server:
+        yield server.uri
+
+
+@pytest.fixture
+def taskscheduler_db(taskscheduler_uri: str) -> Iterator[Database[dict[str, Any]]]:
+    """A fresh database for this test, dropped after it."""
+    from .store import connect
+
+    db = connect(taskscheduler_uri, f"test_{uuid.uuid4().hex[:16]}")
+    try:
+        yield db
+    finally:
+        db.client.drop_database(db.name)
+        db.client.close()
+
+
+@pytest.fixture
+def taskscheduler_scheduler(taskscheduler_db: Database[dict[str, Any]]) -> Iterator[Scheduler]:
+    """A Scheduler on this test's database."""
+    from .client.scheduler import Scheduler
+
+    scheduler = Scheduler(taskscheduler_db)
+    try:
+        yield scheduler
+    finally:
+        scheduler.close()
