@@ -291,3 +291,19 @@ async def async_generator_job(data: dict[str, Any]) -> Any:
     """An async generator function given as a job: its body must run (or add_job must refuse it)."""
     Path(data["marker"]).write_text("ran")
     yield 1
+
+
+class Gather(AbstractJob):
+    """Returns the results of the jobs it depends on, in the order given (``self.dependencies()``)."""
+
+    def start(self) -> list[Any]:
+        return [p.result for p in self.dependencies()]
+
+
+class FailOnce(AbstractJob):
+    """Fails in its first run (run 1), ends DONE in any later one (a retry, a requeue)."""
+
+    def start(self) -> str:
+        if self.scheduler.get_job(self.id).run == 1:
+            raise ValueError("first run fails")
+        return "ok"

@@ -640,3 +640,16 @@ def test_show_says_times_with_their_date_and_zone(run: Any, scheduler: Scheduler
     assert f'"at": "{next_start:%Y-%m-%d %H:%M:%S} UTC"' in text, text  # no unix seconds for a reader
     shown = json.loads(run("show", str(cron.id), "--json").stdout)  # JSON unchanged: ISO 8601 and unix seconds
     assert datetime.fromisoformat(shown["next_run"]) == local and shown["options"]["at"] == cron.options["at"]
+
+
+def test_add_depends_on_and_limit_key(run: Any, scheduler: Scheduler) -> None:
+    first = scheduler.add_job("sample_jobs:Noop")
+    out = run("add", "sample_jobs:Noop", "--depends-on", str(first.id), "--limit-key", "mail")
+    assert out.returncode == 0, out.stderr
+    added = scheduler.get_job(ObjectId(out.stdout.strip()))
+    assert added.options["depends_on"] == [first.id] and added.options["limit_key"] == "mail"
+    assert added.blocked_by == [first.id]
+    unknown = run("add", "sample_jobs:Noop", "--depends-on", str(ObjectId()))
+    assert unknown.returncode == 2 and "no job with id" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad = run("add", "sample_jobs:Noop", "--depends-on", "nope")
+    assert bad.returncode == 2 and "is not a job id" in bad.stderr

@@ -44,6 +44,10 @@ class JobTimeoutError(TaskSchedulerError):
     """Recorded as a job's error when it ran past its ``timeout`` and its worker process was killed."""
 
 
+class DependencyFailedError(TaskSchedulerError):
+    """Recorded on a job canceled because a job it depends on ended FAILED, TIMEOUT or CANCELED for good."""
+
+
 class OrphanedJobError(TaskSchedulerError):
     """Recorded as a job's error when it was orphaned too often (its worker or node died, again and again)."""
 

@@ -33,6 +33,8 @@ RETRY_BACKOFF = "retry_backoff"
 RETRY_MAX_INTERVAL = "retry_max_interval"
 RETRY_JITTER = "retry_jitter"
 PRIORITY = "priority"
+DEPENDS_ON = "depends_on"
+LIMIT_KEY = "limit_key"
 
 # Scheduler options.
 JOB_QUEUE = "job_queue"
@@ -190,6 +192,40 @@ def object_id(name: str, value: Any) -> ObjectId:
     return value
 
 
+#: Most jobs one job may depend on (SPEC 8).
+MAX_DEPENDENCIES = 100
+#: Longest limit key (characters): a key is a class name or a name of the application's.
+MAX_LIMIT_KEY = 200
+
+
+def dependencies(name: str, value: Any) -> list[ObjectId]:
+    """Job ids (or Process objects) a job waits for, each once, in the order given; at most MAX_DEPENDENCIES."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+        raise InvalidArgumentError(
+            f"option {name} must be a list of job ids (ObjectId) or Process objects, got {type(value).__name__}"
+        )
+    ids: list[ObjectId] = []
+    for item in value:
+        job_id = item if isinstance(item, ObjectId) else getattr(item, "id", None)
+        if not isinstance(job_id, ObjectId):
+            raise InvalidArgumentError(f"option {name} must hold job ids (ObjectId) or Process objects, got {item!r}")
+        if job_id not in ids:
+            ids.append(job_id)
+    if len(ids) > MAX_DEPENDENCIES:
+        raise InvalidArgumentError(
+            f"option {name} names {len(ids)} jobs; a job may depend on {MAX_DEPENDENCIES} at most"
+        )
+    return ids
+
+
+def limit_key(name: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_LIMIT_KEY or any(ch in value for ch in "\x00\n\r"):
+        raise InvalidArgumentError(
+            f"option {name} must be a string of at most {MAX_LIMIT_KEY} characters (one line), got {value!r}"
+        )
+    return value
+
+
 def pm_mode(name: str, value: Any) -> str:
     if value not in PM_MODES or not isinstance(value, str):
         raise InvalidArgumentError(f"option {name} must be one of {', '.join(PM_MODES)}, got {value!r}")
@@ -212,6 +248,8 @@ JOB_OPTIONS: dict[str, Check] = {
     RETRY_MAX_INTERVAL: int_at_least(0, INT32_MAX),
     RETRY_JITTER: boolean,
     PRIORITY: int_at_least(-100, 100),
+    DEPENDS_ON: dependencies,
+    LIMIT_KEY: limit_key,
     ID: object_id,
 }
 
@@ -345,6 +383,8 @@ def job_options(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         RETRY_MAX_INTERVAL: c.DEFAULT_RETRY_MAX_INTERVAL,
         RETRY_JITTER: False,
         PRIORITY: c.DEFAULT_PRIORITY,
+        DEPENDS_ON: [],
+        LIMIT_KEY: "",
     }
     merged.update(checked)
     if merged[CRON] and checked.get(INTERVAL):

@@ -18,6 +18,7 @@ And :func:`run_jobs`, which runs the due jobs in the calling process, without a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -38,20 +39,21 @@ URI_VARIABLE = "TASKSCHEDULER_TEST_URI"
 
 
 def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
-    """Run the due jobs in this process (no node, no fork) until none is due, and return them, each once, in the
-    order they first started.
+    """Run the due jobs in this process (no node, no fork) until none is due, and return the jobs that ran, each
+    once, in the order they first started (a job canceled or ended FAILED as malformed without running is not
+    among them).
 
     Each job goes through the same lifecycle as on a node: its claim, events, run end, retries and next runs
     scheduled as usual; a postponed job whose time has come (on the server's clock) is due, one postponed to
     later is not. Jobs start in the order a node would start them: higher priority first, then first in, first
-    out. Any module's jobs run (there is no allow-list here).
+    out. Any module's jobs run (there is no allow-list here). A job waits for its dependencies as on a node: it
+    runs once every job it depends on has ended DONE, and is canceled (and returned) once one failed for good.
 
     Not as on a node: a job's ``timeout`` option is not enforced (nothing kills the calling process), and a job
     that waits for another job to run (``wait()`` on a child) waits in vain, as nothing else runs meanwhile.
     ``timeout`` bounds the whole call: if jobs are still due after that many seconds (a job that schedules itself
     again at once, say), :class:`~taskscheduler.errors.WaitTimeoutError` is raised.
     """
-    from .constants import JobStatus
     from .errors import InvalidArgumentError, WaitTimeoutError
     from .node.backlog import start_order
     from .node.worker import Worker
@@ -59,19 +61,13 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
     worker = Worker(ObjectId(), scheduler, scheduler.db)
-    life, store = scheduler.lifecycle, scheduler.store
+    store = scheduler.store
     started: dict[Any, None] = {}  # job ids, in the order they first started
     unrunnable: set[tuple[Any, Any]] = set()  # (job, run) a worker refused and left as it was (malformed)
     deadline = time.monotonic() + timeout
     while True:
-        now = store.clock.earliest()  # the server's clock, as a node reads it
-        for doc in store.scan((JobStatus.POSTPONED,)):
-            at = (doc.get("options") or {}).get("at") if isinstance(doc.get("options"), dict) else None
-            if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now:
-                event = life.unpostpone(doc)
-                if event is not None:
-                    life.record_due(doc, event)
-        due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
+        _move_due(scheduler)
+        due = _runnable(scheduler, unrunnable)
         if not due:
             break
         if time.monotonic() > deadline:
@@ -80,12 +76,45 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
         if worker.run(doc):
             started.setdefault(doc["_id"])
             continue
-        stored = store.find_job(doc["_id"])
-        if stored is not None and stored.get("status") == JobStatus.WAITING and stored.get("run") == doc.get("run"):
-            unrunnable.add((doc["_id"], doc.get("run")))  # refused and unchanged: it would be picked again
-        elif stored is not None:
-            started.setdefault(doc["_id"])  # ended without running (malformed, or its parent failed)
+        stored = store.find_job(doc["_id"])  # refused: malformed (ended FAILED), or its parent failed (CANCELED)
+        if stored is not None and stored.get("status") == doc.get("status") and stored.get("run") == doc.get("run"):
+            unrunnable.add((doc["_id"], doc.get("run")))  # and unchanged: it would be picked again
     return [scheduler.get_job(job_id) for job_id in started]
+
+
+def _move_due(scheduler: Scheduler) -> None:
+    """POSTPONED -> WAITING for the jobs whose time has come on the server's clock, as a node moves them."""
+    from .constants import JobStatus
+
+    life, store = scheduler.lifecycle, scheduler.store
+    now = store.clock.earliest()
+    for doc in store.scan((JobStatus.POSTPONED,)):
+        options = doc.get("options")
+        at = options.get("at") if isinstance(options, dict) else None
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now:
+            event = life.unpostpone(doc)
+            if event is not None:
+                life.record_due(doc, event)
+
+
+def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> list[Any]:
+    """The WAITING jobs that may start now. Held back as a node holds them: a job with dependencies until every
+    one has ended DONE; one of whose dependencies failed for good is canceled."""
+    from .constants import JobStatus
+    from .core.dependencies import failure_of, verdicts
+    from .errors import InvalidArgumentError
+
+    store = scheduler.store
+    due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
+    held = set()
+    for job_id, verdict in verdicts(store, due).items():
+        if verdict.failed is not None:
+            doc = next(d for d in due if d["_id"] == job_id)
+            with contextlib.suppress(InvalidArgumentError):
+                scheduler.lifecycle.cancel(doc, error=failure_of(*verdict.failed))
+        if not verdict.ready:
+            held.add(job_id)
+    return [d for d in due if d["_id"] not in held]
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 from bson import ObjectId, json_util
+from bson.errors import InvalidId
 
 from .. import options as o
 from ..constants import (
@@ -285,6 +286,13 @@ def queue(
     sys.exit(node.exit_code)
 
 
+def _job_id(value: str, flag: str) -> ObjectId:
+    try:
+        return ObjectId(value.strip())
+    except (InvalidId, TypeError):
+        raise click.BadParameter(f"{flag} {value!r} is not a job id (24 hex digits)") from None
+
+
 def _parse_at(value: str | None) -> float | None:
     if value is None:
         return None
@@ -326,6 +334,12 @@ def _parse_at(value: str | None) -> float | None:
 @_option("--retry-jitter", is_flag=True, default=False, help="Draw each retry delay from [delay/2, delay].")
 @_option("--priority", type=int, default=None, help="-100..100: higher starts first among due jobs.")
 @_option("--force-spawn", is_flag=True, default=False, help="Run in a dedicated worker process.")
+@_option(
+    "--depends-on",
+    multiple=True,
+    help="Id of a job this one waits for: it starts once all ended DONE, and is canceled if one fails; repeatable.",
+)
+@_option("--limit-key", default=None, help="An extra key under which limits and pauses count this job.")
 @_path_option
 @_option("--no-import-check", is_flag=True, help="Do not check that JOB_CLASS can be imported here.")
 @_option("--json", "as_json", is_flag=True, help="Print the job as JSON instead of its id.")
@@ -345,6 +359,8 @@ def add(
     retry_jitter: bool,
     priority: int | None,
     force_spawn: bool,
+    depends_on: Sequence[str],
+    limit_key: str | None,
     paths: Sequence[str],
     no_import_check: bool,
     as_json: bool,
@@ -387,6 +403,8 @@ def add(
         o.RETRY_JITTER: retry_jitter or None,
         o.PRIORITY: priority,
         o.FORCE_SPAWN: force_spawn or None,
+        o.DEPENDS_ON: [_job_id(value, "--depends-on") for value in depends_on] or None,
+        o.LIMIT_KEY: limit_key,
     }
     job_options = {k: v for k, v in given.items() if v is not None}
     scheduler = conn.scheduler()

@@ -137,6 +137,10 @@ class AsyncScheduler:
     ) -> AsyncProcess:
         return self._wrap(await self._run(_loaded, self._sync.add_job_once, job_class, data, options, **kw))
 
+    async def add_chain(self, steps: Iterable[Any]) -> list[AsyncProcess]:
+        added = await self._run(self._sync.add_chain, list(steps) if not isinstance(steps, (str, bytes)) else steps)
+        return [self._wrap(process) for process in added]
+
     async def get_job(self, job_id: ObjectId | str) -> AsyncProcess:
         return self._wrap(await self._run(_loaded, self._sync.get_job, job_id))
 
@@ -372,6 +376,9 @@ class AsyncProcess:
     async def wait(self, timeout: float | None = None, throw: bool = False) -> AsyncProcess:
         await self._scheduler.wait_for([self], Scheduler.OPTION_THROW_EXCEPTION if throw else 0, timeout)
         return self
+
+    async def blocked_by(self) -> list[ObjectId]:
+        return await self._scheduler._run(lambda: self.process.blocked_by)
 
     async def runs(self) -> list[dict[str, Any]]:
         return await self._scheduler._run(self.process.runs)

@@ -67,6 +67,12 @@ class AbstractJob(JobInterface):
     def update_progress(self, progress: float | None = None) -> None:
         self.scheduler.update_progress(self.id, progress)
 
+    def dependencies(self) -> list[Process]:
+        """The jobs this one depends on (option ``depends_on``), in the order given, to read their results (all
+        ended DONE, or this job would not run)."""
+        ids = self.scheduler.get_job(self.id).options.get("depends_on") or []
+        return [self.scheduler.get_job(job_id) for job_id in ids]
+
     # Upstream-style accessors, so code ported from the PHP library reads the same.
     def set_data(self, data: Any) -> AbstractJob:
         self.data = data

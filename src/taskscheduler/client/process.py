@@ -142,6 +142,12 @@ class Process:
             self._outcome = self._scheduler.lifecycle.outcome(self._doc)
         return self._outcome  # type: ignore[no-any-return]
 
+    @property
+    def blocked_by(self) -> list[ObjectId]:
+        """The jobs this one depends on (option ``depends_on``) that have not ended DONE, in the order given; read
+        from MongoDB at each access. Empty once it may start (or for a job without dependencies)."""
+        return self._scheduler.lifecycle.blocked_by(self._doc)
+
     def runs(self) -> list[dict[str, Any]]:
         """Every ended run, oldest first: ``run``, ``status``, ``worker``, ``started``, ``ended`` and ``error``
         or ``result``."""

@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from blinker import Namespace
@@ -160,6 +160,33 @@ class Scheduler:
         requested = _merge(options, kw)
         doc = self._mark_child(self.lifecycle.prepare(class_path(job_class), data, requested, self._options))
         return Process(self.lifecycle.add_once(doc, o.validate(requested, o.JOB_OPTIONS, "job"), data), self)
+
+    def add_chain(self, steps: Iterable[Sequence[Any]]) -> list[Process]:
+        """Spool jobs that run one after the other: ``steps`` are ``(job_class, data)`` or ``(job_class, data,
+        options)``; each job depends on the one before it (besides its own ``depends_on``), so a failure cancels
+        the rest. Every step is checked before anything is written. Returns the jobs in order."""
+        if isinstance(steps, (str, bytes, Mapping)):
+            raise InvalidArgumentError("steps must be a list of (job_class, data) or (job_class, data, options)")
+        docs: list[dict[str, Any]] = []
+        known: frozenset[ObjectId] = frozenset()
+        for number, step in enumerate(steps, 1):
+            if isinstance(step, (str, bytes)) or not isinstance(step, Sequence) or len(step) not in (2, 3):
+                raise InvalidArgumentError(
+                    f"step {number} must be (job_class, data) or (job_class, data, options), got {step!r}"
+                )
+            options = dict(step[2]) if len(step) == 3 and step[2] is not None else {}
+            if len(step) == 3 and step[2] is not None and not isinstance(step[2], Mapping):
+                raise InvalidArgumentError(f"step {number}: options must be a mapping, got {step[2]!r}")
+            if docs:
+                own = options.get(o.DEPENDS_ON) or []
+                if isinstance(own, (list, tuple)):
+                    options[o.DEPENDS_ON] = [docs[-1]["_id"], *own]
+            doc = self.lifecycle.prepare(class_path(step[0]), step[1], options, self._options, known)
+            docs.append(self._mark_child(doc))
+            known = known | {doc["_id"]}
+        if not docs:
+            raise InvalidArgumentError("a chain needs at least one step")
+        return [Process(self.lifecycle.add(doc), self) for doc in docs]
 
     def _mark_child(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a

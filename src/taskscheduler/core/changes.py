@@ -46,6 +46,8 @@ class Recorder(Protocol):
 
     def settle_cancel(self, doc: Mapping[str, Any]) -> None: ...
 
+    def cancel_dependents(self, job_id: ObjectId, status: JobStatus) -> None: ...
+
 
 def describe_error(exc: BaseException) -> dict[str, str]:
     """The stored form of an exception: class, message and traceback text (truncated to fit)."""
@@ -304,6 +306,8 @@ class RunEnd(Change):
             life.cancel_children(job.id)
         if following is not None:
             life.emit(following.status, following.evolve(change=self.marker))
+        elif self.status in (JobStatus.FAILED, JobStatus.TIMEOUT):  # for good: the jobs depending on it never run
+            life.cancel_dependents(job.id, self.status)
 
 
 class Release(Change):

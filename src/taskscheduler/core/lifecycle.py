@@ -48,6 +48,7 @@ from .changes import (
     library_error,
     new_event,
 )
+from .dependencies import check_new, depends_on, failure_of, verdicts
 from .runs import counted_run_ends
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
@@ -105,11 +106,21 @@ class Lifecycle:
 
     # -- adding ----------------------------------------------------------------------------------------------------
 
-    def prepare(self, path: str, data: Any, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> Document:
-        """A new job document of the job class at ``path`` (``module:QualName``), validated; nothing is written."""
+    def prepare(
+        self,
+        path: str,
+        data: Any,
+        given: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        known: frozenset[ObjectId] = frozenset(),
+    ) -> Document:
+        """A new job document of the job class at ``path`` (``module:QualName``), validated; nothing is written.
+        ``known``: ids of jobs added in the same call (a chain), which ``depends_on`` may name before they exist."""
         opts = o.job_options(given, defaults)
         job_id = opts.pop(o.ID, None) or ObjectId()
         encoded_size(data)
+        if opts[o.DEPENDS_ON]:
+            check_new(self.store, opts[o.DEPENDS_ON], known)
         opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place
         clock = self.store.clock  # the server's: a producer whose clock is off neither delays nor hastens a job
         if opts[o.CRON]:  # the first match from the given time (or from now) on
@@ -124,7 +135,33 @@ class Lifecycle:
         self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         self.emitter.emit_status(doc["status"], self.process(doc), _change_of(doc))
+        self.cancel_if_blocked_for_good(doc)
         return doc
+
+    def cancel_if_blocked_for_good(self, doc: Document) -> bool:
+        """Cancel a job one of whose dependencies has ended FAILED, TIMEOUT or CANCELED (SPEC 8), naming it; True
+        when it did. (Looked at after the job is stored: a dependency failing meanwhile finds it, see
+        :meth:`cancel_dependents`.)"""
+        verdict = verdicts(self.store, [doc]).get(doc["_id"])
+        if verdict is None or verdict.failed is None:
+            return False
+        with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile
+            return self.cancel(doc, error=failure_of(*verdict.failed))
+        return False
+
+    def cancel_dependents(self, job_id: ObjectId, status: JobStatus) -> None:
+        """The job ended ``status`` for good: cancel the unfinished jobs that depend on it, and theirs in turn,
+        each with an error naming the dependency that failed it."""
+        pending: list[tuple[ObjectId, JobStatus]] = [(job_id, status)]
+        while pending:
+            failed, how = pending.pop()
+            for doc in self.store.dependents(failed):
+                try:
+                    if self.cancel(doc, error=failure_of(failed, how), cascade=False):
+                        pending.append((doc["_id"], JobStatus.CANCELED))
+                except TaskSchedulerError as exc:  # ended meanwhile, or malformed: the others go on
+                    culprit = job_ref(doc.get("_id"))
+                    self.logger.warning("cannot cancel job %s depending on %s: %s", culprit, failed, exc)
 
     def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Document:
         """The job kept: ``doc`` as added, or the active job found with the same options."""
@@ -208,14 +245,23 @@ class Lifecycle:
             return None
         return self.store.find_event(event_id)
 
+    def blocked_by(self, doc: Mapping[str, Any]) -> list[ObjectId]:
+        """The jobs ``doc`` depends on that have not ended DONE (yet), in the order given."""
+        verdict = verdicts(self.store, [doc]).get(doc.get("_id"))
+        if verdict is None:
+            return []
+        return [*verdict.waiting_for, *([verdict.failed[0]] if verdict.failed is not None else [])]
+
     def runs(self, doc: Mapping[str, Any]) -> list[Document]:
         """Every ended run of a job, oldest first: one event per run number."""
         return counted_run_ends(self.store.job_events(doc["_id"]), doc.get("outcome"))
 
     # -- operator actions ------------------------------------------------------------------------------------------
 
-    def cancel(self, doc: Document) -> None:
-        """Cancel a job for good: a waiting one never runs, a running one is killed by its node."""
+    def cancel(self, doc: Document, error: Mapping[str, Any] | None = None, cascade: bool = True) -> bool:
+        """Cancel a job for good: a waiting one never runs, a running one is killed by its node. ``error``: what
+        the CANCELED event records as the reason. Its unfinished children are canceled too, and (``cascade``) the
+        jobs depending on it. True when this call canceled it, False when it was CANCELED already."""
         for _ in range(CANCEL_ATTEMPTS):
             found = end_problem(doc, capped=self.store.capped)
             if found is not None:  # SPEC 2: refused, nothing written (a node ends it FAILED, or it is skipped)
@@ -224,7 +270,7 @@ class Lifecycle:
                 )
             status = JobStatus(doc["status"])
             if status == JobStatus.CANCELED:
-                return
+                return False
             if status.is_terminal:
                 raise InvalidArgumentError(
                     f"job {doc['_id']} has already ended with status {status.name}; "
@@ -252,7 +298,8 @@ class Lifecycle:
                 when["change"] = doc["change"]
             worker = doc.get("worker") if running else None
             started = doc.get("started") if running else None
-            self.store.insert_events([_raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started)])
+            event = _raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started, error=error)
+            self.store.insert_events([event])
             if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
                 doc.update(fields)
                 self.logger.info(
@@ -261,7 +308,9 @@ class Lifecycle:
                 )
                 self.emit(JobStatus.CANCELED, doc)
                 self.cancel_children(doc["_id"])
-                return
+                if cascade:
+                    self.cancel_dependents(doc["_id"], JobStatus.CANCELED)
+                return True
             self.store.delete_events([event_id])
             doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
         raise TaskSchedulerError(f"job {job_ref(doc.get('_id'))}: cancel gave up, the job kept changing under it")
@@ -318,6 +367,8 @@ class Lifecycle:
             found,
             extra={"job_id": job_id, "problem": found},
         )
+        if isinstance(job_id, ObjectId):
+            self.cancel_dependents(job_id, JobStatus.FAILED)
         return True
 
     def requeue(self, doc: Document) -> Document:
@@ -378,7 +429,10 @@ class Lifecycle:
             extra={"job_id": job.id, "job_class": job.job_class, "run": run},
         )
         self.emit(JobStatus.WAITING, requeued)
-        return requeued.to_doc()
+        again = requeued.to_doc()
+        if depends_on(again):  # its dependencies are looked at again: one that failed for good cancels it again
+            self.cancel_if_blocked_for_good(again)
+        return again
 
     def _transition_or_withdraw(
         self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any], event_id: ObjectId

@@ -29,6 +29,7 @@ from .. import options as o
 from ..client.job import serves
 from ..client.scheduler import Scheduler
 from ..constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
+from ..core.dependencies import depends_on
 from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
@@ -36,6 +37,7 @@ from ..store import StatusChange, StatusFeed, utcnow
 from ..store.records import EventRecord
 from ..store.schema import end_problem, job_ref, problem
 from . import forking
+from .blocked import Blocked
 from .factory import WorkerFactory
 from .heartbeat import Heartbeat
 from .inbox import Inbox
@@ -145,6 +147,7 @@ class Queue:
         self._exited_workers: deque[ObjectId] = deque(maxlen=EXITED_WORKERS_KEPT)
         self._skipped: dict[str, None] = {}  # malformed jobs logged as skipped, oldest first
         self._quiet_looks = 0  # burst mode: looks in a row that found nothing to do
+        self._blocked = Blocked(self.life)  # waiting jobs of ours whose dependencies have not all ended DONE
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
@@ -228,7 +231,8 @@ class Queue:
                 gaps = feed.gaps
             else:
                 failed = True
-        for step in (lambda: self._poll(feed), self._read_manager, self._record_kills, self._release_due):
+        steps = (lambda: self._poll(feed), self._read_manager, self._record_kills, self._release_due, self._unblock)
+        for step in steps:
             failed = not self._step(step) or failed
         now = time.monotonic()
         if now >= timers.orphans:
@@ -343,13 +347,19 @@ class Queue:
         self._route(change.job_id, change.status, doc)
 
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
+        if status != JobStatus.WAITING:
+            self._blocked.drop(job_id)  # claimed elsewhere, canceled, or postponed again
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
             if doc is None or doc.get("status") != JobStatus.WAITING or not self._fit(doc):
                 return
             # A job of a module we do not serve waits for a node that does (nodes split work by module).
-            if serves(doc["class"], self.job_modules):
-                self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
+            if not serves(doc["class"], self.job_modules):
+                return
+            if depends_on(doc):
+                self._blocked.hold(doc)  # handed over once its dependencies have ended DONE (see _unblock)
+                return
+            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
             if doc is None or doc.get("status") != JobStatus.POSTPONED or not self._fit(doc):
@@ -422,6 +432,11 @@ class Queue:
                 self._due_events.append((doc, event))
                 self.life.record_due(doc, event)
                 self._due_events.pop()
+
+    def _unblock(self) -> None:
+        """Hand over the held jobs whose dependencies have all ended DONE (SPEC 8)."""
+        for doc in self._blocked.release():
+            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
 
     def _reschedule_orphans(self) -> None:
         server_now = self.store.clock.now(earliest=True)  # a lease has ended once the server surely passed it

@@ -63,6 +63,12 @@ class JobStore(Protocol):
     def orphans(self, now: datetime) -> list[Document]:
         """Running jobs whose lease ended before ``now`` on the server's clock."""
 
+    def job_states(self, job_ids: Iterable[ObjectId]) -> dict[Any, Document]:
+        """Status and schedule of these jobs, by id (a missing one left out)."""
+
+    def dependents(self, job_id: ObjectId) -> list[Document]:
+        """Unfinished jobs that depend on this one."""
+
     def due_jobs(self, now: float) -> Iterator[tuple[Any, str]]:
         """(id, class) of the due jobs (WAITING, or POSTPONED with ``at`` <= ``now``), lazily."""
 

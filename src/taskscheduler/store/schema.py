@@ -73,6 +73,8 @@ _CHECKED_OPTIONS = (
     o.RETRY_MAX_INTERVAL,
     o.RETRY_JITTER,
     o.PRIORITY,
+    o.DEPENDS_ON,
+    o.LIMIT_KEY,
 )
 
 _repr = reprlib.Repr()

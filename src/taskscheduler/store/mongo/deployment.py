@@ -109,9 +109,10 @@ class Deployment:
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
             IndexModel([("class", ASCENDING), ("status", ASCENDING)], name="class_status"),
-
             IndexModel([("class", ASCENDING), ("key", ASCENDING), ("status", ASCENDING)], name="class_key_status"),
             IndexModel([("data.parent", ASCENDING), ("status", ASCENDING)], name="parent_status"),
+            # The jobs depending on a job (SPEC 8), to cancel when it fails (a job without any: one key, [])
+            IndexModel([("options.depends_on", ASCENDING), ("status", ASCENDING)], name="depends_on_status"),
         ]
         if not self.job_queue_size:
             job_indexes.append(

@@ -89,6 +89,18 @@ class JobWrites(RoomLedger):
         with server_errors():
             return list(self.jobs.find(query))
 
+    def job_states(self, job_ids: Iterable[ObjectId]) -> dict[Any, Document]:
+        """What the dependencies rules read of these jobs (status and schedule), by id; a missing one is left out."""
+        fields = {"status": 1, "run": 1, "options.interval": 1, "options.cron": 1}
+        with server_errors():
+            return {doc["_id"]: doc for doc in self.jobs.find({"_id": {"$in": list(job_ids)}}, fields)}
+
+    def dependents(self, job_id: ObjectId) -> list[Document]:
+        """Unfinished jobs that depend on this one (served by the ``depends_on_status`` index)."""
+        query = {"options.depends_on": job_id, "status": {"$lt": int(JobStatus.DONE)}}
+        with server_errors():
+            return list(self.jobs.find(query))
+
     def transition(self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
         """Set ``fields`` (aggregation expressions: wrap plain values in :func:`literal`) if the job matches the
         expression ``when``; True when it did. ``fields`` must change something: "changed nothing" is how a lost

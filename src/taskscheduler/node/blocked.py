@@ -1,0 +1,51 @@
+"""The jobs a queue node holds back because they wait for other jobs to end (SPEC 8, dependencies)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bson import ObjectId
+
+from ..core.dependencies import failure_of, verdicts
+from ..core.lifecycle import Lifecycle
+from ..errors import InvalidArgumentError
+
+#: Seconds between two looks at the dependencies of the jobs a node holds back (one read for all of them).
+CHECK_SECONDS = 0.5
+
+
+class Blocked:
+    """Waiting jobs of this node's modules whose dependencies have not all ended DONE. While any is held, they
+    are looked at again every CHECK_SECONDS, all in one read; each is released once its every dependency is
+    DONE, or canceled (naming the culprit) once one has ended FAILED, TIMEOUT or CANCELED. Polling what is stored
+    loses no wake-up, whoever dies when: a node that restarts finds the jobs again in its scan."""
+
+    def __init__(self, life: Lifecycle) -> None:
+        self.life = life
+        self.jobs: dict[ObjectId, dict[str, Any]] = {}
+        self._next_look = 0.0
+
+    def hold(self, doc: dict[str, Any]) -> None:
+        self.jobs[doc["_id"]] = doc
+        self._next_look = 0.0  # a new one is looked at in this round
+
+    def drop(self, job_id: Any) -> None:
+        self.jobs.pop(job_id, None)
+
+    def release(self) -> list[dict[str, Any]]:
+        """The held jobs that may start now (held no more); those that never may are canceled."""
+        if not self.jobs or time.monotonic() < self._next_look:
+            return []
+        self._next_look = time.monotonic() + CHECK_SECONDS
+        ready = []
+        for job_id, verdict in verdicts(self.life.store, list(self.jobs.values())).items():
+            if verdict.ready:
+                ready.append(self.jobs.pop(job_id))
+            elif verdict.failed is not None:
+                doc = self.jobs.pop(job_id)
+                try:
+                    self.life.cancel(doc, error=failure_of(*verdict.failed))
+                except InvalidArgumentError:
+                    pass  # it ended meanwhile (canceled, or claimed elsewhere and over)
+        return ready
