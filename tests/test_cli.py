@@ -653,3 +653,23 @@ def test_add_depends_on_and_limit_key(run: Any, scheduler: Scheduler) -> None:
     assert unknown.returncode == 2 and "no job with id" in unknown.stderr and "Traceback" not in unknown.stderr
     bad = run("add", "sample_jobs:Noop", "--depends-on", "nope")
     assert bad.returncode == 2 and "is not a job id" in bad.stderr
+
+
+def test_limit_pause_resume_and_info(run: Any, scheduler: Scheduler) -> None:
+    out = run("limit", "mail", "--concurrency", "2", "--rate", "10/m")
+    assert out.returncode == 0 and out.stdout.strip() == "limit on mail: concurrency 2, rate 10/m", out.stderr
+    assert scheduler.limits() == {"mail": {"concurrency": 2, "rate": "10/m"}}
+    assert run("limit", "mail").stdout.strip() == "limit on mail: concurrency 2, rate 10/m"
+    bad = run("limit", "mail", "--rate", "lots")
+    assert bad.returncode == 2 and "rate must be like" in bad.stderr and "Traceback" not in bad.stderr
+    scheduler.add_job("sample_jobs:Noop", limit_key="mail")
+    assert run("pause", "sample_jobs:Noop").returncode == 0
+    info = run("info").stdout
+    assert "limit mail: concurrency 2, rate 10/m; 0 running, 1 waiting" in info
+    assert "paused sample_jobs:Noop: 1 waiting" in info
+    summary = json.loads(run("info", "--json").stdout)
+    assert summary["limits"]["mail"] == {"concurrency": 2, "rate": "10/m", "running": 0, "waiting": 1}
+    assert summary["paused"] == {"sample_jobs:Noop": {"waiting": 1}}
+    assert run("resume", "sample_jobs:Noop").stdout.strip() == "resumed sample_jobs:Noop"
+    assert run("limit", "mail", "--remove").stdout.strip() == "no limit on mail"
+    assert scheduler.limits() == {} and scheduler.paused() == []

@@ -102,10 +102,13 @@ def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> list[An
     one has ended DONE; one of whose dependencies failed for good is canceled."""
     from .constants import JobStatus
     from .core.dependencies import failure_of, verdicts
+    from .core.flow import Controls
     from .errors import InvalidArgumentError
 
     store = scheduler.store
+    controls = Controls.from_docs(store.flow_controls())
     due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
+    due = [d for d in due if not controls.is_paused(d)]  # limits need no care here: one job runs at a time
     held = set()
     for job_id, verdict in verdicts(store, due).items():
         if verdict.failed is not None:

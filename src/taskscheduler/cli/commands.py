@@ -593,6 +593,55 @@ def cancel(conn: Connection, job_id: str) -> None:
 
 @cli.command()
 @common
+@click.argument("key")
+@_option("--concurrency", type=click.IntRange(min=1), default=None, help="At most N runs under KEY at once.")
+@_option("--rate", default=None, help="At most N starts under KEY per second, minute or hour: N/s, N/m or N/h.")
+@_option("--remove", is_flag=True, help="Remove the limit on KEY.")
+def limit(conn: Connection, key: str, concurrency: int | None, rate: str | None, remove: bool) -> None:
+    """Limit the runs under KEY (a class "module:QualName", or a job's limit_key) in the whole cluster; without
+    --concurrency, --rate or --remove, show the limit on KEY."""
+    from .display import visible
+
+    scheduler = conn.scheduler()
+    if remove:
+        if concurrency is not None or rate is not None:
+            raise click.UsageError("--remove takes no --concurrency or --rate")
+        scheduler.remove_limit(key)
+        click.echo(f"no limit on {visible(key)}")
+        return
+    if concurrency is not None or rate is not None:
+        scheduler.set_limit(key, concurrency=concurrency, rate=rate)
+    found = scheduler.limits().get(key)
+    if found is None:
+        click.echo(f"no limit on {visible(key)}")
+        return
+    click.echo(f"limit on {visible(key)}: concurrency {found['concurrency'] or '-'}, rate {found['rate'] or '-'}")
+
+
+@cli.command()
+@common
+@click.argument("key")
+def pause(conn: Connection, key: str) -> None:
+    """Start no new run under KEY (a class, a limit_key, or '*' for every job) until `resume KEY`."""
+    from .display import visible
+
+    conn.scheduler().pause(key)
+    click.echo(f"paused {visible(key)}: running runs finish, due jobs wait")
+
+
+@cli.command()
+@common
+@click.argument("key")
+def resume(conn: Connection, key: str) -> None:
+    """Undo `pause KEY`: its due jobs start."""
+    from .display import visible
+
+    conn.scheduler().resume(key)
+    click.echo(f"resumed {visible(key)}")
+
+
+@cli.command()
+@common
 @click.argument("job_id")
 def requeue(conn: Connection, job_id: str) -> None:
     """Run a FAILED, TIMEOUT or CANCELED job again (same id, next run number)."""
@@ -632,6 +681,13 @@ def info(conn: Connection, as_json: bool) -> None:
     unserved = summary["unserved_waiting_classes"]
     if unserved:
         click.echo(f"waiting classes no live node serves: {visible(', '.join(unserved))}")
+    for key, held in summary["limits"].items():
+        click.echo(
+            f"limit {visible(key)}: concurrency {held['concurrency'] or '-'}, rate {held['rate'] or '-'}; "
+            f"{held['running']} running, {held['waiting']} waiting"
+        )
+    for key, held in summary["paused"].items():
+        click.echo(f"paused {visible(key)}: {held['waiting']} waiting")
 
 
 @cli.command()

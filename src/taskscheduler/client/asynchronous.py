@@ -141,6 +141,24 @@ class AsyncScheduler:
         added = await self._run(self._sync.add_chain, list(steps) if not isinstance(steps, (str, bytes)) else steps)
         return [self._wrap(process) for process in added]
 
+    async def set_limit(self, key: str, concurrency: int | None = None, rate: str | None = None) -> None:
+        await self._run(self._sync.set_limit, key, concurrency, rate)
+
+    async def remove_limit(self, key: str) -> None:
+        await self._run(self._sync.remove_limit, key)
+
+    async def limits(self) -> dict[str, dict[str, Any]]:
+        return await self._run(self._sync.limits)
+
+    async def pause(self, key: str) -> None:
+        await self._run(self._sync.pause, key)
+
+    async def resume(self, key: str) -> None:
+        await self._run(self._sync.resume, key)
+
+    async def paused(self) -> list[str]:
+        return await self._run(self._sync.paused)
+
     async def get_job(self, job_id: ObjectId | str) -> AsyncProcess:
         return self._wrap(await self._run(_loaded, self._sync.get_job, job_id))
 

@@ -16,6 +16,7 @@ from pymongo.database import Database
 
 from .. import options as o
 from ..constants import JobStatus
+from ..core.flow import Controls, checked_concurrency, checked_key, parse_rate
 from ..core.lifecycle import Lifecycle
 from ..errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
 from ..events import Emitter, Handler
@@ -223,6 +224,41 @@ class Scheduler:
     def requeue_job(self, job_id: ObjectId) -> Process:
         """Run a FAILED, TIMEOUT or CANCELED job again: back to WAITING with the same id and the next run number."""
         return Process(self.lifecycle.requeue(self.lifecycle.load(_object_id(job_id))), self)
+
+    # -- flow control (SPEC 8) -------------------------------------------------------------------------------------
+
+    def set_limit(self, key: str, concurrency: int | None = None, rate: str | None = None) -> None:
+        """Limit the runs under ``key`` (a class "module:QualName", or a ``limit_key``) in the whole cluster: at
+        most ``concurrency`` at once, at most ``rate`` ("N/s", "N/m" or "N/h") starts in any such interval. Setting
+        it again changes it; the runs holding its slots keep them."""
+        key = checked_key(key)
+        limit, per = checked_concurrency(concurrency), parse_rate(rate)
+        if limit is None and per is None:
+            raise InvalidArgumentError("set_limit needs concurrency, rate or both (remove_limit removes one)")
+        self.store.set_limit(key, limit, per)
+
+    def remove_limit(self, key: str) -> None:
+        """No limit on ``key`` any more (nothing happens when there was none)."""
+        self.store.remove_limit(checked_key(key))
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """Every limit: ``{key: {"concurrency": N or None, "rate": "N/m" or None}}``."""
+        controls = Controls.from_docs(self.store.flow_controls())
+        return {key: limit.describe() for key, limit in sorted(controls.limits.items())}
+
+    def pause(self, key: str) -> None:
+        """Start no new run under ``key`` (a class, a ``limit_key``, or ``"*"`` for every job) anywhere in the
+        cluster until :meth:`resume`; running runs finish. Due jobs wait; a recurring job's missed matches run once
+        after the resume."""
+        self.store.set_pause(checked_key(key, pause=True))
+
+    def resume(self, key: str) -> None:
+        """Undo :meth:`pause` of ``key``: its due jobs start within a second (nothing happens when not paused)."""
+        self.store.remove_pause(checked_key(key, pause=True))
+
+    def paused(self) -> list[str]:
+        """The paused keys."""
+        return sorted(Controls.from_docs(self.store.flow_controls()).paused)
 
     def flush(self) -> None:
         """Drop all jobs and events. Running queue nodes keep working and pick up jobs added afterwards."""

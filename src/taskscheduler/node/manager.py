@@ -38,6 +38,7 @@ from .protocol import (
     Finished,
     JobClaimed,
     JobFinished,
+    JobHeldBack,
     JobKilled,
     KillJob,
     KillReason,
@@ -256,11 +257,13 @@ class WorkerManager:
                 self._report(JobClaimed(job_id, proc.id, run, job_class, claimed_at or clock))
             case Ending():
                 proc.ending = True  # start() returned: what is left is recording it, which needs no fence
-            case Finished(job_id=job_id, claimed=claimed, status=status, unsettled=unsettled):
+            case Finished(job_id=job_id, claimed=claimed, status=status, unsettled=unsettled, held_back=held_back):
                 if claimed and proc.claimed:
                     self._report(JobFinished(job_id, proc.id, status))
                 elif unsettled and proc.task is not None and not self._stopping:
                     self._add(proc.task)  # MongoDB could not be reached: it may still be WAITING, try again
+                elif held_back:
+                    self._report(JobHeldBack(job_id))  # no slot under a limit: the node holds it
                 proc.job, proc.task, proc.claimed, proc.deadline = None, None, False, None
                 proc.ending = False
                 proc.idle_since = time.monotonic()

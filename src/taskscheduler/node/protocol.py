@@ -45,10 +45,12 @@ def handed_over(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunJob(NamedTuple):
-    """Run this job (node -> manager, manager -> worker). ``lease`` is the node's orphaned_timeout in seconds."""
+    """Run this job (node -> manager, manager -> worker). ``lease`` is the node's orphaned_timeout in seconds;
+    ``limits``: the keys under a limit (SPEC 8) whose slots the worker takes before it claims the job."""
 
     doc: dict[str, Any]
     lease: float
+    limits: tuple[str, ...] = ()
 
 
 class DropJob(NamedTuple):
@@ -118,6 +120,8 @@ class Finished(NamedTuple):
     #: Not claimed because MongoDB could not be reached (or could not say whether the claim was written): the job
     #: may still be WAITING, and no change event will announce it again, so the manager hands it over again.
     unsettled: bool = False
+    #: Not claimed because a limit it runs under had no slot: the node holds it until one frees.
+    held_back: bool = False
 
 
 class WorkerSpawned(NamedTuple):
@@ -139,6 +143,12 @@ class JobClaimed(NamedTuple):
     job_class: str = ""
     #: When the claim was sent (``lease_clock()``): a late report of an older claim never replaces a newer one.
     claimed_at: float = 0.0
+
+
+class JobHeldBack(NamedTuple):
+    """A worker could not take a slot of a limit the job runs under: the node holds the job until one frees."""
+
+    job_id: ObjectId
 
 
 class JobFinished(NamedTuple):

@@ -30,6 +30,7 @@ from ..client.job import serves
 from ..client.scheduler import Scheduler
 from ..constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
 from ..core.dependencies import depends_on
+from ..core.flow import Controls
 from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
@@ -37,6 +38,7 @@ from ..store import StatusChange, StatusFeed, utcnow
 from ..store.records import EventRecord
 from ..store.schema import end_problem, job_ref, problem
 from . import forking
+from .backlog import start_order
 from .blocked import Blocked
 from .factory import WorkerFactory
 from .heartbeat import Heartbeat
@@ -47,6 +49,7 @@ from .protocol import (
     DropJob,
     JobClaimed,
     JobFinished,
+    JobHeldBack,
     JobKilled,
     KillReason,
     RunJob,
@@ -83,6 +86,8 @@ TICK_SECONDS = 0.2
 BURST_CHECK_SECONDS = 0.25
 #: Looks in a row that must find nothing before a node in burst mode stops (a claim's report may be on its way).
 BURST_QUIET_LOOKS = 2
+#: Seconds between two looks at jobs held back by a full limit, each sending one job per limit to try its slots.
+PROBE_SECONDS = 1.0
 #: Malformed jobs a node remembers having logged as skipped (each is logged once while remembered).
 SKIPPED_KEPT = 10_000
 
@@ -148,6 +153,11 @@ class Queue:
         self._skipped: dict[str, None] = {}  # malformed jobs logged as skipped, oldest first
         self._quiet_looks = 0  # burst mode: looks in a row that found nothing to do
         self._blocked = Blocked(self.life)  # waiting jobs of ours whose dependencies have not all ended DONE
+        self._controls = Controls()  # pauses and limits (SPEC 8), as last read
+        self._flow_seen = -1  # the feed's count of flow changes when they were last read
+        self._flow_released = -1  # ... when the held jobs were last looked at
+        self._held: dict[ObjectId, dict[str, Any]] = {}  # due jobs of ours a pause or a full limit holds back
+        self._next_probe = 0.0
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
@@ -204,7 +214,7 @@ class Queue:
             self._heartbeat = Heartbeat(
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
-            with self.store.status_feed(lookup=listening, statuses=routed) as feed:
+            with self.store.status_feed(lookup=listening, statuses=routed, flow=True) as feed:
                 timers = _Timers(lease)
                 gaps = -1  # forces the first scan
                 while not self._stopping:
@@ -227,11 +237,20 @@ class Queue:
         alone: one that cannot reach MongoDB is logged and tried again next round, and skips nothing else."""
         failed = False
         if feed.gaps != gaps:  # at start, and whenever the stream restarted without its resume token
-            if self._step(self._scan):
+            self._flow_seen = -1  # changes of the flow controls may have been missed too
+            if self._step(lambda: self._read_flow(feed)) and self._step(self._scan):
                 gaps = feed.gaps
             else:
                 failed = True
-        steps = (lambda: self._poll(feed), self._read_manager, self._record_kills, self._release_due, self._unblock)
+        steps = (
+            lambda: self._poll(feed),
+            lambda: self._read_flow(feed),  # before the next poll: a job added after a pause is routed after it
+            self._read_manager,
+            self._record_kills,
+            self._release_due,
+            self._unblock,
+            self._release_held,
+        )
         for step in steps:
             failed = not self._step(step) or failed
         now = time.monotonic()
@@ -349,6 +368,7 @@ class Queue:
     def _route(self, job_id: ObjectId, status: int, doc: dict[str, Any] | None) -> None:
         if status != JobStatus.WAITING:
             self._blocked.drop(job_id)  # claimed elsewhere, canceled, or postponed again
+            self._held.pop(job_id, None)
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
             if doc is None or doc.get("status") != JobStatus.WAITING or not self._fit(doc):
@@ -359,7 +379,7 @@ class Queue:
             if depends_on(doc):
                 self._blocked.hold(doc)  # handed over once its dependencies have ended DONE (see _unblock)
                 return
-            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
+            self._hand_over(doc)
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
             if doc is None or doc.get("status") != JobStatus.POSTPONED or not self._fit(doc):
@@ -371,6 +391,57 @@ class Queue:
             self._send(CancelJob(job_id))
         else:
             self._send(DropJob(job_id))
+
+    def _hand_over(self, doc: dict[str, Any]) -> None:
+        """Send a due job of ours to the manager, unless a pause or a full limit holds it back (SPEC 8)."""
+        if not self._controls.empty:
+            if self._controls.held_back(doc, self.store.clock.now()) is not None:
+                self._held[doc["_id"]] = doc
+                return
+            limits = self._controls.limited(doc)
+        else:
+            limits = ()
+        self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
+
+    def _read_flow(self, feed: StatusFeed) -> None:
+        """Read the pauses and limits again when one changed (or at start). Jobs of a newly paused key that were
+        handed over already are taken back from the manager."""
+        if feed.flow_changes == self._flow_seen:
+            return
+        seen = feed.flow_changes
+        controls = Controls.from_docs(self.store.flow_controls())
+        newly_paused = controls.paused - self._controls.paused
+        self._controls, self._flow_seen = controls, seen
+        if newly_paused:
+            for doc in self.store.scan((JobStatus.WAITING,)):
+                if isinstance(doc.get("_id"), ObjectId) and doc["_id"] not in self._held and controls.is_paused(doc):
+                    self._send(DropJob(doc["_id"]))  # the manager forgets it if it holds it: not started now
+                    if serves(str(doc.get("class")), self.job_modules):
+                        self._held[doc["_id"]] = doc
+
+    def _release_held(self) -> None:
+        """Hand over the held jobs no pause or limit holds back any more, in the order a node starts jobs. Once a
+        second, a job of each full limit goes too: its worker drops the limit's slots whose runs are over (a run
+        whose process died frees its slot when the run is orphaned) and takes one, or the job comes back."""
+        if not self._held:
+            return
+        now_clock = time.monotonic()
+        probe = now_clock >= self._next_probe
+        if not probe and self._flow_released == self._flow_seen:
+            return
+        self._flow_released = self._flow_seen
+        if probe:
+            self._next_probe = now_clock + PROBE_SECONDS
+        now = self.store.clock.now()
+        probed: set[str] = set()
+        for doc in sorted(self._held.values(), key=start_order):
+            reason = self._controls.held_back(doc, now)
+            if reason is not None and not (probe and reason.startswith("limit ") and reason not in probed):
+                continue
+            if reason is not None:
+                probed.add(reason)
+            del self._held[doc["_id"]]
+            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), self._controls.limited(doc)))
 
     def _fit(self, doc: dict[str, Any]) -> bool:
         """Whether a WAITING or POSTPONED document can be routed (SPEC 2). Every node checks what it needs to put
@@ -436,7 +507,7 @@ class Queue:
     def _unblock(self) -> None:
         """Hand over the held jobs whose dependencies have all ended DONE (SPEC 8)."""
         for doc in self._blocked.release():
-            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT])))
+            self._hand_over(doc)
 
     def _reschedule_orphans(self) -> None:
         server_now = self.store.clock.now(earliest=True)  # a lease has ended once the server surely passed it
@@ -571,6 +642,10 @@ class Queue:
             case JobFinished(job_id=job_id, status=status):
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, status)
+            case JobHeldBack(job_id=job_id):
+                doc = self.store.find_job(job_id)  # as it is now: held while it is still due
+                if doc is not None and doc.get("status") == JobStatus.WAITING and self._fit(doc):
+                    self._held[job_id] = doc
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))

@@ -36,6 +36,7 @@ from ..store.schema import job_ref, problem
 from . import forking
 from .fencing import LeaseSlot, SelfFence, lease_clock
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
+from .slots import Slots
 
 #: Seconds a worker keeps trying to record a run's end while MongoDB is unreachable. (If its node cannot renew
 #: the lease meanwhile, the node kills it first: the job then runs again elsewhere.)
@@ -85,6 +86,7 @@ class Worker:
         self._fence: SelfFence | None = None  # under a manager: stops the job before its lease can run out
         self._terminated_at: float | None = None  # when a SIGTERM last reached this worker (lease_clock)
         self._ended: int | None = None  # the status this worker recorded for its run's end (node metrics)
+        self.slots = Slots(self.life.store, worker_id, self.logger)  # of the limits its runs are under (SPEC 8)
 
     # -- entry points ----------------------------------------------------------------------------------------------
 
@@ -103,7 +105,7 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_terminate)  # the stop itself is the manager's to carry out
         try:
             if job is not None:
-                self.run(job.doc, connection, job.lease)
+                self.run(job.doc, connection, job.lease, job.limits)
                 return
             while self._fence is None or not self._fence.stop_requested():
                 try:
@@ -113,29 +115,24 @@ class Worker:
                 match message:
                     case Exit():
                         return
-                    case RunJob(doc=doc, lease=lease):
-                        self.run(doc, connection, lease)
+                    case RunJob(doc=doc, lease=lease, limits=limits):
+                        self.run(doc, connection, lease, limits)
         finally:
             self.scheduler.close()  # room its jobs reserved for child jobs and did not use (the process _exits)
 
     def run(
-        self, job: Mapping[str, Any], connection: Connection | None = None, lease: float = DEFAULT_ORPHANED_TIMEOUT
+        self,
+        job: Mapping[str, Any],
+        connection: Connection | None = None,
+        lease: float = DEFAULT_ORPHANED_TIMEOUT,
+        limits: tuple[str, ...] = (),
     ) -> bool:
-        """Claim ``job`` and run it; False when another worker had it first (or it may not run)."""
+        """Claim ``job`` and run it; False when another worker had it first (or it may not run). ``limits``: the
+        keys under a limit whose slots the run must hold (taken before the claim, given back after the run)."""
         doc = self._whole(dict(job), connection)
-        if doc is None or not self._fit(doc, connection):
-            return False
-        if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
-            self.logger.warning(
-                f"not running job {doc['_id']}: class {doc.get('class')!r} is outside this node's allowed modules",
-                extra={"job_id": doc["_id"], "job_class": doc.get("class")},
-            )
-            _send(connection, Finished(doc["_id"], False))
+        if doc is None or not self._admitted(doc, connection, limits):
             return False
         fence = self._fence if connection is not None else None
-        if fence is not None and fence.stop_requested():
-            _send(connection, Finished(doc["_id"], False))
-            return False
         # Armed before the claim is sent: from here on this process dies before the lease it may win can expire,
         # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.
         claimed_at = fence.arm(lease) if fence is not None else lease_clock()
@@ -148,6 +145,7 @@ class Worker:
         if claimed is None:
             if fence is not None:
                 fence.end()
+            self.slots.give_back(doc["_id"], limits)
             _send(connection, Finished(doc["_id"], False, unsettled=unsettled))
             return False
         failpoints.hit("worker.claimed")
@@ -165,12 +163,38 @@ class Worker:
             self._execute(record)
         finally:
             self._connection = None
+            self.slots.give_back(record.id, limits)
             _send(connection, Finished(record.id, True, self._ended))
             if fence is not None:
                 self._reap_orphans()
         return True
 
     # -- steps -----------------------------------------------------------------------------------------------------
+
+    def _admitted(self, doc: dict[str, Any], connection: Connection | None, limits: tuple[str, ...]) -> bool:
+        """Whether this worker may try to claim the job: it fits the schema, lies in the allow-list, no stop is
+        under way, and the run holds a slot of every limit it is under (SPEC 8). When not, the manager is told."""
+        if not self._fit(doc, connection):
+            return False
+        if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
+            self.logger.warning(
+                f"not running job {doc['_id']}: class {doc.get('class')!r} is outside this node's allowed modules",
+                extra={"job_id": doc["_id"], "job_class": doc.get("class")},
+            )
+            _send(connection, Finished(doc["_id"], False))
+            return False
+        fence = self._fence if connection is not None else None
+        if fence is not None and fence.stop_requested():
+            _send(connection, Finished(doc["_id"], False))
+            return False
+        try:
+            if limits and not self.slots.take(doc["_id"], limits):
+                _send(connection, Finished(doc["_id"], False, held_back=True))
+                return False
+        except ServerUnavailableError:
+            _send(connection, Finished(doc["_id"], False, unsettled=True))
+            return False
+        return True
 
     def _whole(self, doc: dict[str, Any], connection: Connection | None) -> dict[str, Any] | None:
         """The job to claim: as handed over, or, when its large data was left out, as it is stored now (None when

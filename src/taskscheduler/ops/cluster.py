@@ -11,6 +11,7 @@ from bson import ObjectId
 
 from ..client.job import serves
 from ..client.scheduler import Scheduler
+from ..core.flow import EVERY_JOB, Controls
 from ..store.schema import status_label
 
 
@@ -59,7 +60,22 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
             "last_hour": _by_status(ended_hour),
         },
         "unserved_waiting_classes": [c for c in store.waiting_classes() if not serves(c, served)],
+        **flow_summary(scheduler),
     }
+
+
+def flow_summary(scheduler: Scheduler) -> dict[str, Any]:
+    """Limits and pauses (SPEC 8), each with what it holds: runs holding a limit's slots, jobs waiting under it."""
+    store = scheduler.store
+    controls = Controls.from_docs(store.flow_controls())
+    limits = {
+        key: {**limit.describe(), "running": len(limit.holders), "waiting": store.waiting_under(key)}
+        for key, limit in sorted(controls.limits.items())
+    }
+    paused = {
+        key: {"waiting": store.waiting_under(None if key == EVERY_JOB else key)} for key in sorted(controls.paused)
+    }
+    return {"limits": limits, "paused": paused}
 
 
 def allow_lists(scheduler: Scheduler) -> list[list[str]]:

@@ -69,6 +69,30 @@ class JobStore(Protocol):
     def dependents(self, job_id: ObjectId) -> list[Document]:
         """Unfinished jobs that depend on this one."""
 
+    # -- flow control (SPEC 8) ------------------------------------------------------------------------------------
+
+    def flow_controls(self) -> list[Document]: ...
+
+    def set_pause(self, key: str) -> None: ...
+
+    def remove_pause(self, key: str) -> bool: ...
+
+    def set_limit(self, key: str, concurrency: int | None, rate: Mapping[str, Any] | None) -> None: ...
+
+    def remove_limit(self, key: str) -> bool: ...
+
+    def take_slot(self, key: str, job_id: ObjectId, worker: ObjectId) -> bool:
+        """A slot of the limit on ``key`` for this run if the limit allows a start now; True when it holds one."""
+
+    def free_slots(self, keys: Iterable[str], job_id: ObjectId, worker: ObjectId | None = None) -> None: ...
+
+    def limit_holders(self, key: str) -> list[Document]: ...
+
+    def drop_holders(self, key: str, holders: Iterable[Mapping[str, Any]]) -> None: ...
+
+    def waiting_under(self, key: str | None) -> int:
+        """WAITING jobs whose class or limit_key is ``key`` (None: all)."""
+
     def due_jobs(self, now: float) -> Iterator[tuple[Any, str]]:
         """(id, class) of the due jobs (WAITING, or POSTPONED with ``at`` <= ``now``), lazily."""
 

@@ -41,8 +41,6 @@ class StatusChange:
     fields: Document = field(default_factory=dict)
 
 
-
-
 class Feeds(Deployment):
     """Opening change streams."""
 
@@ -52,11 +50,13 @@ class Feeds(Deployment):
         query: Mapping[str, Any] | None = None,
         lookup: bool = True,
         statuses: tuple[int, ...] | None = None,
+        flow: bool = False,
     ) -> StatusFeed:
         """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
-        skips fetching the document of each update (cheaper: then only inserts carry a document)."""
+        skips fetching the document of each update (cheaper: then only inserts carry a document). ``flow``: also
+        count changes of the flow controls (pauses, limits) in ``flow_changes``, in order with the jobs'."""
         self.check_deployment()
-        return StatusFeed(self, ids, query, lookup or bool(query), statuses)
+        return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow)
 
     def activity_feed(self) -> ActivityFeed:
         """Inserts, status changes and progress moves of every job, each with its document (the dashboard)."""
@@ -79,6 +79,7 @@ class StatusFeed:
         query: Mapping[str, Any] | None,
         lookup: bool,
         statuses: tuple[int, ...] | None = None,
+        flow: bool = False,
     ) -> None:
         self.store = store
         self.lookup = lookup
@@ -90,6 +91,12 @@ class StatusFeed:
                 {"operationType": "update", "updateDescription.updatedFields.status": changed},
             ],
         }
+        #: Changes of the flow controls seen so far (with ``flow``): a poll returns at each one, before any job
+        #: change that came after it, so the caller can read the controls again in order.
+        self.flow_changes = 0
+        self.flow_collection = f"{store.job_queue}.flow" if flow else None
+        if flow:
+            match = {"$or": [match, {"ns.coll": self.flow_collection}]}
         if ids is not None and len(ids) <= MAX_SERVER_ID_FILTER:
             match["documentKey._id"] = {"$in": list(ids)}  # a long $in costs the server on every change: filter here
         self.ids = frozenset(ids) if ids is not None else None
@@ -158,6 +165,13 @@ class StatusFeed:
                 change = None
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 1.0)
+            if (
+                change is not None
+                and self.flow_collection
+                and (change.get("ns") or {}).get("coll") == self.flow_collection
+            ):
+                self.flow_changes += 1
+                return None
             parsed = _parse_change(change) if change is not None else None
             if parsed is not None and (self.ids is None or parsed.job_id in self.ids):
                 return parsed
@@ -197,9 +211,7 @@ class ActivityFeed(StatusFeed):
     with its document, looked up by the server. Only dashboards open one; queue nodes never do."""
 
     def _open(self) -> None:
-        changed = [
-            {f"updateDescription.updatedFields.{name}": {"$exists": True}} for name in ("status", "progress")
-        ]
+        changed = [{f"updateDescription.updatedFields.{name}": {"$exists": True}} for name in ("status", "progress")]
         self.pipeline = [
             {
                 "$match": {
@@ -252,5 +264,3 @@ def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
         ended_run=ended_run,
         fields=known,
     )
-
-

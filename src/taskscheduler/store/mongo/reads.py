@@ -47,6 +47,15 @@ class OperatorReads(Deployment):
                 )
             )
 
+    def waiting_under(self, key: str | None) -> int:
+        """WAITING jobs whose class or ``limit_key`` is ``key`` (None: every WAITING job); served by the
+        ``status_expires`` index, filtered there."""
+        query: Document = {"status": int(JobStatus.WAITING)}
+        if key is not None:
+            query["$or"] = [{"class": key}, {"options.limit_key": key}]
+        with server_errors():
+            return self.jobs.count_documents(query)
+
     def waiting_counts(self) -> list[Document]:
         """Waiting and postponed jobs per class: ``{"class", "status", "count"}`` each (a node's metrics).
         The match is served by the ``status_expires`` index; only jobs not yet run are grouped. A status stored

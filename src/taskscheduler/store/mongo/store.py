@@ -7,6 +7,7 @@ from ...errors import ConfigurationError
 from .connection import server_errors
 from .events import EventLog
 from .feeds import Feeds
+from .flow import FlowControls
 from .jobs import JobWrites
 from .ledger import ROOM_ATTEMPTS, ROOM_EXIT_SECONDS
 from .once import OnceKeys
@@ -14,7 +15,7 @@ from .reads import OperatorReads
 from .registry import NodeRegistry
 
 
-class Store(JobWrites, EventLog, OnceKeys, NodeRegistry, OperatorReads, Feeds):
+class Store(JobWrites, EventLog, OnceKeys, NodeRegistry, OperatorReads, Feeds, FlowControls):
     """Collections, indexes and every read and write of jobs and events, on MongoDB."""
 
     def close(self) -> None:

@@ -1,0 +1,145 @@
+"""Flow control (SPEC 8): cluster-wide limits (concurrency, rate) and pauses, keyed by a job's class or its
+``limit_key``.
+
+What a node needs to decide is a snapshot of every control (:class:`Controls`), read again whenever one changes:
+nodes see those changes in the same change stream as the jobs', in the order they were made, so a job added after
+``pause()`` returned is never handed to a worker by a node that has not seen the pause. A node holds back what
+the snapshot says may not start; the worker's slot (taken in one conditional update of the limit, see
+:mod:`taskscheduler.store.mongo.flow`) is what keeps a limit when several nodes race.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from .. import options as o
+from ..errors import InvalidArgumentError
+
+#: The pause key that pauses every job.
+EVERY_JOB = "*"
+#: Units of a rate: "N/s", "N/m", "N/h".
+RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
+
+
+def checked_key(key: Any, *, pause: bool = False) -> str:
+    """A limit or pause key: a class name ("module:QualName") or a ``limit_key`` value (``"*"``: every job, for a
+    pause only)."""
+    if not isinstance(key, str) or not key.strip():
+        raise InvalidArgumentError(f"key must be a job class ('module:QualName') or a limit_key, got {key!r}")
+    if key == EVERY_JOB and not pause:
+        raise InvalidArgumentError("'*' pauses every job; a limit needs a class or a limit_key")
+    return o.limit_key("key", key)
+
+
+def parse_rate(rate: Any) -> dict[str, int] | None:
+    """``"N/s"``, ``"N/m"`` or ``"N/h"`` (N >= 1) as stored: ``{"count": N, "seconds": 1, 60 or 3600}``."""
+    if rate is None:
+        return None
+    found = _RATE.match(rate) if isinstance(rate, str) else None
+    if found is None or int(found.group(1)) < 1:
+        raise InvalidArgumentError(f"rate must be like '10/s', '100/m' or '1000/h' (at least 1), got {rate!r}")
+    return {"count": int(found.group(1)), "seconds": RATE_UNITS[found.group(2)]}
+
+
+def rate_text(rate: Any) -> str | None:
+    if not isinstance(rate, Mapping):
+        return None
+    seconds = rate.get("seconds")
+    unit = {length: name for name, length in RATE_UNITS.items()}.get(seconds if type(seconds) is int else 1, "s")
+    return f"{rate.get('count')}/{unit}"
+
+
+def checked_concurrency(concurrency: Any) -> int | None:
+    if concurrency is None:
+        return None
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= o.INT32_MAX:
+        raise InvalidArgumentError(f"concurrency must be a whole number of at least 1, got {concurrency!r}")
+    return concurrency
+
+
+def keys_of(doc: Mapping[str, Any]) -> list[str]:
+    """The keys a job counts under: its class and, when set, its ``limit_key``."""
+    keys = []
+    if isinstance(doc.get("class"), str):
+        keys.append(doc["class"])
+    options = doc.get("options")
+    extra = options.get(o.LIMIT_KEY) if isinstance(options, Mapping) else None
+    if isinstance(extra, str) and extra and extra not in keys:
+        keys.append(extra)
+    return keys
+
+
+@dataclass(frozen=True)
+class Limit:
+    key: str
+    concurrency: int | None = None
+    rate: Mapping[str, int] | None = None
+    holders: tuple[Mapping[str, Any], ...] = ()
+    starts: tuple[datetime, ...] = ()
+
+    def full(self, now: datetime) -> bool:
+        """Whether the snapshot says no run under this key may start at ``now`` (the server's time)."""
+        if self.concurrency is not None and len(self.holders) >= self.concurrency:
+            return True
+        if self.rate is not None:
+            since = now - timedelta(seconds=int(self.rate.get("seconds", 0)))
+            return sum(1 for t in self.starts if t > since) >= int(self.rate.get("count", 0))
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"concurrency": self.concurrency, "rate": rate_text(self.rate)}
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Every pause and limit, as read at one moment."""
+
+    paused: frozenset[str] = frozenset()
+    limits: Mapping[str, Limit] = field(default_factory=dict)
+
+    @classmethod
+    def from_docs(cls, docs: Iterable[Mapping[str, Any]]) -> Controls:
+        paused: set[str] = set()
+        limits: dict[str, Limit] = {}
+        for doc in docs:
+            key = doc.get("key")
+            if not isinstance(key, str):
+                continue  # a hostile document controls nothing
+            if doc.get("kind") == "pause":
+                paused.add(key)
+            elif doc.get("kind") == "limit":
+                concurrency = doc.get("concurrency")
+                rate = doc.get("rate")
+                limits[key] = Limit(
+                    key,
+                    concurrency if type(concurrency) is int else None,
+                    rate if isinstance(rate, Mapping) else None,
+                    tuple(h for h in doc.get("holders") or () if isinstance(h, Mapping)),
+                    tuple(t for t in doc.get("starts") or () if isinstance(t, datetime)),
+                )
+        return cls(frozenset(paused), limits)
+
+    @property
+    def empty(self) -> bool:
+        return not self.paused and not self.limits
+
+    def is_paused(self, doc: Mapping[str, Any]) -> bool:
+        return EVERY_JOB in self.paused or any(key in self.paused for key in keys_of(doc))
+
+    def limited(self, doc: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys of ``doc`` under a limit (the slots its worker takes before it claims it)."""
+        return tuple(key for key in keys_of(doc) if key in self.limits)
+
+    def held_back(self, doc: Mapping[str, Any], now: datetime) -> str | None:
+        """Why a node holds this due job back now (``"paused"`` or ``"limit <key>"``), or None."""
+        if self.paused and self.is_paused(doc):
+            return "paused"
+        for key in self.limited(doc):
+            if self.limits[key].full(now):
+                return f"limit {key}"
+        return None

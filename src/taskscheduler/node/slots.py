@@ -1,0 +1,74 @@
+"""The slots of cluster-wide limits (SPEC 8) a worker takes for a run before it claims the job, and gives back
+after the run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from ..constants import JobStatus
+from ..errors import ServerUnavailableError
+from ..store import JobStore
+
+#: How long a slot is kept for a job that is WAITING: its claim may be on its way (a claim is one write, bounded by
+#: a second), or its run was put back (orphaned, stopped) and the slot is a leftover, which it is after this.
+CLAIM_GRACE_SECONDS = 5.0
+
+
+class Slots:
+    def __init__(self, store: JobStore, worker: ObjectId, logger: logging.Logger) -> None:
+        self.store = store
+        self.worker = worker
+        self.logger = logger
+
+    def take(self, job_id: ObjectId, keys: Iterable[str]) -> bool:
+        """A slot of each limit, or none: False when one of them is full (those taken are given back)."""
+        taken: list[str] = []
+        for key in keys:
+            if not self._take(key, job_id):
+                self.give_back(job_id, taken)
+                return False
+            taken.append(key)
+        return True
+
+    def give_back(self, job_id: ObjectId, keys: Iterable[str]) -> None:
+        """Best effort: a slot not given back is dropped by the next worker that finds its limit full."""
+        keys = list(keys)
+        if not keys:
+            return
+        try:
+            self.store.free_slots(keys, job_id, self.worker)
+        except ServerUnavailableError as exc:
+            self.logger.warning(f"could not give back the limit slots of job {job_id} ({exc}); they free themselves")
+
+    def _take(self, key: str, job_id: ObjectId) -> bool:
+        if self.store.take_slot(key, job_id, self.worker):
+            return True
+        # Full. Holders whose run is over (it ended, was put back, or runs under another worker now) hold nothing:
+        # a run whose process died frees its slot when the run is orphaned.
+        holders = self.store.limit_holders(key)
+        states = self.store.job_states([h["job"] for h in holders if isinstance(h.get("job"), ObjectId)])
+        now = self.store.clock.now()
+        stale = [h for h in holders if _stale(h, states.get(h.get("job")), now)]
+        if not stale:
+            return False
+        self.store.drop_holders(key, stale)
+        return self.store.take_slot(key, job_id, self.worker)
+
+
+def _stale(holder: Mapping[str, Any], state: Mapping[str, Any] | None, now: datetime) -> bool:
+    if not isinstance(holder.get("job"), ObjectId) or not isinstance(holder.get("worker"), ObjectId):
+        return True
+    if state is None:
+        return True
+    status = state.get("status")
+    if status == JobStatus.PROCESSING:
+        return bool(state.get("worker") != holder["worker"])
+    if status == JobStatus.WAITING:  # its claim may be on its way
+        since = holder.get("since")
+        return not isinstance(since, datetime) or since < now - timedelta(seconds=CLAIM_GRACE_SECONDS)
+    return True
