@@ -105,3 +105,16 @@ def test_a_pause_of_every_job_holds_a_due_cron_run_once(scheduler: Scheduler, st
     time.sleep(0.5)  # a catch-up storm would have run more by now
     assert len(scheduler.get_job(job.id).runs()) == 1
     scheduler.cancel_job(job.id)
+
+
+def test_a_limit_set_while_jobs_wait_in_a_nodes_backlog_holds_for_them(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    start_node("--pm", "static", "--min-children", "3", "--max-children", "3")
+    busy = [scheduler.add_job("sample_jobs:Sleep", {"seconds": 1.0}) for _ in range(3)]
+    wait_until(lambda: all(scheduler.get_job(p.id).status == JobStatus.PROCESSING for p in busy), 30, what="busy")
+    # Handed over at once: in the manager's backlog, waiting for a free worker.
+    queued = [scheduler.add_job("sample_jobs:Sleep", {"seconds": 0.3}, limit_key="slow") for _ in range(4)]
+    scheduler.set_limit("slow", concurrency=1)
+    scheduler.wait_for([*busy, *queued], timeout=60)
+    assert most_at_once(runs_of(queued), CLOCK_SLACK) == 1

@@ -8,6 +8,7 @@ their time has come.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -30,7 +31,7 @@ from ..client.job import serves
 from ..client.scheduler import Scheduler
 from ..constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
 from ..core.dependencies import depends_on
-from ..core.flow import Controls
+from ..core.flow import EVERY_JOB, Controls, keys_of
 from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
@@ -410,14 +411,19 @@ class Queue:
             return
         seen = feed.flow_changes
         controls = Controls.from_docs(self.store.flow_controls())
-        newly_paused = controls.paused - self._controls.paused
+        newly = (controls.paused - self._controls.paused) | (set(controls.limits) - set(self._controls.limits))
         self._controls, self._flow_seen = controls, seen
-        if newly_paused:
+        if newly:  # handed over without knowing: taken back, and handed over again as the controls say
+            every = EVERY_JOB in newly
             for doc in self.store.scan((JobStatus.WAITING,)):
-                if isinstance(doc.get("_id"), ObjectId) and doc["_id"] not in self._held and controls.is_paused(doc):
-                    self._send(DropJob(doc["_id"]))  # the manager forgets it if it holds it: not started now
-                    if serves(str(doc.get("class")), self.job_modules):
-                        self._held[doc["_id"]] = doc
+                job_id = doc.get("_id")
+                if not isinstance(job_id, ObjectId) or job_id in self._held or job_id in self._blocked.jobs:
+                    continue  # (a blocked one was never handed over: it meets the controls once released)
+                if not every and not newly.intersection(keys_of(doc)):
+                    continue
+                self._send(DropJob(job_id))  # the manager forgets it if it holds it: not started now
+                if serves(str(doc.get("class")), self.job_modules) and self._fit(doc):
+                    self._held[job_id] = doc
 
     def _release_held(self) -> None:
         """Hand over the held jobs no pause or limit holds back any more, in the order a node starts jobs. Once a
@@ -651,6 +657,13 @@ class Queue:
                     self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))
                 died = f"worker process died (signal {sig})" if reason == KillReason.DIED else ""
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, reason, timeout, died))
+                self._free_slots(job_id, worker_id)
+
+    def _free_slots(self, job_id: ObjectId, worker_id: ObjectId) -> None:
+        """A killed worker's slots of the limits, given back at once (else the next worker finds its run over)."""
+        if self._controls.limits:
+            with contextlib.suppress(ServerUnavailableError):
+                self.store.free_slots(list(self._controls.limits), job_id, worker_id)
 
     def _worker_counts(self) -> tuple[int, int]:
         """(busy, idle) workers of this node (read by the metrics thread at scrape time)."""
