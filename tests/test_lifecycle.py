@@ -537,6 +537,34 @@ def test_cancelling_a_running_interval_job_ends_its_series(scheduler: Scheduler)
     assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
 
 
+def test_an_end_whose_answer_was_lost_and_whose_run_another_worker_ran_leaves_nothing(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A's end of run 1 got no answer (never written); its run was swept, worker B ran run 1 and the job
+    moved on. A, back, finds the job at run 2: B's claim of run 1 after A's end was prepared proves A's end was
+    never written, so A withdraws it (chaos seed 14 found A's FAILED and its run-2 WAITING left beside B's)."""
+    p = scheduler.add_job("sample_jobs:Fail", "x", retry=3, retry_interval=0)
+    doc_a, worker_a = claim(scheduler, p.id, lease=0.5)
+    end_a = scheduler.lifecycle.end(doc_a, worker_a, JobStatus.FAILED, error=ERROR)
+    store = scheduler.store
+
+    def lost(*args: Any, **kw: Any) -> bool:
+        raise ServerUnavailableError("connection closed")  # the update never reached the server
+
+    monkeypatch.setattr(store, "transition", lost)
+    with pytest.raises(ServerUnavailableError):
+        end_a.record()
+    monkeypatch.undo()
+    wait_until(lambda: store.orphans(store.server_time()), timeout=10)
+    assert scheduler.lifecycle.release_orphan(store.find_job(p.id), reason="swept").record()
+    doc_b, worker_b = claim(scheduler, p.id)
+    assert scheduler.lifecycle.end(doc_b, worker_b, JobStatus.FAILED, error=ERROR).record()
+    assert end_a.record() is False  # A, back: lost
+    assert end_events(scheduler, p.id) == [(1, JobStatus.FAILED)]
+    entries = [e for e in store.job_events(p.id) if e["run"] == 2]
+    assert [e["worker"] for e in entries] == [worker_b]
+
+
 def test_a_worker_that_loses_its_end_to_a_cancel_settles_the_run_itself(scheduler: Scheduler) -> None:
     """The job canceled itself (or was canceled) while it ran: the worker's end loses, and lets go of the run."""
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)

@@ -178,8 +178,10 @@ class Change:
             if stored.get("change") != self.marker:
                 # Not ours now. Unless an earlier attempt (or, for a shared change, another writer) may have written
                 # it and the job has moved on since (then its run number has moved on too), we lost it: withdraw
-                # what we wrote about it.
-                if not (self.uncertain or self.shared) or int(stored.get("run", self.run)) == self.run:
+                # what we wrote about it. Another worker's claim of the run after ours was prepared proves that no
+                # attempt of ours was written (the run was not ours to end any more), however far the job moved on.
+                moved_on = int(stored.get("run", self.run)) != self.run
+                if not (self.uncertain or self.shared) or not moved_on or self._superseded():
                     store.delete_events([e.id for e in self.events[1:]])
                 self.life.logger.warning(
                     f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
@@ -197,6 +199,14 @@ class Change:
         self.recorded = True
         self.announce()
         return True
+
+    def _superseded(self) -> bool:
+        """Whether another worker claimed this run after this change was prepared (its events' time)."""
+        prepared = self.events[-1].time
+        if prepared is None:
+            return False
+        claims = self.life.store.claims_of_run(self.job.id, self.run)
+        return any(w != self.worker and isinstance(t, datetime) and t > prepared for w, t in claims)
 
     def announce(self) -> None:
         """Log and emit the change (once it is written)."""

@@ -58,9 +58,10 @@ def lease_clock() -> float:
 class LeaseSlot:
     """Memory shared by a manager and one worker (an anonymous shared mapping, inherited by fork): the time (on
     :func:`lease_clock`) until which the manager vouches for the worker's lease, whether the manager asks the worker
-    to stop, and when the worker's kernel timer is set to end it (so that its manager can tell such a death)."""
+    to stop, when the worker's kernel timer is set to end it, and whether the worker stopped its job itself (so
+    that its manager can tell such an end from a death)."""
 
-    SIZE = 24
+    SIZE = 32
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, self.SIZE)
@@ -85,6 +86,13 @@ class LeaseSlot:
         """When the worker's kernel timer ends it (0: not armed)."""
         value: float = _DEADLINE.unpack_from(self._map, 16)[0]
         return value
+
+    def mark_self_stopped(self) -> None:
+        _STOP.pack_into(self._map, 24, 1)
+
+    def self_stopped(self) -> bool:
+        """Whether the worker ended its job (and itself) by its own fence: a lease it lost, not a death."""
+        return bool(_STOP.unpack_from(self._map, 24)[0])
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -154,6 +162,8 @@ class SelfFence:
         """Kill this worker's process group and every process the job started (never returns)."""
         with contextlib.suppress(OSError):  # no logging here: its lock may be held by the thread we interrupt
             os.write(2, f"taskscheduler worker {os.getpid()}: stopping its job: {why}\n".encode())
+        with contextlib.suppress(Exception):
+            self.slot.mark_self_stopped()
         kill_own_processes()
 
     def _watch(self) -> None:

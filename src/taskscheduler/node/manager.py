@@ -448,9 +448,10 @@ class WorkerManager:
         self._report(WorkerExited(proc.id, proc.pid, sig))
         if proc.kill_reason is None and self._stopping and sig == signal.SIGTERM:
             proc.kill_reason = KillReason.STOP  # a whole-group SIGTERM (systemd's stop) reached it first
+        self_stopped = proc.slot.self_stopped()
         if proc.kill_reason is None and proc.claimed and not proc.ending:
             clock, timer = lease_clock(), proc.slot.timer()
-            if clock >= proc.fence:
+            if clock >= proc.fence or self_stopped:
                 proc.kill_reason = KillReason.LOST  # it fenced itself: its lease was not renewed in time
             elif sig == signal.SIGKILL and timer and clock >= timer - 0.05:
                 proc.kill_reason = KillReason.STARVED  # its timer fired while its lease held: it could not look
@@ -458,8 +459,9 @@ class WorkerManager:
         proc.slot.close()
         # Its timer (armed only around a claim) ended it before it told us of a claim: paused past its lease in
         # between. The claim may be written: its node puts it back as a lease it lost, not as a death.
+        # So did its own fence when it found, right after a claim, that the lease may have run out (it was paused).
         unreported = proc.task is not None and not proc.claimed and sig == signal.SIGKILL and bool(timer)
-        unreported = unreported and lease_clock() >= timer - 0.05
+        unreported = unreported and (lease_clock() >= timer - 0.05 or self_stopped)
         if proc.claimed and proc.job is not None:
             reason = proc.kill_reason or KillReason.DIED
             self._report(JobKilled(proc.job, proc.id, proc.run, reason, sig, proc.timeout))

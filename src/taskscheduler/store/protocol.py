@@ -90,6 +90,9 @@ class JobStore(Protocol):
 
     def drop_holders(self, key: str, holders: Iterable[Mapping[str, Any]]) -> None: ...
 
+    def claims_of_run(self, job_id: ObjectId, run: int) -> list[tuple[Any, Any]]:
+        """(worker, time) of every recorded claim of a run."""
+
     def waiting_under(self, key: str | None) -> int:
         """WAITING jobs whose class or limit_key is ``key`` (None: all)."""
 

@@ -69,6 +69,12 @@ class EventLog(Deployment):
         with server_errors():
             return list(self.events.find({"job": job_id}).sort([("run", ASCENDING), ("time", ASCENDING)]))
 
+    def claims_of_run(self, job_id: ObjectId, run: int) -> list[tuple[Any, Any]]:
+        """(worker, time) of every recorded claim (PROCESSING event) of a run (by the job's index)."""
+        with server_errors():
+            found = self.events.find({"job": job_id, "run": run}, {"worker": 1, "status": 1, "time": 1})
+            return [(e.get("worker"), e.get("time")) for e in found if e.get("status") == JobStatus.PROCESSING]
+
     # -- sweeps: runs another node put back when their lease ran out (issue 16) -------------------------------------
 
     def unvouched_sweeps(self, job_id: ObjectId, run: int, before: datetime | None = None) -> set[ObjectId]:
