@@ -47,13 +47,16 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
     scheduled as usual; a postponed job whose time has come (on the server's clock) is due, one postponed to
     later is not. Jobs start in the order a node would start them: higher priority first, then first in, first
     out. Any module's jobs run (there is no allow-list here). A job waits for its dependencies as on a node: it
-    runs once every job it depends on has ended DONE, and is canceled (and returned) once one failed for good.
+    runs once every job it depends on has ended DONE, and is canceled once one failed for good. Pauses and limits
+    hold as on a node: a job they hold back is not due (``run_jobs`` returns without waiting for a rate's window).
 
     Not as on a node: a job's ``timeout`` option is not enforced (nothing kills the calling process), and a job
     that waits for another job to run (``wait()`` on a child) waits in vain, as nothing else runs meanwhile.
     ``timeout`` bounds the whole call: if jobs are still due after that many seconds (a job that schedules itself
     again at once, say), :class:`~taskscheduler.errors.WaitTimeoutError` is raised.
     """
+    from .constants import DEFAULT_ORPHANED_TIMEOUT
+    from .core.flow import Controls
     from .errors import InvalidArgumentError, WaitTimeoutError
     from .node.backlog import start_order
     from .node.worker import Worker
@@ -73,7 +76,8 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
         if time.monotonic() > deadline:
             raise WaitTimeoutError(f"run_jobs: {len(due)} job(s) still due after {timeout:g} s")
         doc = min(due, key=start_order)
-        if worker.run(doc):
+        limits = Controls.from_docs(store.flow_controls()).limited(doc)
+        if worker.run(doc, None, DEFAULT_ORPHANED_TIMEOUT, limits):
             started.setdefault(doc["_id"])
             continue
         stored = store.find_job(doc["_id"])  # refused: malformed (ended FAILED), or its parent failed (CANCELED)
@@ -108,7 +112,8 @@ def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> list[An
     store = scheduler.store
     controls = Controls.from_docs(store.flow_controls())
     due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
-    due = [d for d in due if not controls.is_paused(d)]  # limits need no care here: one job runs at a time
+    now = store.clock.now()
+    due = [d for d in due if controls.held_back(d, now) is None]  # a pause, or a full limit (a rate's, say)
     held = set()
     for job_id, verdict in verdicts(store, due).items():
         if verdict.failed is not None:

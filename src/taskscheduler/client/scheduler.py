@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -18,7 +19,14 @@ from .. import options as o
 from ..constants import JobStatus
 from ..core.flow import Controls, checked_concurrency, checked_key, parse_rate
 from ..core.lifecycle import Lifecycle
-from ..errors import InvalidArgumentError, JobFailedError, JobNotFoundError, WaitTimeoutError
+from ..errors import (
+    DuplicateJobError,
+    InvalidArgumentError,
+    JobFailedError,
+    JobNotFoundError,
+    TaskSchedulerError,
+    WaitTimeoutError,
+)
 from ..events import Emitter, Handler
 from ..store import Store
 from ..store.records import RunContext
@@ -187,7 +195,22 @@ class Scheduler:
             known = known | {doc["_id"]}
         if not docs:
             raise InvalidArgumentError("a chain needs at least one step")
-        return [Process(self.lifecycle.add(doc), self) for doc in docs]
+        ids = [doc["_id"] for doc in docs]
+        taken = [job_id for job_id in ids if ids.count(job_id) > 1] or list(self.store.job_states(ids))
+        if taken:
+            raise DuplicateJobError(f"a chain step's id {taken[0]} is taken (option id): nothing was added")
+        added: list[Process] = []
+        try:
+            for doc in docs:
+                added.append(Process(self.lifecycle.add(doc), self))
+        except BaseException:
+            # A step that could not be added (a full queue, an outage): the steps before it would wait for it for
+            # ever, so they are canceled (best effort), and the error goes to the caller.
+            for process in added:
+                with contextlib.suppress(TaskSchedulerError):
+                    self.lifecycle.cancel(self.lifecycle.load(process.id))
+            raise
+        return added
 
     def _mark_child(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a
@@ -236,6 +259,7 @@ class Scheduler:
         if limit is None and per is None:
             raise InvalidArgumentError("set_limit needs concurrency, rate or both (remove_limit removes one)")
         self.store.set_limit(key, limit, per)
+        self.store.count_running_runs(key)  # runs already going hold a slot each (given back as the run ends)
 
     def remove_limit(self, key: str) -> None:
         """No limit on ``key`` any more (nothing happens when there was none)."""
@@ -243,8 +267,7 @@ class Scheduler:
 
     def limits(self) -> dict[str, dict[str, Any]]:
         """Every limit: ``{key: {"concurrency": N or None, "rate": "N/m" or None}}``."""
-        controls = Controls.from_docs(self.store.flow_controls())
-        return {key: limit.describe() for key, limit in sorted(controls.limits.items())}
+        return Controls.from_docs(self.store.flow_controls()).described()
 
     def pause(self, key: str) -> None:
         """Start no new run under ``key`` (a class, a ``limit_key``, or ``"*"`` for every job) anywhere in the

@@ -7,6 +7,7 @@ The lifecycle (:mod:`taskscheduler.core.lifecycle`) decides which change to make
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import traceback
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
 from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
 from ..store.records import EventRecord, JobRecord
+from .flow import keys_of
 from .runs import next_start
 
 #: Longest stored error message and traceback (characters): an error is recorded whatever its size.
@@ -359,6 +361,10 @@ class Release(Change):
         # The worker that lost the run may have written the events of an end it never recorded (it died, or was
         # fenced, between the two writes): they are not the run's end.
         self.life.store.delete_unrecorded_events(job.id, self.run, self.worker, job.outcome)
+        # Its slots of the limits it ran under are free now (SPEC 8: a dead run's slot comes back when the run is
+        # orphaned); best effort: the next worker that finds a limit full drops a slot whose run is over.
+        with contextlib.suppress(ServerUnavailableError):
+            self.life.store.free_slots(keys_of({"class": job.job_class, "options": job.options}), job.id, self.worker)
         held = "" if self.hold is None else f" (held {self.hold:.0f} s: its third orphaning if its owner is dead)"
         self.life.logger.warning(
             f"job {job.id} ({job.job_class!r}) put back to {self.released.status.name.lower()}: {self.reason}{held}",

@@ -82,6 +82,16 @@ class Limit:
     holders: tuple[Mapping[str, Any], ...] = ()
     starts: tuple[datetime, ...] = ()
 
+    def room(self, now: datetime) -> int:
+        """How many more runs under this key may start at ``now`` (the server's time), as the snapshot says."""
+        room = 1_000_000
+        if self.concurrency is not None:
+            room = min(room, self.concurrency - len(self.holders))
+        if self.rate is not None:
+            since = now - timedelta(seconds=int(self.rate.get("seconds", 0)))
+            room = min(room, int(self.rate.get("count", 0)) - sum(1 for t in self.starts if t > since))
+        return room
+
     def full(self, now: datetime) -> bool:
         """Whether the snapshot says no run under this key may start at ``now`` (the server's time)."""
         if self.concurrency is not None and len(self.holders) >= self.concurrency:
@@ -95,17 +105,44 @@ class Limit:
         return {"concurrency": self.concurrency, "rate": rate_text(self.rate)}
 
 
+def _limit(key: str, doc: Mapping[str, Any]) -> Limit | None:
+    """A stored limit as this library writes it, or None (a hostile or broken document limits nothing, and never
+    stops a node or a worker: SPEC 2)."""
+    concurrency, rate = doc.get("concurrency"), doc.get("rate")
+    holders, starts = doc.get("holders", []), doc.get("starts", [])
+    if concurrency is not None and not (type(concurrency) is int and concurrency >= 1):
+        return None
+    if rate is not None:
+        if not isinstance(rate, Mapping) or rate_text(rate) is None:
+            return None
+        count, seconds = rate.get("count"), rate.get("seconds")
+        if not (type(count) is int and count >= 1 and seconds in RATE_UNITS.values()):
+            return None
+    if (concurrency is None and rate is None) or not isinstance(holders, list) or not isinstance(starts, list):
+        return None
+    return Limit(
+        key,
+        concurrency,
+        rate,
+        tuple(h for h in holders if isinstance(h, Mapping)),
+        tuple(t for t in starts if isinstance(t, datetime)),
+    )
+
+
 @dataclass(frozen=True)
 class Controls:
     """Every pause and limit, as read at one moment."""
 
     paused: frozenset[str] = frozenset()
     limits: Mapping[str, Limit] = field(default_factory=dict)
+    #: Limit documents this library did not write as they are (key -> document): shown, limiting nothing.
+    broken: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_docs(cls, docs: Iterable[Mapping[str, Any]]) -> Controls:
         paused: set[str] = set()
         limits: dict[str, Limit] = {}
+        broken: dict[str, Mapping[str, Any]] = {}
         for doc in docs:
             key = doc.get("key")
             if not isinstance(key, str):
@@ -113,16 +150,24 @@ class Controls:
             if doc.get("kind") == "pause":
                 paused.add(key)
             elif doc.get("kind") == "limit":
-                concurrency = doc.get("concurrency")
-                rate = doc.get("rate")
-                limits[key] = Limit(
-                    key,
-                    concurrency if type(concurrency) is int else None,
-                    rate if isinstance(rate, Mapping) else None,
-                    tuple(h for h in doc.get("holders") or () if isinstance(h, Mapping)),
-                    tuple(t for t in doc.get("starts") or () if isinstance(t, datetime)),
-                )
-        return cls(frozenset(paused), limits)
+                limit = _limit(key, doc)
+                if limit is not None:
+                    limits[key] = limit
+                else:
+                    broken[key] = doc
+        return cls(frozenset(paused), limits, broken)
+
+    def described(self) -> dict[str, dict[str, Any]]:
+        """Every limit as ``limits()`` shows it; a broken one (limiting nothing) with ``"malformed": True``."""
+        shown = {key: limit.describe() for key, limit in self.limits.items()}
+        for key, doc in self.broken.items():
+            concurrency = doc.get("concurrency")
+            shown[key] = {
+                "concurrency": concurrency if type(concurrency) is int else None,
+                "rate": rate_text(doc.get("rate")),
+                "malformed": True,
+            }
+        return dict(sorted(shown.items()))
 
     @property
     def empty(self) -> bool:

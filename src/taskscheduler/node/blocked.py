@@ -9,7 +9,7 @@ from bson import ObjectId
 
 from ..core.dependencies import failure_of, verdicts
 from ..core.lifecycle import Lifecycle
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ServerUnavailableError
 
 #: Seconds between two looks at the dependencies of the jobs a node holds back (one read for all of them).
 CHECK_SECONDS = 0.5
@@ -43,9 +43,11 @@ class Blocked:
             if verdict.ready:
                 ready.append(self.jobs.pop(job_id))
             elif verdict.failed is not None:
-                doc = self.jobs.pop(job_id)
                 try:
-                    self.life.cancel(doc, error=failure_of(*verdict.failed))
+                    self.life.cancel(self.jobs[job_id], error=failure_of(*verdict.failed))
                 except InvalidArgumentError:
                     pass  # it ended meanwhile (canceled, or claimed elsewhere and over)
+                except ServerUnavailableError:
+                    continue  # still held: canceled at a later look (the ready ones go now all the same)
+                self.jobs.pop(job_id, None)
         return ready

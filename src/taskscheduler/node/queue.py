@@ -159,6 +159,7 @@ class Queue:
         self._flow_released = -1  # ... when the held jobs were last looked at
         self._held: dict[ObjectId, dict[str, Any]] = {}  # due jobs of ours a pause or a full limit holds back
         self._next_probe = 0.0
+        self._room: dict[str, int] = {}  # per limit: hand-overs left before it is full, as this node counts
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
@@ -309,11 +310,32 @@ class Queue:
         if not busy:
             now = self._now()
             due = (job for job, cls in self.store.due_jobs(now) if serves(cls, self.job_modules))
-            busy = any(job_ref(job) not in self._skipped for job in due)  # a skipped malformed job never runs
+            busy = any(self._may_start(job, now) for job in due)
         self._quiet_looks = 0 if busy else self._quiet_looks + 1
         if self._quiet_looks >= BURST_QUIET_LOOKS:
             self.logger.info("burst mode: no job of this node's modules is due or running; stopping")
             self._stopping = True
+
+    def _may_start(self, job_id: Any, now: float) -> bool:
+        """Whether a due job of ours can still start without a pause lifted (burst mode): a skipped malformed job
+        never does; a paused one not before a resume; one that waits for other jobs only when one of those is due
+        or running (a dependency postponed to later keeps nobody busy)."""
+        if job_ref(job_id) in self._skipped:
+            return False
+        held = self._held.get(job_id)
+        if held is not None and self._controls.is_paused(held):
+            return False
+        blocked = self._blocked.jobs.get(job_id)
+        if blocked is None:
+            return True
+        for state in self.store.job_states(depends_on(blocked)).values():
+            status = state.get("status")
+            options = state.get("options")
+            at = options.get(o.AT) if isinstance(options, Mapping) else None
+            due_at = isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now
+            if status in (JobStatus.WAITING, JobStatus.PROCESSING) or (status == JobStatus.POSTPONED and due_at):
+                return True
+        return False
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
@@ -378,6 +400,7 @@ class Queue:
             if not serves(doc["class"], self.job_modules):
                 return
             if depends_on(doc):
+                self._held.pop(doc["_id"], None)
                 self._blocked.hold(doc)  # handed over once its dependencies have ended DONE (see _unblock)
                 return
             self._hand_over(doc)
@@ -393,16 +416,40 @@ class Queue:
         else:
             self._send(DropJob(job_id))
 
+    def _hold(self, doc: dict[str, Any]) -> None:
+        """Hold a due job back: a job with dependencies as one that waits for them (it is handed over only once
+        they are DONE, whatever held it), any other until no pause or limit holds it back."""
+        if depends_on(doc):
+            self._held.pop(doc["_id"], None)
+            self._blocked.hold(doc)
+        else:
+            self._held[doc["_id"]] = doc
+
     def _hand_over(self, doc: dict[str, Any]) -> None:
         """Send a due job of ours to the manager, unless a pause or a full limit holds it back (SPEC 8)."""
+        limits: tuple[str, ...] = ()
         if not self._controls.empty:
-            if self._controls.held_back(doc, self.store.clock.now()) is not None:
+            if self._controls.is_paused(doc) or self._full(doc):
                 self._held[doc["_id"]] = doc
                 return
             limits = self._controls.limited(doc)
-        else:
-            limits = ()
+            self._spend(limits)
         self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
+
+    def _full(self, doc: Mapping[str, Any]) -> list[str]:
+        """The limits of ``doc`` with no room left for another hand-over: the room the last read of the controls
+        showed (read again at each change, and once a second), less what this node handed over since."""
+        full = []
+        for key in self._controls.limited(doc):
+            if key not in self._room:
+                self._room[key] = self._controls.limits[key].room(self.store.clock.now())
+            if self._room[key] <= 0:
+                full.append(key)
+        return full
+
+    def _spend(self, limits: tuple[str, ...]) -> None:
+        for key in limits:
+            self._room[key] = self._room.get(key, 1) - 1
 
     def _read_flow(self, feed: StatusFeed) -> None:
         """Read the pauses and limits again when one changed (or at start). Jobs of a newly paused key that were
@@ -413,6 +460,7 @@ class Queue:
         controls = Controls.from_docs(self.store.flow_controls())
         newly = (controls.paused - self._controls.paused) | (set(controls.limits) - set(self._controls.limits))
         self._controls, self._flow_seen = controls, seen
+        self._room.clear()
         if newly:  # handed over without knowing: taken back, and handed over again as the controls say
             every = EVERY_JOB in newly
             for doc in self.store.scan((JobStatus.WAITING,)):
@@ -423,7 +471,7 @@ class Queue:
                     continue
                 self._send(DropJob(job_id))  # the manager forgets it if it holds it: not started now
                 if serves(str(doc.get("class")), self.job_modules) and self._fit(doc):
-                    self._held[job_id] = doc
+                    self._hold(doc)
 
     def _release_held(self) -> None:
         """Hand over the held jobs no pause or limit holds back any more, in the order a node starts jobs. Once a
@@ -438,16 +486,19 @@ class Queue:
         self._flow_released = self._flow_seen
         if probe:
             self._next_probe = now_clock + PROBE_SECONDS
-        now = self.store.clock.now()
+            self._room.clear()  # a rate's window slides on with no change to read: count again
         probed: set[str] = set()
         for doc in sorted(self._held.values(), key=start_order):
-            reason = self._controls.held_back(doc, now)
-            if reason is not None and not (probe and reason.startswith("limit ") and reason not in probed):
+            if self._controls.is_paused(doc):
                 continue
-            if reason is not None:
-                probed.add(reason)
+            full = self._full(doc)
+            if full and not (probe and full[0] not in probed):
+                continue
+            probed.update(full)  # a probe: its worker drops the slots of runs that are over, or it comes back
+            limits = self._controls.limited(doc)
+            self._spend(limits)
             del self._held[doc["_id"]]
-            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), self._controls.limited(doc)))
+            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
 
     def _fit(self, doc: dict[str, Any]) -> bool:
         """Whether a WAITING or POSTPONED document can be routed (SPEC 2). Every node checks what it needs to put
@@ -651,7 +702,7 @@ class Queue:
             case JobHeldBack(job_id=job_id):
                 doc = self.store.find_job(job_id)  # as it is now: held while it is still due
                 if doc is not None and doc.get("status") == JobStatus.WAITING and self._fit(doc):
-                    self._held[job_id] = doc
+                    self._hold(doc)
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, KILLED_STATUS.get(reason))

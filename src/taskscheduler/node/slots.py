@@ -51,16 +51,19 @@ class Slots:
         # Full. Holders whose run is over (it ended, was put back, or runs under another worker now) hold nothing:
         # a run whose process died frees its slot when the run is orphaned.
         holders = self.store.limit_holders(key)
-        states = self.store.job_states([h["job"] for h in holders if isinstance(h.get("job"), ObjectId)])
+        jobs = [h["job"] for h in holders if isinstance(h, Mapping) and isinstance(h.get("job"), ObjectId)]
+        states = self.store.job_states(jobs)
         now = self.store.clock.now()
-        stale = [h for h in holders if _stale(h, states.get(h.get("job")), now)]
+        stale = [h for h in holders if _stale(h, states.get(h.get("job")) if isinstance(h, Mapping) else None, now)]
         if not stale:
             return False
         self.store.drop_holders(key, stale)
         return self.store.take_slot(key, job_id, self.worker)
 
 
-def _stale(holder: Mapping[str, Any], state: Mapping[str, Any] | None, now: datetime) -> bool:
+def _stale(holder: Any, state: Mapping[str, Any] | None, now: datetime) -> bool:
+    if not isinstance(holder, Mapping):
+        return True  # no holder this library wrote: it holds nothing
     if not isinstance(holder.get("job"), ObjectId) or not isinstance(holder.get("worker"), ObjectId):
         return True
     if state is None:

@@ -30,6 +30,7 @@ from ..client.process import Process
 from ..client.scheduler import Scheduler
 from ..constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from ..core.changes import Change, RunEnd, describe_error
+from ..core.dependencies import verdicts
 from ..errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from ..store.records import JobRecord, RunContext
 from ..store.schema import job_ref, problem
@@ -188,7 +189,7 @@ class Worker:
             _send(connection, Finished(doc["_id"], False))
             return False
         try:
-            if limits and not self.slots.take(doc["_id"], limits):
+            if not self._dependencies_done(doc) or (limits and not self.slots.take(doc["_id"], limits)):
                 _send(connection, Finished(doc["_id"], False, held_back=True))
                 return False
         except ServerUnavailableError:
@@ -225,6 +226,12 @@ class Worker:
             _send(connection, Finished(doc["_id"], False))
             return False
         return True
+
+    def _dependencies_done(self, doc: Mapping[str, Any]) -> bool:
+        """Whether every job this one depends on has ended DONE (SPEC 8): the node hands such a job over only then;
+        this looks once more, for a hand-over that went wrong (one read, for jobs with dependencies only)."""
+        verdict = verdicts(self.life.store, [doc]).get(doc.get("_id"))
+        return verdict is None or verdict.ready
 
     def _claim(self, doc: Mapping[str, Any], lease: float) -> dict[str, Any] | None:
         try:

@@ -81,6 +81,8 @@ class JobStore(Protocol):
 
     def remove_limit(self, key: str) -> bool: ...
 
+    def count_running_runs(self, key: str) -> int: ...
+
     def take_slot(self, key: str, job_id: ObjectId, worker: ObjectId) -> bool:
         """A slot of the limit on ``key`` for this run if the limit allows a start now; True when it holds one."""
 

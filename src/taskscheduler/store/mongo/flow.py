@@ -12,15 +12,20 @@ job is no longer running under it), so a slot is never leaked. Shard key, on a s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bson import ObjectId
 from pymongo import ReturnDocument
+from pymongo.errors import OperationFailure
 
+from ...constants import JobStatus
 from .connection import server_errors
 from .deployment import Deployment
 from .documents import Document, literal, utcnow
+
+logger = logging.getLogger("taskscheduler.store")
 
 
 class FlowControls(Deployment):
@@ -57,6 +62,22 @@ class FlowControls(Deployment):
                 upsert=True,
             )
 
+    def count_running_runs(self, key: str) -> int:
+        """Give the runs PROCESSING under ``key`` now (its class or ``limit_key``) a slot of its limit each, if they
+        hold none: a limit set while they run counts them. Returns how many were added."""
+        query = {"status": int(JobStatus.PROCESSING), "$or": [{"class": key}, {"options.limit_key": key}]}
+        added = 0
+        with server_errors():
+            running = list(self.jobs.find(query, {"worker": 1}))
+            for doc in running:
+                holder = {"job": doc["_id"], "worker": doc.get("worker"), "since": self.clock.now()}
+                result = self.flow.update_one(
+                    {"_id": f"limit:{key}", "holders": {"$type": "array"}, "holders.job": {"$ne": doc["_id"]}},
+                    {"$push": {"holders": holder}},
+                )
+                added += result.modified_count
+        return added
+
     def remove_limit(self, key: str) -> bool:
         with server_errors():
             return self.flow.delete_one({"_id": f"limit:{key}"}).deleted_count == 1
@@ -70,6 +91,7 @@ class FlowControls(Deployment):
         now = literal(self.clock.now())
         window_start = {"$subtract": [now, {"$multiply": [{"$ifNull": ["$rate.seconds", 0]}, 1000]}]}
         recent = {"$size": {"$filter": {"input": "$starts", "cond": {"$gt": ["$$this", window_start]}}}}
+        # Only a limit as this library writes it is one (see core.flow): the node never asks for another.
         # This worker's own slot for the job: two workers handed the same job (two nodes) hold one each until one
         # claim wins, so the loser's giving back never frees the winner's.
         mine = {"$and": [{"$eq": ["$$this.job", literal(job_id)]}, {"$eq": ["$$this.worker", literal(worker)]}]}
@@ -117,13 +139,19 @@ class FlowControls(Deployment):
             },
             {"$unset": "_take"},
         ]
-        with server_errors():
-            after = self.flow.find_one_and_update(
-                {"_id": f"limit:{key}"}, pipeline, projection={"holders": 1}, return_document=ReturnDocument.AFTER
-            )
+        try:
+            with server_errors():
+                after = self.flow.find_one_and_update(
+                    {"_id": f"limit:{key}"}, pipeline, projection={"holders": 1}, return_document=ReturnDocument.AFTER
+                )
+        except OperationFailure as exc:  # a limit document the server cannot evaluate (written by hand): none
+            logger.warning("the limit on %r is not one this library wrote, and limits nothing: %s", key, exc)
+            return True
         if after is None:
             return True
-        return any(h.get("job") == job_id and h.get("worker") == worker for h in after.get("holders") or ())
+        holders = after.get("holders")
+        holders = holders if isinstance(holders, list) else []
+        return any(isinstance(h, Mapping) and (h.get("job"), h.get("worker")) == (job_id, worker) for h in holders)
 
     def free_slots(self, keys: Iterable[str], job_id: ObjectId, worker: ObjectId | None = None) -> None:
         """The run of ``job_id`` (by ``worker``, when given) holds no slot of these limits any more."""
@@ -134,15 +162,17 @@ class FlowControls(Deployment):
         with server_errors():
             self.flow.update_many({"_id": {"$in": ids}}, {"$pull": {"holders": holder}})
 
-    def limit_holders(self, key: str) -> list[Document]:
+    def limit_holders(self, key: str) -> list[Any]:
+        """The holders of the limit on ``key`` as stored (a hostile entry is returned as it is, to be dropped)."""
         with server_errors():
             doc = self.flow.find_one({"_id": f"limit:{key}"}, {"holders": 1})
-        return list((doc or {}).get("holders") or [])
+        holders = (doc or {}).get("holders")
+        return list(holders) if isinstance(holders, list) else []
 
-    def drop_holders(self, key: str, holders: Iterable[Mapping[str, Any]]) -> None:
-        """Drop these holders (each exactly, by job and worker) from the limit on ``key``."""
+    def drop_holders(self, key: str, holders: Iterable[Any]) -> None:
+        """Drop these holders from the limit on ``key``, each by its stored value."""
         with server_errors():
-            for holder in holders:  # a few, rarely: one exact $pull each
+            for holder in holders:  # a few, rarely: one $pull each
                 self.flow.update_one(
-                    {"_id": f"limit:{key}"}, {"$pull": {"holders": {"job": holder["job"], "worker": holder["worker"]}}}
+                    {"_id": f"limit:{key}", "holders": {"$type": "array"}}, {"$pull": {"holders": holder}}
                 )

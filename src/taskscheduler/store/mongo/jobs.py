@@ -92,7 +92,7 @@ class JobWrites(RoomLedger):
     def job_states(self, job_ids: Iterable[ObjectId]) -> dict[Any, Document]:
         """What the dependencies and limits rules read of these jobs (status, worker and schedule), by id; a missing
         one is left out."""
-        fields = {"status": 1, "run": 1, "worker": 1, "options.interval": 1, "options.cron": 1}
+        fields = {"status": 1, "run": 1, "worker": 1, "options.interval": 1, "options.cron": 1, "options.at": 1}
         with server_errors():
             return {doc["_id"]: doc for doc in self.jobs.find({"_id": {"$in": list(job_ids)}}, fields)}
 
