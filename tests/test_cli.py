@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,21 +294,46 @@ def test_queue_command_runs_jobs(scheduler: Scheduler, start_node: Callable[...,
 
 
 @pytest.mark.e2e
-def test_demo_runs_and_exits_zero(tmp_path: Path) -> None:
+def test_demo_runs_keeps_its_cluster_on_keep_and_exits_zero(tmp_path: Path) -> None:
+    """`demo --keep`: after the examples, the server, the node and a dashboard run until Ctrl-C (SPEC 3)."""
     before = _python_children()
-    out = subprocess.run(
-        [sys.executable, "-m", "taskscheduler", "demo", "--plain"],
-        capture_output=True,
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "taskscheduler", "demo", "--plain", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=120,
         cwd=tmp_path,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "every example behaved as expected" in out.stdout
-    assert "taskscheduler dashboard --mongodb-uri 'mongodb://127.0.0.1:" in out.stdout  # where to watch it live
-    for name in ("countdown", "flaky", "timeout", "canceled", "postponed", "interval"):
-        assert name in out.stdout
+    lines: list[str] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("kept running until Ctrl-C"):
+                break
+        out = "".join(lines)
+        assert "every example behaved as expected" in out, out
+        assert "taskscheduler dashboard --mongodb-uri 'mongodb://127.0.0.1:" in out  # where to watch it live
+        for name in ("countdown", "flaky", "timeout", "canceled", "postponed", "interval"):
+            assert name in out
+        url = re.search(r"dashboard (http://127\.0\.0\.1:\d+/)", lines[-1])
+        assert url is not None, lines[-1]
+        page = wait_until(lambda: _get(url.group(1)), 20, what="the kept dashboard")
+        assert "taskscheduler" in page.lower()
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
     wait_until(lambda: _python_children() <= before, 10, what="no process left behind")
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return str(answer.read().decode())
+    except OSError:
+        return None
 
 
 def _python_children() -> set[int]:

@@ -839,11 +839,16 @@ def dashboard(
 @cli.command()
 @_option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
 @_option("--plain", is_flag=True, help="Plain text output instead of the live display.")
-def demo(seconds: float, plain: bool) -> None:
+@_option(
+    "--keep",
+    is_flag=True,
+    help="Then keep the server, the node and a dashboard running until Ctrl-C, and print their addresses.",
+)
+def demo(seconds: float, plain: bool, keep: bool) -> None:
     """Start an embedded server and a queue node, run example jobs, show them live, print a summary."""
     from .demo import run_demo
 
-    sys.exit(run_demo(limit=seconds, plain=plain))
+    sys.exit(run_demo(limit=seconds, plain=plain, keep=keep))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

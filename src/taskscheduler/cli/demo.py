@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -13,6 +18,7 @@ from rich.live import Live
 
 from ..client.job import AbstractJob
 from ..constants import JobStatus
+from ..errors import MissingExtraError
 from ..node.nodeproc import spawn_node, stop_node
 
 
@@ -68,8 +74,9 @@ def shout(data: Any) -> str:
     return str(data).upper()
 
 
-def run_demo(limit: float = 45.0, plain: bool = False) -> int:
-    """Run the demo; 0 when every example ended as expected."""
+def run_demo(limit: float = 45.0, plain: bool = False, keep: bool = False) -> int:
+    """Run the demo; 0 when every example ended as expected. ``keep``: then keep the server, the node and a
+    dashboard running until Ctrl-C (or SIGTERM), their addresses printed."""
     from ..client.scheduler import Scheduler
     from ..errors import EmbeddedServerError
     from ..ops.embedded import EmbeddedServer
@@ -102,10 +109,61 @@ def run_demo(limit: float = 45.0, plain: bool = False) -> int:
             scheduler = Scheduler(connect(server.uri, "demo"))
             jobs = _spool(scheduler)
             ok = _show(scheduler, jobs, console, limit, plain)
+            if keep:
+                _keep(server.uri, node.pid, console)
         finally:
             stop_node(node, timeout=15)
         console.print(f"queue node stopped (exit code {node.returncode})")
     return 0 if ok and node.returncode == 0 else 1
+
+
+def _keep(uri: str, node_pid: int, console: Console) -> None:
+    """Keep the demo's server and node, and serve a dashboard on a free port, until Ctrl-C or SIGTERM."""
+    from ..ops.dashboard import require_extra
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    page = None
+    try:
+        try:
+            require_extra()
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            page = subprocess.Popen(
+                [sys.executable, "-m", "taskscheduler", "dashboard", "--port", str(port), "--database", "demo"],
+                env={**os.environ, "TASKSCHEDULER_MONGODB_URI": uri},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            dashboard = f"http://127.0.0.1:{port}/"
+        except MissingExtraError as exc:
+            dashboard = f"none ({exc})"
+        console.print(
+            f"kept running until Ctrl-C: MongoDB {uri} (database demo), queue node pid {node_pid}, "
+            f"dashboard {dashboard}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            f"add jobs: TASKSCHEDULER_MONGODB_URI={shlex.quote(uri)} taskscheduler add --database demo "
+            "taskscheduler.cli.demo:Tick",
+            highlight=False,
+            soft_wrap=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        console.print("stopping the demo")
+    finally:
+        if page is not None:
+            page.terminate()
+            try:
+                page.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                page.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _spool(scheduler: Any) -> dict[str, Any]:
