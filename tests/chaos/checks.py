@@ -12,7 +12,9 @@ from bson import ObjectId
 
 from chaos.config import (
     CHILD_SLACK,
+    DEPENDENCY_ERROR,
     EARLY_SLACK,
+    LIMIT,
     ORPHANED_ERROR,
     OVERLAP_SLACK,
     RECURRING,
@@ -71,6 +73,8 @@ def check_final(j: Judged, canceled: dict[ObjectId, str]) -> None:
         "cancel": set(),
         "children": {JobStatus.DONE},
         "delayed": {JobStatus.DONE},
+        "limited": {JobStatus.DONE},
+        "dependent": {JobStatus.DONE, JobStatus.CANCELED},  # see check_dependencies
     }[j.spec.kind]
     if status == JobStatus.CANCELED and by_test:
         return
@@ -286,6 +290,56 @@ def check_overlaps(
 
 
 
+def check_dependencies(j: Judged, by_id: Mapping[Any, Judged], offset: float) -> None:
+    """SPEC 8: a dependent runs only after every dependency ended DONE (never before the last one's end), and
+    ends CANCELED, naming a dependency, when one ended FAILED, TIMEOUT or CANCELED."""
+    deps = [by_id.get(s.id) for s in j.spec.depends_on]
+    if j.spec.kind != "dependent" or any(d is None for d in deps):
+        return  # not a dependent, or a dependency the harness could not judge: nothing to compare with
+    finals = [JobStatus(d.doc["status"]) for d in deps if d is not None]
+    status, errors = JobStatus(j.doc["status"]), [_error_class(e) for e in j.ends()]
+    if all(f == JobStatus.DONE for f in finals) and status != JobStatus.DONE and ORPHANED_ERROR not in errors:
+        j.problems.append(f"its dependencies all ended DONE, but it ended {status.name}")
+    failed = any(f.is_terminal and f != JobStatus.DONE for f in finals)
+    if failed and (status != JobStatus.CANCELED or errors != [DEPENDENCY_ERROR]):
+        j.problems.append(f"a dependency failed ({[f.name for f in finals]}), yet it ended {status.name} {errors}")
+    ends = [_done_at(d, offset) for d in deps if d is not None]
+    if None in ends:
+        if j.executions:
+            j.problems.append(f"{len(j.executions)} executions, although a dependency never ended DONE")
+        return
+    last = max(e for e in ends if e is not None)
+    for x in j.executions:
+        if x.start < last - EARLY_SLACK:
+            j.problems.append(f"execution {x.token} started {last - x.start:.2f} s before its last dependency ended")
+
+
+def _done_at(j: Judged, offset: float) -> float | None:
+    """When the job's DONE run ended, on the run log's clock (None: it has none)."""
+    done = [e for e in j.ends() if e["status"] == JobStatus.DONE]
+    return done[-1]["time"].timestamp() - offset if done else None
+
+
+def check_limit(judged: list[Judged], nodes: Mapping[str, NodeState], limit: int) -> list[str]:
+    """SPEC 8: never more than ``limit`` executions of the limited jobs at once, cluster-wide (but for the stall
+    window of a SIGSTOPped node or worker, as for one job's executions)."""
+    runs = [x for j in judged if j.spec.kind == "limited" for x in j.executions]
+    found = []
+    for x in runs:
+        at_once = [y for y in runs if y.start <= x.start < y.stop - OVERLAP_SLACK]
+        if len(at_once) <= limit:
+            continue
+        stalled = [y for y in at_once if (n := nodes.get(y.node)) is not None and n.stalled_during(y.start, y.stop)]
+        longest = max(min(y.stop for y in at_once) - x.start, 0.0)
+        if stalled and longest <= STALL_OVERLAP:
+            continue
+        found.append(
+            f"{len(at_once)} executions of jobs under the limit of {limit} at once at {x.start:.2f} "
+            f"({', '.join(y.token for y in at_once)})"
+        )
+    return found
+
+
 def check_children(j: Judged, deaths: Mapping[str, float]) -> None:
     """A job's subprocesses die with its worker: none logs activity later than the stall window after the
     harness killed the worker or its node (``deaths``: execution token -> when)."""
@@ -429,6 +483,10 @@ def judge(h: Harness) -> list[Judged]:
         check_early_runs(j, offset)
         check_orphanings(j, deaths_on_server, leases)
         judged.append(j)
+    by_id = {j.spec.id: j for j in judged}
+    for j in judged:
+        check_dependencies(j, by_id, offset)
+    h.violations.extend(check_limit(judged, nodes, LIMIT))
     for job, stray in executions.items():
         h.violations.append(f"{len(stray)} executions of job {job} that the test never added")
     return judged

@@ -6,6 +6,9 @@ import re
 from pathlib import Path
 
 JOB = "sample_jobs:ChaosJob"
+#: The limit key of the harness's "limited" jobs (SPEC 8), set with concurrency LIMIT before any job is added.
+LIMIT_KEY = "chaos-limit"
+LIMIT = 2
 ORPHANED_TIMEOUT = 2.0
 #: How long faults are injected; then the system settles within SETTLE_SECONDS.
 FAULT_SECONDS = 15.0
@@ -87,6 +90,7 @@ def _sleep(seconds):
 time.sleep = _sleep
 '''
 ORPHANED_ERROR = "taskscheduler.errors.OrphanedJobError"
+DEPENDENCY_ERROR = "taskscheduler.errors.DependencyFailedError"
 TIMEOUT_ERROR = "taskscheduler.errors.JobTimeoutError"
 RELEASED_ERROR = "taskscheduler.errors.JobReleasedError"
 RECURRING = ("interval", "open")

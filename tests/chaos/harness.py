@@ -28,6 +28,8 @@ from chaos.config import (
     FAULT_SECONDS,
     FAULT_WEIGHTS,
     JOB,
+    LIMIT,
+    LIMIT_KEY,
     ORPHANED_TIMEOUT,
     RETURNED_FAILPOINT,
     SETTLE_SECONDS,
@@ -223,6 +225,24 @@ class Harness(Faults):
 
     def plan_jobs(self) -> None:
         rng, log = self.rng, str(self.log.path)
+        plans = self.plan_kinds()
+        dependencies = ("plain", "retry", "timeout", "cancel", "children", "delayed", "limited")
+        first_half = (len(plans) - 3) // 2
+        for i, (kind, data, options) in enumerate(plans):
+            spec = Spec(kind, dict(data, log=log), options)
+            if kind == "dependent":  # after 1-2 of the jobs added at once (SPEC 8)
+                earlier = [s for s in self.specs[:first_half] if s.kind in dependencies]
+                spec.depends_on = rng.sample(earlier, min(len(earlier), rng.randint(1, 2)))
+            spec.open_runs = rng.randint(2, 3) if kind == "open" else 0
+            spec.cancel_after = rng.uniform(0.3, 2.5) if kind == "cancel" else 0.0
+            spec.delay = rng.uniform(1.0, 4.0) if kind == "delayed" else 0.0
+            self.specs.append(spec)
+            when = 0.0 if i < first_half else rng.uniform(0.5, FAULT_SECONDS * 0.75)
+            self.later(when, "add job", lambda spec=spec: self.add(spec))
+
+    def plan_kinds(self) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """The jobs of a seed: (kind, data, options) each, shuffled; the dependents last (they follow others)."""
+        rng = self.rng
         plans: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         for _ in range(rng.randint(4, 6)):
             plans.append(("plain", {"seconds": rng.uniform(0.2, 1.5)}, {}))
@@ -246,21 +266,20 @@ class Harness(Faults):
             plans.append(("children", {"seconds": seconds, "children": children, "child_seconds": seconds}, {}))
         for _ in range(rng.randint(1, 2)):
             plans.append(("delayed", {"seconds": rng.uniform(0.1, 0.5)}, {}))
+        for _ in range(rng.randint(3, 4)):  # at most LIMIT at once, cluster-wide (SPEC 8)
+            plans.append(("limited", {"seconds": rng.uniform(0.3, 1.0)}, {"limit_key": LIMIT_KEY}))
         rng.shuffle(plans)
-        for i, (kind, data, options) in enumerate(plans):
-            spec = Spec(kind, dict(data, log=log), options)
-            spec.open_runs = rng.randint(2, 3) if kind == "open" else 0
-            spec.cancel_after = rng.uniform(0.3, 2.5) if kind == "cancel" else 0.0
-            spec.delay = rng.uniform(1.0, 4.0) if kind == "delayed" else 0.0
-            self.specs.append(spec)
-            when = 0.0 if i < len(plans) // 2 else rng.uniform(0.5, FAULT_SECONDS * 0.75)
-            self.later(when, "add job", lambda spec=spec: self.add(spec))
+        plans += [("dependent", {"seconds": rng.uniform(0.1, 0.4)}, {}) for _ in range(3)]
+        return plans
 
     def add(self, spec: Spec) -> bool:
         if self.failpoint_on:
             return False
         if spec.delay:  # this machine's clock is the server's (one machine): `at` is on the server's clock
             spec.options["at"] = round(time.time() + spec.delay, 3)
+        if spec.kind == "dependent":  # the jobs it may depend on that were added by now (all, in a seed's plan)
+            spec.depends_on = [s for s in spec.depends_on if s.id is not None]
+            spec.options["depends_on"] = [s.id for s in spec.depends_on]
         spec.id = self.scheduler.add_job(JOB, spec.data, spec.options).id
         return True
 
@@ -293,6 +312,7 @@ class Harness(Faults):
     # -- phases ----------------------------------------------------------------------------------------------------
 
     def drive(self) -> None:
+        self.scheduler.set_limit(LIMIT_KEY, concurrency=LIMIT)
         for _ in range(self.size):
             self.start_node()
         self.plan_jobs()

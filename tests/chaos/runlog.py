@@ -21,13 +21,15 @@ from taskscheduler import JobStatus
 class Spec:
     """A job the harness added, and what the SPEC lets it end as."""
 
-    kind: str  # plain, retry, interval, open, timeout, cancel, children, delayed
+    kind: str  # plain, retry, interval, open, timeout, cancel, children, delayed, limited, dependent
     data: dict[str, Any]
     options: dict[str, Any]
     id: ObjectId | None = None
     open_runs: int = 0  # open: the test cancels it once this many runs ended
     cancel_after: float = 0.0  # cancel: the test cancels it this long after an execution started
     delay: float = 0.0  # delayed: added with ``at`` this many seconds after the add (server clock)
+    #: dependent: the specs it may depend on (those added by then, when it is added), and those it does
+    depends_on: list[Spec] = field(default_factory=list)
 
     @property
     def retry(self) -> int:

@@ -12,19 +12,21 @@ from bson import ObjectId
 
 from chaos.checks import (
     check_children,
+    check_dependencies,
     check_doubled_runs,
     check_early_runs,
     check_errors,
     check_executions,
     check_final,
     check_history,
+    check_limit,
     check_orphanings,
     check_overlaps,
     check_retries,
     check_retry_count,
     check_run_ends,
 )
-from chaos.config import CHILD_SLACK, ORPHANED_ERROR, RELEASED_ERROR, STALL_OVERLAP, STOP_RETURN_RACE
+from chaos.config import CHILD_SLACK, DEPENDENCY_ERROR, ORPHANED_ERROR, RELEASED_ERROR, STALL_OVERLAP, STOP_RETURN_RACE
 from chaos.leases import Lease, check_leases, lease_history
 from chaos.room import check_room
 from chaos.runlog import Execution, Judged, NodeState, RunLog, Spec
@@ -281,3 +283,67 @@ def test_room_check_catches_evictions_and_finished_jobs_deleted_below_half_full(
         f"finished job {a} (DONE) deleted at 40% full, below half",
         f"unfinished job {b} (WAITING) deleted at 10% full",
     ]
+
+
+def _done(kind: str, at: float, spec_id: ObjectId | None = None) -> Judged:
+    w = ObjectId()
+    events = [_event(1, JobStatus.PROCESSING, w, at - 0.5), _event(1, JobStatus.DONE, w, at)]
+    doc = {"status": int(JobStatus.DONE), "run": 1, "outcome": events[-1]["_id"]}
+    return Judged(Spec(kind, {}, {}, spec_id or ObjectId()), doc, events, [])
+
+
+def _run(token: str, start: float, end: float, node: str = "n0") -> Execution:
+    return Execution(token, "j", "w" * 24, node, 1, start, end, 1, end, "ok")
+
+
+def test_a_dependent_that_started_before_its_dependency_ended_is_caught() -> None:
+    offset = 1_700_000_000.0  # the events' clock (the server's) against the run log's
+    first, second = _done("plain", 10.0), _done("plain", 12.0)
+    w = ObjectId()
+    events = [_event(1, JobStatus.PROCESSING, w, 11.5), _event(1, JobStatus.DONE, w, 13.0)]
+    dependent = Judged(
+        Spec("dependent", {}, {}, ObjectId(), depends_on=[first.spec, second.spec]),
+        {"status": int(JobStatus.DONE), "run": 1},
+        events,
+        [_run("early", 11.5, 13.0)],
+    )
+    by_id = {j.spec.id: j for j in (first, second, dependent)}
+    check_dependencies(dependent, by_id, offset)
+    assert dependent.problems == ["execution early started 0.50 s before its last dependency ended"]
+    in_time = Judged(dependent.spec, dependent.doc, events, [_run("ok", 12.05, 13.0)])
+    check_dependencies(in_time, by_id, offset)
+    assert in_time.problems == []
+
+
+def test_a_dependent_of_a_failed_job_must_end_canceled_naming_it() -> None:
+    w = ObjectId()
+    failed_events = [_event(1, JobStatus.PROCESSING, w, 1.0), _event(1, JobStatus.FAILED, w, 2.0, "ValueError")]
+    failed = Judged(Spec("retry", {}, {}, ObjectId()), {"status": int(JobStatus.FAILED), "run": 1}, failed_events, [])
+    ran = Judged(
+        Spec("dependent", {}, {}, ObjectId(), depends_on=[failed.spec]),
+        {"status": int(JobStatus.DONE), "run": 1},
+        [_event(1, JobStatus.PROCESSING, w, 3.0), _event(1, JobStatus.DONE, w, 4.0)],
+        [_run("x", 3.0 - 1_700_000_000.0, 4.0)],
+    )
+    check_dependencies(ran, {failed.spec.id: failed}, 0.0)
+    assert any("a dependency failed" in p for p in ran.problems)
+    assert any("although a dependency never ended DONE" in p for p in ran.problems)
+    canceled = Judged(
+        ran.spec,
+        {"status": int(JobStatus.CANCELED), "run": 1},
+        [_event(1, JobStatus.CANCELED, None, 3.0, DEPENDENCY_ERROR)],
+        [],
+    )
+    check_dependencies(canceled, {failed.spec.id: failed}, 0.0)
+    assert canceled.problems == []
+
+
+def test_more_runs_under_a_limit_than_it_allows_are_caught() -> None:
+    limited = [
+        Judged(Spec("limited", {}, {}, ObjectId()), {}, [], [_run("a", 0.0, 2.0), _run("b", 0.5, 2.0)]),
+        Judged(Spec("limited", {}, {}, ObjectId()), {}, [], [_run("c", 1.0, 1.5)]),
+    ]
+    assert check_limit(limited, {}, 3) == []
+    assert check_limit(limited, {}, 2) == ["3 executions of jobs under the limit of 2 at once at 1.00 (a, b, c)"]
+    after = [limited[0], Judged(limited[1].spec, {}, [], [_run("c", 2.0, 2.5)])]
+    assert check_limit(after, {}, 2) == []  # one ends as the next starts
