@@ -185,7 +185,7 @@ def _check_entry(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]], pr
 
 
 def _check_attempts(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]]) -> None:
-    attempts = sorted(kinds["attempt"], key=lambda e: e["time"])
+    attempts = _claim_order(kinds)
     # A worker may claim a run again after it was released: each attempt is closed by that worker's first
     # release after it.
     pending_releases: dict[Any, list[dict[str, Any]]] = {}
@@ -220,6 +220,23 @@ def _check_attempts(j: Judged, run: int, kinds: dict[str, list[dict[str, Any]]])
             )
     if end is not None and any(a["time"] > end["time"] for a in attempts):
         j.problems.append(f"run {run}: an attempt started after the run ended")
+
+
+def _claim_order(kinds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A run's attempts in the order their claims were written. A claim is stamped before it is sent and written up
+    to STAMP_SLACK later: of two attempts stamped that close, the one its worker's release closed first was written
+    first (the other could only be written once it was released)."""
+    attempts = sorted(kinds["attempt"], key=lambda e: e["time"])
+    closed: dict[Any, Any] = {}
+    for e in sorted(kinds["release"], key=lambda e: e["time"]):
+        closed.setdefault(e["worker"], e["time"])
+    for i in range(len(attempts) - 1):
+        a, b = attempts[i], attempts[i + 1]
+        a_closed, b_closed = closed.get(a["worker"]), closed.get(b["worker"])
+        near = (b["time"] - a["time"]).total_seconds() <= STAMP_SLACK
+        if near and b_closed is not None and (a_closed is None or b_closed < a_closed):
+            attempts[i], attempts[i + 1] = b, a
+    return attempts
 
 
 def check_executions(j: Judged) -> None:

@@ -347,3 +347,23 @@ def test_more_runs_under_a_limit_than_it_allows_are_caught() -> None:
     assert check_limit(limited, {}, 2) == ["3 executions of jobs under the limit of 2 at once at 1.00 (a, b, c)"]
     after = [limited[0], Judged(limited[1].spec, {}, [], [_run("c", 2.0, 2.5)])]
     assert check_limit(after, {}, 2) == []  # one ends as the next starts
+
+
+def test_a_claim_stamped_before_another_but_written_after_its_release_is_no_double_claim() -> None:
+    """Chaos seed 12: A's claim was stamped first, sent during an outage and written once B's attempt was released
+    (STAMP_SLACK later at most): the attempts ran one after the other."""
+    a, b, c = ObjectId(), ObjectId(), ObjectId()
+    events = [
+        _event(1, JobStatus.PROCESSING, a, 6.981),
+        _event(1, JobStatus.PROCESSING, b, 7.223),
+        _event(1, JobStatus.WAITING, b, 7.407, RELEASED_ERROR),
+        _event(1, JobStatus.WAITING, a, 12.004, RELEASED_ERROR),
+        _event(1, JobStatus.PROCESSING, c, 15.2),
+        _event(1, JobStatus.DONE, c, 17.7),
+    ]
+    ran = [Execution("x", "job", str(c), "n0", 1, 15.2, 17.7, 1, 17.7, "ok")]
+    assert _judge("plain", {}, events, ran).problems == []
+    late = [dict(e) for e in events]
+    late[1]["time"] = datetime.fromtimestamp(1_700_000_000 + 8.0, timezone.utc)  # stamped well after A's claim
+    late[2]["time"] = datetime.fromtimestamp(1_700_000_000 + 8.2, timezone.utc)
+    assert any("claimed the job before" in p for p in _judge("plain", {}, late, ran).problems)
