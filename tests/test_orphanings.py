@@ -26,6 +26,7 @@ from taskscheduler.core import lifecycle as lifecycle_module
 from taskscheduler.core.lifecycle import Change
 from taskscheduler.node.nodeproc import spawn_node
 from taskscheduler.ops.embedded import EmbeddedServer
+from taskscheduler.store import STATUS_UNKNOWN
 
 LEASE = 30.0
 SWEPT = "its node stopped renewing the lease"
@@ -389,3 +390,21 @@ def test_a_node_killed_again_and_again_with_the_job_fails_it(
     assert [JobStatus(r["status"]) for r in p.runs()] == [JobStatus.FAILED]
     assert not any(swept_back(scheduler, p.id).values())
     assert not pid_file.exists()  # no run after the failing sweep
+
+
+@pytest.mark.usefixtures("sweeps_confirmed_at_once")
+def test_a_verdicts_retry_reaches_the_nodes_although_the_status_stays_postponed(scheduler: Scheduler) -> None:
+    """Held POSTPONED, failed by its verdict with a retry due later: POSTPONED again, run 2. The status did not
+    change, so a node's stream (filtered on status changes) missed it and the retry never ran (chaos seed 15)."""
+    p = scheduler.add_job("sample_jobs:Noop", retry=1, retry_interval=60)
+    for _ in range(3):
+        _, change = sweep(scheduler, p.id)
+        assert change.record()
+    doc = held(scheduler, p.id)
+    routed = tuple(int(s) for s in (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED, JobStatus.PROCESSING))
+    with scheduler.store.status_feed(lookup=False, statuses=routed, flow=True) as feed:
+        assert scheduler.lifecycle.unpostpone(doc) is None  # the verdict: FAILED, run 2 POSTPONED
+        stored = scheduler.store.find_job(p.id)
+        assert (stored["status"], stored["run"]) == (JobStatus.POSTPONED, 2)
+        seen = wait_until(lambda: feed.poll(0.2), timeout=10, what="the run-2 change on the node's stream")
+    assert seen.job_id == p.id and seen.status == STATUS_UNKNOWN and seen.run == 2

@@ -35,7 +35,7 @@ from ..core.flow import EVERY_JOB, Controls, keys_of
 from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
-from ..store import StatusChange, StatusFeed, utcnow
+from ..store import STATUS_UNKNOWN, StatusChange, StatusFeed, utcnow
 from ..store.records import EventRecord
 from ..store.schema import end_problem, job_ref, problem
 from . import forking
@@ -384,6 +384,13 @@ class Queue:
 
     def _on_change(self, change: StatusChange) -> None:
         doc = change.document
+        if change.status == STATUS_UNKNOWN:  # moved to its next run, its status kept: as it is now
+            doc = self.store.find_job(change.job_id)
+            status = doc.get("status") if doc is not None else None
+            if doc is None or type(status) is not int:
+                return
+            self._route(change.job_id, status, doc)
+            return
         if doc is not None:
             self.life.observe(change, doc, self._emitter)
         self._route(change.job_id, change.status, doc)

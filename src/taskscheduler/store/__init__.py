@@ -23,7 +23,7 @@ from .mongo.documents import (
     utcnow,
     with_prefix,
 )
-from .mongo.feeds import ActivityFeed, StatusChange, StatusFeed
+from .mongo.feeds import STATUS_UNKNOWN, ActivityFeed, StatusChange, StatusFeed
 from .mongo.jobs import CLAIM_SECONDS, ID_BATCH
 from .mongo.store import Store
 from .protocol import JobStore
@@ -38,6 +38,7 @@ __all__ = [
     "JobStore",
     "StatusChange",
     "StatusFeed",
+    "STATUS_UNKNOWN",
     "Store",
     "connect",
     "encoded_size",

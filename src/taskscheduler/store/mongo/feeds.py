@@ -22,6 +22,8 @@ logger = logging.getLogger("taskscheduler.store")
 
 #: Up to this many job ids, a change stream filters them on the server; above, the client filters.
 MAX_SERVER_ID_FILTER = 50
+#: The status of a change that moved a job to its next run but kept its status (see Feeds.status_feed).
+STATUS_UNKNOWN = -1
 #: Server-side wait of one change-stream getMore; bounds how late a poll notices its own deadline.
 STREAM_AWAIT_MS = 200
 
@@ -54,7 +56,9 @@ class Feeds(Deployment):
     ) -> StatusFeed:
         """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
         skips fetching the document of each update (cheaper: then only inserts carry a document). ``flow``: also
-        count changes of the flow controls (pauses, limits) in ``flow_changes``, in order with the jobs'."""
+        count changes of the flow controls (pauses, limits) in ``flow_changes``, in order with the jobs', and pass on
+        a move to the next run that kept the status (a run held for its orphaning verdict, POSTPONED, whose retry
+        is POSTPONED too) as a change of status :data:`STATUS_UNKNOWN`: read the job to know it."""
         self.check_deployment()
         return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow)
 
@@ -96,7 +100,12 @@ class StatusFeed:
         self.flow_changes = 0
         self.flow_collection = f"{store.job_queue}.flow" if flow else None
         if flow:
-            match = {"$or": [match, {"ns.coll": self.flow_collection}]}
+            kept_status: Document = {
+                "ns.coll": store.job_queue,
+                "operationType": "update",
+                "updateDescription.updatedFields.run": {"$exists": True},
+            }
+            match = {"$or": [match, kept_status, {"ns.coll": self.flow_collection}]}
         if ids is not None and len(ids) <= MAX_SERVER_ID_FILTER:
             match["documentKey._id"] = {"$in": list(ids)}  # a long $in costs the server on every change: filter here
         self.ids = frozenset(ids) if ids is not None else None
@@ -246,6 +255,14 @@ def _parse_change(change: Mapping[str, Any]) -> StatusChange | None:
     status = doc.get("status") if isinstance(doc, Mapping) else None
     # A status that is no JobStatus number (a malformed document, SPEC 2) is nobody's change to act on: skipped,
     # never raised into a node's or a watcher's loop.
+    updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
+    if status is None and change.get("operationType") == "update" and type(updated.get("run")) is int:
+        key = change.get("documentKey") or {}
+        return (
+            StatusChange(job_id=key["_id"], status=STATUS_UNKNOWN, document=None, run=updated["run"])
+            if "_id" in key
+            else None
+        )
     if isinstance(status, bool) or not isinstance(status, (int, float)) or status not in _STATUS_VALUES:
         return None
     if "_id" not in key:
