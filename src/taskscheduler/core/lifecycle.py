@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -61,7 +61,7 @@ ONCE_ATTEMPTS = 400
 ONCE_PENDING_SECONDS = 30.0
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).
 LATE_WRITE_SECONDS = 2.0
-#: Leases after which a run's sweep that its owner has not vouched for counts as a death (see _confirmed_sweeps).
+#: Leases a run held for its orphaning verdict waits for the owners of its sweeps to vouch (see release_orphan).
 SWEEP_CONFIRM_LEASES = 2.0
 
 Document = dict[str, Any]
@@ -557,24 +557,16 @@ class Lifecycle:
             change = Release(self, job, worker, deaths, reason, expires)
             change.vouches = True  # its node lives on: a sweep that beat it was no death
             return change
-        swept = self._confirmed_sweeps(job) - {worker}
-        count = deaths + 1 + len(swept)
-        if count < MAX_ORPHANINGS and self._third_if_dead(job, worker, deaths + 1):
+        if deaths + 1 >= MAX_ORPHANINGS:  # deaths its nodes saw are certain: no verdict to wait for
+            return self._orphaned(job, worker, deaths + 1, deaths + 1, reason, expires, None)
+        if self._third_if_dead(job, worker, deaths + 1):
             return Release(self, job, worker, deaths + 1, reason, expires, hold=self._verdict_delay(job))
-        return self._orphaned(job, worker, deaths + 1, count, reason, expires, None)
+        return Release(self, job, worker, deaths + 1, reason, expires)
 
     def _third_if_dead(self, job: JobRecord, worker: ObjectId, deaths: int) -> bool:
         """Whether the run reaches MAX_ORPHANINGS should every sweep whose owner has not vouched yet be a death
         (``deaths``: the ones its nodes saw, this orphaning included)."""
         return deaths + len(self.store.unvouched_sweeps(job.id, job.run) - {worker}) >= MAX_ORPHANINGS
-
-    def _confirmed_sweeps(self, job: JobRecord) -> set[ObjectId]:
-        """The run's sweeps that count as deaths: unvouched although their owners had time to vouch. An owner that
-        was only cut off vouches once the server answers it again, which after an outage is the moment the
-        sweepers come back too: a sweep younger than SWEEP_CONFIRM_LEASES leases is not evidence yet."""
-        seconds = job.lease if job.lease > 0 else float(DEFAULT_ORPHANED_TIMEOUT)
-        before = self.store.clock.now() - timedelta(seconds=SWEEP_CONFIRM_LEASES * seconds)
-        return self.store.unvouched_sweeps(job.id, job.run, before)
 
     def release_orphan(self, doc: JobRecord | Mapping[str, Any], reason: str) -> Change:
         """A sweep: put back a run whose lease ran out on the server (``doc`` as :meth:`orphans` found it), from
@@ -583,15 +575,11 @@ class Lifecycle:
         worker, expires = job.worker, job.expires  # no lease end stored (a hostile write): put back all the same
         if worker is None:
             raise InvalidJobError(f"job {job.id} is not running under a worker: there is no run to put back")
-        # The same worker swept before in this run: an attempt of this sweep whose outcome was unknown, or one that
-        # never took effect (the owner renewed the lease since). A worker dies once.
-        swept = self._confirmed_sweeps(job) - {worker}
         deaths = job.orphaned
-        # This sweep is no death yet (its owner may be only paused or cut off, SPEC 4): it counts once it is
-        # confirmed. Only deaths confirmed before it can fail the run now.
-        confirmed = deaths + len(swept)
-        if confirmed >= MAX_ORPHANINGS:
-            return self._orphaned(job, worker, deaths, confirmed, reason, expires, expires)
+        # This sweep is no death yet (its owner may be only paused or cut off, SPEC 4), nor is any earlier one its
+        # owner has not vouched for yet, however old: a sweep fails a run only in a verdict, once every owner had
+        # time to vouch. (The same worker swept before in this run: an attempt of this sweep whose outcome was
+        # unknown, or one the owner's renewal undid. A worker dies once.)
         if self._third_if_dead(job, worker, deaths + 1):
             # Were every unvouched sweep a death, this one would be the third: the run must not go again before
             # the verdict. Held POSTPONED (naming the worker) until every owner had time to vouch; then
@@ -620,14 +608,23 @@ class Lifecycle:
         # Every sweep of the run is at least as old as the one that held it: all had time to be vouched for.
         count = job.orphaned + len(self.store.unvouched_sweeps(job.id, job.run))
         if count >= MAX_ORPHANINGS:
-            reason = "its node stopped renewing the lease"
-            error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {reason}")
+            error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {self._held_for(job)}")
             end = RunEnd(self, job.evolve(orphaned=count), worker, JobStatus.FAILED, error=error, salt=b"verdict")
             end.when = {"status": int(JobStatus.POSTPONED), "run": run, "worker": worker}
             end.shared = True
             end.record()
             return None
         return self._due(stored, {"worker": NO_WORKER}, b"due after " + worker.binary)
+
+    def _held_for(self, job: JobRecord) -> str:
+        """Why the run was held: the reason its hold recorded (the last orphaning)."""
+        holds = [
+            e
+            for e in self.store.job_events(job.id)
+            if e.get("run") == job.run and e.get("status") == JobStatus.POSTPONED and isinstance(e.get("error"), dict)
+        ]
+        message = holds[-1]["error"].get("message") if holds else None
+        return message if isinstance(message, str) else "its node stopped renewing the lease"
 
     def _due(self, doc: Mapping[str, Any], sets: Mapping[str, Any], salt: bytes = b"due") -> EventRecord | None:
         """POSTPONED -> WAITING for this run (also setting ``sets``); see :meth:`unpostpone`. ``salt``: what makes
