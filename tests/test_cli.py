@@ -325,6 +325,9 @@ def test_demo_runs_keeps_its_cluster_on_keep_and_exits_zero(tmp_path: Path) -> N
     finally:
         if demo.poll() is None:
             demo.kill()
+            demo.wait()
+        if demo.stdout is not None:
+            demo.stdout.close()
     wait_until(lambda: _python_children() <= before, 10, what="no process left behind")
 
 
