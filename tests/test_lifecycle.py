@@ -565,6 +565,39 @@ def test_an_end_whose_answer_was_lost_and_whose_run_another_worker_ran_leaves_no
     assert [e["worker"] for e in entries] == [worker_b]
 
 
+def test_a_cancel_cut_off_by_an_outage_leaves_no_second_cancel_event(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel wrote its event, then the outage took its update and the look that would have withdrawn it; another
+    cancel of the job (a node's, say) then records the very same event: one end of the run (chaos seeds 5 and 7
+    found two CANCELED events on a dependent canceled by its producer and by a node at once)."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    store = scheduler.store
+
+    def outage(*args: Any, **kw: Any) -> Any:
+        raise ServerUnavailableError("connection closed")
+
+    monkeypatch.setattr(store, "transition", outage)
+    monkeypatch.setattr(store, "find_job", outage)
+    with pytest.raises(ServerUnavailableError):
+        scheduler.lifecycle.cancel(p.document())
+    monkeypatch.undo()
+    other = new_scheduler()
+    assert other.lifecycle.cancel(other.store.find_job(p.id)) is True
+    assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
+    assert scheduler.get_job(p.id).runs()[0]["_id"] == store.find_job(p.id)["outcome"]
+
+
+def test_two_cancels_of_one_state_write_one_event(
+    scheduler: Scheduler, new_scheduler: Callable[..., Scheduler]
+) -> None:
+    p = scheduler.add_job("sample_jobs:Noop")
+    doc_a, doc_b = scheduler.store.find_job(p.id), scheduler.store.find_job(p.id)
+    assert scheduler.lifecycle.cancel(doc_a) is True
+    assert new_scheduler().lifecycle.cancel(doc_b) is False  # as read before the first: it finds it CANCELED
+    assert end_events(scheduler, p.id) == [(1, JobStatus.CANCELED)]
+
+
 def test_a_worker_that_loses_its_end_to_a_cancel_settles_the_run_itself(scheduler: Scheduler) -> None:
     """The job canceled itself (or was canceled) while it ran: the worker's end loses, and lets go of the run."""
     p = scheduler.add_job("sample_jobs:Noop", interval=-1)

@@ -307,12 +307,19 @@ def check_overlaps(
 
 
 
-def check_dependencies(j: Judged, by_id: Mapping[Any, Judged], offset: float) -> None:
+def check_dependencies(
+    j: Judged, by_id: Mapping[Any, Judged], offset: float, canceled: Mapping[Any, str] | None = None
+) -> None:
     """SPEC 8: a dependent runs only after every dependency ended DONE (never before the last one's end), and
-    ends CANCELED, naming a dependency, when one ended FAILED, TIMEOUT or CANCELED."""
+    ends CANCELED, naming a dependency, when one ended FAILED, TIMEOUT or CANCELED (unless the test canceled it
+    first)."""
     deps = [by_id.get(s.id) for s in j.spec.depends_on]
     if j.spec.kind != "dependent" or any(d is None for d in deps):
         return  # not a dependent, or a dependency the harness could not judge: nothing to compare with
+    ends = j.ends()
+    by_test = j.spec.id in (canceled or {}) and j.doc.get("status") == JobStatus.CANCELED
+    if by_test and ends and not ends[-1].get("error"):
+        return  # the test's own cancel came first
     finals = [JobStatus(d.doc["status"]) for d in deps if d is not None]
     status, errors = JobStatus(j.doc["status"]), [_error_class(e) for e in j.ends()]
     if all(f == JobStatus.DONE for f in finals) and status != JobStatus.DONE and ORPHANED_ERROR not in errors:
@@ -502,7 +509,7 @@ def judge(h: Harness) -> list[Judged]:
         judged.append(j)
     by_id = {j.spec.id: j for j in judged}
     for j in judged:
-        check_dependencies(j, by_id, offset)
+        check_dependencies(j, by_id, offset, h.canceled)
     h.violations.extend(check_limit(judged, nodes, LIMIT))
     for job, stray in executions.items():
         h.violations.append(f"{len(stray)} executions of job {job} that the test never added")

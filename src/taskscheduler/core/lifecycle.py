@@ -277,7 +277,7 @@ class Lifecycle:
                     "only unfinished jobs can be canceled"
                 )
             now = self.store.clock.now()
-            event_id = ObjectId()
+            event_id = _cancel_event_id(doc, status)
             running = status == JobStatus.PROCESSING
             fields = {
                 "status": int(JobStatus.CANCELED),
@@ -300,7 +300,7 @@ class Lifecycle:
             started = doc.get("started") if running else None
             event = _raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started, error=error)
             self.store.insert_events([event])
-            if self._transition_or_withdraw(doc["_id"], when, fields, event_id):
+            if self._transition_or_withdraw(doc["_id"], when, fields, event_id, shared=True):
                 doc.update(fields)
                 self.logger.info(
                     f"job {doc['_id']} ({doc.get('class')!r}) canceled",
@@ -311,8 +311,9 @@ class Lifecycle:
                 if cascade:
                     self.cancel_dependents(doc["_id"], JobStatus.CANCELED)
                 return True
-            self.store.delete_events([event_id])
             doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
+            if doc.get("change") != event_id:  # (else another cancel of the same state recorded this very event)
+                self.store.delete_events([event_id])
         raise TaskSchedulerError(f"job {job_ref(doc.get('_id'))}: cancel gave up, the job kept changing under it")
 
     def cancel_children(self, parent_id: ObjectId) -> None:
@@ -435,16 +436,24 @@ class Lifecycle:
         return again
 
     def _transition_or_withdraw(
-        self, job_id: ObjectId, when: Mapping[str, Any], fields: Mapping[str, Any], event_id: ObjectId
+        self,
+        job_id: ObjectId,
+        when: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        event_id: ObjectId,
+        shared: bool = False,
     ) -> bool:
         """A transition whose event is written already: on an error without an answer, the job's mark tells
-        whether it was written; the event of one that was not is withdrawn (best effort during an outage)."""
+        whether it was written; the event of one that was not is withdrawn (best effort during an outage).
+        ``shared``: the event's id is derived from the state it changes, so another caller making the same change
+        may still record it: withdrawn only once the job has left that state."""
         try:
             return self.store.change(job_id, when, fields)
         except ServerUnavailableError:
             with contextlib.suppress(ServerUnavailableError):
                 stored = self.store.find_job(job_id) or {}
-                if stored.get("change") != event_id:
+                left = any(stored.get(name) != value for name, value in when.items())
+                if stored.get("change") != event_id and (left or not shared):
                     self.store.delete_events([event_id])
             raise
 
@@ -873,6 +882,17 @@ def _raw_event(
         ended=time if begun is not None else None,
         error=dict(error) if error is not None else None,
     )
+
+
+def _cancel_event_id(doc: Mapping[str, Any], status: JobStatus) -> ObjectId:
+    """The CANCELED event's id, derived from the state a cancel changes (its run, status and mark): two cancels of
+    the same state (a node and a producer, say) write one event, and one of them records it; an event left by a
+    cancel cut off by an outage is the one the next cancel records, never a second end of the run."""
+    job_id, run, mark = doc.get("_id"), doc.get("run"), doc.get("change")
+    if not isinstance(job_id, ObjectId):
+        return ObjectId()
+    salt = b"cancel" + bytes([int(status)]) + (mark.binary if isinstance(mark, ObjectId) else b"")
+    return derived_id(job_id, run if type(run) is int else 1, salt)
 
 
 def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
