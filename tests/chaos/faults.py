@@ -112,7 +112,11 @@ class Faults:
             return False
         victim = self.rng.choice(busy)
         node = self.node(victim.node)
-        if node is not None and node.state == "up" and self.rng.random() < 0.5:
+        # The node's death takes its manager with it (the kernel's parent-death signal): as in _kill_node, never
+        # within NODE_AFTER_WORKER_KILL of killing one of its workers (both in one instant: a documented limit).
+        now = time.monotonic()
+        recent = {self._node_of_pid(pid) for pid, at in self.killed_pids.items() if now - at < NODE_AFTER_WORKER_KILL}
+        if node is not None and node.state == "up" and node.label not in recent and self.rng.random() < 0.5:
             os.kill(node.node.pid, signal.SIGKILL)
             node.node.proc.wait(10)
             node.state = "killed"
