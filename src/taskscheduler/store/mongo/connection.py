@@ -40,6 +40,9 @@ def sync_twin(db: Any) -> Database[Document]:
         raise ConfigurationError("AsyncScheduler needs pymongo >= 4.13 (its AsyncMongoClient)") from None
     if not isinstance(db, AsyncDatabase):
         raise InvalidArgumentError(f"db must be a pymongo AsyncDatabase, got {type(db).__name__}")
+    # The one private attribute read in src/: pymongo offers no public way to get an AsyncMongoClient's settings
+    # (its credentials and TLS context are private), and asking the caller for a URI would break the SPEC's
+    # AsyncScheduler(db) signature. A pymongo without it gets a clear ConfigurationError below.
     settings = getattr(db.client, "_init_kwargs", None)
     if not isinstance(settings, dict):  # pragma: no cover - a pymongo that no longer keeps them
         raise ConfigurationError("cannot read the AsyncMongoClient's settings; build AsyncScheduler on pymongo 4.13+")
