@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .client.process import Process
     from .client.scheduler import Scheduler
+    from .core.flow import Controls
 
 #: The environment variable naming a MongoDB to test against instead of the embedded server.
 URI_VARIABLE = "TASKSCHEDULER_TEST_URI"
@@ -56,7 +57,6 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
     again at once, say), :class:`~taskscheduler.errors.WaitTimeoutError` is raised.
     """
     from .constants import DEFAULT_ORPHANED_TIMEOUT
-    from .core.flow import Controls
     from .errors import InvalidArgumentError, WaitTimeoutError
     from .node.backlog import start_order
     from .node.worker import Worker
@@ -70,13 +70,13 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
     deadline = time.monotonic() + timeout
     while True:
         _move_due(scheduler)
-        due = _runnable(scheduler, unrunnable)
+        due, controls = _runnable(scheduler, unrunnable)
         if not due:
             break
         if time.monotonic() > deadline:
             raise WaitTimeoutError(f"run_jobs: {len(due)} job(s) still due after {timeout:g} s")
         doc = min(due, key=start_order)
-        limits = Controls.from_docs(store.flow_controls()).limited(doc)
+        limits = controls.limited(doc)
         if worker.run(doc, None, DEFAULT_ORPHANED_TIMEOUT, limits):
             started.setdefault(doc["_id"])
             continue
@@ -101,7 +101,7 @@ def _move_due(scheduler: Scheduler) -> None:
                 life.record_due(doc, event)
 
 
-def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> list[Any]:
+def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> tuple[list[Any], Controls]:
     """The WAITING jobs that may start now. Held back as a node holds them: a job with dependencies until every
     one has ended DONE; one of whose dependencies failed for good is canceled."""
     from .constants import JobStatus
@@ -122,7 +122,7 @@ def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> list[An
                 scheduler.lifecycle.cancel(doc, error=failure_of(*verdict.failed))
         if not verdict.ready:
             held.add(job_id)
-    return [d for d in due if d["_id"] not in held]
+    return [d for d in due if d["_id"] not in held], controls
 
 
 @pytest.fixture(scope="session")
