@@ -127,3 +127,25 @@ def test_two_nodes_script_cleans_up_after_itself(tmp_path: Path) -> None:
     assert "squares: [0, 1, 4" in out.stdout
     leftovers = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}|--port {port}"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "processes left running: " + leftovers.stdout
+
+
+def test_chain_example_passes_results_along_and_cancels_after_a_failure(node_for: object, env: dict[str, str]) -> None:
+    node_for("examples.chain", "--max-children", "4")  # type: ignore[operator]
+    printed = run_example("examples.chain", env)
+    assert "chain blocked by: 1 job" in printed, printed
+    assert 'chain: [["the", 3], ["fox", 2]]' in printed.replace("'", '"'), printed
+    assert "chord: 30" in printed, printed  # 1 + 4 + 9 + 16
+    # Each canceled step names the dependency that failed it: Count the broken step, Top the canceled Count.
+    for step, culprit in (("Count", "FAILED"), ("Top", "CANCELED")):
+        line = rf"^after a failure: {step} CANCELED - canceled: dependency [0-9a-f]{{24}} ended {culprit}$"
+        assert re.search(line, printed, re.MULTILINE), printed
+
+
+def test_mailer_example_keeps_its_limits(node_for: object, env: dict[str, str]) -> None:
+    node_for("examples.mailer", "--max-children", "4")  # type: ignore[operator]
+    printed = run_example("examples.mailer", env)
+    assert "limits: {'concurrency': 2, 'rate': '4/s'}" in printed, printed
+    sent = re.search(r"^sent 8 mails in ([\d.]+) s, at most (\d) at once$", printed, re.MULTILINE)
+    assert sent is not None, printed
+    # 8 starts at 4 per second: the last four start a second after the first four, at the earliest.
+    assert float(sent.group(1)) >= 1.0 and int(sent.group(2)) <= 2, printed
