@@ -51,9 +51,7 @@ def main() -> None:
     scheduler.set_limit(SMTP, concurrency=2, rate="4/s")
     print("limits:", scheduler.limits()[SMTP])
     began = time.time()
-    mails = [
-        scheduler.add_job(f"{MODULE}:SendMail", {"to": f"user{n}@example.com"}, limit_key=SMTP) for n in range(8)
-    ]
+    mails = [scheduler.add_job(f"{MODULE}:SendMail", {"to": f"user{n}@example.com"}, limit_key=SMTP) for n in range(8)]
     scheduler.wait_for(mails, Scheduler.OPTION_THROW_EXCEPTION, timeout=60)
     spans = [(mail.result["began"], mail.result["ended"]) for mail in mails]
     print(f"sent {len(mails)} mails in {time.time() - began:.1f} s, at most {most_at_once(spans)} at once")
