@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 
-from ...constants import JobStatus
+from ...constants import ACTIVE_STATUSES, JobStatus
 from .connection import server_errors
 from .deployment import Deployment
 from .documents import Document
@@ -112,3 +114,48 @@ class OperatorReads(Deployment):
                 total = int(counted[0]["runs"]) if counted else total
         return events, total
 
+    def recurring_jobs(self) -> list[Document]:
+        """Unfinished jobs that repeat (``options.interval`` not 0, or a ``options.cron`` expression): the
+        schedules (SPEC 7), in no particular order, with only the fields a schedule shows. Served by the
+        ``status_expires`` index (unfinished statuses); the repeat test is made here, as :meth:`due_jobs` makes
+        its own, so the query stays one every planner serves from the index and no stored value (an
+        ``interval`` of ``"10"``) can hide a job from it or break it: the caller decides on each document. It
+        reads the unfinished jobs' few projected fields, never a finished job's: for an operator's look, not for
+        a loop."""
+        query: Document = {"status": {"$in": [int(s) for s in ACTIVE_STATUSES]}}
+        fields = {
+            "class": 1,
+            "status": 1,
+            "run": 1,
+            "created": 1,
+            "started": 1,
+            "ended": 1,
+            "outcome": 1,
+            "options.at": 1,
+            "options.interval": 1,
+            "options.interval_reference": 1,
+            "options.cron": 1,
+            "options.timezone": 1,
+            "options.limit_key": 1,
+        }
+        with server_errors():
+            return [doc for doc in self.jobs.find(query, fields) if _repeats(doc.get("options"))]
+
+    def events_by_ids(self, ids: list[ObjectId], fields: list[str]) -> list[Document]:
+        """The events with these ids (unknown ones left out), only ``fields`` of each, read 100 ids per query
+        through the ``_id`` index (a schedule's last run end, named by its job's ``outcome``)."""
+        found: list[Document] = []
+        projection = {name: 1 for name in fields}
+        for start in range(0, len(ids), 100):
+            with server_errors():
+                found += self.events.find({"_id": {"$in": ids[start : start + 100]}}, projection)
+        return found
+
+
+def _repeats(options: Any) -> bool:
+    """Whether stored options name a repeat: an ``interval`` other than 0, or a ``cron`` other than ``""``,
+    whatever their types (a malformed one is the caller's to judge)."""
+    if not isinstance(options, Mapping):
+        return False
+    interval, cron = options.get("interval", 0), options.get("cron", "")
+    return bool(interval != 0 or cron not in ("", None))
