@@ -51,6 +51,11 @@ EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 
+#: Seconds ``queue`` and ``dashboard`` wait at start for MongoDB to come up (``--connect-timeout``): long enough
+#: for a compose or Kubernetes start, where the server, ``rs.initiate()`` and the primary's election (about 10 s)
+#: come up together with the nodes.
+DEFAULT_CONNECT_TIMEOUT = 60.0
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,12 +79,20 @@ class Connection:
     database: str
     scheduler_options: dict[str, Any]
 
-    def scheduler(self, timeout_ms: int = 5_000) -> Any:
+    def scheduler(self, timeout_ms: int = 5_000, wait: float = 0.0) -> Any:
+        """A Scheduler on the deployment, checked (SPEC 5). ``wait`` > 0 (the long-running ``queue`` and
+        ``dashboard``, see ``--connect-timeout``): wait up to that many seconds for a deployment that is coming up,
+        logging what it waits for. 0 (every short command): an answer within ``timeout_ms``, as an operator at
+        a terminal or a health probe with its own deadline wants one."""
         from ..client.scheduler import Scheduler
         from ..store import connect
 
         scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
-        scheduler.store.check_deployment()
+        if wait > 0:
+            log = logging.getLogger("taskscheduler")
+            scheduler.store.wait_until_ready(wait, lambda reason: log.warning("%s (--connect-timeout)", reason))
+        else:
+            scheduler.store.check_deployment()
         return scheduler
 
 
@@ -125,6 +138,17 @@ def common(func: F) -> F:
     for flag, default, kind, text in reversed(_CONNECTION_OPTIONS):
         decorated = _option(flag, default=default, type=kind, show_default=True, help=text)(decorated)
     return decorated  # type: ignore[no-any-return]
+
+
+#: ``--connect-timeout`` of the long-running commands (``queue``, ``dashboard``).
+_connect_timeout_option = _option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_CONNECT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait at start for MongoDB to come up (the server to answer, the replica set to be initiated "
+    "and to elect a primary), saying what it waits for; then exit 1. 0: do not wait.",
+)
 
 
 def _object_id(value: str) -> ObjectId:
@@ -228,6 +252,7 @@ def cli(log_level: str, utc: bool) -> None:
     show_default=True,
     help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a Prometheus on another machine).",
 )
+@_connect_timeout_option
 @_option(
     "--burst",
     is_flag=True,
@@ -244,6 +269,7 @@ def queue(
     orphaned_timeout: float,
     metrics_port: int,
     metrics_host: str,
+    connect_timeout: float,
     burst: bool,
 ) -> None:
     """Run a queue node (blocks; SIGTERM or Ctrl-C stops it gracefully; with --burst, also when idle)."""
@@ -270,7 +296,7 @@ def queue(
         raise click.UsageError(
             f"cannot import job module: {type(exc).__name__}: {exc} (searched {_where(paths)} first)"
         ) from exc
-    scheduler = conn.scheduler()
+    scheduler = conn.scheduler(wait=connect_timeout)
     node = Queue(
         scheduler,
         scheduler.db,
@@ -805,6 +831,7 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, values: tuple[str
     show_default=True,
     help="Live-updating pages served at once; more get 503 and try again later.",
 )
+@_connect_timeout_option
 def dashboard(
     conn: Connection,
     host: str,
@@ -813,6 +840,7 @@ def dashboard(
     token: str | None,
     allowed_hosts: tuple[str, ...],
     max_streams: int,
+    connect_timeout: float,
 ) -> None:
     """Serve the web dashboard: counts, a live job table, job pages, nodes, cancel and requeue (needs the extra
     dashboard)."""
@@ -824,7 +852,7 @@ def dashboard(
         if not token:
             raise click.BadParameter("--token must not be empty")
     serve(
-        conn.scheduler(),
+        conn.scheduler(wait=connect_timeout),
         host,
         port,
         read_only=read_only,

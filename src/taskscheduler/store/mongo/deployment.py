@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +36,52 @@ def shard_keys(job_queue: str, event_queue: str) -> dict[str, dict[str, Any]]:
         event_queue: {"job": "hashed"},
         f"{job_queue}.once": {"_id": "hashed"},
     }
+
+
+#: Longest an attempt of :meth:`Deployment.wait_until_ready` may take (server selection would take its own 30 s),
+#: and the least when less time is left.
+WAIT_ATTEMPT_SECONDS = (2.0, 0.5)
+#: Pause between two attempts of :meth:`Deployment.wait_until_ready`.
+WAIT_PAUSE_SECONDS = 1.0
+#: How often :meth:`Deployment.wait_until_ready` says again what it is waiting for.
+WAIT_REPORT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Why a deployment cannot serve: what to say, whether waiting may cure it, whether the server answered."""
+
+    message: str
+    passing: bool = False
+    reachable: bool = True
+
+
+def deployment_problem(hello: Mapping[str, Any], version: str, where: str, *, primary: bool) -> _Problem | None:
+    """Judge a server's ``hello`` reply and version (pure). A member started with ``--replSet`` that nobody
+    initiated yet says ``isreplicaset`` without a ``setName``; one whose set has no primary yet has a
+    ``setName`` but is not ``isWritablePrimary``: both pass with time. A server that is no replica set never
+    becomes one, nor does an old one become new."""
+    sharded = hello.get("msg") == "isdbgrid"
+    if not sharded and not hello.get("setName"):
+        if hello.get("isreplicaset"):
+            return _Problem(
+                f"MongoDB at {where} is a replica set member whose set is not initiated yet (rs.initiate())",
+                passing=True,
+            )
+        return _Problem(
+            f"MongoDB at {where} is not a replica set, and change streams need one "
+            "(a single member is fine: start mongod with --replSet rs0, then run rs.initiate() once)"
+        )
+    found = tuple(int(part) for part in (version.split("-")[0].split(".") + ["0", "0"])[:3] if part.isdigit())
+    if found < MIN_SERVER_VERSION:
+        floor = ".".join(map(str, MIN_SERVER_VERSION))
+        return _Problem(f"MongoDB at {where} is version {version}; taskscheduler needs {floor} or newer")
+    if primary and not sharded and not (hello.get("isWritablePrimary") or hello.get("ismaster")):
+        return _Problem(
+            f"MongoDB at {where} is a member of replica set {hello.get('setName')!r} with no primary yet",
+            passing=True,
+        )
+    return None
 
 
 class Deployment:
@@ -82,20 +130,58 @@ class Deployment:
         change streams need one, and an answer up front beats a failure deep inside later."""
         if self._checked:
             return
+        found = self._deployment_problem(primary=False)
+        if found is not None:
+            raise ConfigurationError(found.message)
+        self._checked = True
+
+    def wait_until_ready(self, seconds: float, waiting: Callable[[str], None]) -> None:
+        """:meth:`check_deployment`, tried again for up to ``seconds`` while waiting may cure what it finds, and
+        until a primary can take writes: the server does not answer yet, its member was started as a replica set
+        that nobody initiated yet, or the set has not elected a primary yet. That is how a deployment comes up
+        (a container's MongoDB and its queue nodes start together; ``rs.initiate()`` runs a moment later).
+
+        ``waiting(reason)`` is told what it waits for when that changes, and every :data:`WAIT_REPORT_SECONDS`.
+        What waiting cannot cure (not a replica set at all, a server too old, access refused) raises at once, as
+        :meth:`check_deployment` does. Past ``seconds``: ServerUnavailableError (still unreachable) or
+        ConfigurationError (up, but not serving), naming the last reason and the time waited."""
+        deadline = time.monotonic() + seconds
+        said, said_at = "", 0.0
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                longest, least = WAIT_ATTEMPT_SECONDS
+                with pymongo.timeout(max(min(left, longest), least)):
+                    found = self._deployment_problem(primary=True)
+            except ServerUnavailableError as exc:
+                found = _Problem(first_line(exc), passing=True, reachable=False)
+            except PyMongoError as exc:
+                if not getattr(exc, "timeout", False):
+                    raise
+                found = _Problem(f"cannot reach MongoDB: {first_line(exc)}", passing=True, reachable=False)
+            if found is None:
+                self._checked = True
+                return
+            if not found.passing:
+                raise ConfigurationError(found.message)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                gave_up = f"{found.message} (waited {seconds:g} s for it to come up)"
+                raise (ConfigurationError if found.reachable else ServerUnavailableError)(gave_up)
+            now = time.monotonic()
+            if found.message != said or now - said_at >= WAIT_REPORT_SECONDS:
+                waiting(f"waiting for MongoDB: {found.message}; giving up in {left:.0f} s")
+                said, said_at = found.message, now
+            time.sleep(min(WAIT_PAUSE_SECONDS, left))
+
+    def _deployment_problem(self, *, primary: bool) -> _Problem | None:
+        """What keeps the deployment from serving us (None: nothing), from its ``hello`` and version.
+        ``primary``: a member that cannot take writes yet counts too (what a queue node needs)."""
         with server_errors():
             hello = self.db.command("hello")
             version = str(self.db.client.server_info().get("version", "0"))
         where = ", ".join(f"{host}:{port}" for host, port in self.db.client.nodes) or "the server"
-        if hello.get("msg") != "isdbgrid" and not hello.get("setName"):
-            raise ConfigurationError(
-                f"MongoDB at {where} is not a replica set, and change streams need one "
-                "(a single member is fine: start mongod with --replSet rs0, then run rs.initiate() once)"
-            )
-        found = tuple(int(part) for part in (version.split("-")[0].split(".") + ["0", "0"])[:3] if part.isdigit())
-        if found < MIN_SERVER_VERSION:
-            floor = ".".join(map(str, MIN_SERVER_VERSION))
-            raise ConfigurationError(f"MongoDB at {where} is version {version}; taskscheduler needs {floor} or newer")
-        self._checked = True
+        return deployment_problem(hello, version, where, primary=primary)
 
     def ensure(self) -> None:
         """Create both collections and their named indexes (idempotent, once per Store)."""
@@ -198,4 +284,3 @@ class Deployment:
         if not isinstance(now, datetime):
             return utcnow()
         return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)  # command() decodes naive UTC
-
