@@ -17,3 +17,10 @@ class Nap(AbstractJob):
 
     def start(self) -> None:
         time.sleep(0.05)
+
+
+class Second(AbstractJob):
+    """One second of waiting: a slot under a concurrency limit stays busy for a known time."""
+
+    def start(self) -> None:
+        time.sleep(1.0)

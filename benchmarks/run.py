@@ -2,7 +2,8 @@
 
 Targets are ratios or counts measured side by side in one run, never absolute times (shared 2-core machines).
 1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode,
-6 a priority job behind a queued backlog, 7 AsyncScheduler against Scheduler.
+6 a priority job behind a queued backlog, 7 AsyncScheduler against Scheduler, 8 flow control (dependencies and
+limits: what a dependent or limited job costs, how soon a dependent starts, how busy a limit keeps its slots).
 Results go to docs/performance.md (with docs/performance.png).
 """
 
@@ -28,6 +29,7 @@ from taskscheduler.store import connect
 ROOT = Path(__file__).resolve().parent.parent
 NOOP = "benchmarks.jobs:Noop"
 NAP = "benchmarks.jobs:Nap"
+SECOND = "benchmarks.jobs:Second"
 #: Queue depth of the capped figure of the scale benchmark (capped writes cost O(documents) on the test server).
 CAPPED_SCALE = 300
 
@@ -207,6 +209,89 @@ def round_trips(uri: str, n: int = 100) -> dict[str, float]:
     }
 
 
+def flow_costs(uri: str, n: int = 60) -> dict[str, float]:
+    """Server commands per job (inserts, queries, updates, deletes; getMores apart) for plain jobs while limits
+    and pauses exist on other keys, for jobs under a limit that never fills, and for dependent jobs (each job
+    depends on the one added before it, which is DONE or about to be)."""
+
+    def counted(scheduler: Scheduler, add: Callable[[], list[Any]]) -> dict[str, float]:
+        admin = scheduler._db.client.admin
+        before = admin.command("serverStatus")["opcounters"]
+        jobs = add()
+        scheduler.wait_for(jobs, timeout=600)
+        assert all(p.status == JobStatus.DONE for p in jobs)
+        after = admin.command("serverStatus")["opcounters"]
+        delta = {k: after[k] - before[k] for k in after}
+        return {
+            "per_job": sum(delta[k] for k in ("insert", "query", "update", "delete")) / len(jobs),
+            "getmore": delta["getmore"] / len(jobs),
+        }
+
+    out: dict[str, float] = {}
+    with serving(uri, "flowcost", "--pm", "static", "--min-children", "2", "--max-children", "2") as (_, scheduler):
+        scheduler.set_limit("some.other:Job", concurrency=1)
+        scheduler.pause("another.key")
+        time.sleep(1)  # the node has read the controls
+        plain = counted(scheduler, lambda: [scheduler.add_job(NOOP) for _ in range(n)])
+        scheduler.set_limit("bench", concurrency=1000)
+        limited = counted(scheduler, lambda: [scheduler.add_job(NOOP, limit_key="bench") for _ in range(n)])
+
+        def chain() -> list[Any]:
+            jobs = [scheduler.add_job(NOOP)]
+            for _ in range(n - 1):
+                jobs.append(scheduler.add_job(NOOP, depends_on=[jobs[-1]]))
+            return jobs
+
+        dependent = counted(scheduler, chain)
+    for name, figures in (("plain", plain), ("limited", limited), ("dependent", dependent)):
+        out[name] = figures["per_job"]
+        out[f"{name}_getmore"] = figures["getmore"]
+    return out
+
+
+def dependent_latency(uri: str, count: int = 40) -> dict[str, float]:
+    """Seconds from a dependency's recorded end to its dependent's recorded start (both on the server clock), one
+    node with a free worker: the dependent is added while its dependency still waits or runs."""
+    gaps: list[float] = []
+    with serving(uri, "dependents", "--pm", "static", "--min-children", "2", "--max-children", "2") as (_, scheduler):
+        for _ in range(count):
+            first = scheduler.add_job(NAP)
+            second = scheduler.add_job(NOOP, depends_on=[first])
+            scheduler.wait_for([first, second], timeout=60)
+            assert first.ended is not None and second.started is not None
+            gaps.append((second.started - first.ended).total_seconds())
+    return {"p50": _pct(gaps, 50), "p99": _pct(gaps, 99), "max": max(gaps)}
+
+
+def limited_throughput(uri: str, concurrency: int = 3, jobs: int = 12) -> dict[str, float]:
+    """Jobs/s of 1 s jobs under ``concurrency`` on two nodes of two workers each (more workers than slots), from
+    the first start to the last end; the target is ``concurrency`` per second."""
+    database = "limited"
+    scheduler = Scheduler(connect(uri, database))
+    scheduler.set_limit("bench", concurrency=concurrency)
+    flags = ("--pm", "static", "--min-children", "2", "--max-children", "2")
+    nodes = [start_node(uri, database, *flags) for _ in range(2)]
+    try:
+        warm = [scheduler.add_job(NOOP) for _ in range(4)]
+        scheduler.wait_for(warm, timeout=60)
+        batch = [scheduler.add_job(SECOND, limit_key="bench") for _ in range(jobs)]
+        scheduler.wait_for(batch, timeout=300)
+        spans = [(p.started, p.ended) for p in batch]
+    finally:
+        for node in nodes:
+            stop_node(node)
+        scheduler._db.client.drop_database(database)
+    assert all(start is not None and end is not None for start, end in spans)
+    first = min(start for start, _ in spans if start is not None)
+    last = max(end for _, end in spans if end is not None)
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # type: ignore[type-var]
+    busy = most = 0
+    for _, step in edges:
+        busy += step
+        most = max(most, busy)
+    return {"rate": jobs / (last - first).total_seconds(), "most_at_once": most, "concurrency": concurrency}
+
+
 def scale_rate(uri: str, queued: int, capped: bool) -> float:
     """Jobs/s when ``queued`` jobs wait before the node starts (first claim to last DONE)."""
     database = f"scale_{queued}_{int(capped)}"
@@ -301,12 +386,15 @@ def main() -> int:
         default=0,
         help="start the queue nodes with their Prometheus endpoint on this port (0: off), to compare costs",
     )
+    parser.add_argument("--only", default=None, choices=["flow"], help="run only this benchmark")
     args = parser.parse_args()
     if args.metrics_port:
         NODE_FLAGS.extend(["--metrics-port", str(args.metrics_port)])
     uri = args.mongodb_uri
     failed = False
     results: dict[str, Any] = {}
+    if args.only == "flow":
+        return 1 if flow_benchmarks(uri, results) else 0
     for n in [int(x) for x in args.sizes.split(",")]:
         raw = measure(uri, raw_rate, n)
         lib = measure(uri, library_rate, n)
@@ -349,10 +437,31 @@ def main() -> int:
         f"{plain[big] / plain[small]:.2f} (target >= 0.8)",
         plain[big] >= 0.8 * plain[small],
     )
+    failed |= flow_benchmarks(uri, results)
     cost = results["pm"] = measure(uri, process_cost)
     summary("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
     write_report(results)
     return 1 if failed else 0
+
+
+def flow_benchmarks(uri: str | None, results: dict[str, Any]) -> bool:
+    """Benchmark 8 (flow control); True when a target was missed."""
+    flow = results["flow"] = measure(uri, flow_costs)
+    dep = results["dependents"] = measure(uri, dependent_latency)
+    lim = results["limited"] = measure(uri, limited_throughput)
+    rt = results.get("round_trips")
+    return summary(
+        f"flow control: reads/writes per job: plain {flow['plain']:.2f} (with limits and pauses on other keys), "
+        f"limited {flow['limited']:.2f}, dependent {flow['dependent']:.2f}; a dependent started "
+        f"p50 {dep['p50'] * 1000:.0f} ms, p99 {dep['p99'] * 1000:.0f} ms after its dependency ended (target p99 "
+        f"<= 1 s); 1 s jobs under concurrency={lim['concurrency']:.0f} on 2 nodes: {lim['rate']:.2f} jobs/s, at most "
+        f"{lim['most_at_once']:.0f} at once (target >= {0.85 * lim['concurrency']:.2f} jobs/s, never more than "
+        f"{lim['concurrency']:.0f}; plain jobs no dearer than the round-trips benchmark's)",
+        dep["p99"] <= 1.0
+        and lim["rate"] >= 0.85 * lim["concurrency"]
+        and lim["most_at_once"] <= lim["concurrency"]
+        and (rt is None or flow["plain"] <= rt["per_job"] + 0.05),
+    )
 
 
 def measure(uri: str | None, benchmark: Callable[..., T], *args: Any) -> T:

@@ -419,6 +419,7 @@ class Queue:
             heapq.heappush(self._postponed, (at, job_id, int(doc.get("run", 1))))
             self._postponed_docs[(job_id, int(doc.get("run", 1)))] = handed_over(doc)  # held until due: slim
         elif status == JobStatus.CANCELED:
+            self._blocked.ended(job_id)  # a dependent held here ends too, now
             self._send(CancelJob(job_id))
         else:
             self._send(DropJob(job_id))
@@ -704,6 +705,9 @@ class Queue:
                 if self.metrics is not None:
                     self.metrics.run_started(job_id, job_class)
             case JobFinished(job_id=job_id, status=status):
+                if status is not None:
+                    self._blocked.ended(job_id)  # recorded: a dependent held here looks at it now (node streams
+                    # carry no DONE, so without this only the timer would)
                 if self.metrics is not None:
                     self.metrics.run_ended(job_id, status)
             case JobHeldBack(job_id=job_id):
