@@ -705,11 +705,7 @@ class Queue:
                 if self.metrics is not None:
                     self.metrics.run_started(job_id, job_class)
             case JobFinished(job_id=job_id, status=status):
-                if status is not None:
-                    self._blocked.ended(job_id)  # recorded: a dependent held here looks at it now (node streams
-                    # carry no DONE, so without this only the timer would)
-                if self.metrics is not None:
-                    self.metrics.run_ended(job_id, status)
+                self._run_recorded(job_id, status)
             case JobHeldBack(job_id=job_id):
                 doc = self.store.find_job(job_id)  # as it is now: held while it is still due
                 if doc is not None and doc.get("status") == JobStatus.WAITING and self._fit(doc):
@@ -720,6 +716,14 @@ class Queue:
                 died = f"worker process died (signal {sig})" if reason == KillReason.DIED else ""
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, reason, timeout, died))
                 self._free_slots(job_id, worker_id)
+
+    def _run_recorded(self, job_id: ObjectId, status: int | None) -> None:
+        """A worker of ours has recorded its run's end (``status``; None: it recorded none)."""
+        if status is not None:
+            # A dependent held here looks at it now: node streams carry no DONE, so else only the timer would.
+            self._blocked.ended(job_id)
+        if self.metrics is not None:
+            self.metrics.run_ended(job_id, status)
 
     def _free_slots(self, job_id: ObjectId, worker_id: ObjectId) -> None:
         """A killed worker's slots of the limits, given back at once (else the next worker finds its run over)."""
