@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -438,3 +439,254 @@ def test_job_page_of_a_long_running_recurring_job_is_bounded(web: TestClient, sc
     assert reply.status_code == 200
     runs = reply.json()["runs"]
     assert len(runs) <= 200, f"the job page sent {len(runs)} runs ({len(reply.content)} bytes)"
+
+
+# -- what an operator reads at a glance, flow control, trends, bulk actions (SPEC 7 and 8) ----------------------------
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+FAIL = "sample_jobs:Fail"
+
+
+def register_node(scheduler: Scheduler, modules: list[str]) -> ObjectId:
+    """A live queue node's registry entry, as a node writes it (no node process needed to be 'served')."""
+    node_id = ObjectId()
+    facts = {"host": "host-a", "pid": 4242, "started": datetime.now(timezone.utc), "version": "test",
+             "modules": modules, "workers": []}
+    scheduler.store.register_node(node_id, facts, 60)
+    return node_id
+
+
+def test_rows_show_readable_times_the_error_line_the_next_start_and_unserved_classes(scheduler: Scheduler) -> None:
+    failed = scheduler.add_job(FAIL, {"why": "x" * 400 + "\nsecond line"})
+    run_in_process(scheduler, failed.id)
+    retrying = scheduler.add_job(FAIL, {"why": "again"}, retry=1, retry_interval=3600)
+    run_in_process(scheduler, retrying.id)  # failed once, postponed for its retry
+    later = scheduler.add_job("sample_jobs:Noop", at=time.time() + 3600)
+    elsewhere = scheduler.add_job("other_module:Job")
+    register_node(scheduler, ["sample_jobs"])
+    with TestClient(create_app(scheduler)) as web:
+        rows = {r["id"]: r for r in web.get("/api/jobs").json()["jobs"]}
+    row = rows[str(failed.id)]
+    assert row["status"] == "failed" and ISO_MS.match(row["created"]) and ISO_MS.match(row["ended"])
+    assert row["error_line"].startswith("ValueError: boom: {'why': 'xxx") and "second line" not in row["error_line"]
+    assert len(row["error_line"]) == 160 and row["error_line"].endswith("\u2026")  # one line, shortened
+    assert row["next_start"] is None and row["unserved"] is False
+    waiting_retry = rows[str(retrying.id)]
+    assert waiting_retry["status"] == "postponed" and waiting_retry["run"] == 2
+    assert waiting_retry["error_line"] == "ValueError: boom: {'why': 'again'}"  # the failed run it retries
+    postponed = rows[str(later.id)]
+    assert postponed["error_line"] is None and ISO_MS.match(postponed["next_start"])
+    assert abs(datetime.fromisoformat(postponed["next_start"].replace("Z", "+00:00")).timestamp()
+               - later.options["at"]) < 0.002
+    assert postponed["unserved"] is False  # sample_jobs is served by the live node
+    assert rows[str(elsewhere.id)]["unserved"] is True  # no live node serves other_module
+
+
+def test_a_job_page_shows_what_blocks_it_its_schedule_and_readable_run_times(
+    web: TestClient, scheduler: Scheduler
+) -> None:
+    first = scheduler.add_job("sample_jobs:Noop")
+    done = scheduler.add_job("sample_jobs:Echo", {"n": 1})
+    run_in_process(scheduler, done.id)
+    blocked = scheduler.add_job("sample_jobs:Gather", None, depends_on=[first, done])
+    page = web.get(f"/api/jobs/{blocked.id}").json()
+    assert page["blocked_by"] == [str(first.id)]  # the DONE dependency no longer blocks it
+    assert page["options"]["depends_on"] == [str(first.id), str(done.id)] and page["schedule"] is None
+    assert web.get(f"/api/jobs/{first.id}").json()["blocked_by"] == []
+    run = web.get(f"/api/jobs/{done.id}").json()["runs"][0]
+    assert ISO_MS.match(run["started"]) and ISO_MS.match(run["ended"]) and run["ended"] >= run["started"]
+    cron = scheduler.add_job("sample_jobs:Noop", cron="0 7 * * *", timezone="Europe/Zurich")
+    page = web.get(f"/api/jobs/{cron.id}").json()
+    assert page["schedule"] == {"kind": "cron", "cron": "0 7 * * *", "timezone": "Europe/Zurich"}
+    assert page["recurring"] is True and page["status"] == "postponed" and ISO_MS.match(page["next_start"])
+    every = scheduler.add_job("sample_jobs:Noop", interval=90, interval_reference="start")
+    assert web.get(f"/api/jobs/{every.id}").json()["schedule"] == {
+        "kind": "interval", "seconds": 90, "reference": "start"}
+
+
+def test_the_flow_panel_lists_limits_and_pauses_with_what_each_holds(web: TestClient, scheduler: Scheduler) -> None:
+    scheduler.set_limit("sample_jobs:Noop", concurrency=2, rate="10/m")
+    scheduler.set_limit("smtp", concurrency=1)
+    scheduler.pause("reports")
+    for _ in range(3):
+        scheduler.add_job("sample_jobs:Noop")
+    scheduler.add_job("sample_jobs:Echo", limit_key="smtp")
+    scheduler.add_job("sample_jobs:Echo", limit_key="reports")
+    flow = web.get("/api/flow").json()
+    assert flow["limits"] == [
+        {"key": "sample_jobs:Noop", "concurrency": 2, "rate": "10/m", "running": 0, "waiting": 3},
+        {"key": "smtp", "concurrency": 1, "rate": None, "running": 0, "waiting": 1},
+    ]
+    assert flow["paused"] == [{"key": "reports", "waiting": 1}]
+    assert (flow["limits_total"], flow["paused_total"]) == (2, 1)
+
+
+def test_pause_and_resume_from_the_dashboard(scheduler: Scheduler) -> None:
+    with TestClient(create_app(scheduler, token="s3cret")) as web:
+        auth = {**ACT, "Authorization": "Bearer s3cret"}
+        paused = web.post("/api/flow/pause", params={"key": "sample_jobs:Echo"}, headers=auth)
+        assert paused.status_code == 200 and paused.json()["paused"] == [{"key": "sample_jobs:Echo", "waiting": 0}]
+        assert scheduler.paused() == ["sample_jobs:Echo"]
+        assert web.post("/api/flow/pause", params={"key": "*"}, headers=auth).status_code == 200
+        assert scheduler.paused() == ["*", "sample_jobs:Echo"]
+        resumed = web.post("/api/flow/resume", params={"key": "*"}, headers=auth)
+        assert resumed.status_code == 200 and [p["key"] for p in resumed.json()["paused"]] == ["sample_jobs:Echo"]
+        bad = web.post("/api/flow/pause", params={"key": "a\nb"}, headers=auth)
+        assert bad.status_code == 400 and "limit_key" not in scheduler.paused()
+        assert web.post("/api/flow/pause", params={"key": ""}, headers=auth).status_code == 400
+        assert web.post("/api/flow/stop", params={"key": "x"}, headers=auth).status_code == 404
+        for headers in (ACT, {"Authorization": "Bearer s3cret"}, {**ACT, "Authorization": "Bearer nope"}):
+            for action in ("pause", "resume"):
+                refused = web.post(f"/api/flow/{action}", params={"key": "sample_jobs:Echo"}, headers=headers)
+                assert refused.status_code == 403, (action, headers)
+        assert web.get("/api/flow/pause", params={"key": "x"}).status_code == 405
+    assert scheduler.paused() == ["sample_jobs:Echo"]  # nothing changed by the refused ones
+    with TestClient(create_app(scheduler, read_only=True)) as web:
+        assert web.post("/api/flow/resume", params={"key": "sample_jobs:Echo"}, headers=ACT).status_code == 403
+    assert scheduler.paused() == ["sample_jobs:Echo"]
+
+
+def failed_jobs(scheduler: Scheduler, n: int) -> list[ObjectId]:
+    ids = []
+    for i in range(n):
+        job = scheduler.add_job(FAIL, {"i": i})
+        run_in_process(scheduler, job.id)
+        ids.append(job.id)
+    return ids
+
+
+def test_bulk_requeue_says_how_many_it_will_requeue_and_requeues_at_most_those(scheduler: Scheduler) -> None:
+    failed = failed_jobs(scheduler, 3)
+    canceled = scheduler.add_job("sample_jobs:Noop")
+    scheduler.cancel_job(canceled.id)
+    done = scheduler.add_job("sample_jobs:Echo")
+    run_in_process(scheduler, done.id)
+    with TestClient(create_app(scheduler)) as web:
+        assert web.get("/api/bulk/requeue").json() == {"count": 3, "will_requeue": 3, "max": 500}
+        assert web.get("/api/bulk/requeue", params={"status": "done"}).json()["count"] == 0
+        assert web.get("/api/bulk/requeue", params={"status": "failed,done", "class": FAIL}).json()["count"] == 3
+        assert web.get("/api/bulk/requeue", params={"class": "sample_jobs:Echo"}).json()["count"] == 0
+        assert web.get("/api/bulk/requeue", params={"id": str(failed[0])}).json()["count"] == 1
+        assert web.post("/api/bulk/requeue", headers=ACT).status_code == 400  # how many were confirmed?
+        reply = web.post("/api/bulk/requeue", params={"status": "failed", "expected": "2"}, headers=ACT)
+        assert reply.status_code == 200
+        assert reply.json() == {"requeued": 2, "failed": [], "failed_total": 0, "remaining": 1}
+    statuses = {job_id: scheduler.get_job(job_id).status for job_id in failed}
+    assert [statuses[i] for i in failed] == [JobStatus.FAILED, JobStatus.WAITING, JobStatus.WAITING]  # newest
+    assert scheduler.get_job(failed[1]).run == 2
+    assert canceled.refresh().status == JobStatus.CANCELED and done.refresh().status == JobStatus.DONE
+
+
+def test_bulk_requeue_reports_the_jobs_it_could_not_requeue(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed = failed_jobs(scheduler, 3)
+    original = scheduler.requeue_job
+
+    def racing(job_id: ObjectId) -> Any:
+        if job_id == failed[1]:  # as if another operator requeued it a moment before
+            original(job_id)
+            return original(job_id)
+        return original(job_id)
+
+    monkeypatch.setattr(scheduler, "requeue_job", racing)
+    with TestClient(create_app(scheduler)) as web:
+        reply = web.post("/api/bulk/requeue", params={"expected": "3"}, headers=ACT).json()
+    assert reply["requeued"] == 2 and reply["failed_total"] == 1 and reply["remaining"] == 0
+    (failure,) = reply["failed"]
+    assert failure["id"] == str(failed[1]) and "WAITING" in failure["error"].upper()
+
+
+def test_bulk_requeue_is_bounded_and_refused_as_single_actions_are(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskscheduler.ops.dashboard import actions
+
+    monkeypatch.setattr(actions, "MAX_BULK", 2)
+    failed = failed_jobs(scheduler, 3)
+    with TestClient(create_app(scheduler, token="t")) as web:
+        assert web.get("/api/bulk/requeue").json() == {"count": 3, "will_requeue": 2, "max": 2}
+        for headers in ({}, ACT, {**ACT, "Authorization": "Bearer wrong"}, {"Authorization": "Bearer t"}):
+            assert web.post("/api/bulk/requeue", params={"expected": "3"}, headers=headers).status_code == 403
+        assert all(scheduler.get_job(i).status == JobStatus.FAILED for i in failed)  # refused: nothing changed
+        reply = web.post("/api/bulk/requeue", params={"expected": "3"}, headers={**ACT, "Authorization": "Bearer t"})
+        assert reply.json()["requeued"] == 2 and reply.json()["remaining"] == 1
+    with TestClient(create_app(scheduler, read_only=True)) as web:
+        assert web.post("/api/bulk/requeue", params={"expected": "1"}, headers=ACT).status_code == 403
+    assert sum(scheduler.get_job(i).status == JobStatus.FAILED for i in failed) == 1
+
+
+def end_event(job_class: Any, status: JobStatus, ended: datetime, seconds: float | None) -> dict[str, Any]:
+    """A run's end event as the lifecycle writes it (``seconds``: how long the run took; None: never started)."""
+    event: dict[str, Any] = {"_id": ObjectId(), "job": ObjectId(), "class": job_class, "run": 1,
+                             "status": int(status), "time": ended, "worker": None}
+    if seconds is not None:
+        event["started"] = ended - timedelta(seconds=seconds)
+        event["ended"] = ended
+    return event
+
+
+def test_trends_count_run_ends_per_minute_and_per_class_with_failure_rate_and_percentiles(
+    web: TestClient, scheduler: Scheduler
+) -> None:
+    now = scheduler.store.server_time()
+    a, b = "sample_jobs:Echo", "sample_jobs:Fail"
+    events = [end_event(a, JobStatus.DONE, now - timedelta(minutes=30, seconds=10), s) for s in (1, 2, 10)]
+    events += [
+        end_event(a, JobStatus.FAILED, now - timedelta(seconds=20), 4),
+        end_event(b, JobStatus.TIMEOUT, now - timedelta(seconds=20), 30),
+        end_event(b, JobStatus.CANCELED, now - timedelta(seconds=20), None),  # canceled while waiting
+        end_event(a, JobStatus.DONE, now - timedelta(hours=2), 1),  # before the window
+        end_event(a, JobStatus.PROCESSING, now - timedelta(seconds=5), None),  # a claim: no run end
+        end_event(12, JobStatus.FAILED, now - timedelta(seconds=5), 0.5),  # a malformed job's class
+    ]
+    scheduler.store.events.insert_many(events)
+    trends = web.get("/api/trends").json()
+    minutes = trends["minutes"]
+    assert len(minutes) == 60 and ISO_MS.match(minutes[0]["start"]) and ISO_MS.match(trends["until"])
+    assert sum(m["done"] for m in minutes) == 3 and sum(m["failed"] for m in minutes) == 2
+    assert sum(m["timeout"] for m in minutes) == 1 and sum(m["canceled"] for m in minutes) == 1
+    assert minutes[29]["done"] == 3 and minutes[59]["failed"] == 2  # 30 min 10 s ago; the last minute
+    by_class = {c["class"]: c for c in trends["classes"]}
+    assert list(by_class) == [a, b, "12"] and trends["classes_total"] == 3  # most runs first
+    echo = by_class[a]
+    assert echo["runs"] == 4 and echo["counts"] == {"done": 3, "failed": 1} and echo["failure_rate"] == 0.25
+    assert echo["p50"] == pytest.approx(2.0, rel=0.03) and echo["p95"] == pytest.approx(10.0, rel=0.03)
+    fail = by_class[b]
+    assert fail["runs"] == 2 and fail["failure_rate"] == 1.0 and fail["timed"] == 1  # the cancel is no failure
+    assert fail["p50"] == fail["p95"] == pytest.approx(30.0, rel=0.03)
+
+
+def test_trends_return_a_bounded_number_of_classes(web: TestClient, scheduler: Scheduler) -> None:
+    from taskscheduler.store.mongo.trends import TREND_CLASSES
+
+    now = scheduler.store.server_time()
+    events = [
+        end_event(f"m:Class{i:03d}", JobStatus.DONE, now - timedelta(seconds=30), 1)
+        for i in range(TREND_CLASSES + 20)
+        for _ in range(1 + (i == 7))  # Class007 has the most runs
+    ]
+    scheduler.store.events.insert_many(events)
+    trends = web.get("/api/trends").json()
+    assert len(trends["classes"]) == TREND_CLASSES and trends["classes_total"] == TREND_CLASSES + 20
+    assert trends["classes"][0]["class"] == "m:Class007" and trends["classes"][0]["runs"] == 2
+
+
+def test_a_live_page_is_sent_the_flow_panel_when_a_pause_changes_it(live_url: str, scheduler: Scheduler) -> None:
+    seen: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + 15
+    with httpx2.stream("GET", f"{live_url}/api/stream", timeout=20) as reply:
+        event = None
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event is not None:
+                seen.append((event, json.loads(line[len("data: "):])))
+                if event == "ready":
+                    scheduler.pause("sample_jobs:Echo")
+                names = [name for name, data in seen if name == "trends" or (name == "flow" and data["paused"])]
+                if {"flow", "trends"} <= set(names):  # the trends are sent to open pages too
+                    break
+            assert time.monotonic() < deadline, f"no flow panel with the pause, or no trends: {seen}"
+    flow = [data for name, data in seen if name == "flow"]
+    assert flow[-1]["paused"] == [{"key": "sample_jobs:Echo", "waiting": 0}]

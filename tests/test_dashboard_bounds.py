@@ -194,3 +194,79 @@ def test_cli_max_streams_and_the_servers_connection_limit(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) in (0, 130), (tmp_path / "dashboard.log").read_text()  # 130: stopped by Ctrl-C
         log.close()
+
+
+class EventReads(monitoring.CommandListener):
+    """The pipelines of every aggregation of the event collection."""
+
+    def __init__(self) -> None:
+        self.pipelines: list[tuple[str, list[Any]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "aggregate" and str(event.command["aggregate"]).endswith("events"):
+            self.pipelines.append((str(event.command["aggregate"]), list(event.command["pipeline"])))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def index_names(plan: Any) -> set[str]:
+    """Every index a query plan reads."""
+    if isinstance(plan, dict):
+        found = {plan["indexName"]} if plan.get("stage") == "IXSCAN" and "indexName" in plan else set()
+        return found.union(*(index_names(v) for v in plan.values()))
+    if isinstance(plan, list):
+        return set().union(*(index_names(v) for v in plan))
+    return set()
+
+
+@pytest.mark.parametrize(
+    ("options", "index"), [({}, "time"), ({"event_queue_size": 0, "job_queue_size": 0}, "time_ttl")]
+)
+def test_trends_are_grouped_on_the_server_through_the_time_index(
+    server: EmbeddedServer, db_name: str, db: Any, options: dict[str, Any], index: str
+) -> None:
+    listener = EventReads()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[listener])
+    try:
+        observed = Scheduler(client[db_name], options=options)
+        for _ in range(3):
+            job = observed.add_job("sample_jobs:Fail")
+            Worker(ObjectId(), observed, observed._db).process_one(job.id)
+        with TestClient(create_app(observed)) as web:
+            listener.pipelines.clear()
+            trends = web.get("/api/trends").json()
+        assert sum(m["failed"] for m in trends["minutes"]) == 3
+        (collection, pipeline), *_ = [p for p in listener.pipelines if "$facet" in str(p[1])]
+        first = pipeline[0]["$match"]
+        assert list(first) == ["time"]  # the window alone: what the index serves
+        assert pipeline[-1].keys() == {"$facet"}  # grouped on the server: one document comes back
+        plan = db.command("explain", {"aggregate": collection, "pipeline": [pipeline[0]], "cursor": {}})
+        assert index in index_names(plan), plan
+    finally:
+        client.close()
+
+
+def test_error_lines_of_the_table_are_read_in_one_query_cut_on_the_server(
+    server: EmbeddedServer, db_name: str, scheduler: Scheduler
+) -> None:
+    listener = EventReads()
+    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[listener])
+    try:
+        observed = Scheduler(client[db_name])
+        for _ in range(4):
+            job = scheduler.add_job("sample_jobs:Fail", {"pad": "y" * 70_000})  # a message of 70 KB
+            Worker(ObjectId(), scheduler, scheduler._db).process_one(job.id)
+        with TestClient(create_app(observed)) as web:
+            listener.pipelines.clear()
+            reply = web.get("/api/jobs")
+        rows = reply.json()["jobs"]
+        assert len(rows) == 4 and all(r["error_line"].startswith("ValueError: boom") for r in rows)
+        assert len(reply.content) < 8_000  # four 70 KB messages never reach the page
+        reads = [p for _, p in listener.pipelines]
+        assert len(reads) == 1 and "$substrCP" in str(reads[0])
+    finally:
+        client.close()

@@ -1,15 +1,16 @@
 """The dashboard's web app (Starlette): a page, its static files, JSON endpoints, a live event stream, actions.
 
-Actions (cancel, requeue) go through the public Scheduler API. They are POSTs that need a custom header (a
-cross-site form cannot send one, so no other web page can trigger them), and with ``token`` the token as
-``Authorization: Bearer TOKEN``; otherwise 403 and nothing changes. ``read_only`` answers every action with
-403. Every value from job data reaches the page as JSON and is put into the page as text, never as markup.
+Actions (cancel, requeue, pause, resume, bulk requeue: :mod:`.actions`) go through the public Scheduler API. They
+are POSTs that need a custom header (a cross-site form cannot send one, so no other web page can trigger them),
+and with ``token`` the token as ``Authorization: Bearer TOKEN``; otherwise 403 and nothing changes.
+``read_only`` answers every action with 403. Every value from job data reaches the page as JSON and is put into
+the page as text, never as markup. Every parameter comes in the query string, which is bounded before anything
+is parsed; no endpoint reads a request body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,17 +28,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...client.process import Process
 from ...client.scheduler import Scheduler
-from ...constants import VERSION
+from ...constants import VERSION, JobStatus
 from ...errors import InvalidArgumentError, JobNotFoundError
+from .actions import ACTION_HEADER, bulk_preview, bulk_query, bulk_requeue, refusal
 from .limits import MAX_STREAMS
 from .live import Broadcaster, Message
-from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query, job_row
+from .views import MAX_ROWS, MAX_RUNS, counts_view, job_details, job_query
+
+__all__ = ["ACTION_HEADER", "STATIC", "create_app"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: What the page can do to a job (POST /api/jobs/ID/ACTION).
 ACTIONS = ("cancel", "requeue")
-#: The header every action must carry (browsers refuse to send it cross-site without our consent).
-ACTION_HEADER = "X-Taskscheduler-Action"
+#: What the page can do to a class, a limit key or every job (POST /api/flow/ACTION?key=KEY).
+FLOW_ACTIONS = ("pause", "resume")
 #: Seconds between keep-alive comments on an idle event stream (proxies close silent connections).
 KEEPALIVE_SECONDS = 15.0
 #: Longest query string answered, in bytes (the page's own filters take a few hundred): longer ones get 414 before
@@ -81,6 +85,12 @@ def create_app(
         Route("/api/jobs", views.jobs),
         Route("/api/jobs/{job_id}", views.job),
         Route("/api/jobs/{job_id}/{action:str}", views.action, methods=["POST"]),
+        Route("/api/trends", views.trends),
+        Route("/api/flow", views.flow),
+        Route("/api/flow/{action:str}", views.flow_action, methods=["POST"]),
+        Route("/api/schedules", views.schedules),
+        Route("/api/bulk/requeue", views.bulk_preview),
+        Route("/api/bulk/requeue", views.bulk_requeue, methods=["POST"]),
         Route("/api/stream", views.stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
@@ -120,9 +130,9 @@ class _Endpoints:
 
     def jobs(self, request: Request) -> Response:
         params = request.query_params
-        job_class = params.get("class") or None
-        if job_class is not None and len(job_class) > MAX_CLASS_FILTER:
-            return _error(400, f"class filter too long ({len(job_class)} characters, at most {MAX_CLASS_FILTER})")
+        job_class, refused = _class_filter(request)
+        if refused is not None:
+            return refused
         query = job_query(params.get("status", "").split(","), job_class, params.get("id"))
         if query is None:
             return _json({"jobs": [], "total": 0})
@@ -131,7 +141,8 @@ class _Endpoints:
         except ValueError:
             return _error(400, f"limit must be a number, got {params.get('limit')!r}")
         store = self.scheduler.store
-        rows = [job_row(Process(doc, self.scheduler), self.feed.labels) for doc in store.newest_jobs(query, limit)]
+        docs = store.newest_jobs(query, limit)
+        rows = self.feed.rows([Process(doc, self.scheduler) for doc in docs])
         return _json({"jobs": rows, "total": store.count_jobs(query)})
 
     def job(self, request: Request) -> Response:
@@ -142,11 +153,17 @@ class _Endpoints:
         doc = store.find_job(job_id)
         if doc is None:
             return _error(404, f"no job {job_id}")
+        process = Process(doc, self.scheduler)
         events, total = store.recent_run_events(job_id, MAX_RUNS)
-        details = job_details(Process(doc, self.scheduler), self.feed.labels, events, total, doc.get("outcome"))
+        waiting = doc.get("status") in (int(JobStatus.WAITING), int(JobStatus.POSTPONED))
+        blocked = process.blocked_by if waiting else []  # only a job not yet started can be blocked
+        served = self.feed.served_modules()
+        details = job_details(process, self.feed.labels, events, total, doc.get("outcome"), served, blocked)
         return _json(details)
 
     def action(self, request: Request) -> Response:
+        if request.path_params["action"] not in ACTIONS:
+            return _error(404, f"no action {request.path_params['action']!r}")
         refused = self._refuse(request)
         if refused is not None:
             return refused
@@ -163,19 +180,61 @@ class _Endpoints:
             return _error(404, f"no job {job_id}")
         except InvalidArgumentError as exc:  # e.g. canceling a job that has ended
             return _error(409, str(exc).splitlines()[0])
-        return _json(job_row(process, self.feed.labels))
+        (row,) = self.feed.rows([process])
+        return _json(row)
+
+    def trends(self, request: Request) -> Response:
+        return _json(self.feed.trends.get())
+
+    def flow(self, request: Request) -> Response:
+        return _json(self.feed.flow.get())
+
+    def flow_action(self, request: Request) -> Response:
+        """Pause or resume ``key`` (a class, a limit key, or ``*`` for every job); answers the flow panel."""
+        action = request.path_params["action"]
+        if action not in FLOW_ACTIONS:
+            return _error(404, f"no action {action!r}")
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        key = request.query_params.get("key", "")
+        try:
+            (self.scheduler.pause if action == "pause" else self.scheduler.resume)(key)
+        except InvalidArgumentError as exc:
+            return _error(400, str(exc).splitlines()[0])
+        return _json(self.feed.flow.get(fresh=True))
+
+    def schedules(self, request: Request) -> Response:
+        found = self.feed.schedules.get()
+        if found is None:
+            return _error(501, "schedules are not available in this version")
+        return _json(found)
+
+    def bulk_preview(self, request: Request) -> Response:
+        """How many jobs ``POST /api/bulk/requeue`` with the same filter would requeue."""
+        query, refused = _bulk_query(request)
+        if refused is not None:
+            return refused
+        return _json(bulk_preview(self.scheduler, query))
+
+    def bulk_requeue(self, request: Request) -> Response:
+        """Requeue the FAILED/TIMEOUT jobs of the filter, at most ``expected`` (the count the page confirmed)."""
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        query, refused = _bulk_query(request)
+        if refused is not None:
+            return refused
+        try:
+            expected = int(request.query_params.get("expected", ""))
+        except ValueError:
+            return _error(400, "expected must be the number of jobs confirmed, e.g. expected=12")
+        return _json(bulk_requeue(self.scheduler, query, expected))
 
     def _refuse(self, request: Request) -> Response | None:
         """Why an action is refused (checked before anything is read), or None."""
-        if request.path_params["action"] not in ACTIONS:
-            return _error(404, f"no action {request.path_params['action']!r}")
-        if self.read_only:
-            return _error(403, "this dashboard is read-only")
-        if request.headers.get(ACTION_HEADER) != "1":
-            return _error(403, f"actions need the {ACTION_HEADER} header")
-        if self.token is not None and not _token_ok(request, self.token):
-            return _error(403, "a valid token is needed (Authorization: Bearer TOKEN)")
-        return None
+        refused = refusal(self.read_only, self.token, request.headers)
+        return _error(*refused) if refused is not None else None
 
     async def stream(self, request: Request) -> Response:
         queue = self.feed.subscribe()
@@ -243,10 +302,20 @@ async def _events(feed: Broadcaster, queue: asyncio.Queue[Message | None], reque
         feed.unsubscribe(queue)
 
 
-def _token_ok(request: Request, token: str) -> bool:
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+def _class_filter(request: Request) -> tuple[str | None, Response | None]:
+    """The class filter of a request (None: none), or the refusal of one too long."""
+    job_class = request.query_params.get("class") or None
+    if job_class is not None and len(job_class) > MAX_CLASS_FILTER:
+        return None, _error(400, f"class filter too long ({len(job_class)} characters, at most {MAX_CLASS_FILTER})")
+    return job_class, None
+
+
+def _bulk_query(request: Request) -> tuple[dict[str, Any] | None, Response | None]:
+    job_class, refused = _class_filter(request)
+    if refused is not None:
+        return None, refused
+    params = request.query_params
+    return bulk_query(params.get("status", ""), job_class, params.get("id")), None
 
 
 def _job_id(request: Request) -> ObjectId | None:

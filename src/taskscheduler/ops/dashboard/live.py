@@ -2,7 +2,9 @@
 fans each change out to every open page (server-sent events), however many pages are open.
 
 The thread also refreshes the node list every :data:`NODES_SECONDS` and, after changes, the counts per status
-at most every :data:`COUNTS_SECONDS`: reads per dashboard, never per page or per job.
+at most every :data:`COUNTS_SECONDS`; while pages are open, the flow-control panel every
+:data:`~.panels.FLOW_SECONDS` (sent when it changed) and the trends and schedules every :data:`PANELS_SECONDS`:
+reads per dashboard, never per page or per job.
 
 One change stream serves the thread's whole life: after a failed round (MongoDB unreachable, any error) it
 resumes where it was. Whenever changes may have been missed anyway (a failed round, a stream that could not
@@ -16,14 +18,19 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from bson import ObjectId
 
 from ...client.process import Process
 from ...client.scheduler import Scheduler
 from ...errors import ServerUnavailableError
 from ...store import ActivityFeed
 from .limits import MAX_STREAMS
-from .views import counts_view, job_row, node_labels, node_view
+from .panels import FLOW_SECONDS, TRENDS_SECONDS, Cached, flow_view, trends_view
+from .views import counts_view, error_line, error_wanted, job_row, node_labels, node_view
 
 logger = logging.getLogger("taskscheduler.dashboard")
 
@@ -35,6 +42,10 @@ COUNTS_SECONDS = 1.0
 PAGE_BACKLOG = 2000
 #: Longest wait on the change stream before the thread looks at its timers.
 POLL_SECONDS = 0.25
+#: Seconds between two sends of the trends and schedules to open pages.
+PANELS_SECONDS = 15.0
+#: Error lines remembered by the id of the run end that recorded them (an end never changes once written).
+ERROR_CACHE = 4000
 
 Message = tuple[str, str]  # (event name, JSON data)
 
@@ -55,7 +66,14 @@ class Broadcaster:
         #: worker id -> its node's label, and the nodes as last read (shared with request handlers).
         self.labels: dict[str, str] = {}
         self.nodes: list[dict[str, Any]] = []
+        self._served: list[str] | None = None  # the modules the live nodes serve (None: not read yet)
+        self._errors: OrderedDict[ObjectId, str | None] = OrderedDict()
+        self._errors_lock = threading.Lock()
         self._ready = threading.Event()
+        #: The panels beside the table, shared by the endpoints and the thread (each read once per period).
+        self.trends = Cached(lambda: trends_view(scheduler), TRENDS_SECONDS)
+        self.flow = Cached(lambda: flow_view(scheduler), FLOW_SECONDS)
+        self.schedules: Cached[dict[str, Any] | None] = Cached(_schedules_reader(scheduler), TRENDS_SECONDS)
 
     def start(self) -> Broadcaster:
         self._thread = threading.Thread(target=self._run, name="taskscheduler-dashboard-feed", daemon=True)
@@ -113,6 +131,48 @@ class Broadcaster:
         for queue, loop in pages:
             loop.call_soon_threadsafe(_offer, queue, message)
 
+    @property
+    def watched(self) -> bool:
+        """Whether any page is open."""
+        with self._lock:
+            return bool(self._pages)
+
+    # -- rows of the job table ---------------------------------------------------------------------------------------
+
+    def served_modules(self) -> list[str]:
+        """The modules the live nodes serve, as last read (read now when never read)."""
+        if self._served is None:
+            self.refresh_nodes()
+        return list(self._served or [])
+
+    def rows(self, processes: Iterable[Process]) -> list[dict[str, Any]]:
+        """Table rows of these jobs, with the error lines they show: read in one query for the ends not read
+        before (an end never changes, so each is read once), and the unserved-class warning."""
+        processes = list(processes)
+        wanted = {p.id: end for p in processes if (end := error_wanted(p)) is not None}
+        lines = self.error_lines(wanted.values())
+        served = self.served_modules()
+        rows = []
+        for process in processes:
+            end = wanted.get(process.id)
+            rows.append(job_row(process, self.labels, served, lines.get(end) if end is not None else None))
+        return rows
+
+    def error_lines(self, ends: Iterable[ObjectId]) -> dict[ObjectId, str | None]:
+        ends = list(dict.fromkeys(ends))
+        with self._errors_lock:
+            known = {end: self._errors[end] for end in ends if end in self._errors}
+        missing = [end for end in ends if end not in known]
+        if missing:
+            found = self.store.end_errors(missing)
+            with self._errors_lock:
+                for end in missing:
+                    error_class, message = found.get(end, (None, None))
+                    known[end] = self._errors[end] = error_line(error_class, message)
+                while len(self._errors) > ERROR_CACHE:
+                    self._errors.popitem(last=False)
+        return known
+
     # -- the thread ------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -142,13 +202,15 @@ class Broadcaster:
         next_nodes = 0.0
         next_counts = 0.0
         counts_due = True
+        panels = _Timers()
         while not self._stop.is_set():
             change = feed.poll(POLL_SECONDS)
             if feed.gaps != gaps:  # the stream restarted without its resume token: changes were missed
                 gaps = feed.gaps
                 self._resync = True
             if change is not None and change.document is not None:
-                self.publish("job", job_row(Process(change.document, self.scheduler), self.labels))
+                (row,) = self.rows([Process(change.document, self.scheduler)])
+                self.publish("job", row)
                 counts_due = True
             now = time.monotonic()
             if now >= next_nodes:
@@ -163,11 +225,51 @@ class Broadcaster:
                 next_counts = now + COUNTS_SECONDS
                 counts_due = False
                 self.publish("counts", counts_view(self.store.status_counts()))
+            if self.watched:
+                self._send_panels(panels, now)
+
+    def _send_panels(self, timers: _Timers, now: float) -> None:
+        """The flow panel when it changed, the trends and schedules every :data:`PANELS_SECONDS`."""
+        if timers.due("flow", now, FLOW_SECONDS):
+            flow = json.dumps(self.flow.get())
+            if flow != timers.last_flow:
+                timers.last_flow = flow
+                self.publish("flow", json.loads(flow))
+        if timers.due("trends", now, PANELS_SECONDS):
+            self.publish("trends", self.trends.get())
+        if timers.due("schedules", now, PANELS_SECONDS):
+            found = self.schedules.get()
+            if found is not None:
+                self.publish("schedules", found)
 
     def refresh_nodes(self) -> None:
         found = self.store.live_nodes()
         self.labels = node_labels(found)
         self.nodes = [node_view(node) for node in found]
+        self._served = sorted({module for node in self.nodes for module in node["modules"]})
+
+
+class _Timers:
+    """When each panel was last sent by the feed thread (it sends the first at once)."""
+
+    def __init__(self) -> None:
+        self.next: dict[str, float] = {}
+        self.last_flow: str | None = None
+
+    def due(self, name: str, now: float, period: float) -> bool:
+        if now < self.next.get(name, 0.0):
+            return False
+        self.next[name] = now + period
+        return True
+
+
+def _schedules_reader(scheduler: Scheduler) -> Callable[[], dict[str, Any] | None]:
+    """What reads the schedules view (None: this version has no schedules read)."""
+
+    def read() -> dict[str, Any] | None:
+        return None
+
+    return read
 
 
 def _end(queue: asyncio.Queue[Message | None]) -> None:

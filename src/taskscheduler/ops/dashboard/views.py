@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from bson import ObjectId
 
+from ... import options as o
+from ...client.job import serves
 from ...client.process import Process, plain
-from ...constants import JobStatus
+from ...constants import NO_WORKER, UNSET_TIME, JobStatus
 from ...core.runs import counted_run_ends as lifecycle_run_ends
 from ...errors import InvalidJobError
 from ...store.schema import MALFORMED, status_label
@@ -23,6 +26,12 @@ MAX_ROWS = 200
 MAX_RUNS = 200
 #: Non-finite floats, which JSON cannot hold, as the text JavaScript and Python print for them.
 NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+#: Characters of the job table's error column (one line: the error's class and its message's first line).
+ERROR_LINE = 160
+#: Statuses whose row shows the error of the job's last ended run: ended badly, or waiting for a retry of one.
+SHOWS_ERROR = (JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED, JobStatus.WAITING, JobStatus.POSTPONED)
+#: Statuses whose row warns when no live node serves the job's class (those jobs would wait for ever).
+NEEDS_A_NODE = (JobStatus.WAITING, JobStatus.POSTPONED)
 
 
 def shown(value: Any) -> Any:
@@ -58,47 +67,135 @@ def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return labels
 
 
-def job_row(process: Process, nodes: Mapping[str, str]) -> dict[str, Any]:
-    """One row of the live table. Reads nothing more than the job document (no event lookup per row). A
-    malformed document is shown as it is, with ``malformed`` naming what is wrong (else None)."""
-    worker = str(process.worker) if process.worker else None
+def iso(value: Any) -> str | None:
+    """A stored time as the page reads it: ISO 8601 in UTC to the millisecond (``2026-12-07T06:00:00.250Z``), or
+    None for no time (unset, or not a date). Unix seconds (an ``at`` option) are read as such."""
+    moment: datetime
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        try:
+            moment = datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    else:
+        return None
+    if moment == UNSET_TIME:
+        return None
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def stored_status(process: Process) -> JobStatus | None:
+    """The job's status, or None for a malformed one."""
     try:
-        status = process.status.name.lower()
+        return process.status
     except InvalidJobError:
-        status = MALFORMED
+        return None
+
+
+def error_line(error_class: Any, message: Any) -> str | None:
+    """An error as one short line: its class and the first line of its message, cut to :data:`ERROR_LINE`."""
+    first = str(message).strip().splitlines()[0] if isinstance(message, str) and message.strip() else ""
+    name = str(error_class) if error_class else ""
+    line = f"{name}: {first}" if name and first else name or first
+    if not line:
+        return None
+    return line if len(line) <= ERROR_LINE else line[: ERROR_LINE - 1] + "\u2026"
+
+
+def error_wanted(process: Process) -> ObjectId | None:
+    """The id of the run end whose error the job's row shows (the last ended run's), or None when the row shows
+    none: a job that ended badly, or waits for the retry of a run that did."""
+    status = stored_status(process)
+    outcome = process.document().get("outcome")
+    if status not in SHOWS_ERROR or not isinstance(outcome, ObjectId) or outcome == NO_WORKER:
+        return None
+    if status in (JobStatus.WAITING, JobStatus.POSTPONED) and process.run <= 1:
+        return None
+    return outcome
+
+
+def job_row(
+    process: Process,
+    nodes: Mapping[str, str],
+    served: Iterable[str] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """One row of the live table. Reads nothing more than the job document: ``error`` is the line of its last
+    run's error when the caller read it (:func:`error_wanted`), ``served`` the modules the live nodes serve
+    (None: unknown, no warning). A malformed document is shown as it is, with ``malformed`` naming what is
+    wrong (else None)."""
+    worker = str(process.worker) if process.worker else None
+    status = stored_status(process)
+    options = process.options
     return {
         "id": str(process.id),
         "class": process.job_class,
-        "status": status,
+        "status": status.name.lower() if status is not None else MALFORMED,
         "malformed": process.malformed,
         "progress": shown(process.progress),
         "run": process.run,
-        "created": plain(process.created),
-        "started": plain(process.started),
-        "ended": plain(process.ended),
+        "created": iso(process.created),
+        "started": iso(process.started),
+        "ended": iso(process.ended),
+        "next_start": _next_start(status, options, process.created),
+        "recurring": bool(options.get(o.CRON) or options.get(o.INTERVAL)),
         "worker": worker,
         "node": nodes.get(worker) if worker else None,
+        "error_line": error,
+        "unserved": served is not None and status in NEEDS_A_NODE and not serves(process.job_class, served),
     }
 
 
+def _next_start(status: JobStatus | None, options: Mapping[str, Any], created: datetime | None) -> str | None:
+    """When a waiting or postponed job may start: its ``at`` (its creation when due at once); None otherwise."""
+    if status not in (JobStatus.WAITING, JobStatus.POSTPONED):
+        return None
+    return iso(options.get(o.AT)) or iso(created)
+
+
+def schedule_of(options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How a recurring job recurs (``kind``: "cron" or "interval"), or None for a job that runs once."""
+    cron, interval = options.get(o.CRON), options.get(o.INTERVAL)
+    if isinstance(cron, str) and cron:
+        zone = options.get(o.TIMEZONE)
+        return {"kind": "cron", "cron": cron, "timezone": zone if isinstance(zone, str) and zone else "UTC"}
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval:
+        reference = options.get(o.INTERVAL_REFERENCE)
+        return {"kind": "interval", "seconds": interval, "reference": reference if reference == "start" else "end"}
+    return None
+
+
 def job_details(
-    process: Process, nodes: Mapping[str, str], events: Iterable[Mapping[str, Any]], total_runs: int, outcome: Any
+    process: Process,
+    nodes: Mapping[str, str],
+    events: Iterable[Mapping[str, Any]],
+    total_runs: int,
+    outcome: Any,
+    served: Iterable[str] | None = None,
+    blocked_by: Iterable[ObjectId] = (),
 ) -> dict[str, Any]:
     """The job page: the job, its data and options, the last run's error or result, and its newest ended runs
     (newest first) from ``events`` (``Store.recent_run_events``), with ``runs_total``, how many runs ended.
-    ``outcome``: the job document's ``outcome`` (the id of the end event that counted last)."""
+    ``outcome``: the job document's ``outcome`` (the id of the end event that counted last); ``blocked_by``:
+    the dependencies not yet DONE (``Process.blocked_by``)."""
     runs = []
     for run in counted_run_ends(events, outcome):
-        fields = shown({key: run.get(key) for key in ("run", "worker", "started", "ended", "error") if key in run})
+        fields = shown({key: run.get(key) for key in ("run", "worker", "error") if key in run})
+        fields["started"] = iso(run.get("started"))
+        fields["ended"] = iso(run.get("ended"))
         fields["status"] = status_name(run.get("status"))
         fields["has_result"] = "result" in run
         fields["result"] = shown(run.get("result"))
         runs.append(fields)
+    error = process.error
     return {
-        **job_row(process, nodes),
+        **job_row(process, nodes, served, error_line(error.get("class"), error.get("message")) if error else None),
         "data": shown(process.data),
         "options": shown(process.options),
-        "error": shown(process.error),
+        "schedule": schedule_of(process.options),
+        "blocked_by": [str(job_id) for job_id in blocked_by],
+        "error": shown(error),
         "result": shown(process.result),
         "runs": runs,
         "runs_total": max(total_runs, len(runs)),
@@ -119,7 +216,7 @@ def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
         "id": str(node.get("_id")),
         "host": node.get("host"),
         "pid": node.get("pid"),
-        "started": plain(node.get("started")),
+        "started": iso(node.get("started")),
         "version": node.get("version"),
         "modules": [str(m) for m in node.get("modules") or []],
         "workers": workers,

@@ -214,6 +214,8 @@ class Deployment:
             event_indexes.append(
                 IndexModel([("time", ASCENDING)], name="time_ttl", expireAfterSeconds=self.job_retention)
             )
+        else:  # the dashboard's trends read the run ends of a window of time (the TTL index serves them otherwise)
+            event_indexes.append(IndexModel([("time", ASCENDING)], name="time"))
         with server_errors():
             # A unique index must start with the shard key, so add_job_once keys live in their own collection
             # (keyed by _id); the unique index an older version created goes.

@@ -1,5 +1,5 @@
 """The MongoDB store: every part (collections, room ledger, jobs, events, add_job_once keys, node registry,
-operator reads, change streams) in one object, and what needs them all (flush, close)."""
+operator reads, the dashboard's trends, change streams) in one object, and what needs them all (flush, close)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from .ledger import ROOM_ATTEMPTS, ROOM_EXIT_SECONDS
 from .once import OnceKeys
 from .reads import OperatorReads
 from .registry import NodeRegistry
+from .trends import TrendReads
 
 
-class Store(JobWrites, EventLog, OnceKeys, NodeRegistry, OperatorReads, Feeds, FlowControls):
+class Store(JobWrites, EventLog, OnceKeys, NodeRegistry, OperatorReads, TrendReads, Feeds, FlowControls):
     """Collections, indexes and every read and write of jobs and events, on MongoDB."""
 
     def close(self) -> None:
