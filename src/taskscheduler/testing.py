@@ -89,13 +89,12 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
 def _move_due(scheduler: Scheduler) -> None:
     """POSTPONED -> WAITING for the jobs whose time has come on the server's clock, as a node moves them."""
     from .constants import JobStatus
+    from .store.schema import due
 
     life, store = scheduler.lifecycle, scheduler.store
     now = store.clock.earliest()
     for doc in store.scan((JobStatus.POSTPONED,)):
-        options = doc.get("options")
-        at = options.get("at") if isinstance(options, dict) else None
-        if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now:
+        if due(doc, now):
             event = life.unpostpone(doc)
             if event is not None:
                 life.record_due(doc, event)

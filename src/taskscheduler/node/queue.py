@@ -37,7 +37,7 @@ from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkErro
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from ..store import STATUS_UNKNOWN, StatusChange, StatusFeed, utcnow
 from ..store.records import EventRecord
-from ..store.schema import end_problem, job_ref, problem
+from ..store.schema import due, end_problem, job_ref, problem
 from . import forking
 from .backlog import start_order
 from .blocked import Blocked
@@ -329,11 +329,7 @@ class Queue:
         if blocked is None:
             return True
         for state in self.store.job_states(depends_on(blocked)).values():
-            status = state.get("status")
-            options = state.get("options")
-            at = options.get(o.AT) if isinstance(options, Mapping) else None
-            due_at = isinstance(at, (int, float)) and not isinstance(at, bool) and at <= now
-            if status in (JobStatus.WAITING, JobStatus.PROCESSING) or (status == JobStatus.POSTPONED and due_at):
+            if state.get("status") == JobStatus.PROCESSING or due(state, now):
                 return True
         return False
 

@@ -117,6 +117,23 @@ def stored_status(doc: Mapping[str, Any]) -> JobStatus:
     return JobStatus(doc["status"])
 
 
+def start_time(doc: Mapping[str, Any]) -> float | None:
+    """A stored job's ``at`` (seconds since the epoch, on the server's clock), or None when it holds no number:
+    such a POSTPONED job is never due, whoever reads it (a node, burst mode, ``run_jobs``)."""
+    options = doc.get("options")
+    at = options.get(o.AT) if isinstance(options, Mapping) else None
+    return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+
+
+def due(doc: Mapping[str, Any], now: float) -> bool:
+    """Whether a stored job may start at ``now``: WAITING, or POSTPONED with its time come."""
+    status = doc.get("status")
+    if status == JobStatus.WAITING:
+        return True
+    at = start_time(doc)
+    return status == JobStatus.POSTPONED and at is not None and at <= now
+
+
 def status_label(status: Any) -> str:
     """A stored status as views name it: ``"waiting"``..., or :data:`MALFORMED`."""
     return JobStatus(status).name.lower() if type(status) is int and status in _STATUSES else MALFORMED

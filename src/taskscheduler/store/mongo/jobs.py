@@ -13,6 +13,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ...constants import UNSET_TIME, JobStatus
 from ...errors import DuplicateJobError, InvalidArgumentError, ServerUnavailableError
+from ..schema import due
 from .connection import first_line, server_errors
 from .documents import SERVER_NOW, Document, fields_equal, lease_end, literal
 from .ledger import RoomLedger
@@ -200,15 +201,10 @@ class JobWrites(RoomLedger):
         """(id, class) of every due job: WAITING, or POSTPONED with its ``at`` (seconds since the epoch, on the
         server's clock) not after ``now``; lazily, so that a caller looking for one stops at the first. A job
         without a class name, or postponed without a number in ``at``, is no job a node could start."""
-        waiting, postponed = int(JobStatus.WAITING), int(JobStatus.POSTPONED)
-        query = {"status": {"$in": [waiting, postponed]}}
+        query = {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED)]}}
         with server_errors():
             for doc in self.jobs.find(query, {"class": 1, "status": 1, "options.at": 1}):
-                options = doc.get("options")
-                at = options.get("at") if isinstance(options, dict) else None
-                due_at = at <= now if isinstance(at, (int, float)) and not isinstance(at, bool) else False
-                due = doc.get("status") == waiting or due_at
-                if due and isinstance(doc.get("class"), str):
+                if due(doc, now) and isinstance(doc.get("class"), str):
                     yield doc["_id"], doc["class"]
 
     def unsettled_cancels(self, now: datetime) -> list[Document]:
