@@ -1,4 +1,5 @@
-"""The command line: ``taskscheduler queue|server|add|jobs|show|cancel|requeue|info|health|flush|watch|dashboard|demo``.
+"""The command line: ``taskscheduler queue|server|add|jobs|show|cancel|requeue|info|schedules|health|flush|watch|
+dashboard|demo`` (and ``limit|pause|resume``).
 
 Every flag can also come from ``TASKSCHEDULER_<FLAG>`` (shown in ``--help``). Bad input prints one line on
 stderr and exits 2; an unreachable server exits 1.
@@ -714,6 +715,103 @@ def info(conn: Connection, as_json: bool) -> None:
         )
     for key, held in summary["paused"].items():
         click.echo(f"paused {visible(key)}: {held['waiting']} waiting")
+
+
+@cli.command()
+@common
+@_option("--json", "as_json", is_flag=True, help="Print plain JSON (one array; times in UTC) instead of a table.")
+def schedules(conn: Connection, as_json: bool) -> None:
+    """List the recurring jobs (interval or cron): next start, last run, runs so far, paused or not."""
+    from ..ops.schedules import schedules as list_schedules
+
+    found = list_schedules(conn.scheduler())
+    if as_json:
+        _print_json([s.to_dict() for s in found])
+        return
+    from .display import console
+
+    out = console()
+    out.print(schedules_table(found, width=out.width))
+
+
+#: Width of a job id in a table: printed whole, so it can be pasted into ``show`` or ``cancel``.
+_ID_COLUMNS = 24
+
+
+def schedules_table(found: Sequence[Any], width: int = 200) -> Any:
+    """The ``schedules`` table for a terminal ``width`` columns wide. Ids stay whole at any width from 40 on;
+    the other columns fold, and narrower terminals stack them (below 110 columns the expression goes under the
+    class and the last run under the next start, below 80 all of a schedule goes in one column next to its id).
+    Times in the terminal's zone (``--utc``: UTC) with zone, and their date unless it is today there; a cron's
+    own zone after them when that differs; how far off they are."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from .display import STATUS_STYLE, cell, cron_zone, in_its_zone, visible
+
+    layout = "wide" if width >= 110 else "narrow" if width >= 80 else "compact"
+    title = f"{len(found)} schedule{'' if len(found) == 1 else 's'}, soonest first" if found else "no schedules"
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("id", width=_ID_COLUMNS, no_wrap=True)
+    headers = {
+        "wide": ("class", "schedule", "next start", "last run", "runs", "paused"),
+        "narrow": ("class, schedule", "next start, last run", "runs"),
+        "compact": ("schedule",),
+    }[layout]
+    for header in headers:
+        if header == "runs":
+            table.add_column(header, justify="right", no_wrap=True)
+        else:
+            table.add_column(header, overflow="fold", min_width=6 if header == "paused" else 10)
+    now = datetime.now(timezone.utc).timestamp()
+    short = layout != "wide"
+    for s in found:
+        zone = cron_zone({o.CRON: s.expression if s.kind == "cron" else "", o.TIMEZONE: s.timezone or "UTC"})
+        expression = visible(s.expression) + (f" ({visible(s.timezone)})" if s.timezone else "")
+        if s.status == JobStatus.PROCESSING:
+            upcoming = Text("running now", style=STATUS_STYLE[JobStatus.PROCESSING])
+        elif s.next_start is None:
+            upcoming = Text("-")
+        elif s.status == JobStatus.WAITING or s.next_start <= now:
+            upcoming = Text(f"due since {in_its_zone(s.next_start, zone, short)} ({_span(now - s.next_start)} ago)")
+        else:
+            upcoming = Text(f"{in_its_zone(s.next_start, zone, short)} (in {_span(s.next_start - now)})")
+        last = Text("-")
+        if s.last_status is not None:
+            last = Text(s.last_status.name, style=STATUS_STYLE[s.last_status])
+            if s.last_end is not None:
+                last.append(f" {in_its_zone(s.last_end, zone, short)} ({_span(now - s.last_end)} ago)")
+        paused = Text("paused", style="yellow") if s.paused else Text("-")
+        if layout == "wide":
+            table.add_row(cell(s.id), cell(s.job_class), Text(expression), upcoming, last, str(s.runs), paused)
+            continue
+        job = cell(s.job_class)
+        job.append("\n" + expression, style="dim")
+        if s.paused:
+            job.append("\npaused", style="yellow")
+        upcoming.append("\nlast: ", style="dim")
+        upcoming.append_text(last)
+        if layout == "narrow":
+            table.add_row(cell(s.id), job, upcoming, str(s.runs))
+        else:
+            job.append("\nnext: ", style="dim")
+            job.append_text(upcoming)
+            job.append(f"\nruns: {s.runs}", style="dim")
+            table.add_row(cell(s.id), job)
+    return table
+
+
+def _span(seconds: float) -> str:
+    """A duration as an operator reads it: ``45s``, ``12m``, ``3h 5m``, ``2d 4h``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86_400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86_400}d {seconds % 86_400 // 3600}h"
 
 
 @cli.command()

@@ -1,11 +1,12 @@
 """The schedules of a queue (SPEC 7, "Schedules"): its recurring jobs, as ``taskscheduler schedules`` and the
 dashboard list them.
 
-A schedule is a job that repeats (``interval`` not 0, or a ``cron`` expression) and has not ended. A recurring
-job ends only when it is canceled, when its last retry failed, or when a stored cron expression has no next
-match: it then runs no more, so it is no schedule (``jobs --status`` still shows it, and ``requeue`` makes it one
-again). Nothing here writes; the reads are the store's (:meth:`OperatorReads.recurring_jobs`), each served by an
-index.
+A schedule is a job that repeats (``interval`` not 0, or a ``cron`` expression) and has not ended. A failed run
+does not end a recurring job (its retries, then its next run follow); it ends only when it is canceled, when a
+node ends its malformed document FAILED, or when a stored cron expression has no next match. It then runs no
+more, so it is no schedule (``jobs --status`` still shows it, and ``requeue`` makes it one again).
+
+Nothing here writes; the reads are the store's (:meth:`OperatorReads.recurring_jobs`), each served by an index.
 """
 
 from __future__ import annotations
