@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
 from pymongo import MongoClient
 
-from taskscheduler import AbstractJob, Process, Scheduler
+from taskscheduler import AbstractJob, JobStatus, Process, Scheduler
 
 
 class Steps(AbstractJob):
@@ -32,15 +33,33 @@ def database() -> Any:
     return MongoClient(uri)[os.environ.get("TASKSCHEDULER_DATABASE", "taskscheduler")]
 
 
+def show_progress(job: Process, stop: threading.Event) -> None:
+    """Progress is a field of the job, not an event: read it while the job runs (one indexed read each time; the
+    worker stores it at most once per ``progress_rate_limit``)."""
+    shown = -1.0
+    while not stop.wait(0.1):
+        job.refresh()
+        if job.status == JobStatus.PROCESSING and job.progress != shown:
+            shown = job.progress
+            print(f"{'progress':<28} {job.id} progress={shown:.0f}")
+
+
 def main() -> None:
     scheduler = Scheduler(database())
     scheduler.on("*", lambda name, p: print(f"{name:<28} {p.id} progress={p.progress:.0f}"))
     job = scheduler.add_job(f"{MODULE}:Steps")
+    stop = threading.Event()
+    reader = threading.Thread(target=show_progress, args=(scheduler.get_job(job.id), stop))
+    reader.start()
 
     def until_done(process: Process) -> bool:
         return process.status.is_terminal
 
-    scheduler.listen(until_done, {"_id": job.id}, timeout=60)
+    try:
+        scheduler.listen(until_done, {"_id": job.id}, timeout=60)  # status events, as they happen
+    finally:
+        stop.set()
+        reader.join()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# A server already on the port would answer in its place: refuse it rather than use it without a word.
+if ! "$PYTHON" -c "import socket, sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1])))" "$PORT" 2>/dev/null; then
+    echo "port $PORT is in use: run with another, e.g. PORT=27118 bash examples/two_nodes.sh" >&2
+    exit 1
+fi
 "$PYTHON" -m taskscheduler server --port "$PORT" --data-dir :memory: & server=$!
 for _ in $(seq 1 150); do  # until it answers (at most 30 s)
     if "$PYTHON" -m taskscheduler jobs --limit 1 >/dev/null 2>&1; then break; fi

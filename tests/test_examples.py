@@ -56,7 +56,10 @@ def run_example(module: str, env: dict[str, str]) -> str:
     [
         ("examples.hello", [r"^DONE hello, world$"]),
         ("examples.waiting", [r"^squares: \[0, 1, 4, 9, 16, 25, 36, 49, 64, 81\]$", r"^failed as expected: negative"]),
-        ("examples.progress_events", [r"onProcessing", r"onDone .* progress=100$"]),
+        (
+            "examples.progress_events",
+            [r"onProcessing", r"^progress +\S+ progress=(20|40|60|80)$", r"onDone .* progress=100$"],
+        ),
         (
             "examples.retries_timeouts",
             [r"^slow job: TIMEOUT job exceeded its timeout", *[rf"run {n}: FAILED no luck today$" for n in (1, 2, 3)]],
@@ -149,3 +152,16 @@ def test_mailer_example_keeps_its_limits(node_for: object, env: dict[str, str]) 
     assert sent is not None, printed
     # 8 starts at 4 per second: the last four start a second after the first four, at the earliest.
     assert float(sent.group(1)) >= 1.0 and int(sent.group(2)) <= 2, printed
+
+
+def test_two_nodes_script_refuses_a_port_another_server_holds() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = dict(os.environ, PYTHON=sys.executable, PORT=str(port))
+        out = subprocess.run(
+            ["bash", str(ROOT / "examples" / "two_nodes.sh")], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"port {port} is in use" in out.stderr and "squares" not in out.stdout

@@ -10,6 +10,7 @@ from typing import Any
 import bson
 import pytest
 from bson import ObjectId
+from pymongo import MongoClient
 from pymongo.database import Database
 
 from helpers import (
@@ -20,7 +21,8 @@ from helpers import (
 )
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import KillReason
-from taskscheduler.errors import InvalidArgumentError, QueueFullError
+from taskscheduler.errors import InvalidArgumentError, QueueFullError, ServerUnavailableError
+from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import (
     ID_BATCH,
     fields_equal,
@@ -324,3 +326,17 @@ def test_flush_while_a_worker_records_keeps_the_event_collection_bounded(
     options = {c["name"]: c.get("options", {}) for c in db.list_collections()}
     ttl = [i for i in db["taskscheduler.events"].list_indexes() if "expireAfterSeconds" in i]
     assert options["taskscheduler.events"].get("capped") or ttl, "the event collection is now unbounded"
+
+
+def test_a_uri_naming_another_replica_set_says_what_to_check(server: EmbeddedServer) -> None:
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        f"mongodb://127.0.0.1:{server.port}/?replicaSet=rs0&serverSelectionTimeoutMS=500"
+    )
+    try:
+        with pytest.raises(ServerUnavailableError) as caught:
+            Scheduler(client["wrong_set"]).add_job("sample_jobs:Noop")
+    finally:
+        client.close()
+    message = str(caught.value)
+    assert "a set named 'rs0': check replicaSet= in the URI" in message and "'secantus'" in message
+    assert len(message.splitlines()) == 1

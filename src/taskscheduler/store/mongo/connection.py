@@ -4,6 +4,7 @@ ServerUnavailableError (every read and write of the store runs inside :func:`ser
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,13 +63,25 @@ def server_errors() -> Iterator[None]:
     try:
         yield
     except (ServerSelectionTimeoutError, ConnectionFailure) as exc:
-        raise ServerUnavailableError(f"cannot reach MongoDB: {first_line(exc)}") from exc
+        raise ServerUnavailableError(f"cannot reach MongoDB: {first_line(exc)}{_set_name_hint(exc)}") from exc
     except OperationFailure as exc:
         if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed: the deployment will not serve us
             raise ConfigurationError(
                 f"MongoDB refused access: {first_line(exc)} (check the URI's credentials)"
             ) from exc
         raise
+
+
+def _set_name_hint(exc: BaseException) -> str:
+    """What to check when no server of the replica set the URI names was found: the driver drops servers of
+    another set from its view without a word, so the operator cannot tell a wrong name from a dead set."""
+    found = re.search(r'for replica set name "([^"]*)"', str(exc))
+    if found is None:
+        return ""
+    return (
+        f" (found no member of a set named {found.group(1)!r}: check replicaSet= in the URI; the"
+        " embedded server of `taskscheduler server` is a set named 'secantus': use the URI it prints)"
+    )
 
 
 def first_line(exc: BaseException) -> str:
