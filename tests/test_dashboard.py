@@ -50,11 +50,16 @@ def test_page_and_static_files_are_served_with_a_strict_policy(web: TestClient) 
     page = web.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
-    for name in ("app.js", "style.css"):
+    for name in ("app.js", "panels.js", "style.css"):
         assert web.get(f"/static/{name}").status_code == 200
-    # Values from job data are put into the page as text only.
-    script = (STATIC / "app.js").read_text()
-    assert not re.search(r"\.innerHTML|innerHTML\s*:|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
+        assert f"/static/{name}" in page.text
+    for script in STATIC.glob("*.js"):
+        code = script.read_text()
+        # Values from job data are put into the page as text only.
+        assert not re.search(r"\.innerHTML|innerHTML\s*:|outerHTML|insertAdjacentHTML|document\.write|eval\(", code)
+        # No error is swallowed: no empty catch, no promise whose failure is dropped.
+        assert not re.search(r"catch\s*(\(\w*\))?\s*\{\s*\}|\.catch\(\s*\(\w*\)\s*=>\s*\{\s*\}\s*\)", code), script.name
+    assert "style=" not in (STATIC / "index.html").read_text()  # the policy allows no inline style
 
 
 def test_json_endpoints_counts_jobs_filters_and_a_job_page(web: TestClient, scheduler: Scheduler) -> None:
@@ -690,3 +695,18 @@ def test_a_live_page_is_sent_the_flow_panel_when_a_pause_changes_it(live_url: st
             assert time.monotonic() < deadline, f"no flow panel with the pause, or no trends: {seen}"
     flow = [data for name, data in seen if name == "flow"]
     assert flow[-1]["paused"] == [{"key": "sample_jobs:Echo", "waiting": 0}]
+
+
+def test_the_schedules_view_lists_the_recurring_jobs(web: TestClient, scheduler: Scheduler) -> None:
+    cron = scheduler.add_job("sample_jobs:Noop", cron="0 7 * * *", timezone="Europe/Zurich")
+    every = scheduler.add_job("sample_jobs:Echo", interval=5400, at=time.time() + 60)
+    scheduler.add_job("sample_jobs:Noop")  # runs once: no schedule
+    scheduler.pause("sample_jobs:Echo")
+    found = web.get("/api/schedules").json()
+    assert found["total"] == 2
+    by_id = {s["id"]: s for s in found["schedules"]}
+    assert set(by_id) == {str(cron.id), str(every.id)}
+    assert by_id[str(cron.id)]["kind"] == "cron" and by_id[str(cron.id)]["expression"] == "0 7 * * *"
+    assert by_id[str(cron.id)]["timezone"] == "Europe/Zurich" and by_id[str(cron.id)]["paused"] is False
+    assert by_id[str(every.id)]["expression"] == "every 1h 30m" and by_id[str(every.id)]["paused"] is True
+    assert by_id[str(every.id)]["runs"] == 0 and by_id[str(every.id)]["next_start"] is not None

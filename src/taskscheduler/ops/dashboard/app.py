@@ -205,10 +205,7 @@ class _Endpoints:
         return _json(self.feed.flow.get(fresh=True))
 
     def schedules(self, request: Request) -> Response:
-        found = self.feed.schedules.get()
-        if found is None:
-            return _error(501, "schedules are not available in this version")
-        return _json(found)
+        return _json(self.feed.schedules.get())
 
     def bulk_preview(self, request: Request) -> Response:
         """How many jobs ``POST /api/bulk/requeue`` with the same filter would requeue."""

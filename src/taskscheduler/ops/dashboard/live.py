@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from bson import ObjectId
@@ -29,7 +29,7 @@ from ...client.scheduler import Scheduler
 from ...errors import ServerUnavailableError
 from ...store import ActivityFeed
 from .limits import MAX_STREAMS
-from .panels import FLOW_SECONDS, TRENDS_SECONDS, Cached, flow_view, trends_view
+from .panels import FLOW_SECONDS, TRENDS_SECONDS, Cached, flow_view, schedules_view, trends_view
 from .views import counts_view, error_line, error_wanted, job_row, node_labels, node_view
 
 logger = logging.getLogger("taskscheduler.dashboard")
@@ -73,7 +73,7 @@ class Broadcaster:
         #: The panels beside the table, shared by the endpoints and the thread (each read once per period).
         self.trends = Cached(lambda: trends_view(scheduler), TRENDS_SECONDS)
         self.flow = Cached(lambda: flow_view(scheduler), FLOW_SECONDS)
-        self.schedules: Cached[dict[str, Any] | None] = Cached(_schedules_reader(scheduler), TRENDS_SECONDS)
+        self.schedules = Cached(lambda: schedules_view(scheduler), TRENDS_SECONDS)
 
     def start(self) -> Broadcaster:
         self._thread = threading.Thread(target=self._run, name="taskscheduler-dashboard-feed", daemon=True)
@@ -238,9 +238,7 @@ class Broadcaster:
         if timers.due("trends", now, PANELS_SECONDS):
             self.publish("trends", self.trends.get())
         if timers.due("schedules", now, PANELS_SECONDS):
-            found = self.schedules.get()
-            if found is not None:
-                self.publish("schedules", found)
+            self.publish("schedules", self.schedules.get())
 
     def refresh_nodes(self) -> None:
         found = self.store.live_nodes()
@@ -261,15 +259,6 @@ class _Timers:
             return False
         self.next[name] = now + period
         return True
-
-
-def _schedules_reader(scheduler: Scheduler) -> Callable[[], dict[str, Any] | None]:
-    """What reads the schedules view (None: this version has no schedules read)."""
-
-    def read() -> dict[str, Any] | None:
-        return None
-
-    return read
 
 
 def _end(queue: asyncio.Queue[Message | None]) -> None:

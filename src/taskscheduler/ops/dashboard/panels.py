@@ -18,6 +18,7 @@ from ...constants import JobStatus
 from ...core.flow import EVERY_JOB, Controls
 from ...store.mongo.trends import TREND_MINUTES, RunTrends
 from ...store.schema import status_label
+from ..schedules import schedules
 from .views import iso
 
 #: Seconds a computed trends panel is served before it is computed again.
@@ -26,6 +27,8 @@ TRENDS_SECONDS = 10.0
 FLOW_SECONDS = 3.0
 #: Limits and pauses shown at most each (each costs a count of the jobs waiting under it).
 MAX_CONTROLS = 100
+#: Schedules shown at most (the soonest first), with how many there are.
+MAX_SCHEDULES = 200
 #: Statuses counted as failures in a class's failure rate (a CANCELED run was an operator's or a dependency's
 #: decision, not a failure of the job).
 FAILURES = (int(JobStatus.FAILED), int(JobStatus.TIMEOUT))
@@ -123,3 +126,10 @@ def flow_view(scheduler: Scheduler) -> dict[str, Any]:
         "paused": paused,
         "paused_total": len(controls.paused),
     }
+
+
+def schedules_view(scheduler: Scheduler) -> dict[str, Any]:
+    """The recurring jobs as ``taskscheduler schedules`` lists them (the soonest first), at most
+    :data:`MAX_SCHEDULES`, with ``total``."""
+    found = schedules(scheduler)
+    return {"schedules": [s.to_dict() for s in found[:MAX_SCHEDULES]], "total": len(found)}
