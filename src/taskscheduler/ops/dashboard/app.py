@@ -155,7 +155,8 @@ class _Endpoints:
             return _error(404, f"no job {job_id}")
         process = Process(doc, self.scheduler)
         events, total = store.recent_run_events(job_id, MAX_RUNS)
-        waiting = doc.get("status") in (int(JobStatus.WAITING), int(JobStatus.POSTPONED))
+        status = doc.get("status")
+        waiting = type(status) is int and status in (int(JobStatus.WAITING), int(JobStatus.POSTPONED))
         blocked = process.blocked_by if waiting else []  # only a job not yet started can be blocked
         served = self.feed.served_modules()
         details = job_details(process, self.feed.labels, events, total, doc.get("outcome"), served, blocked)

@@ -2,9 +2,10 @@
 fans each change out to every open page (server-sent events), however many pages are open.
 
 The thread also refreshes the node list every :data:`NODES_SECONDS` and, after changes, the counts per status
-at most every :data:`COUNTS_SECONDS`; while pages are open, the flow-control panel every
-:data:`~.panels.FLOW_SECONDS` (sent when it changed) and the trends and schedules every :data:`PANELS_SECONDS`:
-reads per dashboard, never per page or per job.
+at most every :data:`COUNTS_SECONDS`. A second thread, while pages are open, reads the flow-control panel every
+:data:`~.panels.FLOW_SECONDS` (sent when it changed) and the trends and schedules every :data:`PANELS_SECONDS`
+(an hour of events may take a while to group: never in the way of the changes). Reads per dashboard, never per
+page or per job.
 
 One change stream serves the thread's whole life: after a failed round (MongoDB unreachable, any error) it
 resumes where it was. Whenever changes may have been missed anyway (a failed round, a stream that could not
@@ -63,6 +64,7 @@ class Broadcaster:
         self._closing = threading.Event()  # the server is stopping: every stream ends, new ones at once
         self._resync = False  # changes may have been missed: tell every page to reload (a new ``ready``)
         self._thread: threading.Thread | None = None
+        self._panels_thread: threading.Thread | None = None
         #: worker id -> its node's label, and the nodes as last read (shared with request handlers).
         self.labels: dict[str, str] = {}
         self.nodes: list[dict[str, Any]] = []
@@ -78,6 +80,8 @@ class Broadcaster:
     def start(self) -> Broadcaster:
         self._thread = threading.Thread(target=self._run, name="taskscheduler-dashboard-feed", daemon=True)
         self._thread.start()
+        self._panels_thread = threading.Thread(target=self._panels, name="taskscheduler-dashboard-panels", daemon=True)
+        self._panels_thread.start()
         return self
 
     def wait_ready(self, timeout: float) -> bool:
@@ -94,8 +98,9 @@ class Broadcaster:
     def stop(self) -> None:
         self.end_streams()
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in (self._thread, self._panels_thread):
+            if thread is not None:
+                thread.join(5)
 
     def end_streams(self) -> None:
         """End every page's stream, and any opened from now on (the server is stopping). Never blocks: safe in a
@@ -202,7 +207,6 @@ class Broadcaster:
         next_nodes = 0.0
         next_counts = 0.0
         counts_due = True
-        panels = _Timers()
         while not self._stop.is_set():
             change = feed.poll(POLL_SECONDS)
             if feed.gaps != gaps:  # the stream restarted without its resume token: changes were missed
@@ -225,8 +229,21 @@ class Broadcaster:
                 next_counts = now + COUNTS_SECONDS
                 counts_due = False
                 self.publish("counts", counts_view(self.store.status_counts()))
-            if self.watched:
-                self._send_panels(panels, now)
+
+    def _panels(self) -> None:
+        """The panels' thread: sends them to open pages until stopped; a failed read is logged and tried again."""
+        timers = _Timers()
+        while not self._stop.is_set():
+            try:
+                if self.watched:
+                    self._send_panels(timers, time.monotonic())
+            except ServerUnavailableError as exc:
+                logger.warning("dashboard panels: MongoDB unreachable; retrying (%s)", str(exc).splitlines()[0])
+                self._stop.wait(1.0)
+            except Exception:  # a panel outlives one bad read: log it, try again
+                logger.exception("dashboard panels failed; trying again")
+                self._stop.wait(1.0)
+            self._stop.wait(POLL_SECONDS)
 
     def _send_panels(self, timers: _Timers, now: float) -> None:
         """The flow panel when it changed, the trends and schedules every :data:`PANELS_SECONDS`."""
