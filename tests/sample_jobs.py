@@ -30,6 +30,14 @@ class Fail(AbstractJob):
         raise ValueError(f"boom: {self.data}")
 
 
+class FailHalfway(AbstractJob):
+    """Stores progress 40, then fails."""
+
+    def start(self) -> None:
+        self.update_progress(40)
+        raise RuntimeError("gave up at 40 %")
+
+
 class Sleep(AbstractJob):
     """Sleeps ``data["seconds"]`` (in C, without ever calling update_progress)."""
 

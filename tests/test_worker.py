@@ -40,6 +40,13 @@ def test_error_job(scheduler: Scheduler, worker: Worker) -> None:
     assert failed.error["message"] == "boom: w"
 
 
+def test_a_failed_run_keeps_the_progress_it_reached(scheduler: Scheduler, worker: Worker) -> None:
+    p = scheduler.add_job("sample_jobs:FailHalfway")
+    failed = worker.process_one(p.id)
+    assert failed.status == JobStatus.FAILED and failed.progress == 40.0  # how far it got (SPEC 7), not 100
+    assert scheduler.get_job(p.id).progress == 40.0
+
+
 def test_invalid_job_class(scheduler: Scheduler, worker: Worker) -> None:
     p = scheduler.add_job("test")
     failed = worker.process_one(p.id)

@@ -222,7 +222,14 @@ def jobs_table(processes: Iterable[Process], title: str | None = None, width: in
             "id": cell(p.id),
             "class": job_class,
             "status": Text(name, style=style),
-            "progress": ProgressBar(total=100, completed=p.progress, width=layout.get("progress")),
+            # In its status colour: a failed run shows how far it got in red, not a bar like a done one.
+            "progress": ProgressBar(
+                total=100,
+                completed=p.progress,
+                width=layout.get("progress"),
+                complete_style=style,
+                finished_style=style,
+            ),
             "worker": cell(str(p.worker)[-8:]) if p.worker else "-",
             "age": _age(p.created),
             "note": cell(note),

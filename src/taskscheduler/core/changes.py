@@ -267,9 +267,13 @@ class RunEnd(Change):
         )
         self.events = [self.processing_event(), end]
         self.when = owned_by(worker, self.run, expires)
-        self.fields = {"status": int(status), "ended": now, "progress": 100.0, "orphaned": job.orphaned}
-        self.fields["outcome"] = end_id
-        self.ended = job.evolve(status=status, ended=now, progress=100.0, outcome=end_id)
+        self.fields = {"status": int(status), "ended": now, "orphaned": job.orphaned, "outcome": end_id}
+        # A run that did not end DONE keeps the progress it stored, so that operators see how far it got (SPEC 7;
+        # upstream set 100 at every end).
+        progress = 100.0 if status == JobStatus.DONE else job.progress
+        if status == JobStatus.DONE:
+            self.fields["progress"] = 100.0
+        self.ended = job.evolve(status=status, ended=now, progress=progress, outcome=end_id)
         self.following: JobRecord | None = None
         follow = next_start(job, status, now.timestamp())
         if follow is not None:
