@@ -24,3 +24,8 @@ class Second(AbstractJob):
 
     def start(self) -> None:
         time.sleep(1.0)
+
+
+def noop() -> None:
+    """The RQ side of the side-by-side benchmark (RQ runs functions)."""
+    return None

@@ -3,7 +3,8 @@
 Targets are ratios or counts measured side by side in one run, never absolute times (shared 2-core machines).
 1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode,
 6 a priority job behind a queued backlog, 7 AsyncScheduler against Scheduler, 8 flow control (dependencies and
-limits: what a dependent or limited job costs, how soon a dependent starts, how busy a limit keeps its slots).
+limits: what a dependent or limited job costs, how soon a dependent starts, how busy a limit keeps its slots),
+9 side by side with RQ on Redis (benchmarks/versus_rq.py), 10 what an idle node, manager and worker cost.
 Results go to docs/performance.md (with docs/performance.png).
 """
 
@@ -292,6 +293,36 @@ def limited_throughput(uri: str, concurrency: int = 3, jobs: int = 12) -> dict[s
     return {"rate": jobs / (last - first).total_seconds(), "most_at_once": most, "concurrency": concurrency}
 
 
+def idle_cost(uri: str, seconds: float = 10.0) -> dict[str, float]:
+    """CPU milliseconds per second of an idle queue node's main process, its manager and each of its workers
+    (static pool of two), over ``seconds`` after a warm-up job."""
+    import psutil
+
+    with serving(uri, "idle", "--pm", "static", "--min-children", "2", "--max-children", "2") as (node, _):
+        time.sleep(2.0)  # the warm-up job's aftermath is over
+        root = psutil.Process(node.pid)
+        managers = root.children()
+        workers = [w for m in managers for w in m.children()]
+
+        def cpu(proc: psutil.Process) -> float:
+            """CPU seconds of every thread, to the nanosecond (psutil counts 10 ms ticks)."""
+            total = 0
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    total += int((task / "schedstat").read_text().split()[0])
+            return total / 1e9
+
+        roles = {"node": [root], "manager": managers, "worker": workers}
+        before = {role: [cpu(p) for p in procs] for role, procs in roles.items()}
+        time.sleep(seconds)
+        after = {role: [cpu(p) for p in procs] for role, procs in roles.items()}
+    # The busiest process of each role, in ms of CPU per second.
+    return {
+        role: max((a - b for a, b in zip(after[role], before[role], strict=True)), default=0.0) * 1000 / seconds
+        for role in roles
+    }
+
+
 def scale_rate(uri: str, queued: int, capped: bool) -> float:
     """Jobs/s when ``queued`` jobs wait before the node starts (first claim to last DONE)."""
     database = f"scale_{queued}_{int(capped)}"
@@ -386,7 +417,7 @@ def main() -> int:
         default=0,
         help="start the queue nodes with their Prometheus endpoint on this port (0: off), to compare costs",
     )
-    parser.add_argument("--only", default=None, choices=["flow"], help="run only this benchmark")
+    parser.add_argument("--only", default=None, choices=["flow", "rq", "idle"], help="run only this benchmark")
     args = parser.parse_args()
     if args.metrics_port:
         NODE_FLAGS.extend(["--metrics-port", str(args.metrics_port)])
@@ -395,6 +426,11 @@ def main() -> int:
     results: dict[str, Any] = {}
     if args.only == "flow":
         return 1 if flow_benchmarks(uri, results) else 0
+    if args.only == "rq":
+        return 1 if rq_benchmark(uri, results) else 0
+    if args.only == "idle":
+        idle = measure(uri, idle_cost)
+        return 1 if summary(f"idle: {idle}", max(idle.values()) <= 0.5) else 0
     for n in [int(x) for x in args.sizes.split(",")]:
         raw = measure(uri, raw_rate, n)
         lib = measure(uri, library_rate, n)
@@ -438,6 +474,13 @@ def main() -> int:
         plain[big] >= 0.8 * plain[small],
     )
     failed |= flow_benchmarks(uri, results)
+    failed |= rq_benchmark(uri, results)
+    idle = results["idle"] = measure(uri, idle_cost)
+    failed |= summary(
+        f"idle: node {idle['node']:.2f} ms/s, manager {idle['manager']:.2f} ms/s, worker {idle['worker']:.2f} ms/s "
+        f"of CPU (target <= 0.5 each)",
+        max(idle.values()) <= 0.5,
+    )
     cost = results["pm"] = measure(uri, process_cost)
     summary("process cost: " + ", ".join(f"{pm} {r:.1f} jobs/s {m:.1f} MiB/worker" for pm, (r, m) in cost.items()))
     write_report(results)
@@ -461,6 +504,29 @@ def flow_benchmarks(uri: str | None, results: dict[str, Any]) -> bool:
         and lim["rate"] >= 0.85 * lim["concurrency"]
         and lim["most_at_once"] <= lim["concurrency"]
         and (rt is None or flow["plain"] <= rt["per_job"] + 0.05),
+    )
+
+
+def rq_benchmark(uri: str | None, results: dict[str, Any]) -> bool:
+    """Benchmark 9 (side by side with RQ); True when a target was missed. Skipped with the reason when Redis or
+    RQ is missing."""
+    import versus_rq  # benchmarks/ is this script's folder
+
+    reason = versus_rq.missing()
+    if reason is not None:
+        summary(f"versus RQ: skipped ({reason})")
+        return False
+    both = results["versus_rq"] = measure(uri, versus_rq.side_by_side)
+    ours, rq = both["library"], both["rq"]
+    return summary(
+        f"versus RQ ({versus_rq.N} no-op jobs, 2 workers each): library {ours['rate']:.0f} jobs/s, "
+        f"{ours['cpu_ms']:.2f} ms client CPU per job (producer {ours['producer_ms']:.2f}, node and workers "
+        f"{ours['workers_ms']:.2f}), add->done p50 {ours['p50']:.1f} ms p99 {ours['p99']:.1f} ms; RQ "
+        f"{rq['rate']:.0f} jobs/s, {rq['cpu_ms']:.2f} ms per job (producer {rq['producer_ms']:.2f}, workers "
+        f"{rq['workers_ms']:.2f}), p50 {rq['p50']:.1f} ms p99 {rq['p99']:.1f} ms; RQ SimpleWorker (no fork per "
+        f"job) {both['rq_simple']['rate']:.0f} jobs/s, {both['rq_simple']['cpu_ms']:.2f} ms per job, p50 "
+        f"{both['rq_simple']['p50']:.1f} ms (targets: CPU per job <= a third of RQ's, p50 <= RQ's)",
+        ours["cpu_ms"] * 3 <= rq["cpu_ms"] and ours["p50"] <= rq["p50"],
     )
 
 
