@@ -5,6 +5,10 @@ runs killed right after their claim, burst with jobs that cannot start, add_chai
 from __future__ import annotations
 
 import logging
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +16,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from helpers import Node
+from helpers import TESTS_DIR, Node
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.errors import InvalidArgumentError, ServerUnavailableError
 from taskscheduler.node.blocked import Blocked
@@ -259,3 +263,94 @@ def test_held_jobs_are_not_all_handed_over_at_every_slot_change(
         if "Command started" in line and '"commandName": "findAndModify"' in line and ".flow" in line
     ]
     assert len(attempts) <= 3 * len(jobs), f"{len(attempts)} slot attempts for {len(jobs)} jobs"
+
+
+# -- arguments of set_limit / pause / resume at their edges --
+
+
+@pytest.mark.parametrize("rate", ["99999999999999999999/s", "3000000000/s", "1000000/h"])
+def test_a_rate_no_limit_document_can_keep_is_refused_and_nothing_is_written(scheduler: Scheduler, rate: str) -> None:
+    """SPEC 8 rate "N/s" and strict arguments (nothing written): a count past 2**63 raised bson's OverflowError;
+    one past 2**31 was stored as an int64, which core.flow._limit then calls malformed (a limit the library wrote
+    that limits nothing); a count of a million keeps a million start times in one document (16 MB on the dot, and
+    each start filters the whole array: 18 s per start on the test server)."""
+    with pytest.raises(InvalidArgumentError, match="rate"):
+        scheduler.set_limit("k", rate=rate)
+    assert _flow(scheduler).count_documents({}) == 0
+
+
+def test_the_largest_rate_accepted_is_a_working_limit(scheduler: Scheduler) -> None:
+    from taskscheduler.core.flow import MAX_RATE_COUNT
+
+    scheduler.set_limit("k", rate=f"{MAX_RATE_COUNT}/h")
+    assert scheduler.limits() == {"k": {"concurrency": None, "rate": f"{MAX_RATE_COUNT}/h"}}
+    assert Slots(scheduler.store, ObjectId(), logging.getLogger("test")).take(ObjectId(), ["k"])
+
+
+@pytest.mark.parametrize("call", ["set_limit", "remove_limit", "pause", "resume"])
+def test_a_key_that_cannot_be_stored_is_refused_as_invalid(scheduler: Scheduler, call: str) -> None:
+    """Strict arguments: a key holding a lone surrogate (no UTF-8 form) passed checked_key and reached bson, which
+    raised UnicodeEncodeError out of the call (not a TaskSchedulerError: a CLI or dashboard caller crashed)."""
+    args: dict[str, Any] = {"concurrency": 1} if call == "set_limit" else {}
+    with pytest.raises(InvalidArgumentError, match="key"):
+        getattr(scheduler, call)("bad\ud800key", **args)
+    assert _flow(scheduler).count_documents({}) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="options.limit_key lets a lone surrogate through: bson's UnicodeEncodeError")
+def test_a_limit_key_option_that_cannot_be_stored_is_refused_as_invalid(scheduler: Scheduler) -> None:
+    with pytest.raises(InvalidArgumentError):
+        scheduler.add_job("sample_jobs:Noop", limit_key="bad\ud800key")
+
+
+def test_a_malformed_stored_rate_reaches_no_terminal_as_control_characters(
+    scheduler: Scheduler, server: Any, db_name: str
+) -> None:
+    """SPEC 7 "CLI output never passes control characters or console markup from stored data to the terminal":
+    core.flow.rate_text put a stored rate count into the text as it was, and ``taskscheduler limit KEY`` prints that
+    text unescaped (a hand-written count of "\\x1b]0;owned\\x07" retitles the operator's terminal)."""
+    hostile = {"count": "\x1b]0;owned\x07\x1b[2J", "seconds": 60}
+    _flow(scheduler).insert_one({"_id": "limit:k", "kind": "limit", "key": "k", "rate": hostile, "holders": []})
+    shown = scheduler.limits()["k"]
+    assert shown["malformed"] is True and "\x1b" not in str(shown["rate"])
+    env = dict(os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri)
+    env["TASKSCHEDULER_DATABASE"] = db_name
+    done = subprocess.run(
+        [sys.executable, "-m", "taskscheduler", "limit", "k"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"limit on k: .*rate \?/m", done.stdout), done.stdout
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+
+
+def test_a_control_stored_under_another_id_controls_nothing(scheduler: Scheduler) -> None:
+    """A pause or limit document whose ``_id`` is not ``<kind>:<key>`` (written by hand): Controls.from_docs took
+    its ``key`` field, so paused() and limits() listed a pause and a limit that resume() and remove_limit() (and
+    the dashboard's resume button) delete by ``_id`` and so can never remove, and every node held the key's jobs
+    for ever (a limit's slots are taken by ``_id``: it never frees)."""
+    _flow(scheduler).insert_many(
+        [
+            {"_id": "pause:other", "kind": "pause", "key": "sample_jobs:Noop"},
+            {"_id": "junk", "kind": "limit", "key": "k", "concurrency": 1, "holders": [], "starts": []},
+        ]
+    )
+    scheduler.resume("sample_jobs:Noop")
+    scheduler.remove_limit("k")
+    assert scheduler.paused() == [] and scheduler.limits() == {}
+    job = scheduler.add_job("sample_jobs:Noop", limit_key="k")
+    assert [p.id for p in run_jobs(scheduler)] == [job.id]
+
+
+@pytest.mark.parametrize("broken", [{"holders": 5}, {"starts": "never"}, {"holders": None, "starts": {"a": 1}}])
+def test_set_limit_repairs_a_limit_whose_slots_are_broken(scheduler: Scheduler, broken: dict[str, Any]) -> None:
+    """SPEC 2 (malformed stored data) / SPEC 8 set_limit: a limit document whose ``holders`` or ``starts`` is not an
+    array is shown as malformed and limits nothing, and set_limit (what an operator does to fix it) kept both
+    fields as they were: the limit stayed malformed until removed and set again."""
+    doc = {"_id": "limit:k", "kind": "limit", "key": "k", "concurrency": 1, "rate": None, "holders": [], "starts": []}
+    _flow(scheduler).insert_one({**doc, **broken})
+    assert scheduler.limits()["k"].get("malformed") is True
+    scheduler.set_limit("k", concurrency=1, rate="5/m")
+    assert scheduler.limits() == {"k": {"concurrency": 1, "rate": "5/m"}}
+    first, second = (scheduler.add_job("sample_jobs:Noop", limit_key="k") for _ in range(2))
+    slots = Slots(scheduler.store, ObjectId(), logging.getLogger("test"))
+    assert slots.take(first.id, ["k"]) and not slots.take(second.id, ["k"])  # the limit of 1 holds

@@ -23,7 +23,11 @@ from ..errors import InvalidArgumentError
 EVERY_JOB = "*"
 #: Units of a rate: "N/s", "N/m", "N/h".
 RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
+#: Most starts a rate may allow in its interval: a limit keeps the time of each start in the interval in its one
+#: document, and every start filters them all (a million is 16 MB, the largest document MongoDB stores). For more,
+#: a shorter interval: "10000/h" as it is, "600000/h" as "10000/m".
+MAX_RATE_COUNT = 10_000
+_RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([smh])\s*$")
 
 
 def checked_key(key: Any, *, pause: bool = False) -> str:
@@ -33,25 +37,40 @@ def checked_key(key: Any, *, pause: bool = False) -> str:
         raise InvalidArgumentError(f"key must be a job class ('module:QualName') or a limit_key, got {key!r}")
     if key == EVERY_JOB and not pause:
         raise InvalidArgumentError("'*' pauses every job; a limit needs a class or a limit_key")
+    try:  # a lone surrogate has no UTF-8 form: bson would raise UnicodeEncodeError at the write
+        key.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"key must be text that can be stored (UTF-8), got {key!r}") from None
     return o.limit_key("key", key)
 
 
 def parse_rate(rate: Any) -> dict[str, int] | None:
-    """``"N/s"``, ``"N/m"`` or ``"N/h"`` (N >= 1) as stored: ``{"count": N, "seconds": 1, 60 or 3600}``."""
+    """``"N/s"``, ``"N/m"`` or ``"N/h"`` (1 <= N <= MAX_RATE_COUNT) as stored: ``{"count": N, "seconds": 1, 60 or
+    3600}``."""
     if rate is None:
         return None
     found = _RATE.match(rate) if isinstance(rate, str) else None
     if found is None or int(found.group(1)) < 1:
         raise InvalidArgumentError(f"rate must be like '10/s', '100/m' or '1000/h' (at least 1), got {rate!r}")
-    return {"count": int(found.group(1)), "seconds": RATE_UNITS[found.group(2)]}
+    count = int(found.group(1))
+    if count > MAX_RATE_COUNT:
+        raise InvalidArgumentError(
+            f"rate allows at most {MAX_RATE_COUNT} starts per interval (a limit keeps each start's time), got "
+            f"{rate!r}: give it per shorter interval ('N/m' or 'N/s')"
+        )
+    return {"count": count, "seconds": RATE_UNITS[found.group(2)]}
 
 
 def rate_text(rate: Any) -> str | None:
+    """A stored rate as ``"N/m"``; a count that is no whole number (a hand-written document) shows as ``"?"``:
+    stored text never reaches a terminal or a page from here."""
     if not isinstance(rate, Mapping):
         return None
-    seconds = rate.get("seconds")
-    unit = {length: name for name, length in RATE_UNITS.items()}.get(seconds if type(seconds) is int else 1, "s")
-    return f"{rate.get('count')}/{unit}"
+    count, seconds = rate.get("count"), rate.get("seconds")
+    span = seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else 1
+    unit = {length: name for name, length in RATE_UNITS.items()}.get(span, "s")
+    shown = count if isinstance(count, int) and not isinstance(count, bool) else "?"
+    return f"{shown}/{unit}"
 
 
 def checked_concurrency(concurrency: Any) -> int | None:
@@ -145,8 +164,10 @@ class Controls:
         broken: dict[str, Mapping[str, Any]] = {}
         for doc in docs:
             key = doc.get("key")
-            if not isinstance(key, str):
-                continue  # a hostile document controls nothing
+            if not isinstance(key, str) or doc.get("_id") != f"{doc.get('kind')}:{key}":
+                # A hostile document controls nothing; nor does one stored under another id (written by hand):
+                # resume() and remove_limit() could never remove it, and a limit's slots are taken by id.
+                continue
             if doc.get("kind") == "pause":
                 paused.add(key)
             elif doc.get("kind") == "limit":

@@ -51,14 +51,14 @@ class FlowControls(Deployment):
             return self.flow.delete_one({"_id": f"pause:{key}"}).deleted_count == 1
 
     def set_limit(self, key: str, concurrency: int | None, rate: Mapping[str, Any] | None) -> None:
-        """Create or change a limit; the runs holding its slots and its recent starts are kept."""
+        """Create or change a limit; the runs holding its slots and its recent starts are kept (as arrays: one that
+        is not, written by hand, is started afresh, so setting a limit again repairs a broken one)."""
+        kept = {name: {"$cond": [{"$isArray": f"${name}"}, f"${name}", []]} for name in ("holders", "starts")}
+        fields = {"kind": "limit", "key": key, "concurrency": concurrency, "rate": rate}
         with server_errors():
             self.flow.update_one(
                 {"_id": f"limit:{key}"},
-                {
-                    "$set": {"kind": "limit", "key": key, "concurrency": concurrency, "rate": rate},
-                    "$setOnInsert": {"holders": [], "starts": []},
-                },
+                [{"$set": {**{name: literal(value) for name, value in fields.items()}, **kept}}],
                 upsert=True,
             )
 
