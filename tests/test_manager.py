@@ -209,3 +209,24 @@ def test_a_force_spawn_job_during_a_spawn_backoff_runs_after_it() -> None:
 def fake_child(worker: ObjectId, pid: int) -> _WorkerProc:
     parent, _ = Pipe()
     return _WorkerProc(worker, pid, parent, LeaseSlot(), dedicated=False)
+
+
+@pytest.mark.parametrize("pm", ["static", "dynamic"])
+def test_an_idle_manager_waits_long_and_a_busy_one_keeps_its_tick(pm: str) -> None:
+    from taskscheduler.node import manager as manager_module
+
+    manager = WorkerManager(factory(), options={"pm": pm, "min_children": 1, "max_children": 2})
+    idle = manager._workers[1] = fake_child(ObjectId(), 1)
+    assert manager._wait_time() == manager_module.IDLE_WAIT_SECONDS  # only messages, exits and signals wake it
+    manager._workers[2] = fake_child(ObjectId(), 2)  # one more than the minimum
+    expected = manager_module.TICK_SECONDS if pm == "dynamic" else manager_module.IDLE_WAIT_SECONDS
+    assert manager._wait_time() == expected  # a dynamic pool lets the spare one go after its idle time
+    del manager._workers[2]
+    idle.job = ObjectId()  # a job handed over: its timeout and fence are timed
+    assert manager._wait_time() == manager_module.TICK_SECONDS
+    idle.job = None
+    manager._outbox.append(object())  # reports waiting for room in the pipe
+    assert manager._wait_time() == manager_module.OUTBOX_TICK_SECONDS
+    manager._outbox.clear()
+    del manager._workers[1]  # below the minimum: a spawn to try again
+    assert manager._wait_time() == manager_module.TICK_SECONDS

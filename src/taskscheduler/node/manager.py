@@ -59,6 +59,8 @@ class WorkerBuilder(Protocol):
 
 #: Longest the manager sleeps before looking at timers again.
 TICK_SECONDS = 0.25
+#: Longest the manager sleeps when it has nothing to time: no job, nothing to spawn, shrink or send.
+IDLE_WAIT_SECONDS = 5.0
 #: Longest the manager sleeps while reports wait for room in the pipe to the node.
 OUTBOX_TICK_SECONDS = 0.01
 #: Seconds to wait before forking again after a worker could not start.
@@ -164,11 +166,25 @@ class WorkerManager:
                 self._shrink()
                 self._flush_reports()
                 conns = [c.conn for c in self._workers.values() if not c.conn.closed]
-                ready = wait([connection, self._wake_r, *conns], OUTBOX_TICK_SECONDS if self._outbox else TICK_SECONDS)
+                ready = wait([connection, self._wake_r, *conns], self._wait_time())
                 for handle in ready:
                     self._receive(handle)
         finally:
             self._stop_all()
+
+    def _wait_time(self) -> float:
+        """How long the loop may wait for a message, a worker's exit or a signal (each wakes it at once) before a
+        timer of its own is due. Idle (no job anywhere in it, nothing to spawn, shrink or send), that is
+        IDLE_WAIT_SECONDS: an idle manager costs next to no CPU."""
+        if self._outbox:
+            return OUTBOX_TICK_SECONDS
+        if self._pending or self._forced or any(p.job is not None or p.kill_reason for p in self._workers.values()):
+            return TICK_SECONDS  # deadlines, fences and kills are looked at every tick
+        if self.options[o.PM] != o.PM_ONDEMAND and self._pool_size() < self.options[o.MIN_CHILDREN]:
+            return TICK_SECONDS  # a spawn to try again after its backoff
+        if self.options[o.PM] == o.PM_DYNAMIC and self._pool_size() > self.options[o.MIN_CHILDREN]:
+            return TICK_SECONDS  # idle workers to let go of in time
+        return IDLE_WAIT_SECONDS
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
