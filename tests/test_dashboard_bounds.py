@@ -270,3 +270,29 @@ def test_error_lines_of_the_table_are_read_in_one_query_cut_on_the_server(
         assert len(reads) == 1 and "$substrCP" in str(reads[0])
     finally:
         client.close()
+
+
+def test_a_bulk_requeue_stops_at_an_outage_instead_of_trying_every_job(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 7 Hardening, "a bounded request never stalls the server": bulk requeue went on to the next job after
+    any TaskSchedulerError, ServerUnavailableError included, so during an outage one request waited out the
+    driver's server selection once per job (500 jobs x 30 s: four hours of a server thread) before answering."""
+    from taskscheduler.errors import ServerUnavailableError
+    from taskscheduler.testing import run_jobs
+
+    for n in range(5):
+        scheduler.add_job("sample_jobs:Fail", {"n": n})
+    run_jobs(scheduler)
+    tried: list[ObjectId] = []
+
+    def unreachable(job_id: ObjectId) -> Any:
+        tried.append(job_id)
+        raise ServerUnavailableError("cannot reach MongoDB: timed out")
+
+    monkeypatch.setattr(scheduler, "requeue_job", unreachable)
+    with TestClient(create_app(scheduler)) as web:
+        reply = web.post("/api/bulk/requeue", params={"expected": "5"}, headers={"X-Taskscheduler-Action": "1"})
+    assert len(tried) == 1
+    assert reply.status_code == 503
+    assert "cannot reach MongoDB" in reply.json()["error"] and "0 of 5" in reply.json()["error"]

@@ -15,7 +15,7 @@ from typing import Any
 from bson import ObjectId
 
 from ...client.scheduler import Scheduler
-from ...errors import TaskSchedulerError
+from ...errors import ServerUnavailableError, TaskSchedulerError
 from .views import job_query
 
 #: The header every action must carry (browsers refuse to send it cross-site without our consent).
@@ -63,7 +63,10 @@ def bulk_preview(scheduler: Scheduler, query: dict[str, Any] | None) -> dict[str
 def bulk_requeue(scheduler: Scheduler, query: dict[str, Any] | None, expected: int) -> dict[str, Any]:
     """Requeue the newest ``expected`` (at most :data:`MAX_BULK`) jobs matching ``query``, one by one through
     ``Scheduler.requeue_job``: a job that changed meanwhile (requeued by someone else, gone) is reported in
-    ``failed`` with the reason, the others keep going. ``remaining``: matching jobs left afterwards."""
+    ``failed`` with the reason, the others keep going. ``remaining``: matching jobs left afterwards.
+
+    An outage stops it (ServerUnavailableError saying how far it got): each further job would wait out the
+    driver's server selection again, holding the request (and a server thread) for as many times as jobs are left."""
     if query is None or expected <= 0:
         return {"requeued": 0, "failed": [], "failed_total": 0, "remaining": 0}
     found = scheduler.store.newest_jobs(query, min(expected, MAX_BULK))
@@ -74,6 +77,10 @@ def bulk_requeue(scheduler: Scheduler, query: dict[str, Any] | None, expected: i
         job_id = doc["_id"]
         try:
             scheduler.requeue_job(job_id)
+        except ServerUnavailableError as exc:
+            raise ServerUnavailableError(
+                f"{str(exc).splitlines()[0][:300]}: requeued {requeued} of {len(found)} before it, the rest not tried"
+            ) from exc
         except TaskSchedulerError as exc:
             failed_total += 1
             if len(failed) < MAX_BULK_FAILURES:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ...client.process import Process
 from ...client.scheduler import Scheduler
 from ...constants import VERSION, JobStatus
-from ...errors import InvalidArgumentError, JobNotFoundError
+from ...errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
 from .actions import ACTION_HEADER, bulk_preview, bulk_query, bulk_requeue, refusal
 from .limits import MAX_STREAMS
 from .live import Broadcaster, Message
@@ -227,7 +227,10 @@ class _Endpoints:
             expected = int(request.query_params.get("expected", ""))
         except ValueError:
             return _error(400, "expected must be the number of jobs confirmed, e.g. expected=12")
-        return _json(bulk_requeue(self.scheduler, query, expected))
+        try:
+            return _json(bulk_requeue(self.scheduler, query, expected))
+        except ServerUnavailableError as exc:  # stopped at the first job the server could not be asked about
+            return _error(503, str(exc))
 
     def _refuse(self, request: Request) -> Response | None:
         """Why an action is refused (checked before anything is read), or None."""
