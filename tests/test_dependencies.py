@@ -3,6 +3,7 @@ run here through ``run_jobs`` (the lifecycle without a node; tests/e2e/test_depe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -151,3 +152,20 @@ def test_finding_dependents_is_served_by_an_index(recorded: tuple[Database[dict[
     checked, slow = unindexed(db, recorder.commands)
     assert checked >= 2
     assert slow == [], "\n".join(map(str, slow))
+
+
+@pytest.mark.xfail(strict=True, reason="check_new never asks whether the new job's own id is awaited")
+def test_a_job_that_would_close_a_cycle_of_dependencies_is_refused(new_scheduler: Callable[..., Scheduler]) -> None:
+    """SPEC 8: a dependency that is gone counts as DONE, and the ``id`` option lets a new job take the id of one
+    that is gone (TTL retention removed the finished job). A job added under that id that depends on a job
+    waiting for the id closes a cycle: both stay WAITING for ever, neither canceled, blocked_by naming each other.
+    Expected: refused (nothing written), as an unknown dependency is."""
+    scheduler = new_scheduler({"job_queue_size": 0})  # an ordinary collection: finished jobs expire by TTL
+    gone = scheduler.add_job("sample_jobs:Noop")
+    run_jobs(scheduler)
+    later = scheduler.add_job("sample_jobs:Noop", depends_on=[gone.id], at=time.time() + 3600)
+    scheduler.store.jobs.delete_one({"_id": gone.id})  # what the TTL index does after job_retention
+    before = count(scheduler)
+    with pytest.raises(InvalidArgumentError):
+        scheduler.add_job("sample_jobs:Noop", id=gone.id, depends_on=[later.id])
+    assert count(scheduler) == before

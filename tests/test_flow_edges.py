@@ -354,3 +354,19 @@ def test_set_limit_repairs_a_limit_whose_slots_are_broken(scheduler: Scheduler, 
     first, second = (scheduler.add_job("sample_jobs:Noop", limit_key="k") for _ in range(2))
     slots = Slots(scheduler.store, ObjectId(), logging.getLogger("test"))
     assert slots.take(first.id, ["k"]) and not slots.take(second.id, ["k"])  # the limit of 1 holds
+
+
+def test_a_burst_node_does_not_wait_for_a_cycle_of_dependencies(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    """SPEC 9 burst ("serve until no job of the node's modules is due or running") with stored dependencies that
+    form a cycle (written by hand, or see test_dependencies' id reuse): neither job can ever start, yet
+    Queue._may_start counted each as busy because the job it waits for is due, so the batch host never stopped."""
+    done = [scheduler.add_job("sample_jobs:Noop") for _ in range(2)]
+    run_jobs(scheduler)
+    first, second = (scheduler.add_job("sample_jobs:Noop", depends_on=[d]) for d in done)
+    for job, other in ((first, second), (second, first)):  # the same size: the stored id replaced in place
+        scheduler.store.jobs.update_one({"_id": job.id}, {"$set": {"options.depends_on": [other.id]}})
+    node = start_node("--burst")
+    assert node.proc.wait(EXIT_SECONDS) == 0, node.output()[-3000:]
+    assert {scheduler.get_job(j.id).status for j in (first, second)} == {JobStatus.WAITING}

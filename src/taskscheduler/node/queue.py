@@ -319,7 +319,9 @@ class Queue:
     def _may_start(self, job_id: Any, now: float) -> bool:
         """Whether a due job of ours can still start without a pause lifted (burst mode): a skipped malformed job
         never does; a paused one not before a resume; one that waits for other jobs only when one of those is due
-        or running (a dependency postponed to later keeps nobody busy)."""
+        or running (a dependency postponed to later keeps nobody busy). A dependency held here for its own
+        dependencies counts as its own due job does, not once more: a cycle of them (stored by hand) keeps
+        nobody busy, while the job at the root of a chain is looked at itself."""
         if job_ref(job_id) in self._skipped:
             return False
         held = self._held.get(job_id)
@@ -328,7 +330,9 @@ class Queue:
         blocked = self._blocked.jobs.get(job_id)
         if blocked is None:
             return True
-        for state in self.store.job_states(depends_on(blocked)).values():
+        for dependency, state in self.store.job_states(depends_on(blocked)).items():
+            if dependency in self._blocked.jobs:
+                continue
             if state.get("status") == JobStatus.PROCESSING or due(state, now):
                 return True
         return False
