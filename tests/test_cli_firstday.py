@@ -3,6 +3,10 @@ commands the quickstart and the examples' README walk through answer as document
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -11,7 +15,7 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import Recorder
+from helpers import TESTS_DIR, Recorder
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_EVENT_QUEUE
 from taskscheduler.core.changes import derived_id
@@ -106,3 +110,69 @@ def test_info_reads_recent_run_ends_through_the_time_index(
     finally:
         client.drop_database(db_name)
         client.close()
+
+
+@pytest.fixture
+def run(server: EmbeddedServer, db_name: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs ``taskscheduler ARGS`` in a child process against the test's database."""
+
+    def call(*args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(
+            os.environ, PYTHONPATH=str(TESTS_DIR), TASKSCHEDULER_MONGODB_URI=server.uri, TASKSCHEDULER_DATABASE=db_name
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "taskscheduler", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    return call
+
+
+def test_resume_says_when_the_key_was_not_paused(
+    run: Callable[..., subprocess.CompletedProcess[str]], scheduler: Scheduler
+) -> None:
+    # Given a pause on one class
+    scheduler.pause("sample_jobs:Noop")
+    # When a mistyped key is resumed
+    typo = run("resume", "sample_jobs:Nop")
+    # Then it says the key was not paused and what is, and the real pause holds on
+    assert typo.returncode == 0, typo.stderr
+    assert typo.stdout == "sample_jobs:Nop was not paused (paused: sample_jobs:Noop)\n"
+    assert scheduler.paused() == ["sample_jobs:Noop"]
+    # And the right key resumes it
+    right = run("resume", "sample_jobs:Noop")
+    assert (right.returncode, right.stdout) == (0, "resumed sample_jobs:Noop\n")
+    assert scheduler.paused() == []
+    again = run("resume", "sample_jobs:Noop")
+    assert again.stdout == "sample_jobs:Noop was not paused (paused: nothing)\n"
+
+
+def test_pause_of_a_paused_key_says_so(
+    run: Callable[..., subprocess.CompletedProcess[str]], scheduler: Scheduler
+) -> None:
+    first, second = run("pause", "*"), run("pause", "*")
+    assert first.stdout == "paused *: running runs finish, due jobs wait\n"
+    assert second.stdout == "paused * (already): running runs finish, due jobs wait\n"
+    assert scheduler.paused() == ["*"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("pause", "sample_jobs.Noop"),
+        ("limit", "sample_jobs.Noop", "--concurrency", "1"),
+        ("resume", "sample_jobs.Noop"),
+    ],
+)
+def test_a_dotted_class_as_key_gets_a_note_on_how_classes_are_named(
+    run: Callable[..., subprocess.CompletedProcess[str]], args: tuple[str, ...]
+) -> None:
+    done = run(*args)
+    assert done.returncode == 0, done.stderr
+    assert "note: a class is named 'module:QualName' ('sample_jobs:Noop')" in done.stderr
+
+
+@pytest.mark.parametrize("key", ["sample_jobs:Noop", "mail", "*", "mail-api"])
+def test_class_names_and_plain_keys_get_no_note(run: Callable[..., subprocess.CompletedProcess[str]], key: str) -> None:
+    done = run("pause", key)
+    assert done.returncode == 0, done.stderr
+    assert "note:" not in done.stderr

@@ -638,6 +638,7 @@ def limit(conn: Connection, key: str, concurrency: int | None, rate: str | None,
         return
     if concurrency is not None or rate is not None:
         scheduler.set_limit(key, concurrency=concurrency, rate=rate)
+        _note_dotted_class(key)
     found = scheduler.limits().get(key)
     if found is None:
         click.echo(f"no limit on {visible(key)}")
@@ -652,8 +653,11 @@ def pause(conn: Connection, key: str) -> None:
     """Start no new run under KEY (a class, a limit_key, or '*' for every job) until `resume KEY`."""
     from .display import visible
 
-    conn.scheduler().pause(key)
-    click.echo(f"paused {visible(key)}: running runs finish, due jobs wait")
+    scheduler = conn.scheduler()
+    already = key in scheduler.paused()
+    scheduler.pause(key)
+    click.echo(f"paused {visible(key)}{' (already)' if already else ''}: running runs finish, due jobs wait")
+    _note_dotted_class(key)
 
 
 @cli.command()
@@ -663,8 +667,32 @@ def resume(conn: Connection, key: str) -> None:
     """Undo `pause KEY`: its due jobs start."""
     from .display import visible
 
-    conn.scheduler().resume(key)
+    scheduler = conn.scheduler()
+    paused = scheduler.paused()
+    if key not in paused:
+        # Resuming is idempotent (exit 0), but "resumed" would hide a mistyped key while the real pause holds on.
+        now = ", ".join(visible(k) for k in paused) if paused else "nothing"
+        click.echo(f"{visible(key)} was not paused (paused: {now})")
+        _note_dotted_class(key)
+        return
+    scheduler.resume(key)
     click.echo(f"resumed {visible(key)}")
+
+
+def _note_dotted_class(key: str) -> None:
+    """Say on stderr how a class is named when KEY reads as a dotted class path: ``add_job`` accepts
+    "module.QualName" and stores "module:QualName", so a limit or pause on the dotted form is one on a limit_key
+    no job of that class has, and holds nothing back without a word."""
+    from .display import visible
+
+    if ":" in key or "." not in key.strip("."):
+        return
+    module, _, name = key.rpartition(".")
+    click.echo(
+        f"note: a class is named 'module:QualName' ('{visible(module)}:{visible(name)}'); "
+        f"'{visible(key)}' counts only jobs whose limit_key is '{visible(key)}'",
+        err=True,
+    )
 
 
 @cli.command()
