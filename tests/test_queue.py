@@ -16,6 +16,7 @@ from taskscheduler.constants import NO_WORKER
 from taskscheduler.node.heartbeat import Heartbeat
 from taskscheduler.node.protocol import JobClaimed, JobFinished
 from taskscheduler.node.queue import _Timers
+from taskscheduler.node.wakeups import Wakeups
 from taskscheduler.ops.embedded import EmbeddedServer
 
 
@@ -58,10 +59,14 @@ def test_one_failing_step_of_a_node_round_skips_nothing_else(queue: Queue, monke
     monkeypatch.setattr(queue, "_check_manager", lambda: ran.append("manager"))
     timers = _Timers(2.0)
     timers.orphans = 0.0
-    with queue.store.status_feed() as feed:
-        for _ in range(2):
-            queue._iterate(feed, timers, 0)
-            timers.orphans = 0.0
+    with queue.store.status_feed(flow=True) as feed:
+        queue._wakeups = Wakeups(feed).start()
+        try:
+            for _ in range(2):
+                queue._iterate(timers)
+                timers.orphans = 0.0
+        finally:
+            queue._wakeups.stop()
     assert ran == ["due", "orphans", "manager"] * 2
 
 

@@ -17,11 +17,15 @@ from typing import Any
 
 
 class Inbox:
-    """Reads ``connection`` until it closes; ``drain()`` returns what came since the last call, oldest first."""
+    """Reads ``connection`` until it closes; ``drain()`` returns what came since the last call, oldest first.
+    ``wake`` is called after each report and once the connection closed."""
 
-    def __init__(self, connection: Connection, track: Callable[[Any], None]) -> None:
+    def __init__(
+        self, connection: Connection, track: Callable[[Any], None], wake: Callable[[], None] = lambda: None
+    ) -> None:
         self._connection = connection
         self._track = track
+        self._wake = wake  # the node's loop sleeps until something comes: each report (and the end) wakes it
         self._reports: deque[Any] = deque()
         self.closed = threading.Event()  # the manager's end is gone: every report it sent has been read
         self._thread = threading.Thread(target=self._read, name="taskscheduler-inbox", daemon=True)
@@ -33,10 +37,12 @@ class Inbox:
                 report = self._connection.recv()  # blocks: an idle node costs nothing here
                 self._track(report)
                 self._reports.append(report)
+                self._wake()
         except (EOFError, OSError, ValueError):
             pass
         finally:
             self.closed.set()
+            self._wake()  # the manager is gone: the loop looks at it now
 
     def drain(self) -> list[Any]:
         reports = []

@@ -35,7 +35,7 @@ from ..core.flow import EVERY_JOB, Controls, keys_of
 from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
-from ..store import STATUS_UNKNOWN, StatusChange, StatusFeed, utcnow
+from ..store import STATUS_UNKNOWN, StatusChange, utcnow
 from ..store.records import EventRecord
 from ..store.schema import due, end_problem, job_ref, problem
 from . import forking
@@ -59,6 +59,7 @@ from .protocol import (
     WorkerSpawned,
     handed_over,
 )
+from .wakeups import READ_SECONDS, Kind, Wakeups
 
 #: Statuses a node's change stream needs when nobody listens to its status events: what to run, what to run
 #: later, what to kill, and claims (so that a job another node took leaves this node's queue at once, instead of
@@ -81,8 +82,13 @@ RESTART_WINDOW = 60.0
 ERROR_BACKOFF_SECONDS = 0.5
 #: Workers that exited lately, whose unreported claims a stopping node still looks for.
 EXITED_WORKERS_KEPT = 100
-#: Longest the node waits on the change stream before looking at its timers.
+#: Longest the node's loop sleeps while it has something to look at again soon (held or blocked jobs, ends to
+#: record, burst mode, metrics): what comes in (changes, reports) wakes it at once whatever it waits for.
 TICK_SECONDS = 0.2
+#: Longest an idle node's loop sleeps (bounded by its timers): changes, reports and signals wake it at once.
+IDLE_WAIT_SECONDS = 2.0
+#: Wake-ups handled in one round of the loop before its other steps run.
+WAKEUPS_PER_ROUND = 100
 #: How often a node in burst mode looks whether any job of its modules is still due or running.
 BURST_CHECK_SECONDS = 0.25
 #: Looks in a row that must find nothing before a node in burst mode stops (a claim's report may be on its way).
@@ -155,7 +161,10 @@ class Queue:
         self._quiet_looks = 0  # burst mode: looks in a row that found nothing to do
         self._blocked = Blocked(self.life)  # waiting jobs of ours whose dependencies have not all ended DONE
         self._controls = Controls()  # pauses and limits (SPEC 8), as last read
-        self._flow_seen = -1  # the feed's count of flow changes when they were last read
+        self._flow_marks = 0  # changes of the flow controls the stream has shown so far
+        self._flow_seen = -1  # self._flow_marks when the controls were last read
+        self._need_scan = True  # at start, and after the stream restarted without its resume token
+        self._wakeups: Wakeups | None = None
         self._flow_released = -1  # ... when the held jobs were last looked at
         self._held: dict[ObjectId, dict[str, Any]] = {}  # due jobs of ours a pause or a full limit holds back
         self._next_probe = 0.0
@@ -165,7 +174,7 @@ class Queue:
         self.id = ObjectId()
         self._started = utcnow()
         self._send_lock = threading.Lock()  # the heartbeat thread sends too
-        self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo
+        self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo (see Wakeups too)
         self.exit_code = 0
         #: The Prometheus endpoint (option metrics_port), built now so a missing extra fails before any work.
         self.metrics: NodeMetrics | None = None
@@ -216,11 +225,15 @@ class Queue:
             self._heartbeat = Heartbeat(
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
-            with self.store.status_feed(lookup=listening, statuses=routed, flow=True) as feed:
-                timers = _Timers(lease)
-                gaps = -1  # forces the first scan
-                while not self._stopping:
-                    gaps = self._iterate(feed, timers, gaps)
+            await_ms = int(READ_SECONDS * 1000)
+            with self.store.status_feed(lookup=listening, statuses=routed, flow=True, await_ms=await_ms) as feed:
+                self._wakeups = Wakeups(feed).start()
+                try:
+                    timers = _Timers(lease)
+                    while not self._stopping:
+                        self._iterate(timers)
+                finally:
+                    self._wakeups.stop()
         finally:
             # The heartbeat goes on while the manager stops: runs whose code has returned keep their leases while
             # they record their ends.
@@ -234,19 +247,20 @@ class Queue:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _iterate(self, feed: StatusFeed, timers: _Timers, gaps: int) -> int:
-        """One round of the node's loop; returns the stream's gap count it has caught up with. Each step fails
-        alone: one that cannot reach MongoDB is logged and tried again next round, and skips nothing else."""
+    def _iterate(self, timers: _Timers) -> None:
+        """One round of the node's loop: it sleeps until something comes or a timer is due, then handles it. Each
+        step fails alone: one that cannot reach MongoDB is logged and tried again next round, and skips nothing
+        else."""
         failed = False
-        if feed.gaps != gaps:  # at start, and whenever the stream restarted without its resume token
+        if self._need_scan:  # at start, and whenever the stream restarted without its resume token
             self._flow_seen = -1  # changes of the flow controls may have been missed too
-            if self._step(lambda: self._read_flow(feed)) and self._step(self._scan):
-                gaps = feed.gaps
+            if self._step(self._read_flow) and self._step(self._scan):
+                self._need_scan = False
             else:
                 failed = True
         steps = (
-            lambda: self._poll(feed),
-            lambda: self._read_flow(feed),  # before the next poll: a job added after a pause is routed after it
+            lambda: self._take_wakeups(timers),
+            self._read_flow,  # one that failed in the round before
             self._read_manager,
             self._record_kills,
             self._release_due,
@@ -267,7 +281,49 @@ class Queue:
             failed = not self._step(self.metrics.refresh) or failed
         if failed:
             time.sleep(ERROR_BACKOFF_SECONDS)
-        return gaps
+
+    def _take_wakeups(self, timers: _Timers) -> None:
+        """Sleep until the stream or the manager has something for us, or until the next timer; then handle what
+        the stream has shown, in its order: the controls are read again at each change of them, before any job
+        change that came after it (a job added after a pause is routed after it)."""
+        assert self._wakeups is not None
+        item = self._wakeups.next(self._wait_time(timers))
+        for _ in range(WAKEUPS_PER_ROUND):
+            if item is None:
+                return
+            if item.kind is Kind.GAP:
+                self._need_scan = True  # the next round looks at what is stored first, then goes on
+                return
+            if item.kind is Kind.FLOW:
+                self._flow_marks += 1
+                self._read_flow()
+            elif item.kind is Kind.CHANGE and item.change is not None:
+                self._on_change(item.change)
+            item = self._wakeups.next(0)
+
+    def _wait_time(self, timers: _Timers) -> float:
+        """How long the loop may sleep: until its next timer, and no longer than TICK_SECONDS while it has
+        something to look at again on its own (what comes in wakes it at once in any case)."""
+        if self._stopping or self._need_scan:
+            return 0.0
+        busy = bool(
+            self._held
+            or self._blocked.jobs
+            or self._unrecorded
+            or self._late_sweeps
+            or self._due_events
+            or self._flow_seen != self._flow_marks
+            or self._manager_pid is None
+            or self.options[o.BURST]
+            or self.metrics is not None
+        )
+        wait = TICK_SECONDS if busy else IDLE_WAIT_SECONDS
+        return max(0.0, min(wait, self._next_due(), timers.orphans - time.monotonic()))
+
+    def _wake(self) -> None:
+        wakeups = self._wakeups
+        if wakeups is not None:
+            wakeups.wake()
 
     def _patiently(self, step: Callable[[], None]) -> None:
         """A start-up step, tried again while the server drops connections (for at most one lease)."""
@@ -292,11 +348,6 @@ class Queue:
             self.logger.exception("queue node step failed; retrying")
             return False
         return True
-
-    def _poll(self, feed: StatusFeed) -> None:
-        change = feed.poll(min(TICK_SECONDS, self._next_due()))
-        if change is not None:
-            self._on_change(change)
 
     def _end_burst(self) -> None:
         """Burst mode (SPEC 9): stop as on SIGTERM once no job of this node's modules is due (a postponed one not
@@ -340,6 +391,7 @@ class Queue:
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.logger.info("stopping queue node", extra={"signal": signum})
         self._stopping = True
+        self._wake()  # the loop may sleep for a while: a SimpleQueue may be fed from a signal handler
 
     def _register(self) -> None:
         """This node's entry in the registry (``taskscheduler info``, health checks, the dashboard)."""
@@ -459,12 +511,12 @@ class Queue:
         for key in limits:
             self._room[key] = self._room.get(key, 1) - 1
 
-    def _read_flow(self, feed: StatusFeed) -> None:
+    def _read_flow(self) -> None:
         """Read the pauses and limits again when one changed (or at start). Jobs of a newly paused key that were
         handed over already are taken back from the manager."""
-        if feed.flow_changes == self._flow_seen:
+        if self._flow_marks == self._flow_seen:
             return
-        seen = feed.flow_changes
+        seen = self._flow_marks
         controls = Controls.from_docs(self.store.flow_controls())
         newly = (controls.paused - self._controls.paused) | (set(controls.limits) - set(self._controls.limits))
         self._controls, self._flow_seen = controls, seen
@@ -544,8 +596,9 @@ class Queue:
         return self.store.clock.earliest()
 
     def _next_due(self) -> float:
+        """Seconds until the next postponed run of ours is due (IDLE_WAIT_SECONDS when none is)."""
         if not self._postponed:
-            return TICK_SECONDS
+            return IDLE_WAIT_SECONDS
         return max(0.0, self._postponed[0][0] - self._now())
 
     def _release_due(self) -> None:
@@ -617,7 +670,10 @@ class Queue:
         # The manager must not hold the metrics port open: it would outlive a node that dies.
         inherited = [self.metrics.listener] if self.metrics is not None and self.metrics.listener else []
         try:
-            with self._fork_lock:
+            # No child starts with another thread of ours inside pymongo: the heartbeat's beats and the stream's
+            # reads hold this lock (a restart waits for the read in progress, at most a second).
+            reads = self._wakeups.forking() if self._wakeups is not None else contextlib.nullcontext()
+            with self._fork_lock, reads:
                 self._manager_pid = forking.fork(run, close=[parent_end, *inherited])
         except SpawnForkError:
             parent_end.close()
@@ -625,7 +681,7 @@ class Queue:
             raise
         child_end.close()
         self._conn = parent_end
-        self._inbox = Inbox(parent_end, self._track)
+        self._inbox = Inbox(parent_end, self._track, self._wake)
         self.logger.info("worker manager started", extra={"pid": self._manager_pid})
 
     def _send(self, message: Any) -> None:

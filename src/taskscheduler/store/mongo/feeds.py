@@ -53,14 +53,17 @@ class Feeds(Deployment):
         lookup: bool = True,
         statuses: tuple[int, ...] | None = None,
         flow: bool = False,
+        await_ms: int = STREAM_AWAIT_MS,
     ) -> StatusFeed:
         """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
         skips fetching the document of each update (cheaper: then only inserts carry a document). ``flow``: also
         count changes of the flow controls (pauses, limits) in ``flow_changes``, in order with the jobs', and pass on
         a move to the next run that kept the status (a run held for its orphaning verdict, POSTPONED, whose retry
-        is POSTPONED too) as a change of status :data:`STATUS_UNKNOWN`: read the job to know it."""
+        is POSTPONED too) as a change of status :data:`STATUS_UNKNOWN`: read the job to know it. ``await_ms``:
+        longest the server holds a read of the stream open while nothing changes (it answers at once when
+        something does): a reader on a thread of its own can wait long and cost an idle process next to nothing."""
         self.check_deployment()
-        return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow)
+        return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow, await_ms)
 
     def activity_feed(self) -> ActivityFeed:
         """Inserts, status changes and progress moves of every job, each with its document (the dashboard)."""
@@ -84,9 +87,11 @@ class StatusFeed:
         lookup: bool,
         statuses: tuple[int, ...] | None = None,
         flow: bool = False,
+        await_ms: int = STREAM_AWAIT_MS,
     ) -> None:
         self.store = store
         self.lookup = lookup
+        self.await_ms = await_ms
         changed: Any = {"$exists": True} if statuses is None else {"$in": [int(x) for x in statuses]}
         match: Document = {
             "ns.coll": store.job_queue,
@@ -149,7 +154,7 @@ class StatusFeed:
                 self.pipeline,
                 full_document="updateLookup" if self.lookup else None,
                 resume_after=self.token,
-                max_await_time_ms=STREAM_AWAIT_MS,
+                max_await_time_ms=self.await_ms,
             )
         # A token from the start, so that even a stream that breaks before its first change resumes where it was.
         self.token = self._stream.resume_token or self.token
