@@ -149,6 +149,29 @@ def test_cancel_requeue_once_and_errors(api: Api) -> None:
     run(api, scenario)
 
 
+def test_flow_control_calls_and_their_refusals(api: Api) -> None:
+    """SPEC 8 through both APIs: add_chain, set_limit, limits, pause, paused, resume, remove_limit."""
+
+    async def scenario(api: Api) -> None:
+        chain = await api.call("add_chain", [(sample_jobs.Echo, 1), (sample_jobs.Echo, 2, {"priority": 5})])
+        assert [type(p) for p in chain] == [api.process_type] * 2
+        # A read of the database: a property of a Process, a coroutine of an AsyncProcess.
+        blocked = await api.of(chain[1], "blocked_by") if api.aio is not None else chain[1].blocked_by
+        assert chain[1].options["depends_on"] == [chain[0].id] and blocked == [chain[0].id]
+        for bad in ({"a": 1}, 5, "steps"):  # a mapping's keys, a number, a string: no list of steps
+            with pytest.raises(InvalidArgumentError, match="steps must be a list"):
+                await api.call("add_chain", bad)
+        await api.call("set_limit", "mail", concurrency=2, rate="10/m")
+        assert await api.call("limits") == {"mail": {"concurrency": 2, "rate": "10/m"}}
+        await api.call("pause", "*")
+        assert await api.call("paused") == ["*"]
+        await api.call("resume", "*")
+        await api.call("remove_limit", "mail")
+        assert await api.call("paused") == [] and await api.call("limits") == {}
+
+    run(api, scenario)
+
+
 def test_listen_until_the_callback_says_stop(api: Api, start_node: Callable[..., Node]) -> None:
     start_node()
 

@@ -111,6 +111,8 @@ def test_add_jobs_show_cancel_flush(run: Any, scheduler: Scheduler) -> None:
     assert "sample_jobs:Echo" in table.stdout and "waiting" in table.stdout and "1 of 1 jobs" in table.stdout
     shown = run("show", str(job_id), "--json")
     assert json.loads(shown.stdout)["status_name"] == "WAITING"
+    text = run("show", str(job_id)).stdout
+    assert '"at": "now"' in text and "1970" not in text  # at 0: no start time asked for
     assert run("cancel", str(job_id)).returncode == 0
     assert scheduler.get_job(job_id).status == JobStatus.CANCELED
     assert json.loads(run("jobs", "--json", "--status", "canceled").stdout)[0]["status"] == JobStatus.CANCELED

@@ -154,7 +154,6 @@ def test_finding_dependents_is_served_by_an_index(recorded: tuple[Database[dict[
     assert slow == [], "\n".join(map(str, slow))
 
 
-@pytest.mark.xfail(strict=True, reason="check_new never asks whether the new job's own id is awaited")
 def test_a_job_that_would_close_a_cycle_of_dependencies_is_refused(new_scheduler: Callable[..., Scheduler]) -> None:
     """SPEC 8: a dependency that is gone counts as DONE, and the ``id`` option lets a new job take the id of one
     that is gone (TTL retention removed the finished job). A job added under that id that depends on a job

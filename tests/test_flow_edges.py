@@ -297,7 +297,6 @@ def test_a_key_that_cannot_be_stored_is_refused_as_invalid(scheduler: Scheduler,
     assert _flow(scheduler).count_documents({}) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="options.limit_key lets a lone surrogate through: bson's UnicodeEncodeError")
 def test_a_limit_key_option_that_cannot_be_stored_is_refused_as_invalid(scheduler: Scheduler) -> None:
     with pytest.raises(InvalidArgumentError):
         scheduler.add_job("sample_jobs:Noop", limit_key="bad\ud800key")
@@ -370,3 +369,15 @@ def test_a_burst_node_does_not_wait_for_a_cycle_of_dependencies(
     node = start_node("--burst")
     assert node.proc.wait(EXIT_SECONDS) == 0, node.output()[-3000:]
     assert {scheduler.get_job(j.id).status for j in (first, second)} == {JobStatus.WAITING}
+
+
+def test_info_counts_the_waiting_jobs_of_a_bounded_number_of_controls(scheduler: Scheduler) -> None:
+    from taskscheduler.ops import cluster
+
+    for n in range(cluster.MAX_COUNTED_CONTROLS + 5):
+        scheduler.pause(f"key{n:03d}")
+    scheduler.add_job("sample_jobs:Noop", limit_key="key000")
+    summary = cluster.flow_summary(scheduler)["paused"]
+    assert len(summary) == cluster.MAX_COUNTED_CONTROLS + 5  # every pause listed
+    assert summary["key000"]["waiting"] == 1
+    assert sum(held["waiting"] is None for held in summary.values()) == 5  # only so many counted

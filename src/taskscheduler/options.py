@@ -223,6 +223,10 @@ def limit_key(name: str, value: Any) -> str:
         raise InvalidArgumentError(
             f"option {name} must be a string of at most {MAX_LIMIT_KEY} characters (one line), got {value!r}"
         )
+    try:  # a lone surrogate has no UTF-8 form: bson would raise UnicodeEncodeError at the write
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"option {name} must be text that can be stored (UTF-8), got {value!r}") from None
     return value
 
 

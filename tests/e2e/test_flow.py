@@ -118,3 +118,21 @@ def test_a_limit_set_while_jobs_wait_in_a_nodes_backlog_holds_for_them(
     scheduler.set_limit("slow", concurrency=1)
     scheduler.wait_for([*busy, *queued], timeout=60)
     assert most_at_once(runs_of(queued), CLOCK_SLACK) == 1
+
+
+def test_jobs_a_pause_held_start_in_priority_order_after_the_resume(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    """SPEC 8: jobs held back stay WAITING, in priority order (then first in, first out)."""
+    start_node("--pm", "static", "--min-children", "1", "--max-children", "1")
+    scheduler.pause("sample_jobs:StartTime")
+    jobs = [scheduler.add_job("sample_jobs:StartTime", {}, priority=p) for p in (0, 50, -10, 50, 90)]
+    warm = scheduler.add_job("sample_jobs:Noop").wait(timeout=30)  # the node is up, and held them meanwhile
+    assert warm.status == JobStatus.DONE
+    assert {scheduler.get_job(p.id).status for p in jobs} == {JobStatus.WAITING}
+    scheduler.resume("sample_jobs:StartTime")
+    scheduler.wait_for(jobs, timeout=30)
+    assert {p.status for p in jobs} == {JobStatus.DONE}
+    started = sorted(jobs, key=lambda p: p.result)  # each job's own reading of when it started
+    assert [p.options["priority"] for p in started] == [90, 50, 50, 0, -10]
+    assert [p.id for p in started[1:3]] == [jobs[1].id, jobs[3].id]  # first in, first out within a priority

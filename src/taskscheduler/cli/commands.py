@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import Any, TypeVar
@@ -604,7 +604,8 @@ def _print_details(doc: dict[str, Any], zone: tzinfo) -> None:
         elif key == "next_run" and value is not None:
             value = in_its_zone(value, zone)
         elif key == "options" and isinstance(value, dict) and value.get(o.AT) is not None:
-            value = {**value, o.AT: readable_time(value[o.AT])}
+            at = value[o.AT]  # 0: no start time asked for ("now"), not the first second of 1970
+            value = {**value, o.AT: "now" if at == 0 else readable_time(at)}
         shown = json_util.dumps(value) if isinstance(value, (dict, list)) else value
         click.echo(f"{key.replace('_name', '')}: {visible(shown)}")
 
@@ -739,10 +740,16 @@ def info(conn: Connection, as_json: bool) -> None:
     for key, held in summary["limits"].items():
         click.echo(
             f"limit {visible(key)}: concurrency {held['concurrency'] or '-'}, rate {held['rate'] or '-'}; "
-            f"{held['running']} running, {held['waiting']} waiting"
+            f"{held['running']} running, {_waiting(held)}"
         )
     for key, held in summary["paused"].items():
-        click.echo(f"paused {visible(key)}: {held['waiting']} waiting")
+        click.echo(f"paused {visible(key)}: {_waiting(held)}")
+
+
+def _waiting(held: Mapping[str, Any]) -> str:
+    if held["waiting"] is None:
+        return "waiting not counted (too many limits and pauses)"
+    return f"{held['waiting']} waiting"
 
 
 @cli.command()

@@ -138,7 +138,9 @@ class AsyncScheduler:
         return self._wrap(await self._run(_loaded, self._sync.add_job_once, job_class, data, options, **kw))
 
     async def add_chain(self, steps: Iterable[Any]) -> list[AsyncProcess]:
-        added = await self._run(self._sync.add_chain, list(steps) if not isinstance(steps, (str, bytes)) else steps)
+        # A generator is read here, on the caller's thread; anything add_chain refuses goes to it as it is.
+        listed = isinstance(steps, Iterable) and not isinstance(steps, (str, bytes, Mapping))
+        added = await self._run(self._sync.add_chain, list(steps) if listed else steps)
         return [self._wrap(process) for process in added]
 
     async def set_limit(self, key: str, concurrency: int | None = None, rate: str | None = None) -> None:

@@ -174,7 +174,7 @@ class Scheduler:
         """Spool jobs that run one after the other: ``steps`` are ``(job_class, data)`` or ``(job_class, data,
         options)``; each job depends on the one before it (besides its own ``depends_on``), so a failure cancels
         the rest. Every step is checked before anything is written. Returns the jobs in order."""
-        if isinstance(steps, (str, bytes, Mapping)):
+        if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
             raise InvalidArgumentError("steps must be a list of (job_class, data) or (job_class, data, options)")
         docs: list[dict[str, Any]] = []
         known: frozenset[ObjectId] = frozenset()

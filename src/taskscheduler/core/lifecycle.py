@@ -117,8 +117,16 @@ class Lifecycle:
         """A new job document of the job class at ``path`` (``module:QualName``), validated; nothing is written.
         ``known``: ids of jobs added in the same call (a chain), which ``depends_on`` may name before they exist."""
         opts = o.job_options(given, defaults)
-        job_id = opts.pop(o.ID, None) or ObjectId()
+        chosen = opts.pop(o.ID, None)
+        job_id = chosen or ObjectId()
         encoded_size(data)
+        if chosen is not None:
+            awaited_by = [doc.get("_id") for doc in self.store.dependents(chosen)]
+            if awaited_by:  # e.g. a finished job's id, after retention removed it: others would wait for the new one
+                raise InvalidArgumentError(
+                    f"option id: {len(awaited_by)} unfinished job(s) depend on job {chosen} (e.g. {awaited_by[0]}); "
+                    "a new job under that id would stand in for the one they wait for (and may close a cycle)"
+                )
         if opts[o.DEPENDS_ON]:
             check_new(self.store, opts[o.DEPENDS_ON], known)
         opts[o.AT] = float(opts[o.AT])  # always a double: the next run's time is written into it in place

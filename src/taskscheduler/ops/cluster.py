@@ -63,17 +63,26 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
     }
 
 
+#: Limits and pauses whose waiting jobs ``info`` counts (one count each); the others show ``waiting`` None, so a
+#: cluster with thousands of keys still answers at once.
+MAX_COUNTED_CONTROLS = 100
+
+
 def flow_summary(scheduler: Scheduler) -> dict[str, Any]:
-    """Limits and pauses (SPEC 8), each with what it holds: runs holding a limit's slots, jobs waiting under it."""
+    """Limits and pauses (SPEC 8), each with what it holds: runs holding a limit's slots, jobs waiting under it
+    (counted for the first MAX_COUNTED_CONTROLS of them, in key order)."""
     store = scheduler.store
     controls = Controls.from_docs(store.flow_controls())
+    counted = iter(range(MAX_COUNTED_CONTROLS))
+
+    def waiting(key: str | None) -> int | None:
+        return store.waiting_under(key) if next(counted, None) is not None else None
+
     limits = {
-        key: {**limit.describe(), "running": len(limit.holders), "waiting": store.waiting_under(key)}
+        key: {**limit.describe(), "running": len(limit.holders), "waiting": waiting(key)}
         for key, limit in sorted(controls.limits.items())
     }
-    paused = {
-        key: {"waiting": store.waiting_under(None if key == EVERY_JOB else key)} for key in sorted(controls.paused)
-    }
+    paused = {key: {"waiting": waiting(None if key == EVERY_JOB else key)} for key in sorted(controls.paused)}
     return {"limits": limits, "paused": paused}
 
 
