@@ -240,10 +240,25 @@ function upsertRow(row) {
     state.total += 1;
   }
   state.rows.set(row.id, row);
+  if (!known) {
+    // Bounded at once, drawn once for a burst: rebuilding 200 rows per new job made a burst of jobs cost
+    // rows x jobs elements, and a busy machine's page fell seconds behind.
+    if (state.rows.size > MAX_ROWS) state.rows.delete(oldestRow());
+    scheduleRows();
+    return;
+  }
   const body = $("jobs").tBodies[0];
   const current = body.querySelector('tr[data-id="' + CSS.escape(row.id) + '"]');
   if (current) current.replaceWith(rowElement(row));
-  else renderRows();
+  else scheduleRows();
+}
+
+let rowsPending = false;
+// One redraw of the table for every change that came within a few milliseconds.
+function scheduleRows() {
+  if (rowsPending) return;
+  rowsPending = true;
+  setTimeout(() => { rowsPending = false; renderRows(); }, 20);
 }
 
 // The exact total of the table's filter from the counts per status (the server sends them after changes); with a
