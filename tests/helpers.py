@@ -65,6 +65,10 @@ class Node:
         return self.log.read_text(errors="replace")
 
 
+#: The collection SizeGuard.verify() writes its marker to (in the test's database, dropped with it).
+MARKER_COLLECTION = "sizeguard.marker"
+
+
 class SizeGuard:
     """Proves SPEC 5: no update of a job document changes its BSON size (real MongoDB rejects it when capped).
 
@@ -83,21 +87,30 @@ class SizeGuard:
     def verify(self) -> None:
         sizes: dict[Any, int] = {}
         problems: list[str] = []
+        # A marker written now closes the history to read: the stream delivers changes in the order they were
+        # written, so once the marker comes every change of the job collection before it has come too (waiting
+        # for empty batches instead cost two await periods per test and could stop before a slow change).
+        marker = self.db[MARKER_COLLECTION].insert_one({}).inserted_id
+        deadline = time.monotonic() + 30
         with self.db.watch(
-            [{"$match": {"ns.coll": self.collection}}],
+            [{"$match": {"ns.coll": {"$in": [self.collection, MARKER_COLLECTION]}}}],
             start_at_operation_time=self.start,
             full_document_before_change="whenAvailable",
             max_await_time_ms=100,
         ) as stream:
-            empty = 0
-            while empty < 2:
+            while True:
                 change = stream.try_next()
                 if change is None:
-                    empty += 1
+                    if not stream.alive:  # invalidated: the test dropped the database, nothing more to read
+                        break
+                    assert time.monotonic() < deadline, "the size guard's marker never came through the stream"
                     continue
-                empty = 0
                 op = change["operationType"]
                 key = change.get("documentKey", {}).get("_id")
+                if change.get("ns", {}).get("coll") == MARKER_COLLECTION:
+                    if key == marker:
+                        break
+                    continue  # the marker of an earlier verify()
                 if op == "insert":
                     sizes[key] = len(bson.encode(change["fullDocument"]))
                 elif op == "update" and change.get("fullDocumentBeforeChange") and key in sizes:
