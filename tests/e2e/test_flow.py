@@ -3,9 +3,11 @@ back, a pause stops new runs everywhere and a resume starts them within a second
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Process, Scheduler
@@ -136,3 +138,51 @@ def test_jobs_a_pause_held_start_in_priority_order_after_the_resume(
     started = sorted(jobs, key=lambda p: p.result)  # each job's own reading of when it started
     assert [p.options["priority"] for p in started] == [90, 50, 50, 0, -10]
     assert [p.id for p in started[1:3]] == [jobs[1].id, jobs[3].id]  # first in, first out within a priority
+
+
+def test_a_pause_written_while_a_claim_is_under_way_lets_only_that_claim_through(
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """docs/operations.md: a job whose claim was under way when the pause was written may still start; nothing
+    handed over or added after it does until the resume."""
+    once = tmp_path / "once"
+    once.mkdir()
+    env = {"TASKSCHEDULER_FAILPOINTS": "worker.admitted=sleep:1.5", "TASKSCHEDULER_FAILPOINTS_ONCE": str(once)}
+    start_node("--pm", "static", "--min-children", "1", "--max-children", "1", env=env)
+    first = scheduler.add_job("sample_jobs:Noop")
+    wait_until(lambda: (once / "worker.admitted").exists(), 30, what="the worker about to claim the first job")
+    scheduler.pause("sample_jobs:Noop")
+    second = scheduler.add_job("sample_jobs:Noop")
+    assert first.wait(timeout=30).status == JobStatus.DONE  # its claim was under way: it went through
+    time.sleep(1.0)  # the point: nothing else starts while paused (the worker is free all along)
+    assert scheduler.get_job(second.id).status == JobStatus.WAITING
+    scheduler.resume("sample_jobs:Noop")
+    assert second.wait(timeout=30).status == JobStatus.DONE
+
+
+def test_a_limit_rewritten_again_and_again_while_claims_go_on_still_holds(
+    scheduler: Scheduler, start_node: Callable[..., Node]
+) -> None:
+    """set_limit flooded while two nodes claim under the limit: never more runs at once than the limit allows,
+    and every slot given back at the end."""
+    scheduler.set_limit("mail", concurrency=2)
+    start_node("--max-children", "3")
+    start_node("--max-children", "3")
+    jobs = [scheduler.add_job("sample_jobs:Sleep", {"seconds": 0.3}, limit_key="mail") for _ in range(10)]
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            scheduler.set_limit("mail", concurrency=2, rate="1000/s")
+            scheduler.set_limit("mail", concurrency=2)
+
+    flooding = threading.Thread(target=flood)
+    flooding.start()
+    try:
+        scheduler.wait_for(jobs, timeout=90)
+    finally:
+        stop.set()
+        flooding.join()
+    assert all(p.status == JobStatus.DONE for p in jobs)
+    assert most_at_once(sorted(runs_of(jobs)), CLOCK_SLACK) <= 2
+    assert scheduler.store.limit_holders("mail") == []

@@ -133,6 +133,7 @@ class Worker:
         doc = self._whole(dict(job), connection)
         if doc is None or not self._admitted(doc, connection, limits):
             return False
+        failpoints.hit("worker.admitted")  # (tests: a pause or a limit written while a claim is under way)
         fence = self._fence if connection is not None else None
         # Armed before the claim is sent: from here on this process dies before the lease it may win can expire,
         # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.

@@ -75,7 +75,19 @@ class FlowControls(Deployment):
                     {"_id": f"limit:{key}", "holders": {"$type": "array"}, "holders.job": {"$ne": doc["_id"]}},
                     {"$push": {"holders": holder}},
                 )
-                added += result.modified_count
+                if not result.modified_count:
+                    continue
+                # The run may have ended (and its worker given its slots back) between the read and the push: then
+                # nobody would give this one back. Looked at again after the push, so no end slips between.
+                still = self.jobs.find_one(
+                    {"_id": doc["_id"], "status": int(JobStatus.PROCESSING), "worker": holder["worker"]}, {"_id": 1}
+                )
+                if still is None:
+                    self.flow.update_one(
+                        {"_id": f"limit:{key}"}, {"$pull": {"holders": {"job": doc["_id"], "worker": holder["worker"]}}}
+                    )
+                    continue
+                added += 1
         return added
 
     def remove_limit(self, key: str) -> bool:
