@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Node, Recorder, SizeGuard
+from helpers import TESTS_DIR, Node, Recorder, SizeGuard, stop_nodes
 from taskscheduler import Scheduler
 from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.node.nodeproc import spawn_node
@@ -111,12 +110,7 @@ def start_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> Iterator
         return node
 
     yield start
-    for node in nodes:
-        if node.proc.poll() is None:
-            try:
-                node.stop(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.kill_group()
+    stop_nodes(nodes)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

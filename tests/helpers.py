@@ -65,6 +65,22 @@ class Node:
         return self.log.read_text(errors="replace")
 
 
+def stop_nodes(nodes: list[Node], timeout: float = 15.0) -> None:
+    """Stop every node still running at a test's end: SIGTERM to all of them first, then wait for each (a node takes
+    up to a second to stop, its stream reader's await, so one after the other cost a second per node); a node that
+    outlives ``timeout`` loses its whole process group."""
+    running = [node for node in nodes if node.proc.poll() is None]
+    for node in running:
+        with contextlib.suppress(ProcessLookupError):
+            node.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in running:
+        try:
+            node.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.kill_group()
+
+
 #: The collection SizeGuard.verify() writes its marker to (in the test's database, dropped with it).
 MARKER_COLLECTION = "sizeguard.marker"
 

@@ -8,7 +8,6 @@ count, and its release event counts as an orphaning until the owner, alive, vouc
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Node, Recorder, unindexed, wait_until
+from helpers import TESTS_DIR, Node, Recorder, stop_nodes, unindexed, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import NO_WORKER, NODE_REGISTRY, KillReason
 from taskscheduler.core import lifecycle as lifecycle_module
@@ -294,11 +293,7 @@ def start_named_node(server: EmbeddedServer, db_name: str, tmp_path: Path) -> It
         return nodes[-1]
 
     yield start
-    for node in nodes:
-        try:
-            node.stop(timeout=15)
-        except subprocess.TimeoutExpired:
-            node.kill_group()
+    stop_nodes(nodes)
 
 
 def _failpoint(client: MongoClient[dict[str, Any]], app: str | None) -> None:
