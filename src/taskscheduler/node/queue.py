@@ -233,6 +233,10 @@ class Queue:
                     while not self._stopping:
                         self._iterate(timers)
                 finally:
+                    # The workers are told at once: the reader's read in progress (up to READ_SECONDS) must not
+                    # delay a stop, or a job whose code returns meanwhile could be stopped after all.
+                    self._wakeups.halt()
+                    self._stop_manager()
                     self._wakeups.stop()
         finally:
             # The heartbeat goes on while the manager stops: runs whose code has returned keep their leases while

@@ -58,10 +58,14 @@ class Wakeups:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop reading; returns once the read in progress has ended (within READ_SECONDS or so)."""
+    def halt(self) -> None:
+        """Ask the reader to stop after the read in progress (without waiting for it)."""
         self._stop.set()
         self.wake()
+
+    def stop(self) -> None:
+        """Stop reading; returns once the read in progress has ended (within READ_SECONDS or so)."""
+        self.halt()
         if self._thread.is_alive():
             self._thread.join()
 
