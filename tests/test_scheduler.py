@@ -518,7 +518,7 @@ def test_process_refresh_and_to_dict(scheduler: Scheduler) -> None:
     assert p.refresh() is p and p.status == JobStatus.CANCELED
     d = p.to_dict()
     assert d["_id"] == str(p.id) and d["worker"] is None and d["started"] is None and d["status"] == JobStatus.CANCELED
-    assert d["ended"] == p.ended.isoformat() and d["data"] == {"a": 1}
+    assert d["ended"] == p.ended.isoformat() and d["data"] == {"a": 1} and d["status_name"] == "CANCELED"
     json.dumps(d)  # plain JSON-ready
     assert p.error is None and p.result is None
 

@@ -174,6 +174,9 @@ class Process:
         for field in ("outcome", "change"):
             if doc.get(field) == NO_WORKER:
                 doc[field] = None
+        # The stored number stays (upstream's toArray); its name beside it, as `show --json` and the dashboard
+        # give it, so that JSON read by people says DONE rather than 3.
+        doc["status_name"] = status.name if (status := _status_or_none(doc.get("status"))) is not None else None
         plain_doc: dict[str, Any] = plain(doc)
         return plain_doc
 
@@ -186,3 +189,13 @@ class Process:
         if document.get("outcome") != self._doc.get("outcome") or document.get("status") != self._doc.get("status"):
             self._outcome = _UNLOADED
         self._doc = document
+
+
+def _status_or_none(value: Any) -> JobStatus | None:
+    """The JobStatus of a stored status number, or None for anything else (a malformed document)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        return None
