@@ -165,3 +165,19 @@ def test_two_nodes_script_refuses_a_port_another_server_holds() -> None:
         )
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"port {port} is in use" in out.stderr and "squares" not in out.stdout
+
+
+def test_the_examples_own_tests_pass_through_the_pytest_plugin() -> None:
+    """examples/tests uses only what a user has: the plugin registered by the package's entry point (no conftest of
+    this repository), run as the README says."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TASKSCHEDULER_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/tests"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^4 passed", out.stdout, re.MULTILINE), out.stdout
