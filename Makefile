@@ -28,7 +28,7 @@ test: $(STAMP)
 # lost, doubled or early run, orphanings of dead processes only. tests/chaos/test_chaos.py::test_chaos_room (3-15 s a
 # seed): producers, one-shot producers and flush() on a small capped collection; no unfinished job evicted, no
 # finished job deleted below half full. tests/chaos/test_checks.py checks the checks on made-up histories (no server).
-# `make test` runs seeds 0-4 of both.
+# `make test` runs seeds 0-2 of both.
 # CHAOS_SEEDS is a count N (seeds 0..N-1) or a list/range: `make chaos CHAOS_SEEDS=17-17` reruns seed 17 alone.
 # Reports (chaos-report.txt, also of seeds that pass) and node logs of the last run stay under CHAOS_TMP.
 CHAOS_SEEDS ?= 50

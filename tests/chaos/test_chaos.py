@@ -61,7 +61,7 @@ producers, one-shot producers (``taskscheduler add``, and fresh schedulers by th
 another process; its change stream shows that no unfinished job is ever evicted and no finished job deleted while
 the collection is less than half full.
 
-``make test`` runs seeds 0-4; ``make chaos`` runs 50 (``--chaos-seeds N``, or a list/range such as ``3,17`` or
+``make test`` runs seeds 0-2; ``make chaos`` runs 50 (``--chaos-seeds N``, or a list/range such as ``3,17`` or
 ``10-19``). A failure names its seed: rerun it alone with ``--chaos-seeds SEED-SEED``.
 """
 
