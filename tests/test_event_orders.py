@@ -97,10 +97,13 @@ class RecordingNode:
                 if time.monotonic() > deadline:
                     raise
 
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+    def send(self, sig: int = signal.SIGTERM) -> None:
         if self.child.is_alive():
             assert self.child.pid is not None
             os.kill(self.child.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        self.send(sig)
         self.child.join(15)
         return self.child.exitcode
 
@@ -127,6 +130,9 @@ def start_recording_node(
         return node
 
     yield start
+    # All of them at once: a node takes up to a second to stop (its stream reader's await).
+    for node in nodes:
+        node.send()
     for node in nodes:
         code = node.stop()
         assert node.killed or code == 0, f"node exited with {code}"
