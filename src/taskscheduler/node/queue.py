@@ -226,18 +226,18 @@ class Queue:
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
             await_ms = int(READ_SECONDS * 1000)
-            with self.store.status_feed(lookup=listening, statuses=routed, flow=True, await_ms=await_ms) as feed:
-                self._wakeups = Wakeups(feed).start()
-                try:
-                    timers = _Timers(lease)
-                    while not self._stopping:
-                        self._iterate(timers)
-                finally:
-                    # The workers are told at once: the reader's read in progress (up to READ_SECONDS) must not
-                    # delay a stop, or a job whose code returns meanwhile could be stopped after all.
-                    self._wakeups.halt()
-                    self._stop_manager()
-                    self._wakeups.stop()
+            feed = self.store.status_feed(lookup=listening, statuses=routed, flow=True, await_ms=await_ms)
+            self._wakeups = Wakeups(feed).start()  # its reader closes the feed when it ends
+            try:
+                timers = _Timers(lease)
+                while not self._stopping:
+                    self._iterate(timers)
+            finally:
+                # Neither the workers nor the node's exit wait for the reader's read in progress (up to
+                # READ_SECONDS): a job whose code returns meanwhile must not be stopped after all, and a stopping
+                # node has nothing more to read. The reader ends after that read (a daemon thread: or with us).
+                self._wakeups.halt()
+                self._stop_manager()
         finally:
             # The heartbeat goes on while the manager stops: runs whose code has returned keep their leases while
             # they record their ends.

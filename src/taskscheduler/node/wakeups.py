@@ -42,7 +42,8 @@ class Wakeup(NamedTuple):
 
 
 class Wakeups:
-    """The queue the node's loop sleeps on, and the reader thread that fills it from ``feed``."""
+    """The queue the node's loop sleeps on, and the reader thread that fills it from ``feed`` (and closes it when
+    it ends)."""
 
     def __init__(self, feed: StatusFeed) -> None:
         self.feed = feed
@@ -90,6 +91,12 @@ class Wakeups:
             return None
 
     def _read(self) -> None:
+        try:
+            self._read_until_stopped()
+        finally:
+            self.feed.close()  # the feed is this thread's: nobody closes it under a read in progress
+
+    def _read_until_stopped(self) -> None:
         feed = self.feed
         gaps, flows = feed.gaps, feed.flow_changes
         while not self._stop.is_set():
