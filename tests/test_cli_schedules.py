@@ -22,7 +22,7 @@ from rich.console import Console
 
 from helpers import TESTS_DIR
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.cli.commands import schedules_table
+from taskscheduler.cli.cluster import schedules_table
 from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.ops.schedules import Schedule, schedules
 from taskscheduler.testing import run_jobs

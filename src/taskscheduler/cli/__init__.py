@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .commands import cli, main
+from .commands import main
+from .group import cli
 
 __all__ = ["cli", "main"]
