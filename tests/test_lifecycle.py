@@ -787,3 +787,32 @@ def test_a_cancel_goes_on_past_a_child_whose_run_is_a_list(scheduler: Scheduler)
     sibling = scheduler.add_job("sample_jobs:Noop", {"parent": parent.id})
     scheduler.cancel_job(parent.id)  # it raised TypeError (the event's dedupe key) and left the sibling running
     assert scheduler.store.find_job(sibling.id)["status"] == JobStatus.CANCELED
+
+
+def test_an_end_retried_after_an_outage_writes_nothing_again_once_the_run_was_put_back(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's end whose update was cut off by an outage, then a sweep put the run back (withdrawing the end's
+    events): the worker's next attempt must not write those events again, or a worker that dies right after would
+    leave an end of the run that never happened (chaos seed 5)."""
+    p = scheduler.add_job("sample_jobs:Echo", "x", retry=1, retry_interval=0)
+    doc, worker = claim(scheduler, p.id)
+    end = scheduler.lifecycle.end(doc, worker, JobStatus.FAILED, error={"class": "E", "message": "m"})
+    store = scheduler.store
+    real_change = store.change
+
+    def cut_off(*args: Any, **kwargs: Any) -> Any:
+        raise ServerUnavailableError("cut off")
+
+    monkeypatch.setattr(store, "change", cut_off)
+    with pytest.raises(ServerUnavailableError):
+        end.record()
+    monkeypatch.setattr(store, "change", real_change)
+    assert scheduler.lifecycle.release(doc, worker, orphaned=False, reason="swept").record()  # withdraws them
+    inserted: list[Any] = []
+    real_insert = store.insert_events
+    monkeypatch.setattr(store, "insert_events", lambda events: inserted.append(events) or real_insert(events))
+    assert end.record() is False
+    assert inserted == []  # not written again
+    ends = [e for e in store.job_events(p.id) if e["status"] in (JobStatus.FAILED, JobStatus.DONE)]
+    assert ends == [] and scheduler.get_job(p.id).status == JobStatus.WAITING

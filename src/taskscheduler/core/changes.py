@@ -153,6 +153,7 @@ class Change:
         self.fields: dict[str, Any] = {}
         self.recorded = False
         self.uncertain = False  # an attempt failed without an answer: it may have been written
+        self.attempted = False  # an attempt was made (then the next one looks at the job first)
         #: Written by the run's owner, alive: if the run was swept first, the sweep was no death (vouched for).
         self.vouches = False
         #: Its event ids are derived from the run: every node racing to make this very change writes the same
@@ -168,6 +169,13 @@ class Change:
         if self.recorded:
             return True
         store, job = self.life.store, self.job
+        if self.attempted and not self.shared:
+            # Again after an outage: when the run was put back or taken over meanwhile (a sweep withdrew what we
+            # wrote), our events must not be written again: a process that died right after would leave them.
+            stored = store.find_job(job.id) or {}
+            if stored.get("change") != self.marker and self._lost_at_our_run(stored):
+                return self._lost(stored)
+        self.attempted = True
         store.insert_events(self.events)
         fields = dict(self.fields, change=self.marker)
         try:
@@ -178,29 +186,39 @@ class Change:
         if not written:
             stored = store.find_job(job.id) or {}
             if stored.get("change") != self.marker:
-                # Not ours now. Unless an earlier attempt (or, for a shared change, another writer) may have written
-                # it and the job has moved on since (then its run number has moved on too), we lost it: withdraw
-                # what we wrote about it. Another worker's claim of the run after ours was prepared proves that no
-                # attempt of ours was written (the run was not ours to end any more), however far the job moved on.
-                moved_on = int(stored.get("run", self.run)) != self.run
-                if not (self.uncertain or self.shared) or not moved_on or self._superseded():
-                    store.delete_events([e.id for e in self.events[1:]])
-                self.life.logger.warning(
-                    f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
-                    "recorded; nothing written",
-                    extra={"job_id": job.id, "job_class": job.job_class, "worker": self.worker},
-                )
-                if self.vouches:
-                    self.life.vouch(job.id, self.run, self.worker, stored)
-                if stored.get("status") == JobStatus.CANCELED and stored.get("worker") == self.worker:
-                    self.life.settle_cancel(stored)  # canceled under us: the run is ours to settle
-                return False
+                return self._lost(stored)
             if self.shared and not self.uncertain:
                 self.recorded = True  # another node made this very change first, and announced it
                 return True
         self.recorded = True
         self.announce()
         return True
+
+    def _lost_at_our_run(self, stored: Mapping[str, Any]) -> bool:
+        """Whether the job, as stored, is still at this run but no longer this worker's (put back, taken over)."""
+        if int(stored.get("run", -1)) != self.run:
+            return False  # gone, or moved on: an earlier attempt of ours may be what moved it
+        return stored.get("status") != JobStatus.PROCESSING or stored.get("worker") != self.worker
+
+    def _lost(self, stored: Mapping[str, Any]) -> bool:
+        """Not ours now. Unless an earlier attempt (or, for a shared change, another writer) may have written it and
+        the job has moved on since (then its run number has moved on too), we lost it: withdraw what we wrote about
+        it. Another worker's claim of the run after ours was prepared proves that no attempt of ours was written
+        (the run was not ours to end any more), however far the job moved on. Returns False."""
+        store, job = self.life.store, self.job
+        moved_on = int(stored.get("run", self.run)) != self.run
+        if not (self.uncertain or self.shared) or not moved_on or self._superseded():
+            store.delete_events([e.id for e in self.events[1:]])
+        self.life.logger.warning(
+            f"job {job.id} ({job.job_class!r}) run {self.run} was taken over before its change was "
+            "recorded; nothing written",
+            extra={"job_id": job.id, "job_class": job.job_class, "worker": self.worker},
+        )
+        if self.vouches:
+            self.life.vouch(job.id, self.run, self.worker, stored)
+        if stored.get("status") == JobStatus.CANCELED and stored.get("worker") == self.worker:
+            self.life.settle_cancel(stored)  # canceled under us: the run is ours to settle
+        return False
 
     def _superseded(self) -> bool:
         """Whether another worker claimed this run after this change was prepared (its events' time)."""
