@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -313,3 +314,40 @@ def as_record(doc: dict[str, Any]) -> JobRecord:
     if not isinstance(full.get("_id"), ObjectId):
         full["_id"] = ObjectId()
     return JobRecord.from_doc(full)
+
+
+#: The console script of the venv running the tests (what a user's shell finds on PATH).
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("taskscheduler"))
+
+
+def in_a_terminal(*args: str, columns: int, env: dict[str, str]) -> str:
+    """What the console script prints to a terminal ``columns`` wide (a pty, as a user's shell gives it), with
+    colours and cursor moves taken out; it must exit 0 within 30 s."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+        os.environ.update(env, COLUMNS=str(columns))
+        os.execv(CONSOLE_SCRIPT, [CONSOLE_SCRIPT, *args])
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # the child is gone: EIO on Linux
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, seen
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())

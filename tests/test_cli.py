@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from bson import ObjectId
 
-from helpers import TESTS_DIR, Node, wait_until
+from helpers import TESTS_DIR, Node, in_a_terminal, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store import fields_equal, literal, utcnow
@@ -525,39 +525,6 @@ def test_add_of_a_name_without_a_module_says_no_node_serves_it(run: Any, schedul
     assert added.returncode == 0 and "no queue node serves test, a name without a module" in added.stderr
 
 
-def _in_a_terminal(*args: str, columns: int, env: dict[str, str]) -> str:
-    """What the console script prints to a terminal ``columns`` wide (a pty, as a user's shell gives it)."""
-    import fcntl
-    import pty
-    import select
-    import struct
-    import termios
-
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-        os.environ.update(env, COLUMNS=str(columns))
-        os.execv(SCRIPT, [SCRIPT, *args])
-    seen = b""
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.5)[0]:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:  # the child is gone: EIO on Linux
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-    finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0, seen
-    import re
-
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())  # colours and cursor moves out
-
-
 @pytest.mark.parametrize("columns", [80, 60])
 def test_job_ids_print_whole_in_a_narrow_terminal(
     server: EmbeddedServer, db_name: str, scheduler: Scheduler, columns: int
@@ -569,7 +536,7 @@ def test_job_ids_print_whole_in_a_narrow_terminal(
     ]
     env = {"TASKSCHEDULER_MONGODB_URI": server.uri, "TASKSCHEDULER_DATABASE": db_name}
     for command in (("jobs",), ("watch", "--once")):
-        shown = _in_a_terminal(*command, columns=columns, env=env)
+        shown = in_a_terminal(*command, columns=columns, env=env)
         for job_id in ids:
             assert str(job_id) in shown, shown  # whole, so it can be pasted into show or cancel
         assert max(len(line) for line in shown.splitlines()) <= columns, shown

@@ -20,7 +20,7 @@ import pytest
 from bson import ObjectId
 from rich.console import Console
 
-from helpers import TESTS_DIR
+from helpers import TESTS_DIR, in_a_terminal
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.cli.cluster import schedules_table
 from taskscheduler.ops.embedded import EmbeddedServer
@@ -126,42 +126,13 @@ def test_stored_control_characters_never_reach_the_terminal(run: Run, new_schedu
     assert "evil\\x1b]0;pwned\\x07:Job\\x0a[red]x" in out.stdout.replace("\n", "").replace(" ", "")
 
 
-def _in_a_terminal(*args: str, columns: int, env: dict[str, str]) -> str:
-    """What the console script prints to a terminal ``columns`` wide (a pty, as a user's shell gives it)."""
-    import fcntl
-    import pty
-    import select
-    import struct
-    import termios
-
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-        os.environ.update(env, COLUMNS=str(columns), TZ="UTC")
-        os.execv(SCRIPT, [SCRIPT, *args])
-    seen = b""
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.5)[0]:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:  # the child is gone: EIO on Linux
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-    finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0, seen
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())  # colours out
-
-
 def test_ids_print_whole_in_an_80_column_terminal(server: EmbeddedServer, db_name: str, scheduler: Scheduler) -> None:
     ids = [p.id for p in _add_three(scheduler)[:2]]
     ids.append(scheduler.add_job("a_rather_long_package_name.with_a_module:AndAVeryLongJobClassName", interval=5).id)
-    shown = _in_a_terminal(
-        "schedules", columns=80, env={"TASKSCHEDULER_MONGODB_URI": server.uri, "TASKSCHEDULER_DATABASE": db_name}
+    shown = in_a_terminal(
+        "schedules",
+        columns=80,
+        env={"TASKSCHEDULER_MONGODB_URI": server.uri, "TASKSCHEDULER_DATABASE": db_name, "TZ": "UTC"},
     )
     for job_id in ids:
         assert str(job_id) in shown, shown  # whole, so it can be pasted into show or cancel
