@@ -261,6 +261,16 @@ class Recorder(monitoring.CommandListener):
         pass
 
 
+def index_names(plan: Any) -> set[str]:
+    """Every index a query plan reads (by name)."""
+    if isinstance(plan, dict):
+        found = {plan["indexName"]} if plan.get("stage") == "IXSCAN" and "indexName" in plan else set()
+        return found.union(*(index_names(v) for v in plan.values()))
+    if isinstance(plan, list):
+        return set().union(*(index_names(v) for v in plan))
+    return set()
+
+
 def _uses_index(plan: Any) -> bool:
     if isinstance(plan, dict):
         if plan.get("stage") in ("IXSCAN", "IDHACK", "EXPRESS_IXSCAN", "EXPRESS_IDHACK"):

@@ -15,7 +15,7 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from helpers import TESTS_DIR, Recorder
+from helpers import TESTS_DIR, Recorder, index_names
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.constants import DEFAULT_EVENT_QUEUE
 from taskscheduler.core.changes import derived_id
@@ -34,16 +34,6 @@ def _derived(before: bool, now: Any) -> ObjectId:
         if (found.generation_time < now - timedelta(hours=1)) == before and found.generation_time != now:
             return found
     raise AssertionError("no such id among the first 1000")
-
-
-def _index_names(plan: Any) -> set[str]:
-    """Every index a query plan reads."""
-    if isinstance(plan, dict):
-        found = {plan["indexName"]} if plan.get("stage") == "IXSCAN" and "indexName" in plan else set()
-        return found.union(*(_index_names(v) for v in plan.values()))
-    if isinstance(plan, list):
-        return set().union(*(_index_names(v) for v in plan))
-    return set()
 
 
 def test_info_counts_run_ends_by_their_time_whatever_their_ids_say(
@@ -106,7 +96,7 @@ def test_info_reads_recent_run_ends_through_the_time_index(
         plan = client[db_name].command(
             "explain", {"aggregate": DEFAULT_EVENT_QUEUE, "pipeline": [read["pipeline"][0]], "cursor": {}}
         )
-        assert index in _index_names(plan), plan
+        assert index in index_names(plan), plan
     finally:
         client.drop_database(db_name)
         client.close()

@@ -22,7 +22,7 @@ from bson import ObjectId
 from pymongo import MongoClient, monitoring
 from starlette.testclient import TestClient
 
-from helpers import TESTS_DIR, wait_until
+from helpers import TESTS_DIR, index_names, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.ops.dashboard import REQUEST_ROOM, bind
 from taskscheduler.ops.dashboard.app import MAX_CLASS_FILTER, MAX_QUERY_BYTES, create_app
@@ -211,16 +211,6 @@ class EventReads(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
-
-
-def index_names(plan: Any) -> set[str]:
-    """Every index a query plan reads."""
-    if isinstance(plan, dict):
-        found = {plan["indexName"]} if plan.get("stage") == "IXSCAN" and "indexName" in plan else set()
-        return found.union(*(index_names(v) for v in plan.values()))
-    if isinstance(plan, list):
-        return set().union(*(index_names(v) for v in plan))
-    return set()
 
 
 @pytest.mark.parametrize(
