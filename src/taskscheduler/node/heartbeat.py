@@ -28,6 +28,11 @@ RENEWALS_PER_LEASE = 6
 MAX_PERIOD_SECONDS = 10.0
 
 
+def period_of(lease: float) -> float:
+    """Seconds between two heartbeats of a node whose lease is ``lease`` seconds."""
+    return min(lease / RENEWALS_PER_LEASE, MAX_PERIOD_SECONDS)
+
+
 class Heartbeat:
     """Renews the leases of the jobs ``running()`` returns (job -> (worker, run)) every lease/6 seconds."""
 
@@ -43,7 +48,7 @@ class Heartbeat:
     ) -> None:
         self.life = life
         self.lease = lease
-        self.period = min(lease / RENEWALS_PER_LEASE, MAX_PERIOD_SECONDS)
+        self.period = period_of(lease)
         self.running = running
         self.register = register  # refreshes the node's registry entry, every beat
         self.send = send

@@ -30,6 +30,7 @@ from .backlog import Backlog
 from .fencing import LeaseSlot, lease_clock
 from .protocol import (
     CancelJob,
+    Capacity,
     Claimed,
     DropJob,
     Ending,
@@ -40,6 +41,7 @@ from .protocol import (
     JobFinished,
     JobHeldBack,
     JobKilled,
+    JobNotClaimed,
     KillJob,
     KillReason,
     RunJob,
@@ -125,6 +127,8 @@ class WorkerManager:
         #: Set by process(), which runs in a process of the manager's own: only then are children of this process that
         #: are not workers a dead worker's leftovers (never kill or reap other children of a caller's process).
         self._own_process = False
+        self._received = 0  # RunJob messages received so far
+        self._capacity: Capacity | None = None  # as last reported
         self._wake_r: socket.socket | None = None  # signals wake the loop through this pair (set in process())
         self._wake_w: socket.socket | None = None
 
@@ -164,6 +168,7 @@ class WorkerManager:
                 self._spawn_forced()
                 self._dispatch()
                 self._shrink()
+                self._report_capacity()
                 self._flush_reports()
                 conns = [c.conn for c in self._workers.values() if not c.conn.closed]
                 ready = wait([connection, self._wake_r, *conns], self._wait_time())
@@ -228,6 +233,7 @@ class WorkerManager:
     def _on_queue_message(self, message: Any) -> None:
         match message:
             case RunJob():
+                self._received += 1
                 self._add(message)
             case DropJob(job_id=job_id):
                 self._pending.discard(job_id)
@@ -280,6 +286,8 @@ class WorkerManager:
                     self._add(proc.task)  # MongoDB could not be reached: it may still be WAITING, try again
                 elif held_back:
                     self._report(JobHeldBack(job_id))  # no slot under a limit: the node holds it
+                elif not unsettled:
+                    self._report(JobNotClaimed(job_id))
                 proc.job, proc.task, proc.claimed, proc.deadline = None, None, False, None
                 proc.ending = False
                 proc.idle_since = time.monotonic()
@@ -327,6 +335,26 @@ class WorkerManager:
                     return
             elif self._spawn() is None:
                 return
+
+    def free(self) -> int:
+        """How many more jobs this manager could start now: workers it has or may fork, less those busy and the
+        jobs it holds for them (force_spawn jobs have workers of their own and count for nothing)."""
+        pm = self.options[o.PM]
+        size = self.options[o.MIN_CHILDREN] if pm == o.PM_STATIC else self.options[o.MAX_CHILDREN]
+        busy = sum(
+            1
+            for c in self._workers.values()
+            if not c.forced and not c.kill_reason and (c.job is not None or c.dedicated)
+        )
+        return max(0, int(size) - busy - len(self._pending))
+
+    def _report_capacity(self) -> None:
+        """Tell the node when what it may still hand over has changed: a node hands a job it is not the first to
+        claim (see peers.py) only to a free worker."""
+        capacity = Capacity(self.free(), self._received)
+        if capacity != self._capacity and not self._stopping:
+            self._capacity = capacity
+            self._report(capacity)
 
     def _pool_size(self) -> int:
         return sum(1 for c in self._workers.values() if not c.kill_reason and not c.forced)

@@ -170,6 +170,11 @@ class NodeMetrics:
             ["class", "status"],
             registry=self.registry,
         )
+        self.lost = Counter(
+            "taskscheduler_claims_lost",
+            "Claims this node's workers tried and lost (another worker had the job first, or it could not run).",
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "taskscheduler_run_duration_seconds",
             "Seconds from a run's claim to its end, for runs of this node's workers.",
@@ -221,6 +226,9 @@ class NodeMetrics:
         label = self.labels(job_class)
         self._claims[job_id] = (job_class, label, time.monotonic())
         self.started.labels(label).inc()
+
+    def claim_lost(self) -> None:
+        self.lost.inc()
 
     def run_ended(self, job_id: ObjectId, status: int | None) -> None:
         """A run of ours ended (``status`` None: put back to WAITING). A run whose claim we never heard of (the

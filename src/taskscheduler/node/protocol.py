@@ -151,6 +151,21 @@ class JobHeldBack(NamedTuple):
     job_id: ObjectId
 
 
+class JobNotClaimed(NamedTuple):
+    """A worker did not claim a job handed to it: another worker had it first, or it may not run (its parent ended,
+    its dependencies or data say no). Counted by the node (claims lost) and forgotten by it."""
+
+    job_id: ObjectId
+
+
+class Capacity(NamedTuple):
+    """How many more jobs the manager could start now (idle workers and room to fork, less the jobs it holds),
+    as of the ``received``-th RunJob it got: the node counts the ones sent since as taken. Sent when it changes."""
+
+    free: int
+    received: int
+
+
 class JobFinished(NamedTuple):
     """The worker recorded the job's end itself (or lost it): nothing for the node to record."""
 

@@ -41,17 +41,21 @@ from ..store.schema import due, end_problem, job_ref, problem
 from . import forking
 from .backlog import start_order
 from .blocked import Blocked
+from .deferred import Deferred
 from .factory import WorkerFactory
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, period_of
 from .inbox import Inbox
 from .metrics import NodeMetrics
+from .peers import Peers, delay
 from .protocol import (
     CancelJob,
+    Capacity,
     DropJob,
     JobClaimed,
     JobFinished,
     JobHeldBack,
     JobKilled,
+    JobNotClaimed,
     KillReason,
     RunJob,
     Stop,
@@ -62,8 +66,8 @@ from .protocol import (
 from .wakeups import READ_SECONDS, Kind, Wakeups
 
 #: Statuses a node's change stream needs when nobody listens to its status events: what to run, what to run
-#: later, what to kill, and claims (so that a job another node took leaves this node's queue at once, instead of
-#: costing a free worker a failed claim later).
+#: later, what to kill, and claims (so that a job another node took leaves this node's queue and its deferred jobs
+#: at once, instead of costing a free worker a failed claim later).
 ROUTED = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.CANCELED, JobStatus.PROCESSING)
 
 #: How the node records the run of a worker it killed (metrics; the others are put back to WAITING).
@@ -95,6 +99,8 @@ BURST_CHECK_SECONDS = 0.25
 BURST_QUIET_LOOKS = 2
 #: Seconds between two looks at jobs held back by a full limit, each sending one job per limit to try its slots.
 PROBE_SECONDS = 1.0
+#: Fields of the registry entries a node reads to know its peers (see peers.py).
+PEER_FIELDS = ("_id", "modules", "alive", "lease")
 #: Malformed jobs a node remembers having logged as skipped (each is logged once while remembered).
 SKIPPED_KEPT = 10_000
 
@@ -172,6 +178,15 @@ class Queue:
         self._heartbeat: Heartbeat | None = None
         #: This node's id in the registry (``taskscheduler.nodes``).
         self.id = ObjectId()
+        self._peers = Peers(self.id, self.job_modules)  # the live nodes, as the registry last showed them
+        self._deferred = Deferred()  # waiting jobs of ours whose preferred node is another one, for a while
+        self._handed: set[ObjectId] = set()  # jobs sent to the manager that it may still hold (not yet tried)
+        self._free: int | None = None  # what the manager said it could still start (None: not yet said) ...
+        self._received = 0  # ... once it had received this many RunJob messages
+        self._sent = 0  # RunJob messages sent to this manager
+        #: Claims this node's workers won and lost (a lost one: another worker had the job first).
+        self.claims_won = 0
+        self.claims_lost = 0
         self._started = utcnow()
         self._send_lock = threading.Lock()  # the heartbeat thread sends too
         self._fork_lock = threading.Lock()  # no fork while the heartbeat thread is inside pymongo (see Wakeups too)
@@ -226,7 +241,9 @@ class Queue:
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
             await_ms = int(READ_SECONDS * 1000)
-            feed = self.store.status_feed(lookup=listening, statuses=routed, flow=True, await_ms=await_ms)
+            feed = self.store.status_feed(
+                lookup=listening, statuses=routed, flow=True, await_ms=await_ms, peers=True
+            )
             self._wakeups = Wakeups(feed).start()  # its reader closes the feed when it ends
             try:
                 timers = _Timers(lease)
@@ -247,7 +264,10 @@ class Queue:
             self._unregister()
             if self.metrics is not None:
                 self.metrics.close()
-            self.logger.info("queue node stopped")
+            self.logger.info(
+                f"queue node stopped (claims won {self.claims_won}, lost {self.claims_lost})",
+                extra={"claims_won": self.claims_won, "claims_lost": self.claims_lost},
+            )
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -270,6 +290,7 @@ class Queue:
             self._release_due,
             self._unblock,
             self._release_held,
+            self._release_deferred,
         )
         for step in steps:
             failed = not self._step(step) or failed
@@ -301,6 +322,8 @@ class Queue:
             if item.kind is Kind.FLOW:
                 self._flow_marks += 1
                 self._read_flow()
+            elif item.kind is Kind.PEERS:
+                self._read_peers()
             elif item.kind is Kind.CHANGE and item.change is not None:
                 self._on_change(item.change)
             item = self._wakeups.next(0)
@@ -322,6 +345,9 @@ class Queue:
             or self.metrics is not None
         )
         wait = TICK_SECONDS if busy else IDLE_WAIT_SECONDS
+        ripe = self._deferred.next_ripe()  # (a ripe one waits for a free worker: the manager's report wakes us)
+        if ripe is not None:
+            wait = min(wait, ripe - time.monotonic())
         return max(0.0, min(wait, self._next_due(), timers.orphans - time.monotonic()))
 
     def _wake(self) -> None:
@@ -412,6 +438,12 @@ class Queue:
             "workers": workers,
         }
         self.store.register_node(self.id, facts, NODE_EXPIRY_LEASES * float(self.options[o.ORPHANED_TIMEOUT]))
+        self._read_peers()
+
+    def _read_peers(self) -> None:
+        """Read the live nodes again (every heartbeat, and when one joins or leaves): who a job prefers."""
+        lease = float(self.options[o.ORPHANED_TIMEOUT])
+        self._peers.update(self.store.node_entries(PEER_FIELDS), self.store.clock.now(), period_of(lease))
 
     def _unregister(self) -> None:
         try:
@@ -455,6 +487,7 @@ class Queue:
         if status != JobStatus.WAITING:
             self._blocked.drop(job_id)  # claimed elsewhere, canceled, or postponed again
             self._held.pop(job_id, None)
+            self._deferred.drop(job_id)
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
             if doc is None or doc.get("status") != JobStatus.WAITING or not self._fit(doc):
@@ -476,8 +509,10 @@ class Queue:
             self._postponed_docs[(job_id, int(doc.get("run", 1)))] = handed_over(doc)  # held until due: slim
         elif status == JobStatus.CANCELED:
             self._blocked.ended(job_id)  # a dependent held here ends too, now
+            self._handed.discard(job_id)
             self._send(CancelJob(job_id))
-        else:
+        elif job_id in self._handed:  # only a job we handed over can be in the manager's hands, waiting
+            self._handed.discard(job_id)
             self._send(DropJob(job_id))
 
     def _hold(self, doc: dict[str, Any]) -> None:
@@ -489,8 +524,12 @@ class Queue:
         else:
             self._held[doc["_id"]] = doc
 
-    def _hand_over(self, doc: dict[str, Any]) -> None:
-        """Send a due job of ours to the manager, unless a pause or a full limit holds it back (SPEC 8)."""
+    def _hand_over(self, doc: dict[str, Any], ripe: bool = False) -> None:
+        """Send a due job of ours to the manager, unless another node is the first to claim it (then it waits
+        among the deferred jobs: see peers.py), or a pause or a full limit holds it back (SPEC 8). ``ripe``: a
+        deferred job whose delay has passed, for a free worker of ours."""
+        if not ripe and self._defer(doc):
+            return
         limits: tuple[str, ...] = ()
         if not self._controls.empty:
             if self._controls.is_paused(doc) or self._full(doc):
@@ -498,7 +537,38 @@ class Queue:
                 return
             limits = self._controls.limited(doc)
             self._spend(limits)
+        self._run(doc, limits)
+
+    def _run(self, doc: dict[str, Any], limits: tuple[str, ...]) -> None:
+        self._deferred.drop(doc["_id"])
+        self._handed.add(doc["_id"])
+        self._sent += 1
         self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
+
+    def _defer(self, doc: dict[str, Any]) -> bool:
+        """Leave a job to the node it prefers for the delay of this node's rank (False: this node is the first)."""
+        rank = self._peers.rank(doc["_id"], str(doc.get("class")))
+        if rank == 0:
+            return False
+        self._deferred.add(doc, time.monotonic() + delay(rank))
+        return True
+
+    def _free_workers(self) -> int:
+        """Jobs the manager could start now, less those sent since it last said so."""
+        if self._free is None:
+            return 0
+        return self._free - (self._sent - self._received)
+
+    def _release_deferred(self) -> None:
+        """Hand the deferred jobs whose delay has passed (still waiting: a claim elsewhere drops them) to the free
+        workers of this node. A node with no free worker takes no part in the race for other nodes' jobs."""
+        if not self._deferred:
+            return
+        free = self._free_workers()
+        if free <= 0:
+            return
+        for doc in self._deferred.take(time.monotonic(), free):
+            self._hand_over(doc, ripe=True)
 
     def _full(self, doc: Mapping[str, Any]) -> list[str]:
         """The limits of ``doc`` with no room left for another hand-over: the room the last read of the controls
@@ -531,6 +601,9 @@ class Queue:
                 job_id = doc.get("_id")
                 if not isinstance(job_id, ObjectId) or job_id in self._held or job_id in self._blocked.jobs:
                     continue  # (a blocked one was never handed over: it meets the controls once released)
+                if job_id in self._deferred:
+                    continue  # (nor a deferred one)
+                self._handed.discard(job_id)
                 if not every and not newly.intersection(keys_of(doc)):
                     continue
                 self._send(DropJob(job_id))  # the manager forgets it if it holds it: not started now
@@ -559,10 +632,12 @@ class Queue:
             if full and not (probe and full[0] not in probed):
                 continue
             probed.update(full)  # a probe: its worker drops the slots of runs that are over, or it comes back
+            del self._held[doc["_id"]]
+            if not full and self._defer(doc):  # (a probe goes from every node that holds one, as before)
+                continue
             limits = self._controls.limited(doc)
             self._spend(limits)
-            del self._held[doc["_id"]]
-            self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
+            self._run(doc, limits)
 
     def _fit(self, doc: dict[str, Any]) -> bool:
         """Whether a WAITING or POSTPONED document can be routed (SPEC 2). Every node checks what it needs to put
@@ -685,6 +760,8 @@ class Queue:
             raise
         child_end.close()
         self._conn = parent_end
+        self._handed.clear()  # a new manager holds nothing yet, and has said nothing of its workers
+        self._free, self._received, self._sent = None, 0, 0
         self._inbox = Inbox(parent_end, self._track, self._wake)
         self.logger.info("worker manager started", extra={"pid": self._manager_pid})
 
@@ -758,15 +835,18 @@ class Queue:
             case WorkerExited(worker_id=worker_id, pid=pid, signal=sig):
                 self._emitter.emit(WORKER_KILL, {"_id": worker_id, "pid": pid, "signal": sig})
             case JobClaimed(job_id=job_id, job_class=job_class, claimed_at=claimed_at):
-                with self._state_lock:
-                    if (job_id, claimed_at) in self._ignored_claims:
-                        self._ignored_claims.discard((job_id, claimed_at))
-                        return
-                if self.metrics is not None:
-                    self.metrics.run_started(job_id, job_class)
+                self._claimed(job_id, job_class, claimed_at)
             case JobFinished(job_id=job_id, status=status):
                 self._run_recorded(job_id, status)
+            case JobNotClaimed(job_id=job_id):
+                self._handed.discard(job_id)
+                self.claims_lost += 1
+                if self.metrics is not None:
+                    self.metrics.claim_lost()
+            case Capacity(free=free, received=received):
+                self._free, self._received = free, received
             case JobHeldBack(job_id=job_id):
+                self._handed.discard(job_id)
                 doc = self.store.find_job(job_id)  # as it is now: held while it is still due
                 if doc is not None and doc.get("status") == JobStatus.WAITING and self._fit(doc):
                     self._hold(doc)
@@ -776,6 +856,16 @@ class Queue:
                 died = f"worker process died (signal {sig})" if reason == KillReason.DIED else ""
                 self._unrecorded.append(self.life.after_kill(job_id, worker_id, run, reason, timeout, died))
                 self._free_slots(job_id, worker_id)
+
+    def _claimed(self, job_id: ObjectId, job_class: str, claimed_at: float) -> None:
+        self._handed.discard(job_id)
+        self.claims_won += 1
+        with self._state_lock:
+            if (job_id, claimed_at) in self._ignored_claims:
+                self._ignored_claims.discard((job_id, claimed_at))
+                return
+        if self.metrics is not None:
+            self.metrics.run_started(job_id, job_class)
 
     def _run_recorded(self, job_id: ObjectId, status: int | None) -> None:
         """A worker of ours has recorded its run's end (``status``; None: it recorded none)."""

@@ -32,6 +32,7 @@ ERROR_BACKOFF_SECONDS = 0.5
 class Kind(enum.Enum):
     CHANGE = "change"  #: a job's status change (``change``)
     FLOW = "flow"  #: the pauses or limits changed: read them before any change queued after this
+    PEERS = "peers"  #: a node joined or left the registry: read it again
     GAP = "gap"  #: the stream restarted without its resume token: changes may be missing, look at what is stored
     WAKE = "wake"  #: something else needs the loop (a manager report)
 
@@ -98,7 +99,7 @@ class Wakeups:
 
     def _read_until_stopped(self) -> None:
         feed = self.feed
-        gaps, flows = feed.gaps, feed.flow_changes
+        gaps, flows, peers = feed.gaps, feed.flow_changes, feed.peer_changes
         while not self._stop.is_set():
             while self._forking.is_set() and not self._stop.is_set():
                 time.sleep(0.01)
@@ -115,5 +116,8 @@ class Wakeups:
             if feed.flow_changes != flows:  # a poll returns at each change of the controls, in the stream's order
                 flows = feed.flow_changes
                 self._queue.put(Wakeup(Kind.FLOW))
+            if feed.peer_changes != peers:
+                peers = feed.peer_changes
+                self._queue.put(Wakeup(Kind.PEERS))
             if change is not None:
                 self._queue.put(Wakeup(Kind.CHANGE, change))

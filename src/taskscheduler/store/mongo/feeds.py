@@ -12,7 +12,7 @@ from bson import ObjectId
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
-from ...constants import JobStatus
+from ...constants import NODE_REGISTRY, JobStatus
 from ...errors import InvalidArgumentError, ServerUnavailableError
 from .connection import first_line, server_errors
 from .deployment import Deployment
@@ -54,6 +54,7 @@ class Feeds(Deployment):
         statuses: tuple[int, ...] | None = None,
         flow: bool = False,
         await_ms: int = STREAM_AWAIT_MS,
+        peers: bool = False,
     ) -> StatusFeed:
         """Status changes of jobs (every insert; updates only to ``statuses`` when given). ``lookup=False``
         skips fetching the document of each update (cheaper: then only inserts carry a document). ``flow``: also
@@ -61,9 +62,10 @@ class Feeds(Deployment):
         a move to the next run that kept the status (a run held for its orphaning verdict, POSTPONED, whose retry
         is POSTPONED too) as a change of status :data:`STATUS_UNKNOWN`: read the job to know it. ``await_ms``:
         longest the server holds a read of the stream open while nothing changes (it answers at once when
-        something does): a reader on a thread of its own can wait long and cost an idle process next to nothing."""
+        something does): a reader on a thread of its own can wait long and cost an idle process next to nothing.
+        ``peers``: also count nodes joining or leaving the registry in ``peer_changes`` (a node reads it again)."""
         self.check_deployment()
-        return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow, await_ms)
+        return StatusFeed(self, ids, query, lookup or bool(query), statuses, flow, await_ms, peers)
 
     def activity_feed(self) -> ActivityFeed:
         """Inserts, status changes and progress moves of every job, each with its document (the dashboard)."""
@@ -88,6 +90,7 @@ class StatusFeed:
         statuses: tuple[int, ...] | None = None,
         flow: bool = False,
         await_ms: int = STREAM_AWAIT_MS,
+        peers: bool = False,
     ) -> None:
         self.store = store
         self.lookup = lookup
@@ -111,6 +114,12 @@ class StatusFeed:
                 "updateDescription.updatedFields.run": {"$exists": True},
             }
             match = {"$or": [match, kept_status, {"ns.coll": self.flow_collection}]}
+        #: Nodes that joined or left the registry so far (with ``peers``; its refreshes are not changes).
+        self.peer_changes = 0
+        self.peers_collection = NODE_REGISTRY if peers else None
+        if peers:
+            joined_or_left = {"ns.coll": NODE_REGISTRY, "operationType": {"$in": ["insert", "delete"]}}
+            match = {"$or": [match, joined_or_left]}
         if ids is not None and len(ids) <= MAX_SERVER_ID_FILTER:
             match["documentKey._id"] = {"$in": list(ids)}  # a long $in costs the server on every change: filter here
         self.ids = frozenset(ids) if ids is not None else None
@@ -185,6 +194,13 @@ class StatusFeed:
                 and (change.get("ns") or {}).get("coll") == self.flow_collection
             ):
                 self.flow_changes += 1
+                return None
+            if (
+                change is not None
+                and self.peers_collection
+                and (change.get("ns") or {}).get("coll") == self.peers_collection
+            ):
+                self.peer_changes += 1
                 return None
             parsed = _parse_change(change) if change is not None else None
             if parsed is not None and (self.ids is None or parsed.job_id in self.ids):

@@ -27,6 +27,13 @@ class NodeRegistry(Deployment):
         with server_errors():
             self.nodes.delete_one({"_id": node_id})
 
+    def node_entries(self, fields: tuple[str, ...]) -> list[Document]:
+        """``fields`` of every registry entry not yet expired, on the server's clock as :attr:`clock` reads it (no
+        command of its own): what a queue node reads every heartbeat to know its peers."""
+        now = self.clock.now()
+        with server_errors():
+            return list(self.nodes.find({"expires": {"$gt": now}}, dict.fromkeys(fields, 1)))
+
     def live_nodes(self) -> list[Document]:
         """Registry entries not yet expired on the server's clock (TTL deletes them only every minute)."""
         now = self.server_time()
