@@ -12,6 +12,10 @@ LIMIT = 2
 ORPHANED_TIMEOUT = 2.0
 #: How long faults are injected; then the system settles within SETTLE_SECONDS.
 FAULT_SECONDS = 15.0
+#: Claims the nodes may lose (another worker had the job first) per claim they win, on top of CLAIM_SLACK: each job
+#: is claimed first by its preferred node alone; the faults (pauses, outages, kills) cost some more.
+CLAIM_BUDGET = 0.5
+CLAIM_SLACK = 10
 SETTLE_SECONDS = 45.0
 #: Overlap of activity below this is scheduling noise (one clock, time.monotonic(), for every process).
 OVERLAP_SLACK = 0.02

@@ -7,6 +7,7 @@ import contextlib
 import heapq
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +22,9 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from chaos.config import (
+    CLAIM_BUDGET,
     CLAIM_PAUSE_CHANCE,
+    CLAIM_SLACK,
     CLOCK_SKEW,
     FAKETIME_LIBRARY,
     FAULT_KINDS,
@@ -103,6 +106,7 @@ class Harness(Faults):
         self._todo: list[tuple[float, int, str, Callable[[], bool]]] = []
         self._seq = 0
         self.timings: dict[str, float] = {}
+        self.claims = (0, 0, 0)  # claims won and lost by the nodes that stopped gracefully, and how many said
 
     # -- scheduling of actions -----------------------------------------------------------------------------------
 
@@ -400,6 +404,7 @@ class Harness(Faults):
         started = self.now()
         self.terminate_all()
         self.timings["stop"] = self.now() - started
+        self.check_claims()
         try:
             wait_until(lambda: not _node_processes(self.db_name), 5, what="the nodes' processes to exit")
         except AssertionError:
@@ -410,6 +415,24 @@ class Harness(Faults):
         processing = list(self.scheduler.store.jobs.find({"status": int(JobStatus.PROCESSING)}))
         for job in processing:
             self.violations.append(f"job {job['_id']} left PROCESSING after every node stopped")
+
+    def check_claims(self) -> None:
+        """Claim attempts stay near one per job whatever the faults (issue 22): each job is claimed first by its
+        preferred node alone. A node that stopped gracefully logs its claims won and lost; a killed one says
+        nothing, so what is counted is what the nodes alive at the end did, faults included."""
+        won = lost = said = 0
+        for n in self.nodes:
+            found = re.findall(r"claims won (\d+), lost (\d+)", n.node.output())
+            if found:
+                said += 1
+                won += int(found[-1][0])
+                lost += int(found[-1][1])
+        self.claims = (won, lost, said)
+        if lost > CLAIM_SLACK + CLAIM_BUDGET * won:
+            self.violations.append(
+                f"claim attempts over budget: {lost} lost against {won} won by the {said} nodes that said "
+                f"(budget {CLAIM_SLACK} + {CLAIM_BUDGET:g} per claim won)"
+            )
 
     def terminate_all(self) -> None:
         """SIGTERM to every live node, once each one serves."""

@@ -47,7 +47,8 @@ def summary(h: Harness, judged: list[Judged]) -> str:
     return (
         f"chaos seed {h.seed}: {len(h.nodes)} nodes started | faults {faults} | {len(judged)} jobs "
         f"{dict(statuses)} | {executions} executions ({h.leases_checked} with their lease), {runs} runs, "
-        f"{releases} releases, {tolerated} tolerated | "
+        f"{releases} releases, {tolerated} tolerated | claims won {h.claims[0]} lost {h.claims[1]} ({h.claims[2]} "
+        f"nodes said) | "
         f"faults {h.timings.get('faults', 0):.1f} s, stop all {h.timings.get('stop all', 0):.1f} s, "
         f"settle {h.timings.get('settle', 0):.1f} s, stop {h.timings.get('stop', 0):.1f} s, total {h.now():.1f} s"
     )
