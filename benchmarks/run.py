@@ -4,7 +4,9 @@ Targets are ratios or counts measured side by side in one run, never absolute ti
 1 throughput ratio, 2 latency, 3 round trips per job, 4 scale with a deep queue, 5 process cost per pm mode,
 6 a priority job behind a queued backlog, 7 AsyncScheduler against Scheduler, 8 flow control (dependencies and
 limits: what a dependent or limited job costs, how soon a dependent starts, how busy a limit keeps its slots),
-9 side by side with RQ on Redis (benchmarks/versus_rq.py), 10 what an idle node, manager and worker cost.
+9 side by side with RQ on Redis (benchmarks/versus_rq.py), 10 what an idle node, manager and worker cost,
+11 scale-out: commands per job and add->start latency with 1, 2, 4 and 8 nodes, and the model extrapolating them
+(benchmarks/scale_out.py, benchmarks/scaling_model.py; docs/scaling.md).
 Results go to docs/performance.md (with docs/performance.png).
 """
 
@@ -417,7 +419,7 @@ def main() -> int:
         default=0,
         help="start the queue nodes with their Prometheus endpoint on this port (0: off), to compare costs",
     )
-    parser.add_argument("--only", default=None, choices=["flow", "rq", "idle"], help="run only this benchmark")
+    parser.add_argument("--only", default=None, choices=["flow", "rq", "idle", "scale"], help="run only this benchmark")
     args = parser.parse_args()
     if args.metrics_port:
         NODE_FLAGS.extend(["--metrics-port", str(args.metrics_port)])
@@ -428,6 +430,10 @@ def main() -> int:
         return 1 if flow_benchmarks(uri, results) else 0
     if args.only == "rq":
         return 1 if rq_benchmark(uri, results) else 0
+    import scale_out  # benchmark 11; benchmarks/ is this script's folder
+
+    if args.only == "scale":  # with its tables, the model's fit, prediction and check
+        return 1 if scale_out.scale_out_benchmark(uri, results, detail=True) else 0
     if args.only == "idle":
         idle = measure(uri, idle_cost)
         return 1 if summary(f"idle: {idle}", max(idle.values()) <= 0.5) else 0
@@ -475,6 +481,7 @@ def main() -> int:
     )
     failed |= flow_benchmarks(uri, results)
     failed |= rq_benchmark(uri, results)
+    failed |= scale_out.scale_out_benchmark(uri, results)
     idle = results["idle"] = measure(uri, idle_cost)
     failed |= summary(
         f"idle: node {idle['node']:.2f} ms/s, manager {idle['manager']:.2f} ms/s, worker {idle['worker']:.2f} ms/s "
