@@ -10,6 +10,7 @@ of a capped collection must not change a document's size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from bson import ObjectId
 from .. import options as o
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidJobError
-from .schema import job_ref, problem
+from .schema import job_ref, problem, status_label, status_problem, stored_status
 
 #: The unset value of ``outcome`` and ``change`` (an event id) in a document.
 NO_EVENT = NO_WORKER
@@ -158,6 +159,12 @@ class JobRecord:
         return _count(self.options.get(o.RETRY), 0)
 
     @property
+    def parent(self) -> ObjectId | None:
+        """For a child job (one added by a run of another): its parent's id, stored as ``data.parent``."""
+        parent = self.data.get("parent") if isinstance(self.data, Mapping) else None
+        return parent if isinstance(parent, ObjectId) else None
+
+    @property
     def at(self) -> float:
         """When the current run may start (unix seconds on the server's clock; 0: at once)."""
         return _number(self.options.get(o.AT), 0.0)
@@ -242,3 +249,131 @@ class RunContext:
     worker: ObjectId
     job: ObjectId | None = None
     run: int = 1
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A stored job as read, whether it fits the schema or not: a handle shows any job, and a worker looks at
+    jobs it does not run (a parent, its children, its own job read anew), which anyone may have written (SPEC 2:
+    a malformed document never stops a reader). Each property reads its field leniently and never raises, but
+    ``id`` and ``status``; values compared with what was read elsewhere are given as stored (``*_value``). A job
+    about to run is read as a :class:`JobRecord` instead."""
+
+    doc: Mapping[str, Any]
+
+    @property
+    def id(self) -> Any:
+        """The stored ``_id``: any BSON value (an ObjectId in a job that fits); KeyError when there is none."""
+        return self.doc["_id"]
+
+    @property
+    def id_value(self) -> Any:
+        """The stored ``_id``, None when there is none."""
+        return self.doc.get("_id")
+
+    @property
+    def ref(self) -> str:
+        """The id as messages and log lines show it (see :func:`~taskscheduler.store.schema.job_ref`)."""
+        return job_ref(self.doc.get("_id"))
+
+    @property
+    def job_class(self) -> str:
+        return str(self.doc.get("class", ""))
+
+    @property
+    def status(self) -> JobStatus:
+        """The status; InvalidJobError naming the field when the stored one is none."""
+        return stored_status(self.doc)
+
+    @property
+    def status_value(self) -> Any:
+        """The status as stored (compared as stored: any value, None when missing)."""
+        return self.doc.get("status")
+
+    @property
+    def known_status(self) -> JobStatus | None:
+        """The status when the stored one is a JobStatus stored as an int32, else None."""
+        return JobStatus(self.doc["status"]) if status_problem(self.doc) is None else None
+
+    @property
+    def label(self) -> str:
+        """The status as views name it (``"waiting"``..., or ``"malformed"``)."""
+        return status_label(self.doc.get("status"))
+
+    @property
+    def run(self) -> int:
+        """The current run's number (1 for the first), or the last run's when the job has ended; 1 when the stored
+        one is no integer."""
+        run = self.doc.get("run", 1)
+        return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
+
+    @property
+    def data(self) -> Any:
+        return self.doc.get("data")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """A copy of the stored options (empty when they are no document)."""
+        options = self.doc.get("options")
+        return dict(options) if isinstance(options, Mapping) else {}
+
+    @property
+    def progress(self) -> float:
+        return _number(self.doc.get("progress", 0.0), 0.0)
+
+    @property
+    def worker(self) -> Any:
+        """The worker running or last running it, as stored (an ObjectId in a job that fits); None when unset."""
+        worker = self.doc.get("worker")
+        return None if worker is None or worker == NO_WORKER else worker
+
+    @property
+    def created(self) -> datetime | None:
+        return _time(self.doc.get("created"))
+
+    @property
+    def started(self) -> datetime | None:
+        return _time(self.doc.get("started"))
+
+    @property
+    def ended(self) -> datetime | None:
+        return _time(self.doc.get("ended"))
+
+    def same_run(self, other: JobView) -> bool:
+        """Whether both read the same stored run number (compared as stored, a missing one as None)."""
+        return bool(self.doc.get("run") == other.doc.get("run"))
+
+    def same_end(self, other: JobView) -> bool:
+        """Whether both read the same status and the same end of the last run (its outcome event), as stored."""
+        return bool(
+            self.doc.get("outcome") == other.doc.get("outcome") and self.doc.get("status") == other.doc.get("status")
+        )
+
+    def added_by_run(self, run: int) -> bool:
+        """For a child job: whether run ``run`` of its parent added it (a child stored without that number counts
+        as added by any run)."""
+        return bool(self.doc.get("parent_run", run) == run)
+
+    def shown(self) -> dict[str, Any]:
+        """A deep copy of the document as views show it: unset times, worker and event ids as None, and beside the
+        stored status number its name (``status_name``; None when it is no status)."""
+        doc = copy.deepcopy(dict(self.doc))
+        for name in ("started", "ended", "alive", "expires"):
+            if name in doc:
+                doc[name] = _time(doc.get(name))
+        doc["worker"] = self.worker
+        for name in ("outcome", "change"):
+            if doc.get(name) == NO_EVENT:
+                doc[name] = None
+        doc["status_name"] = status.name if (status := _status_or_none(doc.get("status"))) is not None else None
+        return doc
+
+
+def _status_or_none(value: Any) -> JobStatus | None:
+    """The JobStatus of a stored status number, or None for anything else (a malformed document)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        return None
