@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
 from bson import ObjectId
 
-from ..constants import NO_WORKER, UNSET_TIME, JobStatus
+from ..constants import JobStatus
 from ..core.lifecycle import Lifecycle
-from ..store.schema import problem, status_label, stored_status
+from ..store.records import EventRecord, JobView
+from ..store.schema import problem
 
 
 class Source(Protocol):
@@ -43,22 +43,17 @@ def plain(value: Any) -> Any:
     return str(value)  # Decimal128, Regex, Timestamp...: their text
 
 
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, datetime) or value == UNSET_TIME:
-        return None
-    return value
-
-
 class Process:
     """A read-only view of a stored job, with ``refresh()``, ``wait()`` and ``to_dict()``."""
 
     def __init__(self, document: dict[str, Any], scheduler: Source) -> None:
         self._doc = document
+        self._job = JobView(document)  # any stored job, malformed ones too: each field read leniently
         self._scheduler = scheduler
-        self._outcome: Any = _UNLOADED
+        self._outcome: EventRecord | None | object = _UNLOADED
 
     def __repr__(self) -> str:
-        return f"<Process {self._doc.get('_id')} {self.job_class} {status_label(self._doc.get('status')).upper()}>"
+        return f"<Process {self._job.id_value} {self.job_class} {self._job.label.upper()}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Process) and other.id == self.id
@@ -68,54 +63,51 @@ class Process:
 
     @property
     def id(self) -> ObjectId:
-        job_id: ObjectId = self._doc["_id"]
+        job_id: ObjectId = self._job.id
         return job_id
 
     @property
     def job_class(self) -> str:
-        return str(self._doc.get("class", ""))
+        return self._job.job_class
 
     @property
     def data(self) -> Any:
-        return self._doc.get("data")
+        return self._job.data
 
     @property
     def options(self) -> dict[str, Any]:
-        options = self._doc.get("options")
-        return dict(options) if isinstance(options, Mapping) else {}
+        return self._job.options
 
     @property
     def status(self) -> JobStatus:
         """The job's status; ``errors.InvalidJobError`` (naming the field) when the stored one is no status."""
-        return stored_status(self._doc)
+        return self._job.status
 
     @property
     def progress(self) -> float:
-        progress = self._doc.get("progress", 0.0)
-        return float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool) else 0.0
+        return self._job.progress
 
     @property
     def worker(self) -> ObjectId | None:
-        worker = self._doc.get("worker")
-        return None if worker is None or worker == NO_WORKER else worker
+        worker: ObjectId | None = self._job.worker
+        return worker
 
     @property
     def created(self) -> datetime | None:
-        return _time(self._doc.get("created"))
+        return self._job.created
 
     @property
     def started(self) -> datetime | None:
-        return _time(self._doc.get("started"))
+        return self._job.started
 
     @property
     def ended(self) -> datetime | None:
-        return _time(self._doc.get("ended"))
+        return self._job.ended
 
     @property
     def run(self) -> int:
         """The current run's number (1 for the first), or the last run's when the job has ended."""
-        run = self._doc.get("run", 1)
-        return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
+        return self._job.run
 
     @property
     def malformed(self) -> str | None:
@@ -128,19 +120,20 @@ class Process:
     def error(self) -> dict[str, Any] | None:
         """The error of the last ended run (FAILED, TIMEOUT, orphaned): ``class``, ``message``, ``traceback``."""
         event = self._event()
-        error = event.get("error") if event else None
-        return dict(error) if isinstance(error, Mapping) and error else None
+        error = event.error if event else None
+        return dict(error) if error else None
 
     @property
     def result(self) -> Any:
         """What ``start()`` returned in the last ended run (``None`` when it could not be stored)."""
         event = self._event()
-        return event.get("result") if event else None
+        return event.result if event else None
 
-    def _event(self) -> dict[str, Any] | None:
+    def _event(self) -> EventRecord | None:
         if self._outcome is _UNLOADED:
-            self._outcome = self._scheduler.lifecycle.outcome(self._doc)
-        return self._outcome  # type: ignore[no-any-return]
+            event = self._scheduler.lifecycle.outcome(self._doc)
+            self._outcome = EventRecord.from_doc(event) if event is not None else None
+        return self._outcome  # type: ignore[return-value]
 
     @property
     def blocked_by(self) -> list[ObjectId]:
@@ -166,18 +159,9 @@ class Process:
 
     def to_dict(self) -> dict[str, Any]:
         """The job as plain JSON-ready values: ids as strings, times as ISO 8601, unset ones as ``None``."""
-        doc = copy.deepcopy(self._doc)
-        for field in ("started", "ended", "alive", "expires"):
-            if field in doc:
-                doc[field] = _time(doc.get(field))
-        doc["worker"] = self.worker
-        for field in ("outcome", "change"):
-            if doc.get(field) == NO_WORKER:
-                doc[field] = None
-        # The stored number stays (upstream's toArray); its name beside it, as `show --json` and the dashboard
-        # give it, so that JSON read by people says DONE rather than 3.
-        doc["status_name"] = status.name if (status := _status_or_none(doc.get("status"))) is not None else None
-        plain_doc: dict[str, Any] = plain(doc)
+        # The stored status number stays (upstream's toArray); its name beside it, as `show --json` and the
+        # dashboard give it, so that JSON read by people says DONE rather than 3.
+        plain_doc: dict[str, Any] = plain(self._job.shown())
         return plain_doc
 
     def document(self) -> dict[str, Any]:
@@ -186,16 +170,7 @@ class Process:
 
     def refresh_from(self, document: dict[str, Any]) -> None:
         """Show ``document``, the job as it was read anew (the Scheduler does so while it waits for it)."""
-        if document.get("outcome") != self._doc.get("outcome") or document.get("status") != self._doc.get("status"):
+        job = JobView(document)
+        if not job.same_end(self._job):
             self._outcome = _UNLOADED
-        self._doc = document
-
-
-def _status_or_none(value: Any) -> JobStatus | None:
-    """The JobStatus of a stored status number, or None for anything else (a malformed document)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    try:
-        return JobStatus(value)
-    except ValueError:
-        return None
+        self._doc, self._job = document, job
