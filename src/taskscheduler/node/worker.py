@@ -32,8 +32,8 @@ from ..constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from ..core.changes import Change, RunEnd, describe_error
 from ..core.dependencies import verdicts
 from ..errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from ..store.records import JobRecord, RunContext
-from ..store.schema import job_ref, problem
+from ..store.records import JobRecord, JobView, RunContext
+from ..store.schema import problem
 from . import forking
 from .fencing import LeaseSlot, SelfFence, lease_clock
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob
@@ -95,7 +95,7 @@ class Worker:
         """Claim and run one job in this process (no hard timeout and no lease renewal: those are a node's)."""
         doc = self.life.load(job_id)
         self.run(doc, lease=lease)
-        return self.scheduler.get_job(doc["_id"])
+        return self.scheduler.get_job(JobView(doc).id)
 
     def serve(self, connection: Connection, job: RunJob | None = None, slot: LeaseSlot | None = None) -> None:
         """The worker process's loop: run what the manager sends until told to exit (one job if ``job``). With the
@@ -131,7 +131,10 @@ class Worker:
         """Claim ``job`` and run it; False when another worker had it first (or it may not run). ``limits``: the
         keys under a limit whose slots the run must hold (taken before the claim, given back after the run)."""
         doc = self._whole(dict(job), connection)
-        if doc is None or not self._admitted(doc, connection, limits):
+        if doc is None:
+            return False
+        job_record = self._fit(doc, connection)
+        if job_record is None or not self._admitted(job_record, doc, connection, limits):
             return False
         failpoints.hit("worker.admitted")  # (tests: a pause or a limit written while a claim is under way)
         fence = self._fence if connection is not None else None
@@ -139,7 +142,7 @@ class Worker:
         # unless its manager moves the fence on (the node renewed the lease) or the job's code has returned.
         claimed_at = fence.arm(lease) if fence is not None else lease_clock()
         try:
-            claimed = self._claim(doc, lease) if self._parent_allows(doc) else None
+            claimed = self._claim(doc, job_record, lease) if self._parent_allows(job_record, doc) else None
         except ServerUnavailableError:  # the claim's outcome is unknown: hand it over again later
             claimed, unsettled = None, True
         else:
@@ -147,8 +150,8 @@ class Worker:
         if claimed is None:
             if fence is not None:
                 fence.end()
-            self.slots.give_back(doc["_id"], limits)
-            _send(connection, Finished(doc["_id"], False, unsettled=unsettled))
+            self.slots.give_back(job_record.id, limits)
+            _send(connection, Finished(job_record.id, False, unsettled=unsettled))
             return False
         failpoints.hit("worker.claimed")
         if fence is not None and not fence.holds():  # paused or cut off since the claim: never start it now
@@ -173,28 +176,29 @@ class Worker:
 
     # -- steps -----------------------------------------------------------------------------------------------------
 
-    def _admitted(self, doc: dict[str, Any], connection: Connection | None, limits: tuple[str, ...]) -> bool:
-        """Whether this worker may try to claim the job: it fits the schema, lies in the allow-list, no stop is
-        under way, and the run holds a slot of every limit it is under (SPEC 8). When not, the manager is told."""
-        if not self._fit(doc, connection):
-            return False
-        if self.job_modules is not None and not serves(str(doc.get("class")), self.job_modules):
+    def _admitted(
+        self, job: JobRecord, doc: Mapping[str, Any], connection: Connection | None, limits: tuple[str, ...]
+    ) -> bool:
+        """Whether this worker may try to claim the job (``doc`` as read, fit to run: see :meth:`_fit`): it lies in
+        the allow-list, no stop is under way, and the run holds a slot of every limit it is under (SPEC 8). When
+        not, the manager is told."""
+        if self.job_modules is not None and not serves(job.job_class, self.job_modules):
             self.logger.warning(
-                f"not running job {doc['_id']}: class {doc.get('class')!r} is outside this node's allowed modules",
-                extra={"job_id": doc["_id"], "job_class": doc.get("class")},
+                f"not running job {job.id}: class {job.job_class!r} is outside this node's allowed modules",
+                extra={"job_id": job.id, "job_class": job.job_class},
             )
-            _send(connection, Finished(doc["_id"], False))
+            _send(connection, Finished(job.id, False))
             return False
         fence = self._fence if connection is not None else None
         if fence is not None and fence.stop_requested():
-            _send(connection, Finished(doc["_id"], False))
+            _send(connection, Finished(job.id, False))
             return False
         try:
-            if not self._dependencies_done(doc) or (limits and not self.slots.take(doc["_id"], limits)):
-                _send(connection, Finished(doc["_id"], False, held_back=True))
+            if not self._dependencies_done(job, doc) or (limits and not self.slots.take(job.id, limits)):
+                _send(connection, Finished(job.id, False, held_back=True))
                 return False
         except ServerUnavailableError:
-            _send(connection, Finished(doc["_id"], False, unsettled=True))
+            _send(connection, Finished(job.id, False, unsettled=True))
             return False
         return True
 
@@ -203,38 +207,42 @@ class Worker:
         it can no longer be claimed, after telling the manager)."""
         if not doc.pop(DATA_LEFT_OUT, False):
             return doc
+        handed = JobView(doc)  # not checked yet: the stored one is, next (_fit)
         try:
-            stored = self.life.store.find_job(doc["_id"])
+            stored = self.life.store.find_job(handed.id)
         except ServerUnavailableError:
-            _send(connection, Finished(doc["_id"], False, unsettled=True))
+            _send(connection, Finished(handed.id, False, unsettled=True))
             return None
-        if stored is None or stored.get("status") != JobStatus.WAITING or stored.get("run") != doc.get("run"):
-            _send(connection, Finished(doc["_id"], False))
+        now = JobView(stored) if stored is not None else None
+        if now is None or now.status_value != JobStatus.WAITING or not now.same_run(handed):
+            _send(connection, Finished(handed.id, False))
             return None
         return stored
 
-    def _fit(self, doc: dict[str, Any], connection: Connection | None) -> bool:
-        """Whether the job's document fits the schema (SPEC 2); a malformed one is ended FAILED naming the field
-        (or skipped when it cannot take that write), never run, and never the end of this worker."""
+    def _fit(self, doc: dict[str, Any], connection: Connection | None) -> JobRecord | None:
+        """The job's record when its document fits the schema (SPEC 2); a malformed one is ended FAILED naming the
+        field (or skipped when it cannot take that write), never run, and never the end of this worker: None."""
         try:
             found = problem(doc, capped=self.life.store.capped)
             if found is not None and not self.life.reject(doc, found):
-                self.logger.warning("not running malformed job %s: %s", job_ref(doc.get("_id")), found)
+                self.logger.warning("not running malformed job %s: %s", JobView(doc).ref, found)
         except ServerUnavailableError:
-            _send(connection, Finished(doc["_id"], False, unsettled=True))
-            return False
+            _send(connection, Finished(JobView(doc).id, False, unsettled=True))
+            return None
         if found is not None:
-            _send(connection, Finished(doc["_id"], False))
-            return False
-        return True
+            _send(connection, Finished(JobView(doc).id, False))
+            return None
+        return JobRecord.from_doc(doc, checked=True)  # checked just above
 
-    def _dependencies_done(self, doc: Mapping[str, Any]) -> bool:
+    def _dependencies_done(self, job: JobRecord, doc: Mapping[str, Any]) -> bool:
         """Whether every job this one depends on has ended DONE (SPEC 8): the node hands such a job over only then;
         this looks once more, for a hand-over that went wrong (one read, for jobs with dependencies only)."""
-        verdict = verdicts(self.life.store, [doc]).get(doc.get("_id"))
+        verdict = verdicts(self.life.store, [doc]).get(job.id)
         return verdict is None or verdict.ready
 
-    def _claim(self, doc: Mapping[str, Any], lease: float) -> dict[str, Any] | None:
+    def _claim(self, doc: Mapping[str, Any], job: JobRecord, lease: float) -> dict[str, Any] | None:
+        """Claim the run ``doc`` (``job`` as read) is of: the claimed document, None when another worker had it
+        first; ServerUnavailableError when whether the claim was written cannot be told."""
         try:
             return self.life.claim(doc, self.id, lease)
         except ServerUnavailableError:
@@ -243,25 +251,28 @@ class Worker:
         for attempt in range(CLAIM_CHECKS):
             time.sleep(0.2 * 2**attempt)
             try:
-                stored = self.life.store.find_job(doc["_id"])
+                stored = self.life.store.find_job(job.id)
             except ServerUnavailableError:
                 continue
-            if stored is not None and stored.get("status") == JobStatus.PROCESSING and stored.get("worker") == self.id:
+            if stored is None:
+                return None
+            now = JobView(stored)  # anyone may have written it meanwhile
+            if now.status_value == JobStatus.PROCESSING and now.worker == self.id:
                 return stored
-            if stored is not None and stored.get("status") == JobStatus.WAITING:
-                raise ServerUnavailableError(f"the claim of job {doc['_id']} was not written")  # try again later
+            if now.status_value == JobStatus.WAITING:
+                raise ServerUnavailableError(f"the claim of job {job.id} was not written")  # try again later
             return None
         # Still unknown. If it was written, the lease runs out and the job is put back; if not, it is still WAITING.
-        raise ServerUnavailableError(f"cannot tell whether the claim of job {doc['_id']} was written")
+        raise ServerUnavailableError(f"cannot tell whether the claim of job {job.id} was written")
 
-    def _parent_allows(self, doc: dict[str, Any]) -> bool:
-        """A child whose parent ended FAILED, CANCELED or TIMEOUT is CANCELED instead of run."""
-        data = doc.get("data")
-        parent_id = data.get("parent") if isinstance(data, Mapping) else None
-        if not isinstance(parent_id, ObjectId):
+    def _parent_allows(self, job: JobRecord, doc: dict[str, Any]) -> bool:
+        """A child whose parent ended FAILED, CANCELED or TIMEOUT is CANCELED instead of run (``doc``: ``job`` as
+        read, which the cancel is conditional on)."""
+        parent_id = job.parent
+        if parent_id is None:
             return True
         parent = self.life.store.find_job(parent_id)
-        if parent is None or parent.get("status") not in PARENT_ENDED_BADLY:
+        if parent is None or JobView(parent).status_value not in PARENT_ENDED_BADLY:  # a parent may be malformed
             return True
         try:
             self.life.cancel(doc)
@@ -384,12 +395,13 @@ class Worker:
 
     def _check_children(self, job: JobRecord) -> None:
         run = job.run
-        for child in self.life.store.children(job.id):
-            if child.get("parent_run", run) != run:
+        for doc in self.life.store.children(job.id):
+            child = JobView(doc)  # anyone may write a child: a malformed one is no failure of this run
+            if not child.added_by_run(run):
                 continue  # a child of an earlier run: its outcome was that run's
-            status = child.get("status")  # anyone may write a child: a malformed one is no failure of this run
-            if type(status) is int and status in (JobStatus.FAILED, JobStatus.TIMEOUT):
-                raise ChildJobFailedError(f"child job {child['_id']} ended {JobStatus(status).name}")
+            status = child.known_status
+            if status is not None and status in (JobStatus.FAILED, JobStatus.TIMEOUT):
+                raise ChildJobFailedError(f"child job {child.id} ended {status.name}")
 
 
 def _run_to_completion(result: Any) -> Any:
