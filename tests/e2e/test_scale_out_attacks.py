@@ -1,7 +1,6 @@
 """Attacks on the preferred-node claiming of issue 22 (peers.py, deferred.py, queue.py's _defer/_release_deferred):
 a job whose preferred node cannot claim it must start within the grace delay plus 1 s, none may wait forever, and
-a busy node takes no part. The xfail(strict) tests are problems found and not fixed yet; the others guard what
-held."""
+a busy node takes no part. The first three were found broken and are fixed; the others guard what held."""
 
 from __future__ import annotations
 
@@ -89,15 +88,9 @@ def _cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
-# -- problems found ------------------------------------------------------------------------------------------------
+# -- found, and fixed -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queue.py _wait_time: Deferred.next_ripe() returns the past ripe time of a job that _release_deferred "
-    "leaves in the unripe heap when the node has no free worker (it returns before take()/_ripen), so the loop's "
-    "wait is 0 and a busy node holding another node's ripe job spins a core until a worker frees",
-)
 def test_a_busy_node_holding_a_ripe_job_of_another_node_does_not_spin(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
@@ -115,12 +108,6 @@ def test_a_busy_node_holding_a_ripe_job_of_another_node_does_not_spin(
     assert used < 0.2, f"node b used {used:.2f} s of CPU per second while it only waited for a worker"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queue.py _hand_over/_release_deferred: a job of rank 0 here goes to the manager at once, ahead of "
-    "a deferred job that came first (or has a higher priority) and waits only for its grace; the deferred one "
-    "then waits for the end of the later job, longer than the grace delay plus 1 s, with a worker free when it came",
-)
 def test_a_job_whose_preferred_node_is_busy_is_not_overtaken_by_a_later_lower_priority_job(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:
@@ -138,12 +125,6 @@ def test_a_job_whose_preferred_node_is_busy_is_not_overtaken_by_a_later_lower_pr
     assert high_started <= low_started
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queue.py _release_deferred: a deferred force_spawn job is handed over only to a free worker "
-    "(_free_workers() > 0), although it gets a worker of its own whatever max_children says (manager._add); on a "
-    "busy node it waits for a worker to free while its preferred node's manager is paused",
-)
 def test_a_force_spawn_job_whose_preferred_manager_is_paused_starts_on_a_busy_node(
     scheduler: Scheduler, start_node: Callable[..., Node]
 ) -> None:

@@ -237,6 +237,7 @@ class Queue:
             routed = None if listening else tuple(int(s) for s in ROUTED)
             lease = float(self.options[o.ORPHANED_TIMEOUT])
             self._step(self._register)  # during an outage: logged, and the heartbeat registers the node later
+            self._step(self._read_peers)  # before the first scan: who each waiting job prefers
             self._heartbeat = Heartbeat(
                 self.life, lease, self._owners, self._send_nowait, self.logger, self._fork_lock, self._register
             ).start()
@@ -295,6 +296,9 @@ class Queue:
         for step in steps:
             failed = not self._step(step) or failed
         now = time.monotonic()
+        if now >= timers.peers:
+            timers.peers = now + timers.peers_every
+            failed = not self._step(self._read_peers) or failed
         if now >= timers.orphans:
             timers.orphans = now + timers.orphans_every
             failed = not self._step(self._reschedule_orphans) or failed
@@ -345,10 +349,11 @@ class Queue:
             or self.metrics is not None
         )
         wait = TICK_SECONDS if busy else IDLE_WAIT_SECONDS
-        ripe = self._deferred.next_ripe()  # (a ripe one waits for a free worker: the manager's report wakes us)
+        ripe = self._deferred.next_ripe(time.monotonic())  # (a ripe one waits for a free worker: a report wakes us)
         if ripe is not None:
             wait = min(wait, ripe - time.monotonic())
-        return max(0.0, min(wait, self._next_due(), timers.orphans - time.monotonic()))
+        now = time.monotonic()
+        return max(0.0, min(wait, self._next_due(), timers.orphans - now, timers.peers - now))
 
     def _wake(self) -> None:
         wakeups = self._wakeups
@@ -438,10 +443,10 @@ class Queue:
             "workers": workers,
         }
         self.store.register_node(self.id, facts, NODE_EXPIRY_LEASES * float(self.options[o.ORPHANED_TIMEOUT]))
-        self._read_peers()
 
     def _read_peers(self) -> None:
-        """Read the live nodes again (every heartbeat, and when one joins or leaves): who a job prefers."""
+        """Read the live nodes again (once a heartbeat period, and when one joins or leaves): who a job prefers.
+        The loop reads them, never the heartbeat thread: a slow read must not delay a renewal."""
         lease = float(self.options[o.ORPHANED_TIMEOUT])
         self._peers.update(self.store.node_entries(PEER_FIELDS), self.store.clock.now(), period_of(lease))
 
@@ -528,8 +533,10 @@ class Queue:
         """Send a due job of ours to the manager, unless another node is the first to claim it (then it waits
         among the deferred jobs: see peers.py), or a pause or a full limit holds it back (SPEC 8). ``ripe``: a
         deferred job whose delay has passed, for a free worker of ours."""
-        if not ripe and self._defer(doc):
-            return
+        if not ripe:
+            if self._defer(doc):
+                return
+            self._hand_over_before(doc)
         limits: tuple[str, ...] = ()
         if not self._controls.empty:
             if self._controls.is_paused(doc) or self._full(doc):
@@ -546,12 +553,23 @@ class Queue:
         self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
 
     def _defer(self, doc: dict[str, Any]) -> bool:
-        """Leave a job to the node it prefers for the delay of this node's rank (False: this node is the first)."""
+        """Leave a job to the node it prefers for the delay of this node's rank (False: this node is the first).
+        A force_spawn job, which gets a worker of its own, goes once its delay is over whatever our workers do."""
         rank = self._peers.rank(doc["_id"], str(doc.get("class")))
         if rank == 0:
             return False
-        self._deferred.add(doc, time.monotonic() + delay(rank))
+        forced = bool((doc.get("options") or {}).get(o.FORCE_SPAWN))
+        self._deferred.add(doc, time.monotonic() + delay(rank), counted=not forced)
         return True
+
+    def _hand_over_before(self, doc: dict[str, Any]) -> None:
+        """Before a job of ours goes to a free worker, the deferred jobs of a higher priority go (SPEC: a node starts
+        higher priorities first), even before their delay is over: a job must not wait behind a lower one because
+        the node it prefers is busy."""
+        free = self._free_workers()
+        if free > 0 and self._deferred:
+            for earlier in self._deferred.take_before(start_order(doc), free):
+                self._hand_over(earlier, ripe=True)
 
     def _free_workers(self) -> int:
         """Jobs the manager could start now, less those sent since it last said so."""
@@ -564,10 +582,8 @@ class Queue:
         workers of this node. A node with no free worker takes no part in the race for other nodes' jobs."""
         if not self._deferred:
             return
-        free = self._free_workers()
-        if free <= 0:
-            return
-        for doc in self._deferred.take(time.monotonic(), free):
+        # (a force_spawn job goes once ripe whatever the count: it gets a worker of its own)
+        for doc in self._deferred.take(time.monotonic(), max(0, self._free_workers())):
             self._hand_over(doc, ripe=True)
 
     def _full(self, doc: Mapping[str, Any]) -> list[str]:
@@ -1011,6 +1027,8 @@ class _Timers:
     def __init__(self, orphaned_timeout: float) -> None:
         self.orphans_every = max(0.5, min(orphaned_timeout / 2, 15.0))
         self.orphans = time.monotonic()
+        self.peers_every = period_of(orphaned_timeout)  # the registry changes at each heartbeat
+        self.peers = time.monotonic()
         self.burst = time.monotonic()
 
 
