@@ -10,9 +10,11 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
 from bson import ObjectId
+from pymongo import MongoClient
 
 from helpers import Node, stop_nodes, wait_until
 from taskscheduler import JobStatus, Scheduler
@@ -137,3 +139,37 @@ def test_nodes_joining_and_leaving_move_preferences_without_a_job_left_waiting(
     stop_nodes([first])
     first_won, first_lost = _claims(first)
     assert first_won + second_won == 16 and first_lost <= 1
+
+
+def test_a_job_whose_preferred_node_is_cut_off_starts_elsewhere_within_the_grace_delay(
+    scheduler: Scheduler, start_node: Callable[..., Node], server: Any, client: MongoClient[Any]
+) -> None:
+    uri = server.uri + ("&" if "?" in server.uri else "?") + "appName=cut-off-node"
+    victim = start_node("--mongodb-uri", uri, "--pm", "static", "--min-children", "1", "--max-children", "1")
+    other = start_node("--pm", "static", "--min-children", "1", "--max-children", "1")
+    ids = _node_ids(scheduler, [victim, other])
+    time.sleep(0.5)
+    scheduler.add_job("sample_jobs:Noop").wait(timeout=30)
+    # Every command of the victim (its node, manager and worker share its URI) hangs for 5 s: it hears of the jobs
+    # but cannot claim them.
+    client.admin.command(
+        "configureFailPoint",
+        "failCommand",
+        mode="alwaysOn",
+        data={
+            "failCommands": ["find", "update", "findAndModify", "getMore", "insert", "aggregate"],
+            "blockConnection": True,
+            "blockTimeMS": 5000,
+            "appName": "cut-off-node",
+        },
+    )
+    try:
+        jobs = [scheduler.add_job("sample_jobs:Noop") for _ in range(6)]
+        scheduler.wait_for(jobs, timeout=30)
+    finally:
+        client.admin.command("configureFailPoint", "failCommand", mode="off")
+    theirs = [p.id for p in jobs if _preferred(p.id, list(ids.values())) == ids[victim.pid]]
+    assert theirs, "no job preferred the cut-off node: the test proves nothing"
+    for p in jobs:
+        assert scheduler.get_job(p.id).status == JobStatus.DONE
+        assert _start_delay(scheduler, p.id) <= TAKEOVER_SECONDS

@@ -619,9 +619,9 @@ class Queue:
                     continue  # (a blocked one was never handed over: it meets the controls once released)
                 if job_id in self._deferred:
                     continue  # (nor a deferred one)
-                self._handed.discard(job_id)
                 if not every and not newly.intersection(keys_of(doc)):
                     continue
+                self._handed.discard(job_id)
                 self._send(DropJob(job_id))  # the manager forgets it if it holds it: not started now
                 if serves(str(doc.get("class")), self.job_modules) and self._fit(doc):
                     self._hold(doc)
