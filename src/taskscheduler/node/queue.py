@@ -349,10 +349,10 @@ class Queue:
             or self.metrics is not None
         )
         wait = TICK_SECONDS if busy else IDLE_WAIT_SECONDS
-        ripe = self._deferred.next_ripe(time.monotonic())  # (a ripe one waits for a free worker: a report wakes us)
-        if ripe is not None:
-            wait = min(wait, ripe - time.monotonic())
         now = time.monotonic()
+        ripe = self._deferred.next_ripe(now)  # (a ripe one waits for a free worker: a report wakes us)
+        if ripe is not None:
+            wait = min(wait, ripe - now)
         return max(0.0, min(wait, self._next_due(), timers.orphans - now, timers.peers - now))
 
     def _wake(self) -> None:

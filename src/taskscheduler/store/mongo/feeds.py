@@ -188,18 +188,11 @@ class StatusFeed:
                 change = None
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 1.0)
-            if (
-                change is not None
-                and self.flow_collection
-                and (change.get("ns") or {}).get("coll") == self.flow_collection
-            ):
+            collection = (change.get("ns") or {}).get("coll") if change is not None else None
+            if collection is not None and collection == self.flow_collection:
                 self.flow_changes += 1
                 return None
-            if (
-                change is not None
-                and self.peers_collection
-                and (change.get("ns") or {}).get("coll") == self.peers_collection
-            ):
+            if collection is not None and collection == self.peers_collection:
                 self.peer_changes += 1
                 return None
             parsed = _parse_change(change) if change is not None else None
