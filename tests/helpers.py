@@ -361,3 +361,10 @@ def in_a_terminal(*args: str, columns: int, env: dict[str, str]) -> str:
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0, seen
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())
+
+
+def start_delay(scheduler: Any, job_id: Any) -> float:
+    """Seconds from a job's creation to its start, both on the server's clock."""
+    record = scheduler.get_job(job_id)
+    assert record.created is not None and record.started is not None, record
+    return float((record.started - record.created).total_seconds())

@@ -16,7 +16,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from helpers import Node, stop_nodes, wait_until
+from helpers import Node, start_delay, stop_nodes, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
 
@@ -60,12 +60,6 @@ def _preferred(job_id: ObjectId, ids: list[ObjectId]) -> ObjectId:
     raise AssertionError("no node ranks first")
 
 
-def _start_delay(scheduler: Scheduler, job_id: ObjectId) -> float:
-    """Seconds from a job's creation to its start, both on the server's clock."""
-    record = scheduler.get_job(job_id)
-    assert record.created is not None and record.started is not None
-    return (record.started - record.created).total_seconds()
-
 
 def test_idle_nodes_claim_each_job_once(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     nodes = [start_node("--pm", "static", "--min-children", "1", "--max-children", "1") for _ in range(3)]
@@ -106,7 +100,7 @@ def test_a_job_whose_preferred_node_cannot_claim_starts_elsewhere_within_the_gra
         assert theirs, "no job preferred the stopped node: the test proves nothing"
         for job_id in (p.id for p in jobs):
             assert scheduler.get_job(job_id).status == JobStatus.DONE
-            assert _start_delay(scheduler, job_id) <= TAKEOVER_SECONDS
+            assert start_delay(scheduler, job_id) <= TAKEOVER_SECONDS
     finally:
         if fault == "sigstop":
             os.killpg(victim.pid, signal.SIGCONT)
@@ -135,7 +129,7 @@ def test_nodes_joining_and_leaving_move_preferences_without_a_job_left_waiting(
     later = [scheduler.add_job("sample_jobs:Noop") for _ in range(5)]
     scheduler.wait_for(later, timeout=30)
     for p in later:
-        assert _start_delay(scheduler, p.id) <= TAKEOVER_SECONDS
+        assert start_delay(scheduler, p.id) <= TAKEOVER_SECONDS
     stop_nodes([first])
     first_won, first_lost = _claims(first)
     assert first_won + second_won == 16 and first_lost <= 1
@@ -172,4 +166,4 @@ def test_a_job_whose_preferred_node_is_cut_off_starts_elsewhere_within_the_grace
     assert theirs, "no job preferred the cut-off node: the test proves nothing"
     for p in jobs:
         assert scheduler.get_job(p.id).status == JobStatus.DONE
-        assert _start_delay(scheduler, p.id) <= TAKEOVER_SECONDS
+        assert start_delay(scheduler, p.id) <= TAKEOVER_SECONDS

@@ -17,7 +17,7 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from helpers import Node, wait_until
+from helpers import Node, start_delay, wait_until
 from taskscheduler import JobStatus, Process, Scheduler
 from taskscheduler.constants import NODE_REGISTRY
 from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
@@ -54,12 +54,6 @@ def _id_preferring(node: ObjectId, ids: list[ObjectId], job_class: str = NOOP) -
         if peers.rank(job_id, job_class) == 0:
             return job_id
 
-
-def _start_delay(scheduler: Scheduler, job_id: ObjectId) -> float:
-    """Seconds from a job's creation to its start, both on the server's clock."""
-    record = scheduler.get_job(job_id)
-    assert record.created is not None and record.started is not None, record
-    return (record.started - record.created).total_seconds()
 
 
 def _processing(scheduler: Scheduler, job: Process) -> None:
@@ -119,7 +113,7 @@ def test_a_job_whose_preferred_node_is_busy_is_not_overtaken_by_a_later_lower_pr
     time.sleep(0.05)
     low = scheduler.add_job(SLEEP, {"seconds": 3}, priority=-50, id=_id_preferring(ids[1], ids, SLEEP))
     scheduler.wait_for([high, low], timeout=30)
-    assert _start_delay(scheduler, high.id) <= TAKEOVER_SECONDS
+    assert start_delay(scheduler, high.id) <= TAKEOVER_SECONDS
     high_started, low_started = scheduler.get_job(high.id).started, scheduler.get_job(low.id).started
     assert high_started is not None and low_started is not None
     assert high_started <= low_started
@@ -137,7 +131,7 @@ def test_a_force_spawn_job_whose_preferred_manager_is_paused_starts_on_a_busy_no
         forced = scheduler.add_job(NOOP, force_spawn=True, id=_id_preferring(ids[0], ids))
         forced.wait(timeout=30)
         assert forced.status == JobStatus.DONE
-        assert _start_delay(scheduler, forced.id) <= TAKEOVER_SECONDS
+        assert start_delay(scheduler, forced.id) <= TAKEOVER_SECONDS
     finally:
         manager.resume()
 
@@ -158,7 +152,7 @@ def test_fake_live_nodes_that_never_claim_cost_at_most_the_grace_delay(
     time.sleep(0.5)  # the node reads the registry at its next heartbeat (the inserts wake it too)
     jobs = [scheduler.add_job(NOOP) for _ in range(8)]
     scheduler.wait_for(jobs, timeout=30)
-    delays = [_start_delay(scheduler, p.id) for p in jobs]
+    delays = [start_delay(scheduler, p.id) for p in jobs]
     assert all(scheduler.get_job(p.id).status == JobStatus.DONE for p in jobs)
     assert max(delays) <= TAKEOVER_SECONDS, delays
     assert max(delays) >= GRACE_SECONDS  # the fakes did rank first for some: the test proves something
@@ -179,7 +173,7 @@ def test_thousands_of_registry_entries_delay_no_job_past_the_last_rank(
         jobs.append(scheduler.add_job(NOOP))
         time.sleep(0.1)
     scheduler.wait_for(jobs, timeout=30)
-    delays = [_start_delay(scheduler, p.id) for p in jobs]
+    delays = [start_delay(scheduler, p.id) for p in jobs]
     assert max(delays) <= TAKEOVER_SECONDS, delays
 
 
@@ -195,7 +189,7 @@ def test_a_job_preferring_a_node_whose_manager_was_sigkilled_starts_once(
     scheduler.wait_for(jobs, timeout=30)
     for p in jobs:
         assert scheduler.get_job(p.id).status == JobStatus.DONE
-        assert _start_delay(scheduler, p.id) <= TAKEOVER_SECONDS
+        assert start_delay(scheduler, p.id) <= TAKEOVER_SECONDS
     ran = [line.split()[0] for line in runs.read_text().splitlines()]
     assert sorted(ran) == sorted(str(p.id) for p in jobs)  # each once
 
@@ -216,7 +210,7 @@ def test_jobs_preferring_a_node_whose_manager_is_paused_start_on_another_pool(
         jobs = [scheduler.add_job(NOOP, id=_id_preferring(ids[0], ids)) for _ in range(3)]
         scheduler.wait_for(jobs, timeout=30)
         assert all(scheduler.get_job(p.id).status == JobStatus.DONE for p in jobs)
-        delays = [_start_delay(scheduler, p.id) for p in jobs]
+        delays = [start_delay(scheduler, p.id) for p in jobs]
         # One after the other on b's one worker (ondemand: up to max_children, 5 by default, at once).
         assert max(delays) <= TAKEOVER_SECONDS + 0.5, delays
     finally:
