@@ -315,3 +315,13 @@ class FailOnce(AbstractJob):
         if self.scheduler.get_job(self.id).run == 1:
             raise ValueError("first run fails")
         return "ok"
+
+
+class AddChild(AbstractJob):
+    """Adds one child job (``data["child"]``, default Noop) and returns without waiting for it."""
+
+    def start(self) -> str:
+        child = self.scheduler.add_job(
+            self.data.get("child", "sample_jobs:Noop") if self.data else "sample_jobs:Noop", {"parent": self.id}
+        )
+        return str(child.id)

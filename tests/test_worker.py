@@ -16,6 +16,7 @@ from pymongo.database import Database
 
 import sample_jobs
 from crash_jobs import HUGE
+from helpers import Recorder
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.errors import InvalidArgumentError
 from taskscheduler.store.records import RunContext
@@ -221,3 +222,59 @@ def test_an_oversized_result_and_error_are_recorded_cut(
     assert failed.status == JobStatus.FAILED and failed.error is not None
     assert failed.error["class"] == "RuntimeError" and "characters cut" in failed.error["message"]
     assert len(failed.error["message"]) < HUGE // 100
+
+
+WRITES_AND_READS = ("find", "update", "insert", "delete", "aggregate", "findAndModify", "count")
+
+
+def test_a_job_that_never_had_a_child_costs_its_worker_three_commands(
+    scheduler: Scheduler, recorded: tuple[Database[dict[str, Any]], Recorder]
+) -> None:
+    db, recorder = recorded
+    worker = Worker(ObjectId(), Scheduler(db), db)
+    doc = scheduler.lifecycle.load(scheduler.add_job("sample_jobs:Noop").id)
+    recorder.commands.clear()
+    worker.run(doc)
+    sent = [name for name, _ in recorder.commands if name in WRITES_AND_READS]
+    assert sent == ["update", "insert", "update"]  # the claim, the run's events, its end: no look at children
+    assert scheduler.get_job(doc["_id"]).status == JobStatus.DONE
+
+
+def test_a_child_added_while_its_parent_runs_is_looked_at_before_the_parent_ends(
+    scheduler: Scheduler, worker: Worker
+) -> None:
+    parent = scheduler.add_job("sample_jobs:AddChild")
+    assert worker.process_one(parent.id).status == JobStatus.DONE  # its child is still waiting: no failure
+    child = ObjectId(scheduler.get_job(parent.id).result)
+    assert scheduler.store.find_job(parent.id)["children"] is True
+    assert scheduler.store.find_job(child)["children"] is False
+    # The DONE end first written on condition of no child was withdrawn: one end of run 1, recorded once.
+    ends = list(scheduler.store.events.find({"job": parent.id, "status": {"$gte": int(JobStatus.DONE)}}))
+    assert [e["status"] for e in ends] == [JobStatus.DONE]
+
+
+def test_a_child_that_failed_after_its_parent_was_claimed_fails_the_parent(
+    scheduler: Scheduler, worker: Worker
+) -> None:
+    parent = scheduler.add_job("sample_jobs:Noop")
+    claimed_as = scheduler.lifecycle.load(parent.id)  # the parent as its node handed it over: no child yet
+    child = scheduler.add_job("sample_jobs:Fail", {"parent": parent.id})
+    assert worker.process_one(child.id).status == JobStatus.FAILED
+    worker.run(claimed_as)
+    ended = scheduler.get_job(parent.id)
+    assert ended.status == JobStatus.FAILED
+    assert ended.error is not None and "child job" in ended.error["message"]
+    ends = list(scheduler.store.events.find({"job": parent.id, "status": {"$gte": int(JobStatus.DONE)}}))
+    assert [e["status"] for e in ends] == [JobStatus.FAILED]  # the DONE end it tried first left nothing
+
+
+def test_a_job_stored_without_the_children_flag_still_looks_at_its_children(
+    scheduler: Scheduler, worker: Worker
+) -> None:
+    older = scheduler.lifecycle.prepare("sample_jobs:Noop", None, {}, scheduler.get_options())
+    del older["children"]  # as stored before the flag existed
+    parent = scheduler.get_job(scheduler.lifecycle.add(older)["_id"])
+    child = scheduler.add_job("sample_jobs:Fail", {"parent": parent.id})
+    assert "children" not in scheduler.store.find_job(parent.id)  # not marked: it has no flag to flip
+    assert worker.process_one(child.id).status == JobStatus.FAILED
+    assert worker.process_one(parent.id).status == JobStatus.FAILED

@@ -32,6 +32,12 @@ MAX_ERROR_TEXT = 64 * 1024
 MAX_RESULT_SIZE = MAX_JOB_SIZE - 256 * 1024
 
 
+class ChildrenAdded(Exception):
+    """A run's DONE end was not written because a child job was added to the job meanwhile (its add marks the
+    parent first): the end must look at the children (SPEC 4: a child that ended FAILED or TIMEOUT by the time the
+    parent's ``start()`` returned fails the parent). Nothing of the end is left written."""
+
+
 class Recorder(Protocol):
     """What a change needs of the lifecycle that prepared it."""
 
@@ -186,6 +192,9 @@ class Change:
         if not written:
             stored = store.find_job(job.id) or {}
             if stored.get("change") != self.marker:
+                if self._children_added(stored):
+                    store.delete_events([e.id for e in self.events[1:]])
+                    raise ChildrenAdded(f"job {job.id} run {self.run}: a child job was added while it ran")
                 return self._lost(stored)
             if self.shared and not self.uncertain:
                 self.recorded = True  # another node made this very change first, and announced it
@@ -193,6 +202,16 @@ class Change:
         self.recorded = True
         self.announce()
         return True
+
+    def _children_added(self, stored: Mapping[str, Any]) -> bool:
+        """Whether the write missed only because the job, still ours at this run, gained a child meanwhile."""
+        return (
+            self.when.get("children") is False
+            and stored.get("children") is True
+            and stored.get("run") == self.run
+            and stored.get("status") == JobStatus.PROCESSING
+            and stored.get("worker") == self.worker
+        )
 
     def _lost_at_our_run(self, stored: Mapping[str, Any]) -> bool:
         """Whether the job, as stored, is still at this run but no longer this worker's (put back, taken over)."""
@@ -285,6 +304,11 @@ class RunEnd(Change):
         )
         self.events = [self.processing_event(), end]
         self.when = owned_by(worker, self.run, expires)
+        if status == JobStatus.DONE and job.children is False:
+            # No child was ever added (a child's add marks its parent before it is stored): DONE is written only
+            # while that holds, so no child can have failed unseen, and a job without children costs no look at
+            # them. Else ChildrenAdded, and the worker looks.
+            self.when["children"] = False
         self.fields = {"status": int(status), "ended": now, "orphaned": job.orphaned, "outcome": end_id}
         # A run that did not end DONE keeps the progress it stored, so that operators see how far it got (SPEC 7;
         # upstream set 100 at every end).

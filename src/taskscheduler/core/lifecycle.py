@@ -38,7 +38,7 @@ from ..errors import (
 from ..events import Emitter, change_key
 from ..recurrence import next_cron_time
 from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value
-from ..store.records import EventRecord, JobRecord
+from ..store.records import EventRecord, JobRecord, parent_of
 from ..store.schema import end_problem, job_ref, problem, status_problem
 from .changes import (
     Change,
@@ -140,6 +140,9 @@ class Lifecycle:
         return job.to_doc()
 
     def add(self, doc: Document, reserved: int | None = None) -> Document:
+        parent = parent_of(doc.get("data"))
+        if parent is not None:  # before the child is stored: the parent's end then looks at its children
+            self.store.mark_parent(parent)
         self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         self.emitter.emit_status(doc["status"], self.process(doc), _change_of(doc))

@@ -29,7 +29,7 @@ from ..client.job import (
 from ..client.process import Process
 from ..client.scheduler import Scheduler
 from ..constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
-from ..core.changes import Change, RunEnd, describe_error
+from ..core.changes import Change, ChildrenAdded, RunEnd, describe_error
 from ..core.dependencies import verdicts
 from ..errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
 from ..store.records import JobRecord, JobView, RunContext
@@ -295,12 +295,28 @@ class Worker:
             if token is not None:
                 reset_current_job(token)
         self._returned(job)  # from here on, no fence or timeout: the work is done
-        try:  # the library's own read: an outage here is ridden out, never the job's failure
-            self._patiently(lambda: self._check_children(job))
+        try:
+            self._done(job, result)
         except ChildJobFailedError as exc:
-            self._failed(job, exc, exc_info=False)
-            return
-        self._record(self.life.end(job, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+            self._failed(job.evolve(children=True), exc, exc_info=False)
+
+    def _done(self, job: JobRecord, result: Any) -> None:
+        """Record a run whose code returned: DONE, unless a child of this run ended FAILED or TIMEOUT meanwhile
+        (ChildJobFailedError). The children are looked at only when the job ever had one: a job that had none is
+        ended DONE on condition that it still has none (ChildrenAdded: one came meanwhile, look now)."""
+        if job.children is not False:
+            self._look_at_children(job)
+        try:
+            self._record(self.life.end(job, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+        except ChildrenAdded:
+            job = job.evolve(children=True)
+            self._look_at_children(job)
+            self._record(self.life.end(job, self.id, JobStatus.DONE, result=result, has_result=result is not None))
+
+    def _look_at_children(self, job: JobRecord) -> None:
+        """ChildJobFailedError when a child of this run ended FAILED or TIMEOUT. The library's own read: an outage
+        here is ridden out, never the job's failure."""
+        self._patiently(lambda: self._check_children(job))
 
     def _on_terminate(self, signum: int, frame: object) -> None:
         self._terminated_at = lease_clock()

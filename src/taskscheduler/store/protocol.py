@@ -51,6 +51,9 @@ class JobStore(Protocol):
 
     def children(self, parent_id: ObjectId, active_only: bool = False) -> list[Document]: ...
 
+    def mark_parent(self, parent_id: ObjectId) -> None:
+        """Note on a job that a child of it is about to be stored."""
+
     def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
         """Set ``sets`` if every field of ``expect`` has its value, in one atomic write; True when it did."""
 

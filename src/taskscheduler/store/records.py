@@ -45,6 +45,12 @@ def _count(value: Any, default: int) -> int:
     return value if type(value) is int else default
 
 
+def parent_of(data: Any) -> ObjectId | None:
+    """The parent's id a job's data names (``data.parent``), if any."""
+    parent = data.get("parent") if isinstance(data, Mapping) else None
+    return parent if isinstance(parent, ObjectId) else None
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One job: what it runs, where its current run stands, and the bookkeeping of its runs (SPEC 2)."""
@@ -79,6 +85,9 @@ class JobRecord:
     #: A child job added by a run of its parent: that run's number (a later run of the parent does not inherit
     #: the child's failure).
     parent_run: int | None = None
+    #: Whether a child job was ever added to this job (set, before the child is stored, by the child's add): a run
+    #: of a job that never had one ends without a look at its children. None: stored before the flag existed (look).
+    children: bool | None = False
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], *, capped: bool = False, checked: bool = False) -> JobRecord:
@@ -112,6 +121,7 @@ class JobRecord:
             key=key if isinstance(key, str) else None,
             once=once if isinstance(once, str) else None,
             parent_run=doc.get("parent_run") if type(doc.get("parent_run")) is int else None,
+            children=doc.get("children") if type(doc.get("children")) is bool else None,
         )
 
     def to_doc(self) -> dict[str, Any]:
@@ -142,6 +152,8 @@ class JobRecord:
             doc["once"] = self.once
         if self.parent_run is not None:
             doc["parent_run"] = self.parent_run
+        if self.children is not None:
+            doc["children"] = self.children
         return doc
 
     def evolve(self, **changes: Any) -> JobRecord:
@@ -161,8 +173,7 @@ class JobRecord:
     @property
     def parent(self) -> ObjectId | None:
         """For a child job (one added by a run of another): its parent's id, stored as ``data.parent``."""
-        parent = self.data.get("parent") if isinstance(self.data, Mapping) else None
-        return parent if isinstance(parent, ObjectId) else None
+        return parent_of(self.data)
 
     @property
     def at(self) -> float:

@@ -118,6 +118,12 @@ class JobWrites(RoomLedger):
             result = self.jobs.update_one({"_id": job_id}, [{"$set": stage}])
         return result.modified_count == 1
 
+    def mark_parent(self, parent_id: ObjectId) -> None:
+        """Note on a job that a child of it is about to be stored (``children``: false -> true, the same size):
+        the end of its run then looks at its children. A job stored without the flag is left as it is."""
+        with server_errors():
+            self.jobs.update_one({"_id": parent_id, "children": False}, {"$set": {"children": True}})
+
     def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
         """Set the fields ``sets`` to their values if every field of ``expect`` has its value; True when it did.
         The domain's one conditional write of a job: a claim, a run's end (and the next run), a release, a cancel,
