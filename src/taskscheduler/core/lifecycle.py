@@ -137,12 +137,22 @@ class Lifecycle:
         status = JobStatus.POSTPONED if opts[o.AT] > 0 and not clock.reached(opts[o.AT]) else JobStatus.WAITING
         # Every field a later update writes is stored from the start, with its final BSON type (JobRecord.to_doc).
         job = JobRecord(job_id, path, status, data=data, options=opts, created=now, key=fingerprint(path, data))
+        if chosen is not None and self.store.has_children(chosen):
+            job = job.evolve(children=True)  # children were added naming this id before it was stored: look
         return job.to_doc()
 
     def add(self, doc: Document, reserved: int | None = None) -> Document:
         parent = parent_of(doc.get("data"))
-        if parent is not None:  # before the child is stored: the parent's end then looks at its children
-            self.store.mark_parent(parent)
+        if parent is not None:
+            # After the checks that may refuse the add (its size, room), before the child is stored: the parent's
+            # end then looks at its children.
+            size = self.store.reserve_job(doc) if reserved is None else reserved
+            try:
+                self.store.mark_parent(parent)
+            except BaseException:
+                self.store.unreserve_job(size)
+                raise
+            reserved = size
         self.store.insert_job(doc, reserved)
         self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
         self.emitter.emit_status(doc["status"], self.process(doc), _change_of(doc))

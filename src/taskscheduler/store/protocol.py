@@ -54,6 +54,9 @@ class JobStore(Protocol):
     def mark_parent(self, parent_id: ObjectId) -> None:
         """Note on a job that a child of it is about to be stored."""
 
+    def has_children(self, parent_id: Any) -> bool:
+        """Whether any job names ``parent_id`` as its parent."""
+
     def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
         """Set ``sets`` if every field of ``expect`` has its value, in one atomic write; True when it did."""
 

@@ -120,9 +120,17 @@ class JobWrites(RoomLedger):
 
     def mark_parent(self, parent_id: ObjectId) -> None:
         """Note on a job that a child of it is about to be stored (``children``: false -> true, the same size):
-        the end of its run then looks at its children. A job stored without the flag is left as it is."""
+        the end of its run then looks at its children. A job stored without the flag, or with anything but false
+        (an array holding false too: ``$expr``, not the array rule of a plain match), is left as it is."""
         with server_errors():
-            self.jobs.update_one({"_id": parent_id, "children": False}, {"$set": {"children": True}})
+            self.jobs.update_one(
+                {"_id": parent_id, "$expr": {"$eq": ["$children", False]}}, {"$set": {"children": True}}
+            )
+
+    def has_children(self, parent_id: Any) -> bool:
+        """Whether any job names ``parent_id`` as its parent (``data.parent``; served by an index)."""
+        with server_errors():
+            return self.jobs.find_one({"data.parent": parent_id}, {"_id": 1}) is not None
 
     def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
         """Set the fields ``sets`` to their values if every field of ``expect`` has its value; True when it did.
