@@ -8,6 +8,7 @@ import heapq
 import itertools
 from typing import Any
 
+from ..store.records import JobView
 from .backlog import start_order
 
 _Order = tuple[int, float, Any]
@@ -37,10 +38,10 @@ class Deferred:
 
     def add(self, doc: dict[str, Any], ripe_at: float, counted: bool = True) -> None:
         """Hold ``doc`` until ``ripe_at`` (a newer document of the same job replaces the older one)."""
-        entry = next(self._entries)
-        self._docs[doc["_id"]] = (entry, doc, counted)
-        heapq.heappush(self._unripe, (ripe_at, entry, doc["_id"]))
-        heapq.heappush(self._all, (start_order(doc), entry, doc["_id"]))
+        entry, job_id = next(self._entries), JobView(doc).id
+        self._docs[job_id] = (entry, doc, counted)
+        heapq.heappush(self._unripe, (ripe_at, entry, job_id))
+        heapq.heappush(self._all, (start_order(doc), entry, job_id))
         if len(self._all) > 2 * len(self._docs) + 64:  # entries of jobs taken or dropped: keep it bounded
             self._all = [item for item in self._all if not self._stale(item[1], item[2])]
             heapq.heapify(self._all)

@@ -275,7 +275,7 @@ class WorkerManager:
                 clock = lease_clock()
                 proc.fence = min(clock, claimed_at or clock) + (proc.task.lease if proc.task else 0.0) / 2
                 proc.slot.set_fence(proc.fence)
-                job_class = str(proc.task.doc.get("class", "")) if proc.task else ""
+                job_class = proc.task.job.job_class if proc.task else ""
                 self._report(JobClaimed(job_id, proc.id, run, job_class, claimed_at or clock))
             case Ending():
                 proc.ending = True  # start() returned: what is left is recording it, which needs no fence
@@ -297,7 +297,7 @@ class WorkerManager:
     def _add(self, task: RunJob) -> None:
         # Even when a worker still runs this job: a WAITING job is the next run (or a released one), and a claim
         # decides who runs it. Dropping it here could leave it waiting until the next scan.
-        if (task.doc.get("options") or {}).get(o.FORCE_SPAWN):
+        if task.job.force_spawn:
             self._forced.append(task)  # its own worker, whatever max_children says
             self._spawn_forced()
             return
@@ -317,7 +317,7 @@ class WorkerManager:
             )
             if idle is not None:
                 task = self._pending.pop()
-                idle.job, idle.task = task.doc["_id"], task
+                idle.job, idle.task = task.job.id, task
                 try:
                     idle.conn.send(task)
                 except (OSError, ValueError):
@@ -445,8 +445,8 @@ class WorkerManager:
         child_end.close()
         proc = _WorkerProc(worker_id, pid, parent_end, slot, dedicated=dedicated or job is not None)
         if job is not None:
-            proc.job, proc.task = job.doc["_id"], job
-            proc.forced = bool((job.doc.get("options") or {}).get(o.FORCE_SPAWN))
+            proc.job, proc.task = job.job.id, job
+            proc.forced = job.job.force_spawn
         self._workers[pid] = proc
         self.logger.info(f"worker {worker_id} spawned (pid {pid})", extra={"worker": worker_id, "pid": pid})
         self._report(WorkerSpawned(worker_id, pid))
@@ -512,12 +512,10 @@ class WorkerManager:
         elif proc.task is not None and proc.kill_reason not in (KillReason.CANCEL, KillReason.STOP):
             if unreported:
                 proc.kill_reason = KillReason.LOST
-                run = proc.task.doc.get("run")
-                run = run if isinstance(run, int) and not isinstance(run, bool) else 1
-                self._report(JobKilled(proc.task.doc["_id"], proc.id, run, KillReason.LOST, sig, 0))
+                self._report(JobKilled(proc.task.job.id, proc.id, proc.task.job.run, KillReason.LOST, sig, 0))
             # Handed over but never claimed (or the claim was not written): still WAITING, and no change event will
             # announce it again.
-            if (proc.task.doc.get("options") or {}).get(o.FORCE_SPAWN):
+            if proc.task.job.force_spawn:
                 self._forced.appendleft(proc.task)
             else:
                 self._pending.put_back(proc.task)

@@ -18,6 +18,7 @@ import bson
 from bson import ObjectId
 
 from ..constants import KillReason
+from ..store.records import JobView
 
 __all__ = ["KillReason"]  # re-exported: messages carry it
 
@@ -51,6 +52,11 @@ class RunJob(NamedTuple):
     doc: dict[str, Any]
     lease: float
     limits: tuple[str, ...] = ()
+
+    @property
+    def job(self) -> JobView:
+        """The job handed over, read leniently (a malformed one still takes its place in a backlog)."""
+        return JobView(self.doc)
 
 
 class DropJob(NamedTuple):

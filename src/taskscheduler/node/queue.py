@@ -36,7 +36,7 @@ from ..core.lifecycle import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from ..store import STATUS_UNKNOWN, StatusChange, utcnow
-from ..store.records import EventRecord
+from ..store.records import EventRecord, JobRecord, JobView
 from ..store.schema import due, end_problem, job_ref, problem
 from . import forking
 from .backlog import start_order
@@ -419,7 +419,7 @@ class Queue:
         for dependency, state in self.store.job_states(depends_on(blocked)).items():
             if dependency in self._blocked.jobs:
                 continue
-            if state.get("status") == JobStatus.PROCESSING or due(state, now):
+            if JobView(state).status_value == JobStatus.PROCESSING or due(state, now):
                 return True
         return False
 
@@ -473,13 +473,13 @@ class Queue:
     def _scan(self) -> None:
         for doc in self.store.scan((JobStatus.WAITING, JobStatus.POSTPONED)):
             if self._fit(doc):  # checked first: the query matches any number equal to a status (0.0, Int64(1)...)
-                self._route(doc["_id"], doc["status"], doc)
+                self._route(JobView(doc).id, JobView(doc).status_value, doc)
 
     def _on_change(self, change: StatusChange) -> None:
         doc = change.document
         if change.status == STATUS_UNKNOWN:  # moved to its next run, its status kept: as it is now
             doc = self.store.find_job(change.job_id)
-            status = doc.get("status") if doc is not None else None
+            status = JobView(doc).status_value if doc is not None else None
             if doc is None or type(status) is not int:
                 return
             self._route(change.job_id, status, doc)
@@ -495,23 +495,23 @@ class Queue:
             self._deferred.drop(job_id)
         if status == JobStatus.WAITING:
             doc = doc or self.store.find_job(job_id)  # released or due: fetch what the worker needs
-            if doc is None or doc.get("status") != JobStatus.WAITING or not self._fit(doc):
+            if doc is None or JobView(doc).status_value != JobStatus.WAITING or not self._fit(doc):
                 return
             # A job of a module we do not serve waits for a node that does (nodes split work by module).
-            if not serves(doc["class"], self.job_modules):
+            if not serves(JobView(doc).class_value, self.job_modules):
                 return
             if depends_on(doc):
-                self._held.pop(doc["_id"], None)
+                self._held.pop(job_id, None)
                 self._blocked.hold(doc)  # handed over once its dependencies have ended DONE (see _unblock)
                 return
             self._hand_over(doc)
         elif status == JobStatus.POSTPONED:
             doc = doc or self.store.find_job(job_id)  # a next run: its time is in the document
-            if doc is None or doc.get("status") != JobStatus.POSTPONED or not self._fit(doc):
+            if doc is None or JobView(doc).status_value != JobStatus.POSTPONED or not self._fit(doc):
                 return
-            at = float((doc.get("options") or {}).get(o.AT) or 0)
-            heapq.heappush(self._postponed, (at, job_id, int(doc.get("run", 1))))
-            self._postponed_docs[(job_id, int(doc.get("run", 1)))] = handed_over(doc)  # held until due: slim
+            record = JobRecord.from_doc(doc, checked=True)  # (it fits)
+            heapq.heappush(self._postponed, (record.at, job_id, record.run))
+            self._postponed_docs[(job_id, record.run)] = handed_over(doc)  # held until due: slim
         elif status == JobStatus.CANCELED:
             self._blocked.ended(job_id)  # a dependent held here ends too, now
             self._handed.discard(job_id)
@@ -523,11 +523,12 @@ class Queue:
     def _hold(self, doc: dict[str, Any]) -> None:
         """Hold a due job back: a job with dependencies as one that waits for them (it is handed over only once
         they are DONE, whatever held it), any other until no pause or limit holds it back."""
+        job_id = JobView(doc).id
         if depends_on(doc):
-            self._held.pop(doc["_id"], None)
+            self._held.pop(job_id, None)
             self._blocked.hold(doc)
         else:
-            self._held[doc["_id"]] = doc
+            self._held[job_id] = doc
 
     def _hand_over(self, doc: dict[str, Any], ripe: bool = False) -> None:
         """Send a due job of ours to the manager, unless another node is the first to claim it (then it waits
@@ -540,26 +541,27 @@ class Queue:
         limits: tuple[str, ...] = ()
         if not self._controls.empty:
             if self._controls.is_paused(doc) or self._full(doc):
-                self._held[doc["_id"]] = doc
+                self._held[JobView(doc).id] = doc
                 return
             limits = self._controls.limited(doc)
             self._spend(limits)
         self._run(doc, limits)
 
     def _run(self, doc: dict[str, Any], limits: tuple[str, ...]) -> None:
-        self._deferred.drop(doc["_id"])
-        self._handed.add(doc["_id"])
+        job_id = JobView(doc).id
+        self._deferred.drop(job_id)
+        self._handed.add(job_id)
         self._sent += 1
         self._send(RunJob(handed_over(doc), float(self.options[o.ORPHANED_TIMEOUT]), limits))
 
     def _defer(self, doc: dict[str, Any]) -> bool:
         """Leave a job to the node it prefers for the delay of this node's rank (False: this node is the first).
         A force_spawn job, which gets a worker of its own, goes once its delay is over whatever our workers do."""
-        rank = self._peers.rank(doc["_id"], str(doc.get("class")))
+        job = JobView(doc)
+        rank = self._peers.rank(job.id, job.job_class)
         if rank == 0:
             return False
-        forced = bool((doc.get("options") or {}).get(o.FORCE_SPAWN))
-        self._deferred.add(doc, time.monotonic() + delay(rank), counted=not forced)
+        self._deferred.add(doc, time.monotonic() + delay(rank), counted=not job.force_spawn)
         return True
 
     def _hand_over_before(self, doc: dict[str, Any]) -> None:
@@ -614,7 +616,7 @@ class Queue:
         if newly:  # handed over without knowing: taken back, and handed over again as the controls say
             every = EVERY_JOB in newly
             for doc in self.store.scan((JobStatus.WAITING,)):
-                job_id = doc.get("_id")
+                job_id = JobView(doc).id_value
                 if not isinstance(job_id, ObjectId) or job_id in self._held or job_id in self._blocked.jobs:
                     continue  # (a blocked one was never handed over: it meets the controls once released)
                 if job_id in self._deferred:
@@ -623,7 +625,7 @@ class Queue:
                     continue
                 self._handed.discard(job_id)
                 self._send(DropJob(job_id))  # the manager forgets it if it holds it: not started now
-                if serves(str(doc.get("class")), self.job_modules) and self._fit(doc):
+                if serves(JobView(doc).class_value, self.job_modules) and self._fit(doc):
                     self._hold(doc)
 
     def _release_held(self) -> None:
@@ -648,7 +650,7 @@ class Queue:
             if full and not (probe and full[0] not in probed):
                 continue
             probed.update(full)  # a probe: its worker drops the slots of runs that are over, or it comes back
-            del self._held[doc["_id"]]
+            del self._held[JobView(doc).id]
             if not full and self._defer(doc):  # (a probe goes from every node that holds one, as before)
                 continue
             limits = self._controls.limited(doc)
@@ -659,8 +661,7 @@ class Queue:
         """Whether a WAITING or POSTPONED document can be routed (SPEC 2). Every node checks what it needs to put
         a job in its place; the nodes that serve its class also what a worker needs to run it. A malformed one is
         ended FAILED, naming the field, or skipped when it cannot take that write; it never stops the node."""
-        job_class = doc.get("class")
-        served = isinstance(job_class, str) and serves(job_class, self.job_modules)
+        served = serves(JobView(doc).class_value, self.job_modules)
         found = problem(doc, capped=self.store.capped, run=served)
         if found is None:
             return True
@@ -672,7 +673,7 @@ class Queue:
         if blocked is None:
             self.life.reject(doc, found)  # False when another node ended it first, or it changed meanwhile
             return
-        key = job_ref(doc.get("_id"))  # any BSON value but an array, hashable or not
+        key = JobView(doc).ref  # any BSON value but an array, hashable or not
         if key not in self._skipped:  # logged once per node (a scan meets it again after every gap)
             if len(self._skipped) >= SKIPPED_KEPT:
                 self._skipped.pop(next(iter(self._skipped)))
@@ -682,7 +683,7 @@ class Queue:
                 key,
                 found,
                 blocked,
-                extra={"job_id": doc.get("_id"), "problem": found},
+                extra={"job_id": JobView(doc).id_value, "problem": found},
             )
 
     def _now(self) -> float:
@@ -725,7 +726,7 @@ class Queue:
     def _reschedule_orphans(self) -> None:
         server_now = self.store.clock.now(earliest=True)  # a lease has ended once the server surely passed it
         for doc in self.store.orphans(server_now):
-            if isinstance(doc["_id"], ObjectId) and doc["_id"] in self._running:
+            if isinstance(job_id := JobView(doc).id, ObjectId) and job_id in self._running:
                 continue  # ours: our manager fences it, and then we record it
             found = problem(doc, capped=self.store.capped)  # a release writes what a run's end writes
             if found is not None:  # ended FAILED (or skipped): the sweep goes on with the others
@@ -737,18 +738,18 @@ class Queue:
             except ServerUnavailableError:
                 raise  # the next round sweeps it (and the ones after it)
             except Exception:  # one document the sweep cannot handle never keeps the others from being swept
-                self.logger.exception("cannot put back orphaned job %s", job_ref(doc.get("_id")))
+                self.logger.exception("cannot put back orphaned job %s", JobView(doc).ref)
         # Canceled while running, and neither the worker nor its node settled the run before the lease ran out:
         # they died (or are cut off, and find it settled when they come back).
         for doc in self.store.unsettled_cancels(server_now):
-            if isinstance(doc["_id"], ObjectId) and doc["_id"] in self._running:
+            if isinstance(job_id := JobView(doc).id, ObjectId) and job_id in self._running:
                 continue  # ours: our manager stops its worker, and then we settle it
             try:
                 self.life.settle_cancel(doc)
             except ServerUnavailableError:
                 raise
             except Exception:
-                self.logger.exception("cannot settle canceled job %s", job_ref(doc.get("_id")))
+                self.logger.exception("cannot settle canceled job %s", JobView(doc).ref)
 
     # -- the manager -----------------------------------------------------------------------------------------------
 
@@ -864,7 +865,7 @@ class Queue:
             case JobHeldBack(job_id=job_id):
                 self._handed.discard(job_id)
                 doc = self.store.find_job(job_id)  # as it is now: held while it is still due
-                if doc is not None and doc.get("status") == JobStatus.WAITING and self._fit(doc):
+                if doc is not None and JobView(doc).status_value == JobStatus.WAITING and self._fit(doc):
                     self._hold(doc)
             case JobKilled(job_id=job_id, worker_id=worker_id, run=run, reason=reason, signal=sig, timeout=timeout):
                 if self.metrics is not None:
@@ -973,7 +974,7 @@ class Queue:
                 self._malformed(doc, found)
                 continue
             reason = "worker manager died" if orphaned else "queue node stopped"
-            self.life.release(doc, doc["worker"], orphaned=orphaned, reason=reason).record()
+            self.life.release(doc, JobView(doc).worker, orphaned=orphaned, reason=reason).record()
 
     def _stop_manager(self) -> None:
         """Stop the manager and its workers; every job they were running goes back to WAITING (same id)."""

@@ -292,6 +292,11 @@ class JobView:
         return str(self.doc.get("class", ""))
 
     @property
+    def class_value(self) -> Any:
+        """The class as stored (any value, None when missing)."""
+        return self.doc.get("class")
+
+    @property
     def status(self) -> JobStatus:
         """The status; InvalidJobError naming the field when the stored one is none."""
         return stored_status(self.doc)
@@ -331,6 +336,12 @@ class JobView:
     @property
     def progress(self) -> float:
         return _number(self.doc.get("progress", 0.0), 0.0)
+
+    @property
+    def force_spawn(self) -> bool:
+        """Whether the job asks for a worker of its own (option ``force_spawn``)."""
+        options = self.doc.get("options")
+        return isinstance(options, Mapping) and bool(options.get(o.FORCE_SPAWN))
 
     @property
     def worker(self) -> Any:
