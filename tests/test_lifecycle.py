@@ -18,7 +18,7 @@ from helpers import SizeGuard, as_record, claim, wait_until
 from taskscheduler import JobStatus, Scheduler, Worker
 from taskscheduler.constants import NO_WORKER, UNSET_TIME, KillReason
 from taskscheduler.core import lifecycle, runs
-from taskscheduler.core.lifecycle import ONCE_PENDING_SECONDS
+from taskscheduler.core.once import ONCE_PENDING_SECONDS
 from taskscheduler.errors import (
     InvalidArgumentError,
     JobNotFoundError,

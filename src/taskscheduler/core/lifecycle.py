@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Hashable, Mapping
 from datetime import datetime
 from typing import Any
@@ -29,17 +28,15 @@ from ..errors import (
     InvalidArgumentError,
     InvalidJobError,
     JobNotFoundError,
-    JobTimeoutError,
-    LeaseUnconfirmedError,
     OrphanedJobError,
     ServerUnavailableError,
     TaskSchedulerError,
 )
 from ..events import Emitter, change_key
 from ..recurrence import next_cron_time
-from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size, same_value
+from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size
 from ..store.records import EventRecord, JobRecord, parent_of
-from ..store.schema import end_problem, job_ref, problem, status_problem
+from ..store.schema import end_problem, job_ref, problem
 from .changes import (
     Change,
     Release,
@@ -49,18 +46,14 @@ from .changes import (
     new_event,
 )
 from .dependencies import check_new, depends_on, failure_of, verdicts
+from .kills import AfterKill
+from .once import add_once, fresh_holder
 from .runs import counted_run_ends
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
 NO_EVENT = NO_WORKER
 #: How often a cancel decides again when the job changed under it (a busy job settles in a few).
 CANCEL_ATTEMPTS = 100
-#: How often add_job_once looks again when concurrent callers keep replacing each other's job.
-ONCE_ATTEMPTS = 400
-#: Seconds a caller that took an add_job_once key may take to insert its job before others take the key over.
-ONCE_PENDING_SECONDS = 30.0
-#: Seconds after a worker's death its last writes may still reach the server (sent before it died).
-LATE_WRITE_SECONDS = 2.0
 #: Leases a run held for its orphaning verdict waits for the owners of its sweeps to vouch (see release_orphan).
 SWEEP_CONFIRM_LEASES = 2.0
 
@@ -185,71 +178,10 @@ class Lifecycle:
                     self.logger.warning("cannot cancel job %s depending on %s: %s", culprit, failed, exc)
 
     def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Document:
-        """The job kept: ``doc`` as added, or the active job found with the same options."""
         """Add ``doc`` unless an active job of its class (and data) has the same options; replace one that
-        differs. Concurrent callers leave exactly one active job.
-
-        The key (class and data fingerprint, or class alone with ``ignore_data``) is held by one job at a time in
-        a small collection keyed by the key itself, so the guarantee needs no unique index on the job collection
-        (which a sharded job collection could not have). A caller takes the key from the job it saw holding it,
-        in one conditional write: of racing callers one wins, the others look again.
-        """
-        ignore_data = bool(doc["options"][o.IGNORE_DATA])
-        key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
-        # Room first: a full collection must fail this call before it cancels the job it would replace.
-        reservation = _Reservation(self.store, self.store.reserve_job(dict(doc, created=self.store.clock.now())))
-        with reservation:
-            return self._add_once(doc, requested, data, key, ignore_data, reservation)
-
-    def _add_once(
-        self,
-        doc: Document,
-        requested: Mapping[str, Any],
-        data: Any,
-        key: str,
-        ignore_data: bool,
-        reservation: _Reservation,
-    ) -> Document:
-        pending_since: float | None = None
-        for attempt in range(ONCE_ATTEMPTS):
-            holder = self.store.once_holder(key)
-            held_by = holder.get("job") if holder else None
-            since = holder.get("since") if holder else None
-            current = self.store.find_job(held_by) if held_by is not None else None
-            settling = current is None or current["status"] >= JobStatus.DONE  # being inserted, or requeued
-            if held_by is not None and settling and holder and not holder.get("inserted"):
-                # Its caller is inserting (or requeuing) it, or died doing so: wait to compare, then take over.
-                pending_since = pending_since or time.monotonic()
-                if time.monotonic() - pending_since < ONCE_PENDING_SECONDS and _fresh(holder, self.store):
-                    time.sleep(min(0.2, 0.01 * (attempt + 1)))
-                    continue
-            candidates = [current] if current is not None else []
-            if holder is None:  # jobs of an older version hold no key: look for them by class and data
-                candidates = self.store.find_active(doc["class"], None if ignore_data else doc["key"])
-            # A malformed document (SPEC 2) is no job to compare with: a node ends it.
-            active = [c for c in candidates if status_problem(c) is None and c["status"] < JobStatus.DONE]
-            active = [c for c in active if problem(c, capped=self.store.capped) is None]
-            same = next((c for c in active if not _changed(c, requested, data, ignore_data)), None)
-            if same is not None:
-                if holder is None and not self.store.take_once(key, same["_id"], None):
-                    continue
-                return dict(same)
-            for found in active:
-                with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile: fine
-                    self.cancel(found)
-            if not self.store.take_once(key, doc["_id"], held_by, since):
-                continue  # someone else took it first (or requeued its job): compare with theirs
-            try:
-                added = self.add(dict(doc, created=self.store.clock.now()), reservation.spend())
-            except BaseException:
-                self.store.release_once(key, doc["_id"])
-                raise
-            if self.store.confirm_once(key, doc["_id"]):
-                return added
-            # We were too slow (paused past ONCE_PENDING_SECONDS): the key is someone else's now; ours goes.
-            with contextlib.suppress(InvalidArgumentError):
-                self.cancel(self.load(doc["_id"]))
-        raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
+        differs; concurrent callers leave exactly one active job (see :mod:`taskscheduler.core.once`). Returns the
+        job kept: ``doc`` as added, or the active job found with the same options."""
+        return add_once(self, doc, requested, data)
 
     # -- reading ---------------------------------------------------------------------------------------------------
 
@@ -486,7 +418,12 @@ class Lifecycle:
         held_by = holder.get("job") if holder else None
         if held_by is not None and held_by != job_id:
             other = self.store.find_job(held_by)
-            pending = other is None and holder is not None and not holder.get("inserted") and _fresh(holder, self.store)
+            pending = (
+                other is None
+                and holder is not None
+                and not holder.get("inserted")
+                and fresh_holder(holder, self.store)
+            )
             if (other is not None and other["status"] < JobStatus.DONE) or pending:
                 raise InvalidArgumentError(
                     f"job {job_id} cannot be requeued: an active job with the same add_job_once key exists"
@@ -753,130 +690,6 @@ class Lifecycle:
             return True
 
 
-class AfterKill:
-    """What a node records for a job whose worker it saw die before the worker recorded the job's end.
-
-    Prepared on first use and kept, so that a retry after an outage records the same change. A dead worker may
-    have written the events of an end it never recorded: those are withdrawn first.
-    """
-
-    def __init__(
-        self,
-        life: Lifecycle,
-        job_id: ObjectId,
-        worker: ObjectId,
-        run: int,
-        reason: KillReason,
-        timeout: int,
-        detail: str,
-    ) -> None:
-        self.life = life
-        self.job_id = job_id
-        self.worker = worker
-        self.run = run
-        self.reason = reason
-        self.detail = detail
-        self.timeout = timeout
-        self.change: Change | None = None
-        self.done = False
-        self.keep: Any = None  # the run's recorded end, once we recorded it
-        #: A write the worker sent just before it died may reach the server after our first look: look again then.
-        self.sweep_again_at = time.monotonic() + LATE_WRITE_SECONDS
-
-    def sweep(self) -> None:
-        """Withdraw the dead worker's unrecorded end of its run (again, for a write that arrived late)."""
-        if self.keep is not None:
-            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, self.keep)
-            return
-        doc = self.life.store.find_job(self.job_id)
-        if doc is not None:
-            self._withdraw_unrecorded(doc)
-
-    def _withdraw_unrecorded(self, doc: Mapping[str, Any]) -> None:
-        # Only while the job is still at that run: then its recorded end, if any, is the job's outcome, and every
-        # other end the dead worker wrote for it was never recorded. Once the job has moved on, an end of the run
-        # cannot be told from its recorded one here, and nothing is withdrawn.
-        if doc.get("run", 1) == self.run:
-            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
-
-    def record(self) -> None:
-        if self.done:
-            return
-        store = self.life.store
-        if self.change is None:
-            doc = store.find_job(self.job_id)
-            if doc is None or doc.get("run", 1) != self.run:
-                self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
-                return
-            status = doc.get("status")
-            if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
-                self._someone_else_recorded(doc)
-                self.done = True
-                return
-            found = problem(doc, capped=store.capped)
-            if found is not None:  # made malformed while it ran (SPEC 2): ended FAILED (or left), never stuck here
-                self.life.reject(doc, found)
-                self.done = True
-                return
-            self.change = self._prepare(JobRecord.from_doc(doc, checked=True))  # checked just above
-        # Withdrawn only after our own record won: an end the worker sent just before it died may still land
-        # first, and then it is the run's end and stays. Once ours won, any other end of the run is not.
-        if self.change.record():
-            self.keep = self.change.outcome()
-            store.delete_unrecorded_events(self.job_id, self.run, self.worker, self.keep)
-        self.done = True
-
-    def _someone_else_recorded(self, doc: Mapping[str, Any]) -> None:
-        self._withdraw_unrecorded(doc)  # someone else recorded how the run went
-        if self.reason.survived:  # we live on: if a sweep put the run back, it was no death
-            self.life.vouch(self.job_id, self.run, self.worker, doc)
-        if doc.get("status") == JobStatus.CANCELED and doc.get("worker") == self.worker:
-            # The canceler recorded CANCELED while our worker ran it. (Canceled while another worker held the run,
-            # the run is that worker's to settle, not ours.)
-            self.life.settle_cancel(doc)
-
-    def _prepare(self, job: JobRecord) -> Change:
-        life, worker = self.life, self.worker
-        match self.reason:
-            case KillReason.TIMEOUT:
-                message = f"job exceeded its timeout of {self.timeout} s and was killed"
-                return life.end(job, worker, JobStatus.TIMEOUT, error=library_error(JobTimeoutError, message))
-            case KillReason.STOP:
-                return life.release(job, worker, orphaned=False, reason="queue node stopped")
-            case KillReason.LOST:
-                return life.release(job, worker, orphaned=False, reason="lease not renewed in time (node fenced)")
-            case KillReason.STARVED:
-                message = (
-                    "the job kept the Python interpreter busy in one call for so long that its worker could not "
-                    "confirm its lease in time, and had to stop it; raise orphaned_timeout above the longest such call"
-                )
-                return life.end(job, worker, JobStatus.FAILED, error=library_error(LeaseUnconfirmedError, message))
-            case KillReason.MANAGER_DIED:
-                return life.release(job, worker, orphaned=True, reason=self.detail or "worker manager died")
-            case _:  # it died (or, for CANCEL and SHRINK, was never meant to be running this run): a death
-                return life.release(job, worker, orphaned=True, reason=self.detail or "worker process died")
-
-
-class _Reservation:
-    """Room reserved for a job add_job_once may insert: given back unless an insert took it over."""
-
-    def __init__(self, store: JobStore, size: int) -> None:
-        self.store = store
-        self.size = size
-        self.spent = False
-
-    def spend(self) -> int:
-        self.spent = True  # from here the store owns the bytes (it keeps them when an insert's outcome is unknown)
-        return self.size
-
-    def __enter__(self) -> _Reservation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.spent:
-            self.store.unreserve_job(self.size)
-
-
 def _raw_event(
     doc: Mapping[str, Any],
     status: JobStatus,
@@ -931,22 +744,3 @@ def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
     except TypeError:  # a hostile document (a list where an id or a run belongs): its changes are always fired
         return None
     return key
-
-
-def _fresh(holder: Mapping[str, Any], store: JobStore) -> bool:
-    """Whether a key was taken less than ONCE_PENDING_SECONDS ago, on the server's clock."""
-    since = holder.get("since")
-    return isinstance(since, datetime) and (store.server_time() - since).total_seconds() < ONCE_PENDING_SECONDS
-
-
-def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:
-    stored = existing.get("options") or {}
-    for name, value in requested.items():
-        if name == o.ID:
-            if existing["_id"] != value:
-                return True
-        elif name == o.AT and stored.get(o.CRON):
-            continue  # a cron job keeps its next match in "at", never the time it was asked to start from
-        elif name not in stored or not same_value(stored[name], value):
-            return True
-    return ignore_data and not same_value(existing.get("data"), data)

@@ -32,7 +32,7 @@ from ..client.scheduler import Scheduler
 from ..constants import NODE_EXPIRY_LEASES, VERSION, JobStatus
 from ..core.dependencies import depends_on
 from ..core.flow import EVERY_JOB, Controls, keys_of
-from ..core.lifecycle import AfterKill
+from ..core.kills import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from ..store import STATUS_UNKNOWN, StatusChange, utcnow
