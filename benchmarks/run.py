@@ -527,8 +527,9 @@ def rq_benchmark(uri: str | None, results: dict[str, Any]) -> bool:
     ours, rq = both["library"], both["rq"]
     return summary(
         f"versus RQ ({versus_rq.N} no-op jobs, 2 workers each): library {ours['rate']:.0f} jobs/s, "
-        f"{ours['cpu_ms']:.2f} ms client CPU per job (producer {ours['producer_ms']:.2f}, node and workers "
-        f"{ours['workers_ms']:.2f}), add->done p50 {ours['p50']:.1f} ms p99 {ours['p99']:.1f} ms; RQ "
+        f"{ours['cpu_ms']:.2f} ms client CPU per job (producer {ours['producer_ms']:.2f}, node "
+        f"{ours['node_ms']:.2f}, manager {ours['manager_ms']:.2f}, workers {ours['workers_ms']:.2f}), add->done "
+        f"p50 {ours['p50']:.1f} ms p99 {ours['p99']:.1f} ms; RQ "
         f"{rq['rate']:.0f} jobs/s, {rq['cpu_ms']:.2f} ms per job (producer {rq['producer_ms']:.2f}, workers "
         f"{rq['workers_ms']:.2f}), p50 {rq['p50']:.1f} ms p99 {rq['p99']:.1f} ms; RQ SimpleWorker (no fork per "
         f"job) {both['rq_simple']['rate']:.0f} jobs/s, {both['rq_simple']['cpu_ms']:.2f} ms per job, p50 "

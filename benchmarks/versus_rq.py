@@ -59,6 +59,25 @@ def tree_cpu(root: psutil.Process) -> float:
     return total
 
 
+def _own(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def role_cpu(node: psutil.Process) -> dict[str, float]:
+    """CPU seconds of a queue node's process by role: the node itself, its worker manager, and the workers (every
+    process below the manager, with the workers it has reaped)."""
+    roles = {"node": 0.0, "manager": 0.0, "workers": 0.0}
+    with contextlib.suppress(psutil.Error):
+        roles["node"] = _own(node)
+        for manager in node.children():
+            roles["manager"] += _own(manager)
+            reaped = manager.cpu_times()
+            roles["workers"] += reaped.children_user + reaped.children_system
+            roles["workers"] += sum(tree_cpu(worker) for worker in manager.children())
+    return roles
+
+
 def own_cpu() -> float:
     times = psutil.Process().cpu_times()
     return times.user + times.system
@@ -106,13 +125,14 @@ def library(uri: str, n: int) -> dict[str, float]:
         warm = [scheduler.add_job(NOOP) for _ in range(4)]
         scheduler.wait_for(warm, timeout=60)
         tree = psutil.Process(node.pid)
-        before_tree, before_own = tree_cpu(tree), own_cpu()
+        before_tree, before_own, before_roles = tree_cpu(tree), own_cpu(), role_cpu(tree)
         started = time.time()
         jobs = [scheduler.add_job(NOOP) for _ in range(n)]
         producer = own_cpu() - before_own
         scheduler.wait_for(jobs, timeout=600)
         elapsed = time.time() - started
         workers = tree_cpu(tree) - before_tree
+        roles = {role: spent - before_roles[role] for role, spent in role_cpu(tree).items()}
         assert all(p.status == JobStatus.DONE for p in jobs)
         latencies = []
         for _ in range(LATENCY_JOBS):
@@ -123,7 +143,9 @@ def library(uri: str, n: int) -> dict[str, float]:
     finally:
         stop_node(node)
         scheduler._db.client.drop_database(database)
-    return _figures(n, elapsed, latencies, producer, workers)
+    figures = _figures(n, elapsed, latencies, producer, workers)
+    figures.update({f"{role}_ms": spent * 1000 / n for role, spent in roles.items()})
+    return figures
 
 
 def with_rq(redis_url: str, n: int, simple: bool = False) -> dict[str, float]:
