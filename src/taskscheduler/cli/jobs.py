@@ -208,15 +208,12 @@ def jobs(
 ) -> None:
     """List jobs, newest first."""
     from ..client.process import Process
+    from ..store import jobs_filter
     from .display import jobs_table
 
-    query: dict[str, Any] = {}
-    if statuses:
-        query["status"] = {"$in": [int(JobStatus[s.upper()]) for s in statuses]}
-    elif not show_all:
-        query["status"] = {"$lt": int(JobStatus.DONE)}
-    if job_class:
-        query["class"] = job_class
+    chosen = [JobStatus[s.upper()] for s in statuses] if statuses else None
+    unfinished = None if statuses or show_all else JobStatus.DONE
+    query = jobs_filter(chosen, job_class or None, below=unfinished)
     scheduler = conn.scheduler()
     found = [Process(doc, scheduler) for doc in scheduler.store.newest_jobs(query, limit)]
     if as_json:

@@ -28,7 +28,7 @@ from ..errors import (
     WaitTimeoutError,
 )
 from ..events import Emitter, Handler
-from ..store import Store
+from ..store import Store, jobs_filter
 from ..store.records import RunContext
 from ..store.schema import stored_status
 from .job import class_path
@@ -231,7 +231,7 @@ class Scheduler:
         """Jobs matching a MongoDB filter on the job document. ``None`` (the default) means the unfinished ones
         (WAITING, POSTPONED, PROCESSING); any filter, ``{}`` (every job) included, is used as given."""
         if query is None:
-            query = {"status": {"$in": [int(JobStatus.WAITING), int(JobStatus.POSTPONED), int(JobStatus.PROCESSING)]}}
+            query = jobs_filter([JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.PROCESSING])
         if not isinstance(query, Mapping):
             raise InvalidArgumentError(f"query must be a mapping (a MongoDB filter), got {type(query).__name__}")
         for doc in self.store.find_jobs(query):

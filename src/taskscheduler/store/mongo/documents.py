@@ -10,7 +10,7 @@ while unset), ``worker`` (ObjectId, :data:`~taskscheduler.constants.NO_WORKER` w
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -89,6 +89,21 @@ def _prefix_paths(expr: Any, prefix: str) -> Any:
         return [_prefix_paths(v, prefix) for v in expr]
     return expr
 
+
+
+def jobs_filter(
+    statuses: Iterable[int] | None = None, job_class: str | None = None, below: int | None = None
+) -> Document:
+    """The filter of jobs in one of ``statuses`` (any when None), or with a status number below ``below``, of class
+    ``job_class`` (any when None), for the readers that take a MongoDB filter (``get_jobs``, the CLI's listings)."""
+    query: Document = {}
+    if statuses is not None:
+        query["status"] = {"$in": [int(status) for status in statuses]}
+    elif below is not None:
+        query["status"] = {"$lt": int(below)}
+    if job_class is not None:
+        query["class"] = job_class
+    return query
 
 
 def literal(value: Any) -> Document:
