@@ -69,6 +69,7 @@ def scale_out(
     burst: int = BURST,
     pace: float = PACE_SECONDS,
     database: str | None = None,
+    idle_seconds: float = IDLE_SECONDS,
 ) -> dict[str, float]:
     """Commands per job by kind, add->start p50/p99 (ms) and server CPU per job (ms) of ``jobs`` paced no-op jobs
     through ``nodes`` idle nodes of one worker each; ``burst_*``: the same for ``burst`` jobs added at once;
@@ -86,7 +87,7 @@ def scale_out(
         warm_workers = _warm_up(scheduler, nodes)
         time.sleep(1.0)  # the warm-up's aftermath (ends recorded, every stream read to its end) is over
         with _Meter(client, server) as idle:
-            time.sleep(IDLE_SECONDS)
+            time.sleep(idle_seconds)
         paced = _paced(scheduler, server, jobs, pace)
         bursted = _burst(scheduler, server, burst)
     finally:

@@ -74,7 +74,9 @@ def test_the_check_compares_server_work_when_given_it() -> None:
 
 @pytest.mark.e2e
 def test_a_tiny_scale_out_run_counts_every_kind_per_job(server: EmbeddedServer) -> None:
-    result = scale_out.scale_out(server.uri, nodes=2, jobs=20, burst=10, database="bench_scale_smoke")
+    result = scale_out.scale_out(
+        server.uri, nodes=2, jobs=20, burst=10, database="bench_scale_smoke", idle_seconds=1.0
+    )
 
     assert result["warm_workers"] == 2
     assert result["insert"] >= 1.0  # each job's own insert, whatever else is written

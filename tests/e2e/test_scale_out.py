@@ -144,8 +144,8 @@ def test_a_job_whose_preferred_node_is_cut_off_starts_elsewhere_within_the_grace
     ids = _node_ids(scheduler, [victim, other])
     time.sleep(0.5)
     scheduler.add_job("sample_jobs:Noop").wait(timeout=30)
-    # Every command of the victim (its node, manager and worker share its URI) hangs for 5 s: it hears of the jobs
-    # but cannot claim them.
+    # Every command of the victim (its node, manager and worker share its URI) hangs for 3 s, twice the longest a
+    # job here may wait: it hears of the jobs but cannot claim them.
     client.admin.command(
         "configureFailPoint",
         "failCommand",
@@ -153,7 +153,7 @@ def test_a_job_whose_preferred_node_is_cut_off_starts_elsewhere_within_the_grace
         data={
             "failCommands": ["find", "update", "findAndModify", "getMore", "insert", "aggregate"],
             "blockConnection": True,
-            "blockTimeMS": 5000,
+            "blockTimeMS": 3000,
             "appName": "cut-off-node",
         },
     )
