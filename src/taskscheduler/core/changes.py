@@ -19,7 +19,7 @@ from bson import ObjectId
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
 from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
-from ..store.records import EventRecord, JobRecord
+from ..store.records import EventRecord, JobFields, JobRecord, JobView
 from .flow import keys_of
 from .runs import next_start
 
@@ -99,13 +99,13 @@ def derived_id(job_id: ObjectId, run: int, salt: bytes) -> ObjectId:
     return ObjectId(digest[:12])
 
 
-def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> dict[str, Any]:
+def owned_by(worker: ObjectId, run: int | None = None, expires: datetime | None = None) -> JobFields:
     """What a job is while ``worker`` owns it: PROCESSING (in that run, with that lease end)."""
-    expect: dict[str, Any] = {"status": int(JobStatus.PROCESSING), "worker": worker}
+    expect = JobFields(status=int(JobStatus.PROCESSING), worker=worker)
     if run is not None:
-        expect["run"] = run
+        expect = expect.evolve(run=run)
     if expires is not None:
-        expect["expires"] = expires
+        expect = expect.evolve(expires=expires)
     return expect
 
 
@@ -155,8 +155,8 @@ class Change:
         self.worker = worker
         self.run = job.run
         self.events: list[EventRecord] = []
-        self.when: dict[str, Any] = {}
-        self.fields: dict[str, Any] = {}
+        self.when = JobFields()
+        self.fields = JobFields()
         self.recorded = False
         self.uncertain = False  # an attempt failed without an answer: it may have been written
         self.attempted = False  # an attempt was made (then the next one looks at the job first)
@@ -179,11 +179,11 @@ class Change:
             # Again after an outage: when the run was put back or taken over meanwhile (a sweep withdrew what we
             # wrote), our events must not be written again: a process that died right after would leave them.
             stored = store.find_job(job.id) or {}
-            if stored.get("change") != self.marker and self._lost_at_our_run(stored):
+            if JobView(stored).change_value != self.marker and self._lost_at_our_run(stored):
                 return self._lost(stored)
         self.attempted = True
         store.insert_events(self.events)
-        fields = dict(self.fields, change=self.marker)
+        fields = self.fields.evolve(change=self.marker)
         try:
             written = store.change(job.id, self.when, fields)
         except ServerUnavailableError:
@@ -191,7 +191,7 @@ class Change:
             raise
         if not written:
             stored = store.find_job(job.id) or {}
-            if stored.get("change") != self.marker:
+            if JobView(stored).change_value != self.marker:
                 if self._children_added(stored):
                     store.delete_events([e.id for e in self.events[1:]])
                     raise ChildrenAdded(f"job {job.id} run {self.run}: a child job was added while it ran")
@@ -205,27 +205,29 @@ class Change:
 
     def _children_added(self, stored: Mapping[str, Any]) -> bool:
         """Whether the write missed only because the job, still ours at this run, gained a child meanwhile."""
-        return (
-            self.when.get("children") is False
-            and stored.get("children") is True
-            and stored.get("run") == self.run
-            and stored.get("status") == JobStatus.PROCESSING
-            and stored.get("worker") == self.worker
+        now = JobView(stored)
+        return bool(
+            self.when.children is False
+            and now.children_value is True
+            and now.run_value == self.run
+            and now.status_value == JobStatus.PROCESSING
+            and now.worker_value == self.worker
         )
 
     def _lost_at_our_run(self, stored: Mapping[str, Any]) -> bool:
         """Whether the job, as stored, is still at this run but no longer this worker's (put back, taken over)."""
-        if int(stored.get("run", -1)) != self.run:
+        now = JobView(stored)
+        if int(now.run_or(-1)) != self.run:
             return False  # gone, or moved on: an earlier attempt of ours may be what moved it
-        return stored.get("status") != JobStatus.PROCESSING or stored.get("worker") != self.worker
+        return bool(now.status_value != JobStatus.PROCESSING or now.worker_value != self.worker)
 
     def _lost(self, stored: Mapping[str, Any]) -> bool:
         """Not ours now. Unless an earlier attempt (or, for a shared change, another writer) may have written it and
         the job has moved on since (then its run number has moved on too), we lost it: withdraw what we wrote about
         it. Another worker's claim of the run after ours was prepared proves that no attempt of ours was written
         (the run was not ours to end any more), however far the job moved on. Returns False."""
-        store, job = self.life.store, self.job
-        moved_on = int(stored.get("run", self.run)) != self.run
+        store, job, now = self.life.store, self.job, JobView(stored)
+        moved_on = int(now.run_or(self.run)) != self.run
         if not (self.uncertain or self.shared) or not moved_on or self._superseded():
             store.delete_events([e.id for e in self.events[1:]])
         self.life.logger.warning(
@@ -235,7 +237,7 @@ class Change:
         )
         if self.vouches:
             self.life.vouch(job.id, self.run, self.worker, stored)
-        if stored.get("status") == JobStatus.CANCELED and stored.get("worker") == self.worker:
+        if now.status_value == JobStatus.CANCELED and now.worker_value == self.worker:
             self.life.settle_cancel(stored)  # canceled under us: the run is ours to settle
         return False
 
@@ -308,13 +310,13 @@ class RunEnd(Change):
             # No child was ever added (a child's add marks its parent before it is stored): DONE is written only
             # while that holds, so no child can have failed unseen, and a job without children costs no look at
             # them. Else ChildrenAdded, and the worker looks.
-            self.when["children"] = False
-        self.fields = {"status": int(status), "ended": now, "orphaned": job.orphaned, "outcome": end_id}
+            self.when = self.when.evolve(children=False)
+        self.fields = JobFields(status=int(status), ended=now, orphaned=job.orphaned, outcome=end_id)
         # A run that did not end DONE keeps the progress it stored, so that operators see how far it got (SPEC 7;
         # upstream set 100 at every end).
         progress = 100.0 if status == JobStatus.DONE else job.progress
         if status == JobStatus.DONE:
-            self.fields["progress"] = 100.0
+            self.fields = self.fields.evolve(progress=100.0)
         self.ended = job.evolve(status=status, ended=now, progress=progress, outcome=end_id)
         self.following: JobRecord | None = None
         follow = next_start(job, status, now.timestamp())
@@ -325,17 +327,15 @@ class RunEnd(Change):
             self.following = self.ended.evolve(
                 status=next_status, run=self.run + 1, worker=None, progress=0.0, orphaned=0, failures=failures
             ).evolve(options=options)
-            self.fields.update(
-                {
-                    "status": int(next_status),
-                    "run": self.run + 1,
-                    "worker": NO_WORKER,
-                    "progress": 0.0,
-                    "orphaned": 0,
-                    "failures": failures,
-                    "options.at": at,
-                    "options.retry": retry,
-                }
+            self.fields = self.fields.evolve(
+                status=int(next_status),
+                run=self.run + 1,
+                worker=NO_WORKER,
+                progress=0.0,
+                orphaned=0,
+                failures=failures,
+                at=at,
+                retry=retry,
             )
             follow_id = derived_id(job.id, self.run, salt + b"+1") if salt is not None else None
             self.events.append(
@@ -389,14 +389,14 @@ class Release(Change):
         now = life.store.clock.now()  # the server's: a node whose clock is off stamps its releases right
         if hold is None:
             self.released = job.evolve(status=JobStatus.WAITING, worker=None, orphaned=count, progress=0.0)
-            self.fields = {"status": int(JobStatus.WAITING), "worker": NO_WORKER, "orphaned": count, "progress": 0.0}
+            self.fields = JobFields(status=int(JobStatus.WAITING), worker=NO_WORKER, orphaned=count, progress=0.0)
         else:
             # Held for a verdict (see Lifecycle.release_orphan): POSTPONED until ``hold`` (seconds since the epoch,
             # on the server's clock), still naming the worker whose owner may vouch meanwhile.
             at = now.timestamp() + hold
             held = job.evolve(status=JobStatus.POSTPONED, orphaned=count, progress=0.0)
             self.released = held.evolve(options=dict(job.options, at=at))
-            self.fields = {"status": int(JobStatus.POSTPONED), "orphaned": count, "progress": 0.0, "options.at": at}
+            self.fields = JobFields(status=int(JobStatus.POSTPONED), orphaned=count, progress=0.0, at=at)
         note = library_error(JobReleasedError, reason)
         released = new_event(self.released, self.released.status, worker, time=now, error=note, sweep=sweep)
         self.events = [self.processing_event(), released]
@@ -410,7 +410,7 @@ class Release(Change):
         # Its slots of the limits it ran under are free now (SPEC 8: a dead run's slot comes back when the run is
         # orphaned); best effort: the next worker that finds a limit full drops a slot whose run is over.
         with contextlib.suppress(ServerUnavailableError):
-            self.life.store.free_slots(keys_of({"class": job.job_class, "options": job.options}), job.id, self.worker)
+            self.life.store.free_slots(keys_of(job.to_doc()), job.id, self.worker)
         held = "" if self.hold is None else f" (held {self.hold:.0f} s: its third orphaning if its owner is dead)"
         self.life.logger.warning(
             f"job {job.id} ({job.job_class!r}) put back to {self.released.status.name.lower()}: {self.reason}{held}",

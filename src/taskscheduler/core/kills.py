@@ -12,7 +12,7 @@ from bson import ObjectId
 from ..constants import JobStatus, KillReason
 from ..errors import JobTimeoutError, LeaseUnconfirmedError
 from ..store import JobStore
-from ..store.records import JobRecord
+from ..store.records import JobRecord, JobView
 from ..store.schema import problem
 from .changes import Change, library_error
 
@@ -97,8 +97,9 @@ class AfterKill:
         # Only while the job is still at that run: then its recorded end, if any, is the job's outcome, and every
         # other end the dead worker wrote for it was never recorded. Once the job has moved on, an end of the run
         # cannot be told from its recorded one here, and nothing is withdrawn.
-        if doc.get("run", 1) == self.run:
-            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, doc.get("outcome"))
+        job = JobView(doc)
+        if job.run_or(1) == self.run:
+            self.life.store.delete_unrecorded_events(self.job_id, self.run, self.worker, job.outcome_value)
 
     def record(self) -> None:
         if self.done:
@@ -106,11 +107,10 @@ class AfterKill:
         store = self.life.store
         if self.change is None:
             doc = store.find_job(self.job_id)
-            if doc is None or doc.get("run", 1) != self.run:
+            if doc is None or JobView(doc).run_or(1) != self.run:
                 self.done = True  # gone, or the run's end was recorded (by the worker itself): nothing to add
                 return
-            status = doc.get("status")
-            if status != JobStatus.PROCESSING or doc.get("worker") != self.worker:
+            if JobView(doc).status_value != JobStatus.PROCESSING or JobView(doc).worker_value != self.worker:
                 self._someone_else_recorded(doc)
                 self.done = True
                 return
@@ -131,7 +131,7 @@ class AfterKill:
         self._withdraw_unrecorded(doc)  # someone else recorded how the run went
         if self.reason.survived:  # we live on: if a sweep put the run back, it was no death
             self.life.vouch(self.job_id, self.run, self.worker, doc)
-        if doc.get("status") == JobStatus.CANCELED and doc.get("worker") == self.worker:
+        if JobView(doc).status_value == JobStatus.CANCELED and JobView(doc).worker_value == self.worker:
             # The canceler recorded CANCELED while our worker ran it. (Canceled while another worker held the run,
             # the run is that worker's to settle, not ours.)
             self.life.settle_cancel(doc)

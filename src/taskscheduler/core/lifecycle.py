@@ -35,7 +35,7 @@ from ..errors import (
 from ..events import Emitter, change_key
 from ..recurrence import next_cron_time
 from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size
-from ..store.records import EventRecord, JobRecord, parent_of
+from ..store.records import EventRecord, EventView, JobFields, JobRecord, JobView, parent_of
 from ..store.schema import end_problem, job_ref, problem
 from .changes import (
     Change,
@@ -47,7 +47,7 @@ from .changes import (
 )
 from .dependencies import check_new, depends_on, failure_of, verdicts
 from .kills import AfterKill
-from .once import add_once, fresh_holder
+from .once import add_once, fresh_holder, once_holder
 from .runs import counted_run_ends
 
 #: Stored in ``outcome`` and ``change`` while unset (fixed-size fields, see :mod:`taskscheduler.store.mongo.documents`).
@@ -92,9 +92,10 @@ class Lifecycle:
         if change.ended_run is not None and emitter.wants_status():
             event = self.store.find_event(change.ended_run)
             if event is not None:
-                ended = dict(doc, status=int(event["status"]), run=event.get("run"), worker=event.get("worker"))
-                ended.update(outcome=change.ended_run, ended=event.get("time"))
-                emitter.emit_status(int(event["status"]), self.process(ended), _change_of(ended))
+                seen = EventView(event)
+                ended = dict(doc, status=int(seen.status_as_stored), run=seen.run_value, worker=seen.worker_value)
+                ended.update(outcome=change.ended_run, ended=seen.time_value)
+                emitter.emit_status(int(seen.status_as_stored), self.process(ended), _change_of(ended))
         emitter.emit_status(change.status, self.process(dict(doc, status=change.status)), _change_of(doc))
 
     # -- adding ----------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Lifecycle:
         job_id = chosen or ObjectId()
         encoded_size(data)
         if chosen is not None:
-            awaited_by = [doc.get("_id") for doc in self.store.dependents(chosen)]
+            awaited_by = [JobView(doc).id_value for doc in self.store.dependents(chosen)]
             if awaited_by:  # e.g. a finished job's id, after retention removed it: others would wait for the new one
                 raise InvalidArgumentError(
                     f"option id: {len(awaited_by)} unfinished job(s) depend on job {chosen} (e.g. {awaited_by[0]}); "
@@ -135,7 +136,8 @@ class Lifecycle:
         return job.to_doc()
 
     def add(self, doc: Document, reserved: int | None = None) -> Document:
-        parent = parent_of(doc.get("data"))
+        job = JobView(doc)  # prepared: it fits
+        parent = parent_of(job.data)
         if parent is not None:
             # After the checks that may refuse the add (its size, room), before the child is stored: the parent's
             # end then looks at its children.
@@ -147,8 +149,8 @@ class Lifecycle:
                 raise
             reserved = size
         self.store.insert_job(doc, reserved)
-        self.logger.debug("added job", extra={"job_id": doc["_id"], "job_class": doc["class"]})
-        self.emitter.emit_status(doc["status"], self.process(doc), _change_of(doc))
+        self.logger.debug("added job", extra={"job_id": job.id, "job_class": job.class_value})
+        self.emitter.emit_status(job.status_as_stored, self.process(doc), _change_of(doc))
         self.cancel_if_blocked_for_good(doc)
         return doc
 
@@ -156,7 +158,7 @@ class Lifecycle:
         """Cancel a job one of whose dependencies has ended FAILED, TIMEOUT or CANCELED (SPEC 8), naming it; True
         when it did. (Looked at after the job is stored: a dependency failing meanwhile finds it, see
         :meth:`cancel_dependents`.)"""
-        verdict = verdicts(self.store, [doc]).get(doc["_id"])
+        verdict = verdicts(self.store, [doc]).get(JobView(doc).id)
         if verdict is None or verdict.failed is None:
             return False
         with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile
@@ -172,9 +174,9 @@ class Lifecycle:
             for doc in self.store.dependents(failed):
                 try:
                     if self.cancel(doc, error=failure_of(failed, how), cascade=False):
-                        pending.append((doc["_id"], JobStatus.CANCELED))
+                        pending.append((JobView(doc).id, JobStatus.CANCELED))
                 except TaskSchedulerError as exc:  # ended meanwhile, or malformed: the others go on
-                    culprit = job_ref(doc.get("_id"))
+                    culprit = JobView(doc).ref
                     self.logger.warning("cannot cancel job %s depending on %s: %s", culprit, failed, exc)
 
     def add_once(self, doc: Document, requested: Mapping[str, Any], data: Any) -> Document:
@@ -193,21 +195,22 @@ class Lifecycle:
 
     def outcome(self, doc: Mapping[str, Any]) -> Document | None:
         """The event of the job's last ended run (with its error or result), if a run ended."""
-        event_id = doc.get("outcome")
+        event_id = JobView(doc).outcome_value
         if not isinstance(event_id, ObjectId) or event_id == NO_EVENT:
             return None
         return self.store.find_event(event_id)
 
     def blocked_by(self, doc: Mapping[str, Any]) -> list[ObjectId]:
         """The jobs ``doc`` depends on that have not ended DONE (yet), in the order given."""
-        verdict = verdicts(self.store, [doc]).get(doc.get("_id"))
+        verdict = verdicts(self.store, [doc]).get(JobView(doc).id_value)
         if verdict is None:
             return []
         return [*verdict.waiting_for, *([verdict.failed[0]] if verdict.failed is not None else [])]
 
     def runs(self, doc: Mapping[str, Any]) -> list[Document]:
         """Every ended run of a job, oldest first: one event per run number."""
-        return counted_run_ends(self.store.job_events(doc["_id"]), doc.get("outcome"))
+        job = JobView(doc)
+        return counted_run_ends(self.store.job_events(job.id), job.outcome_value)
 
     # -- operator actions ------------------------------------------------------------------------------------------
 
@@ -216,58 +219,52 @@ class Lifecycle:
         the CANCELED event records as the reason. Its unfinished children are canceled too, and (``cascade``) the
         jobs depending on it. True when this call canceled it, False when it was CANCELED already."""
         for _ in range(CANCEL_ATTEMPTS):
+            job = JobView(doc)
             found = end_problem(doc, capped=self.store.capped)
             if found is not None:  # SPEC 2: refused, nothing written (a node ends it FAILED, or it is skipped)
-                raise InvalidArgumentError(
-                    f"job {job_ref(doc.get('_id'))} cannot be canceled: it is malformed ({found})"
-                )
-            status = JobStatus(doc["status"])
+                raise InvalidArgumentError(f"job {job.ref} cannot be canceled: it is malformed ({found})")
+            status = JobStatus(job.status_as_stored)
             if status == JobStatus.CANCELED:
                 return False
             if status.is_terminal:
                 raise InvalidArgumentError(
-                    f"job {doc['_id']} has already ended with status {status.name}; "
+                    f"job {job.id} has already ended with status {status.name}; "
                     "only unfinished jobs can be canceled"
                 )
             now = self.store.clock.now()
             event_id = _cancel_event_id(doc, status)
             running = status == JobStatus.PROCESSING
-            fields = {
-                "status": int(JobStatus.CANCELED),
-                "ended": now,
-                "outcome": event_id,
-                "change": event_id,
-            }
+            fields = JobFields(status=int(JobStatus.CANCELED), ended=now, outcome=event_id, change=event_id)
             if not running:
                 # Only a canceled run keeps its lease end: until someone settles it (see settle_cancel), its
                 # worker may have written an end it never recorded. A released run's old lease end is no lease.
-                fields["expires"] = UNSET_TIME
+                fields = fields.evolve(expires=UNSET_TIME)
             # As read, and only the fields of the types a write compares (a hostile ``run`` is left out, as a
             # malformed job's end leaves it out: it never matches, and the cancel would look again for ever).
-            when: dict[str, Any] = {"status": int(status)}
-            if type(doc.get("run")) is int:
-                when["run"] = doc["run"]
-            elif isinstance(doc.get("change"), ObjectId):
-                when["change"] = doc["change"]
-            worker = doc.get("worker") if running else None
-            started = doc.get("started") if running else None
+            when = JobFields(status=int(status))
+            if job.run_int is not None:
+                when = when.evolve(run=job.run_int)
+            elif isinstance(job.change_value, ObjectId):
+                when = when.evolve(change=job.change_value)
+            worker = job.worker_value if running else None
+            started = job.started_value if running else None
             event = _raw_event(doc, JobStatus.CANCELED, worker, now, event_id, started=started, error=error)
             self.store.insert_events([event])
-            if self._transition_or_withdraw(doc["_id"], when, fields, event_id, shared=True):
+            if self._transition_or_withdraw(job.id, when, fields, event_id, shared=True):
                 doc.update(fields)
                 self.logger.info(
-                    f"job {doc['_id']} ({doc.get('class')!r}) canceled",
-                    extra={"job_id": doc["_id"], "job_class": doc.get("class")},
+                    f"job {job.id} ({job.class_value!r}) canceled",
+                    extra={"job_id": job.id, "job_class": job.class_value},
                 )
                 self.emit(JobStatus.CANCELED, doc)
-                self.cancel_children(doc["_id"])
+                self.cancel_children(job.id)
                 if cascade:
-                    self.cancel_dependents(doc["_id"], JobStatus.CANCELED)
+                    self.cancel_dependents(job.id, JobStatus.CANCELED)
                 return True
-            doc = self.load(doc["_id"])  # it changed meanwhile: decide again on its new status
-            if doc.get("change") != event_id:  # (else another cancel of the same state recorded this very event)
+            doc = self.load(job.id)  # it changed meanwhile: decide again on its new status
+            if JobView(doc).change_value != event_id:  # (else another cancel of the same state recorded this event)
                 self.store.delete_events([event_id])
-        raise TaskSchedulerError(f"job {job_ref(doc.get('_id'))}: cancel gave up, the job kept changing under it")
+        raise TaskSchedulerError(f"job {JobView(doc).ref}: cancel gave up, the job kept changing under it")
 
     def cancel_children(self, parent_id: ObjectId) -> None:
         """Cancel the unfinished children (``data.parent``) of a job."""
@@ -279,7 +276,7 @@ class Lifecycle:
             except InvalidArgumentError:
                 pass  # it finished meanwhile, or it is malformed (a node ends it)
             except Exception as exc:  # anyone may write a child: one that cannot be canceled keeps no other running
-                self.logger.warning("cannot cancel child %s of job %s: %r", job_ref(child.get("_id")), parent_id, exc)
+                self.logger.warning("cannot cancel child %s of job %s: %r", JobView(child).ref, parent_id, exc)
 
     def reject(self, doc: Mapping[str, Any], found: str) -> bool:
         """End a malformed job document FAILED with an InvalidJobError naming ``found`` (SPEC 2), in one
@@ -288,31 +285,24 @@ class Lifecycle:
         left as it is: False, and the caller skips it."""
         if end_problem(doc, capped=self.store.capped) is not None:
             return False
-        job_id, change = doc["_id"], doc.get("change")
-        run = doc.get("run") if type(doc.get("run")) is int else None
+        job = JobView(doc)
+        job_id, change, run = job.id, job.change_value, job.run_int
         # Read as it was; fixed fields only, so the update compares values of the types it was checked for.
-        expect: dict[str, Any] = {"status": doc["status"]}
+        expect = JobFields(status=job.status_as_stored)
         if isinstance(change, ObjectId):
-            expect["change"] = change
+            expect = expect.evolve(change=change)
         if run is not None:
-            expect["run"] = run
+            expect = expect.evolve(run=run)
         # The same event id for every node that meets this document in this state: retries write it once.
         salt = b"malformed" + (change.binary if isinstance(change, ObjectId) else b"")
         event_id = derived_id(job_id, run or 1, salt) if isinstance(job_id, ObjectId) else ObjectId()
         now = self.store.clock.now()
-        job_class = doc.get("class")
         error = library_error(InvalidJobError, f"job {job_ref(job_id)} is malformed: {found}")
-        described = dict(doc, run=run or 1, worker=None, **{"class": job_class if isinstance(job_class, str) else None})
-        self.store.insert_events([_raw_event(described, JobStatus.FAILED, None, now, event_id, error=error)])
-        fields = {
-            "status": int(JobStatus.FAILED),
-            "ended": now,
-            "outcome": event_id,
-            "change": event_id,
-        }
+        self.store.insert_events([_raw_event(doc, JobStatus.FAILED, None, now, event_id, run=run or 1, error=error)])
+        fields = JobFields(status=int(JobStatus.FAILED), ended=now, outcome=event_id, change=event_id)
         if not self._transition_or_withdraw(job_id, expect, fields, event_id):
             # Another node may have ended it first, with the same event: that event stays.
-            if (self.store.find_job(job_id) or {}).get("change") != event_id:
+            if JobView(self.store.find_job(job_id) or {}).change_value != event_id:
                 self.store.delete_events([event_id])
             return False
         self.logger.warning(
@@ -327,21 +317,22 @@ class Lifecycle:
 
     def requeue(self, doc: Document) -> Document:
         """A FAILED, TIMEOUT or CANCELED job back to WAITING: same id, next run number."""
+        ended = JobView(doc)
         found = problem(doc, capped=self.store.capped)
         if found is not None:  # SPEC 2: it could not run again (a node would end it FAILED once more)
-            raise InvalidArgumentError(f"job {job_ref(doc.get('_id'))} cannot be requeued: it is malformed ({found})")
-        status = JobStatus(doc["status"])
+            raise InvalidArgumentError(f"job {ended.ref} cannot be requeued: it is malformed ({found})")
+        status = JobStatus(ended.status_as_stored)
         if status not in (JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED):
             raise InvalidArgumentError(
-                f"job {doc['_id']} is {status.name}; only FAILED, TIMEOUT or CANCELED jobs can be requeued"
+                f"job {ended.id} is {status.name}; only FAILED, TIMEOUT or CANCELED jobs can be requeued"
             )
-        worker, expires = doc.get("worker"), doc.get("expires")
+        worker, expires = ended.worker_value, ended.expires_value
         if status == JobStatus.CANCELED and worker not in (None, NO_WORKER) and isinstance(expires, datetime):
             # Canceled while it ran: until its node has seen the worker die (or the lease ran out), another worker
             # must not start it.
             if self.store.server_time() < expires:
                 raise InvalidArgumentError(
-                    f"job {doc['_id']} was canceled while running and its worker is still being stopped; "
+                    f"job {ended.id} was canceled while running and its worker is still being stopped; "
                     "requeue it again in a few seconds"
                 )
             self.settle_cancel(doc)  # its node died with it: what its worker left of the run goes first
@@ -356,17 +347,17 @@ class Lifecycle:
         requeued = requeued.evolve(options=options, change=event_id)
         event = new_event(requeued, JobStatus.WAITING, time=self.store.clock.now(), event_id=event_id)
         self.store.insert_events([event])
-        fields = {
-            "status": int(JobStatus.WAITING),
-            "run": run,
-            "worker": NO_WORKER,
-            "progress": 0.0,
-            "orphaned": 0,
-            "failures": 0,
-            "options.at": 0.0,
-            "change": event_id,
-        }
-        moved = self._transition_or_withdraw(job.id, {"status": int(status), "run": run - 1}, fields, event_id)
+        fields = JobFields(
+            status=int(JobStatus.WAITING),
+            run=run,
+            worker=NO_WORKER,
+            progress=0.0,
+            orphaned=0,
+            failures=0,
+            at=0.0,
+            change=event_id,
+        )
+        moved = self._transition_or_withdraw(job.id, JobFields(status=int(status), run=run - 1), fields, event_id)
         if not moved:
             self.store.delete_events([event_id])
             if job.once is not None:
@@ -391,8 +382,8 @@ class Lifecycle:
     def _transition_or_withdraw(
         self,
         job_id: ObjectId,
-        when: Mapping[str, Any],
-        fields: Mapping[str, Any],
+        when: JobFields,
+        fields: JobFields,
         event_id: ObjectId,
         shared: bool = False,
     ) -> bool:
@@ -405,8 +396,8 @@ class Lifecycle:
         except ServerUnavailableError:
             with contextlib.suppress(ServerUnavailableError):
                 stored = self.store.find_job(job_id) or {}
-                left = any(stored.get(name) != value for name, value in when.items())
-                if stored.get("change") != event_id and (left or not shared):
+                left = when.unmet_in(stored)
+                if JobView(stored).change_value != event_id and (left or not shared):
                     self.store.delete_events([event_id])
             raise
 
@@ -414,21 +405,16 @@ class Lifecycle:
         """Before a requeued add_job_once job is active again, it holds its key as pending (renewed, so that a
         caller who read the old hold cannot take it over); concurrent add_job_once calls wait for it and then
         compare with the requeued job. Refused while another active job holds the key."""
-        holder = self.store.once_holder(key)
-        held_by = holder.get("job") if holder else None
+        holder = once_holder(self.store, key)
+        held_by = holder.job if holder else None
         if held_by is not None and held_by != job_id:
             other = self.store.find_job(held_by)
-            pending = (
-                other is None
-                and holder is not None
-                and not holder.get("inserted")
-                and fresh_holder(holder, self.store)
-            )
-            if (other is not None and other["status"] < JobStatus.DONE) or pending:
+            pending = other is None and holder is not None and not holder.inserted and fresh_holder(holder, self.store)
+            if (other is not None and JobView(other).status_as_stored < JobStatus.DONE) or pending:
                 raise InvalidArgumentError(
                     f"job {job_id} cannot be requeued: an active job with the same add_job_once key exists"
                 )
-        if not self.store.take_once(key, job_id, held_by, holder.get("since") if holder else None):
+        if not self.store.take_once(key, job_id, held_by, holder.since if holder else None):
             raise InvalidArgumentError(f"job {job_id}: its add_job_once key changed hands meanwhile; try again")
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -439,9 +425,11 @@ class Lifecycle:
         first, or the job has moved on to another run."""
         doc = self.store.claim(job, worker, lease)
         if doc is not None:
+            claimed = JobView(doc)
+            run = claimed.run_value
             self.logger.info(
-                f"claimed job {doc['_id']} ({doc.get('class')!r}) run {doc.get('run')}",
-                extra={"job_id": doc["_id"], "job_class": doc.get("class"), "worker": worker, "run": doc.get("run")},
+                f"claimed job {claimed.id} ({claimed.class_value!r}) run {run}",
+                extra={"job_id": claimed.id, "job_class": claimed.class_value, "worker": worker, "run": run},
             )
             self.emit(JobStatus.PROCESSING, doc)
         return doc
@@ -454,10 +442,10 @@ class Lifecycle:
         # nodes racing, the losers' inserts change nothing, and the winner's status names it (``change``). A node
         # that loses to a cancel withdraws the event it wrote itself (never the winner's, which it did not write).
         # Read as routed: a job of a class this node does not run was checked for its routing fields only.
-        worker = doc.get("worker", NO_WORKER)
+        worker = JobView(doc).worker_value  # missing: None, no worker as NO_WORKER
         if isinstance(worker, ObjectId) and worker != NO_WORKER:
             return self._verdict(doc)  # a run held after a sweep
-        return self._due(doc, {})
+        return self._due(doc, JobFields())
 
     def record_due(self, doc: Mapping[str, Any], event: EventRecord) -> None:
         """Write the WAITING event of a job :meth:`unpostpone` moved (again after an outage: written once)."""
@@ -470,7 +458,7 @@ class Lifecycle:
         is left out: any other change may mean another worker runs the job now, and killing a worker that has
         just recorded its end (before its manager heard of it) costs nothing but a fork."""
         held = self.store.heartbeat({job: worker for job, (worker, _) in owners.items()})
-        return {job for job, doc in held.items() if doc is None or doc.get("worker") != owners[job][0]}
+        return {job for job, doc in held.items() if doc is None or JobView(doc).worker_value != owners[job][0]}
 
     def orphans(self) -> list[Document]:
         """Running jobs whose lease has ended on the server's clock (their node stopped renewing it)."""
@@ -563,51 +551,55 @@ class Lifecycle:
         """A run held after a sweep that would be its third orphaning, now due: FAILED if its owner never vouched
         (a death), else WAITING as any due run (letting go of the worker). Every node may race to decide: the
         verdict's events have derived ids, one update wins."""
-        job_id, run, worker = doc["_id"], int(doc.get("run", 1)), doc["worker"]
+        held = JobView(doc)
+        job_id, run, worker = held.id, int(held.run_or(1)), held.worker_value  # an ObjectId: see unpostpone
         stored = self.store.find_job(job_id)
-        if stored is None or (stored.get("status"), stored.get("run"), stored.get("worker")) != (
+        now = JobView(stored) if stored is not None else None
+        if now is None or (now.status_value, now.run_value, now.worker_value) != (
             JobStatus.POSTPONED,
             run,
             worker,
         ):
             return None  # decided, canceled or changed meanwhile
-        job = JobRecord.from_doc(stored)
+        job = JobRecord.from_doc(now.doc)
         # Every sweep of the run is at least as old as the one that held it: all had time to be vouched for.
         count = job.orphaned + len(self.store.unvouched_sweeps(job.id, job.run))
         if count >= MAX_ORPHANINGS:
             error = library_error(OrphanedJobError, f"job orphaned {count} times; last: {self._held_for(job)}")
             end = RunEnd(self, job.evolve(orphaned=count), worker, JobStatus.FAILED, error=error, salt=b"verdict")
-            end.when = {"status": int(JobStatus.POSTPONED), "run": run, "worker": worker}
+            end.when = JobFields(status=int(JobStatus.POSTPONED), run=run, worker=worker)
             end.shared = True
             end.record()
             return None
-        return self._due(stored, {"worker": NO_WORKER}, b"due after " + worker.binary)
+        return self._due(now.doc, JobFields(worker=NO_WORKER), b"due after " + worker.binary)
 
     def _held_for(self, job: JobRecord) -> str:
         """Why the run was held: the reason its hold recorded (the last orphaning)."""
+        events = [EventView(e) for e in self.store.job_events(job.id)]
         holds = [
             e
-            for e in self.store.job_events(job.id)
-            if e.get("run") == job.run and e.get("status") == JobStatus.POSTPONED and isinstance(e.get("error"), dict)
+            for e in events
+            if e.run_value == job.run and e.status_value == JobStatus.POSTPONED and isinstance(e.error_value, dict)
         ]
-        message = holds[-1]["error"].get("message") if holds else None
+        message = holds[-1].message if holds else None
         return message if isinstance(message, str) else "its node stopped renewing the lease"
 
-    def _due(self, doc: Mapping[str, Any], sets: Mapping[str, Any], salt: bytes = b"due") -> EventRecord | None:
+    def _due(self, doc: Mapping[str, Any], sets: JobFields, salt: bytes = b"due") -> EventRecord | None:
         """POSTPONED -> WAITING for this run (also setting ``sets``); see :meth:`unpostpone`. ``salt``: what makes
         this move's event id differ from another's of the same run (a retry's due run, then a held one's)."""
-        job_id, run = doc["_id"], int(doc.get("run", 1))
-        when = {"status": int(JobStatus.POSTPONED), "run": run}
-        if "worker" in doc:  # a run held for a verdict names its worker: a due run of the same number never moves it
-            when["worker"] = doc["worker"]
+        due = JobView(doc)
+        job_id, run = due.id, int(due.run_or(1))
+        when = JobFields(status=int(JobStatus.POSTPONED), run=run)
+        if due.has_worker:  # a run held for a verdict names its worker: a due run of the same number never moves it
+            when = when.evolve(worker=due.worker_value)
         event_id = derived_id(job_id, run, salt)
         event = _raw_event(doc, JobStatus.WAITING, None, self.store.clock.now(), event_id)
         written = self.store.insert_events([event])
-        fields = {"status": int(JobStatus.WAITING), "change": event_id, **sets}
+        fields = JobFields(status=int(JobStatus.WAITING), change=event_id).joined(sets)
         if not self.store.change(job_id, when, fields):
-            stored = self.store.find_job(job_id) or {}
-            if stored.get("change") != event_id or stored.get("run") != run:
-                if written and stored.get("run") == run:  # this run never became WAITING (canceled, say)
+            stored = JobView(self.store.find_job(job_id) or {})
+            if stored.change_value != event_id or stored.run_value != run:
+                if written and stored.run_value == run:  # this run never became WAITING (canceled, say)
                     self.store.delete_events(written)
                 return None
         return event
@@ -634,7 +626,7 @@ class Lifecycle:
         lived on: its sweep was no death. Only while the job is still at that run and not ended (``stored``),
         when a sweep can still count: a run that was canceled or ended needs no write."""
         live = (JobStatus.WAITING, JobStatus.POSTPONED, JobStatus.PROCESSING)  # POSTPONED: held for a verdict
-        if int(stored.get("run", 0)) == run and stored.get("status") in live:
+        if int(JobView(stored).run_or(0)) == run and JobView(stored).status_value in live:
             if self.store.vouch(job_id, run, worker):
                 self.logger.info(
                     f"job {job_id} run {run}: its owner lives on, so its earlier sweep is no orphaning",
@@ -647,23 +639,25 @@ class Lifecycle:
         the two writes) is withdrawn, the run's start is recorded, and the job lets go of the worker and its lease
         end. Written by whoever learns first (the worker, its node, or any node's sweep once the lease ran out),
         each step idempotent."""
-        job_id, worker, run, expires = doc.get("_id"), doc.get("worker"), doc.get("run"), doc.get("expires")
-        if doc.get("status") != JobStatus.CANCELED or not isinstance(job_id, ObjectId):
+        job = JobView(doc)
+        job_id, worker, run, expires = job.id_value, job.worker_value, job.run_int, job.expires_value
+        if job.status_value != JobStatus.CANCELED or not isinstance(job_id, ObjectId):
             return
-        if isinstance(worker, ObjectId) and worker != NO_WORKER and type(run) is int:
-            self.store.delete_unrecorded_events(job_id, run, worker, doc.get("outcome"))
+        if isinstance(worker, ObjectId) and worker != NO_WORKER and run is not None:
+            self.store.delete_unrecorded_events(job_id, run, worker, job.outcome_value)
             with contextlib.suppress(InvalidJobError):  # a malformed start is no start to record
                 record = JobRecord.from_doc(doc)
                 self.store.insert_events([Change(self, record, worker).processing_event()])
         # Conditional on what was read: a hostile ``worker`` is kept (a write must not change the document's size),
         # and the lease end alone takes the job out of the sweep's sight.
-        expect: dict[str, Any] = {"status": int(JobStatus.CANCELED), "worker": worker}
-        sets: dict[str, Any] = {"expires": UNSET_TIME}
+        expect = JobFields(status=int(JobStatus.CANCELED), worker=worker)
+        sets = JobFields(expires=UNSET_TIME)
+        let_go = NO_WORKER if isinstance(worker, ObjectId) else worker
         if isinstance(worker, ObjectId):
-            sets["worker"] = NO_WORKER
+            sets = sets.evolve(worker=let_go)
         if isinstance(expires, datetime):
-            expect["expires"] = expires
-        if expires != UNSET_TIME or sets.get("worker", worker) != worker:
+            expect = expect.evolve(expires=expires)
+        if expires != UNSET_TIME or let_go != worker:
             self.store.change(job_id, expect, sets)
 
     def after_kill(
@@ -699,16 +693,21 @@ def _raw_event(
     *,
     started: Any = None,
     error: Mapping[str, Any] | None = None,
+    run: int | None = None,
 ) -> EventRecord:
     """An event of a stored job that may be malformed (a cancel, or the end of a malformed job: SPEC 2), from
-    the fields such an end reads; the others may hold anything."""
-    job_class, run = doc.get("class"), doc.get("run", 1)
+    the fields such an end reads; the others may hold anything. ``run``: the run it records (default: the stored
+    one when it is an int, else 1)."""
+    job = JobView(doc)
+    job_class, stored_run = job.class_value, job.run_int
     begun = started if isinstance(started, datetime) else None
+    if run is None:
+        run = stored_run if stored_run is not None else 1
     return EventRecord(
         id=event_id,
-        job=doc["_id"],
+        job=job.id,
         job_class=job_class if isinstance(job_class, str) else None,
-        run=run if type(run) is int else 1,
+        run=run,
         status=int(status),
         time=time,
         worker=worker if isinstance(worker, ObjectId) else None,
@@ -722,11 +721,12 @@ def _cancel_event_id(doc: Mapping[str, Any], status: JobStatus) -> ObjectId:
     """The CANCELED event's id, derived from the state a cancel changes (its run, status and mark): two cancels of
     the same state (a node and a producer, say) write one event, and one of them records it; an event left by a
     cancel cut off by an outage is the one the next cancel records, never a second end of the run."""
-    job_id, run, mark = doc.get("_id"), doc.get("run"), doc.get("change")
+    job = JobView(doc)
+    job_id, run, mark = job.id_value, job.run_int, job.change_value
     if not isinstance(job_id, ObjectId):
         return ObjectId()
     salt = b"cancel" + bytes([int(status)]) + (mark.binary if isinstance(mark, ObjectId) else b"")
-    return derived_id(job_id, run if type(run) is int else 1, salt)
+    return derived_id(job_id, run if run is not None else 1, salt)
 
 
 def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
@@ -734,11 +734,12 @@ def _change_of(job: JobRecord | Mapping[str, Any]) -> Hashable | None:
     stored document; None for a document without an id (always fired)."""
     if isinstance(job, JobRecord):
         return change_key(job.id, job.run, job.started, job.change)
-    if "_id" not in job:
+    view = JobView(job)
+    if not view.has_id:
         return None
-    started, mark = job.get("started"), job.get("change")
+    started, mark = view.started_value, view.change_value
     started = None if started == UNSET_TIME else started
-    key = change_key(job["_id"], job.get("run", 1), started, None if mark == NO_EVENT else mark)
+    key = change_key(view.id, view.run_or(1), started, None if mark == NO_EVENT else mark)
     try:
         hash(key)
     except TypeError:  # a hostile document (a list where an id or a run belongs): its changes are always fired

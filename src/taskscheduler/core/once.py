@@ -20,6 +20,7 @@ from .. import options as o
 from ..constants import JobStatus
 from ..errors import InvalidArgumentError, TaskSchedulerError
 from ..store import JobStore, fingerprint, same_value
+from ..store.records import JobView, OnceHolder, holding_once
 from ..store.schema import problem, status_problem
 
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
@@ -44,8 +45,10 @@ class Adder(Protocol):
 
 def add_once(life: Adder, doc: Document, requested: Mapping[str, Any], data: Any) -> Document:
     """The job kept: ``doc`` as added, or the active job found with the same options."""
-    ignore_data = bool(doc["options"][o.IGNORE_DATA])
-    key = doc["once"] = fingerprint(doc["class"]) if ignore_data else doc["key"]
+    new = JobView(doc)  # prepared: it fits
+    ignore_data = bool(new.options[o.IGNORE_DATA])
+    key = fingerprint(new.class_value) if ignore_data else new.key_value
+    holding_once(doc, key)
     # Room first: a full collection must fail this call before it cancels the job it would replace.
     reservation = _Reservation(life.store, life.store.reserve_job(dict(doc, created=life.store.clock.now())))
     with reservation:
@@ -61,14 +64,15 @@ def _add_once(
     ignore_data: bool,
     reservation: _Reservation,
 ) -> Document:
+    new = JobView(doc)
     pending_since: float | None = None
     for attempt in range(ONCE_ATTEMPTS):
-        holder = life.store.once_holder(key)
-        held_by = holder.get("job") if holder else None
-        since = holder.get("since") if holder else None
+        holder = once_holder(life.store, key)
+        held_by = holder.job if holder else None
+        since = holder.since if holder else None
         current = life.store.find_job(held_by) if held_by is not None else None
-        settling = current is None or current["status"] >= JobStatus.DONE  # being inserted, or requeued
-        if held_by is not None and settling and holder and not holder.get("inserted"):
+        settling = current is None or JobView(current).status_as_stored >= JobStatus.DONE  # being inserted, requeued
+        if held_by is not None and settling and holder and not holder.inserted:
             # Its caller is inserting (or requeuing) it, or died doing so: wait to compare, then take over.
             pending_since = pending_since or time.monotonic()
             if time.monotonic() - pending_since < ONCE_PENDING_SECONDS and fresh_holder(holder, life.store):
@@ -76,30 +80,30 @@ def _add_once(
                 continue
         candidates = [current] if current is not None else []
         if holder is None:  # jobs of an older version hold no key: look for them by class and data
-            candidates = life.store.find_active(doc["class"], None if ignore_data else doc["key"])
+            candidates = life.store.find_active(new.class_value, None if ignore_data else new.key_value)
         # A malformed document (SPEC 2) is no job to compare with: a node ends it.
-        active = [c for c in candidates if status_problem(c) is None and c["status"] < JobStatus.DONE]
+        active = [c for c in candidates if status_problem(c) is None and JobView(c).status_as_stored < JobStatus.DONE]
         active = [c for c in active if problem(c, capped=life.store.capped) is None]
         same = next((c for c in active if not _changed(c, requested, data, ignore_data)), None)
         if same is not None:
-            if holder is None and not life.store.take_once(key, same["_id"], None):
+            if holder is None and not life.store.take_once(key, JobView(same).id, None):
                 continue
             return dict(same)
         for found in active:
             with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile: fine
                 life.cancel(found)
-        if not life.store.take_once(key, doc["_id"], held_by, since):
+        if not life.store.take_once(key, new.id, held_by, since):
             continue  # someone else took it first (or requeued its job): compare with theirs
         try:
             added = life.add(dict(doc, created=life.store.clock.now()), reservation.spend())
         except BaseException:
-            life.store.release_once(key, doc["_id"])
+            life.store.release_once(key, new.id)
             raise
-        if life.store.confirm_once(key, doc["_id"]):
+        if life.store.confirm_once(key, new.id):
             return added
         # We were too slow (paused past ONCE_PENDING_SECONDS): the key is someone else's now; ours goes.
         with contextlib.suppress(InvalidArgumentError):
-            life.cancel(life.load(doc["_id"]))
+            life.cancel(life.load(new.id))
     raise TaskSchedulerError(f"add_job_once gave up after {ONCE_ATTEMPTS} attempts: concurrent callers disagree")
 
 
@@ -123,20 +127,27 @@ class _Reservation:
             self.store.unreserve_job(self.size)
 
 
-def fresh_holder(holder: Mapping[str, Any], store: JobStore) -> bool:
+def once_holder(store: JobStore, key: str) -> OnceHolder | None:
+    """Who holds an add_job_once key, if anyone."""
+    found = store.once_holder(key)
+    return OnceHolder.from_doc(found) if found is not None else None
+
+
+def fresh_holder(holder: OnceHolder, store: JobStore) -> bool:
     """Whether a key was taken less than ONCE_PENDING_SECONDS ago, on the server's clock."""
-    since = holder.get("since")
+    since = holder.since
     return isinstance(since, datetime) and (store.server_time() - since).total_seconds() < ONCE_PENDING_SECONDS
 
 
 def _changed(existing: Mapping[str, Any], requested: Mapping[str, Any], data: Any, ignore_data: bool) -> bool:
-    stored = existing.get("options") or {}
+    job = JobView(existing)
+    stored = job.options  # it fits: its options are a document, or missing (none)
     for name, value in requested.items():
         if name == o.ID:
-            if existing["_id"] != value:
+            if job.id != value:
                 return True
         elif name == o.AT and stored.get(o.CRON):
             continue  # a cron job keeps its next match in "at", never the time it was asked to start from
         elif name not in stored or not same_value(stored[name], value):
             return True
-    return ignore_data and not same_value(existing.get("data"), data)
+    return ignore_data and not same_value(job.data, data)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from ..clock import ServerClock
-from .records import EventRecord
+from .records import EventRecord, JobFields
 
 Document = dict[str, Any]
 
@@ -57,7 +57,7 @@ class JobStore(Protocol):
     def has_children(self, parent_id: Any) -> bool:
         """Whether any job names ``parent_id`` as its parent."""
 
-    def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
+    def change(self, job_id: ObjectId, expect: JobFields, sets: JobFields) -> bool:
         """Set ``sets`` if every field of ``expect`` has its value, in one atomic write; True when it did."""
 
     def claim(self, job: Mapping[str, Any] | ObjectId, worker: ObjectId, lease: float) -> Document | None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
 from bson import ObjectId
 
@@ -24,6 +24,9 @@ from .. import options as o
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidJobError
 from .schema import job_ref, problem, status_label, status_problem, stored_status
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11 on; annotations only (not evaluated)
 
 #: The unset value of ``outcome`` and ``change`` (an event id) in a document.
 NO_EVENT = NO_WORKER
@@ -252,6 +255,136 @@ class EventRecord:
         return doc
 
 
+class JobFieldValues(TypedDict, total=False):
+    """The fields of a job a conditional write compares (``expect``) or sets, by their names in :class:`JobFields`.
+    Each is given as stored: the unset worker, times and event ids as their sentinels (NO_WORKER, UNSET_TIME,
+    NO_EVENT), never None, so that a write never changes a document's size; an expectation may hold whatever
+    was read (a hostile ``worker``, a missing field as None)."""
+
+    status: int
+    run: int
+    worker: Any
+    ended: datetime
+    expires: Any
+    outcome: ObjectId
+    change: Any
+    progress: float
+    orphaned: int
+    failures: int
+    children: bool
+    #: ``options.at`` and ``options.retry``: when the next run may start, and the retries left.
+    at: float
+    retry: int
+
+
+#: JobFields names whose stored field has another name (the others are stored under their own).
+_STORED_NAMES = {"at": f"options.{o.AT}", "retry": f"options.{o.RETRY}"}
+
+
+class JobFields(dict[str, Any]):
+    """Some fields of a job, each with its value as stored (see :class:`JobFieldValues`): what a conditional
+    write expects to find, or what it sets (:meth:`taskscheduler.store.JobStore.change`). Only the fields given
+    are compared or written, in the order given (a later :meth:`evolve` keeps a field's place, as a dict does).
+
+    Built from typed keywords, held by the stored names (``options.at`` for ``at``): a read-only dict, so that
+    what the store is asked to write reads as plain fields to the store and to a test that looks at it."""
+
+    def __init__(self, **values: Unpack[JobFieldValues]) -> None:
+        super().__init__((_STORED_NAMES.get(name, name), value) for name, value in values.items())
+
+    def evolve(self, **values: Unpack[JobFieldValues]) -> JobFields:
+        """These fields with ``values`` set too (a field given already keeps its place and takes the new value)."""
+        return self.joined(JobFields(**values))
+
+    def joined(self, other: JobFields) -> JobFields:
+        """These fields and then ``other``'s (a field in both keeps its place here and takes ``other``'s value)."""
+        joined = JobFields()
+        dict.update(joined, self)
+        dict.update(joined, other)
+        return joined
+
+    @property
+    def children(self) -> Any:
+        """The ``children`` flag given, None when it is not."""
+        return self.get("children")
+
+    def unmet_in(self, doc: Mapping[str, Any]) -> bool:
+        """Whether some field of ``doc`` (a stored job, read anew) has another value than the one given here."""
+        return any(doc.get(name) != value for name, value in self.items())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _job_fields, (tuple(self.items()),)  # a copy or pickle is built as evolve builds one
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("JobFields are read-only: use evolve() or joined()")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _read_only
+
+
+def _job_fields(items: tuple[tuple[str, Any], ...]) -> JobFields:
+    fields = JobFields()
+    dict.update(fields, items)
+    return fields
+
+
+def holding_once(doc: MutableMapping[str, Any], key: str) -> None:
+    """Note in a new job's document the add_job_once key it holds (``once``; its last field)."""
+    doc["once"] = key
+
+
+@dataclass(frozen=True)
+class OnceHolder:
+    """Who holds an add_job_once key, each field as stored (anyone may have written it): the holding job's id,
+    since when (the server's time) and whether that job is stored (False while its caller inserts it)."""
+
+    job: Any
+    since: Any
+    inserted: Any
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> OnceHolder:
+        return cls(job=doc.get("job"), since=doc.get("since"), inserted=doc.get("inserted"))
+
+
+@dataclass(frozen=True)
+class EventView:
+    """A stored event as read, whether it fits or not: each field as stored (None when missing), but
+    :attr:`status_as_stored`."""
+
+    doc: Mapping[str, Any]
+
+    @property
+    def status_as_stored(self) -> Any:
+        """The stored status: any value; KeyError when there is none."""
+        return self.doc["status"]
+
+    @property
+    def status_value(self) -> Any:
+        return self.doc.get("status")
+
+    @property
+    def run_value(self) -> Any:
+        return self.doc.get("run")
+
+    @property
+    def worker_value(self) -> Any:
+        return self.doc.get("worker")
+
+    @property
+    def time_value(self) -> Any:
+        return self.doc.get("time")
+
+    @property
+    def error_value(self) -> Any:
+        return self.doc.get("error")
+
+    @property
+    def message(self) -> Any:
+        """The stored error's message (any value), None when there is none or the error is no dict."""
+        error = self.doc.get("error")
+        return error.get("message") if isinstance(error, dict) else None
+
+
 @dataclass(frozen=True)
 class RunContext:
     """The run a job's code belongs to, inside its worker: the worker (its progress writes require that it still
@@ -283,6 +416,11 @@ class JobView:
         return self.doc.get("_id")
 
     @property
+    def has_id(self) -> bool:
+        """Whether the document has an ``_id`` field at all (even a null one)."""
+        return "_id" in self.doc
+
+    @property
     def ref(self) -> str:
         """The id as messages and log lines show it (see :func:`~taskscheduler.store.schema.job_ref`)."""
         return job_ref(self.doc.get("_id"))
@@ -307,6 +445,11 @@ class JobView:
         return self.doc.get("status")
 
     @property
+    def status_as_stored(self) -> Any:
+        """The stored status: any value; KeyError when there is none (as :attr:`id`)."""
+        return self.doc["status"]
+
+    @property
     def known_status(self) -> JobStatus | None:
         """The status when the stored one is a JobStatus stored as an int32, else None."""
         return JobStatus(self.doc["status"]) if status_problem(self.doc) is None else None
@@ -324,8 +467,29 @@ class JobView:
         return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
 
     @property
+    def run_value(self) -> Any:
+        """The run number as stored (any value), None when missing."""
+        return self.doc.get("run")
+
+    def run_or(self, missing: Any) -> Any:
+        """The run number as stored (any value), ``missing`` when there is none."""
+        return self.doc.get("run", missing)
+
+    @property
+    def run_int(self) -> int | None:
+        """The run number when it is stored as a plain int (``type is int``: no bool, no bson Int64), else None:
+        the only run a write compares with or derives an id from."""
+        run = self.doc.get("run")
+        return run if type(run) is int else None
+
+    @property
     def data(self) -> Any:
         return self.doc.get("data")
+
+    @property
+    def key_value(self) -> Any:
+        """The fingerprint of class and data as stored (see :func:`~taskscheduler.store.fingerprint`)."""
+        return self.doc.get("key")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -348,6 +512,41 @@ class JobView:
         """The worker running or last running it, as stored (an ObjectId in a job that fits); None when unset."""
         worker = self.doc.get("worker")
         return None if worker is None or worker == NO_WORKER else worker
+
+    @property
+    def worker_value(self) -> Any:
+        """The worker as stored (NO_WORKER while unset; any value), None when missing."""
+        return self.doc.get("worker")
+
+    @property
+    def has_worker(self) -> bool:
+        """Whether the document has a ``worker`` field at all."""
+        return "worker" in self.doc
+
+    @property
+    def started_value(self) -> Any:
+        """The start of the current run as stored (UNSET_TIME while unset; any value), None when missing."""
+        return self.doc.get("started")
+
+    @property
+    def expires_value(self) -> Any:
+        """The lease end as stored (UNSET_TIME while unset; any value), None when missing."""
+        return self.doc.get("expires")
+
+    @property
+    def outcome_value(self) -> Any:
+        """The event of the last ended run as stored (NO_EVENT while unset; any value), None when missing."""
+        return self.doc.get("outcome")
+
+    @property
+    def change_value(self) -> Any:
+        """The mark of the last change written as stored (NO_EVENT while unset; any value), None when missing."""
+        return self.doc.get("change")
+
+    @property
+    def children_value(self) -> Any:
+        """The ``children`` flag as stored (any value), None when missing."""
+        return self.doc.get("children")
 
     @property
     def created(self) -> datetime | None:

@@ -13,6 +13,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ...constants import UNSET_TIME, JobStatus
 from ...errors import DuplicateJobError, InvalidArgumentError, ServerUnavailableError
+from ..records import JobFields
 from ..schema import due
 from .connection import first_line, server_errors
 from .documents import SERVER_NOW, Document, fields_equal, lease_end, literal
@@ -132,7 +133,7 @@ class JobWrites(RoomLedger):
         with server_errors():
             return self.jobs.find_one({"data.parent": parent_id}, {"_id": 1}) is not None
 
-    def change(self, job_id: ObjectId, expect: Mapping[str, Any], sets: Mapping[str, Any]) -> bool:
+    def change(self, job_id: ObjectId, expect: JobFields, sets: JobFields) -> bool:
         """Set the fields ``sets`` to their values if every field of ``expect`` has its value; True when it did.
         The domain's one conditional write of a job: a claim, a run's end (and the next run), a release, a cancel,
         a requeue. ``sets`` must change something: "changed nothing" is how a lost race shows."""
