@@ -19,7 +19,7 @@ from bson import ObjectId
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
 from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
-from ..store.records import EventRecord, JobFields, JobRecord, JobView
+from ..store.records import EventRecord, JobFields, JobRecord, JobView, error_doc
 from .flow import keys_of
 from .runs import next_start
 
@@ -61,18 +61,12 @@ def describe_error(exc: BaseException) -> dict[str, str]:
     """The stored form of an exception: class, message and traceback text (truncated to fit)."""
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return fit_error(
-        {
-            "class": name,
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
-        }
-    )
+    return fit_error(error_doc(name, str(exc), "".join(traceback.format_exception(cls, exc, exc.__traceback__))))
 
 
 def library_error(cls: type[TaskSchedulerError], message: str) -> dict[str, str]:
     """An error the library records itself (timeout, orphaned, released), named by its class in errors.py."""
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "message": message, "traceback": ""}
+    return error_doc(f"{cls.__module__}.{cls.__qualname__}", message, "")
 
 
 def fit_error(error: Mapping[str, Any]) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class Lifecycle:
         if isinstance(job, JobRecord):
             shown: JobRecord | Mapping[str, Any] = job.evolve(status=JobStatus(status))
         else:
-            shown = dict(job, status=int(status))
+            shown = dict(job, **JobFields(status=int(status)))
         self.emitter.emit_status(status, self.process(shown), _change_of(shown))
 
     def job(self, job: JobRecord | Mapping[str, Any]) -> JobRecord:
@@ -93,10 +93,18 @@ class Lifecycle:
             event = self.store.find_event(change.ended_run)
             if event is not None:
                 seen = EventView(event)
-                ended = dict(doc, status=int(seen.status_as_stored), run=seen.run_value, worker=seen.worker_value)
-                ended.update(outcome=change.ended_run, ended=seen.time_value)
+                ended = dict(
+                    doc,
+                    **JobFields(
+                        status=int(seen.status_as_stored),
+                        run=seen.run_value,
+                        worker=seen.worker_value,
+                        outcome=change.ended_run,
+                        ended=seen.time_value,
+                    ),
+                )
                 emitter.emit_status(int(seen.status_as_stored), self.process(ended), _change_of(ended))
-        emitter.emit_status(change.status, self.process(dict(doc, status=change.status)), _change_of(doc))
+        emitter.emit_status(change.status, self.process(dict(doc, **JobFields(status=change.status))), _change_of(doc))
 
     # -- adding ----------------------------------------------------------------------------------------------------
 
@@ -450,7 +458,7 @@ class Lifecycle:
     def record_due(self, doc: Mapping[str, Any], event: EventRecord) -> None:
         """Write the WAITING event of a job :meth:`unpostpone` moved (again after an outage: written once)."""
         self.store.insert_events([event])
-        self.emit(JobStatus.WAITING, dict(doc, change=event.id))
+        self.emit(JobStatus.WAITING, dict(doc, **JobFields(change=event.id)))
 
     def heartbeat(self, owners: Mapping[ObjectId, tuple[ObjectId, int]]) -> set[ObjectId]:
         """Renew the leases of running jobs (job -> (worker, run)); returns the jobs no longer owned by their

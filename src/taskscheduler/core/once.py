@@ -20,7 +20,7 @@ from .. import options as o
 from ..constants import JobStatus
 from ..errors import InvalidArgumentError, TaskSchedulerError
 from ..store import JobStore, fingerprint, same_value
-from ..store.records import JobView, OnceHolder, holding_once
+from ..store.records import JobFields, JobView, OnceHolder, holding_once
 from ..store.schema import problem, status_problem
 
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
@@ -50,7 +50,8 @@ def add_once(life: Adder, doc: Document, requested: Mapping[str, Any], data: Any
     key = fingerprint(new.class_value) if ignore_data else new.key_value
     holding_once(doc, key)
     # Room first: a full collection must fail this call before it cancels the job it would replace.
-    reservation = _Reservation(life.store, life.store.reserve_job(dict(doc, created=life.store.clock.now())))
+    stamped = dict(doc, **JobFields(created=life.store.clock.now()))
+    reservation = _Reservation(life.store, life.store.reserve_job(stamped))
     with reservation:
         return _add_once(life, doc, requested, data, key, ignore_data, reservation)
 
@@ -95,7 +96,7 @@ def _add_once(
         if not life.store.take_once(key, new.id, held_by, since):
             continue  # someone else took it first (or requeued its job): compare with theirs
         try:
-            added = life.add(dict(doc, created=life.store.clock.now()), reservation.spend())
+            added = life.add(dict(doc, **JobFields(created=life.store.clock.now())), reservation.spend())
         except BaseException:
             life.store.release_once(key, new.id)
             raise

@@ -256,7 +256,8 @@ class EventRecord:
 
 
 class JobFieldValues(TypedDict, total=False):
-    """The fields of a job a conditional write compares (``expect``) or sets, by their names in :class:`JobFields`.
+    """The fields of a job a conditional write compares (``expect``) or sets, or a copy of a read document shows
+    changed (an event's view of a change), by their names in :class:`JobFields`.
     Each is given as stored: the unset worker, times and event ids as their sentinels (NO_WORKER, UNSET_TIME,
     NO_EVENT), never None, so that a write never changes a document's size; an expectation may hold whatever
     was read (a hostile ``worker``, a missing field as None)."""
@@ -264,6 +265,7 @@ class JobFieldValues(TypedDict, total=False):
     status: int
     run: int
     worker: Any
+    created: datetime
     ended: datetime
     expires: Any
     outcome: ObjectId
@@ -325,6 +327,11 @@ def _job_fields(items: tuple[tuple[str, Any], ...]) -> JobFields:
     fields = JobFields()
     dict.update(fields, items)
     return fields
+
+
+def error_doc(error_class: str, message: str, traceback: str) -> dict[str, str]:
+    """The stored form of an error an event records (a run's failure, a release's reason)."""
+    return {"class": error_class, "message": message, "traceback": traceback}
 
 
 def holding_once(doc: MutableMapping[str, Any], key: str) -> None:
