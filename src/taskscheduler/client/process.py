@@ -10,8 +10,9 @@ from bson import ObjectId
 
 from ..constants import JobStatus
 from ..core.lifecycle import Lifecycle
-from ..store.records import EventRecord, JobView
+from ..store.records import EventRecord
 from ..store.schema import problem
+from ..store.views import JobView
 
 
 class Source(Protocol):

@@ -19,7 +19,8 @@ from bson import ObjectId
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
 from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
-from ..store.records import EventRecord, JobFields, JobRecord, JobView, error_doc
+from ..store.records import EventRecord, JobFields, JobRecord, error_doc
+from ..store.views import JobView
 from .flow import keys_of
 from .runs import next_start
 

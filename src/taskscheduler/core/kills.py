@@ -12,8 +12,9 @@ from bson import ObjectId
 from ..constants import JobStatus, KillReason
 from ..errors import JobTimeoutError, LeaseUnconfirmedError
 from ..store import JobStore
-from ..store.records import JobRecord, JobView
+from ..store.records import JobRecord
 from ..store.schema import problem
+from ..store.views import JobView
 from .changes import Change, library_error
 
 #: Seconds after a worker's death its last writes may still reach the server (sent before it died).

@@ -35,8 +35,9 @@ from ..errors import (
 from ..events import Emitter, change_key
 from ..recurrence import next_cron_time
 from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size
-from ..store.records import EventRecord, EventView, JobFields, JobRecord, JobView, parent_of
+from ..store.records import EventRecord, JobFields, JobRecord, parent_of
 from ..store.schema import end_problem, job_ref, problem
+from ..store.views import EventView, JobView
 from .changes import (
     Change,
     Release,

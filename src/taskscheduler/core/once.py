@@ -20,8 +20,9 @@ from .. import options as o
 from ..constants import JobStatus
 from ..errors import InvalidArgumentError, TaskSchedulerError
 from ..store import JobStore, fingerprint, same_value
-from ..store.records import JobFields, JobView, OnceHolder, holding_once
+from ..store.records import JobFields, holding_once
 from ..store.schema import problem, status_problem
+from ..store.views import JobView, OnceHolder
 
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
 ONCE_ATTEMPTS = 400

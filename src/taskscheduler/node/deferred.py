@@ -8,7 +8,7 @@ import heapq
 import itertools
 from typing import Any
 
-from ..store.records import JobView
+from ..store.views import JobView
 from .backlog import start_order
 
 _Order = tuple[int, float, Any]

@@ -18,7 +18,7 @@ import bson
 from bson import ObjectId
 
 from ..constants import KillReason
-from ..store.records import JobView
+from ..store.views import JobView
 
 __all__ = ["KillReason"]  # re-exported: messages carry it
 

@@ -36,8 +36,9 @@ from ..core.kills import AfterKill
 from ..errors import InvalidArgumentError, ServerUnavailableError, SpawnForkError
 from ..events import WORKER_KILL, WORKER_SPAWN, Emitter, Handler
 from ..store import STATUS_UNKNOWN, StatusChange, utcnow
-from ..store.records import EventRecord, JobRecord, JobView
+from ..store.records import EventRecord, JobRecord
 from ..store.schema import due, end_problem, job_ref, problem
+from ..store.views import JobView
 from . import forking
 from .backlog import start_order
 from .blocked import Blocked

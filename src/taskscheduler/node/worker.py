@@ -32,8 +32,9 @@ from ..constants import DEFAULT_ORPHANED_TIMEOUT, JobStatus
 from ..core.changes import Change, ChildrenAdded, RunEnd, describe_error
 from ..core.dependencies import verdicts
 from ..errors import ChildJobFailedError, InvalidArgumentError, InvalidJobError, ServerUnavailableError
-from ..store.records import JobRecord, JobView, RunContext
+from ..store.records import JobRecord, RunContext
 from ..store.schema import problem
+from ..store.views import JobView
 from . import forking
 from .fencing import LeaseSlot, SelfFence, lease_clock
 from .protocol import DATA_LEFT_OUT, Claimed, Ending, Exit, Finished, RunJob

@@ -10,7 +10,6 @@ of a capped collection must not change a document's size.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from bson import ObjectId
 from .. import options as o
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidJobError
-from .schema import job_ref, problem, status_label, status_problem, stored_status
+from .schema import job_ref, problem
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11 on; annotations only (not evaluated)
@@ -32,7 +31,8 @@ if TYPE_CHECKING:
 NO_EVENT = NO_WORKER
 
 
-def _time(value: Any) -> datetime | None:
+def stored_time(value: Any) -> datetime | None:
+    """A stored time, None for the unset one (UNSET_TIME) or anything that is no datetime."""
     return value if isinstance(value, datetime) and value != UNSET_TIME else None
 
 
@@ -40,7 +40,8 @@ def _id(value: Any) -> ObjectId | None:
     return value if isinstance(value, ObjectId) and value != NO_WORKER else None
 
 
-def _number(value: Any, default: float) -> float:
+def stored_number(value: Any, default: float) -> float:
+    """A stored number (int or float, never a bool) as a float, ``default`` for anything else."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
@@ -109,14 +110,14 @@ class JobRecord:
             run=_count(doc.get("run"), 1),
             data=doc.get("data"),
             options=MappingProxyType(dict(options) if isinstance(options, Mapping) else {}),
-            created=_time(doc.get("created")),
-            started=_time(doc.get("started")),
-            ended=_time(doc.get("ended")),
-            alive=_time(doc.get("alive")),
-            expires=_time(doc.get("expires")),
-            lease=_number(doc.get("lease"), 0.0),
+            created=stored_time(doc.get("created")),
+            started=stored_time(doc.get("started")),
+            ended=stored_time(doc.get("ended")),
+            alive=stored_time(doc.get("alive")),
+            expires=stored_time(doc.get("expires")),
+            lease=stored_number(doc.get("lease"), 0.0),
             worker=_id(doc.get("worker")),
-            progress=_number(doc.get("progress"), 0.0),
+            progress=stored_number(doc.get("progress"), 0.0),
             orphaned=_count(doc.get("orphaned"), 0),
             failures=_count(doc.get("failures"), 0),
             outcome=_id(doc.get("outcome")),
@@ -181,7 +182,7 @@ class JobRecord:
     @property
     def at(self) -> float:
         """When the current run may start (unix seconds on the server's clock; 0: at once)."""
-        return _number(self.options.get(o.AT), 0.0)
+        return stored_number(self.options.get(o.AT), 0.0)
 
 
 @dataclass(frozen=True)
@@ -218,15 +219,15 @@ class EventRecord:
             job_class=job_class if isinstance(job_class, str) else None,
             run=_count(doc.get("run"), 0),
             status=_count(doc.get("status"), -1),
-            time=_time(doc.get("time")),
+            time=stored_time(doc.get("time")),
             worker=doc.get("worker") if isinstance(doc.get("worker"), ObjectId) else None,
-            started=_time(doc.get("started")),
-            ended=_time(doc.get("ended")),
+            started=stored_time(doc.get("started")),
+            ended=stored_time(doc.get("ended")),
             error=dict(error) if isinstance(error, Mapping) else None,
             result=doc.get("result"),
             has_result="result" in doc,
             end=doc.get("end") if isinstance(doc.get("end"), ObjectId) else None,
-            sweep_expires=_time(sweep.get("expires")) if isinstance(sweep, Mapping) else None,
+            sweep_expires=stored_time(sweep.get("expires")) if isinstance(sweep, Mapping) else None,
             sweep_back=bool(sweep.get("back")) if isinstance(sweep, Mapping) else False,
         )
 
@@ -340,59 +341,6 @@ def holding_once(doc: MutableMapping[str, Any], key: str) -> None:
 
 
 @dataclass(frozen=True)
-class OnceHolder:
-    """Who holds an add_job_once key, each field as stored (anyone may have written it): the holding job's id,
-    since when (the server's time) and whether that job is stored (False while its caller inserts it)."""
-
-    job: Any
-    since: Any
-    inserted: Any
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> OnceHolder:
-        return cls(job=doc.get("job"), since=doc.get("since"), inserted=doc.get("inserted"))
-
-
-@dataclass(frozen=True)
-class EventView:
-    """A stored event as read, whether it fits or not: each field as stored (None when missing), but
-    :attr:`status_as_stored`."""
-
-    doc: Mapping[str, Any]
-
-    @property
-    def status_as_stored(self) -> Any:
-        """The stored status: any value; KeyError when there is none."""
-        return self.doc["status"]
-
-    @property
-    def status_value(self) -> Any:
-        return self.doc.get("status")
-
-    @property
-    def run_value(self) -> Any:
-        return self.doc.get("run")
-
-    @property
-    def worker_value(self) -> Any:
-        return self.doc.get("worker")
-
-    @property
-    def time_value(self) -> Any:
-        return self.doc.get("time")
-
-    @property
-    def error_value(self) -> Any:
-        return self.doc.get("error")
-
-    @property
-    def message(self) -> Any:
-        """The stored error's message (any value), None when there is none or the error is no dict."""
-        error = self.doc.get("error")
-        return error.get("message") if isinstance(error, dict) else None
-
-
-@dataclass(frozen=True)
 class RunContext:
     """The run a job's code belongs to, inside its worker: the worker (its progress writes require that it still
     owns the job) and the job and run number (the child jobs it adds belong to that run)."""
@@ -400,208 +348,3 @@ class RunContext:
     worker: ObjectId
     job: ObjectId | None = None
     run: int = 1
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A stored job as read, whether it fits the schema or not: a handle shows any job, and a worker looks at
-    jobs it does not run (a parent, its children, its own job read anew), which anyone may have written (SPEC 2:
-    a malformed document never stops a reader). Each property reads its field leniently and never raises, but
-    ``id`` and ``status``; values compared with what was read elsewhere are given as stored (``*_value``). A job
-    about to run is read as a :class:`JobRecord` instead."""
-
-    doc: Mapping[str, Any]
-
-    @property
-    def id(self) -> Any:
-        """The stored ``_id``: any BSON value (an ObjectId in a job that fits); KeyError when there is none."""
-        return self.doc["_id"]
-
-    @property
-    def id_value(self) -> Any:
-        """The stored ``_id``, None when there is none."""
-        return self.doc.get("_id")
-
-    @property
-    def has_id(self) -> bool:
-        """Whether the document has an ``_id`` field at all (even a null one)."""
-        return "_id" in self.doc
-
-    @property
-    def ref(self) -> str:
-        """The id as messages and log lines show it (see :func:`~taskscheduler.store.schema.job_ref`)."""
-        return job_ref(self.doc.get("_id"))
-
-    @property
-    def job_class(self) -> str:
-        return str(self.doc.get("class", ""))
-
-    @property
-    def class_value(self) -> Any:
-        """The class as stored (any value, None when missing)."""
-        return self.doc.get("class")
-
-    @property
-    def status(self) -> JobStatus:
-        """The status; InvalidJobError naming the field when the stored one is none."""
-        return stored_status(self.doc)
-
-    @property
-    def status_value(self) -> Any:
-        """The status as stored (compared as stored: any value, None when missing)."""
-        return self.doc.get("status")
-
-    @property
-    def status_as_stored(self) -> Any:
-        """The stored status: any value; KeyError when there is none (as :attr:`id`)."""
-        return self.doc["status"]
-
-    @property
-    def known_status(self) -> JobStatus | None:
-        """The status when the stored one is a JobStatus stored as an int32, else None."""
-        return JobStatus(self.doc["status"]) if status_problem(self.doc) is None else None
-
-    @property
-    def label(self) -> str:
-        """The status as views name it (``"waiting"``..., or ``"malformed"``)."""
-        return status_label(self.doc.get("status"))
-
-    @property
-    def run(self) -> int:
-        """The current run's number (1 for the first), or the last run's when the job has ended; 1 when the stored
-        one is no integer."""
-        run = self.doc.get("run", 1)
-        return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
-
-    @property
-    def run_value(self) -> Any:
-        """The run number as stored (any value), None when missing."""
-        return self.doc.get("run")
-
-    def run_or(self, missing: Any) -> Any:
-        """The run number as stored (any value), ``missing`` when there is none."""
-        return self.doc.get("run", missing)
-
-    @property
-    def run_int(self) -> int | None:
-        """The run number when it is stored as a plain int (``type is int``: no bool, no bson Int64), else None:
-        the only run a write compares with or derives an id from."""
-        run = self.doc.get("run")
-        return run if type(run) is int else None
-
-    @property
-    def data(self) -> Any:
-        return self.doc.get("data")
-
-    @property
-    def key_value(self) -> Any:
-        """The fingerprint of class and data as stored (see :func:`~taskscheduler.store.fingerprint`)."""
-        return self.doc.get("key")
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """A copy of the stored options (empty when they are no document)."""
-        options = self.doc.get("options")
-        return dict(options) if isinstance(options, Mapping) else {}
-
-    @property
-    def progress(self) -> float:
-        return _number(self.doc.get("progress", 0.0), 0.0)
-
-    @property
-    def force_spawn(self) -> bool:
-        """Whether the job asks for a worker of its own (option ``force_spawn``)."""
-        options = self.doc.get("options")
-        return isinstance(options, Mapping) and bool(options.get(o.FORCE_SPAWN))
-
-    @property
-    def worker(self) -> Any:
-        """The worker running or last running it, as stored (an ObjectId in a job that fits); None when unset."""
-        worker = self.doc.get("worker")
-        return None if worker is None or worker == NO_WORKER else worker
-
-    @property
-    def worker_value(self) -> Any:
-        """The worker as stored (NO_WORKER while unset; any value), None when missing."""
-        return self.doc.get("worker")
-
-    @property
-    def has_worker(self) -> bool:
-        """Whether the document has a ``worker`` field at all."""
-        return "worker" in self.doc
-
-    @property
-    def started_value(self) -> Any:
-        """The start of the current run as stored (UNSET_TIME while unset; any value), None when missing."""
-        return self.doc.get("started")
-
-    @property
-    def expires_value(self) -> Any:
-        """The lease end as stored (UNSET_TIME while unset; any value), None when missing."""
-        return self.doc.get("expires")
-
-    @property
-    def outcome_value(self) -> Any:
-        """The event of the last ended run as stored (NO_EVENT while unset; any value), None when missing."""
-        return self.doc.get("outcome")
-
-    @property
-    def change_value(self) -> Any:
-        """The mark of the last change written as stored (NO_EVENT while unset; any value), None when missing."""
-        return self.doc.get("change")
-
-    @property
-    def children_value(self) -> Any:
-        """The ``children`` flag as stored (any value), None when missing."""
-        return self.doc.get("children")
-
-    @property
-    def created(self) -> datetime | None:
-        return _time(self.doc.get("created"))
-
-    @property
-    def started(self) -> datetime | None:
-        return _time(self.doc.get("started"))
-
-    @property
-    def ended(self) -> datetime | None:
-        return _time(self.doc.get("ended"))
-
-    def same_run(self, other: JobView) -> bool:
-        """Whether both read the same stored run number (compared as stored, a missing one as None)."""
-        return bool(self.doc.get("run") == other.doc.get("run"))
-
-    def same_end(self, other: JobView) -> bool:
-        """Whether both read the same status and the same end of the last run (its outcome event), as stored."""
-        return bool(
-            self.doc.get("outcome") == other.doc.get("outcome") and self.doc.get("status") == other.doc.get("status")
-        )
-
-    def added_by_run(self, run: int) -> bool:
-        """For a child job: whether run ``run`` of its parent added it (a child stored without that number counts
-        as added by any run)."""
-        return bool(self.doc.get("parent_run", run) == run)
-
-    def shown(self) -> dict[str, Any]:
-        """A deep copy of the document as views show it: unset times, worker and event ids as None, and beside the
-        stored status number its name (``status_name``; None when it is no status)."""
-        doc = copy.deepcopy(dict(self.doc))
-        for name in ("started", "ended", "alive", "expires"):
-            if name in doc:
-                doc[name] = _time(doc.get(name))
-        doc["worker"] = self.worker
-        for name in ("outcome", "change"):
-            if doc.get(name) == NO_EVENT:
-                doc[name] = None
-        doc["status_name"] = status.name if (status := _status_or_none(doc.get("status"))) is not None else None
-        return doc
-
-
-def _status_or_none(value: Any) -> JobStatus | None:
-    """The JobStatus of a stored status number, or None for anything else (a malformed document)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    try:
-        return JobStatus(value)
-    except ValueError:
-        return None
