@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import options as o
 from ..errors import InvalidArgumentError
+from ..store.views import FlowControl, JobView, rate_parts
 
 #: The pause key that pauses every job.
 EVERY_JOB = "*"
@@ -62,7 +63,7 @@ def rate_text(rate: Any) -> str | None:
     stored text never reaches a terminal or a page from here."""
     if not isinstance(rate, Mapping):
         return None
-    count, seconds = rate.get("count"), rate.get("seconds")
+    count, seconds = rate_parts(rate)
     span = seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else 1
     unit = {length: name for name, length in RATE_UNITS.items()}.get(span, "s")
     shown = count if isinstance(count, int) and not isinstance(count, bool) else "?"
@@ -79,11 +80,11 @@ def checked_concurrency(concurrency: Any) -> int | None:
 
 def keys_of(doc: Mapping[str, Any]) -> list[str]:
     """The keys a job counts under: its class and, when set, its ``limit_key``."""
+    job = JobView(doc)
     keys = []
-    if isinstance(doc.get("class"), str):
-        keys.append(doc["class"])
-    options = doc.get("options")
-    extra = options.get(o.LIMIT_KEY) if isinstance(options, Mapping) else None
+    if isinstance(job.class_value, str):
+        keys.append(job.class_value)
+    extra = job.options.get(o.LIMIT_KEY)
     if isinstance(extra, str) and extra and extra not in keys:
         keys.append(extra)
     return keys
@@ -103,8 +104,9 @@ class Limit:
         if self.concurrency is not None:
             room = min(room, self.concurrency - len(self.holders))
         if self.rate is not None:
-            since = now - timedelta(seconds=int(self.rate.get("seconds", 0)))
-            room = min(room, int(self.rate.get("count", 0)) - sum(1 for t in self.starts if t > since))
+            count, seconds = self._rate
+            since = now - timedelta(seconds=seconds)
+            room = min(room, count - sum(1 for t in self.starts if t > since))
         return room
 
     def full(self, now: datetime) -> bool:
@@ -112,25 +114,32 @@ class Limit:
         if self.concurrency is not None and len(self.holders) >= self.concurrency:
             return True
         if self.rate is not None:
-            since = now - timedelta(seconds=int(self.rate.get("seconds", 0)))
-            return sum(1 for t in self.starts if t > since) >= int(self.rate.get("count", 0))
+            count, seconds = self._rate
+            since = now - timedelta(seconds=seconds)
+            return sum(1 for t in self.starts if t > since) >= count
         return False
+
+    @property
+    def _rate(self) -> tuple[int, int]:
+        """The rate's count and seconds (0 for a part missing: a limit read from a document has both)."""
+        count, seconds = rate_parts(self.rate)
+        return int(0 if count is None else count), int(0 if seconds is None else seconds)
 
     def describe(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "rate": rate_text(self.rate)}
 
 
-def _limit(key: str, doc: Mapping[str, Any]) -> Limit | None:
+def _limit(key: str, control: FlowControl) -> Limit | None:
     """A stored limit as this library writes it, or None (a hostile or broken document limits nothing, and never
     stops a node or a worker: SPEC 2)."""
-    concurrency, rate = doc.get("concurrency"), doc.get("rate")
-    holders, starts = doc.get("holders", []), doc.get("starts", [])
+    concurrency, rate = control.concurrency, control.rate
+    holders, starts = control.holders, control.starts
     if concurrency is not None and not (type(concurrency) is int and concurrency >= 1):
         return None
     if rate is not None:
         if not isinstance(rate, Mapping) or rate_text(rate) is None:
             return None
-        count, seconds = rate.get("count"), rate.get("seconds")
+        count, seconds = rate_parts(rate)
         if not (type(count) is int and count >= 1 and seconds in RATE_UNITS.values()):
             return None
     if (concurrency is None and rate is None) or not isinstance(holders, list) or not isinstance(starts, list):
@@ -159,15 +168,16 @@ class Controls:
         limits: dict[str, Limit] = {}
         broken: dict[str, Mapping[str, Any]] = {}
         for doc in docs:
-            key = doc.get("key")
-            if not isinstance(key, str) or doc.get("_id") != f"{doc.get('kind')}:{key}":
+            control = FlowControl(doc)
+            key = control.key
+            if not isinstance(key, str) or control.id != f"{control.kind}:{key}":
                 # A hostile document controls nothing; nor does one stored under another id (written by hand):
                 # resume() and remove_limit() could never remove it, and a limit's slots are taken by id.
                 continue
-            if doc.get("kind") == "pause":
+            if control.kind == "pause":
                 paused.add(key)
-            elif doc.get("kind") == "limit":
-                limit = _limit(key, doc)
+            elif control.kind == "limit":
+                limit = _limit(key, control)
                 if limit is not None:
                     limits[key] = limit
                 else:
@@ -178,10 +188,11 @@ class Controls:
         """Every limit as ``limits()`` shows it; a broken one (limiting nothing) with ``"malformed": True``."""
         shown = {key: limit.describe() for key, limit in self.limits.items()}
         for key, doc in self.broken.items():
-            concurrency = doc.get("concurrency")
+            control = FlowControl(doc)
+            concurrency = control.concurrency
             shown[key] = {
                 "concurrency": concurrency if type(concurrency) is int else None,
-                "rate": rate_text(doc.get("rate")),
+                "rate": rate_text(control.rate),
                 "malformed": True,
             }
         return dict(sorted(shown.items()))

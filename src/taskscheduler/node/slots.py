@@ -13,6 +13,7 @@ from bson import ObjectId
 from ..constants import JobStatus
 from ..errors import ServerUnavailableError
 from ..store import JobStore
+from ..store.views import JobView, SlotHolder
 
 #: How long a slot is kept for a job that is WAITING: its claim may be on its way (a claim is one write, bounded by
 #: a second), or its run was put back (orphaned, stopped) and the slot is a leftover, which it is after this.
@@ -51,27 +52,34 @@ class Slots:
         # Full. Holders whose run is over (it ended, was put back, or runs under another worker now) hold nothing:
         # a run whose process died frees its slot when the run is orphaned.
         holders = self.store.limit_holders(key)
-        jobs = [h["job"] for h in holders if isinstance(h, Mapping) and isinstance(h.get("job"), ObjectId)]
+        jobs = [job for h in holders if isinstance(job := _job_of(h), ObjectId)]
         states = self.store.job_states(jobs)
         now = self.store.clock.now()
-        stale = [h for h in holders if _stale(h, states.get(h.get("job")) if isinstance(h, Mapping) else None, now)]
+        stale = [h for h in holders if _stale(h, states.get(_job_of(h)) if isinstance(h, Mapping) else None, now)]
         if not stale:
             return False
         self.store.drop_holders(key, stale)
         return self.store.take_slot(key, job_id, self.worker)
 
 
+def _job_of(holder: Any) -> Any:
+    """The job of a holder as stored, None for a holder that is no document (a hostile entry)."""
+    return SlotHolder(holder).job if isinstance(holder, Mapping) else None
+
+
 def _stale(holder: Any, state: Mapping[str, Any] | None, now: datetime) -> bool:
     if not isinstance(holder, Mapping):
         return True  # no holder this library wrote: it holds nothing
-    if not isinstance(holder.get("job"), ObjectId) or not isinstance(holder.get("worker"), ObjectId):
+    held = SlotHolder(holder)
+    if not isinstance(held.job, ObjectId) or not isinstance(held.worker, ObjectId):
         return True
     if state is None:
         return True
-    status = state.get("status")
+    job = JobView(state)
+    status = job.status_value
     if status == JobStatus.PROCESSING:
-        return bool(state.get("worker") != holder["worker"])
+        return bool(job.worker_value != held.worker)
     if status == JobStatus.WAITING:  # its claim may be on its way
-        since = holder.get("since")
+        since = held.since
         return not isinstance(since, datetime) or since < now - timedelta(seconds=CLAIM_GRACE_SECONDS)
     return True
