@@ -32,6 +32,7 @@ from bson import ObjectId
 from ..client.job import load_job_class, serves, split_name
 from ..constants import DEFAULT_METRICS_HOST, JobStatus
 from ..errors import ConfigurationError, InvalidArgumentError, InvalidJobError, MissingExtraError
+from ..store.views import CountRow
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -255,13 +256,13 @@ def job_count_rows(rows: Iterable[Mapping[str, Any]], labels: Callable[[object],
     """``(class label, status name, count)`` of waiting and postponed jobs, the counts of classes without a label
     of their own summed under ``other``; rows that are not such a count (a malformed document's) are left out."""
     totals: dict[tuple[str, str], float] = {}
-    for row in rows:
-        status, count = row.get("status"), row.get("count")
+    for row in map(CountRow, rows):
+        status, count = row.status, row.count
         if isinstance(status, bool) or status not in (JobStatus.WAITING, JobStatus.POSTPONED):
             continue
         if isinstance(count, bool) or not isinstance(count, (int, float)):
             continue
-        key = (labels(row.get("class")), JobStatus(int(status)).name.lower())
+        key = (labels(row.job_class), JobStatus(int(status)).name.lower())
         totals[key] = totals.get(key, 0.0) + float(count)
     return [(label, status, count) for (label, status), count in sorted(totals.items())]
 

@@ -24,6 +24,7 @@ from bson import ObjectId
 
 from ..client.job import serves
 from ..store.schema import job_ref
+from ..store.views import NodeEntry
 from .heartbeat import period_of
 
 #: How long the runner-up waits for the preferred node to claim a job before it claims the job itself.
@@ -65,9 +66,10 @@ class Peers:
         heartbeats before ``now``, on the server's clock). Malformed entries are skipped: the registry is only a
         hint, never a reason to stop."""
         others = []
-        for entry in entries:
-            node_id = entry.get("_id")
-            modules = entry.get("modules")
+        for doc in entries:
+            entry = NodeEntry(doc)
+            node_id = entry.id
+            modules = entry.modules_value
             if not isinstance(node_id, ObjectId) or node_id == self.me.id or not isinstance(modules, list):
                 continue
             if not self._alive(entry, now, heartbeat):
@@ -77,11 +79,11 @@ class Peers:
         self._others = tuple(others)
 
     @staticmethod
-    def _alive(entry: Mapping[str, Any], now: datetime, heartbeat: float) -> bool:
-        alive = entry.get("alive")
+    def _alive(entry: NodeEntry, now: datetime, heartbeat: float) -> bool:
+        alive = entry.alive
         if not isinstance(alive, datetime):
             return False
-        lease = entry.get("lease")
+        lease = entry.lease
         period = heartbeat
         if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
             period = period_of(float(lease))

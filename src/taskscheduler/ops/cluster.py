@@ -13,6 +13,7 @@ from ..client.job import serves
 from ..client.scheduler import Scheduler
 from ..core.flow import EVERY_JOB, Controls
 from ..store.schema import status_label
+from ..store.views import CountRow, JobView, NodeEntry
 
 
 def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
@@ -22,24 +23,24 @@ def cluster_info(scheduler: Scheduler) -> dict[str, Any]:
     counts = store.job_counts()
     by_status: Counter[str] = Counter()
     by_class: dict[str, Counter[str]] = {}
-    for row in counts:
-        name = status_label(row["status"])  # "malformed" for what is no status (SPEC 2): shown, never fatal
-        by_status[name] += int(row["count"])
-        by_class.setdefault(_class_label(row["class"]), Counter())[name] += int(row["count"])
+    for row in map(CountRow, counts):
+        name = status_label(row.status)  # "malformed" for what is no status (SPEC 2): shown, never fatal
+        by_status[name] += int(row.count)
+        by_class.setdefault(_class_label(row.job_class), Counter())[name] += int(row.count)
     nodes: list[dict[str, Any]] = []
-    for node in store.live_nodes():
+    for doc in store.live_nodes():
+        node = NodeEntry(doc)
         # Stored data is hostile input: anything but a list of documents counts as no workers.
-        listed = node.get("workers")
-        workers = [w for w in listed if isinstance(w, Mapping)] if isinstance(listed, list) else []
-        busy = sum(1 for w in workers if w.get("job") is not None)
+        workers = node.workers
+        busy = sum(1 for w in workers if w.job is not None)
         nodes.append(
             {
-                "id": str(node["_id"]),
-                "host": node.get("host"),
-                "pid": node.get("pid"),
-                "started": node["started"].isoformat() if isinstance(node.get("started"), datetime) else None,
-                "version": node.get("version"),
-                "modules": _modules(node),
+                "id": str(node.id),
+                "host": node.host,
+                "pid": node.pid,
+                "started": node.started.isoformat() if isinstance(node.started, datetime) else None,
+                "version": node.version,
+                "modules": node.modules,
                 "workers": len(workers),
                 "busy": busy,
                 "idle": len(workers) - busy,
@@ -88,22 +89,16 @@ def flow_summary(scheduler: Scheduler) -> dict[str, Any]:
 
 def allow_lists(scheduler: Scheduler) -> list[list[str]]:
     """The allow-list (modules served) of each live queue node, oldest node first: ``[]`` when none runs."""
-    return [_modules(node) for node in scheduler.store.live_nodes()]
-
-
-def _modules(node: Mapping[str, Any]) -> list[str]:
-    """A registry entry's modules (stored data: anything but a list counts as none)."""
-    modules = node.get("modules")
-    return [str(m) for m in modules] if isinstance(modules, list) else []
+    return [NodeEntry(node).modules for node in scheduler.store.live_nodes()]
 
 
 def _by_status(rows: list[dict[str, Any]], field: str) -> dict[str, int]:
     """Run ends per status label from the store's counts (``field``: which count), statuses that had none left
     out; statuses stored as other number types (``4.0``) share their label's count."""
     counts: Counter[str] = Counter()
-    for row in rows:
-        if row[field]:
-            counts[status_label(row["status"])] += row[field]
+    for row in map(CountRow, rows):
+        if row.counted(field):
+            counts[status_label(row.status)] += row.counted(field)
     return dict(counts)
 
 
@@ -114,8 +109,9 @@ def _class_label(job_class: Any) -> str:
 
 def _age(now: datetime, doc: Mapping[str, Any]) -> float | None:
     """Seconds since a job was created (by its id's time when ``created`` is malformed)."""
-    created = doc.get("created")
+    job = JobView(doc)
+    created = job.created_value
     if not isinstance(created, datetime):
-        job_id = doc.get("_id")
+        job_id = job.id_value
         created = job_id.generation_time if isinstance(job_id, ObjectId) else None
     return (now - created).total_seconds() if created is not None else None
