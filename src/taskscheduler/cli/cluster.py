@@ -242,6 +242,8 @@ def _span(seconds: float) -> str:
 @option("--node", "node_id", default=None, help="Also require this queue node (its registry id) to be alive.")
 def health(conn: Connection, node_id: str | None) -> None:
     """Exit 0 when the server answers as a replica set (and the node is alive), else 1 with one line."""
+    from ..store.views import NodeEntry
+
     wanted = None
     if node_id is not None:  # bad input before connecting: exit 2 even when the server is unreachable
         if not ObjectId.is_valid(node_id):
@@ -249,7 +251,7 @@ def health(conn: Connection, node_id: str | None) -> None:
         wanted = ObjectId(node_id)
     scheduler = conn.scheduler()
     if wanted is not None:
-        if not any(node["_id"] == wanted for node in scheduler.store.live_nodes()):
+        if not any(NodeEntry(node).id == wanted for node in scheduler.store.live_nodes()):
             click.echo(f"Error: queue node {node_id} is not alive (no fresh registry entry)", err=True)
             sys.exit(EXIT_UNAVAILABLE)
     click.echo("ok")

@@ -234,6 +234,7 @@ def jobs(
 def show(conn: Connection, job_id: str, as_json: bool) -> None:
     """Show one job, with its runs and the error or result of the last one."""
     from ..store.schema import status_label
+    from ..store.views import EventView
     from .display import cron_zone, error_line, readable_time, status_of, visible
 
     process = conn.scheduler().get_job(object_id_arg(job_id))
@@ -252,12 +253,12 @@ def show(conn: Connection, job_id: str, as_json: bool) -> None:
         print_json(doc)
         return
     _print_details(doc, cron_zone(process.options))
-    for run in doc["runs"]:
-        error = run.get("error")
-        outcome = error_line(error) if error else visible(repr(run.get("result")))
-        name = status_label(run.get("status")).upper()
-        ended = readable_time(run["ended"]) if run.get("ended") is not None else "-"
-        click.echo(f"run {visible(run.get('run'))}: {name} {ended} {outcome}")
+    for run in map(EventView, doc["runs"]):  # each as stored: any value shown, never raised
+        error = run.error_value
+        outcome = error_line(error) if error else visible(repr(run.result_value))
+        name = status_label(run.status_value).upper()
+        ended = readable_time(run.ended_value) if run.ended_value is not None else "-"
+        click.echo(f"run {visible(run.run_value)}: {name} {ended} {outcome}")
 
 
 def _next_run(process: Any) -> str | None:
@@ -276,6 +277,7 @@ def _next_run(process: Any) -> str | None:
 def _print_details(doc: dict[str, Any], zone: tzinfo) -> None:
     """The job's fields, one a line; stored text through ``visible`` (no control character reaches the terminal);
     times in UTC with their date and saying so, the next run also in its cron's ``zone``."""
+    from ..store.views import ErrorView
     from .display import error_line, in_its_zone, readable_time, visible
 
     for key in (
@@ -300,8 +302,9 @@ def _print_details(doc: dict[str, Any], zone: tzinfo) -> None:
             continue
         if key == "error" and value:
             click.echo(f"error: {error_line(value, multiline=True)}")
-            if isinstance(value, dict) and value.get("traceback"):
-                click.echo(visible(str(value["traceback"]).rstrip(), multiline=True))
+            traceback = ErrorView(value).traceback if isinstance(value, dict) else None
+            if traceback:
+                click.echo(visible(str(traceback).rstrip(), multiline=True))
             continue
         if key in ("created", "started", "ended") and value is not None:
             value = readable_time(value)

@@ -22,6 +22,7 @@ from .. import options as o
 from ..client.scheduler import Scheduler
 from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..core.flow import EVERY_JOB
+from ..store.views import EventView, JobView
 
 Kind = Literal["interval", "cron"]
 
@@ -78,8 +79,9 @@ def schedules(scheduler: Scheduler) -> list[Schedule]:
     a node ends it FAILED); any other field that is unreadable is shown as unknown (None), never raised."""
     store = scheduler.store
     docs = store.recurring_jobs()
-    outcomes = [d["outcome"] for d in docs if isinstance(d.get("outcome"), ObjectId) and d["outcome"] != NO_WORKER]
-    ends = {e["_id"]: e.get("status") for e in store.events_by_ids(outcomes, ["status"])} if outcomes else {}
+    outcomes = [end for d in docs if isinstance(end := JobView(d).outcome_value, ObjectId) and end != NO_WORKER]
+    found_ends = map(EventView, store.events_by_ids(outcomes, ["status"])) if outcomes else ()
+    ends = {e.id: e.status_value for e in found_ends}
     paused = set(scheduler.paused())
     found = [s for s in (_schedule(doc, ends, paused) for doc in docs) if s is not None]
     return sorted(found, key=lambda s: (s.next_start is not None, s.next_start or 0.0, s.id))
@@ -112,11 +114,11 @@ def iso_utc(moment: float | None) -> str | None:
 
 
 def _schedule(doc: Mapping[str, Any], ends: Mapping[Any, Any], paused: Iterable[str]) -> Schedule | None:
-    job_id, status = doc.get("_id"), doc.get("status")
+    job = JobView(doc)
+    job_id, status = job.id_value, job.status_value
     if not isinstance(job_id, ObjectId) or type(status) is not int or status not in _UNFINISHED:
         return None
-    options = doc.get("options")
-    options = options if isinstance(options, Mapping) else {}
+    options = job.options
     cron, interval = options.get(o.CRON), options.get(o.INTERVAL)
     kind: Kind
     if isinstance(cron, str) and cron:
@@ -127,23 +129,23 @@ def _schedule(doc: Mapping[str, Any], ends: Mapping[Any, Any], paused: Iterable[
         kind, expression, tz = "interval", interval_text(interval, options.get(o.INTERVAL_REFERENCE)), None
     else:
         return None
-    job_class = doc.get("class")
+    job_class = job.class_value
     job_class = job_class if isinstance(job_class, str) else repr(job_class)
     limit_key = options.get(o.LIMIT_KEY)
     keys = {EVERY_JOB, job_class, *([limit_key] if isinstance(limit_key, str) and limit_key else [])}
-    outcome = doc.get("outcome")
+    outcome = job.outcome_value
     ran = isinstance(outcome, ObjectId) and outcome != NO_WORKER  # NO_WORKER doubles as "no event yet"
     last = ends.get(outcome) if ran else None  # an event evicted from a capped collection: status unknown
-    run = doc.get("run")
+    run = job.run_value
     return Schedule(
         id=job_id,
         job_class=job_class,
         kind=kind,
         expression=expression,
         timezone=tz,
-        next_start=_next_start(JobStatus(status), options.get(o.AT), doc.get("created")),
+        next_start=_next_start(JobStatus(status), options.get(o.AT), job.created_value),
         last_status=JobStatus(last) if type(last) is int and last in _ENDED else None,
-        last_end=_seconds(doc.get("ended")) if ran else None,
+        last_end=_seconds(job.ended_value) if ran else None,
         runs=run - 1 if type(run) is int and run >= 1 else 0,
         paused=not keys.isdisjoint(paused),
         status=JobStatus(status),

@@ -43,6 +43,11 @@ class EventView:
     doc: Mapping[str, Any]
 
     @property
+    def id(self) -> Any:
+        """The stored ``_id`` (any value); KeyError when there is none."""
+        return self.doc["_id"]
+
+    @property
     def status_as_stored(self) -> Any:
         """The stored status: any value; KeyError when there is none."""
         return self.doc["status"]
@@ -54,6 +59,38 @@ class EventView:
     @property
     def run_value(self) -> Any:
         return self.doc.get("run")
+
+    def run_or(self, missing: Any) -> Any:
+        """The run number as stored (any value), ``missing`` when there is none."""
+        return self.doc.get("run", missing)
+
+    @property
+    def started_value(self) -> Any:
+        """A run end's start of that run as stored, None when missing."""
+        return self.doc.get("started")
+
+    @property
+    def ended_value(self) -> Any:
+        """A run end's time as stored, None when missing."""
+        return self.doc.get("ended")
+
+    @property
+    def end_value(self) -> Any:
+        """A WAITING or POSTPONED event's mark of the run end that announced it (an event id), None when missing."""
+        return self.doc.get("end")
+
+    @property
+    def has_result(self) -> bool:
+        """Whether the event stores a result at all (even a null one)."""
+        return "result" in self.doc
+
+    @property
+    def result_value(self) -> Any:
+        return self.doc.get("result")
+
+    def run_fields(self) -> dict[str, Any]:
+        """The run number, worker and error of a run's end, as stored, those the event has."""
+        return {name: self.doc.get(name) for name in ("run", "worker", "error") if name in self.doc}
 
     @property
     def worker_value(self) -> Any:
@@ -290,6 +327,31 @@ def _status_or_none(value: Any) -> JobStatus | None:
 
 
 @dataclass(frozen=True)
+class ErrorView:
+    """A stored error (a failed run's, a release's reason: see :func:`~taskscheduler.store.records.error_doc`),
+    each field as stored (any value, None when missing)."""
+
+    doc: Mapping[str, Any]
+
+    @property
+    def error_class(self) -> Any:
+        return self.doc.get("class")
+
+    @property
+    def message(self) -> Any:
+        return self.doc.get("message")
+
+    @property
+    def message_as_stored(self) -> Any:
+        """The message; KeyError when the error has none."""
+        return self.doc["message"]
+
+    @property
+    def traceback(self) -> Any:
+        return self.doc.get("traceback")
+
+
+@dataclass(frozen=True)
 class WorkerEntry:
     """A worker as its node's registry entry lists it, each field as stored (any value, None when missing)."""
 
@@ -307,11 +369,6 @@ class WorkerEntry:
     def job(self) -> Any:
         """The job it runs, None when idle."""
         return self.doc.get("job")
-
-    @property
-    def job_as_stored(self) -> Any:
-        """The job it runs; KeyError when the entry has none."""
-        return self.doc["job"]
 
 
 @dataclass(frozen=True)

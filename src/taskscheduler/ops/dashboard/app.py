@@ -30,6 +30,7 @@ from ...client.process import Process
 from ...client.scheduler import Scheduler
 from ...constants import VERSION, JobStatus
 from ...errors import InvalidArgumentError, JobNotFoundError, ServerUnavailableError
+from ...store.views import JobView
 from .actions import ACTION_HEADER, bulk_preview, bulk_query, bulk_requeue, refusal
 from .limits import MAX_STREAMS
 from .live import Broadcaster, Message
@@ -155,11 +156,12 @@ class _Endpoints:
             return _error(404, f"no job {job_id}")
         process = Process(doc, self.scheduler)
         events, total = store.recent_run_events(job_id, MAX_RUNS)
-        status = doc.get("status")
+        job = JobView(doc)
+        status = job.status_value
         waiting = type(status) is int and status in (int(JobStatus.WAITING), int(JobStatus.POSTPONED))
         blocked = process.blocked_by if waiting else []  # only a job not yet started can be blocked
         served = self.feed.served_modules()
-        details = job_details(process, self.feed.labels, events, total, doc.get("outcome"), served, blocked)
+        details = job_details(process, self.feed.labels, events, total, job.outcome_value, served, blocked)
         return _json(details)
 
     def action(self, request: Request) -> Response:

@@ -18,7 +18,9 @@ from ...client.process import Process, plain
 from ...constants import NO_WORKER, UNSET_TIME, JobStatus
 from ...core.runs import counted_run_ends as lifecycle_run_ends
 from ...errors import InvalidJobError
+from ...store import jobs_filter
 from ...store.schema import MALFORMED, status_label
+from ...store.views import ErrorView, EventView, JobView, NodeEntry, WorkerEntry
 
 #: Jobs the table shows at most (newest first).
 MAX_ROWS = 200
@@ -58,12 +60,10 @@ def status_name(status: Any) -> str:
 def node_labels(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """worker id -> "host (pid N)" of the node it belongs to, for the table's node column."""
     labels: dict[str, str] = {}
-    for node in nodes:
-        label = f"{node.get('host')} (pid {node.get('pid')})"
-        listed = node.get("workers")
-        for worker in listed if isinstance(listed, list) else []:
-            if isinstance(worker, Mapping):
-                labels[str(worker.get("_id"))] = label
+    for entry in map(NodeEntry, nodes):
+        label = f"{entry.host} (pid {entry.pid})"
+        for worker in entry.workers:
+            labels[str(worker.id)] = label
     return labels
 
 
@@ -107,7 +107,7 @@ def error_wanted(process: Process) -> ObjectId | None:
     """The id of the run end whose error the job's row shows (the last ended run's), or None when the row shows
     none: a job that ended badly, or waits for the retry of a run that did."""
     status = stored_status(process)
-    outcome = process.document().get("outcome")
+    outcome = JobView(process.document()).outcome_value
     if status not in SHOWS_ERROR or not isinstance(outcome, ObjectId) or outcome == NO_WORKER:
         return None
     if status in (JobStatus.WAITING, JobStatus.POSTPONED) and process.run <= 1:
@@ -180,17 +180,23 @@ def job_details(
     ``outcome``: the job document's ``outcome`` (the id of the end event that counted last); ``blocked_by``:
     the dependencies not yet DONE (``Process.blocked_by``)."""
     runs = []
-    for run in counted_run_ends(events, outcome):
-        fields = shown({key: run.get(key) for key in ("run", "worker", "error") if key in run})
-        fields["started"] = iso(run.get("started"))
-        fields["ended"] = iso(run.get("ended"))
-        fields["status"] = status_name(run.get("status"))
-        fields["has_result"] = "result" in run
-        fields["result"] = shown(run.get("result"))
+    for run in map(EventView, counted_run_ends(events, outcome)):
+        fields = shown(run.run_fields())
+        fields["started"] = iso(run.started_value)
+        fields["ended"] = iso(run.ended_value)
+        fields["status"] = status_name(run.status_value)
+        fields["has_result"] = run.has_result
+        fields["result"] = shown(run.result_value)
         runs.append(fields)
     error = process.error
+    stored_error = ErrorView(error) if error else None
     return {
-        **job_row(process, nodes, served, error_line(error.get("class"), error.get("message")) if error else None),
+        **job_row(
+            process,
+            nodes,
+            served,
+            error_line(stored_error.error_class, stored_error.message) if stored_error is not None else None,
+        ),
         "data": shown(process.data),
         "options": shown(process.options),
         "schedule": schedule_of(process.options),
@@ -208,17 +214,18 @@ def counted_run_ends(events: Iterable[Mapping[str, Any]], outcome: Any) -> list[
 
 
 def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
+    entry = NodeEntry(node)
     workers = [
-        {"id": str(w.get("_id")), "pid": w.get("pid"), "job": str(w["job"]) if w.get("job") else None}
-        for w in node.get("workers") or []
+        {"id": str(w.id), "pid": w.pid, "job": str(w.job) if w.job else None}
+        for w in map(WorkerEntry, entry.workers_value or [])
     ]
     return {
-        "id": str(node.get("_id")),
-        "host": node.get("host"),
-        "pid": node.get("pid"),
-        "started": iso(node.get("started")),
-        "version": node.get("version"),
-        "modules": [str(m) for m in node.get("modules") or []],
+        "id": str(entry.id),
+        "host": entry.host,
+        "pid": entry.pid,
+        "started": iso(entry.started),
+        "version": entry.version,
+        "modules": [str(m) for m in entry.modules_value or []],
         "workers": workers,
         "busy": sum(1 for w in workers if w["job"]),
     }
@@ -231,14 +238,11 @@ def counts_view(counts: Mapping[int, int]) -> dict[str, int]:
 def job_query(statuses: Iterable[str], job_class: str | None, job_id: str | None) -> dict[str, Any] | None:
     """The filter of the table (None: an id that cannot match anything). Unknown status names match nothing.
     Each status is sent once however often it is named: the server's cost grows with the ``$in`` list."""
-    query: dict[str, Any] = {}
     wanted = {s.strip().upper() for s in statuses if s.strip()}
-    if wanted:
-        query["status"] = {"$in": sorted(int(JobStatus[s]) for s in wanted if s in JobStatus.__members__)}
-    if job_class:
-        query["class"] = job_class
-    if job_id:
-        if not ObjectId.is_valid(job_id.strip()):
-            return None
-        query["_id"] = ObjectId(job_id.strip())
-    return query
+    if job_id and not ObjectId.is_valid(job_id.strip()):
+        return None
+    return jobs_filter(
+        sorted(int(JobStatus[s]) for s in wanted if s in JobStatus.__members__) if wanted else None,
+        job_class or None,
+        job_id=ObjectId(job_id.strip()) if job_id else None,
+    )

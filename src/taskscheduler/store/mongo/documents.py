@@ -92,10 +92,15 @@ def _prefix_paths(expr: Any, prefix: str) -> Any:
 
 
 def jobs_filter(
-    statuses: Iterable[int] | None = None, job_class: str | None = None, below: int | None = None
+    statuses: Iterable[int] | None = None,
+    job_class: str | None = None,
+    below: int | None = None,
+    *,
+    job_id: Any = None,
 ) -> Document:
     """The filter of jobs in one of ``statuses`` (any when None), or with a status number below ``below``, of class
-    ``job_class`` (any when None), for the readers that take a MongoDB filter (``get_jobs``, the CLI's listings)."""
+    ``job_class`` (any when None), with id ``job_id`` (any when None), for the readers that take a MongoDB filter
+    (``get_jobs``, the CLI's listings, the dashboard's table and bulk actions)."""
     query: Document = {}
     if statuses is not None:
         query["status"] = {"$in": [int(status) for status in statuses]}
@@ -103,6 +108,8 @@ def jobs_filter(
         query["status"] = {"$lt": int(below)}
     if job_class is not None:
         query["class"] = job_class
+    if job_id is not None:
+        query["_id"] = job_id
     return query
 
 
