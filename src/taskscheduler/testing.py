@@ -22,7 +22,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -60,6 +60,7 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
     from .errors import InvalidArgumentError, WaitTimeoutError
     from .node.backlog import start_order
     from .node.worker import Worker
+    from .store.views import JobView
 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -77,12 +78,13 @@ def run_jobs(scheduler: Scheduler, timeout: float = 30) -> list[Process]:
             raise WaitTimeoutError(f"run_jobs: {len(due)} job(s) still due after {timeout:g} s")
         doc = min(due, key=start_order)
         limits = controls.limited(doc)
+        job = JobView(doc)
         if worker.run(doc, None, DEFAULT_ORPHANED_TIMEOUT, limits):
-            started.setdefault(doc["_id"])
+            started.setdefault(job.id)
             continue
-        stored = store.find_job(doc["_id"])  # refused: malformed (ended FAILED), or its parent failed (CANCELED)
-        if stored is not None and stored.get("status") == doc.get("status") and stored.get("run") == doc.get("run"):
-            unrunnable.add((doc["_id"], doc.get("run")))  # and unchanged: it would be picked again
+        stored = store.find_job(job.id)  # refused: malformed (ended FAILED), or its parent failed (CANCELED)
+        if stored is not None and JobView(stored).status_value == job.status_value and JobView(stored).same_run(job):
+            unrunnable.add((job.id, job.run_value))  # and unchanged: it would be picked again
     return [scheduler.get_job(job_id) for job_id in started]
 
 
@@ -107,21 +109,30 @@ def _runnable(scheduler: Scheduler, unrunnable: set[tuple[Any, Any]]) -> tuple[l
     from .core.dependencies import failure_of, verdicts
     from .core.flow import Controls
     from .errors import InvalidArgumentError
+    from .store.views import JobView
 
     store = scheduler.store
     controls = Controls.from_docs(store.flow_controls())
-    due = [d for d in store.scan((JobStatus.WAITING,)) if (d.get("_id"), d.get("run")) not in unrunnable]
+    due = [d for d in store.scan((JobStatus.WAITING,)) if _id_and_run(d) not in unrunnable]
     now = store.clock.now()
     due = [d for d in due if controls.held_back(d, now) is None]  # a pause, or a full limit (a rate's, say)
     held = set()
     for job_id, verdict in verdicts(store, due).items():
         if verdict.failed is not None:
-            doc = next(d for d in due if d["_id"] == job_id)
+            doc = next(d for d in due if JobView(d).id == job_id)
             with contextlib.suppress(InvalidArgumentError):
                 scheduler.lifecycle.cancel(doc, error=failure_of(*verdict.failed))
         if not verdict.ready:
             held.add(job_id)
-    return [d for d in due if d["_id"] not in held], controls
+    return [d for d in due if JobView(d).id not in held], controls
+
+
+def _id_and_run(doc: Mapping[str, Any]) -> tuple[Any, Any]:
+    """A job's id and run number as stored (None when missing): a run that was refused is not tried again."""
+    from .store.views import JobView
+
+    job = JobView(doc)
+    return job.id_value, job.run_value
 
 
 @pytest.fixture(scope="session")

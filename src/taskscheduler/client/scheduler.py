@@ -29,8 +29,9 @@ from ..errors import (
 )
 from ..events import Emitter, Handler
 from ..store import Store, jobs_filter
-from ..store.records import RunContext
+from ..store.records import RunContext, added_by_run, parent_of
 from ..store.schema import stored_status
+from ..store.views import JobView
 from .job import class_path
 from .process import Process
 
@@ -189,13 +190,13 @@ class Scheduler:
             if docs:
                 own = options.get(o.DEPENDS_ON) or []
                 if isinstance(own, (list, tuple)):
-                    options[o.DEPENDS_ON] = [docs[-1]["_id"], *own]
+                    options[o.DEPENDS_ON] = [JobView(docs[-1]).id, *own]
             doc = self.lifecycle.prepare(class_path(step[0]), step[1], options, self._options, known)
             docs.append(self._mark_child(doc))
-            known = known | {doc["_id"]}
+            known = known | {JobView(doc).id}
         if not docs:
             raise InvalidArgumentError("a chain needs at least one step")
-        ids = [doc["_id"] for doc in docs]
+        ids = [JobView(doc).id for doc in docs]
         taken = [job_id for job_id in ids if ids.count(job_id) > 1] or list(self.store.job_states(ids))
         if taken:
             raise DuplicateJobError(f"a chain step's id {taken[0]} is taken (option id): nothing was added")
@@ -215,10 +216,9 @@ class Scheduler:
     def _mark_child(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A child added by the run of its parent that this (worker's) Scheduler runs belongs to that run: a
         later run of the parent (a retry, an interval run) does not inherit its failure."""
-        data = doc.get("data")
         run = self._run
-        if run is not None and run.job is not None and isinstance(data, Mapping) and data.get("parent") == run.job:
-            doc["parent_run"] = run.run
+        if run is not None and run.job is not None and parent_of(JobView(doc).data) == run.job:
+            added_by_run(doc, run.run)
         return doc
 
     # -- reading jobs ----------------------------------------------------------------------------------------------
@@ -385,11 +385,11 @@ class Scheduler:
                 wait.settle(doc)
         if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
             for doc in self.store.find_by_ids(by_id):
-                for p in by_id[doc["_id"]]:
+                for p in by_id[JobView(doc).id]:
                     p.refresh_from(doc)
 
     def _read_pending(self, wait: _Wait, ids: list[ObjectId]) -> None:
-        found = {doc["_id"]: doc for doc in self.store.find_by_ids(ids)}
+        found = {JobView(doc).id: doc for doc in self.store.find_by_ids(ids)}
         missing = [str(i) for i in ids if i not in found]
         if missing:
             raise JobNotFoundError(f"job {', '.join(missing)} was not found")
@@ -434,7 +434,7 @@ class _Wait:
         self.run = {job_id: min(p.run for p in procs) for job_id, procs in by_id.items()}
 
     def settle(self, doc: dict[str, Any]) -> None:
-        job_id = doc["_id"]
+        job_id = JobView(doc).id
         if job_id not in self.pending:
             return  # already finished: a late, older change must not move it back
         procs = self.by_id[job_id]
@@ -442,7 +442,7 @@ class _Wait:
             p.refresh_from(doc)
         status = stored_status(doc)  # a malformed one: InvalidJobError naming the field
         process = procs[0]  # read through its robust accessors: a job ended FAILED as malformed settles too
-        recurring = bool(process.options.get("interval") or process.options.get("cron"))
+        recurring = bool(process.options.get(o.INTERVAL) or process.options.get(o.CRON))
         if status.is_terminal or (recurring and process.run > self.run[job_id]):
             self.pending.discard(job_id)
             if self.throw and status == JobStatus.FAILED:

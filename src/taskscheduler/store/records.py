@@ -335,6 +335,11 @@ def error_doc(error_class: str, message: str, traceback: str) -> dict[str, str]:
     return {"class": error_class, "message": message, "traceback": traceback}
 
 
+def added_by_run(doc: MutableMapping[str, Any], run: int) -> None:
+    """Note in a new child job's document the run of its parent that added it (``parent_run``)."""
+    doc["parent_run"] = run
+
+
 def holding_once(doc: MutableMapping[str, Any], key: str) -> None:
     """Note in a new job's document the add_job_once key it holds (``once``; its last field)."""
     doc["once"] = key
