@@ -227,6 +227,8 @@ def _finished(scheduler: Any, jobs: dict[str, Any]) -> bool:
 def _summary(scheduler: Any, jobs: dict[str, Any], console: Console) -> bool:
     from rich.table import Table
 
+    from ..store.views import ErrorView
+
     expected = {
         "countdown 0": JobStatus.DONE,
         "countdown 1": JobStatus.DONE,
@@ -248,7 +250,7 @@ def _summary(scheduler: Any, jobs: dict[str, Any], console: Console) -> bool:
     for name, process in jobs.items():
         p = scheduler.get_job(process.id)
         runs = len(p.runs())
-        detail = p.error["message"] if p.error else (str(p.result) if p.result is not None else "")
+        detail = ErrorView(p.error).message_as_stored if p.error else (str(p.result) if p.result is not None else "")
         good = p.status == expected[name]
         ok = ok and good
         mark = "[green]yes[/green]" if good else "[red]no[/red]"

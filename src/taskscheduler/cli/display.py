@@ -18,6 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .. import options as o
 from ..client.process import Process as ProcessView
 from ..constants import JobStatus
 from ..errors import InvalidJobError
@@ -122,10 +123,10 @@ def _moment(value: Any) -> datetime | None:
 def cron_zone(options: Mapping[str, Any]) -> tzinfo:
     """The zone a job's next starts are read in: its cron's zone (UTC when none or unreadable: a stored zone is
     read again here, never trusted), else UTC."""
-    if not options.get("cron"):
+    if not options.get(o.CRON):
         return timezone.utc
     try:
-        return ZoneInfo(str(options.get("timezone") or "UTC"))
+        return ZoneInfo(str(options.get(o.TIMEZONE) or "UTC"))
     except (ValueError, ZoneInfoNotFoundError, OSError):
         return timezone.utc
 

@@ -20,6 +20,7 @@ from .. import options as o
 from ..constants import JobStatus
 from ..errors import DependencyFailedError, InvalidArgumentError, JobNotFoundError
 from ..store import JobStore
+from ..store.views import JobView
 from .changes import library_error
 
 #: How a dependency ends for good without its dependents ever running.
@@ -28,8 +29,7 @@ FAILED_FOR_GOOD = (JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED)
 
 def depends_on(doc: Mapping[str, Any]) -> list[ObjectId]:
     """The jobs a stored job depends on, in the order given (none when the field holds something else)."""
-    options = doc.get("options")
-    found = options.get(o.DEPENDS_ON) if isinstance(options, Mapping) else None
+    found = JobView(doc).options.get(o.DEPENDS_ON)
     if not isinstance(found, list):
         return []
     return [item for item in found if isinstance(item, ObjectId)]
@@ -54,7 +54,7 @@ def judge(dependencies: Sequence[ObjectId], states: Mapping[Any, Mapping[str, An
         state = states.get(dependency)
         if state is None:
             continue  # gone: it ended long ago, and DONE (a failure would have canceled us then)
-        status = state.get("status")
+        status = JobView(state).status_value
         if status == JobStatus.DONE:
             continue
         if status in FAILED_FOR_GOOD:
@@ -65,7 +65,7 @@ def judge(dependencies: Sequence[ObjectId], states: Mapping[Any, Mapping[str, An
 
 def verdicts(store: JobStore, docs: Iterable[Mapping[str, Any]]) -> dict[Any, Verdict]:
     """The verdict of each job (by id) that has dependencies, from one read of all their dependencies."""
-    wanted = {doc.get("_id"): depends_on(doc) for doc in docs}
+    wanted = {JobView(doc).id_value: depends_on(doc) for doc in docs}
     wanted = {job: deps for job, deps in wanted.items() if deps}
     if not wanted:
         return {}
@@ -85,8 +85,7 @@ def check_new(store: JobStore, dependencies: Sequence[ObjectId], known: Iterable
         state = states.get(dep)
         if state is None:
             raise JobNotFoundError(f"option depends_on: no job with id {dep}")
-        options = state.get("options")
-        options = options if isinstance(options, Mapping) else {}
+        options = JobView(state).options
         if options.get(o.INTERVAL) or options.get(o.CRON):
             raise InvalidArgumentError(
                 f"option depends_on: job {dep} is recurring (interval or cron), so it never ends for good; "

@@ -10,6 +10,7 @@ from ..constants import JobStatus
 from ..errors import InvalidArgumentError
 from ..recurrence import next_cron_time, retry_delay
 from ..store.records import JobRecord
+from ..store.views import EventView
 
 Document = dict[str, Any]
 
@@ -23,19 +24,20 @@ def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
 
     The end that counted is the one the job's outcome names, or the one whose next run was announced: an end
     written by a worker that then died before recording it can only linger if it was written late."""
-    announced = {e.get("end") for e in events if e.get("status") in (JobStatus.WAITING, JobStatus.POSTPONED)}
+    views = [EventView(e) for e in events]
+    announced = {e.end_value for e in views if e.status_value in (JobStatus.WAITING, JobStatus.POSTPONED)}
 
-    def weight(event: Document) -> tuple[bool, bool]:
-        return event["_id"] == outcome, event["_id"] in announced
+    def weight(event: EventView) -> tuple[bool, bool]:
+        return event.id == outcome, event.id in announced
 
-    by_run: dict[int, Document] = {}
-    for event in events:  # oldest first: among equals, the later end of a run number is the one that counted
-        if event.get("status") not in RUN_END_STATUSES:
+    by_run: dict[int, int] = {}  # run number -> index of its end in events
+    for index, event in enumerate(views):  # oldest first: among equals, the later end of a run number counted
+        if event.status_value not in RUN_END_STATUSES:
             continue
-        run = int(event.get("run", 0))
-        if run not in by_run or weight(event) >= weight(by_run[run]):
-            by_run[run] = event
-    return [by_run[run] for run in sorted(by_run)]
+        run = int(event.run_or(0))
+        if run not in by_run or weight(event) >= weight(views[by_run[run]]):
+            by_run[run] = index
+    return [events[by_run[run]] for run in sorted(by_run)]
 
 
 def next_start(job: JobRecord, status: JobStatus, now: float) -> tuple[JobStatus, float, int] | None:

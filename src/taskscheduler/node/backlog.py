@@ -12,6 +12,7 @@ from typing import Any
 from bson import ObjectId
 
 from .. import options as o
+from ..store.views import JobView
 from .protocol import RunJob
 
 
@@ -21,8 +22,7 @@ def priority_of(task: RunJob) -> int:
 
 def _options(doc: Mapping[str, Any]) -> Mapping[str, Any]:
     """The job's options, or none when the stored value is no document (a malformed job still takes its place)."""
-    options = doc.get("options")
-    return options if isinstance(options, Mapping) else {}
+    return JobView(doc).options
 
 
 class Backlog:
@@ -78,7 +78,7 @@ def _key(task: RunJob) -> tuple[int, float, ObjectId]:
 def start_order(doc: Mapping[str, Any]) -> tuple[int, float, ObjectId]:
     """Where a job stands in the order a node starts jobs (smallest first): higher priority first, then the one due
     first (its ``at``, else its creation), then by id."""
-    job_id: ObjectId = doc["_id"]
+    job_id: ObjectId = JobView(doc).id
     value: Any = _options(doc).get(o.PRIORITY, 0)
     priority = value if isinstance(value, int) and not isinstance(value, bool) else 0
     return (-priority, _due(doc, job_id), job_id)
@@ -88,7 +88,7 @@ def _due(doc: Any, job_id: ObjectId) -> float:
     at = _options(doc).get(o.AT)
     if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at) and at > 0:
         return float(at)  # NaN would make the heap unordered
-    created = doc.get("created")
+    created = JobView(doc).created_value
     if isinstance(created, datetime):
         return created.timestamp()
     return job_id.generation_time.timestamp() if isinstance(job_id, ObjectId) else 0.0

@@ -10,6 +10,7 @@ from bson import ObjectId
 from ..core.dependencies import depends_on, failure_of, verdicts
 from ..core.lifecycle import Lifecycle
 from ..errors import InvalidArgumentError, ServerUnavailableError
+from ..store.views import JobView
 
 #: Seconds between two looks at the dependencies of the jobs a node holds back (one read for all of them).
 CHECK_SECONDS = 0.5
@@ -31,10 +32,11 @@ class Blocked:
         self._next_look = 0.0
 
     def hold(self, doc: dict[str, Any]) -> None:
-        if doc["_id"] not in self.jobs:
+        job_id = JobView(doc).id
+        if job_id not in self.jobs:
             for dependency in set(depends_on(doc)):
                 self._awaited[dependency] = self._awaited.get(dependency, 0) + 1
-        self.jobs[doc["_id"]] = doc
+        self.jobs[job_id] = doc
         self._next_look = 0.0  # a new one is looked at in this round
 
     def drop(self, job_id: Any) -> None:
