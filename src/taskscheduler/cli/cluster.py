@@ -242,7 +242,7 @@ def _span(seconds: float) -> str:
 @option("--node", "node_id", default=None, help="Also require this queue node (its registry id) to be alive.")
 def health(conn: Connection, node_id: str | None) -> None:
     """Exit 0 when the server answers as a replica set (and the node is alive), else 1 with one line."""
-    from ..store.views import NodeEntry
+    from ..store.entries import NodeEntry
 
     wanted = None
     if node_id is not None:  # bad input before connecting: exit 2 even when the server is unreachable

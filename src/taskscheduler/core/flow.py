@@ -18,7 +18,8 @@ from typing import Any
 
 from .. import options as o
 from ..errors import InvalidArgumentError
-from ..store.views import FlowControl, JobView, rate_parts
+from ..store.entries import FlowControl, rate_parts
+from ..store.views import JobView
 
 #: The pause key that pauses every job.
 EVERY_JOB = "*"

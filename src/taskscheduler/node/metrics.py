@@ -32,7 +32,7 @@ from bson import ObjectId
 from ..client.job import load_job_class, serves, split_name
 from ..constants import DEFAULT_METRICS_HOST, JobStatus
 from ..errors import ConfigurationError, InvalidArgumentError, InvalidJobError, MissingExtraError
-from ..store.views import CountRow
+from ..store.entries import CountRow
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

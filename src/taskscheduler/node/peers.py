@@ -23,8 +23,8 @@ from typing import Any
 from bson import ObjectId
 
 from ..client.job import serves
+from ..store.entries import NodeEntry
 from ..store.schema import job_ref
-from ..store.views import NodeEntry
 from .heartbeat import period_of
 
 #: How long the runner-up waits for the preferred node to claim a job before it claims the job itself.

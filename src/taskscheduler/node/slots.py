@@ -13,7 +13,8 @@ from bson import ObjectId
 from ..constants import JobStatus
 from ..errors import ServerUnavailableError
 from ..store import JobStore
-from ..store.views import JobView, SlotHolder
+from ..store.entries import SlotHolder
+from ..store.views import JobView
 
 #: How long a slot is kept for a job that is WAITING: its claim may be on its way (a claim is one write, bounded by
 #: a second), or its run was put back (orphaned, stopped) and the slot is a leftover, which it is after this.

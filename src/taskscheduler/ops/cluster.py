@@ -12,8 +12,9 @@ from bson import ObjectId
 from ..client.job import serves
 from ..client.scheduler import Scheduler
 from ..core.flow import EVERY_JOB, Controls
+from ..store.entries import CountRow, NodeEntry
 from ..store.schema import status_label
-from ..store.views import CountRow, JobView, NodeEntry
+from ..store.views import JobView
 
 
 def cluster_info(scheduler: Scheduler) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from ...constants import NO_WORKER, UNSET_TIME, JobStatus
 from ...core.runs import counted_run_ends as lifecycle_run_ends
 from ...errors import InvalidJobError
 from ...store import jobs_filter
+from ...store.entries import NodeEntry, WorkerEntry
 from ...store.schema import MALFORMED, status_label
-from ...store.views import ErrorView, EventView, JobView, NodeEntry, WorkerEntry
+from ...store.views import ErrorView, EventView, JobView
 
 #: Jobs the table shows at most (newest first).
 MAX_ROWS = 200
