@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .views import Stored
+
 
 @dataclass(frozen=True)
 class WorkerEntry:
@@ -19,18 +21,9 @@ class WorkerEntry:
 
     doc: Mapping[str, Any]
 
-    @property
-    def id(self) -> Any:
-        return self.doc.get("_id")
-
-    @property
-    def pid(self) -> Any:
-        return self.doc.get("pid")
-
-    @property
-    def job(self) -> Any:
-        """The job it runs, None when idle."""
-        return self.doc.get("job")
+    id = Stored("_id")
+    pid = Stored("pid")
+    job = Stored("job", "The job it runs, None when idle.")
 
 
 @dataclass(frozen=True)
@@ -41,30 +34,12 @@ class NodeEntry:
 
     doc: Mapping[str, Any]
 
-    @property
-    def id(self) -> Any:
-        return self.doc.get("_id")
-
-    @property
-    def host(self) -> Any:
-        return self.doc.get("host")
-
-    @property
-    def pid(self) -> Any:
-        return self.doc.get("pid")
-
-    @property
-    def started(self) -> Any:
-        return self.doc.get("started")
-
-    @property
-    def version(self) -> Any:
-        return self.doc.get("version")
-
-    @property
-    def modules_value(self) -> Any:
-        """The modules served (the allow-list) as stored."""
-        return self.doc.get("modules")
+    id = Stored("_id")
+    host = Stored("host")
+    pid = Stored("pid")
+    started = Stored("started")
+    version = Stored("version")
+    modules_value = Stored("modules", "The modules served (the allow-list) as stored.")
 
     @property
     def modules(self) -> list[str]:
@@ -72,10 +47,7 @@ class NodeEntry:
         modules = self.doc.get("modules")
         return [str(m) for m in modules] if isinstance(modules, list) else []
 
-    @property
-    def workers_value(self) -> Any:
-        """The workers as stored (a list of worker documents in an entry that fits)."""
-        return self.doc.get("workers")
+    workers_value = Stored("workers", "The workers as stored (a list of worker documents in an entry that fits).")
 
     @property
     def workers(self) -> list[WorkerEntry]:
@@ -83,15 +55,8 @@ class NodeEntry:
         listed = self.doc.get("workers")
         return [WorkerEntry(w) for w in listed if isinstance(w, Mapping)] if isinstance(listed, list) else []
 
-    @property
-    def alive(self) -> Any:
-        """The last heartbeat's time (the server's), as stored."""
-        return self.doc.get("alive")
-
-    @property
-    def lease(self) -> Any:
-        """The node's lease in seconds (its heartbeat period follows from it), as stored."""
-        return self.doc.get("lease")
+    alive = Stored("alive", "The last heartbeat's time (the server's), as stored.")
+    lease = Stored("lease", "The node's lease in seconds (its heartbeat period follows from it), as stored.")
 
 
 def rate_parts(rate: Any) -> tuple[Any, Any]:
@@ -107,17 +72,9 @@ class SlotHolder:
 
     doc: Mapping[str, Any]
 
-    @property
-    def job(self) -> Any:
-        return self.doc.get("job")
-
-    @property
-    def worker(self) -> Any:
-        return self.doc.get("worker")
-
-    @property
-    def since(self) -> Any:
-        return self.doc.get("since")
+    job = Stored("job")
+    worker = Stored("worker")
+    since = Stored("since")
 
 
 @dataclass(frozen=True)
@@ -127,30 +84,14 @@ class FlowControl:
 
     doc: Mapping[str, Any]
 
-    @property
-    def id(self) -> Any:
-        return self.doc.get("_id")
-
-    @property
-    def kind(self) -> Any:
-        """``"pause"`` or ``"limit"`` in a control this library wrote."""
-        return self.doc.get("kind")
-
-    @property
-    def key(self) -> Any:
-        """The class or ``limit_key`` it controls (``"*"``: a pause of every job)."""
-        return self.doc.get("key")
-
-    @property
-    def concurrency(self) -> Any:
-        """A limit's most runs at once, None when missing."""
-        return self.doc.get("concurrency")
-
-    @property
-    def rate(self) -> Any:
-        """A limit's rate (a document of ``count`` starts per ``seconds``, see :func:`rate_parts`), None when
-        missing."""
-        return self.doc.get("rate")
+    id = Stored("_id")
+    kind = Stored("kind", '``"pause"`` or ``"limit"`` in a control this library wrote.')
+    key = Stored("key", 'The class or ``limit_key`` it controls (``"*"``: a pause of every job).')
+    concurrency = Stored("concurrency", "A limit's most runs at once, None when missing.")
+    rate = Stored(
+        "rate",
+        "A limit's rate (a document of ``count`` starts per ``seconds``, see :func:`rate_parts`), None when missing.",
+    )
 
     @property
     def holders(self) -> Any:
@@ -171,17 +112,9 @@ class CountRow:
 
     doc: Mapping[str, Any]
 
-    @property
-    def job_class(self) -> Any:
-        return self.doc.get("class")
-
-    @property
-    def status(self) -> Any:
-        return self.doc.get("status")
-
-    @property
-    def count(self) -> Any:
-        return self.doc.get("count")
+    job_class = Stored("class")
+    status = Stored("status")
+    count = Stored("count")
 
     def counted(self, field: str) -> Any:
         """The count named ``field`` (``"count"`` or ``"recent"``); KeyError when the row has none."""

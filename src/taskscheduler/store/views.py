@@ -13,12 +13,34 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, overload
 
 from .. import options as o
 from ..constants import NO_WORKER, JobStatus
 from .records import NO_EVENT, stored_number, stored_time
 from .schema import job_ref, status_label, status_problem, stored_status
+
+
+class _Viewed(Protocol):
+    @property
+    def doc(self) -> Mapping[str, Any]: ...
+
+
+class Stored:
+    """A field of the viewed document as stored: any value, None when it is missing (the reader checks it)."""
+
+    def __init__(self, name: str, doc: str | None = None) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, view: None, owner: type) -> Stored: ...
+
+    @overload
+    def __get__(self, view: _Viewed, owner: type) -> Any: ...
+
+    def __get__(self, view: _Viewed | None, owner: type) -> Any:
+        return self if view is None else view.doc.get(self.name)
 
 
 @dataclass(frozen=True)
@@ -52,57 +74,34 @@ class EventView:
         """The stored status: any value; KeyError when there is none."""
         return self.doc["status"]
 
-    @property
-    def status_value(self) -> Any:
-        return self.doc.get("status")
-
-    @property
-    def run_value(self) -> Any:
-        return self.doc.get("run")
+    status_value = Stored("status")
+    run_value = Stored("run")
 
     def run_or(self, missing: Any) -> Any:
         """The run number as stored (any value), ``missing`` when there is none."""
         return self.doc.get("run", missing)
 
-    @property
-    def started_value(self) -> Any:
-        """A run end's start of that run as stored, None when missing."""
-        return self.doc.get("started")
-
-    @property
-    def ended_value(self) -> Any:
-        """A run end's time as stored, None when missing."""
-        return self.doc.get("ended")
-
-    @property
-    def end_value(self) -> Any:
-        """A WAITING or POSTPONED event's mark of the run end that announced it (an event id), None when missing."""
-        return self.doc.get("end")
+    started_value = Stored("started", "A run end's start of that run as stored, None when missing.")
+    ended_value = Stored("ended", "A run end's time as stored, None when missing.")
+    end_value = Stored(
+        "end",
+        "A WAITING or POSTPONED event's mark of the run end that announced it (an event id), None when missing.",
+    )
 
     @property
     def has_result(self) -> bool:
         """Whether the event stores a result at all (even a null one)."""
         return "result" in self.doc
 
-    @property
-    def result_value(self) -> Any:
-        return self.doc.get("result")
+    result_value = Stored("result")
 
     def run_fields(self) -> dict[str, Any]:
         """The run number, worker and error of a run's end, as stored, those the event has."""
         return {name: self.doc.get(name) for name in ("run", "worker", "error") if name in self.doc}
 
-    @property
-    def worker_value(self) -> Any:
-        return self.doc.get("worker")
-
-    @property
-    def time_value(self) -> Any:
-        return self.doc.get("time")
-
-    @property
-    def error_value(self) -> Any:
-        return self.doc.get("error")
+    worker_value = Stored("worker")
+    time_value = Stored("time")
+    error_value = Stored("error")
 
     @property
     def message(self) -> Any:
@@ -126,10 +125,7 @@ class JobView:
         """The stored ``_id``: any BSON value (an ObjectId in a job that fits); KeyError when there is none."""
         return self.doc["_id"]
 
-    @property
-    def id_value(self) -> Any:
-        """The stored ``_id``, None when there is none."""
-        return self.doc.get("_id")
+    id_value = Stored("_id", "The stored ``_id``, None when there is none.")
 
     @property
     def has_id(self) -> bool:
@@ -145,20 +141,14 @@ class JobView:
     def job_class(self) -> str:
         return str(self.doc.get("class", ""))
 
-    @property
-    def class_value(self) -> Any:
-        """The class as stored (any value, None when missing)."""
-        return self.doc.get("class")
+    class_value = Stored("class", "The class as stored (any value, None when missing).")
 
     @property
     def status(self) -> JobStatus:
         """The status; InvalidJobError naming the field when the stored one is none."""
         return stored_status(self.doc)
 
-    @property
-    def status_value(self) -> Any:
-        """The status as stored (compared as stored: any value, None when missing)."""
-        return self.doc.get("status")
+    status_value = Stored("status", "The status as stored (compared as stored: any value, None when missing).")
 
     @property
     def status_as_stored(self) -> Any:
@@ -182,10 +172,7 @@ class JobView:
         run = self.doc.get("run", 1)
         return int(run) if isinstance(run, int) and not isinstance(run, bool) else 1
 
-    @property
-    def run_value(self) -> Any:
-        """The run number as stored (any value), None when missing."""
-        return self.doc.get("run")
+    run_value = Stored("run", "The run number as stored (any value), None when missing.")
 
     def run_or(self, missing: Any) -> Any:
         """The run number as stored (any value), ``missing`` when there is none."""
@@ -198,14 +185,11 @@ class JobView:
         run = self.doc.get("run")
         return run if type(run) is int else None
 
-    @property
-    def data(self) -> Any:
-        return self.doc.get("data")
-
-    @property
-    def key_value(self) -> Any:
-        """The fingerprint of class and data as stored (see :func:`~taskscheduler.store.fingerprint`)."""
-        return self.doc.get("key")
+    data = Stored("data")
+    key_value = Stored(
+        "key",
+        "The fingerprint of class and data as stored (see :func:`~taskscheduler.store.fingerprint`).",
+    )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -229,50 +213,32 @@ class JobView:
         worker = self.doc.get("worker")
         return None if worker is None or worker == NO_WORKER else worker
 
-    @property
-    def worker_value(self) -> Any:
-        """The worker as stored (NO_WORKER while unset; any value), None when missing."""
-        return self.doc.get("worker")
+    worker_value = Stored("worker", "The worker as stored (NO_WORKER while unset; any value), None when missing.")
 
     @property
     def has_worker(self) -> bool:
         """Whether the document has a ``worker`` field at all."""
         return "worker" in self.doc
 
-    @property
-    def started_value(self) -> Any:
-        """The start of the current run as stored (UNSET_TIME while unset; any value), None when missing."""
-        return self.doc.get("started")
-
-    @property
-    def expires_value(self) -> Any:
-        """The lease end as stored (UNSET_TIME while unset; any value), None when missing."""
-        return self.doc.get("expires")
-
-    @property
-    def outcome_value(self) -> Any:
-        """The event of the last ended run as stored (NO_EVENT while unset; any value), None when missing."""
-        return self.doc.get("outcome")
-
-    @property
-    def change_value(self) -> Any:
-        """The mark of the last change written as stored (NO_EVENT while unset; any value), None when missing."""
-        return self.doc.get("change")
-
-    @property
-    def children_value(self) -> Any:
-        """The ``children`` flag as stored (any value), None when missing."""
-        return self.doc.get("children")
-
-    @property
-    def created_value(self) -> Any:
-        """When the job was added, as stored (any value), None when missing."""
-        return self.doc.get("created")
-
-    @property
-    def ended_value(self) -> Any:
-        """The end of the last run as stored (UNSET_TIME while unset; any value), None when missing."""
-        return self.doc.get("ended")
+    started_value = Stored(
+        "started",
+        "The start of the current run as stored (UNSET_TIME while unset; any value), None when missing.",
+    )
+    expires_value = Stored("expires", "The lease end as stored (UNSET_TIME while unset; any value), None when missing.")
+    outcome_value = Stored(
+        "outcome",
+        "The event of the last ended run as stored (NO_EVENT while unset; any value), None when missing.",
+    )
+    change_value = Stored(
+        "change",
+        "The mark of the last change written as stored (NO_EVENT while unset; any value), None when missing.",
+    )
+    children_value = Stored("children", "The ``children`` flag as stored (any value), None when missing.")
+    created_value = Stored("created", "When the job was added, as stored (any value), None when missing.")
+    ended_value = Stored(
+        "ended",
+        "The end of the last run as stored (UNSET_TIME while unset; any value), None when missing.",
+    )
 
     @property
     def created(self) -> datetime | None:
@@ -333,19 +299,12 @@ class ErrorView:
 
     doc: Mapping[str, Any]
 
-    @property
-    def error_class(self) -> Any:
-        return self.doc.get("class")
-
-    @property
-    def message(self) -> Any:
-        return self.doc.get("message")
+    error_class = Stored("class")
+    message = Stored("message")
 
     @property
     def message_as_stored(self) -> Any:
         """The message; KeyError when the error has none."""
         return self.doc["message"]
 
-    @property
-    def traceback(self) -> Any:
-        return self.doc.get("traceback")
+    traceback = Stored("traceback")
