@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,6 +65,18 @@ class Node:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def wait_for_peers(nodes: list[Node], others: int | None = None, timeout: float = 30.0) -> None:
+    """Until each node has read the registry and sees ``others`` live nodes besides itself (default: the other
+    ``nodes``), by its DEBUG log line: a wait on the fact, not on the heartbeat's pace."""
+    want = len(nodes) - 1 if others is None else others
+
+    def seen() -> bool:
+        counts = [re.findall(r"live nodes besides this one: (\d+)", node.output()) for node in nodes]
+        return all(found and int(found[-1]) == want for found in counts)
+
+    wait_until(seen, timeout, what=f"every node to see {want} other live node(s)")
 
 
 def stop_nodes(nodes: list[Node], timeout: float = 15.0) -> None:

@@ -16,7 +16,7 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from helpers import Node, start_delay, stop_nodes, wait_until
+from helpers import Node, start_delay, stop_nodes, wait_for_peers, wait_until
 from taskscheduler import JobStatus, Scheduler
 from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
 
@@ -44,6 +44,7 @@ def _node_ids(scheduler: Scheduler, nodes: list[Node]) -> dict[int, ObjectId]:
         return entries if len(entries) == len(pids) else None
 
     found: dict[int, ObjectId] = wait_until(registered, timeout=30, what="every node in the registry")
+    wait_for_peers(nodes)  # each read the registry since the last one joined (PEERS in its stream, or its timer)
     return found
 
 
@@ -64,7 +65,6 @@ def _preferred(job_id: ObjectId, ids: list[ObjectId]) -> ObjectId:
 def test_idle_nodes_claim_each_job_once(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:
     nodes = [start_node("--pm", "static", "--min-children", "1", "--max-children", "1") for _ in range(3)]
     _node_ids(scheduler, nodes)
-    time.sleep(0.5)  # the first nodes' streams hear of the last ones joining (PEERS), else the heartbeat does
     jobs = []
     for _ in range(30):
         jobs.append(scheduler.add_job("sample_jobs:Noop"))
@@ -86,7 +86,6 @@ def test_a_job_whose_preferred_node_cannot_claim_starts_elsewhere_within_the_gra
 ) -> None:
     nodes = [start_node("--pm", "static", "--min-children", "1", "--max-children", "1") for _ in range(2)]
     ids = _node_ids(scheduler, nodes)
-    time.sleep(0.5)
     victim, other = nodes
     scheduler.add_job("sample_jobs:Noop").wait(timeout=30)  # both up and serving
     if fault == "sigstop":
@@ -116,7 +115,6 @@ def test_nodes_joining_and_leaving_move_preferences_without_a_job_left_waiting(
     scheduler.add_job("sample_jobs:Noop").wait(timeout=30)
     second = start_node("--pm", "static", "--min-children", "1", "--max-children", "1")
     ids = _node_ids(scheduler, [first, second])
-    time.sleep(0.5)
     jobs = []
     for _ in range(10):
         jobs.append(scheduler.add_job("sample_jobs:Noop"))
@@ -142,7 +140,6 @@ def test_a_job_whose_preferred_node_is_cut_off_starts_elsewhere_within_the_grace
     victim = start_node("--mongodb-uri", uri, "--pm", "static", "--min-children", "1", "--max-children", "1")
     other = start_node("--pm", "static", "--min-children", "1", "--max-children", "1")
     ids = _node_ids(scheduler, [victim, other])
-    time.sleep(0.5)
     scheduler.add_job("sample_jobs:Noop").wait(timeout=30)
     # Every command of the victim (its node, manager and worker share its URI) hangs for 3 s, twice the longest a
     # job here may wait: it hears of the jobs but cannot claim them.

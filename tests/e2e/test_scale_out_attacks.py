@@ -17,7 +17,7 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from helpers import Node, start_delay, wait_until
+from helpers import Node, start_delay, wait_for_peers, wait_until
 from taskscheduler import JobStatus, Process, Scheduler
 from taskscheduler.constants import NODE_REGISTRY
 from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
@@ -63,7 +63,7 @@ def _processing(scheduler: Scheduler, job: Process) -> None:
 def _warm_up(scheduler: Scheduler, nodes: list[Node]) -> list[ObjectId]:
     """Every node registered, serving, and knowing the others: one job preferring each runs to its end."""
     ids = _node_ids(scheduler, nodes)
-    time.sleep(0.5)  # every node reads the registry at its next heartbeat (a third of a second here)
+    wait_for_peers(nodes)
     scheduler.wait_for([scheduler.add_job(NOOP, id=_id_preferring(i, ids)) for i in ids], timeout=30)
     return ids
 
@@ -149,7 +149,7 @@ def test_fake_live_nodes_that_never_claim_cost_at_most_the_grace_delay(
     db[NODE_REGISTRY].insert_many(
         [{"_id": f, "modules": ["sample_jobs"], "alive": far, "expires": far, "lease": 1e9} for f in fakes]
     )
-    time.sleep(0.5)  # the node reads the registry at its next heartbeat (the inserts wake it too)
+    wait_for_peers([node], others=len(fakes))  # the inserts wake it (PEERS), else its next registry read
     jobs = [scheduler.add_job(NOOP) for _ in range(8)]
     scheduler.wait_for(jobs, timeout=30)
     delays = [start_delay(scheduler, p.id) for p in jobs]

@@ -449,7 +449,11 @@ class Queue:
         """Read the live nodes again (once a heartbeat period, and when one joins or leaves): who a job prefers.
         The loop reads them, never the heartbeat thread: a slow read must not delay a renewal."""
         lease = float(self.options[o.ORPHANED_TIMEOUT])
+        before = {peer.id for peer in self._peers.others}
         self._peers.update(self.store.node_entries(PEER_FIELDS), self.store.clock.now(), period_of(lease))
+        seen = {peer.id for peer in self._peers.others}
+        if seen != before:  # an operator (and a test) can tell which nodes this one shares jobs with
+            self.logger.debug(f"live nodes besides this one: {len(seen)} ({', '.join(sorted(map(str, seen)))})")
 
     def _unregister(self) -> None:
         try:
