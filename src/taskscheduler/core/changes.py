@@ -20,7 +20,7 @@ from ..constants import NO_WORKER, UNSET_TIME, JobStatus
 from ..errors import InvalidArgumentError, JobReleasedError, ServerUnavailableError, TaskSchedulerError
 from ..store import MAX_JOB_SIZE, JobStore, encoded_size, utcnow
 from ..store.records import EventRecord, JobFields, JobRecord, error_doc
-from ..store.views import JobView
+from ..store.views import JobView, run_number
 from .flow import keys_of
 from .runs import next_start
 
@@ -212,7 +212,7 @@ class Change:
     def _lost_at_our_run(self, stored: Mapping[str, Any]) -> bool:
         """Whether the job, as stored, is still at this run but no longer this worker's (put back, taken over)."""
         now = JobView(stored)
-        if int(now.run_or(-1)) != self.run:
+        if run_number(now.run_or(-1)) != self.run:  # (a run that is no number: not ours, SPEC 2)
             return False  # gone, or moved on: an earlier attempt of ours may be what moved it
         return bool(now.status_value != JobStatus.PROCESSING or now.worker_value != self.worker)
 
@@ -222,7 +222,7 @@ class Change:
         it. Another worker's claim of the run after ours was prepared proves that no attempt of ours was written
         (the run was not ours to end any more), however far the job moved on. Returns False."""
         store, job, now = self.life.store, self.job, JobView(stored)
-        moved_on = int(now.run_or(self.run)) != self.run
+        moved_on = run_number(now.run_or(self.run)) != self.run
         if not (self.uncertain or self.shared) or not moved_on or self._superseded():
             store.delete_events([e.id for e in self.events[1:]])
         self.life.logger.warning(

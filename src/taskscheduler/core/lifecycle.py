@@ -36,7 +36,7 @@ from ..events import Emitter, change_key
 from ..recurrence import next_cron_time
 from ..store import JobStore, StatusChange, encoded_size, fingerprint, job_size
 from ..store.records import EventRecord, JobFields, JobRecord, parent_of
-from ..store.schema import end_problem, job_ref, problem
+from ..store.schema import end_problem, job_ref, problem, status_problem
 from ..store.views import EventView, JobView
 from .changes import (
     Change,
@@ -92,7 +92,7 @@ class Lifecycle:
         scheduled the next run (its outcome is read from its event), then the status it set."""
         if change.ended_run is not None and emitter.wants_status():
             event = self.store.find_event(change.ended_run)
-            if event is not None:
+            if event is not None and status_problem(event) is None:  # (a hostile end event tells no end: SPEC 2)
                 seen = EventView(event)
                 ended = dict(
                     doc,
@@ -419,7 +419,7 @@ class Lifecycle:
         if held_by is not None and held_by != job_id:
             other = self.store.find_job(held_by)
             pending = other is None and holder is not None and not holder.inserted and fresh_holder(holder, self.store)
-            if (other is not None and JobView(other).status_as_stored < JobStatus.DONE) or pending:
+            if (other is not None and JobView(other).unfinished) or pending:
                 raise InvalidArgumentError(
                     f"job {job_id} cannot be requeued: an active job with the same add_job_once key exists"
                 )

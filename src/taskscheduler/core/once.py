@@ -17,11 +17,10 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from .. import options as o
-from ..constants import JobStatus
 from ..errors import InvalidArgumentError, TaskSchedulerError
 from ..store import JobStore, fingerprint, same_value
 from ..store.records import JobFields, holding_once
-from ..store.schema import problem, status_problem
+from ..store.schema import problem
 from ..store.views import JobView, OnceHolder
 
 #: How often add_job_once looks again when concurrent callers keep replacing each other's job.
@@ -73,7 +72,7 @@ def _add_once(
         held_by = holder.job if holder else None
         since = holder.since if holder else None
         current = life.store.find_job(held_by) if held_by is not None else None
-        settling = current is None or JobView(current).status_as_stored >= JobStatus.DONE  # being inserted, requeued
+        settling = current is None or not JobView(current).unfinished  # being inserted, requeued (or malformed)
         if held_by is not None and settling and holder and not holder.inserted:
             # Its caller is inserting (or requeuing) it, or died doing so: wait to compare, then take over.
             pending_since = pending_since or time.monotonic()
@@ -84,7 +83,7 @@ def _add_once(
         if holder is None:  # jobs of an older version hold no key: look for them by class and data
             candidates = life.store.find_active(new.class_value, None if ignore_data else new.key_value)
         # A malformed document (SPEC 2) is no job to compare with: a node ends it.
-        active = [c for c in candidates if status_problem(c) is None and JobView(c).status_as_stored < JobStatus.DONE]
+        active = [c for c in candidates if JobView(c).unfinished]
         active = [c for c in active if problem(c, capped=life.store.capped) is None]
         same = next((c for c in active if not _changed(c, requested, data, ignore_data)), None)
         if same is not None:

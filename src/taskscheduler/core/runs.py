@@ -34,7 +34,9 @@ def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
     for index, event in enumerate(views):  # oldest first: among equals, the later end of a run number counted
         if event.status_value not in RUN_END_STATUSES:
             continue
-        run = int(event.run_or(0))
+        run = event.run_number
+        if run is None:  # no run number at all: no run of the job to list it under
+            continue
         if run not in by_run or weight(event) >= weight(views[by_run[run]]):
             by_run[run] = index
     return [events[by_run[run]] for run in sorted(by_run)]

@@ -10,6 +10,7 @@ raises (but where a property says so); what fits the schema and is about to run 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,13 @@ from ..constants import NO_WORKER, JobStatus
 from .records import NO_EVENT, stored_number, stored_time
 from .schema import job_ref, status_label, status_problem, stored_status
 
+
+def run_number(value: Any) -> int | None:
+    """A run number read from an event, as it always was (``int()`` of an int, a bool or a finite float); None
+    for anything else (text, null, NaN, a document...), which a run listing skips (SPEC 2: it never stops one)."""
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return int(value)
+    return None
 
 class _Viewed(Protocol):
     @property
@@ -80,6 +88,11 @@ class EventView:
     def run_or(self, missing: Any) -> Any:
         """The run number as stored (any value), ``missing`` when there is none."""
         return self.doc.get("run", missing)
+
+    @property
+    def run_number(self) -> int | None:
+        """The run number as a listing of runs reads it (see :func:`run_number`); 0 when there is none."""
+        return run_number(self.doc.get("run", 0))
 
     started_value = Stored("started", "A run end's start of that run as stored, None when missing.")
     ended_value = Stored("ended", "A run end's time as stored, None when missing.")
@@ -159,6 +172,13 @@ class JobView:
     def known_status(self) -> JobStatus | None:
         """The status when the stored one is a JobStatus stored as an int32, else None."""
         return JobStatus(self.doc["status"]) if status_problem(self.doc) is None else None
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the job may still run: a known status before DONE (a malformed one never runs: a node ends it
+        or never picks it up)."""
+        status = self.known_status
+        return status is not None and status < JobStatus.DONE
 
     @property
     def label(self) -> str:

@@ -19,7 +19,7 @@ from ...constants import NO_WORKER, UNSET_TIME, JobStatus
 from ...core.runs import counted_run_ends as lifecycle_run_ends
 from ...errors import InvalidJobError
 from ...store import jobs_filter
-from ...store.entries import NodeEntry, WorkerEntry
+from ...store.entries import NodeEntry
 from ...store.schema import MALFORMED, status_label
 from ...store.views import ErrorView, EventView, JobView
 
@@ -215,18 +215,17 @@ def counted_run_ends(events: Iterable[Mapping[str, Any]], outcome: Any) -> list[
 
 
 def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A registry entry as the page shows it. The registry is a hint anyone may have written (SPEC 2): anything
+    but a list of documents counts as no workers, and each value is made strict JSON (as job data is)."""
     entry = NodeEntry(node)
-    workers = [
-        {"id": str(w.id), "pid": w.pid, "job": str(w.job) if w.job else None}
-        for w in map(WorkerEntry, entry.workers_value or [])
-    ]
+    workers = [{"id": str(w.id), "pid": shown(w.pid), "job": str(w.job) if w.job else None} for w in entry.workers]
     return {
         "id": str(entry.id),
-        "host": entry.host,
-        "pid": entry.pid,
+        "host": shown(entry.host),
+        "pid": shown(entry.pid),
         "started": iso(entry.started),
-        "version": entry.version,
-        "modules": [str(m) for m in entry.modules_value or []],
+        "version": shown(entry.version),
+        "modules": entry.modules,
         "workers": workers,
         "busy": sum(1 for w in workers if w["job"]),
     }

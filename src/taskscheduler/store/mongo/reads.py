@@ -10,6 +10,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 
 from ...constants import ACTIVE_STATUSES, JobStatus
+from ..views import run_number
 from .connection import server_errors
 from .deployment import Deployment
 from .documents import Document
@@ -106,7 +107,9 @@ class OperatorReads(Deployment):
             cursor = self.events.find(ended, {"run": 1}).sort("run", DESCENDING).batch_size(max(limit, 1) + 1)
             try:
                 for event in cursor:
-                    run = int(event.get("run", 0))
+                    run = run_number(event.get("run", 0))
+                    if run is None:  # SPEC 2: a run end with no run number is listed under none, never fatal
+                        continue
                     if not runs or run != runs[-1]:
                         if len(runs) == limit:
                             break
