@@ -1,6 +1,6 @@
-"""Attacks on the preferred-node claiming of issue 22 (peers.py, deferred.py, queue.py's _defer/_release_deferred):
-a job whose preferred node cannot claim it must start within the grace delay plus 1 s, none may wait forever, and
-a busy node takes no part. The first three were found broken and are fixed; the others guard what held."""
+"""Edges of the preferred-node claim (node/peers.py, node/deferred.py, the node's deferral): a job whose preferred
+node cannot claim it (busy, paused, killed, fake) starts within the grace delay plus 1 s, none waits forever, a
+busy node takes no part, and a deferred job keeps its priority and its own worker (force_spawn)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""Attacks on "four commands per job" (issue 19): jobs are stored with ``children: false``, a child's add sets its
-parent's flag before the child is stored, and the worker's DONE end is conditional on the flag (ChildrenAdded when
-a child came meanwhile: the end's events are withdrawn and the worker looks at the children).
+"""The parent's ``children`` flag ("four commands per job"): jobs are stored with ``children: false``, a child's
+add sets its parent's flag before the child is stored, and the worker's DONE end is conditional on the flag
+(ChildrenAdded when a child came meanwhile: the end's events are withdrawn and the worker looks at the children).
 
-The promise under attack (SPEC 4, SPEC 5): a parent never ends DONE when a child of its run had ended FAILED or
-TIMEOUT by the time its start() returned; nothing of a withdrawn DONE end stays written; no double end; a job
-without children costs no look at them; no update changes a job document's size (the ``scheduler`` fixture's size
-guard checks every test here). Failing attacks are strict xfails naming the cause; the rest are guards."""
+The promise, through every add path and fault (SPEC 4, SPEC 5): a parent never ends DONE when a child of its run
+had ended FAILED or TIMEOUT by the time its start() returned; nothing of a withdrawn DONE end stays written; no
+double end; a job without children costs no look at them; no update changes a job document's size (the
+``scheduler`` fixture's size guard checks every test here). The one accepted limit is a strict xfail naming its
+cause."""
 
 from __future__ import annotations
 
