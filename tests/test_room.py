@@ -363,3 +363,35 @@ def test_a_retry_needs_no_room_in_a_full_collection(new_scheduler: Callable[...,
     assert scheduler.store.jobs.count_documents({}) == before
     retried = scheduler.get_job(p.id)
     assert retried.status == JobStatus.WAITING and retried.run == 2
+
+
+def test_a_producer_whose_first_look_overlaps_a_flush_still_reserves_room(
+    db: Database[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 5: a flush in another process drops the job collection and creates it again. A producer whose first
+    ensure() read the collection's options in between found none, took the collection for an uncapped one and
+    never reserved room again: its adds were never refused, and the server evicted unfinished jobs to make room
+    for them (test_chaos_room hung on it, its filler adding thousands of jobs)."""
+    cap = 64 * 1024
+    Scheduler(db, options={"job_queue_size": cap}).add_job(NOOP, PAD)  # the collection exists, capped
+    late = Scheduler(db, options={"job_queue_size": cap})
+    read_options = late.store._capped_size
+    raced = []
+
+    def flush_lands_here(name: str) -> int:
+        if name == late.store.job_queue and not raced:  # the flush's drop, before this read; its create after
+            raced.append(name)
+            db.drop_collection(name)
+            size = read_options(name)
+            db.create_collection(name, capped=True, size=cap)
+            return size
+        return read_options(name)
+
+    monkeypatch.setattr(late.store, "_capped_size", flush_lands_here)
+    added = []
+    with pytest.raises(QueueFullError):
+        for _ in range(4 * cap // 400):
+            added.append(late.add_job(NOOP, PAD).id)
+    assert raced
+    stored = {d["_id"] for d in db[DEFAULT_JOB_QUEUE].find({}, {"_id": 1})}
+    assert [job for job in added if job not in stored] == []  # no unfinished job evicted

@@ -190,7 +190,11 @@ class Deployment:
         self.check_deployment()
         self._create(self.job_queue, self.job_queue_size)
         self._create(self.event_queue, self.event_queue_size)
-        self._cap = self._capped_size(self.job_queue)
+        # A flush in another process drops the collection and creates it again: read between the two, it is missing
+        # (or a writer's insert made it an ordinary one for a moment). A producer configured capped then counts its
+        # room as capped all the same: taken for uncapped, it would never reserve room again, and once the flush
+        # had created the collection capped its adds would make the server evict unfinished jobs.
+        self._cap = self._capped_size(self.job_queue) or self.job_queue_size
         self._sized(self._cap)
         job_indexes = [
             IndexModel([("status", ASCENDING), ("expires", ASCENDING)], name="status_expires"),
