@@ -72,11 +72,14 @@ def run(command, args):
                 break
     elif command == "fill":
         for pad in args:
-            for _ in range(FILL_MOST):
+            # Room for twice what the whole collection holds of these jobs is already a finding (finished jobs
+            # deleted to make room free at most the cap): say so at once rather than add thousands of big jobs.
+            most = min(FILL_MOST, 2 * options["job_queue_size"] // (int(pad) + 600) + 16)
+            for _ in range(most):
                 if not add(mine, int(pad)):
                     break
             else:
-                print("X fill: still room after", FILL_MOST, "jobs of", pad, "bytes", flush=True)
+                print("X fill: still room after", most, "jobs of", pad, "bytes", flush=True)
     elif command == "oneshots":
         for _ in range(int(args[0])):
             add(Scheduler(db, options=options), 0)
