@@ -94,6 +94,8 @@ TICK_SECONDS = 0.2
 IDLE_WAIT_SECONDS = 2.0
 #: Wake-ups handled in one round of the loop before its other steps run.
 WAKEUPS_PER_ROUND = 100
+#: Other live nodes a node's DEBUG line names when the set it sees changes (it counts them all).
+PEERS_NAMED = 10
 #: How often a node in burst mode looks whether any job of its modules is still due or running.
 BURST_CHECK_SECONDS = 0.25
 #: Looks in a row that must find nothing before a node in burst mode stops (a claim's report may be on its way).
@@ -453,7 +455,10 @@ class Queue:
         self._peers.update(self.store.node_entries(PEER_FIELDS), self.store.clock.now(), period_of(lease))
         seen = {peer.id for peer in self._peers.others}
         if seen != before:  # an operator (and a test) can tell which nodes this one shares jobs with
-            self.logger.debug(f"live nodes besides this one: {len(seen)} ({', '.join(sorted(map(str, seen)))})")
+            # The registry is anyone's to write (SPEC 2): name a few, never thousands, in one line.
+            named = sorted(map(str, seen))
+            more = f", {len(named) - PEERS_NAMED} more" if len(named) > PEERS_NAMED else ""
+            self.logger.debug(f"live nodes besides this one: {len(seen)} ({', '.join(named[:PEERS_NAMED])}{more})")
 
     def _unregister(self) -> None:
         try:
