@@ -11,6 +11,7 @@ from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError
 
 from ...constants import JobStatus
+from ..history import in_order
 from ..records import EventRecord
 from .connection import server_errors
 from .deployment import Deployment
@@ -65,9 +66,10 @@ class EventLog(Deployment):
             return self.events.find_one({"_id": event_id})
 
     def job_events(self, job_id: ObjectId) -> list[Document]:
-        """Every event of a job, oldest first."""
+        """Every event of a job, oldest first (see :mod:`taskscheduler.store.history` for what "first" means when
+        two processes' stamps disagree)."""
         with server_errors():
-            return list(self.events.find({"job": job_id}).sort([("run", ASCENDING), ("time", ASCENDING)]))
+            return in_order(list(self.events.find({"job": job_id}).sort([("run", ASCENDING), ("time", ASCENDING)])))
 
     def claims_of_run(self, job_id: ObjectId, run: int) -> list[tuple[Any, Any]]:
         """(worker, time) of every recorded claim (PROCESSING event) of a run (by the job's index)."""

@@ -10,6 +10,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 
 from ...constants import ACTIVE_STATUSES, JobStatus
+from ..history import in_order
 from ..views import run_number
 from .connection import server_errors
 from .deployment import Deployment
@@ -118,9 +119,11 @@ class OperatorReads(Deployment):
                 cursor.close()
             if not runs:
                 return [], 0
-            events = list(
-                self.events.find({"job": job_id, "run": {"$gte": runs[-1]}}).sort(
-                    [("run", ASCENDING), ("time", ASCENDING)]
+            events = in_order(
+                list(
+                    self.events.find({"job": job_id, "run": {"$gte": runs[-1]}}).sort(
+                        [("run", ASCENDING), ("time", ASCENDING)]
+                    )
                 )
             )
             total = len(runs)
