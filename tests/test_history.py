@@ -94,3 +94,14 @@ def test_job_events_and_the_run_listing_read_the_history_in_order(scheduler: Sch
     assert [e["_id"] for e in scheduler.store.job_events(p.id)] == expected
     events, total = scheduler.store.recent_run_events(p.id, 10)
     assert [e["_id"] for e in events] == expected and total == 1
+
+
+def test_a_long_history_of_tenures_each_release_stamped_late() -> None:
+    """A run put back 2,000 times (hostile data can hold that many), each release stamped after the next claim:
+    every release still comes right after its own claim."""
+    workers = [ObjectId() for _ in range(2000)]
+    truth = []
+    for n, worker in enumerate(workers):
+        truth.append(event(P, worker, n * 100))
+        truth.append(event(W, worker, n * 100 + 120))  # 20 ms after the next claim
+    assert names(in_order(as_stored(truth))) == names(truth)

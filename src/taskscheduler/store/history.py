@@ -10,6 +10,7 @@ all the same: whatever ends a worker's hold on a run (its release, its end, a sw
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from itertools import groupby
@@ -36,19 +37,28 @@ def _run_in_order(events: list[Event]) -> list[Event]:
     stamped = [(event, at) for event in events if isinstance(at := event.get("time"), datetime)]
     if len(events) < 3 or len(stamped) < len(events):
         return events
-    claims = [(at, event.get("worker")) for event, at in stamped if _is_claim(event)]
     try:
-        claims.sort(key=lambda claim: claim[0])  # stable: claims stamped alike stay as stored
+        # The run's claims by time (stable: claims stamped alike stay as stored), and each worker's among them.
+        claimed = sorted(((event, at) for event, at in stamped if _is_claim(event)), key=lambda claim: claim[1])
+        claims = [at for _, at in claimed]
+        by_worker: dict[ObjectId, tuple[list[datetime], list[int]]] = {}
+        for n, (event, at) in enumerate(claimed):
+            worker = event.get("worker")
+            if isinstance(worker, ObjectId):
+                times, positions = by_worker.setdefault(worker, ([], []))
+                times.append(at)
+                positions.append(n)
         keys: list[tuple[datetime, int, int]] = []
         for index, (event, at) in enumerate(stamped):
             key = (at, 1, index)
             worker = event.get("worker")
-            if not _is_claim(event) and isinstance(worker, ObjectId):
+            if not _is_claim(event) and isinstance(worker, ObjectId) and worker in by_worker:
                 # The worker's latest claim stamped before this event, and the run's claim after that one.
-                own = [n for n, (claimed, by) in enumerate(claims) if by == worker and claimed <= at]
-                following = own[-1] + 1 if own else len(claims)
-                if following < len(claims) and claims[own[-1]][0] < claims[following][0] <= at:
-                    key = (claims[following][0], 0, index)  # just before that next claim
+                times, positions = by_worker[worker]
+                latest = bisect_right(times, at) - 1
+                following = positions[latest] + 1 if latest >= 0 else len(claims)
+                if following < len(claims) and times[latest] < claims[following] <= at:
+                    key = (claims[following], 0, index)  # just before that next claim
             keys.append(key)
         return [events[index] for *_, index in sorted(keys)]
     except TypeError:  # naive and aware times mixed (hostile data): as stored
