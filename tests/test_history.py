@@ -51,6 +51,41 @@ def test_a_sweep_stamped_after_the_next_claim_comes_before_it() -> None:
     assert names(in_order(stored)) == names(truth)
 
 
+def test_the_end_that_opened_a_run_comes_before_the_runs_first_claim() -> None:
+    """A retry without delay: worker a's end of run 1 writes the WAITING of run 2 (naming a); worker b claims run
+    2 at once, its stamp 15 ms before a's."""
+    a, b = ObjectId(), ObjectId()
+    truth = [
+        event(P, a, 0),
+        event(int(JobStatus.FAILED), a, 800),
+        event(W, a, 800, run=2),
+        event(P, b, 785, run=2),
+        event(D, b, 900, run=2),
+    ]
+    assert names(in_order(as_stored(truth))) == names(truth)
+
+
+def test_a_run_coming_due_or_a_verdict_comes_before_the_claim_it_allowed() -> None:
+    a, b = ObjectId(), ObjectId()
+    postponed = int(JobStatus.POSTPONED)
+    due = [event(postponed, a, 0), event(W, None, 1000), event(P, b, 990), event(D, b, 1500)]
+    assert names(in_order(as_stored(due))) == names(due)
+    held = [
+        event(P, a, 0),
+        event(postponed, a, 3000),  # held for its verdict, naming the worker it swept
+        event(W, None, 9000),  # the verdict: due again
+        event(P, b, 8980),
+        event(D, b, 9500),
+    ]
+    assert names(in_order(as_stored(held))) == names(held)
+
+
+def test_what_opens_a_run_after_a_hold_ended_stays_where_it_is() -> None:
+    a, b = ObjectId(), ObjectId()
+    truth = [event(P, a, 0), event(W, a, 100), event(W, None, 150), event(P, b, 200)]
+    assert in_order(truth) == truth
+
+
 def test_events_already_in_order_are_left_as_they_are() -> None:
     a, b = ObjectId(), ObjectId()
     truth = [event(P, a, 0), event(W, a, 10), event(P, b, 20), event(D, b, 30), event(W, None, 40, run=2)]
@@ -79,8 +114,8 @@ def test_events_that_name_no_worker_or_are_not_stamped_keep_the_stored_order() -
     mixed = [event(P, a, 0), event(W, a, 520), event(P, b, 500)]
     mixed[0]["time"] = mixed[0]["time"].replace(tzinfo=None)
     assert in_order(mixed) == mixed
-    nameless = [event(P, a, 0), event(P, b, 500), event(W, None, 520)]
-    assert in_order(nameless) == nameless
+    nameless = as_stored([event(P, a, 0), event(W, a, 400), event(D, None, 520), event(P, b, 500)])
+    assert in_order(nameless) == nameless  # no rule places a DONE naming no worker
     hostile = [event(P, a, 0), {**event(W, a, 520), "status": "2"}, event(P, b, 500), event(True, b, 510)]
     assert sorted(id(e) for e in in_order(hostile)) == sorted(id(e) for e in hostile)  # a permutation, no error
 
