@@ -65,7 +65,11 @@ class Faults:
         now. One that is paused or dead cannot, and then no process of ours is left to end them (a documented
         limit, docs/concepts.md "The stall window"): a job with subprocesses is not killed then."""
         node = self.node(x.node)
-        return x.child_last is None or node is None or node.state == "up"
+        if x.child_last is None or node is None:
+            return True
+        # Up, and the worker is its current manager's: a worker left by a killed node whose label was restarted
+        # meanwhile (its manager died with that node) has no manager to end its job's processes.
+        return node.state == "up" and x.pid in _workers(node.node.pid)
 
     def _kill_worker(self) -> bool:
         busy = [e for e in self.log.active() if _is_worker(e.pid, self.db_name) and self._manager_can_act(e)]
