@@ -87,13 +87,6 @@ def history(scheduler: Scheduler, job_id: ObjectId) -> list[tuple[Any, str]]:
 # -- 1. histories the library writes -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule 2 broken: the end of run 1 opens run 2 naming its worker a; when a itself claims run 2 (a single "
-    "worker, run_jobs, a retry without delay) with a stamp 5 ms earlier (its clock reading taken again), "
-    "in_order takes that WAITING for the end of a's hold and lists run 2 as PROCESSING, WAITING, DONE inside "
-    "a's hold (docs: 2: WAITING, PROCESSING, ...)",
-)
 def test_a_worker_claiming_the_retry_its_own_end_announced(scheduler: Scheduler, stamps: Stamps) -> None:
     p = scheduler.add_job("sample_jobs:Noop", {}, {"retry": 1, "retry_interval": 0})
     a = ObjectId()
@@ -114,12 +107,6 @@ def test_a_worker_claiming_the_retry_its_own_end_announced(scheduler: Scheduler,
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule 1 broken: a cancel of a running job (naming its worker, with its start) stamped by the producer "
-    "5 ms before the worker's claim stamp is listed CANCELED, PROCESSING: before the claim it ends (docs: "
-    "'cancel while running: 1: PROCESSING, CANCELED'; rule 1: listed after that worker's claim)",
-)
 def test_a_cancel_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
@@ -133,12 +120,6 @@ def test_a_cancel_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) ->
     assert [r["status"] for r in p.runs()] == [C]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule 1 broken: a node's release at its stop (naming the worker) stamped 5 ms before that worker's claim "
-    "stamp names no claim bisect_right can find, so it is left before the claim it ends: WAITING, PROCESSING, "
-    "PROCESSING, DONE (docs: released run: PROCESSING, WAITING, PROCESSING, DONE)",
-)
 def test_a_release_at_a_stop_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     a, b = ObjectId(), ObjectId()
@@ -153,12 +134,6 @@ def test_a_release_at_a_stop_right_after_the_claim(scheduler: Scheduler, stamps:
     assert history(scheduler, p.id) == [(1, "PROCESSING"), (1, "WAITING"), (1, "PROCESSING"), (1, "DONE")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule 1 broken for a worker that claims the same run again: a release stamped 10 ms after the "
-    "worker's second claim (the releasing node's clock ahead) is taken for the end of that second claim: "
-    "PROCESSING, PROCESSING, WAITING, DONE instead of PROCESSING, WAITING, PROCESSING, DONE",
-)
 def test_a_worker_that_claims_again_before_its_release_stamp(scheduler: Scheduler, stamps: Stamps) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
@@ -175,12 +150,6 @@ def test_a_worker_that_claims_again_before_its_release_stamp(scheduler: Schedule
     assert history(scheduler, p.id) == [(1, "PROCESSING"), (1, "WAITING"), (1, "PROCESSING"), (1, "DONE")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not covered by either rule: a cancel of a just-released (WAITING) run, stamped by a producer 5 ms "
-    "behind the releasing node, is listed between the claim and its release: PROCESSING, CANCELED, WAITING, so the "
-    "history of a CANCELED job ends on WAITING",
-)
 def test_a_cancel_of_a_run_just_released(scheduler: Scheduler, stamps: Stamps) -> None:
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
@@ -274,12 +243,6 @@ HOSTILE_ENDS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an event's unhashable end (a document or array in a WAITING/POSTPONED event) or _id (a document) makes "
-    "core.runs.counted_run_ends raise TypeError: Process.runs() raises, `show` prints a traceback and the "
-    "dashboard's job page answers 500 (a reader of job_events, not in_order itself)",
-)
 @pytest.mark.parametrize("case", sorted(HOSTILE_ENDS))
 def test_unhashable_end_or_id_in_a_jobs_events(
     case: str,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bson import ObjectId
+
 from .. import options as o
 from ..constants import JobStatus
 from ..errors import InvalidArgumentError
@@ -25,10 +27,15 @@ def counted_run_ends(events: list[Document], outcome: Any) -> list[Document]:
     The end that counted is the one the job's outcome names, or the one whose next run was announced: an end
     written by a worker that then died before recording it can only linger if it was written late."""
     views = [EventView(e) for e in events]
-    announced = {e.end_value for e in views if e.status_value in (JobStatus.WAITING, JobStatus.POSTPONED)}
+    # Our ids are ObjectIds; anything else stored there (a document, an array: SPEC 2) announces nothing.
+    announced = {
+        e.end_value
+        for e in views
+        if e.status_value in (JobStatus.WAITING, JobStatus.POSTPONED) and isinstance(e.end_value, ObjectId)
+    }
 
     def weight(event: EventView) -> tuple[bool, bool]:
-        return event.id == outcome, event.id in announced
+        return event.id == outcome, isinstance(event.id, ObjectId) and event.id in announced
 
     by_run: dict[int, int] = {}  # run number -> index of its end in events
     for index, event in enumerate(views):  # oldest first: among equals, the later end of a run number counted
