@@ -66,7 +66,12 @@ class Connection:
         from ..client.scheduler import Scheduler
         from ..store import connect
 
-        scheduler = Scheduler(connect(self.uri, self.database, timeout_ms=timeout_ms), options=self.scheduler_options)
+        db = connect(self.uri, self.database, timeout_ms=timeout_ms)
+        scheduler = Scheduler(db, options=self.scheduler_options)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # the command's client is ours: closed when it ends, which kills what its cursors left
+            ctx.call_on_close(db.client.close)  # last in, first out: the room goes back before the client closes
+            ctx.call_on_close(scheduler.close)
         if wait > 0:
             log = logging.getLogger("taskscheduler")
             scheduler.store.wait_until_ready(wait, lambda reason: log.warning("%s (--connect-timeout)", reason))
