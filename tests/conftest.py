@@ -19,6 +19,11 @@ from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.node.nodeproc import spawn_node
 from taskscheduler.ops.embedded import EmbeddedServer
 
+# pytest-xdist's workers set COLUMNS and LINES (80x24) for their own output; a CLI command a test runs would take
+# them for the width of its tables. A test that wants a width sets COLUMNS itself.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:

@@ -673,3 +673,29 @@ def test_limit_pause_resume_and_info(run: Any, scheduler: Scheduler) -> None:
     assert run("resume", "sample_jobs:Noop").stdout.strip() == "resumed sample_jobs:Noop"
     assert run("limit", "mail", "--remove").stdout.strip() == "no limit on mail"
     assert scheduler.limits() == {} and scheduler.paused() == []
+
+
+def test_utc_is_taken_after_the_commands_name_too(
+    run: Callable[..., subprocess.CompletedProcess[str]], scheduler: Scheduler
+) -> None:
+    """SPEC 7: `--utc` shows times in UTC; like the connection options, it may follow the command's name."""
+    p = scheduler.add_job("sample_jobs:Noop")
+    zone = {"TZ": "Asia/Tokyo"}
+    local = run("show", str(p.id), env=zone)
+    assert local.returncode == 0 and "JST" in local.stdout, local.stdout + local.stderr
+    for args in (("show", str(p.id), "--utc"), ("--utc", "show", str(p.id))):
+        out = run(*args, env=zone)
+        assert out.returncode == 0 and "UTC" in out.stdout and "JST" not in out.stdout, (args, out.stdout, out.stderr)
+    assert run("jobs", "--utc", env=zone).returncode == 0  # every command takes it (its table shows ages)
+
+
+def test_piped_tables_are_as_wide_as_columns_says_and_keep_ids_whole(
+    run: Callable[..., subprocess.CompletedProcess[str]], scheduler: Scheduler
+) -> None:
+    """A table printed to a pipe (a script's `subprocess.run`) is as wide as COLUMNS says, like one in a
+    terminal (SPEC 7: ids whole at 80 columns); without COLUMNS, wide enough that nothing folds."""
+    ids = [str(scheduler.add_job("sample_jobs:Echo", {"text": "x" * 60}).id) for _ in range(3)]
+    out = run("jobs", env={"COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80, out.stdout
+    assert all(job_id in out.stdout for job_id in ids), out.stdout

@@ -146,10 +146,15 @@ def in_its_zone(value: Any, zone: tzinfo, short: bool = False) -> str:
 
 
 def console() -> Console:
-    """A console; when output is not a terminal, wide enough that no column is cut."""
+    """A console; when output is not a terminal, as wide as ``COLUMNS`` says, else wide enough that no column is
+    cut."""
+    import os
     import sys
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    if sys.stdout.isatty():
+        return Console()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) >= 40 else 200)
 
 
 def _age(when: datetime | None) -> str:

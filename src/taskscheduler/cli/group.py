@@ -101,10 +101,15 @@ CONNECTION_OPTIONS = [
 
 
 def common(func: F) -> F:
-    """The connection options every command takes, handed to it as ``conn``."""
+    """The connection options every command takes, handed to it as ``conn`` (and ``--utc``, which the group
+    takes too)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop("utc"):  # also after the command's name (taskscheduler show ID --utc)
+            from .display import show_utc
+
+            show_utc(True)
         values = {flag: kwargs.pop(flag[2:].replace("-", "_")) for flag, *_ in CONNECTION_OPTIONS}
         conn = Connection(
             uri=values["--mongodb-uri"],
@@ -118,7 +123,9 @@ def common(func: F) -> F:
         )
         return func(*args, conn=conn, **kwargs)
 
-    decorated: Any = wrapper
+    decorated: Any = option("--utc", is_flag=True, help="Show times in UTC instead of the terminal's local zone.")(
+        wrapper
+    )
     for flag, default, kind, text in reversed(CONNECTION_OPTIONS):
         decorated = option(flag, default=default, type=kind, show_default=True, help=text)(decorated)
     return decorated  # type: ignore[no-any-return]
