@@ -365,3 +365,30 @@ def test_async_process_outcome_after_a_timed_out_wait_is_read_off_the_event_loop
 
     asyncio.run(main())
     assert not loop_reads, f"outcome read on the event loop for {loop_reads}"
+
+
+def test_calls_without_io_may_be_awaited_as_every_method_of_the_async_api(
+    server: EmbeddedServer, db: Database[dict[str, Any]]
+) -> None:
+    """SPEC 6: every Scheduler method as a coroutine. set_options, get_options and on do no I/O: they work as
+    plain calls and awaited alike; blocked_by reads MongoDB: awaited as the property Process has, or called."""
+
+    async def main() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, tz_aware=True)
+        scheduler = AsyncScheduler(client[db.name])
+        try:
+            assert await scheduler.set_options({"default_retry": 2}) is scheduler
+            assert scheduler.set_options({"default_retry": 3}) is scheduler
+            awaited = await scheduler.get_options()
+            assert type(awaited) is dict and awaited["default_retry"] == 3
+            assert scheduler.get_options()["default_retry"] == 3
+            assert await scheduler.on("done", lambda name, p: None) is scheduler
+            first = await scheduler.add_job(sample_jobs.Noop)
+            second = await scheduler.add_job(sample_jobs.Noop, depends_on=[first.id])
+            assert await second.blocked_by == [first.id]
+            assert await second.blocked_by() == [first.id]
+            assert await first.blocked_by == []
+        finally:
+            await scheduler.close()
+
+    asyncio.run(main())

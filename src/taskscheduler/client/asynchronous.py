@@ -20,7 +20,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from blinker import Namespace
 from bson import ObjectId
@@ -32,6 +32,27 @@ from .process import Process
 from .scheduler import Scheduler
 
 T = TypeVar("T")
+
+
+class Options(dict[str, Any]):
+    """The options as a dict, which may be awaited too (``await scheduler.get_options()``)."""
+
+    def __await__(self) -> Generator[Any, None, dict[str, Any]]:
+        yield from ()
+        return dict(self)
+
+
+class Awaited(Generic[T]):
+    """A read of MongoDB that a property of :class:`AsyncProcess` starts: awaited as it is, or called first."""
+
+    def __init__(self, start: Callable[[], Awaitable[T]]) -> None:
+        self._start = start
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._start().__await__()
+
+    def __call__(self) -> Awaitable[T]:
+        return self._start()
 
 #: Threads per AsyncScheduler for short calls (waits and listens run on threads of their own).
 MAX_THREADS = 8
@@ -89,14 +110,20 @@ class AsyncScheduler:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- options and events (no I/O) -------------------------------------------------------------------------------
+    # -- options and events (no I/O): plain calls, which may be awaited too ----------------------------------------
 
     def set_options(self, options: Mapping[str, Any]) -> AsyncScheduler:
         self._sync.set_options(options)
         return self
 
-    def get_options(self) -> dict[str, Any]:
-        return self._sync.get_options()
+    def get_options(self) -> Options:
+        return Options(self._sync.get_options())
+
+    def __await__(self) -> Generator[Any, None, AsyncScheduler]:
+        """Every Scheduler method is a coroutine here (SPEC 6), and those that do no I/O return at once: awaiting
+        what ``set_options`` or ``on`` returned (this scheduler) gives it back."""
+        yield from ()
+        return self
 
     def on(self, event: str, handler: Callable[[str, Any], Any]) -> AsyncScheduler:
         """Call ``handler(event_name, async_process)`` on the event loop for status events this instance sees."""
@@ -397,8 +424,11 @@ class AsyncProcess:
         await self._scheduler.wait_for([self], Scheduler.OPTION_THROW_EXCEPTION if throw else 0, timeout)
         return self
 
-    async def blocked_by(self) -> list[ObjectId]:
-        return await self._scheduler._run(lambda: self.process.blocked_by)
+    @property
+    def blocked_by(self) -> Awaited[list[ObjectId]]:
+        """The dependencies not yet DONE, read from MongoDB: ``await p.blocked_by`` (as ``Process.blocked_by``
+        reads) or ``await p.blocked_by()``."""
+        return Awaited(lambda: self._scheduler._run(lambda: self.process.blocked_by))
 
     async def runs(self) -> list[dict[str, Any]]:
         return await self._scheduler._run(self.process.runs)
