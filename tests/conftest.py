@@ -19,10 +19,12 @@ from taskscheduler.constants import DEFAULT_JOB_QUEUE
 from taskscheduler.node.nodeproc import spawn_node
 from taskscheduler.ops.embedded import EmbeddedServer
 
-# pytest-xdist's workers set COLUMNS and LINES (80x24) for their own output; a CLI command a test runs would take
-# them for the width of its tables. A test that wants a width sets COLUMNS itself.
+# GNU readline (imported by pytest's debugging plugin) writes COLUMNS and LINES (80x24) into the environment, behind
+# os.environ's back, and pytest-xdist's workers inherit them: a CLI command a test runs would take them for the
+# width of its tables. A test that wants a width sets COLUMNS itself.
 for _name in ("COLUMNS", "LINES"):
     os.environ.pop(_name, None)
+    os.unsetenv(_name)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -20,6 +21,7 @@ from ..client.job import AbstractJob
 from ..constants import JobStatus
 from ..errors import MissingExtraError
 from ..node.nodeproc import spawn_node, stop_node
+from ..redact import redact_uri
 
 
 class Countdown(AbstractJob):
@@ -74,9 +76,12 @@ def shout(data: Any) -> str:
     return str(data).upper()
 
 
-def run_demo(limit: float = 45.0, plain: bool = False, keep: bool = False) -> int:
+def run_demo(
+    limit: float = 45.0, plain: bool = False, keep: bool = False, uri: str | None = None, database: str = "demo"
+) -> int:
     """Run the demo; 0 when every example ended as expected. ``keep``: then keep the server, the node and a
-    dashboard running until Ctrl-C (or SIGTERM), their addresses printed."""
+    dashboard running until Ctrl-C (or SIGTERM), their addresses printed. ``uri``: on that deployment (in
+    ``database``) instead of an embedded server."""
     from ..client.scheduler import Scheduler
     from ..errors import EmbeddedServerError
     from ..ops.embedded import EmbeddedServer
@@ -84,40 +89,45 @@ def run_demo(limit: float = 45.0, plain: bool = False, keep: bool = False) -> in
     from .display import console as make_console
 
     console = make_console()
-    try:
-        server = EmbeddedServer(port=0, data_dir=":memory:")
-    except EmbeddedServerError as exc:
-        console.print(f"[red]{exc}[/red]")
-        return 1
-    with server, tempfile.TemporaryDirectory() as tmp:
-        console.print(f"embedded server: {server.uri}")
+    server: EmbeddedServer | None = None
+    if uri is None:
+        try:
+            server = EmbeddedServer(port=0, data_dir=":memory:")
+        except EmbeddedServerError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 1
+    with server or contextlib.nullcontext(), tempfile.TemporaryDirectory() as tmp:
+        target = server.uri if server is not None else str(uri)
+        shown = redact_uri(target)  # a URI given may hold a password
+        console.print(f"embedded server: {target}" if server is not None else f"MongoDB: {shown} (database {database})")
         # While the demo runs, its jobs can be watched in a browser too (the extra dashboard serves the page).
         console.print(
             "open the dashboard while it runs (another terminal, then http://127.0.0.1:8080/): "
-            f"taskscheduler dashboard --mongodb-uri {shlex.quote(server.uri)} --database demo",
+            f"taskscheduler dashboard --mongodb-uri {shlex.quote(shown)} --database {shlex.quote(database)}",
             highlight=False,
             soft_wrap=True,
         )
+        scheduler = Scheduler(connect(target, database))
+        scheduler.store.check_deployment()  # an unreachable or unfit deployment: one line, exit 1 (before a node)
         node = spawn_node(
-            server.uri,
-            "demo",
+            target,
+            database,
             ["taskscheduler.cli.demo"],
             ["--max-children", "4", "--orphaned-timeout", "5"],
             log=os.path.join(tmp, "node.log"),
         )
         try:
-            scheduler = Scheduler(connect(server.uri, "demo"))
             jobs = _spool(scheduler)
             ok = _show(scheduler, jobs, console, limit, plain)
             if keep:
-                _keep(server.uri, node.pid, console)
+                _keep(target, database, node.pid, console)
         finally:
             stop_node(node, timeout=15)
         console.print(f"queue node stopped (exit code {node.returncode})")
     return 0 if ok and node.returncode == 0 else 1
 
 
-def _keep(uri: str, node_pid: int, console: Console) -> None:
+def _keep(uri: str, database: str, node_pid: int, console: Console) -> None:
     """Keep the demo's server and node, and serve a dashboard on a free port, until Ctrl-C or SIGTERM."""
     from ..ops.dashboard import require_extra
 
@@ -131,7 +141,7 @@ def _keep(uri: str, node_pid: int, console: Console) -> None:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             page = subprocess.Popen(
-                [sys.executable, "-m", "taskscheduler", "dashboard", "--port", str(port), "--database", "demo"],
+                [sys.executable, "-m", "taskscheduler", "dashboard", "--port", str(port), "--database", database],
                 env={**os.environ, "TASKSCHEDULER_MONGODB_URI": uri},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -141,7 +151,7 @@ def _keep(uri: str, node_pid: int, console: Console) -> None:
         except MissingExtraError as exc:
             dashboard = f"none ({exc})"
         console.print(
-            f"kept running until Ctrl-C: MongoDB {uri} (database demo), queue node pid {node_pid}, "
+            f"kept running until Ctrl-C: MongoDB {redact_uri(uri)} (database {database}), queue node pid {node_pid}, "
             f"dashboard {dashboard}",
             highlight=False,
             soft_wrap=True,

@@ -129,6 +129,7 @@ def queue(
 
 
 @cli.command()
+@common
 @option(
     "--host",
     default="127.0.0.1",
@@ -142,9 +143,14 @@ def queue(
     show_default=True,
     help="Where the embedded server keeps its data, mode 0700 (':memory:' for none).",
 )
-def server(host: str, port: int, data_dir: str) -> None:
+def server(conn: Connection, host: str, port: int, data_dir: str) -> None:
     """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C. It has no authentication."""
     import ipaddress
+
+    ctx = click.get_current_context()
+    for name, flag in (("mongodb_uri", "--mongodb-uri"), ("database", "--database")):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            click.echo(f"note: {flag} is for the commands that connect; `server` serves (--host, --port)", err=True)
 
     from ..ops.embedded import EmbeddedServer
 
@@ -231,6 +237,7 @@ def dashboard(
 
 
 @cli.command()
+@common
 @option("--seconds", type=click.FloatRange(min=5), default=45, show_default=True, help="Longest the demo runs.")
 @option("--plain", is_flag=True, help="Plain text output instead of the live display.")
 @option(
@@ -238,8 +245,16 @@ def dashboard(
     is_flag=True,
     help="Then keep the server, the node and a dashboard running until Ctrl-C, and print their addresses.",
 )
-def demo(seconds: float, plain: bool, keep: bool) -> None:
-    """Start an embedded server and a queue node, run example jobs, show them live, print a summary."""
+def demo(conn: Connection, seconds: float, plain: bool, keep: bool) -> None:
+    """Start an embedded server and a queue node, run example jobs, show them live, print a summary. With
+    --mongodb-uri on the command line, on that deployment instead (in the database "demo" unless --database says
+    another)."""
     from .demo import run_demo
 
-    sys.exit(run_demo(limit=seconds, plain=plain, keep=keep))
+    # Only a deployment named on the command line: TASKSCHEDULER_MONGODB_URI, set for the other commands, must
+    # not send `make demo` to a real deployment.
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("mongodb_uri") == click.core.ParameterSource.COMMANDLINE
+    named = ctx.get_parameter_source("database") == click.core.ParameterSource.COMMANDLINE
+    uri = conn.uri if given else None
+    sys.exit(run_demo(limit=seconds, plain=plain, keep=keep, uri=uri, database=conn.database if named else "demo"))
