@@ -153,14 +153,22 @@ class Scheduler:
     # -- adding jobs -----------------------------------------------------------------------------------------------
 
     def add_job(
-        self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
+        self,
+        job_class: type | Callable[..., Any] | str,
+        data: Any = None,
+        options: Mapping[str, Any] | None = None,
+        **kw: Any,
     ) -> Process:
         """Spool a job; returns its Process. Nothing is written when any argument is invalid."""
         doc = self.lifecycle.prepare(class_path(job_class), data, _merge(options, kw), self._options)
         return Process(self.lifecycle.add(self._mark_child(doc)), self)
 
     def add_job_once(
-        self, job_class: type | str, data: Any = None, options: Mapping[str, Any] | None = None, **kw: Any
+        self,
+        job_class: type | Callable[..., Any] | str,
+        data: Any = None,
+        options: Mapping[str, Any] | None = None,
+        **kw: Any,
     ) -> Process:
         """Spool a job unless an active job of the same class (and data) exists with the same options.
 
