@@ -381,3 +381,27 @@ def start_delay(scheduler: Any, job_id: Any) -> float:
     record = scheduler.get_job(job_id)
     assert record.created is not None and record.started is not None, record
     return float((record.started - record.created).total_seconds())
+
+
+def cli_in_process(*args: str) -> tuple[Any, str]:
+    """``taskscheduler ARGS`` in this process: (exit code, or the exception that escaped; stdout and stderr)."""
+    import contextlib
+    import gc
+    import io
+    import warnings
+
+    from taskscheduler.cli.commands import main
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            main(list(args))
+    except SystemExit as exc:
+        return exc.code, out.getvalue()
+    except Exception as exc:  # a traceback for the operator: what SPEC 3 rules out
+        return exc, out.getvalue()
+    finally:
+        with warnings.catch_warnings():  # a client left to the collector here, not in a later test
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    return None, out.getvalue()

@@ -7,11 +7,7 @@ Each stamp below is what the writer's process read from its own estimate of the 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
 import random
-import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,8 +18,8 @@ from bson.int64 import Int64
 from pymongo.database import Database
 from starlette.testclient import TestClient
 
+from helpers import cli_in_process
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.cli.commands import main
 from taskscheduler.constants import DEFAULT_EVENT_QUEUE
 from taskscheduler.ops.embedded import EmbeddedServer
 from taskscheduler.store.history import in_order
@@ -107,6 +103,8 @@ def test_a_worker_claiming_the_retry_its_own_end_announced(scheduler: Scheduler,
 
 
 def test_a_cancel_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) -> None:
+    """A retry without delay claimed at once by the worker whose end announced it, its stamp 5 ms earlier: run 2's
+    WAITING (written by that end) still comes before the claim."""
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
     stamps.set(1000)
@@ -120,6 +118,7 @@ def test_a_cancel_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) ->
 
 
 def test_a_release_at_a_stop_right_after_the_claim(scheduler: Scheduler, stamps: Stamps) -> None:
+    """A producer's cancel of a running job stamped 5 ms before the worker's claim: listed after the claim it ends."""
     p = scheduler.add_job("sample_jobs:Noop")
     a, b = ObjectId(), ObjectId()
     stamps.set(1000)
@@ -134,6 +133,7 @@ def test_a_release_at_a_stop_right_after_the_claim(scheduler: Scheduler, stamps:
 
 
 def test_a_worker_that_claims_again_before_its_release_stamp(scheduler: Scheduler, stamps: Stamps) -> None:
+    """A node's release at its stop stamped 5 ms before its worker's claim: after that claim, before the next."""
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
     stamps.set(0)
@@ -150,6 +150,8 @@ def test_a_worker_that_claims_again_before_its_release_stamp(scheduler: Schedule
 
 
 def test_a_cancel_of_a_run_just_released(scheduler: Scheduler, stamps: Stamps) -> None:
+    """A worker that claims the run again, the release of its first claim stamped 10 ms after the second claim:
+    the release ends the first claim."""
     p = scheduler.add_job("sample_jobs:Noop")
     a = ObjectId()
     stamps.set(0)
@@ -162,6 +164,8 @@ def test_a_cancel_of_a_run_just_released(scheduler: Scheduler, stamps: Stamps) -
 
 
 def test_a_retry_claimed_by_another_worker_and_a_requeue_claimed_early(scheduler: Scheduler, stamps: Stamps) -> None:
+    """A cancel of a run just put back, stamped 5 ms before the release: after the release (a CANCELED job's
+    history ends CANCELED)."""
     """Held: the opening events of run 2 (another worker's end) and run 3 (a requeue), each stamped after the claim
     it allowed, are listed before it; the sweep of run 3 stamped after the next claim comes before it."""
     p = scheduler.add_job("sample_jobs:Noop", {}, {"retry": 1, "retry_interval": 0})
@@ -204,20 +208,7 @@ def test_a_retry_claimed_by_another_worker_and_a_requeue_claimed_early(scheduler
 # -- 2. hostile event documents (SPEC 2) ---------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> tuple[Any, str]:
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            main(list(args))
-    except SystemExit as exc:
-        return exc.code, out.getvalue()
-    except Exception as exc:  # a traceback for the operator
-        return exc, out.getvalue()
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-    return None, out.getvalue()
+_cli = cli_in_process
 
 
 @pytest.fixture

@@ -5,19 +5,14 @@ In-process and quick: pure checks, or one CLI command run in this process agains
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
-import warnings
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from pymongo.database import Database
 
-from helpers import as_record
+from helpers import as_record, cli_in_process
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.cli.commands import main
 from taskscheduler.constants import DEFAULT_JOB_QUEUE, NODE_REGISTRY
 from taskscheduler.core.runs import next_start
 from taskscheduler.errors import InvalidArgumentError
@@ -34,21 +29,7 @@ OS_ERROR_ZONES = ["Europe", "America", "x" * 300]
 CLI_IN_PROCESS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def _cli(*args: str) -> tuple[Any, str]:
-    """``taskscheduler ARGS`` in this process: (exit code, or the exception that escaped; stdout and stderr)."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            main(list(args))
-    except SystemExit as exc:
-        return exc.code, out.getvalue()
-    except Exception as exc:  # a traceback for the operator: what SPEC 3 rules out
-        return exc, out.getvalue()
-    finally:
-        with warnings.catch_warnings():  # the CLI's client, left to the collector here, not in a later test
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-    return None, out.getvalue()
+_cli = cli_in_process
 
 
 # -- secrets in URIs (SPEC 7: URI passwords masked everywhere) -----------------------------------------------------
