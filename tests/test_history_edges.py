@@ -334,3 +334,14 @@ def test_duplicated_sweeps_of_one_worker_and_a_verdict_stay_in_the_hold_they_end
         event(D, c, 13000),
     ]
     assert [e["_id"] for e in in_order(as_stored(truth))] == [e["_id"] for e in truth]
+
+
+def test_twenty_thousand_unnamed_events_inside_one_hold_with_twenty_thousand_ends() -> None:
+    """Hostile: one claim whose hold 20,000 events end and 20,000 events naming no claim fall inside; each
+    unnamed one is placed next to the nearer edge of that hold (the hold's end found once, not once per event)."""
+    a = ObjectId()
+    claim_event, ends = event(P, a, 0), [event(W, a, 100_000 + i) for i in range(20_000)]
+    inside = [event(W, None, 10 + i) for i in range(20_000)]  # nearer the claim: before it
+    ordered = in_order(as_stored([claim_event, *ends, *inside]))
+    assert [e["_id"] for e in ordered[:20_000]] == [e["_id"] for e in inside]
+    assert ordered[20_000]["_id"] == claim_event["_id"] and len(ordered) == 40_001

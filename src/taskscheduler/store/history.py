@@ -85,6 +85,7 @@ class _Claims:
                 times.append(self.times[k])
                 positions.append(k)
         self.ends: list[list[int]] = [[] for _ in self.order]  # the events that end each claim's hold
+        self._first: dict[int, int | None] = {}  # the earliest of them, once all are placed
 
     def place(self, index: int) -> bool:
         """Place an event that opens the run or names a worker that claimed it; False for the others."""
@@ -113,6 +114,13 @@ class _Claims:
         elif k + 1 < len(claims) and claims[k] < claims[k + 1] <= at:
             self.keys[index] = (claims[k + 1], 0, index, 0, index)  # before the run's next claim
 
+    def _first_end(self, k: int) -> int | None:
+        """The earliest stamped event that ends claim ``k``'s hold (None: not seen), once per claim."""
+        if k not in self._first:
+            ends = self.ends[k]
+            self._first[k] = min(ends, key=lambda i: self.stamped[i][1]) if ends else None
+        return self._first[k]
+
     def place_unnamed(self, index: int) -> None:
         """Place an event that names no claim of the run, once the named ones are placed: stamped while a worker
         held the run, where it cannot have happened, it goes next to the nearer edge of that hold."""
@@ -120,7 +128,7 @@ class _Claims:
         k = bisect_right(self.times, at) - 1
         if k < 0 or not self.times[k] < at:
             return
-        end = min(self.ends[k], key=lambda i: self.stamped[i][1]) if self.ends[k] else None
+        end = self._first_end(k)
         ended = self.stamped[end][1] if end is not None else None
         if ended is not None and at >= ended:
             return  # after that hold, as stamped
