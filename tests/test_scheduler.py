@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from blinker import Namespace
 from bson import ObjectId
-from pymongo import MongoClient, monitoring
+from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
 import sample_jobs
@@ -697,37 +697,3 @@ def test_set_options_through_a_run_view_keeps_one_store(new_scheduler: Callable[
     view = worker_scheduler.for_run(RunContext(ObjectId(), ObjectId(), 1))
     view.set_options({"progress_rate_limit": 0})
     assert worker_scheduler.store is worker_scheduler.lifecycle.store is view.store
-
-
-def test_wait_for_leaves_its_stream_to_the_drivers_thread_and_it_is_killed(
-    server: EmbeddedServer, db_name: str, new_scheduler: Callable[..., Scheduler]
-) -> None:
-    """wait_for returns once it has its answer: the change stream's cursor is killed by the driver's own
-    background thread (within a second or so), not by a round trip on the caller's."""
-    kills: list[int] = []  # the thread of each killCursors
-
-    class Kills(monitoring.CommandListener):
-        def started(self, event: monitoring.CommandStartedEvent) -> None:
-            if event.command_name == "killCursors":
-                kills.append(threading.get_ident())
-
-        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-            pass
-
-        def failed(self, event: monitoring.CommandFailedEvent) -> None:
-            pass
-
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, tz_aware=True, event_listeners=[Kills()])
-    try:
-        waiter = Scheduler(client[db_name])
-        p = waiter.add_job("test")
-        t = threading.Thread(target=lambda: (time.sleep(0.2), new_scheduler().cancel_job(p.id)))
-        t.start()
-        waiter.wait_for([p], timeout=10)
-        t.join()
-        assert p.status == JobStatus.CANCELED
-        assert threading.get_ident() not in kills  # no killCursors on the caller's thread
-        wait_until(lambda: kills, 10, what="the driver's thread to kill the stream's cursor")
-        assert threading.get_ident() not in kills
-    finally:
-        client.close()

@@ -391,7 +391,6 @@ class Scheduler:
                 if wait.throw and change.status == JobStatus.FAILED:
                     doc = self.store.find_job(change.job_id) or doc  # JobFailedError carries the final job
                 wait.settle(doc)
-            feed.let_go()  # its cursor is killed off this thread: the caller has its answer a round trip sooner
         if seen_changes:  # changes carried only statuses: read the final documents once, for all jobs together
             for doc in self.store.find_by_ids(by_id):
                 for p in by_id[JobView(doc).id]:

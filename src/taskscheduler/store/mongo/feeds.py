@@ -222,11 +222,6 @@ class StatusFeed:
                 pass
             self._stream = None
 
-    def let_go(self) -> None:
-        """Stop watching without a round trip on the caller's path: the driver kills a cursor it no longer holds
-        from its own background thread, within a second (wait_for, done with the stream, returns at once)."""
-        self._stream = None
-
     def __enter__(self) -> StatusFeed:
         return self
 
