@@ -19,7 +19,7 @@ from rich.live import Live
 
 from ..client.job import AbstractJob
 from ..constants import JobStatus
-from ..errors import MissingExtraError
+from ..errors import InvalidArgumentError, MissingExtraError
 from ..node.nodeproc import spawn_node, stop_node
 from ..redact import redact_uri
 
@@ -107,7 +107,7 @@ def run_demo(
             highlight=False,
             soft_wrap=True,
         )
-        scheduler = Scheduler(connect(target, database))
+        scheduler = Scheduler(connect(target, database, timeout_ms=5_000))  # an answer as soon as the other commands
         scheduler.store.check_deployment()  # an unreachable or unfit deployment: one line, exit 1 (before a node)
         node = spawn_node(
             target,
@@ -157,7 +157,8 @@ def _keep(uri: str, database: str, node_pid: int, console: Console) -> None:
             soft_wrap=True,
         )
         console.print(
-            f"add jobs: TASKSCHEDULER_MONGODB_URI={shlex.quote(uri)} taskscheduler add --database demo "
+            f"add jobs: TASKSCHEDULER_MONGODB_URI={shlex.quote(redact_uri(uri))} taskscheduler add --database "
+            f"{shlex.quote(database)} "
             "taskscheduler.cli.demo:Tick",
             highlight=False,
             soft_wrap=True,
@@ -222,8 +223,12 @@ def _show(scheduler: Any, jobs: dict[str, Any], console: Console, limit: float, 
     finally:
         if live is not None:
             live.stop()
-    for p in scheduler.get_jobs():  # stop the interval chain and anything left
-        scheduler.cancel_job(p.id)
+    # Stop the interval chain and whatever of the demo's is left: its own jobs only (on a deployment given with
+    # --mongodb-uri, the database may hold other jobs), their children with them.
+    ids = [p.id for p in jobs.values()]
+    for p in scheduler.get_jobs({"_id": {"$in": ids}, "status": {"$lt": int(JobStatus.DONE)}}):
+        with contextlib.suppress(InvalidArgumentError):  # it ended meanwhile
+            scheduler.cancel_job(p.id)
     return _summary(scheduler, jobs, console)
 
 

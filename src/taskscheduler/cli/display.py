@@ -149,12 +149,18 @@ def console() -> Console:
     """A console; when output is not a terminal, as wide as ``COLUMNS`` says, else wide enough that no column is
     cut."""
     import os
+    import shutil
     import sys
 
+    # Rich reads COLUMNS and LINES itself unless given both sizes, and int() of "8²" (a digit to isdigit())
+    # raises; shutil reads them safely, then asks the terminal. In a terminal with sane ones, rich follows resizes.
+    size = shutil.get_terminal_size()
     if sys.stdout.isatty():
-        return Console()
+        odd = any(v.isdigit() and not v.isascii() for v in (os.environ.get("COLUMNS", ""), os.environ.get("LINES", "")))
+        return Console(width=size.columns, height=size.lines) if odd else Console()
     columns = os.environ.get("COLUMNS", "")
-    return Console(width=int(columns) if columns.isdigit() and int(columns) >= 40 else 200)
+    width = int(columns) if columns.isascii() and columns.isdigit() else 0
+    return Console(width=width if 40 <= width <= 1000 else 200, height=size.lines)
 
 
 def _age(when: datetime | None) -> str:
