@@ -17,7 +17,7 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -43,15 +43,16 @@ class Options(dict[str, Any]):
 
 
 class Awaited(Generic[T]):
-    """A read of MongoDB that a property of :class:`AsyncProcess` starts: awaited as it is, or called first."""
+    """A read of MongoDB that a property of :class:`AsyncProcess` starts: awaited as it is, or called first for
+    the coroutine (``asyncio.create_task(p.blocked_by())``)."""
 
-    def __init__(self, start: Callable[[], Awaitable[T]]) -> None:
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, T]]) -> None:
         self._start = start
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._start().__await__()
 
-    def __call__(self) -> Awaitable[T]:
+    def __call__(self) -> Coroutine[Any, Any, T]:
         return self._start()
 
 #: Threads per AsyncScheduler for short calls (waits and listens run on threads of their own).
@@ -113,10 +114,12 @@ class AsyncScheduler:
     # -- options and events (no I/O): plain calls, which may be awaited too ----------------------------------------
 
     def set_options(self, options: Mapping[str, Any]) -> AsyncScheduler:
+        self._check_open()
         self._sync.set_options(options)
         return self
 
     def get_options(self) -> Options:
+        self._check_open()
         return Options(self._sync.get_options())
 
     def __await__(self) -> Generator[Any, None, AsyncScheduler]:
@@ -127,6 +130,7 @@ class AsyncScheduler:
 
     def on(self, event: str, handler: Callable[[str, Any], Any]) -> AsyncScheduler:
         """Call ``handler(event_name, async_process)`` on the event loop for status events this instance sees."""
+        self._check_open()
         if not callable(handler):
             raise InvalidArgumentError(f"handler must be callable, got {handler!r}")
 
