@@ -47,7 +47,9 @@ def show_progress(job: Process, stop: threading.Event) -> None:
 def main() -> None:
     scheduler = Scheduler(database())
     scheduler.on("*", lambda name, p: print(f"{name:<28} {p.id} progress={p.progress:.0f}"))
-    job = scheduler.add_job(f"{MODULE}:Steps")
+    # Due in a second: listen() below sees the changes that come after it opens its stream, and a free node would
+    # claim a job due now before that (its claim, the `processing` event, would go unseen).
+    job = scheduler.add_job(f"{MODULE}:Steps", at=time.time() + 1)
     stop = threading.Event()
     reader = threading.Thread(target=show_progress, args=(scheduler.get_job(job.id), stop))
     reader.start()
