@@ -38,8 +38,7 @@ class Faults:
         # A worker and its manager SIGKILLed in the same instant leave the job's other processes to run out: no
         # process of ours is left to end them (a documented limit, docs/concepts.md "The stall window"). So a
         # node is never killed within NODE_AFTER_WORKER_KILL of one of its workers.
-        now = time.monotonic()
-        recent = {self._node_of_pid(pid) for pid, at in self.killed_pids.items() if now - at < NODE_AFTER_WORKER_KILL}
+        recent = self._lost_a_worker_lately()
         candidates = [n for n in self.up() if n.label not in recent]
         if not candidates:
             return False
@@ -50,6 +49,11 @@ class Faults:
         self.note(f"SIGKILL group of {victim.label}")
         self.later(self.rng.uniform(0.0, 1.0), "restart", self.restart)
         return True
+
+    def _lost_a_worker_lately(self) -> set[str | None]:
+        """Labels of the nodes one of whose workers the harness SIGKILLed within NODE_AFTER_WORKER_KILL."""
+        now = time.monotonic()
+        return {self._node_of_pid(pid) for pid, at in self.killed_pids.items() if now - at < NODE_AFTER_WORKER_KILL}
 
     def _term_node(self) -> bool:
         candidates = [n for n in self.up() if n.serving()]
@@ -118,8 +122,7 @@ class Faults:
         node = self.node(victim.node)
         # The node's death takes its manager with it (the kernel's parent-death signal): as in _kill_node, never
         # within NODE_AFTER_WORKER_KILL of killing one of its workers (both in one instant: a documented limit).
-        now = time.monotonic()
-        recent = {self._node_of_pid(pid) for pid, at in self.killed_pids.items() if now - at < NODE_AFTER_WORKER_KILL}
+        recent = self._lost_a_worker_lately()
         if node is not None and node.state == "up" and node.label not in recent and self.rng.random() < 0.5:
             os.kill(node.node.pid, signal.SIGKILL)
             node.node.proc.wait(10)
@@ -163,6 +166,14 @@ class Faults:
         candidates = self.up()
         if len(candidates) < 2 or any(n.state == "stopped" for n in self.nodes):
             return False  # one stalled node at a time, and another one to take its jobs over
+        if group:
+            # Its manager paused in the instant after one of its workers was SIGKILLed leaves that worker's job
+            # processes to run out (the documented limit of a worker killed while its manager is paused): as for
+            # _kill_node, not within NODE_AFTER_WORKER_KILL of such a kill.
+            recent = self._lost_a_worker_lately()
+            candidates = [n for n in candidates if n.label not in recent]
+            if not candidates:
+                return False
         busy = {x.node for x in self.log.active()}
         victim = self.rng.choice([n for n in candidates if n.label in busy] or candidates)  # one that runs jobs
         if group:
