@@ -405,3 +405,21 @@ def cli_in_process(*args: str) -> tuple[Any, str]:
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
     return None, out.getvalue()
+
+
+def id_preferring(node: Any, ids: list[Any], job_class: str = "sample_jobs:Noop") -> Any:
+    """A new job id whose preferred node among ``ids`` (registry ids of nodes all serving sample_jobs) is
+    ``node``, as the nodes compute it."""
+    from datetime import datetime
+
+    from bson import ObjectId
+
+    from taskscheduler.node.peers import Peers
+
+    peers = Peers(node, ["sample_jobs"])
+    now = datetime.now()
+    peers.update([{"_id": i, "modules": ["sample_jobs"], "alive": now, "lease": 30.0} for i in ids], now, 1.0)
+    while True:
+        job_id = ObjectId()
+        if peers.rank(job_id, job_class) == 0:
+            return job_id

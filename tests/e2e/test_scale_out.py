@@ -9,16 +9,15 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from helpers import Node, start_delay, stop_nodes, wait_for_peers, wait_until
+from helpers import Node, id_preferring, start_delay, stop_nodes, wait_for_peers, wait_until
 from taskscheduler import JobStatus, Scheduler
-from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
+from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -49,29 +48,11 @@ def _node_ids(scheduler: Scheduler, nodes: list[Node]) -> dict[int, ObjectId]:
 
 
 def _job_ids(ids: dict[int, ObjectId], victim: int, count: int = 6) -> list[ObjectId]:
-    """``count`` new job ids, half of them preferring node ``victim`` (a pid of ``ids``): a test of what becomes
-    of a preferred node's jobs must have some (six random ids all prefer the other of two nodes once in 64)."""
-    mine: list[ObjectId] = []
-    others: list[ObjectId] = []
-    while len(mine) < count // 2 or len(others) < count - count // 2:
-        job_id = ObjectId()
-        side = mine if _preferred(job_id, list(ids.values())) == ids[victim] else others
-        side.append(job_id)
-    return [*mine[: count // 2], *others[: count - count // 2]]
-
-
-def _preferred(job_id: ObjectId, ids: list[ObjectId]) -> ObjectId:
-    """The node a job prefers among ``ids`` (all serving its class), as every node computes it."""
-    for me in ids:
-        peers = Peers(me, ["sample_jobs"])
-        now = datetime.now()
-        peers.update(
-            [{"_id": i, "modules": ["sample_jobs"], "alive": now, "lease": 30.0} for i in ids if i != me], now, 1.0
-        )
-        if peers.rank(job_id, "sample_jobs:Noop") == 0:
-            return me
-    raise AssertionError("no node ranks first")
-
+    """``count`` new job ids for two nodes, half of them preferring node ``victim`` (a pid of ``ids``): a test of
+    what becomes of a preferred node's jobs must have some (six random ids all prefer the other node once in 64)."""
+    nodes = list(ids.values())
+    other = next(i for pid, i in ids.items() if pid != victim)
+    return [id_preferring(ids[victim] if n < count // 2 else other, nodes) for n in range(count)]
 
 
 def test_idle_nodes_claim_each_job_once(scheduler: Scheduler, start_node: Callable[..., Node]) -> None:

@@ -17,10 +17,10 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from helpers import Node, start_delay, wait_for_peers, wait_until
+from helpers import Node, id_preferring, start_delay, wait_for_peers, wait_until
 from taskscheduler import JobStatus, Process, Scheduler
 from taskscheduler.constants import NODE_REGISTRY
-from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS, Peers
+from taskscheduler.node.peers import GRACE_SECONDS, LAST_STAGGERED_RANK, STAGGER_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -44,18 +44,6 @@ def _node_ids(scheduler: Scheduler, nodes: list[Node]) -> list[ObjectId]:
     return found
 
 
-def _id_preferring(node: ObjectId, ids: list[ObjectId], job_class: str = NOOP) -> ObjectId:
-    """A new job id whose preferred node among ``ids`` (all serving sample_jobs) is ``node``, as nodes compute it."""
-    peers = Peers(node, ["sample_jobs"])
-    now = datetime.now()
-    peers.update([{"_id": i, "modules": ["sample_jobs"], "alive": now, "lease": 30.0} for i in ids], now, 1.0)
-    while True:
-        job_id = ObjectId()
-        if peers.rank(job_id, job_class) == 0:
-            return job_id
-
-
-
 def _processing(scheduler: Scheduler, job: Process) -> None:
     wait_until(lambda: scheduler.get_job(job.id).status == JobStatus.PROCESSING, timeout=30, what="its start")
 
@@ -64,7 +52,7 @@ def _warm_up(scheduler: Scheduler, nodes: list[Node]) -> list[ObjectId]:
     """Every node registered, serving, and knowing the others: one job preferring each runs to its end."""
     ids = _node_ids(scheduler, nodes)
     wait_for_peers(nodes)
-    scheduler.wait_for([scheduler.add_job(NOOP, id=_id_preferring(i, ids)) for i in ids], timeout=30)
+    scheduler.wait_for([scheduler.add_job(NOOP, id=id_preferring(i, ids)) for i in ids], timeout=30)
     return ids
 
 
@@ -90,10 +78,10 @@ def test_a_busy_node_holding_a_ripe_job_of_another_node_does_not_spin(
 ) -> None:
     a, b = start_node(*ONE_WORKER), start_node(*ONE_WORKER)
     ids = _warm_up(scheduler, [a, b])
-    busy = [scheduler.add_job(SLEEP, {"seconds": 5}, id=_id_preferring(i, ids, SLEEP)) for i in ids]
+    busy = [scheduler.add_job(SLEEP, {"seconds": 5}, id=id_preferring(i, ids, SLEEP)) for i in ids]
     for job in busy:
         _processing(scheduler, job)
-    waiting = scheduler.add_job(NOOP, id=_id_preferring(ids[0], ids))  # b defers it; it ripens after the grace
+    waiting = scheduler.add_job(NOOP, id=id_preferring(ids[0], ids))  # b defers it; it ripens after the grace
     time.sleep(GRACE_SECONDS + 0.2)
     before, started = _cpu_seconds(b.pid), time.monotonic()
     time.sleep(1.5)  # a window of CPU time: nothing to poll for
@@ -107,11 +95,11 @@ def test_a_job_whose_preferred_node_is_busy_is_not_overtaken_by_a_later_lower_pr
 ) -> None:
     a, b = start_node(*ONE_WORKER), start_node(*ONE_WORKER)
     ids = _warm_up(scheduler, [a, b])
-    _processing(scheduler, scheduler.add_job(SLEEP, {"seconds": 5}, id=_id_preferring(ids[0], ids, SLEEP)))
+    _processing(scheduler, scheduler.add_job(SLEEP, {"seconds": 5}, id=id_preferring(ids[0], ids, SLEEP)))
     # b is idle: the high-priority job, preferred by the busy a, is b's to take after the grace delay.
-    high = scheduler.add_job(NOOP, priority=50, id=_id_preferring(ids[0], ids))
+    high = scheduler.add_job(NOOP, priority=50, id=id_preferring(ids[0], ids))
     time.sleep(0.05)
-    low = scheduler.add_job(SLEEP, {"seconds": 3}, priority=-50, id=_id_preferring(ids[1], ids, SLEEP))
+    low = scheduler.add_job(SLEEP, {"seconds": 3}, priority=-50, id=id_preferring(ids[1], ids, SLEEP))
     scheduler.wait_for([high, low], timeout=30)
     assert start_delay(scheduler, high.id) <= TAKEOVER_SECONDS
     high_started, low_started = scheduler.get_job(high.id).started, scheduler.get_job(low.id).started
@@ -124,11 +112,11 @@ def test_a_force_spawn_job_whose_preferred_manager_is_paused_starts_on_a_busy_no
 ) -> None:
     a, b = start_node(*ONE_WORKER), start_node(*ONE_WORKER)
     ids = _warm_up(scheduler, [a, b])
-    _processing(scheduler, scheduler.add_job(SLEEP, {"seconds": 5}, id=_id_preferring(ids[1], ids, SLEEP)))
+    _processing(scheduler, scheduler.add_job(SLEEP, {"seconds": 5}, id=id_preferring(ids[1], ids, SLEEP)))
     manager = _manager(a)
     manager.suspend()  # a's node renews its entry: a stays the preferred node of its jobs
     try:
-        forced = scheduler.add_job(NOOP, force_spawn=True, id=_id_preferring(ids[0], ids))
+        forced = scheduler.add_job(NOOP, force_spawn=True, id=id_preferring(ids[0], ids))
         forced.wait(timeout=30)
         assert forced.status == JobStatus.DONE
         assert start_delay(scheduler, forced.id) <= TAKEOVER_SECONDS
@@ -188,7 +176,7 @@ def test_a_job_preferring_a_node_whose_manager_was_sigkilled_starts_once(
     os.kill(_manager(a).pid, signal.SIGKILL)  # a starts a new one; until it reports, a knows of no free worker
     runs = tmp_path / "runs"
     count = "sample_jobs:CountRun"
-    jobs = [scheduler.add_job(count, {"path": str(runs)}, id=_id_preferring(ids[0], ids, count)) for _ in range(4)]
+    jobs = [scheduler.add_job(count, {"path": str(runs)}, id=id_preferring(ids[0], ids, count)) for _ in range(4)]
     scheduler.wait_for(jobs, timeout=30)
     for p in jobs:
         assert scheduler.get_job(p.id).status == JobStatus.DONE
@@ -210,7 +198,7 @@ def test_jobs_preferring_a_node_whose_manager_is_paused_start_on_another_pool(
     manager = _manager(a)
     manager.suspend()  # a's node stays live in the registry and keeps handing its jobs to a manager that sleeps
     try:
-        jobs = [scheduler.add_job(NOOP, id=_id_preferring(ids[0], ids)) for _ in range(3)]
+        jobs = [scheduler.add_job(NOOP, id=id_preferring(ids[0], ids)) for _ in range(3)]
         scheduler.wait_for(jobs, timeout=30)
         assert all(scheduler.get_job(p.id).status == JobStatus.DONE for p in jobs)
         delays = [start_delay(scheduler, p.id) for p in jobs]
@@ -224,7 +212,7 @@ def test_held_jobs_of_several_nodes_start_after_a_resume(scheduler: Scheduler, s
     a, b = start_node(*ONE_WORKER), start_node(*ONE_WORKER)
     ids = _warm_up(scheduler, [a, b])
     scheduler.pause(NOOP)
-    jobs = [scheduler.add_job(NOOP, id=_id_preferring(i, ids)) for i in ids for _ in range(2)]
+    jobs = [scheduler.add_job(NOOP, id=id_preferring(i, ids)) for i in ids for _ in range(2)]
     time.sleep(GRACE_SECONDS + 0.4)  # past every grace: each node holds every job (paused), deferred or not
     assert all(scheduler.get_job(p.id).status == JobStatus.WAITING for p in jobs)
     resumed = time.monotonic()
