@@ -699,35 +699,3 @@ def test_piped_tables_are_as_wide_as_columns_says_and_keep_ids_whole(
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 80, out.stdout
     assert all(job_id in out.stdout for job_id in ids), out.stdout
-
-
-@pytest.mark.e2e
-def test_demo_on_a_deployment_named_on_the_command_line(
-    server: EmbeddedServer, db_name: str, scheduler: Scheduler, tmp_path: Path
-) -> None:
-    """SPEC 3: the connection options are accepted after every command's name; `demo --mongodb-uri URI` runs the
-    examples on that deployment (in --database), and the same URI in TASKSCHEDULER_MONGODB_URI alone (set for the
-    other commands) does not move the demo off its embedded server."""
-    out = subprocess.run(
-        [sys.executable, "-m", "taskscheduler", "demo", "--plain", "--mongodb-uri", server.uri, "--database", db_name],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "embedded server" not in out.stdout and f"(database {db_name})" in out.stdout
-    classes = {p.job_class for p in scheduler.get_jobs({})}
-    assert any(name.startswith("taskscheduler.cli.demo:") for name in classes), classes
-    env = dict(os.environ, TASKSCHEDULER_MONGODB_URI=server.uri)
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "taskscheduler", "demo", "--plain"], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert demo.stdout is not None
-        assert demo.stdout.readline().startswith("embedded server: mongodb://")
-    finally:
-        demo.send_signal(signal.SIGINT)
-        demo.wait(timeout=30)
-        if demo.stdout is not None:
-            demo.stdout.close()

@@ -116,15 +116,36 @@ def test_demo_on_an_unreachable_uri_is_one_line_and_exit_1(tmp_path: Path) -> No
 
 
 @pytest.mark.e2e
-def test_demo_on_a_deployment_leaves_the_other_jobs_of_its_database_alone(
+def test_demo_on_a_deployment_named_on_the_command_line_leaves_the_other_jobs_of_its_database_alone(
     server: EmbeddedServer, db_name: str, scheduler: Scheduler
 ) -> None:
+    """SPEC 3: the connection options are accepted after every command's name; `demo --mongodb-uri URI` runs the
+    examples on that deployment (in --database) and cancels only its own at its end; the same URI in
+    TASKSCHEDULER_MONGODB_URI alone (set for the other commands) does not move the demo off its embedded server."""
     mine = scheduler.add_job("myapp.mail:Send", {"to": "x"})  # no node here serves it: it waits
     later = scheduler.add_job("myapp.report:Build", None, interval=3600)
     out = cli("demo", "--plain", "--seconds", "30", "--mongodb-uri", server.uri, "--database", db_name, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "embedded server" not in out.stdout and f"(database {db_name})" in out.stdout
+    classes = {p.job_class for p in scheduler.get_jobs({})}
+    assert any(name.startswith("taskscheduler.cli.demo:") for name in classes), classes
     assert scheduler.get_job(mine.id).status == JobStatus.WAITING
     assert scheduler.get_job(later.id).status != JobStatus.CANCELED
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    demo = subprocess.Popen(
+        [CONSOLE_SCRIPT, "demo", "--plain"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(env, TASKSCHEDULER_MONGODB_URI=server.uri),
+    )
+    try:
+        assert demo.stdout is not None
+        assert demo.stdout.readline().startswith("embedded server: mongodb://")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=30)
+        if demo.stdout is not None:
+            demo.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,12 @@ connect_timeout_option = option(
 )
 
 
+def on_command_line(name: str) -> bool:
+    """Whether the running command's parameter ``name`` was given on the command line (not by default, nor by
+    its TASKSCHEDULER_* variable)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
 def object_id_arg(value: str) -> ObjectId:
     if not ObjectId.is_valid(value):
         raise click.BadParameter(f"{value!r} is not a job id (24 hex digits)")

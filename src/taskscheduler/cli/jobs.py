@@ -21,6 +21,7 @@ from .group import (
     first_line,
     job_id_arg,
     object_id_arg,
+    on_command_line,
     option,
     path_option,
     print_json,
@@ -105,7 +106,7 @@ def add(
     from ..client.job import class_path, load_job_class
 
     class_path(job_class)  # a malformed name is refused before anything is imported
-    given_here = click.get_current_context().get_parameter_source("timezone") == click.core.ParameterSource.COMMANDLINE
+    given_here = on_command_line("timezone")
     if timezone is not None and cron is None and given_here:  # it would be ignored: say so instead
         raise click.UsageError(
             "--timezone is the zone a --cron expression is read in; without --cron it means nothing. For --at, "

@@ -16,7 +16,17 @@ from ..constants import (
     DEFAULT_PM,
 )
 from ..ops.dashboard.limits import MAX_STREAMS
-from .group import Connection, cli, common, connect_timeout_option, option, path_option, search_first, where
+from .group import (
+    Connection,
+    cli,
+    common,
+    connect_timeout_option,
+    on_command_line,
+    option,
+    path_option,
+    search_first,
+    where,
+)
 
 
 @cli.command()
@@ -147,9 +157,8 @@ def server(conn: Connection, host: str, port: int, data_dir: str) -> None:
     """Run the embedded MongoDB-compatible server (SecantusDB) until Ctrl-C. It has no authentication."""
     import ipaddress
 
-    ctx = click.get_current_context()
     for name, flag in (("mongodb_uri", "--mongodb-uri"), ("database", "--database")):
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+        if on_command_line(name):
             click.echo(f"note: {flag} is for the commands that connect; `server` serves (--host, --port)", err=True)
 
     from ..ops.embedded import EmbeddedServer
@@ -253,8 +262,6 @@ def demo(conn: Connection, seconds: float, plain: bool, keep: bool) -> None:
 
     # Only a deployment named on the command line: TASKSCHEDULER_MONGODB_URI, set for the other commands, must
     # not send `make demo` to a real deployment.
-    ctx = click.get_current_context()
-    given = ctx.get_parameter_source("mongodb_uri") == click.core.ParameterSource.COMMANDLINE
-    named = ctx.get_parameter_source("database") == click.core.ParameterSource.COMMANDLINE
-    uri = conn.uri if given else None
-    sys.exit(run_demo(limit=seconds, plain=plain, keep=keep, uri=uri, database=conn.database if named else "demo"))
+    uri = conn.uri if on_command_line("mongodb_uri") else None
+    database = conn.database if on_command_line("database") else "demo"
+    sys.exit(run_demo(limit=seconds, plain=plain, keep=keep, uri=uri, database=database))
