@@ -4,6 +4,7 @@ a second of the last one, whatever process dies in between; a failure for good c
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from helpers import Node, wait_until
 from taskscheduler import JobStatus, Scheduler
@@ -25,16 +26,20 @@ def test_a_chain_runs_in_order_across_two_nodes(scheduler: Scheduler, start_node
 
 
 def test_a_dependent_starts_when_the_node_that_ran_its_dependency_is_killed_right_after(
-    scheduler: Scheduler, start_node: Callable[..., Node]
+    scheduler: Scheduler, start_node: Callable[..., Node], tmp_path: Path
 ) -> None:
-    """No lost wake-up: the node that ran the dependency dies the moment it ended; another node starts the rest."""
+    """No lost wake-up: the node that ran the dependency dies the moment it ended; another node starts the rest.
+    The first node does not serve the dependent's module, so it cannot have claimed it in that moment (a fresh
+    clone's run once found it claimed, PROCESSING, when the node was killed)."""
     node = start_node()
     dependency = scheduler.add_job("sample_jobs:Sleep", {"seconds": 0.3})
-    dependent = scheduler.add_job("sample_jobs:Noop", depends_on=[dependency])
+    dependent = scheduler.add_job(
+        "crash_jobs:Ticker", {"log": str(tmp_path / "ticks"), "seconds": 0}, depends_on=[dependency]
+    )
     wait_until(lambda: scheduler.get_job(dependency.id).status == JobStatus.DONE, 30, what="the dependency")
     node.kill_group()
-    assert scheduler.get_job(dependent.id).status in (JobStatus.WAITING, JobStatus.DONE)
-    start_node()
+    assert scheduler.get_job(dependent.id).status == JobStatus.WAITING
+    start_node(modules=("sample_jobs", "crash_jobs"))
     assert dependent.wait(timeout=30).status == JobStatus.DONE
 
 
