@@ -326,9 +326,11 @@ def test_a_claim_the_node_never_heard_of_is_not_run_again_while_its_worker_runs(
     monkeypatch.setenv("TASKSCHEDULER_FAILPOINTS", "worker.claimed=sleep:0.5")
     monkeypatch.setenv("TASKSCHEDULER_FAILPOINTS_ONCE", str(once))
     node = start_node(orphaned_timeout=LEASE, modules=MODULES)
-    manager = _manager_of(node)
     process = scheduler.add_job("fencing_jobs:HoldGil", {"log": str(log), "hold": LEASE / 2})
     wait_until(lambda: process.refresh().status == JobStatus.PROCESSING, 15, interval=0.01, what="the claim")
+    # The manager of the claiming worker, looked up now: under load the node may have ended a manager stalled past
+    # a lease and started another before the claim (a fresh-clone run found the pid taken at start gone).
+    manager = _manager_of(node)
     os.kill(manager, signal.SIGSTOP)  # in the failpoint's half second: the worker's Claimed is not read
     wait_until(lambda: _pids(log, "start"), 5, interval=0.01, what="the job's code to start")
     first = _pids(log, "start")[0]
